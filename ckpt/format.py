@@ -1,0 +1,325 @@
+"""The on-storage layout of a run: steps, fragments, array metadata, and the commit point.
+
+```
+<run>/<step:012d>/
+    <tensor path>/zarr.json, c/...     one zarr v3 array per logical tensor, global shape
+    <group>/zarr.json                  intermediate groups
+    .fragments/<writer>.json           per writer: every chunk it wrote, size, crc32c
+    zarr.json                          root group + consolidated metadata + manifest: LAST
+```
+
+The root ``zarr.json`` is the commit point: a step without it does not exist for readers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .dtypes import codecs_for, info_by_name
+from .errors import CheckpointNotFoundError, CommitError, FormatError
+from .manifest import MANIFEST_KEY, ArraySpec, Fragment, Manifest, ManifestError
+from .planning import array_metadata, chunk_key
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+STEP_DIGITS = 12
+FRAGMENTS = ".fragments"
+META = "zarr.json"
+
+
+def step_dir(step: int) -> str:
+    if isinstance(step, bool) or not isinstance(step, int) or not (0 <= step < 10**STEP_DIGITS):
+        raise ValueError(f"step must be an integer in [0, 10**{STEP_DIGITS}), got {step!r}")
+    return f"{step:0{STEP_DIGITS}d}"
+
+
+def parse_step(name: str) -> int | None:
+    return int(name) if len(name) == STEP_DIGITS and name.isdigit() else None
+
+
+def writer_name(rank: int) -> str:
+    return f"rank{rank:05d}"
+
+
+def fragment_path(step: int, writer: str) -> str:
+    return f"{step_dir(step)}/{FRAGMENTS}/{writer}.json"
+
+
+def dumps(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _loads(data: bytes, what: str) -> Any:
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{what} is not valid JSON ({e}); the checkpoint is corrupt") from None
+
+
+def zarr_array_document(spec: ArraySpec) -> dict:
+    info = info_by_name(spec.dtype)
+    attrs = {MANIFEST_KEY: {"dtype": spec.dtype, "layout": spec.layout}}
+    return array_metadata(spec, info.zarr_name, info.fill_value, codecs_for(info), attrs)
+
+
+def group_document(attributes: dict | None = None) -> dict:
+    return {"zarr_format": 3, "node_type": "group", "attributes": attributes or {}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Fragments
+
+
+def write_array_metadata(storage: Storage, step: int, spec: ArraySpec) -> None:
+    storage.write(f"{step_dir(step)}/{spec.path}/{META}", [dumps(zarr_array_document(spec))])
+
+
+def write_fragment(storage: Storage, fragment: Fragment) -> None:
+    storage.write_atomic(fragment_path(fragment.step, fragment.writer), dumps(fragment.to_dict()))
+
+
+def read_fragment(storage: Storage, step: int, writer: str) -> Fragment:
+    path = fragment_path(step, writer)
+    data = storage.read(path)
+    try:
+        return Fragment.from_dict(_loads(data, path))
+    except ManifestError as e:
+        raise FormatError(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Commit
+
+
+def _check_specs(fragments: Sequence[Fragment]) -> tuple[dict[str, ArraySpec], list[str]]:
+    arrays: dict[str, ArraySpec] = {}
+    first_by: dict[str, str] = {}
+    problems = []
+    for frag in fragments:
+        for path, spec in frag.arrays.items():
+            have = arrays.get(path)
+            if have is None:
+                arrays[path] = spec
+                first_by[path] = frag.writer
+            elif (have.shape, have.dtype, have.chunk_shape) != (spec.shape, spec.dtype, spec.chunk_shape):
+                problems.append(
+                    f"{path!r}: writer {first_by[path]} declares shape {list(have.shape)} {have.dtype} "
+                    f"chunks {list(have.chunk_shape)}, writer {frag.writer} declares shape "
+                    f"{list(spec.shape)} {spec.dtype} chunks {list(spec.chunk_shape)} (if ranks hold "
+                    "different slices of this tensor, declare its layout with ckpt.Sharded or a DTensor)"
+                )
+    return arrays, problems
+
+
+def check_coverage(arrays: dict[str, ArraySpec], fragments: Sequence[Fragment]) -> list[str]:
+    """Every chunk of every array written exactly once, nothing outside the grid."""
+    problems = []
+    owner: dict[tuple[str, tuple[int, ...]], str] = {}
+    for frag in fragments:
+        for path, records in frag.chunks.items():
+            spec = arrays.get(path)
+            if spec is None:
+                problems.append(f"writer {frag.writer} wrote chunks of undeclared array {path!r}")
+                continue
+            grid = spec.grid_shape
+            for rec in records:
+                if len(rec.index) != len(grid) or any(not (0 <= i < g) for i, g in zip(rec.index, grid)):
+                    problems.append(f"{path!r}: chunk {list(rec.index)} outside the grid {list(grid)}")
+                    continue
+                key = (path, rec.index)
+                if key in owner:
+                    problems.append(
+                        f"{path!r}: chunk {list(rec.index)} written by both {owner[key]} and {frag.writer}"
+                    )
+                owner[key] = frag.writer
+    for path, spec in arrays.items():
+        have = sum(1 for (p, _i) in owner if p == path) if spec.num_chunks else 0
+        if have != spec.num_chunks:
+            problems.append(f"{path!r}: {spec.num_chunks - have} of {spec.num_chunks} chunks not written by any writer")
+    return problems
+
+
+def _intermediate_groups(paths: Iterable[str]) -> list[str]:
+    groups = set()
+    for p in paths:
+        parts = p.split("/")
+        for i in range(1, len(parts)):
+            groups.add("/".join(parts[:i]))
+    return sorted(groups)
+
+
+@dataclass(frozen=True, slots=True)
+class CommitOptions:
+    check_listing: bool = True  # confirm every recorded chunk is in storage with its size
+    threads: int = 16
+
+
+def commit(
+    storage: Storage,
+    step: int,
+    writers: Sequence[str],
+    *,
+    save_id: str | None = None,
+    library_versions: dict[str, str] | None = None,
+    user_metadata: dict[str, Any] | None = None,
+    options: CommitOptions = CommitOptions(),
+) -> Manifest:
+    """Validate the fragments of ``writers`` and write the commit point.
+
+    Raises :class:`CommitError` listing every problem if anything is missing, duplicated or
+    inconsistent; in that case nothing becomes visible.
+    """
+    if not writers:
+        raise CommitError("commit needs at least one writer")
+    sdir = step_dir(step)
+    with ThreadPoolExecutor(max_workers=min(options.threads, len(writers))) as pool:
+        results = list(pool.map(lambda w: _try_read_fragment(storage, step, w), writers))
+    problems = [r for r in results if isinstance(r, str)]
+    fragments = [r for r in results if isinstance(r, Fragment)]
+    if problems:
+        raise CommitError(f"cannot commit step {step}: " + "; ".join(problems), )
+    ids = {f.save_id for f in fragments}
+    if save_id is not None and ids != {save_id} or len(ids) > 1:
+        raise CommitError(
+            f"cannot commit step {step}: fragments come from different saves {sorted(ids)} "
+            f"(expected {save_id}); a stale attempt left fragments behind, save the step again"
+        )
+    if any(f.step != step for f in fragments):
+        raise CommitError(f"cannot commit step {step}: a fragment records another step")
+    arrays, problems = _check_specs(fragments)
+    problems += check_coverage(arrays, fragments)
+    if not problems and options.check_listing:
+        problems += _check_listing(storage, step, arrays, fragments)
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise CommitError(f"cannot commit step {step}: " + "; ".join(problems[:10]) + more)
+
+    # Arrays without chunks (a zero-sized dim) have no first-chunk writer: their metadata is ours.
+    empty = [a for a in arrays.values() if a.num_chunks == 0]
+    groups = _intermediate_groups(arrays)
+    array_paths = set(arrays)
+    clash = [g for g in groups if g in array_paths]
+    if clash:
+        raise CommitError(f"cannot commit step {step}: {clash[0]!r} is both a tensor and a group of tensors")
+    with ThreadPoolExecutor(max_workers=options.threads) as pool:
+        list(pool.map(lambda a: write_array_metadata(storage, step, a), empty))
+        list(pool.map(lambda g: storage.write(f"{sdir}/{g}/{META}", [dumps(group_document())]), groups))
+
+    first = fragments[0]
+    by_writer = {}
+    for frag in fragments[1:]:
+        diff = {k: v for k, v in frag.values.items() if first.values.get(k, _MISSING) != v}
+        if diff:
+            by_writer[frag.writer] = diff
+    manifest = Manifest(
+        step=step,
+        save_id=first.save_id,
+        created_at=time.time(),
+        writers=tuple(writers),
+        arrays=dict(sorted(arrays.items())),
+        values=first.values,
+        values_by_writer=by_writer,
+        library_versions=library_versions or {},
+        user_metadata=user_metadata or {},
+    )
+    consolidated: dict[str, Any] = {g: group_document() for g in groups}
+    consolidated.update({p: zarr_array_document(a) for p, a in manifest.arrays.items()})
+    root = group_document({MANIFEST_KEY: manifest.to_dict()})
+    root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
+    storage.write_atomic(f"{sdir}/{META}", dumps(root))
+    return manifest
+
+
+_MISSING = object()
+
+
+def _try_read_fragment(storage: Storage, step: int, writer: str) -> Fragment | str:
+    try:
+        return read_fragment(storage, step, writer)
+    except FileNotFoundError:
+        return f"writer {writer} has not written its fragment"
+    except FormatError as e:
+        return str(e)
+
+
+def _check_listing(storage: Storage, step: int, arrays: dict[str, ArraySpec], fragments: Sequence[Fragment]) -> list[str]:
+    files = storage.walk(step_dir(step))
+    problems = []
+    for frag in fragments:
+        for path, records in frag.chunks.items():
+            for rec in records:
+                key = chunk_key(path, rec.index)
+                size = files.get(key)
+                if size != rec.nbytes:
+                    what = "missing" if size is None else f"{size} bytes, recorded {rec.nbytes}"
+                    problems.append(f"{path!r}: chunk {list(rec.index)} written by {frag.writer} is {what}")
+    for path, spec in arrays.items():
+        if spec.num_chunks and f"{path}/{META}" not in files:
+            problems.append(f"{path!r}: array metadata missing")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    step: int
+    committed: bool
+
+
+def list_steps(storage: Storage) -> list[StepInfo]:
+    """Every step directory of the run, oldest first, with whether it is committed."""
+    out = []
+    for name in storage.list_dir(""):
+        step = parse_step(name)
+        if step is None:
+            continue
+        out.append(StepInfo(step, storage.exists(f"{name}/{META}")))
+    return sorted(out, key=lambda s: s.step)
+
+
+def committed_steps(storage: Storage) -> list[int]:
+    return [s.step for s in list_steps(storage) if s.committed]
+
+
+def read_root(storage: Storage, step: int) -> dict:
+    path = f"{step_dir(step)}/{META}"
+    try:
+        data = storage.read(path)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(
+            f"no committed checkpoint at step {step} in {storage.url}; `ckpt ls {storage.url}` lists them"
+        ) from None
+    doc = _loads(data, path)
+    if not isinstance(doc, dict) or doc.get("node_type") != "group" or doc.get("zarr_format") != 3:
+        raise FormatError(f"{path} is not a zarr v3 group")
+    return doc
+
+
+def read_manifest(storage: Storage, step: int | None = None) -> Manifest:
+    """The manifest of ``step``, or of the newest committed step when ``step`` is None."""
+    if step is None:
+        steps = committed_steps(storage)
+        if not steps:
+            raise CheckpointNotFoundError(f"no committed checkpoint in {storage.url}")
+        step = steps[-1]
+    doc = read_root(storage, step)
+    attrs = doc.get("attributes")
+    if not isinstance(attrs, dict) or MANIFEST_KEY not in attrs:
+        raise FormatError(f"step {step} in {storage.url} has no {MANIFEST_KEY!r} manifest")
+    try:
+        manifest = Manifest.from_dict(attrs[MANIFEST_KEY])
+    except ManifestError as e:
+        raise FormatError(f"step {step} in {storage.url}: {e}") from None
+    if manifest.step != step:
+        raise FormatError(f"step directory {step} holds the manifest of step {manifest.step}")
+    return manifest

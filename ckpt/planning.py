@@ -1,0 +1,184 @@
+"""Pure planning: chunk grids, write requests and read requests. No I/O here.
+
+The chunk grid of an array follows its save-time shards so that every chunk lies inside one
+shard, hence has exactly one writer: along each dimension the chunk size divides every
+interior shard boundary (the gcd of them; with torch.chunk's ragged last shard this is the
+shard size itself). Chunks are then split further, along the leading dimensions first (so
+they stay contiguous in memory), until each is at most ``max_chunk_bytes``: smaller chunks
+give parallel I/O within one tensor and let a resharded load read only what overlaps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .layout import Box, Piece, TensorLayout
+from .manifest import ArraySpec
+
+log = logging.getLogger(__name__)
+
+# Above this many chunks in one array, the grid is too fine to be efficient: say so.
+_MANY_CHUNKS = 100_000
+
+
+def _divisors_desc(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]), reverse=True)
+
+
+def choose_chunk_shape(
+    shape: Sequence[int], boxes: Sequence[Box], itemsize: int, max_chunk_bytes: int
+) -> tuple[int, ...]:
+    """A regular chunk grid that divides every interior boundary of ``boxes``, chunks bounded."""
+    chunk = []
+    for d, n in enumerate(shape):
+        g = 0
+        for b in boxes:
+            for edge in (b.offsets[d], b.offsets[d] + b.sizes[d]):
+                if 0 < edge < n:
+                    g = math.gcd(g, edge)
+        chunk.append(max(1, g if g else n))
+    budget = max(1, max_chunk_bytes // max(1, itemsize))
+    for d in range(len(chunk)):
+        rest = math.prod(chunk[d + 1 :])
+        if chunk[d] * rest <= budget:
+            break
+        # The largest divisor of this dim's size that fits the budget with the inner dims whole.
+        fit = next((c for c in _divisors_desc(chunk[d]) if c * rest <= budget), 1)
+        chunk[d] = fit
+    grid = math.prod(-(-n // c) for n, c in zip(shape, chunk)) if shape else 1
+    if grid > _MANY_CHUNKS:
+        log.warning(
+            "array of shape %s gets %d chunks (chunk %s): its shard boundaries share no larger "
+            "divisor; loads and saves of it will be slow",
+            tuple(shape), grid, tuple(chunk),
+        )
+    return tuple(chunk)
+
+
+def chunk_box(spec: ArraySpec, index: Sequence[int]) -> Box:
+    """The part of the array that chunk ``index`` holds (clipped at the array's ragged edge)."""
+    offsets = tuple(i * c for i, c in zip(index, spec.chunk_shape))
+    sizes = tuple(min(c, s - o) for c, s, o in zip(spec.chunk_shape, spec.shape, offsets))
+    return Box(offsets, sizes)
+
+
+def chunks_overlapping(spec: ArraySpec, box: Box) -> Iterator[tuple[int, ...]]:
+    if box.empty and box.offsets:
+        return iter(())
+    ranges = [
+        range(o // c, -(-(o + s) // c)) for o, s, c in zip(box.offsets, box.sizes, spec.chunk_shape)
+    ]
+    return itertools.product(*ranges)
+
+
+def chunk_key(path: str, index: Sequence[int]) -> str:
+    """Storage key of a chunk: zarr v3's default chunk key encoding with '/'."""
+    return f"{path}/c/" + "/".join(map(str, index)) if index else f"{path}/c"
+
+
+def array_metadata(spec: ArraySpec, zarr_dtype: str, fill_value: Any, codecs: list[dict], attributes: dict) -> dict:
+    """The array's ``zarr.json`` document."""
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(spec.shape),
+        "data_type": zarr_dtype,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(spec.chunk_shape)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": fill_value,
+        "codecs": codecs,
+        "attributes": attributes,
+        "storage_transformers": [],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Write plans
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    """Write one chunk: the region ``slices`` of ``tensor``, padded to the full chunk shape."""
+
+    path: str
+    index: tuple[int, ...]
+    tensor: torch.Tensor
+    slices: tuple[slice, ...]
+    chunk_shape: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        return chunk_key(self.path, self.index)
+
+    @property
+    def ragged(self) -> bool:
+        return any(s.stop - s.start != c for s, c in zip(self.slices, self.chunk_shape))
+
+
+def plan_array_writes(path: str, spec: ArraySpec, tensor: torch.Tensor, layout: TensorLayout) -> list[WriteRequest]:
+    """The chunks this process writes for one array: those inside the pieces it is writer of."""
+    out = []
+    for piece in layout.pieces:
+        if not layout.writes(path, piece):
+            continue
+        out.extend(_piece_writes(path, spec, tensor, piece))
+    return out
+
+
+def _piece_writes(path: str, spec: ArraySpec, tensor: torch.Tensor, piece: Piece) -> Iterator[WriteRequest]:
+    for index in chunks_overlapping(spec, piece.box):
+        cbox = chunk_box(spec, index)
+        inside = cbox.intersect(piece.box)
+        if inside != cbox:
+            # The grid divides every shard boundary, so this is a bug, never a user error.
+            raise AssertionError(f"{path}: chunk {index} {cbox} straddles shard {piece.box}")
+        yield WriteRequest(path, tuple(index), tensor, piece.local_slices(cbox), spec.chunk_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Read plans
+
+
+@dataclass(frozen=True, slots=True)
+class ReadTarget:
+    """Copy ``src`` (slices of the chunk) into ``dst`` (slices of ``tensor``)."""
+
+    tensor: torch.Tensor
+    dst: tuple[slice, ...]
+    src: tuple[slice, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    path: str
+    index: tuple[int, ...]
+    chunk_shape: tuple[int, ...]
+    targets: tuple[ReadTarget, ...]
+
+    @property
+    def key(self) -> str:
+        return chunk_key(self.path, self.index)
+
+
+def plan_array_reads(path: str, spec: ArraySpec, tensor: torch.Tensor, pieces: Sequence[Piece]) -> list[ReadRequest]:
+    """Every chunk that overlaps the destination pieces, each read once, with its copies."""
+    targets: dict[tuple[int, ...], list[ReadTarget]] = {}
+    for piece in pieces:
+        for index in chunks_overlapping(spec, piece.box):
+            cbox = chunk_box(spec, index)
+            sub = cbox.intersect(piece.box)
+            if sub is None or (sub.empty and sub.offsets):
+                continue
+            src = tuple(
+                slice(so - co, so - co + s) for so, co, s in zip(sub.offsets, cbox.offsets, sub.sizes)
+            )
+            targets.setdefault(tuple(index), []).append(ReadTarget(tensor, piece.local_slices(sub), src))
+    return [ReadRequest(path, i, spec.chunk_shape, tuple(t)) for i, t in sorted(targets.items())]

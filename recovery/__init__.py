@@ -1,0 +1,1 @@
+"""The Ray coordinator, the launcher and the recovery policies. Imports ``ckpt``, ``agent`` and ``ray``."""
