@@ -8,6 +8,7 @@ Load:  ``plan_load`` (pure: which chunks overlap each destination shard) -> ``ex
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 import uuid
@@ -139,7 +140,7 @@ def _progress_bar(enabled: bool, total: int, desc: str) -> Any:
 
 def save(
     state_dict: Any,
-    url: str | Storage,
+    url: str | os.PathLike[str] | Storage,
     *,
     step: int,
     process_group: Any = None,
@@ -316,7 +317,7 @@ def execute_load(
 
 def load(
     state_dict: Any,
-    url: str | Storage,
+    url: str | os.PathLike[str] | Storage,
     *,
     step: int | None = None,
     process_group: Any = None,

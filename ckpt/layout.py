@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import torch
@@ -186,7 +186,7 @@ def dtensor_layout(dt: Any) -> TensorLayout:
 # Hand-sharded tensors (Megatron style)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Sharded:
     """Declares how a hand-sharded local tensor maps to its logical tensor.
 
@@ -208,6 +208,7 @@ class Sharded:
     """
 
     tensor: torch.Tensor
+    _: KW_ONLY
     dim: int | None = None
     rank: int = 0
     world: int = 1

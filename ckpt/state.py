@@ -20,7 +20,7 @@ import torch
 from .errors import LayoutError, UnsupportedValueError
 from .layout import Sharded, is_dtensor
 
-_RESERVED = frozenset({"zarr.json", "c"})
+_RESERVED = frozenset({"zarr.json"})
 _TAG = "__ckpt__"
 
 
@@ -127,7 +127,11 @@ def encode_value(v: Any, *, allow_pickle: bool, where: str) -> Any:
     if isinstance(v, (bytes, bytearray)):
         return {_TAG: "bytes", "v": base64.b64encode(bytes(v)).decode()}
     if allow_pickle:
-        return {_TAG: "pickle", "v": base64.b64encode(pickle.dumps(v, protocol=4)).decode()}
+        try:
+            data = pickle.dumps(v, protocol=4)
+        except Exception as e:
+            raise UnsupportedValueError(f"value at {where!r} cannot be pickled: {e}") from e
+        return {_TAG: "pickle", "v": base64.b64encode(data).decode()}
     raise UnsupportedValueError(
         f"value at {where!r} of type {type(v).__name__} cannot be stored as JSON; convert it, "
         "or pass allow_pickle=True to save (and to load) to pickle it"

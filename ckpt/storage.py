@@ -344,8 +344,8 @@ class RetryingStorage(Storage):
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.policy.attempts),
-            wait=tenacity.wait_exponential_jitter(
-                initial=self.policy.initial_backoff_s, max=self.policy.max_backoff_s
+            wait=tenacity.wait_random_exponential(
+                multiplier=self.policy.initial_backoff_s, max=self.policy.max_backoff_s
             ),
             retry=tenacity.retry_if_exception(is_transient),
             before_sleep=lambda rs: log.warning(
@@ -389,7 +389,7 @@ class RetryingStorage(Storage):
 
 
 def open_storage(
-    url: str | Storage,
+    url: str | os.PathLike[str] | Storage,
     *,
     storage_options: dict[str, Any] | None = None,
     retry: RetryPolicy | None = None,
@@ -400,6 +400,8 @@ def open_storage(
     """
     if isinstance(url, Storage):
         return url
+    if isinstance(url, os.PathLike):
+        url = os.fspath(url)
     if not isinstance(url, str) or not url:
         raise StorageError(f"invalid checkpoint URL {url!r}: give a path or an fsspec URL")
     if "://" not in url or url.startswith("file://"):

@@ -1,0 +1,47 @@
+"""Shared helpers for the tests (imported as ``tests.helpers``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import ckpt
+from ckpt.storage import Storage
+
+
+def random_bits(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """A tensor of ``dtype`` whose bytes are random (NaN payloads and all)."""
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    n = int(torch.Size(shape).numel()) * dtype.itemsize
+    raw = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+    return raw.view(dtype).reshape(shape)
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def save_as_writers(
+    states: list[Any], storage: str | Storage, *, step: int, max_chunk_bytes: int = 32 << 20
+) -> ckpt.Manifest:
+    """Save as if ``len(states)`` processes each called save with its own state (one process)."""
+    st = ckpt.open_storage(storage)
+    world = len(states)
+    writers = [ckpt.format.writer_name(r) for r in range(world)]
+    for r, state in enumerate(states):
+        plan = ckpt.plan_save(state, rank=r, world=world, max_chunk_bytes=max_chunk_bytes)
+        ckpt.write_plan(st, plan, step=step, writer=writers[r], save_id="test")
+    return ckpt.commit(st, step, writers, save_id="test")
+
+
+def load_as_readers(states: list[Any], storage: str | Storage, *, step: int | None = None) -> None:
+    st = ckpt.open_storage(storage)
+    manifest = ckpt.read_manifest(st, step)
+    for r, state in enumerate(states):
+        plan = ckpt.plan_load(state, manifest, rank=r, world=len(states), writer=ckpt.format.writer_name(r))
+        ckpt.execute_load(st, state, plan)

@@ -1,0 +1,155 @@
+"""Conformance tests every Storage implementation passes, and the retry behaviour."""
+
+from __future__ import annotations
+
+import errno
+
+import fsspec
+import pytest
+
+from ckpt import StorageError
+from ckpt.storage import FsspecStorage, LocalStorage, RetryingStorage, RetryPolicy, Storage, is_transient, open_storage
+
+
+class StorageTests:
+    """Reused by every implementation (STYLE: conformance tests shipped with the interface)."""
+
+    def make(self, tmp_path) -> Storage:
+        raise NotImplementedError
+
+    def test_write_read_size(self, tmp_path):
+        s = self.make(tmp_path)
+        s.write("a/b/c.bin", [b"hello ", memoryview(b"world")])
+        assert s.read("a/b/c.bin") == b"hello world"
+        assert s.size("a/b/c.bin") == 11
+        assert s.size("a/nope") is None
+        assert s.exists("a/b/c.bin") and not s.exists("a/b/d")
+
+    def test_read_into_buffers_and_short_objects(self, tmp_path):
+        s = self.make(tmp_path)
+        s.write("x", [bytes(range(10))])
+        a, b = bytearray(6), bytearray(4)
+        assert s.read_into("x", [memoryview(a), memoryview(b)]) == 10
+        assert bytes(a) == bytes(range(6)) and bytes(b) == bytes(range(6, 10))
+        with pytest.raises(EOFError):
+            s.read_into("x", [memoryview(bytearray(11))])
+        with pytest.raises(FileNotFoundError):
+            s.read_into("missing", [memoryview(bytearray(1))])
+        with pytest.raises(FileNotFoundError):
+            s.read("missing")
+
+    def test_atomic_write_replaces(self, tmp_path):
+        s = self.make(tmp_path)
+        s.write_atomic("d/zarr.json", b"1")
+        s.write_atomic("d/zarr.json", b"22")
+        assert s.read("d/zarr.json") == b"22"
+        assert s.list_dir("d") == ["zarr.json"]  # no temp files left
+
+    def test_list_walk_delete(self, tmp_path):
+        s = self.make(tmp_path)
+        for p in ("000000000001/a/c/0", "000000000001/zarr.json", "000000000002/x"):
+            s.write(p, [b"abc"])
+        assert s.list_dir("") == ["000000000001", "000000000002"]
+        assert s.walk("000000000001") == {"a/c/0": 3, "zarr.json": 3}
+        assert s.walk("nothing") == {} and s.list_dir("nothing") == []
+        s.delete("000000000001", recursive=True)
+        assert s.list_dir("") == ["000000000002"]
+        s.delete("000000000002/x")
+        s.delete("never/was")
+
+    def test_paths_cannot_escape(self, tmp_path):
+        s = self.make(tmp_path)
+        for bad in ("../x", "/etc/passwd", "a/../../x", "a//b", ""):
+            with pytest.raises(StorageError):
+                s.write(bad, [b"x"])
+
+
+class TestLocal(StorageTests):
+    def make(self, tmp_path):
+        return LocalStorage(str(tmp_path))
+
+
+class TestFsspecMemory(StorageTests):
+    def make(self, tmp_path):
+        fs = fsspec.filesystem("memory")
+        root = f"/{tmp_path.name}"
+        return FsspecStorage(fs, root, f"memory://{root}")
+
+
+class TestFsspecLocal(StorageTests):
+    """fsspec's local filesystem takes the rename path of write_atomic."""
+
+    def make(self, tmp_path):
+        return FsspecStorage(fsspec.filesystem("file"), str(tmp_path), f"file://{tmp_path}")
+
+
+class TestRetrying(StorageTests):
+    def make(self, tmp_path):
+        return RetryingStorage(LocalStorage(str(tmp_path)), RetryPolicy(attempts=2, initial_backoff_s=0.0, max_backoff_s=0.0))
+
+
+class Flaky(Storage):
+    """Fails the first ``failures`` writes with ``exc``."""
+
+    def __init__(self, inner: Storage, failures: int, exc: BaseException):
+        self.inner, self.failures, self.exc, self.calls = inner, failures, exc, 0
+        self.url = inner.url
+
+    def write(self, path, parts, *, durable=True):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.exc
+        self.inner.write(path, parts, durable=durable)
+
+    def write_atomic(self, path, data):
+        self.write(path, [data])
+
+    def read(self, path):
+        return self.inner.read(path)
+
+    def size(self, path):
+        return self.inner.size(path)
+
+    def list_dir(self, path):
+        return self.inner.list_dir(path)
+
+    def walk(self, path):
+        return self.inner.walk(path)
+
+    def delete(self, path, *, recursive=False):
+        self.inner.delete(path, recursive=recursive)
+
+
+FAST = RetryPolicy(attempts=4, initial_backoff_s=0.0, max_backoff_s=0.0)
+
+
+@pytest.mark.parametrize("exc", [TimeoutError("slow"), ConnectionResetError("reset"), OSError(errno.EIO, "io")])
+def test_transient_errors_are_retried(tmp_path, exc):
+    flaky = Flaky(LocalStorage(str(tmp_path)), failures=3, exc=exc)
+    RetryingStorage(flaky, FAST).write("a", [b"x"])
+    assert flaky.calls == 4 and (tmp_path / "a").read_bytes() == b"x"
+
+
+def test_transient_errors_give_up_with_a_storage_error(tmp_path):
+    flaky = Flaky(LocalStorage(str(tmp_path)), failures=10, exc=TimeoutError("slow"))
+    with pytest.raises(StorageError, match="after 4 attempts"):
+        RetryingStorage(flaky, FAST).write("a", [b"x"])
+    assert flaky.calls == 4
+
+
+@pytest.mark.parametrize("exc", [PermissionError("no"), OSError(errno.ENOSPC, "full"), FileNotFoundError("gone")])
+def test_permanent_errors_are_raised_at_once(tmp_path, exc):
+    flaky = Flaky(LocalStorage(str(tmp_path)), failures=10, exc=exc)
+    with pytest.raises(type(exc)):
+        RetryingStorage(flaky, FAST).write("a", [b"x"])
+    assert flaky.calls == 1 and not is_transient(exc)
+
+
+def test_open_storage_by_url(tmp_path):
+    assert isinstance(open_storage(str(tmp_path)), RetryingStorage)
+    assert open_storage(f"file://{tmp_path}").url == f"file://{tmp_path}"
+    assert open_storage("memory://bucket/run").url == "memory://bucket/run"
+    with pytest.raises(StorageError, match="unknown URL scheme"):
+        open_storage("bogus://x")
+    with pytest.raises(StorageError):
+        open_storage("")
