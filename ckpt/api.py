@@ -120,16 +120,31 @@ def write_plan(
     return fragment
 
 
-def _average_replicas(state_dict: Any) -> None:
-    """``Sharded(average=True)`` copies become their mean, over the replicas' group."""
+def _average_replicas(state_dict: Any) -> Any:
+    """The state to write: ``Sharded(average=True)`` copies replaced by their mean over the
+    replicas' group, in new tensors; the live copies are left as they are (saving must not
+    change the training state)."""
+    import dataclasses
+
     import torch.distributed as dist
 
-    for _path, leaf, is_tensor in flatten(state_dict):
-        if is_tensor and isinstance(leaf, Sharded) and leaf.average and leaf.replica[1] > 1:
-            t = leaf.tensor
-            acc = t.detach().to(torch.float64 if t.is_floating_point() else t.dtype).clone()
-            dist.all_reduce(acc, op=dist.ReduceOp.SUM, group=leaf.group)
-            t.detach().copy_(acc / leaf.replica[1])
+    def visit(x: Any) -> Any:
+        if isinstance(x, Sharded):
+            if not (x.average and x.replica[1] > 1):
+                return x
+            t = x.tensor.detach()
+            acc = t.to(torch.float64 if t.is_floating_point() else t.dtype).clone()
+            dist.all_reduce(acc, op=dist.ReduceOp.SUM, group=x.group)
+            return dataclasses.replace(x, tensor=(acc / x.replica[1]).to(t.dtype))
+        if isinstance(x, dict):
+            items = {k: visit(v) for k, v in x.items()}
+            return items if any(items[k] is not v for k, v in x.items()) else x
+        if isinstance(x, (list, tuple)):
+            seq = [visit(v) for v in x]
+            return seq if any(a is not b for a, b in zip(seq, x)) else x
+        return x
+
+    return visit(state_dict)
 
 
 def _progress_bar(enabled: bool, total: int, desc: str) -> Any:
@@ -171,7 +186,10 @@ def save(
         if step in infos and infos[step].committed and not overwrite:
             decision = f"step {step} is already committed in {storage.url}; pass overwrite=True to replace it"
         elif step in infos:
-            storage.delete(sdir, recursive=True)  # an old attempt's leftovers, or overwrite
+            # An old attempt's leftovers, or overwrite: the commit point goes first, so no reader
+            # sees a committed step while its chunks are being deleted.
+            storage.delete(f"{sdir}/{fmt.META}")
+            storage.delete(sdir, recursive=True)
     decision = group.broadcast((decision, uuid.uuid4().hex))
     if decision[0]:
         raise CheckpointExistsError(decision[0])
@@ -179,9 +197,8 @@ def save(
 
     error: BaseException | None = None
     try:
-        _average_replicas(state_dict)
         plan = plan_save(
-            state_dict, rank=group.rank, world=group.world, max_chunk_bytes=max_chunk_bytes, allow_pickle=allow_pickle
+            _average_replicas(state_dict), rank=group.rank, world=group.world, max_chunk_bytes=max_chunk_bytes, allow_pickle=allow_pickle
         )
         with _progress_bar(progress and group.rank == 0, plan.nbytes, f"save step {step}") as bar:
             write_plan(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -139,14 +140,15 @@ def check_coverage(arrays: dict[str, ArraySpec], fragments: Sequence[Fragment]) 
                         f"{path!r}: chunk {list(rec.index)} written by both {owner[key]} and {frag.writer}"
                     )
                 owner[key] = frag.writer
+    written = Counter(p for p, _i in owner)
     for path, spec in arrays.items():
-        have = sum(1 for (p, _i) in owner if p == path) if spec.num_chunks else 0
+        have = written[path] if spec.num_chunks else 0
         if have != spec.num_chunks:
             problems.append(f"{path!r}: {spec.num_chunks - have} of {spec.num_chunks} chunks not written by any writer")
     return problems
 
 
-def _intermediate_groups(paths: Iterable[str]) -> list[str]:
+def intermediate_groups(paths: Iterable[str]) -> list[str]:
     groups = set()
     for p in paths:
         parts = p.split("/")
@@ -203,7 +205,7 @@ def commit(
 
     # Arrays without chunks (a zero-sized dim) have no first-chunk writer: their metadata is ours.
     empty = [a for a in arrays.values() if a.num_chunks == 0]
-    groups = _intermediate_groups(arrays)
+    groups = intermediate_groups(arrays)
     array_paths = set(arrays)
     clash = [g for g in groups if g in array_paths]
     if clash:

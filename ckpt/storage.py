@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import posixpath
+import sys
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,8 +89,13 @@ class Storage(abc.ABC):
         """Names of the direct children of a directory/prefix; empty if absent."""
 
     @abc.abstractmethod
+    def walk_times(self, path: str) -> dict[str, tuple[int, float | None]]:
+        """Every file under ``path``: relative path -> (size, modification time in Unix seconds
+        or None if the backend has none). Empty if absent."""
+
     def walk(self, path: str) -> dict[str, int]:
         """Every file under ``path``: relative path -> size. Empty if absent."""
+        return {k: size for k, (size, _t) in self.walk_times(path).items()}
 
     @abc.abstractmethod
     def delete(self, path: str, *, recursive: bool = False) -> None:
@@ -179,19 +185,18 @@ class LocalStorage(Storage):
         except (FileNotFoundError, NotADirectoryError):
             return []
 
-    def walk(self, path: str) -> dict[str, int]:
+    def walk_times(self, path: str) -> dict[str, tuple[int, float | None]]:
         base = self._abs(path)
-        out: dict[str, int] = {}
+        out: dict[str, tuple[int, float | None]] = {}
         for dirpath, _dirs, files in os.walk(base):
             rel_dir = os.path.relpath(dirpath, base)
             for name in files:
-                full = os.path.join(dirpath, name)
                 try:
-                    size = os.stat(full).st_size
+                    st = os.stat(os.path.join(dirpath, name))
                 except FileNotFoundError:
                     continue
                 rel = name if rel_dir == "." else f"{rel_dir.replace(os.sep, '/')}/{name}"
-                out[rel] = size
+                out[rel] = (st.st_size, st.st_mtime)
         return out
 
     def delete(self, path: str, *, recursive: bool = False) -> None:
@@ -200,7 +205,17 @@ class LocalStorage(Storage):
         target = self._abs(path)
         if os.path.isdir(target) and not os.path.islink(target):
             if recursive:
-                shutil.rmtree(target, ignore_errors=True)
+                # Only vanishing entries are fine (a concurrent delete); anything else must be
+                # reported, or gc would count a step as deleted while its files remain.
+                def ignore_missing(_fn: Any, _path: str, exc: Any) -> None:
+                    err = exc[1] if isinstance(exc, tuple) else exc
+                    if not isinstance(err, FileNotFoundError):
+                        raise err
+
+                if sys.version_info >= (3, 12):
+                    shutil.rmtree(target, onexc=ignore_missing)
+                else:
+                    shutil.rmtree(target, onerror=ignore_missing)
             else:
                 os.rmdir(target)
         else:
@@ -261,20 +276,19 @@ class FsspecStorage(Storage):
             return []
         return sorted({posixpath.basename(e.rstrip("/")) for e in entries})
 
-    def walk(self, path: str) -> dict[str, int]:
+    def walk_times(self, path: str) -> dict[str, tuple[int, float | None]]:
         base = self._abs(path).rstrip("/")
         try:
             found = self.fs.find(base, detail=True)
         except FileNotFoundError:
             return {}
         prefix = base.lstrip("/")
-        out = {}
+        out: dict[str, tuple[int, float | None]] = {}
         for full, info in found.items():
-            # fsspec returns paths with or without a leading "/" depending on the backend.
             name = full.strip("/")
             if info.get("type") == "directory" or not name.startswith(prefix):
                 continue
-            out[name[len(prefix) :].lstrip("/")] = int(info.get("size") or 0)
+            out[name[len(prefix) :].lstrip("/")] = (int(info.get("size") or 0), _info_mtime(info))
         return out
 
     def delete(self, path: str, *, recursive: bool = False) -> None:
@@ -282,6 +296,27 @@ class FsspecStorage(Storage):
             self.fs.rm(self._abs(path), recursive=recursive)
         except FileNotFoundError:
             pass
+
+
+# Where fsspec backends put a file's time: local, s3, gcs, azure, memory.
+_TIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created")
+
+
+def _info_mtime(info: dict) -> float | None:
+    import datetime
+
+    for key in _TIME_KEYS:
+        v = info.get(key)
+        if isinstance(v, datetime.datetime):
+            return (v if v.tzinfo else v.replace(tzinfo=datetime.timezone.utc)).timestamp()
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if isinstance(v, str):
+            try:
+                return datetime.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
 
 
 def _remove_quietly(path: str) -> None:
@@ -361,6 +396,10 @@ class RetryingStorage(Storage):
                 raise StorageError(
                     f"storage {what} on {self.url} failed after {self.policy.attempts} attempts: {e}"
                 ) from e
+            if not isinstance(e, (CkptError, OSError, EOFError, ValueError, TypeError)):
+                # A filesystem client's own error (botocore's NoCredentialsError, ...): callers
+                # catch StorageError, not every backend's exception hierarchy.
+                raise StorageError(f"storage {what} on {self.url} failed: {type(e).__name__}: {e}") from e
             raise
 
     def write(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> None:
@@ -383,6 +422,9 @@ class RetryingStorage(Storage):
 
     def walk(self, path: str) -> dict[str, int]:
         return self._call(f"list {path}", lambda: self.inner.walk(path))
+
+    def walk_times(self, path: str) -> dict[str, tuple[int, float | None]]:
+        return self._call(f"list {path}", lambda: self.inner.walk_times(path))
 
     def delete(self, path: str, *, recursive: bool = False) -> None:
         self._call(f"delete {path}", lambda: self.inner.delete(path, recursive=recursive))

@@ -113,8 +113,8 @@ class Flaky(Storage):
     def list_dir(self, path):
         return self.inner.list_dir(path)
 
-    def walk(self, path):
-        return self.inner.walk(path)
+    def walk_times(self, path):
+        return self.inner.walk_times(path)
 
     def delete(self, path, *, recursive=False):
         self.inner.delete(path, recursive=recursive)
