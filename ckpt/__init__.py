@@ -5,6 +5,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .api import LoadPlan, SavePlan, execute_load, load, plan_load, plan_save, save, write_plan
+from .checkpointer import Checkpointer, CheckpointerConfig, CheckpointerStatus, SnapshotHandle, SnapshotState
 from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -19,6 +20,8 @@ from .errors import (
 )
 from .format import commit, committed_steps, list_steps, read_manifest
 from .layout import Sharded
+from .sink import InProcessSink, PersistJob, Sink
+from .stateful import OptimizerState, RNGState
 from .manifest import ArraySpec, Fragment, Manifest
 from .storage import RetryPolicy, Storage, open_storage
 
@@ -27,6 +30,16 @@ __all__ = [
     "save",
     "load",
     "Sharded",
+    "Checkpointer",
+    "CheckpointerConfig",
+    "CheckpointerStatus",
+    "SnapshotHandle",
+    "SnapshotState",
+    "OptimizerState",
+    "RNGState",
+    "Sink",
+    "InProcessSink",
+    "PersistJob",
     "plan_save",
     "write_plan",
     "commit",

@@ -12,7 +12,7 @@ import os
 import platform
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from .dist import Group
 from .dtypes import info_of
 from .errors import CheckpointExistsError, CkptError, StateMismatchError
 from .io import ChunkExpectation, read_chunks, request_nbytes, write_chunks
-from .layout import Sharded, layout_of
+from .layout import Sharded, TensorLayout, layout_of
 from .manifest import ArraySpec, Fragment, Manifest
 from .planning import ReadRequest, WriteRequest, choose_chunk_shape, plan_array_reads, plan_array_writes
 from .state import decode_value, encode_value, flatten, set_leaf
@@ -59,6 +59,54 @@ class SavePlan:
         return sum(request_nbytes(r, r.tensor.element_size()) for r in self.requests)
 
 
+@dataclass(frozen=True, slots=True)
+class TensorItem:
+    """A tensor leaf of a state dict: its path, the local tensor, and where that sits globally."""
+
+    path: str
+    tensor: torch.Tensor
+    layout: TensorLayout
+
+
+def split_state(
+    state_dict: Any, *, rank: int = 0, world: int = 1, allow_pickle: bool = False
+) -> tuple[list[TensorItem], dict[str, Any]]:
+    """Tensor leaves with their layouts, and the non-tensor leaves encoded as JSON (a copy)."""
+    items: list[TensorItem] = []
+    values: dict[str, Any] = {}
+    for path, leaf, is_tensor in flatten(state_dict):
+        if is_tensor:
+            local, layout = layout_of(leaf, rank=rank, world=world)
+            items.append(TensorItem(path, local, layout))
+        else:
+            values[path] = encode_value(leaf, allow_pickle=allow_pickle, where=path)
+    return items, values
+
+
+def plan_items(
+    items: Sequence[TensorItem], values: dict[str, Any], *, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+) -> SavePlan:
+    """Pure: the arrays, and the chunks this process writes of them."""
+    if max_chunk_bytes < 1:
+        raise ValueError("max_chunk_bytes must be >= 1")
+    arrays: dict[str, ArraySpec] = {}
+    requests: list[WriteRequest] = []
+    metadata: list[ArraySpec] = []
+    for item in items:
+        info = info_of(item.tensor.dtype)
+        layout = item.layout
+        chunk = choose_chunk_shape(layout.global_shape, layout.all_boxes, info.itemsize, max_chunk_bytes)
+        spec = ArraySpec(
+            path=item.path, shape=layout.global_shape, dtype=info.name, chunk_shape=chunk, layout=layout.description
+        )
+        arrays[item.path] = spec
+        mine = plan_array_writes(item.path, spec, item.tensor, layout)
+        requests.extend(mine)
+        if any(not any(r.index) for r in mine):
+            metadata.append(spec)
+    return SavePlan(arrays, requests, metadata, values)
+
+
 def plan_save(
     state_dict: Any,
     *,
@@ -68,28 +116,8 @@ def plan_save(
     allow_pickle: bool = False,
 ) -> SavePlan:
     """Pure: from a state dict and its layout to write requests. No I/O, no collectives."""
-    if max_chunk_bytes < 1:
-        raise ValueError("max_chunk_bytes must be >= 1")
-    arrays: dict[str, ArraySpec] = {}
-    requests: list[WriteRequest] = []
-    metadata: list[ArraySpec] = []
-    values: dict[str, Any] = {}
-    for path, leaf, is_tensor in flatten(state_dict):
-        if not is_tensor:
-            values[path] = encode_value(leaf, allow_pickle=allow_pickle, where=path)
-            continue
-        local, layout = layout_of(leaf, rank=rank, world=world)
-        info = info_of(local.dtype)
-        chunk = choose_chunk_shape(layout.global_shape, layout.all_boxes, info.itemsize, max_chunk_bytes)
-        spec = ArraySpec(
-            path=path, shape=layout.global_shape, dtype=info.name, chunk_shape=chunk, layout=layout.description
-        )
-        arrays[path] = spec
-        mine = plan_array_writes(path, spec, local, layout)
-        requests.extend(mine)
-        if any(not any(r.index) for r in mine):
-            metadata.append(spec)
-    return SavePlan(arrays, requests, metadata, values)
+    items, values = split_state(state_dict, rank=rank, world=world, allow_pickle=allow_pickle)
+    return plan_items(items, values, max_chunk_bytes=max_chunk_bytes)
 
 
 def write_plan(

@@ -1,0 +1,447 @@
+"""The training-loop hook API: lazy asynchronous checkpoints that cost almost nothing.
+
+```python
+ckptr = ckpt.Checkpointer(url, every_n_steps=100, keep_last=3)
+start = ckptr.restore(state)          # newest committed checkpoint, resharded; step to resume from
+ckptr.attach(optimizer)               # pre-step hook: waits for staging of this optimizer's tensors
+for step in range(start or 0, total):
+    ...forward, backward...
+    optimizer.step()
+    ckptr.save(step, state)           # returns at once; snapshots only on checkpoint steps
+ckptr.wait(); ckptr.close()
+```
+
+A checkpoint goes through four observable states: captured (``save`` took references to
+every tensor and copied the small state) → staged (host copy complete; training may change
+the tensors again) → persisted (this process's chunks and fragment are durable) → committed
+(the commit point is written; readers see it).
+
+What is copied when: tensors that only an attached optimizer changes (its parameters and its
+state) are copied lazily in the background, overlapping the next forward and backward pass;
+everything else (buffers such as BatchNorm running statistics, RNG states, any tensor
+training may change outside ``optimizer.step()``) and all non-tensor state are copied
+during ``save``. Without an attached optimizer every tensor is copied during ``save``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+
+from . import format as fmt
+from .api import DEFAULT_IO_THREADS, DEFAULT_MAX_CHUNK_BYTES, SavePlan, TensorItem, library_versions, load, plan_items, split_state
+from .dist import Group
+from .errors import CkptError
+from .hostpool import HostBufferPool, aligned
+from .layout import is_dtensor
+from .manifest import Manifest
+from .retention import RetentionPolicy, run_gc
+from .sink import InProcessSink, PersistJob, Sink, SinkConfig
+from .staging import StageJob, Stager
+from .stateful import expand
+from .storage import RetryPolicy, Storage, open_storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CheckpointerConfig:
+    """Everything a :class:`Checkpointer` can be told, validated on construction."""
+
+    url: Any  # a path, an fsspec URL, or a ckpt.Storage
+    every_n_steps: int = 100
+    keep_last: int | None = 3  # None: keep every checkpoint
+    keep_every: int | None = None  # also keep steps divisible by this
+    host_budget_bytes: int | None = None  # None: twice the first snapshot
+    when_busy: Literal["block", "skip"] = "block"
+    on_error: Literal["warn", "raise"] = "warn"
+    io_threads: int = DEFAULT_IO_THREADS
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+    durable: bool = True
+    commit_timeout_s: float = 600.0
+    allow_pickle: bool = False
+    storage_options: dict[str, Any] | None = None
+    retry: RetryPolicy | None = None
+    process_group: Any = None
+    pin_memory: bool | None = None  # None: pinned when the state lives on CUDA
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, (str, os.PathLike, Storage)) or not str(self.url):
+            raise ValueError(f"CheckpointerConfig.url must be a path, an fsspec URL or a Storage, got {self.url!r}")
+        if isinstance(self.every_n_steps, bool) or not isinstance(self.every_n_steps, int) or self.every_n_steps < 1:
+            raise ValueError(f"CheckpointerConfig.every_n_steps must be an integer >= 1, got {self.every_n_steps!r}")
+        if self.keep_last is not None and (not isinstance(self.keep_last, int) or self.keep_last < 1):
+            raise ValueError(f"CheckpointerConfig.keep_last must be >= 1 or None, got {self.keep_last!r}")
+        if self.keep_every is not None and (not isinstance(self.keep_every, int) or self.keep_every < 1):
+            raise ValueError(f"CheckpointerConfig.keep_every must be >= 1 or None, got {self.keep_every!r}")
+        if self.host_budget_bytes is not None and self.host_budget_bytes < 1:
+            raise ValueError("CheckpointerConfig.host_budget_bytes must be >= 1 or None")
+        if self.when_busy not in ("block", "skip"):
+            raise ValueError(f"CheckpointerConfig.when_busy must be 'block' or 'skip', got {self.when_busy!r}")
+        if self.on_error not in ("warn", "raise"):
+            raise ValueError(f"CheckpointerConfig.on_error must be 'warn' or 'raise', got {self.on_error!r}")
+        if self.io_threads < 1 or self.max_chunk_bytes < 1 or self.commit_timeout_s <= 0:
+            raise ValueError("CheckpointerConfig: io_threads, max_chunk_bytes, commit_timeout_s must be positive")
+
+
+class SnapshotState(str, enum.Enum):
+    CAPTURED = "captured"
+    STAGED = "staged"
+    PERSISTED = "persisted"
+    COMMITTED = "committed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclass(eq=False)
+class SnapshotHandle:
+    """One checkpoint of this process, with a future per state."""
+
+    step: int
+    nbytes: int = 0
+    stall_s: float = 0.0  # time ``save`` blocked the training loop
+    staged: Future = field(default_factory=Future)
+    persisted: Future = field(default_factory=Future)
+    committed: Future = field(default_factory=Future)
+    skipped: bool = False
+
+    @property
+    def state(self) -> SnapshotState:
+        if self.skipped:
+            return SnapshotState.SKIPPED
+        for fut, done_state in ((self.committed, SnapshotState.COMMITTED), (self.persisted, SnapshotState.PERSISTED),
+                                (self.staged, SnapshotState.STAGED)):
+            if fut.done():
+                return SnapshotState.FAILED if fut.exception() is not None else done_state
+        return SnapshotState.CAPTURED
+
+    @property
+    def error(self) -> BaseException | None:
+        for fut in (self.staged, self.persisted, self.committed):
+            if fut.done() and fut.exception() is not None:
+                return fut.exception()
+        return None
+
+    def result(self, timeout: float | None = None) -> Manifest:
+        """Block until committed; the manifest, or the error that stopped it."""
+        return self.committed.result(timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointerStatus:
+    checkpoints: tuple[dict[str, Any], ...]
+    last_committed: int | None
+    in_flight: int
+    skipped: int
+    failed: int
+    errors: tuple[str, ...]
+    host_budget_bytes: int | None
+    host_allocated_bytes: int
+    host_peak_bytes: int
+    host_allocations: int
+    hook_stall_s: float
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    if is_dtensor(t):
+        t = t.to_local()
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:  # tensors without storage (meta, some subclasses): never lazy
+        return 0
+
+
+class Checkpointer:
+    """Lazy asynchronous checkpoints of a training loop; see the module docstring."""
+
+    def __init__(self, url: Any, *, sink: Sink | None = None, **options: Any) -> None:
+        self.config = CheckpointerConfig(url=url, **options)
+        cfg = self.config
+        self.storage = open_storage(cfg.url, storage_options=cfg.storage_options, retry=cfg.retry)
+        self.group = Group.resolve(cfg.process_group)
+        # The one collective of the Checkpointer's life: every rank agrees on a run id, so
+        # that each save's id is known everywhere without talking on the hot path.
+        self.run_id: str = self.group.broadcast(uuid.uuid4().hex[:12])
+        self.writer = fmt.writer_name(self.group.global_rank)
+        self.writers = tuple(fmt.writer_name(r) for r in self.group.global_ranks)
+        self.sink = sink or InProcessSink(
+            self.storage,
+            SinkConfig(io_threads=cfg.io_threads, durable=cfg.durable, commit_timeout_s=cfg.commit_timeout_s,
+                       library_versions=library_versions()),
+            after_commit=self._retention if cfg.keep_last is not None else None,
+        )
+        self.stager = Stager()
+        self.pool: HostBufferPool | None = None
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._hooks: list[Any] = []
+        self._latest_stage: StageJob | None = None
+        self._handles: list[SnapshotHandle] = []
+        self._errors: list[str] = []
+        self._reported = 0
+        self._lock = threading.Lock()
+        self._hook_stall_s = 0.0
+        self._skipped = 0
+        self._closed = False
+        self._warned_no_optimizer = False
+
+    # -- the four verbs ---------------------------------------------------------------------
+
+    def restore(self, state: dict[str, Any], *, step: int | None = None) -> int | None:
+        """Load the newest committed checkpoint (or ``step``) into ``state``, resharded to its
+        current layout. Returns the step to resume from (the saved step + 1), or ``None`` when
+        the run has no committed checkpoint (and then changes nothing)."""
+        chosen: Any = step
+        if step is None:
+            chosen = None
+            if self.group.rank == 0:
+                steps = fmt.committed_steps(self.storage)
+                chosen = steps[-1] if steps else None
+            chosen = self.group.broadcast(chosen)
+        if chosen is None:
+            log.info("no committed checkpoint in %s: starting from scratch", self.storage.url)
+            return None
+        expanded = expand(state)  # after the check: building optimizer state has side effects
+        t0 = time.perf_counter()
+        loaded = load(expanded.tree, self.storage, step=chosen, process_group=self.config.process_group,
+                      allow_pickle=self.config.allow_pickle, io_threads=self.config.io_threads)
+        expanded.apply()
+        log.info("restored step %d from %s in %.2f s", loaded, self.storage.url, time.perf_counter() - t0)
+        return loaded + 1
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make ``optimizer.step()`` wait until this optimizer's tensors of the latest snapshot
+        are staged, and let them be copied lazily."""
+        if any(o is optimizer for o in self._optimizers):
+            return
+        index = len(self._optimizers)
+        self._optimizers.append(optimizer)
+        self._hooks.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step(index)))
+
+    def save(self, step: int, state: dict[str, Any], *, force: bool = False) -> SnapshotHandle | None:
+        """Snapshot ``state`` as checkpoint ``step`` if it is a checkpoint step (every
+        ``every_n_steps``, or ``force``); returns at once with a handle, or ``None``."""
+        self._check_open()
+        self._report_errors()
+        if not force and step % self.config.every_n_steps != 0:
+            return None
+        t0 = time.perf_counter()
+        handle = SnapshotHandle(step)
+        try:
+            self._capture(step, state, handle)
+        except BaseException as e:
+            self._fail(handle, e)
+            raise
+        finally:
+            handle.stall_s = time.perf_counter() - t0
+            with self._lock:
+                self._handles.append(handle)
+        return handle
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every checkpoint taken so far is committed or failed; then report
+        failures per ``on_error``."""
+        with self._lock:
+            futures = [h.committed for h in self._handles if not h.skipped]
+        wait_futures(futures, timeout=timeout)
+        self._report_errors()
+
+    def close(self, *, wait: bool = True) -> None:
+        """Finish outstanding checkpoints (unless ``wait=False``), stop the threads, free memory."""
+        if self._closed:
+            return
+        try:
+            if wait:
+                with self._lock:
+                    futures = [h.committed for h in self._handles if not h.skipped]
+                wait_futures(futures)
+        finally:
+            self._closed = True
+            for h in self._hooks:
+                h.remove()
+            self.stager.close()
+            self.sink.close(wait=wait)
+            if self.pool is not None:
+                self.pool.clear()
+        self._report_errors()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close(wait=exc[0] is None)
+
+    def status(self) -> CheckpointerStatus:
+        with self._lock:
+            handles = list(self._handles)
+            errors = tuple(self._errors)
+        rows = tuple(
+            {"step": h.step, "state": h.state.value, "bytes": h.nbytes, "stall_s": h.stall_s,
+             "error": None if h.error is None else f"{type(h.error).__name__}: {h.error}"}
+            for h in handles
+        )
+        committed = [h.step for h in handles if h.state is SnapshotState.COMMITTED]
+        pool = self.pool
+        return CheckpointerStatus(
+            checkpoints=rows,
+            last_committed=max(committed) if committed else None,
+            in_flight=sum(1 for h in handles if h.state in (SnapshotState.CAPTURED, SnapshotState.STAGED,
+                                                            SnapshotState.PERSISTED)),
+            skipped=self._skipped,
+            failed=sum(1 for h in handles if h.state is SnapshotState.FAILED),
+            errors=errors,
+            host_budget_bytes=pool.budget if pool else self.config.host_budget_bytes,
+            host_allocated_bytes=pool.allocated_bytes if pool else 0,
+            host_peak_bytes=pool.peak_bytes if pool else 0,
+            host_allocations=pool.allocations if pool else 0,
+            hook_stall_s=self._hook_stall_s,
+        )
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _capture(self, step: int, state: dict[str, Any], handle: SnapshotHandle) -> None:
+        cfg = self.config
+        expanded = expand(state)
+        items, values = split_state(expanded.tree, rank=self.group.rank, world=self.group.world,
+                                    allow_pickle=cfg.allow_pickle)
+        plan = plan_items(items, values, max_chunk_bytes=cfg.max_chunk_bytes)
+        written = {id(r.tensor) for r in plan.requests}
+        mine = [it for it in items if id(it.tensor) in written]
+        nbytes = sum(aligned(it.tensor.numel() * it.tensor.element_size()) for it in mine)
+        handle.nbytes = nbytes
+        pool = self._pool_for(nbytes, mine)
+        slab = pool.acquire(nbytes, block=cfg.when_busy == "block")
+        if slab is None:
+            handle.skipped = True
+            self._skipped += 1
+            log.warning("checkpoint of step %d skipped: the previous one is still being written "
+                        "(when_busy='skip'; raise host_budget_bytes or checkpoint less often)", step)
+            return
+
+        owners = self._lazy_owners()
+        if not self._optimizers and not self._warned_no_optimizer:
+            self._warned_no_optimizer = True
+            log.info("no optimizer attached: every tensor is copied during save(); "
+                     "ckptr.attach(optimizer) lets parameters and optimizer state be copied lazily")
+        groups: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self._optimizers]
+        host: dict[int, torch.Tensor] = {}
+        ready = None
+        for it in mine:
+            src = it.tensor.detach()
+            dst = slab.carve(src.shape, src.dtype)
+            host[id(it.tensor)] = dst
+            owner = owners.get(_storage_ptr(src))
+            if owner is None:
+                dst.copy_(src)  # eager: training may change it before the next optimizer step
+            else:
+                groups[owner].append((src, dst))
+                if src.device.type == "cuda" and ready is None:
+                    ready = torch.cuda.current_stream(src.device).record_event()
+        host_plan = SavePlan(
+            plan.arrays,
+            [replace(r, tensor=host[id(r.tensor)]) for r in plan.requests],
+            plan.metadata,
+            plan.values,
+        )
+        job = PersistJob(step=step, save_id=f"{self.run_id}-{step}", writer=self.writer, writers=self.writers,
+                         plan=host_plan, committer=self.group.rank == 0, release=lambda: pool.release(slab))
+        job.persisted.add_done_callback(lambda f: _chain(f, handle.persisted))
+        job.committed.add_done_callback(lambda f: _chain(f, handle.committed))
+        for fut in (handle.persisted, handle.committed):
+            fut.add_done_callback(lambda f, s=step: self._record_error(s, f))
+
+        def staged(error: BaseException | None) -> None:
+            if error is not None:
+                pool.release(slab)
+                for fut in (handle.staged, handle.persisted, handle.committed):
+                    fut.set_exception(error)
+                return
+            handle.staged.set_result(step)
+            self.sink.submit(job)
+
+        events = [threading.Event() for _ in groups]
+        stage = StageJob(groups, events, ready, staged)
+        self._latest_stage = stage
+        self.stager.submit(stage)
+
+    def _pool_for(self, nbytes: int, items: list[TensorItem]) -> HostBufferPool:
+        if self.pool is None:
+            budget = self.config.host_budget_bytes or max(2 * nbytes, 1)
+            pin = self.config.pin_memory
+            if pin is None:
+                pin = torch.cuda.is_available() and any(it.tensor.device.type == "cuda" for it in items)
+            self.pool = HostBufferPool(budget, pin_memory=pin)
+            log.info("host snapshot budget %.1f MiB (%s)", budget / 2**20, "pinned" if pin else "pageable")
+        return self.pool
+
+    def _lazy_owners(self) -> dict[int, int]:
+        """Storage of every tensor only an attached optimizer changes -> that optimizer's index."""
+        owners: dict[int, int] = {}
+        for index, opt in enumerate(self._optimizers):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    owners.setdefault(_storage_ptr(p), index)
+                    for v in opt.state.get(p, {}).values():
+                        if isinstance(v, torch.Tensor):
+                            owners.setdefault(_storage_ptr(v), index)
+        owners.pop(0, None)
+        return owners
+
+    def _before_step(self, index: int) -> None:
+        stage = self._latest_stage
+        if stage is None or stage.events[index].is_set():
+            return
+        t0 = time.perf_counter()
+        stage.events[index].wait()
+        self._hook_stall_s += time.perf_counter() - t0
+
+    def _retention(self, manifest: Manifest) -> None:
+        policy = RetentionPolicy(keep_last=self.config.keep_last or 1, keep_every=self.config.keep_every)
+        result = run_gc(self.storage, policy, measure=False)
+        if result.deleted:
+            log.info("retention removed steps %s", result.deleted)
+
+    def _record_error(self, step: int, fut: Future) -> None:
+        e = fut.exception()
+        if e is None:
+            return
+        msg = f"checkpoint of step {step} failed: {type(e).__name__}: {e}"
+        with self._lock:
+            if msg not in self._errors:
+                self._errors.append(msg)
+                log.error(msg)
+
+    def _fail(self, handle: SnapshotHandle, e: BaseException) -> None:
+        for fut in (handle.staged, handle.persisted, handle.committed):
+            if not fut.done():
+                fut.set_exception(e)
+
+    def _report_errors(self) -> None:
+        with self._lock:
+            new = self._errors[self._reported :]
+            self._reported = len(self._errors)
+        if new and self.config.on_error == "raise":
+            raise CkptError("; ".join(new))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CkptError("this Checkpointer is closed")
+
+
+def _chain(src: Future, dst: Future) -> None:
+    if dst.done():
+        return
+    e = src.exception()
+    if e is None:
+        dst.set_result(src.result())
+    else:
+        dst.set_exception(e)

@@ -1,0 +1,231 @@
+"""Where staged snapshots go to be persisted and committed: the sink plug point.
+
+The engine hands a :class:`PersistJob` (a save plan whose tensors are host copies) to a
+:class:`Sink`. :class:`InProcessSink`, the default, writes with background threads of the
+training process; the node agent is another sink behind the same interface. Both persist
+through the same format writer (:func:`ckpt.write_plan`) and commit with :func:`ckpt.commit`.
+
+Committing needs no collective: each writer's fragment, written last, says its part is
+durable; the committer polls storage for the fragments of every writer of the save (a stale
+fragment of an earlier attempt has another ``save_id`` and does not count), then commits.
+A writer that fails writes a ``.failed`` marker beside its fragment so the committer stops
+waiting at once.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from . import format as fmt
+from .errors import CheckpointExistsError, CkptError, CommitError
+from .manifest import Fragment, Manifest
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class PersistJob:
+    """One staged snapshot of one writer, to persist (and commit, if ``committer``)."""
+
+    step: int
+    save_id: str
+    writer: str
+    writers: tuple[str, ...]
+    plan: "SavePlan"  # noqa: F821 - from ckpt.api; typed loosely to keep this module's imports small
+    committer: bool
+    release: Callable[[], None] = lambda: None
+    persisted: Future = field(default_factory=Future)
+    committed: Future = field(default_factory=Future)
+
+
+class Sink(abc.ABC):
+    """The sink plug point: takes staged snapshots, resolves their futures."""
+
+    @abc.abstractmethod
+    def submit(self, job: PersistJob) -> None:
+        """Take ownership of ``job``: persist it, call ``job.release()`` once the host copy is no
+        longer needed, and resolve ``job.persisted`` and ``job.committed``."""
+
+    @abc.abstractmethod
+    def close(self, *, wait: bool = True) -> None:
+        """Finish (or abandon, with ``wait=False``) every submitted job and stop."""
+
+
+def failed_marker(step: int, writer: str) -> str:
+    return f"{fmt.step_dir(step)}/{fmt.FRAGMENTS}/{writer}.failed"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SinkConfig:
+    io_threads: int = 8
+    durable: bool = True
+    commit_timeout_s: float = 600.0
+    poll_interval_s: float = 0.05
+    library_versions: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.io_threads < 1:
+            raise ValueError("SinkConfig.io_threads must be >= 1")
+        if self.commit_timeout_s <= 0:
+            raise ValueError("SinkConfig.commit_timeout_s must be > 0")
+
+
+def wait_for_fragments(
+    storage: Storage, step: int, save_id: str, writers: Sequence[str], *, timeout_s: float, poll_s: float,
+    stop: threading.Event | None = None,
+) -> None:
+    """Block until every writer's fragment of this save is in storage; raise if one failed."""
+    pending = list(writers)
+    deadline = time.monotonic() + timeout_s
+    delay = poll_s
+    while pending:
+        still = []
+        for w in pending:
+            try:
+                frag = fmt.read_fragment(storage, step, w)
+                if frag.save_id == save_id:
+                    continue
+            except FileNotFoundError:
+                pass
+            try:
+                marker = json.loads(storage.read(failed_marker(step, w)))
+                if marker.get("save_id") == save_id:
+                    raise CommitError(f"step {step}: writer {w} failed: {marker.get('error')}")
+            except FileNotFoundError:
+                pass
+            still.append(w)
+        pending = still
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise CommitError(
+                f"step {step}: no fragment from {', '.join(pending[:8])}{' …' if len(pending) > 8 else ''} "
+                f"after {timeout_s:.0f} s; those writers died or are stuck"
+            )
+        if stop is not None and stop.wait(delay):
+            raise CommitError(f"step {step}: closed before every writer finished")
+        if stop is None:
+            time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+def wait_for_commit(storage: Storage, step: int, save_id: str, *, timeout_s: float, poll_s: float,
+                    stop: threading.Event | None = None) -> Manifest:
+    deadline = time.monotonic() + timeout_s
+    delay = poll_s
+    while True:
+        try:
+            m = fmt.read_manifest(storage, step)
+            if m.save_id == save_id:
+                return m
+            raise CommitError(f"step {step} was committed by another save ({m.save_id})")
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise CommitError(f"step {step}: not committed after {timeout_s:.0f} s")
+        if stop is not None and stop.wait(delay):
+            raise CommitError(f"step {step}: closed before the commit")
+        delay = min(delay * 2, 1.0)
+
+
+class InProcessSink(Sink):
+    """Persists with threads of this process; commits on the committer's process.
+
+    One persist thread takes jobs in order (each job's chunks are written by ``io_threads``
+    threads); one commit thread waits for fragments and commits, then runs ``after_commit``
+    (retention). Neither touches the training thread.
+    """
+
+    def __init__(self, storage: Storage, config: SinkConfig,
+                 after_commit: Callable[[Manifest], None] | None = None) -> None:
+        self.storage = storage
+        self.config = config
+        self.after_commit = after_commit
+        self._persist_q: queue.Queue[PersistJob | None] = queue.Queue()
+        self._commit_q: queue.Queue[PersistJob | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._persist = threading.Thread(target=self._persist_loop, name="ckpt-persist", daemon=True)
+        self._commit = threading.Thread(target=self._commit_loop, name="ckpt-commit", daemon=True)
+        self._persist.start()
+        self._commit.start()
+        self._closed = False
+
+    def submit(self, job: PersistJob) -> None:
+        if self._closed:
+            raise CkptError("the sink is closed")
+        self._persist_q.put(job)
+
+    def _persist_loop(self) -> None:
+        from .api import write_plan
+
+        while (job := self._persist_q.get()) is not None:
+            try:
+                if self.storage.exists(f"{fmt.step_dir(job.step)}/{fmt.META}"):
+                    raise CheckpointExistsError(
+                        f"step {job.step} is already committed in {self.storage.url}; not overwritten"
+                    )
+                frag: Fragment = write_plan(
+                    self.storage, job.plan, step=job.step, writer=job.writer, save_id=job.save_id,
+                    threads=self.config.io_threads, durable=self.config.durable,
+                )
+            except BaseException as e:  # noqa: BLE001 - reported through the future
+                self._mark_failed(job, e)
+                job.release()
+                job.persisted.set_exception(e)
+                job.committed.set_exception(e)
+                continue
+            job.release()
+            job.persisted.set_result(frag)
+            self._commit_q.put(job)
+        self._commit_q.put(None)
+
+    def _mark_failed(self, job: PersistJob, error: BaseException) -> None:
+        try:
+            doc = {"save_id": job.save_id, "error": f"{type(error).__name__}: {error}"}
+            self.storage.write_atomic(failed_marker(job.step, job.writer), json.dumps(doc).encode())
+        except Exception:  # noqa: BLE001 - the storage is failing already; the committer times out
+            log.debug("could not write the failure marker of step %d", job.step, exc_info=True)
+
+    def _commit_loop(self) -> None:
+        while (job := self._commit_q.get()) is not None:
+            try:
+                if job.committer:
+                    wait_for_fragments(
+                        self.storage, job.step, job.save_id, job.writers,
+                        timeout_s=self.config.commit_timeout_s, poll_s=self.config.poll_interval_s, stop=self._stop,
+                    )
+                    manifest = fmt.commit(self.storage, job.step, job.writers, save_id=job.save_id,
+                                          library_versions=self.config.library_versions)
+                else:
+                    manifest = wait_for_commit(
+                        self.storage, job.step, job.save_id,
+                        timeout_s=self.config.commit_timeout_s, poll_s=self.config.poll_interval_s, stop=self._stop,
+                    )
+            except BaseException as e:  # noqa: BLE001 - reported through the future
+                job.committed.set_exception(e)
+                continue
+            job.committed.set_result(manifest)
+            if job.committer and self.after_commit is not None:
+                try:
+                    self.after_commit(manifest)
+                except Exception:  # noqa: BLE001 - retention must never fail a checkpoint
+                    log.warning("retention after step %d failed", job.step, exc_info=True)
+
+    def close(self, *, wait: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not wait:
+            self._stop.set()
+        self._persist_q.put(None)
+        self._persist.join()
+        self._commit.join()

@@ -1,0 +1,89 @@
+"""Device-to-host copies of snapshots in the background.
+
+Parameters and optimizer state do not change between two optimizer steps, so their copy to
+host memory can overlap the next forward and backward pass. The stager copies one snapshot's
+tensors group by group (one group per attached optimizer, in attach order) and signals each
+group when it is done: an optimizer's pre-step hook waits only for its own group.
+
+On CUDA the copies run on a side stream that first waits for an event recorded on the
+compute stream at ``save`` (so they see every kernel queued before it), into pinned memory;
+the snapshot keeps a reference to every source tensor until its copy finished, so the caching
+allocator cannot reuse the memory under the copy. On CPU a background thread does the copies
+(``copy_`` releases the GIL for large tensors).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class StageJob:
+    groups: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per group: (source, host destination)
+    events: list[threading.Event]
+    ready: Any = None  # torch.cuda.Event recorded on the compute stream at save, or None
+    on_done: Callable[[BaseException | None], None] = lambda e: None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Stager:
+    """One background thread running stage jobs in order."""
+
+    def __init__(self) -> None:
+        self._q: queue.Queue[StageJob | None] = queue.Queue()
+        self._streams: dict[int, Any] = {}
+        self._thread = threading.Thread(target=self._loop, name="ckpt-stage", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: StageJob) -> None:
+        self._q.put(job)
+
+    def _stream(self, device: torch.device) -> Any:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in self._streams:
+            self._streams[idx] = torch.cuda.Stream(device=idx)
+        return self._streams[idx]
+
+    def _loop(self) -> None:
+        while (job := self._q.get()) is not None:
+            error: BaseException | None = None
+            try:
+                for group, event in zip(job.groups, job.events):
+                    self._copy_group(group, job.ready)
+                    event.set()
+            except BaseException as e:  # noqa: BLE001 - reported through on_done
+                error = e
+                log.error("staging failed: %s", e)
+            finally:
+                for event in job.events:  # never leave a pre-step hook waiting
+                    event.set()
+            job.done.set()
+            job.on_done(error)
+
+    def _copy_group(self, group: list[tuple[torch.Tensor, torch.Tensor]], ready: Any) -> None:
+        cuda_events = []
+        for src, dst in group:
+            if src.device.type == "cuda":
+                stream = self._stream(src.device)
+                if ready is not None:
+                    stream.wait_event(ready)
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+                cuda_events.append(stream.record_event())
+            else:
+                dst.copy_(src)
+        for ev in cuda_events:
+            ev.synchronize()
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()

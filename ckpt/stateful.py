@@ -1,0 +1,152 @@
+"""Turning the objects of a training loop into state dicts, and back.
+
+``state`` given to :class:`~ckpt.Checkpointer` maps names to tensors, nested dicts/lists, JSON
+values, and *stateful* objects: ``nn.Module`` (DDP, FSDP2), ``torch.optim.Optimizer``, LR
+schedulers, data loaders and anything else with ``state_dict``/``load_state_dict``.
+
+Modules and optimizers go through ``torch.distributed.checkpoint.state_dict``'s helpers, so
+optimizer state is keyed by parameter name (not index) and FSDP2 shards stay DTensors.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from .errors import LayoutError
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state_dict: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class OptimizerState:
+    """An optimizer with the model whose parameter names key its state.
+
+    A bare optimizer in the state is paired automatically with the one module of the state;
+    with several modules, wrap it: ``{"optim": ckpt.OptimizerState(model, optimizer)}``.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+
+
+@dataclass(frozen=True)
+class ModelState:
+    model: nn.Module
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.model, state_dict)
+
+
+class RNGState:
+    """The random number generators of this process (Python, NumPy, torch CPU and CUDA).
+
+    Put one in the state so that a resumed run draws the same random numbers (dropout,
+    shuffling) as one that never stopped.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"python": _encode_py_rng(random.getstate()), "torch": torch.get_rng_state()}
+        try:
+            import numpy as np
+
+            kind, keys, pos, has_gauss, gauss = np.random.get_state()
+            out["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.copy()), "pos": pos,
+                            "has_gauss": has_gauss, "gauss": gauss}
+        except ImportError:  # pragma: no cover - numpy ships with torch's wheels
+            pass
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["cuda"] = list(torch.cuda.get_rng_state_all())
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        random.setstate(_decode_py_rng(state["python"]))
+        torch.set_rng_state(state["torch"])
+        if "numpy" in state:
+            import numpy as np
+
+            n = state["numpy"]
+            np.random.set_state((n["kind"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["gauss"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _encode_py_rng(s: tuple) -> dict[str, Any]:
+    version, internal, gauss = s
+    return {"version": version, "state": list(internal), "gauss": gauss}
+
+
+def _decode_py_rng(d: dict[str, Any]) -> tuple:
+    return (d["version"], tuple(d["state"]), d["gauss"])
+
+
+def _is_stateful_object(x: Any) -> bool:
+    if isinstance(x, (torch.Tensor, dict, list, tuple, str, bytes, int, float, bool)) or x is None:
+        return False
+    return isinstance(x, Stateful)
+
+
+@dataclass(frozen=True, slots=True)
+class Expanded:
+    """A state with every stateful object replaced by its state dict, and how to give it back."""
+
+    tree: Any
+    appliers: tuple[tuple[str, Callable[[Any], None]], ...]
+
+    def apply(self) -> None:
+        """After loading into ``tree`` in place: hand each object its (loaded) state dict."""
+        for key, fn in self.appliers:
+            fn(self.tree[key])
+
+
+def expand(state: dict[str, Any]) -> Expanded:
+    """Replace modules, optimizers and other stateful objects by their state dicts (top level)."""
+    if not isinstance(state, dict):
+        raise LayoutError(f"the checkpoint state must be a dict of names to objects, got {type(state).__name__}")
+    modules = [v for v in state.values() if isinstance(v, nn.Module)]
+    tree: dict[str, Any] = {}
+    appliers: list[tuple[str, Callable[[Any], None]]] = []
+    for key, value in state.items():
+        obj = value
+        if isinstance(value, nn.Module):
+            obj = ModelState(value)
+        elif isinstance(value, torch.optim.Optimizer):
+            if len(modules) != 1:
+                raise LayoutError(
+                    f"state[{key!r}] is an optimizer and the state has {len(modules)} modules: wrap it as "
+                    f"ckpt.OptimizerState(model, optimizer) so its state is keyed by parameter name"
+                )
+            obj = OptimizerState(modules[0], value)
+        if _is_stateful_object(obj):
+            tree[key] = obj.state_dict()
+            appliers.append((key, obj.load_state_dict))
+        else:
+            tree[key] = value
+    return Expanded(tree, tuple(appliers))

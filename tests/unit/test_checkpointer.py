@@ -1,0 +1,238 @@
+"""The hook API: bit-exact resume, snapshots as of save, the host budget, storage failures."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import ckpt
+from ckpt.storage import LocalStorage, Storage
+from tests.helpers import bits_equal
+
+
+class StatefulLoader:
+    """A shuffling data loader that knows its position (like torchdata's StatefulDataLoader)."""
+
+    def __init__(self, n: int = 64, batch: int = 8, seed: int = 0):
+        g = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(n, 6, generator=g)
+        self.y = torch.randint(0, 3, (n,), generator=g)
+        self.batch, self.seed, self.epoch, self.pos = batch, seed, 0, 0
+        self.seen: list[list[int]] = []
+
+    def next(self):
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        idx = order[self.pos : self.pos + self.batch]
+        self.seen.append(idx.tolist())
+        self.pos += self.batch
+        if self.pos >= len(self.x):
+            self.epoch, self.pos = self.epoch + 1, 0
+        return self.x[idx], self.y[idx]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed}
+
+    def load_state_dict(self, s):
+        self.epoch, self.pos, self.seed = s["epoch"], s["pos"], s["seed"]
+
+
+def make_job(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
+    loader = StatefulLoader()
+    state = {"model": model, "optim": opt, "sched": sched, "loader": loader, "rng": ckpt.RNGState()}
+    return model, opt, sched, loader, state
+
+
+def train(model, opt, sched, loader, steps, ckptr=None, state=None, force_last=False):
+    for step in steps:
+        x, y = loader.next()
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if ckptr is not None:
+            ckptr.save(step, state, force=force_last and step == steps[-1])
+
+
+def test_resume_is_bit_exact(tmp_path):
+    # Uninterrupted: 60 steps.
+    m1, o1, s1, l1, _ = make_job()
+    train(m1, o1, s1, l1, list(range(60)))
+
+    # Interrupted: 30 steps with checkpoints, then a new process-like job restores and does 30 more.
+    m2, o2, s2, l2, st2 = make_job()
+    with ckpt.Checkpointer(tmp_path, every_n_steps=10, keep_last=2) as ck:
+        assert ck.restore(st2) is None
+        ck.attach(o2)
+        train(m2, o2, s2, l2, list(range(30)), ck, st2, force_last=True)
+    m3, o3, s3, l3, st3 = make_job(seed=99)  # different init: everything must come from the checkpoint
+    with ckpt.Checkpointer(tmp_path, every_n_steps=10, keep_last=2) as ck:
+        start = ck.restore(st3)
+        assert start == 30
+        ck.attach(o3)
+        train(m3, o3, s3, l3, list(range(start, 60)), ck, st3)
+
+    for (n, a), (_, b) in zip(m1.state_dict().items(), m3.state_dict().items()):
+        assert bits_equal(a, b), n
+    for p1, p3 in zip(m1.parameters(), m3.parameters()):
+        for k, v in o1.state[p1].items():
+            assert bits_equal(v, o3.state[p3][k]), k
+    assert s1.state_dict() == s3.state_dict()
+    assert l1.seen[30:] == l3.seen  # the same batches, in the same order
+    # Retention kept the newest two (20 and 29), plus the resumed run's 30..50.
+    assert ckpt.committed_steps(ckpt.open_storage(tmp_path)) == [40, 50]
+
+
+def test_snapshot_equals_state_at_save_although_training_goes_on(tmp_path):
+    model, opt, sched, loader, state = make_job()
+    train(model, opt, sched, loader, range(3))
+    slow = SlowStorage(LocalStorage(str(tmp_path)), delay_s=0.02)
+    with ckpt.Checkpointer(slow, every_n_steps=1, keep_last=None) as ck:
+        ck.attach(opt)
+        train(model, opt, sched, loader, [3])
+        expected = copy.deepcopy(model.state_dict())  # includes BatchNorm running stats
+        expected_m = {k: v.clone() for k, v in opt.state[next(model.parameters())].items()}
+        handle = ck.save(100, state)
+        train(model, opt, sched, loader, range(4, 8))  # changes params, optimizer state and buffers
+        manifest = handle.result(timeout=60)
+        assert handle.state is ckpt.SnapshotState.COMMITTED
+    assert manifest.step == 100
+    m2, o2, s2, l2, st2 = make_job(seed=5)
+    with ckpt.Checkpointer(tmp_path) as ck:
+        assert ck.restore(st2, step=100) == 101
+    for k, v in expected.items():
+        assert bits_equal(m2.state_dict()[k], v), k
+    for k, v in expected_m.items():
+        assert bits_equal(o2.state[next(m2.parameters())][k], v), k
+
+
+def test_only_checkpoint_steps_snapshot_and_status(tmp_path):
+    model, opt, sched, loader, state = make_job()
+    with ckpt.Checkpointer(tmp_path, every_n_steps=5, keep_last=None) as ck:
+        ck.attach(opt)
+        handles = [ck.save(s, state) for s in range(12)]
+        assert [h is not None for h in handles] == [s % 5 == 0 for s in range(12)]
+        ck.wait()
+        st = ck.status()
+    assert [c["step"] for c in st.checkpoints] == [0, 5, 10]
+    assert all(c["state"] == "committed" for c in st.checkpoints)
+    assert st.last_committed == 10 and st.failed == 0 and st.errors == ()
+    assert ckpt.committed_steps(ckpt.open_storage(tmp_path)) == [0, 5, 10]
+
+
+def test_host_budget_is_never_exceeded_and_busy_policy_skips(tmp_path, caplog):
+    model, opt, sched, loader, state = make_job()
+    train(model, opt, sched, loader, range(1))
+    slow = SlowStorage(LocalStorage(str(tmp_path)), delay_s=0.05)
+    with ckpt.Checkpointer(slow, every_n_steps=1, keep_last=None, when_busy="skip") as ck:
+        ck.attach(opt)
+        first = ck.save(0, state)
+        ck.pool.budget = first.nbytes + 64  # room for exactly one snapshot in flight (testing only)
+        budget = ck.pool.budget
+        results = []
+        for s in range(1, 6):
+            train(model, opt, sched, loader, [s])
+            results.append(ck.save(s, state))
+            assert ck.pool.allocated_bytes <= budget
+        ck.wait()
+        status = ck.status()
+    assert status.skipped >= 1 and any(r.skipped for r in results)
+    assert status.host_peak_bytes <= budget
+    assert "skipped" in caplog.text
+    # With "block", every checkpoint is taken and slabs are reused: allocated once.
+    with ckpt.Checkpointer(tmp_path / "b", every_n_steps=1, keep_last=None, when_busy="block") as ck:
+        ck.attach(opt)
+        for s in range(4):
+            train(model, opt, sched, loader, [s])
+            ck.save(s, state)
+        ck.wait()
+        status = ck.status()
+    assert status.skipped == 0 and status.host_allocations <= 2
+    assert status.host_peak_bytes <= status.host_budget_bytes
+
+
+def test_failing_storage_is_reported_and_training_goes_on(tmp_path, caplog):
+    model, opt, sched, loader, state = make_job()
+    broken = BrokenStorage(LocalStorage(str(tmp_path)))
+    ck = ckpt.Checkpointer(broken, every_n_steps=1, keep_last=None, commit_timeout_s=5)
+    ck.attach(opt)
+    for s in range(3):
+        train(model, opt, sched, loader, [s])
+        h = ck.save(s, state)  # never raises with on_error="warn"
+    with pytest.raises(PermissionError):
+        h.result(timeout=30)
+    ck.wait()
+    st = ck.status()
+    assert st.failed == 3 and st.last_committed is None
+    assert any("PermissionError" in e for e in st.errors)
+    assert "checkpoint of step" in caplog.text
+    ck.close()
+    assert ckpt.committed_steps(ckpt.open_storage(tmp_path)) == []
+    # on_error="raise": the failure surfaces at the next save (or wait/close).
+    ck = ckpt.Checkpointer(broken, every_n_steps=1, keep_last=None, on_error="raise")
+    ck.attach(opt)
+    ck.save(0, state)
+    with pytest.raises(ckpt.CkptError, match="PermissionError"):
+        ck.wait()
+    ck.close()
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        ckpt.Checkpointer("/tmp/x", every_n_steps=0)
+    with pytest.raises(ValueError, match="when_busy"):
+        ckpt.CheckpointerConfig(url="/tmp/x", when_busy="maybe")
+    with pytest.raises(TypeError):
+        ckpt.Checkpointer("/tmp/x", no_such_option=1)
+
+
+class SlowStorage(Storage):
+    def __init__(self, inner: Storage, delay_s: float):
+        self.inner, self.delay_s, self.url = inner, delay_s, inner.url
+
+    def write(self, path, parts, *, durable=True):
+        time.sleep(self.delay_s)
+        self.inner.write(path, parts, durable=durable)
+
+    def write_atomic(self, path, data):
+        self.inner.write_atomic(path, data)
+
+    def read(self, path):
+        return self.inner.read(path)
+
+    def read_into(self, path, buffers):
+        return self.inner.read_into(path, buffers)
+
+    def size(self, path):
+        return self.inner.size(path)
+
+    def list_dir(self, path):
+        return self.inner.list_dir(path)
+
+    def walk_times(self, path):
+        return self.inner.walk_times(path)
+
+    def delete(self, path, *, recursive=False):
+        self.inner.delete(path, recursive=recursive)
+
+
+class BrokenStorage(SlowStorage):
+    """Chunk writes fail for good (a permission problem); everything else works."""
+
+    def __init__(self, inner: Storage):
+        super().__init__(inner, 0.0)
+        self.lock = threading.Lock()
+
+    def write(self, path, parts, *, durable=True):
+        if "/c/" in path or path.endswith("/c"):
+            raise PermissionError(f"denied: {path}")
+        self.inner.write(path, parts, durable=durable)
