@@ -70,32 +70,48 @@ class RNGState:
 
     Put one in the state so that a resumed run draws the same random numbers (dropout,
     shuffling) as one that never stopped.
+
+    Generator states are per process, so they are stored as non-tensor values (bytes), which
+    the checkpoint keeps per writer: each rank gets back its own state. As tensors they would
+    be taken for replicas of one tensor and written by one rank for all.
     """
 
     def state_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"python": _encode_py_rng(random.getstate()), "torch": torch.get_rng_state()}
+        out: dict[str, Any] = {"python": _encode_py_rng(random.getstate()), "torch": _to_bytes(torch.get_rng_state())}
         try:
             import numpy as np
 
             kind, keys, pos, has_gauss, gauss = np.random.get_state()
-            out["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.copy()), "pos": pos,
+            out["numpy"] = {"kind": kind, "keys": keys.astype("<u4").tobytes(), "pos": pos,
                             "has_gauss": has_gauss, "gauss": gauss}
         except ImportError:  # pragma: no cover - numpy ships with torch's wheels
             pass
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            out["cuda"] = list(torch.cuda.get_rng_state_all())
+            out["cuda"] = [_to_bytes(t) for t in torch.cuda.get_rng_state_all()]
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         random.setstate(_decode_py_rng(state["python"]))
-        torch.set_rng_state(state["torch"])
+        torch.set_rng_state(_to_byte_tensor(state["torch"]))
         if "numpy" in state:
             import numpy as np
 
             n = state["numpy"]
-            np.random.set_state((n["kind"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["gauss"]))
+            keys = n["keys"]
+            keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.frombuffer(keys, dtype="<u4").astype(np.uint32)
+            np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
         if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+            torch.cuda.set_rng_state_all([_to_byte_tensor(b) for b in state["cuda"]])
+
+
+def _to_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _to_byte_tensor(b: bytes | torch.Tensor) -> torch.Tensor:
+    if isinstance(b, torch.Tensor):
+        return b.detach().cpu().view(torch.uint8)
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8)
 
 
 def _encode_py_rng(s: tuple) -> dict[str, Any]:
@@ -119,11 +135,19 @@ class Expanded:
 
     tree: Any
     appliers: tuple[tuple[str, Callable[[Any], None]], ...]
+    state: dict[str, Any] | None = None  # the state expanded, whose plain entries ``apply`` sets
 
     def apply(self) -> None:
-        """After loading into ``tree`` in place: hand each object its (loaded) state dict."""
+        """After loading into ``tree`` in place: hand each object its (loaded) state dict, and
+        put the plain entries back into the state (a load replaces non-tensor values, such as
+        ``state["step"]``, in ``tree``, a copy of the state's top level)."""
         for key, fn in self.appliers:
             fn(self.tree[key])
+        if self.state is not None:
+            stateful = {key for key, _ in self.appliers}
+            for key, value in self.tree.items():
+                if key not in stateful:
+                    self.state[key] = value
 
 
 def expand(state: dict[str, Any]) -> Expanded:
@@ -149,4 +173,4 @@ def expand(state: dict[str, Any]) -> Expanded:
             appliers.append((key, obj.load_state_dict))
         else:
             tree[key] = value
-    return Expanded(tree, tuple(appliers))
+    return Expanded(tree, tuple(appliers), state)

@@ -14,6 +14,10 @@ that dies without reporting, or a launch that exceeds ``timeout`` (a hang), fail
 and the processes still running are terminated, then killed. Collectives time out after
 ``pg_timeout`` so that the peers of a failed rank report rather than hang.
 
+A test of a rank that dies on purpose passes ``expect_exit={rank: code}``: that rank must end
+with exit status ``code`` without reporting (its result is ``None``), and the other ranks skip
+the final barrier, which a dead peer could never join.
+
 ``fn`` and ``args`` are pickled into the children, so ``fn`` must be a module-level function of
 an importable module (the test modules are, as ``tests.integration.<name>``). Pass tensors to
 children through files.
@@ -44,7 +48,8 @@ _GRACE_AFTER_DEATH_S = 2.0
 
 
 def _child(
-    fn: Callable[..., Any], rank: int, world: int, store_path: str, args: tuple, results: Any, pg_timeout: float
+    fn: Callable[..., Any], rank: int, world: int, store_path: str, args: tuple, results: Any, pg_timeout: float,
+    final_barrier: bool = True,
 ) -> None:
     try:
         torch.set_num_threads(1)  # up to 8 processes share 2 CI cores
@@ -62,7 +67,8 @@ def _child(
             timeout=datetime.timedelta(seconds=pg_timeout),
         )
         value = fn(rank, world, *args)
-        dist.barrier()  # nobody tears the group down while a peer is still in a collective
+        if final_barrier:
+            dist.barrier()  # nobody tears the group down while a peer is still in a collective
         dist.destroy_process_group()
         buf = io.BytesIO()
         torch.save(value, buf)
@@ -108,15 +114,21 @@ def run_distributed(
     timeout: float = 150.0,
     pg_timeout: float = 60.0,
     start_method: str | None = None,
+    expect_exit: dict[int, int] | None = None,
 ) -> list[Any]:
-    """``[fn(0, world, *args), ..., fn(world - 1, world, *args)]``, each run in its own process."""
+    """``[fn(0, world, *args), ..., fn(world - 1, world, *args)]``, each run in its own process.
+
+    ``expect_exit``: ranks that must die with the given exit status without reporting; their
+    result is ``None``.
+    """
+    expect_exit = dict(expect_exit or {})
     ctx = _context(start_method)
     results = ctx.Queue()
     store = Path(tmp_path) / f"pg-store-{uuid.uuid4().hex}"
     procs = [
         ctx.Process(
             target=_child,
-            args=(fn, rank, world, str(store), args, results, pg_timeout),
+            args=(fn, rank, world, str(store), args, results, pg_timeout, not expect_exit),
             name=f"{getattr(fn, '__name__', 'worker')}-rank{rank}",
             daemon=True,
         )
@@ -141,11 +153,17 @@ def run_distributed(
                 for rank, p in enumerate(procs):
                     if rank in done or rank in errors or p.exitcode is None:
                         continue
+                    if rank in expect_exit and p.exitcode == expect_exit[rank]:
+                        done[rank] = None  # died as the test intended
+                        continue
                     first = dead_since.setdefault(rank, now)
                     if now - first > _GRACE_AFTER_DEATH_S:
                         errors[rank] = f"exited with code {p.exitcode} without reporting a result"
                 continue
-            if ok:
+            if ok and rank in expect_exit:
+                errors[rank] = f"reported a result, but was expected to exit with code {expect_exit[rank]}"
+                deadline = min(deadline, time.monotonic() + _GRACE_AFTER_ERROR_S)
+            elif ok:
                 done[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors[rank] = payload
