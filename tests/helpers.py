@@ -45,3 +45,35 @@ def load_as_readers(states: list[Any], storage: str | Storage, *, step: int | No
     for r, state in enumerate(states):
         plan = ckpt.plan_load(state, manifest, rank=r, world=len(states), writer=ckpt.format.writer_name(r))
         ckpt.execute_load(st, state, plan)
+
+
+class DelegatingStorage(Storage):
+    """Forwards every call to ``inner``; fault-injecting test storages override what they break."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.url = inner.url
+
+    def write(self, path, parts, *, durable=True):
+        self.inner.write(path, parts, durable=durable)
+
+    def write_atomic(self, path, data):
+        self.inner.write_atomic(path, data)
+
+    def read(self, path):
+        return self.inner.read(path)
+
+    def read_into(self, path, buffers):
+        return self.inner.read_into(path, buffers)
+
+    def size(self, path):
+        return self.inner.size(path)
+
+    def list_dir(self, path):
+        return self.inner.list_dir(path)
+
+    def walk_times(self, path):
+        return self.inner.walk_times(path)
+
+    def delete(self, path, *, recursive=False):
+        self.inner.delete(path, recursive=recursive)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import threading
 import time
 
 import pytest
@@ -12,7 +11,7 @@ from torch import nn
 
 import ckpt
 from ckpt.storage import LocalStorage, Storage
-from tests.helpers import bits_equal
+from tests.helpers import DelegatingStorage, bits_equal
 
 
 class StatefulLoader:
@@ -195,42 +194,18 @@ def test_config_is_validated():
         ckpt.Checkpointer("/tmp/x", no_such_option=1)
 
 
-class SlowStorage(Storage):
+class SlowStorage(DelegatingStorage):
     def __init__(self, inner: Storage, delay_s: float):
-        self.inner, self.delay_s, self.url = inner, delay_s, inner.url
+        super().__init__(inner)
+        self.delay_s = delay_s
 
     def write(self, path, parts, *, durable=True):
         time.sleep(self.delay_s)
         self.inner.write(path, parts, durable=durable)
 
-    def write_atomic(self, path, data):
-        self.inner.write_atomic(path, data)
 
-    def read(self, path):
-        return self.inner.read(path)
-
-    def read_into(self, path, buffers):
-        return self.inner.read_into(path, buffers)
-
-    def size(self, path):
-        return self.inner.size(path)
-
-    def list_dir(self, path):
-        return self.inner.list_dir(path)
-
-    def walk_times(self, path):
-        return self.inner.walk_times(path)
-
-    def delete(self, path, *, recursive=False):
-        self.inner.delete(path, recursive=recursive)
-
-
-class BrokenStorage(SlowStorage):
+class BrokenStorage(DelegatingStorage):
     """Chunk writes fail for good (a permission problem); everything else works."""
-
-    def __init__(self, inner: Storage):
-        super().__init__(inner, 0.0)
-        self.lock = threading.Lock()
 
     def write(self, path, parts, *, durable=True):
         if "/c/" in path or path.endswith("/c"):

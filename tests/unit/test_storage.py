@@ -9,6 +9,7 @@ import pytest
 
 from ckpt import StorageError
 from ckpt.storage import FsspecStorage, LocalStorage, RetryingStorage, RetryPolicy, Storage, is_transient, open_storage
+from tests.helpers import DelegatingStorage
 
 
 class StorageTests:
@@ -88,12 +89,12 @@ class TestRetrying(StorageTests):
         return RetryingStorage(LocalStorage(str(tmp_path)), RetryPolicy(attempts=2, initial_backoff_s=0.0, max_backoff_s=0.0))
 
 
-class Flaky(Storage):
+class Flaky(DelegatingStorage):
     """Fails the first ``failures`` writes with ``exc``."""
 
     def __init__(self, inner: Storage, failures: int, exc: BaseException):
-        self.inner, self.failures, self.exc, self.calls = inner, failures, exc, 0
-        self.url = inner.url
+        super().__init__(inner)
+        self.failures, self.exc, self.calls = failures, exc, 0
 
     def write(self, path, parts, *, durable=True):
         self.calls += 1
@@ -103,21 +104,6 @@ class Flaky(Storage):
 
     def write_atomic(self, path, data):
         self.write(path, [data])
-
-    def read(self, path):
-        return self.inner.read(path)
-
-    def size(self, path):
-        return self.inner.size(path)
-
-    def list_dir(self, path):
-        return self.inner.list_dir(path)
-
-    def walk_times(self, path):
-        return self.inner.walk_times(path)
-
-    def delete(self, path, *, recursive=False):
-        self.inner.delete(path, recursive=recursive)
 
 
 FAST = RetryPolicy(attempts=4, initial_backoff_s=0.0, max_backoff_s=0.0)
