@@ -619,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="run to write into (may be RUN itself with another --step-out)")
     p.add_argument("--step-out", type=_nonneg_int, help="step number in OUT (default: the source step)")
     p.add_argument("--max-chunk-bytes", type=_bytes_arg, metavar="BYTES",
-                   help="largest chunk for shard:/whole (default 32MiB for shard, 1GiB for whole)")
+                   help="largest chunk for shard:/whole (default 16MiB for shard, 1GiB for whole)")
     p.add_argument("--buffer-bytes", type=_bytes_arg, default=256 << 20, metavar="BYTES",
                    help="host buffer for one block of one tensor (default 256MiB)")
     p.add_argument("--overwrite", action="store_true", help="replace a committed step of the same number in OUT")

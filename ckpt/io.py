@@ -144,7 +144,7 @@ def read_chunk(storage: Storage, prefix: str, req: ReadRequest, exp: ChunkExpect
         chunk = torch.empty(nbytes, dtype=torch.uint8)
         data = memoryview(chunk.numpy())
     try:
-        total = storage.read_into(f"{prefix}/{req.key}", [data, memoryview(crc_buf)])
+        total, actual = storage.read_into_crc(f"{prefix}/{req.key}", data, memoryview(crc_buf))
     except FileNotFoundError:
         return f"{where}: missing"
     except EOFError:
@@ -152,7 +152,6 @@ def read_chunk(storage: Storage, prefix: str, req: ReadRequest, exp: ChunkExpect
     if total != nbytes + CRC_BYTES:
         return f"{where}: {total} bytes, expected {nbytes + CRC_BYTES}"
     stored = int.from_bytes(crc_buf, "little")
-    actual = crc32c.crc32c(data)
     if actual != stored:
         return f"{where}: checksum mismatch (stored {stored:#010x}, data {actual:#010x})"
     if exp.expected_crc is not None and stored != exp.expected_crc:

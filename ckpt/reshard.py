@@ -47,6 +47,7 @@ from . import format as fmt
 from .errors import CheckpointExistsError, FormatError
 from .export import read_region
 from .dtypes import info_by_name
+from .api import DEFAULT_MAX_CHUNK_BYTES
 from .io import write_chunks
 from .layout import Box, chunk_range
 from .manifest import ArraySpec, ChunkRecord, Fragment, Manifest
@@ -56,7 +57,6 @@ from .storage import Storage
 
 Progress = Callable[[int], None]
 
-DEFAULT_MAX_CHUNK_BYTES = 32 << 20
 DEFAULT_WHOLE_MAX_BYTES = 1 << 30
 DEFAULT_BUFFER_BYTES = 256 << 20
 

@@ -27,7 +27,7 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def save_as_writers(
-    states: list[Any], storage: str | Storage, *, step: int, max_chunk_bytes: int = 32 << 20
+    states: list[Any], storage: str | Storage, *, step: int, max_chunk_bytes: int = 8 << 20
 ) -> ckpt.Manifest:
     """Save as if ``len(states)`` processes each called save with its own state (one process)."""
     st = ckpt.open_storage(storage)
