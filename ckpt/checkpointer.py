@@ -39,7 +39,7 @@ from typing import Any, Literal
 import torch
 
 from . import format as fmt
-from .api import DEFAULT_IO_THREADS, DEFAULT_MAX_CHUNK_BYTES, SavePlan, TensorItem, library_versions, load, plan_items, split_state
+from .api import DEFAULT_IO_THREADS, DEFAULT_MAX_CHUNK_BYTES, SavePlan, TensorItem, library_versions, load, plan_items
 from .dist import Group
 from .errors import CkptError
 from .hostpool import HostBufferPool, aligned
@@ -48,7 +48,9 @@ from .manifest import Manifest
 from .retention import RetentionPolicy, run_gc
 from .sink import InProcessSink, PersistJob, Sink, SinkConfig
 from .staging import StageJob, Stager
-from .stateful import expand
+from .layout import Sharded, layout_of
+from .state import encode_value, flatten
+from .stateful import CachedExpander, expand
 from .storage import RetryPolicy, Storage, open_storage
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,7 @@ class SnapshotHandle:
     step: int
     nbytes: int = 0
     stall_s: float = 0.0  # time ``save`` blocked the training loop
+    hook_stall_s: float = 0.0  # time optimizer pre-step hooks waited for this snapshot's staging
     staged: Future = field(default_factory=Future)
     persisted: Future = field(default_factory=Future)
     committed: Future = field(default_factory=Future)
@@ -185,6 +188,9 @@ class Checkpointer:
         self._optimizers: list[torch.optim.Optimizer] = []
         self._hooks: list[Any] = []
         self._latest_stage: StageJob | None = None
+        self._latest_handle: SnapshotHandle | None = None
+        self._expander = CachedExpander()
+        self._plan: _CapturePlan | None = None
         self._handles: list[SnapshotHandle] = []
         self._errors: list[str] = []
         self._reported = 0
@@ -196,10 +202,12 @@ class Checkpointer:
 
     # -- the four verbs ---------------------------------------------------------------------
 
-    def restore(self, state: dict[str, Any], *, step: int | None = None) -> int | None:
+    def restore(self, state: dict[str, Any], *, step: int | None = None, strict: bool = True) -> int | None:
         """Load the newest committed checkpoint (or ``step``) into ``state``, resharded to its
         current layout. Returns the step to resume from (the saved step + 1), or ``None`` when
-        the run has no committed checkpoint (and then changes nothing)."""
+        the run has no committed checkpoint (and then changes nothing). ``strict=False``
+        skips entries found on one side only (a model restored without its optimizer, say);
+        shape and dtype mismatches are errors always."""
         chosen: Any = step
         if step is None:
             chosen = None
@@ -213,7 +221,7 @@ class Checkpointer:
         expanded = expand(state)  # after the check: building optimizer state has side effects
         t0 = time.perf_counter()
         loaded = load(expanded.tree, self.storage, step=chosen, process_group=self.config.process_group,
-                      allow_pickle=self.config.allow_pickle, io_threads=self.config.io_threads)
+                      allow_pickle=self.config.allow_pickle, io_threads=self.config.io_threads, strict=strict)
         expanded.apply()
         log.info("restored step %d from %s in %.2f s", loaded, self.storage.url, time.perf_counter() - t0)
         return loaded + 1
@@ -270,6 +278,7 @@ class Checkpointer:
                 h.remove()
             self.stager.close()
             self.sink.close(wait=wait)
+            self._plan = None  # it holds views of the slabs
             if self.pool is not None:
                 self.pool.clear()
         self._report_errors()
@@ -286,6 +295,7 @@ class Checkpointer:
             errors = tuple(self._errors)
         rows = tuple(
             {"step": h.step, "state": h.state.value, "bytes": h.nbytes, "stall_s": h.stall_s,
+             "hook_stall_s": h.hook_stall_s,
              "error": None if h.error is None else f"{type(h.error).__name__}: {h.error}"}
             for h in handles
         )
@@ -310,15 +320,21 @@ class Checkpointer:
 
     def _capture(self, step: int, state: dict[str, Any], handle: SnapshotHandle) -> None:
         cfg = self.config
-        expanded = expand(state)
-        items, values = split_state(expanded.tree, rank=self.group.rank, world=self.group.world,
-                                    allow_pickle=cfg.allow_pickle)
-        plan = plan_items(items, values, max_chunk_bytes=cfg.max_chunk_bytes)
-        written = {id(r.tensor) for r in plan.requests}
-        mine = [it for it in items if id(it.tensor) in written]
-        nbytes = sum(aligned(it.tensor.numel() * it.tensor.element_size()) for it in mine)
+        expanded = self._expander.expand(state)
+        leaves = list(flatten(expanded.tree))
+        key = tuple(_leaf_key(path, leaf) if is_tensor else path for path, leaf, is_tensor in leaves)
+        values = {path: encode_value(leaf, allow_pickle=cfg.allow_pickle, where=path)
+                  for path, leaf, is_tensor in leaves if not is_tensor}
+        tensors = [leaf for _, leaf, is_tensor in leaves if is_tensor]
+        # Same tensors (memory, shape, layout) as the previous save: reuse its plan and, per
+        # slab, its host views and write requests; only the values and the sources are new.
+        plan = self._plan
+        if plan is None or plan.key != key:
+            plan = self._plan = _CapturePlan.build(key, leaves, values, rank=self.group.rank,
+                                                    world=self.group.world, max_chunk_bytes=cfg.max_chunk_bytes)
+        nbytes = plan.nbytes
         handle.nbytes = nbytes
-        pool = self._pool_for(nbytes, mine)
+        pool = self._pool_for(nbytes, plan.mine)
         slab = pool.acquire(nbytes, block=cfg.when_busy == "block")
         if slab is None:
             handle.skipped = True
@@ -326,6 +342,7 @@ class Checkpointer:
             log.warning("checkpoint of step %d skipped: the previous one is still being written "
                         "(when_busy='skip'; raise host_budget_bytes or checkpoint less often)", step)
             return
+        views, host_requests = plan.host_views(slab)
 
         owners = self._lazy_owners()
         if not self._optimizers and not self._warned_no_optimizer:
@@ -333,12 +350,9 @@ class Checkpointer:
             log.info("no optimizer attached: every tensor is copied during save(); "
                      "ckptr.attach(optimizer) lets parameters and optimizer state be copied lazily")
         groups: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self._optimizers]
-        host: dict[int, torch.Tensor] = {}
         ready = None
-        for it in mine:
-            src = it.tensor.detach()
-            dst = slab.carve(src.shape, src.dtype)
-            host[id(it.tensor)] = dst
+        for i, dst in zip(plan.mine_idx, views):
+            src = _local(tensors[i]).detach()
             owner = owners.get(_storage_ptr(src))
             if owner is None:
                 dst.copy_(src)  # eager: training may change it before the next optimizer step
@@ -346,12 +360,7 @@ class Checkpointer:
                 groups[owner].append((src, dst))
                 if src.device.type == "cuda" and ready is None:
                     ready = torch.cuda.current_stream(src.device).record_event()
-        host_plan = SavePlan(
-            plan.arrays,
-            [replace(r, tensor=host[id(r.tensor)]) for r in plan.requests],
-            plan.metadata,
-            plan.values,
-        )
+        host_plan = SavePlan(plan.plan.arrays, host_requests, plan.plan.metadata, values)
         job = PersistJob(step=step, save_id=f"{self.run_id}-{step}", writer=self.writer, writers=self.writers,
                          plan=host_plan, committer=self.group.rank == 0, release=lambda: pool.release(slab))
         job.persisted.add_done_callback(lambda f: _chain(f, handle.persisted))
@@ -371,6 +380,7 @@ class Checkpointer:
         events = [threading.Event() for _ in groups]
         stage = StageJob(groups, events, ready, staged)
         self._latest_stage = stage
+        self._latest_handle = handle
         self.stager.submit(stage)
 
     def _pool_for(self, nbytes: int, items: list[TensorItem]) -> HostBufferPool:
@@ -402,7 +412,11 @@ class Checkpointer:
             return
         t0 = time.perf_counter()
         stage.events[index].wait()
-        self._hook_stall_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self._hook_stall_s += dt
+        handle = self._latest_handle
+        if handle is not None:
+            handle.hook_stall_s += dt
 
     def _retention(self, manifest: Manifest) -> None:
         policy = RetentionPolicy(keep_last=self.config.keep_last or 1, keep_every=self.config.keep_every)
@@ -435,6 +449,71 @@ class Checkpointer:
     def _check_open(self) -> None:
         if self._closed:
             raise CkptError("this Checkpointer is closed")
+
+
+def _local(leaf: Any) -> torch.Tensor:
+    if isinstance(leaf, Sharded):
+        return leaf.tensor
+    if is_dtensor(leaf):
+        return leaf.to_local()
+    return leaf
+
+
+def _leaf_key(path: str, leaf: Any) -> tuple:
+    """What a tensor leaf's plan depends on: where it is, its memory, shape, layout."""
+    if isinstance(leaf, Sharded):
+        t, extra = leaf.tensor, (leaf.dim, leaf.rank, leaf.world, leaf.parts, leaf.logical_size, leaf.replica,
+                                 leaf.average)
+    elif is_dtensor(leaf):
+        t, extra = leaf._local_tensor, (tuple(leaf.shape), tuple(leaf.placements), id(leaf.device_mesh))
+    else:
+        t, extra = leaf, None
+    try:
+        ptr = t.data_ptr()
+    except RuntimeError:
+        ptr = 0
+    return (path, type(leaf), ptr, t.dtype, tuple(t.shape), t.stride(), t.device, extra)
+
+
+@dataclass(eq=False)
+class _CapturePlan:
+    """The save plan of one set of tensors, reused while the tensors stay the same."""
+
+    key: tuple
+    items: list[TensorItem]
+    plan: SavePlan
+    mine_idx: list[int]  # the tensors (indices into ``items``) this process writes
+    request_items: list[int]  # per write request of ``plan``: its index into ``mine_idx``
+    nbytes: int
+    _memo: dict[int, tuple[Any, list[torch.Tensor], list[Any]]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, key: tuple, leaves: list[tuple[str, Any, bool]], values: dict[str, Any], *,
+              rank: int, world: int, max_chunk_bytes: int) -> _CapturePlan:
+        items = [TensorItem(path, *layout_of(leaf, rank=rank, world=world)) for path, leaf, is_tensor in leaves
+                 if is_tensor]
+        plan = plan_items(items, values, max_chunk_bytes=max_chunk_bytes)
+        written = {id(r.tensor) for r in plan.requests}
+        mine_idx = [i for i, it in enumerate(items) if id(it.tensor) in written]
+        position = {id(items[i].tensor): n for n, i in enumerate(mine_idx)}
+        request_items = [position[id(r.tensor)] for r in plan.requests]
+        nbytes = sum(aligned(items[i].tensor.numel() * items[i].tensor.element_size()) for i in mine_idx)
+        return cls(key, items, plan, mine_idx, request_items, nbytes)
+
+    @property
+    def mine(self) -> list[TensorItem]:
+        return [self.items[i] for i in self.mine_idx]
+
+    def host_views(self, slab: Any) -> tuple[list[torch.Tensor], list[Any]]:
+        """This plan's tensors carved out of ``slab``, and the write requests reading them
+        (computed once per slab, then reused)."""
+        memo = self._memo.get(id(slab))
+        if memo is None or memo[0] is not slab:
+            slab.reset()
+            views = [slab.carve(self.items[i].tensor.shape, self.items[i].tensor.dtype) for i in self.mine_idx]
+            requests = [replace(r, tensor=views[n]) for r, n in zip(self.plan.requests, self.request_items)]
+            memo = self._memo[id(slab)] = (slab, views, requests)
+        return memo[1], memo[2]
 
 
 def _chain(src: Future, dst: Future) -> None:

@@ -174,3 +174,159 @@ def expand(state: dict[str, Any]) -> Expanded:
         else:
             tree[key] = value
     return Expanded(tree, tuple(appliers), state)
+
+
+# -- repeated saves: the same state dicts without the helpers' per-call cost ----------------------
+
+
+def _same_tensor(a: Any, b: Any) -> bool:
+    """Whether two state-dict tensors are views of the same memory with the same layout."""
+    if type(a) is not type(b) and not (isinstance(a, nn.Parameter) or isinstance(b, nn.Parameter)):
+        return False
+    la = a.to_local() if hasattr(a, "to_local") else a
+    lb = b.to_local() if hasattr(b, "to_local") else b
+    try:
+        return (la.data_ptr() == lb.data_ptr() and la.shape == lb.shape and la.dtype == lb.dtype
+                and la.stride() == lb.stride() and la.device == lb.device and a.shape == b.shape)
+    except RuntimeError:
+        return False
+
+
+def _same_tree(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` hold the same keys in the same order, the same tensors and equal values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and _same_tensor(a, b)
+    if isinstance(a, dict):
+        return (isinstance(b, dict) and list(a) == list(b)
+                and all(_same_tree(a[k], b[k]) for k in a))
+    if isinstance(a, (list, tuple)):
+        return (type(a) is type(b) and len(a) == len(b)
+                and all(_same_tree(x, y) for x, y in zip(a, b)))
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:  # noqa: BLE001 - incomparable values: not the same
+        return False
+
+
+def _module_signature(model: nn.Module) -> tuple:
+    return tuple((len(m._parameters), len(m._buffers)) for m in model.modules())
+
+
+def _fast_model(model: nn.Module, reference: dict[str, Any]) -> Callable[[], dict[str, Any]] | None:
+    """A direct walk giving ``reference`` (the helpers' model state dict), or None."""
+    by_memory: dict[tuple, tuple[nn.Module, str]] = {}
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in store.items():
+                if t is not None:
+                    local = t.to_local() if hasattr(t, "to_local") else t
+                    by_memory.setdefault((local.data_ptr(), tuple(t.shape), t.dtype), (mod, name))
+    recipe: list[tuple[str, nn.Module, str]] = []
+    for key, t in reference.items():
+        if not isinstance(t, torch.Tensor):
+            return None
+        local = t.to_local() if hasattr(t, "to_local") else t
+        found = by_memory.get((local.data_ptr(), tuple(t.shape), t.dtype))
+        if found is None:
+            return None
+        recipe.append((key, *found))
+    signature = _module_signature(model)
+
+    def fast() -> dict[str, Any] | None:
+        if _module_signature(model) != signature:
+            return None
+        return {key: getattr(mod, name).detach() for key, mod, name in recipe}
+
+    out = fast()
+    return fast if out is not None and _same_tree(out, reference) else None
+
+
+def _optimizer_signature(optimizer: torch.optim.Optimizer) -> tuple:
+    return (len(optimizer.state), sum(len(s) for s in optimizer.state.values()),
+            tuple(tuple(map(id, g["params"])) for g in optimizer.param_groups))
+
+
+def _fast_optimizer(optimizer: torch.optim.Optimizer, reference: dict[str, Any]) -> Callable[[], dict[str, Any]] | None:
+    """A direct walk giving ``reference`` (the helpers' optimizer state dict), or None."""
+    groups = reference.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        return None
+    names: list[tuple[torch.Tensor, str]] = []
+    for live, ref in zip(optimizer.param_groups, groups):
+        if len(live["params"]) != len(ref.get("params", ())):
+            return None
+        names.extend(zip(live["params"], ref["params"]))
+    group_names = [list(ref["params"]) for ref in groups]
+    signature = _optimizer_signature(optimizer)
+
+    def fast() -> dict[str, Any] | None:
+        if _optimizer_signature(optimizer) != signature:
+            return None
+        state = {}
+        for p, name in names:
+            s = optimizer.state.get(p)
+            if s:
+                state[name] = dict(s)
+        param_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(n)}
+                        for g, n in zip(optimizer.param_groups, group_names)]
+        return {"state": state, "param_groups": param_groups}
+
+    out = fast()
+    return fast if out is not None and _same_tree(out, reference) else None
+
+
+class CachedExpander:
+    """:func:`expand` for a training loop that saves the same objects again and again.
+
+    The first expansion of a module or optimizer goes through the state-dict helpers; it
+    also builds a direct walk (attributes of the module, ``optimizer.state``) and keeps it
+    only if it gives exactly the helpers' answer: the same keys in the same order, the very
+    same tensors, equal values. Later saves take the walk while the object's structure is
+    unchanged (parameter, buffer and state counts), and go back to the helpers otherwise.
+    The helpers cost milliseconds per call for a model of a few hundred tensors, the walk
+    tens of microseconds.
+    """
+
+    def __init__(self) -> None:
+        # (id of the module, or of the optimizer and its module) -> (the objects, the walk or None)
+        self._fast: dict[tuple[int, ...], tuple[tuple[Any, ...], Callable[[], Any] | None]] = {}
+
+    def expand(self, state: dict[str, Any]) -> Expanded:
+        if not isinstance(state, dict):
+            return expand(state)
+        modules = [v for v in state.values() if isinstance(v, nn.Module)]
+        tree: dict[str, Any] = {}
+        appliers: list[tuple[str, Callable[[Any], None]]] = []
+        for key, value in state.items():
+            if isinstance(value, (nn.Module, torch.optim.Optimizer, ModelState, OptimizerState)):
+                obj = value
+                if isinstance(value, nn.Module):
+                    obj = ModelState(value)
+                elif isinstance(value, torch.optim.Optimizer):
+                    if len(modules) != 1:
+                        return expand(state)  # raises the explanatory error
+                    obj = OptimizerState(modules[0], value)
+                tree[key] = self._state_dict(obj)
+                appliers.append((key, obj.load_state_dict))
+            elif _is_stateful_object(value):
+                tree[key] = value.state_dict()
+                appliers.append((key, value.load_state_dict))
+            else:
+                tree[key] = value
+        return Expanded(tree, tuple(appliers), state)
+
+    def _state_dict(self, obj: ModelState | OptimizerState) -> Any:
+        objects = (obj.model,) if isinstance(obj, ModelState) else (obj.optimizer, obj.model)
+        key = tuple(map(id, objects))
+        cached = self._fast.get(key)
+        if cached is not None and all(a is b for a, b in zip(cached[0], objects)) and cached[1] is not None:
+            out = cached[1]()
+            if out is not None:
+                return out
+        reference = obj.state_dict()
+        if isinstance(obj, ModelState):
+            fast = _fast_model(obj.model, reference)
+        else:
+            fast = _fast_optimizer(obj.optimizer, reference)
+        self._fast[key] = (objects, fast)
+        return reference

@@ -211,3 +211,53 @@ class BrokenStorage(DelegatingStorage):
         if "/c/" in path or path.endswith("/c"):
             raise PermissionError(f"denied: {path}")
         self.inner.write(path, parts, durable=durable)
+
+
+def test_cached_expander_gives_the_helpers_state_dicts_and_notices_changes():
+    from ckpt.stateful import CachedExpander, _same_tree, expand
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    state = {"model": model, "optim": opt, "step": 1}
+    ex = CachedExpander()
+    assert _same_tree(ex.expand(state).tree, expand(state).tree)  # before the first step: no optimizer state
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()  # creates the AdamW state: the walk must notice and go back to the helpers
+    for _ in range(2):
+        assert _same_tree(ex.expand(state).tree, expand(state).tree)
+    opt.param_groups[0]["lr"] = 0.5  # hyperparameters are read anew every time
+    assert ex.expand(state).tree["optim"]["param_groups"][0]["lr"] == 0.5
+    only = {"model": model}
+    ex.expand(only)
+    model[0].weight = nn.Parameter(torch.ones(8, 6))  # a replaced parameter is seen
+    assert bits_equal(ex.expand(only).tree["model"]["0.weight"], torch.ones(8, 6))
+    model.add_module("extra", nn.Linear(3, 2))  # a new submodule: back to the helpers
+    tree = ex.expand(only).tree
+    assert _same_tree(tree, expand(only).tree) and "extra.weight" in tree["model"]
+
+
+def test_repeated_saves_reuse_the_plan_and_take_new_values_and_tensors(tmp_path):
+    model = nn.Linear(6, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    extra = {"t": torch.arange(4.0)}
+    state = {"model": model, "optim": opt, "extra": extra, "note": "a"}
+    with ckpt.Checkpointer(tmp_path, every_n_steps=1, keep_last=None) as c:
+        c.attach(opt)
+        c.save(0, state).result()
+        plan = c._plan
+        state["note"] = "b"
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        c.save(1, state).result()
+        assert c._plan is plan  # same tensors: the plan was reused
+        extra["t"] = torch.arange(6.0)  # another shape: planned anew
+        c.save(2, state).result()
+        assert c._plan is not plan
+    for step, note, n in ((0, "a", 4), (1, "b", 4), (2, "b", 6)):
+        out = {"extra": {"t": torch.zeros(n)}, "note": None}
+        ckpt.load(out, tmp_path, step=step, strict=False)
+        assert out["note"] == note and bits_equal(out["extra"]["t"], torch.arange(float(n)))
+    m = nn.Linear(6, 4)
+    with ckpt.Checkpointer(tmp_path) as c:
+        c.restore({"model": m}, step=1, strict=False)
+    assert bits_equal(m.weight, model.weight)
