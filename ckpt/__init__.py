@@ -20,7 +20,8 @@ from .errors import (
 )
 from .format import commit, committed_steps, list_steps, read_manifest
 from .layout import Sharded
-from .sink import InProcessSink, PersistJob, Sink
+from .hostpool import Allocator, HostBufferPool, Slab
+from .sink import InProcessSink, PersistJob, Sink, SinkConfig, open_sink
 from .stateful import OptimizerState, RNGState
 from .manifest import ArraySpec, Fragment, Manifest
 from .storage import RetryPolicy, Storage, open_storage
@@ -40,6 +41,11 @@ __all__ = [
     "Sink",
     "InProcessSink",
     "PersistJob",
+    "SinkConfig",
+    "open_sink",
+    "HostBufferPool",
+    "Slab",
+    "Allocator",
     "plan_save",
     "write_plan",
     "commit",

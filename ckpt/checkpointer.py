@@ -46,7 +46,7 @@ from .hostpool import HostBufferPool, aligned
 from .layout import is_dtensor
 from .manifest import Manifest
 from .retention import RetentionPolicy, run_gc
-from .sink import InProcessSink, PersistJob, Sink, SinkConfig
+from .sink import InProcessSink, PersistJob, Sink, SinkConfig, open_sink
 from .staging import StageJob, Stager
 from .layout import Sharded, layout_of
 from .state import encode_value, flatten
@@ -76,6 +76,7 @@ class CheckpointerConfig:
     retry: RetryPolicy | None = None
     process_group: Any = None
     pin_memory: bool | None = None  # None: pinned when the state lives on CUDA
+    agent: str | None = None  # a node agent's address ("unix:///run/ckpt/agent.sock"): it takes the snapshots
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, (str, os.PathLike, Storage)) or not str(self.url):
@@ -92,6 +93,8 @@ class CheckpointerConfig:
             raise ValueError(f"CheckpointerConfig.when_busy must be 'block' or 'skip', got {self.when_busy!r}")
         if self.on_error not in ("warn", "raise"):
             raise ValueError(f"CheckpointerConfig.on_error must be 'warn' or 'raise', got {self.on_error!r}")
+        if self.agent is not None and (not isinstance(self.agent, str) or "://" not in self.agent):
+            raise ValueError(f"CheckpointerConfig.agent must be an address like 'unix:///path/agent.sock', got {self.agent!r}")
         if self.io_threads < 1 or self.max_chunk_bytes < 1 or self.commit_timeout_s <= 0:
             raise ValueError("CheckpointerConfig: io_threads, max_chunk_bytes, commit_timeout_s must be positive")
 
@@ -177,12 +180,13 @@ class Checkpointer:
         self.run_id: str = self.group.broadcast(uuid.uuid4().hex[:12])
         self.writer = fmt.writer_name(self.group.global_rank)
         self.writers = tuple(fmt.writer_name(r) for r in self.group.global_ranks)
-        self.sink = sink or InProcessSink(
-            self.storage,
-            SinkConfig(io_threads=cfg.io_threads, durable=cfg.durable, commit_timeout_s=cfg.commit_timeout_s,
-                       library_versions=library_versions()),
-            after_commit=self._retention if cfg.keep_last is not None else None,
-        )
+        sink_config = SinkConfig(io_threads=cfg.io_threads, durable=cfg.durable, commit_timeout_s=cfg.commit_timeout_s,
+                                 library_versions=library_versions())
+        after_commit = self._retention if cfg.keep_last is not None else None
+        if sink is None and cfg.agent is not None:
+            sink = open_sink("agent", cfg.agent, storage=self.storage, config=sink_config, writer=self.writer,
+                             after_commit=after_commit)
+        self.sink = sink or InProcessSink(self.storage, sink_config, after_commit=after_commit)
         self.stager = Stager()
         self.pool: HostBufferPool | None = None
         self._optimizers: list[torch.optim.Optimizer] = []
@@ -208,11 +212,12 @@ class Checkpointer:
         the run has no committed checkpoint (and then changes nothing). ``strict=False``
         skips entries found on one side only (a model restored without its optimizer, say);
         shape and dtype mismatches are errors always."""
+        storage = self.sink.restore_storage(self.storage)
         chosen: Any = step
         if step is None:
             chosen = None
             if self.group.rank == 0:
-                steps = fmt.committed_steps(self.storage)
+                steps = fmt.committed_steps(storage)
                 chosen = steps[-1] if steps else None
             chosen = self.group.broadcast(chosen)
         if chosen is None:
@@ -220,7 +225,7 @@ class Checkpointer:
             return None
         expanded = expand(state)  # after the check: building optimizer state has side effects
         t0 = time.perf_counter()
-        loaded = load(expanded.tree, self.storage, step=chosen, process_group=self.config.process_group,
+        loaded = load(expanded.tree, storage, step=chosen, process_group=self.config.process_group,
                       allow_pickle=self.config.allow_pickle, io_threads=self.config.io_threads, strict=strict)
         expanded.apply()
         log.info("restored step %d from %s in %.2f s", loaded, self.storage.url, time.perf_counter() - t0)
@@ -362,7 +367,7 @@ class Checkpointer:
                     ready = torch.cuda.current_stream(src.device).record_event()
         host_plan = SavePlan(plan.plan.arrays, host_requests, plan.plan.metadata, values)
         job = PersistJob(step=step, save_id=f"{self.run_id}-{step}", writer=self.writer, writers=self.writers,
-                         plan=host_plan, committer=self.group.rank == 0, release=lambda: pool.release(slab))
+                         plan=host_plan, committer=self.group.rank == 0, release=lambda: pool.release(slab), slab=slab)
         job.persisted.add_done_callback(lambda f: _chain(f, handle.persisted))
         job.committed.add_done_callback(lambda f: _chain(f, handle.committed))
         for fut in (handle.persisted, handle.committed):
@@ -389,7 +394,7 @@ class Checkpointer:
             pin = self.config.pin_memory
             if pin is None:
                 pin = torch.cuda.is_available() and any(it.tensor.device.type == "cuda" for it in items)
-            self.pool = HostBufferPool(budget, pin_memory=pin)
+            self.pool = self.sink.host_pool(budget, pin_memory=pin)
             log.info("host snapshot budget %.1f MiB (%s)", budget / 2**20, "pinned" if pin else "pageable")
         return self.pool
 

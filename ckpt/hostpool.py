@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -30,11 +31,20 @@ class HostBudgetError(ValueError):
 
 @dataclass(eq=False)
 class Slab:
-    """One host buffer; ``carve`` hands out views of it in order."""
+    """One host buffer; ``carve`` hands out views of it in order.
+
+    ``handle`` is whatever the allocator that made the buffer needs to name it to someone
+    else (a shared-memory segment's name, for a node agent); ``None`` for private memory.
+    """
 
     buffer: torch.Tensor
     used: int = 0
     _pool: HostBufferPool | None = field(default=None, repr=False)
+    handle: Any = None
+
+    def offset_of(self, view: torch.Tensor) -> int:
+        """Byte offset of a carved view in this slab."""
+        return view.data_ptr() - self.buffer.data_ptr()
 
     @property
     def nbytes(self) -> int:
@@ -52,14 +62,35 @@ class Slab:
         self.used = 0
 
 
+class Allocator(Protocol):
+    """Makes and frees slab memory: private memory by default, shared memory for an agent."""
+
+    def allocate(self, nbytes: int, *, pin_memory: bool) -> tuple[torch.Tensor, Any]:
+        """A uint8 tensor of ``nbytes`` and the handle that names it (or ``None``)."""
+
+    def free(self, buffer: torch.Tensor, handle: Any) -> None:
+        """Give the memory back (the pool drops its last reference right after)."""
+
+
+class PrivateAllocator:
+    """Plain (optionally pinned) memory of this process."""
+
+    def allocate(self, nbytes: int, *, pin_memory: bool) -> tuple[torch.Tensor, Any]:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin_memory), None
+
+    def free(self, buffer: torch.Tensor, handle: Any) -> None:
+        pass
+
+
 class HostBufferPool:
     """Slabs under a hard byte budget; ``acquire`` blocks (or gives up) when the budget is used."""
 
-    def __init__(self, budget_bytes: int, *, pin_memory: bool = False) -> None:
+    def __init__(self, budget_bytes: int, *, pin_memory: bool = False, allocator: Allocator | None = None) -> None:
         if budget_bytes < 1:
             raise ValueError("host budget must be >= 1 byte")
         self.budget = budget_bytes
         self.pin_memory = pin_memory
+        self.allocator: Allocator = allocator or PrivateAllocator()
         self._free: list[Slab] = []
         self._allocated = 0
         self._cond = threading.Condition()
@@ -103,13 +134,14 @@ class HostBufferPool:
         while self._allocated + need > self.budget and self._free:
             dropped = self._free.pop(0)
             self._allocated -= dropped.nbytes
+            self.allocator.free(dropped.buffer, dropped.handle)
         if self._allocated + need > self.budget:
             return None
-        buffer = torch.empty(need, dtype=torch.uint8, pin_memory=self.pin_memory)
+        buffer, handle = self.allocator.allocate(need, pin_memory=self.pin_memory)
         self._allocated += need
         self.allocations += 1
         self.peak_bytes = max(self.peak_bytes, self._allocated)
-        return Slab(buffer, 0, self)
+        return Slab(buffer, 0, self, handle)
 
     def release(self, slab: Slab) -> None:
         with self._cond:
@@ -121,4 +153,5 @@ class HostBufferPool:
         with self._cond:
             for s in self._free:
                 self._allocated -= s.nbytes
+                self.allocator.free(s.buffer, s.handle)
             self._free.clear()

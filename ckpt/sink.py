@@ -23,9 +23,11 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import format as fmt
 from .errors import CheckpointExistsError, CkptError, CommitError
+from .hostpool import HostBufferPool, Slab
 from .manifest import Fragment, Manifest
 from .storage import Storage
 
@@ -43,6 +45,7 @@ class PersistJob:
     plan: "SavePlan"  # noqa: F821 - from ckpt.api; typed loosely to keep this module's imports small
     committer: bool
     release: Callable[[], None] = lambda: None
+    slab: Slab | None = None  # the host memory the plan's tensors are views of
     persisted: Future = field(default_factory=Future)
     committed: Future = field(default_factory=Future)
 
@@ -58,6 +61,33 @@ class Sink(abc.ABC):
     @abc.abstractmethod
     def close(self, *, wait: bool = True) -> None:
         """Finish (or abandon, with ``wait=False``) every submitted job and stop."""
+
+    def host_pool(self, budget_bytes: int, *, pin_memory: bool) -> HostBufferPool:
+        """The host memory snapshots are staged into (the engine asks once). By default
+        private memory of this process; a node agent hands out its shared memory instead."""
+        return HostBufferPool(budget_bytes, pin_memory=pin_memory)
+
+    def restore_storage(self, storage: Storage) -> Storage:
+        """Where a restore reads from: ``storage``, or a storage that serves what this sink
+        still holds in memory (a node agent's snapshots) and reads the rest from ``storage``."""
+        return storage
+
+
+SINK_ENTRY_POINTS = "ckpt.sinks"
+
+
+def open_sink(kind: str, address: str, **kwargs: Any) -> Sink:
+    """A sink provided by another package through the ``ckpt.sinks`` entry-point group (the
+    node agent registers ``agent``); ``ckpt`` itself never imports those packages."""
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group=SINK_ENTRY_POINTS) if ep.name == kind]
+    if not found:
+        raise CkptError(
+            f"no {kind!r} sink is installed (entry point group {SINK_ENTRY_POINTS!r}); "
+            f"install the package that provides it, or reinstall ckpt"
+        )
+    return found[0].load()(address, **kwargs)
 
 
 def failed_marker(step: int, writer: str) -> str:
