@@ -132,15 +132,27 @@ def write_plan(
     durable: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> Fragment:
-    """Write this process's chunks and array metadata, then its fragment (last)."""
-    # One small fsynced file per array: in parallel, not one journal commit after the other.
+    """Write this process's chunks and array metadata, then its fragment (last).
+
+    With ``durable``, everything the fragment points to is durable before the fragment is
+    written: one barrier for all files where the storage offers one (``Storage.sync``: a
+    single ``syncfs`` on Linux), an ``fsync`` per file otherwise.
+    """
+    defer = durable and storage.can_sync
+    per_file = durable and not defer
+    # Many small files: in parallel, not one after the other.
     if threads > 1 and len(plan.metadata) > 1:
         with ThreadPoolExecutor(max_workers=min(threads, len(plan.metadata)), thread_name_prefix="ckpt-io") as pool:
-            list(pool.map(lambda spec: fmt.write_array_metadata(storage, step, spec), plan.metadata))
+            list(pool.map(lambda spec: fmt.write_array_metadata(storage, step, spec, durable=per_file), plan.metadata))
     else:
         for spec in plan.metadata:
-            fmt.write_array_metadata(storage, step, spec)
-    records = write_chunks(storage, fmt.step_dir(step), plan.requests, threads=threads, durable=durable, progress=progress)
+            fmt.write_array_metadata(storage, step, spec, durable=per_file)
+    prefix = fmt.step_dir(step)
+    records = write_chunks(storage, prefix, plan.requests, threads=threads, durable=per_file, progress=progress)
+    if defer:
+        paths = [fmt.array_metadata_path(step, spec) for spec in plan.metadata]
+        paths += [f"{prefix}/{r.key}" for r in plan.requests]
+        storage.sync(paths)
     fragment = Fragment(
         step=step,
         save_id=save_id,

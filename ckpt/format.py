@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -78,8 +78,12 @@ def group_document(attributes: dict | None = None) -> dict:
 # Fragments
 
 
-def write_array_metadata(storage: Storage, step: int, spec: ArraySpec) -> None:
-    storage.write(f"{step_dir(step)}/{spec.path}/{META}", [dumps(zarr_array_document(spec))])
+def array_metadata_path(step: int, spec: ArraySpec) -> str:
+    return f"{step_dir(step)}/{spec.path}/{META}"
+
+
+def write_array_metadata(storage: Storage, step: int, spec: ArraySpec, *, durable: bool = True) -> None:
+    storage.write(array_metadata_path(step, spec), [dumps(zarr_array_document(spec))], durable=durable)
 
 
 def write_fragment(storage: Storage, fragment: Fragment) -> None:
@@ -172,17 +176,24 @@ def commit(
     library_versions: dict[str, str] | None = None,
     user_metadata: dict[str, Any] | None = None,
     options: CommitOptions = CommitOptions(),
+    known: Mapping[str, Fragment] | None = None,
 ) -> Manifest:
     """Validate the fragments of ``writers`` and write the commit point.
 
     Raises :class:`CommitError` listing every problem if anything is missing, duplicated or
     inconsistent; in that case nothing becomes visible.
+
+    ``known``: fragments the caller wrote itself in this process (after making their chunks
+    durable); they are not read back, and their chunks are not listed again.
     """
     if not writers:
         raise CommitError("commit needs at least one writer")
     sdir = step_dir(step)
-    with ThreadPoolExecutor(max_workers=min(options.threads, len(writers))) as pool:
-        results = list(pool.map(lambda w: _try_read_fragment(storage, step, w), writers))
+    known = dict(known or {})
+    to_read = [w for w in writers if w not in known]
+    with ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(to_read)))) as pool:
+        read = dict(zip(to_read, pool.map(lambda w: _try_read_fragment(storage, step, w), to_read)))
+    results = [known[w] if w in known else read[w] for w in writers]
     problems = [r for r in results if isinstance(r, str)]
     fragments = [r for r in results if isinstance(r, Fragment)]
     if problems:
@@ -197,8 +208,8 @@ def commit(
         raise CommitError(f"cannot commit step {step}: a fragment records another step")
     arrays, problems = _check_specs(fragments)
     problems += check_coverage(arrays, fragments)
-    if not problems and options.check_listing:
-        problems += _check_listing(storage, step, arrays, fragments)
+    if not problems and options.check_listing and to_read:
+        problems += _check_listing(storage, step, arrays, [f for f in fragments if f.writer not in known])
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         raise CommitError(f"cannot commit step {step}: " + "; ".join(problems[:10]) + more)

@@ -18,7 +18,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ALIGN = 64
+ALIGN = 4096  # every tensor starts on a page: chunk bodies can be written with O_DIRECT
 
 
 def aligned(n: int) -> int:
@@ -76,7 +76,9 @@ class PrivateAllocator:
     """Plain (optionally pinned) memory of this process."""
 
     def allocate(self, nbytes: int, *, pin_memory: bool) -> tuple[torch.Tensor, Any]:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin_memory), None
+        raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin_memory)
+        start = -raw.data_ptr() % ALIGN
+        return raw[start : start + nbytes], None
 
     def free(self, buffer: torch.Tensor, handle: Any) -> None:
         pass

@@ -17,6 +17,8 @@ from __future__ import annotations
 import abc
 import json
 import logging
+import os
+import sys
 import queue
 import threading
 import time
@@ -101,12 +103,31 @@ class SinkConfig:
     commit_timeout_s: float = 600.0
     poll_interval_s: float = 0.05
     library_versions: dict = field(default_factory=dict)
+    # Niceness added to the persist and commit threads (and the I/O threads they start):
+    # training threads keep the cores when both want them. None leaves the priority alone.
+    nice: int | None = 10
 
     def __post_init__(self) -> None:
         if self.io_threads < 1:
             raise ValueError("SinkConfig.io_threads must be >= 1")
         if self.commit_timeout_s <= 0:
             raise ValueError("SinkConfig.commit_timeout_s must be > 0")
+        if self.nice is not None and not 0 <= self.nice <= 19:
+            raise ValueError("SinkConfig.nice must be within 0..19 or None")
+
+
+def lower_thread_priority(nice: int | None) -> None:
+    """Make the calling thread (and the threads it starts later) yield the CPU to training.
+
+    Linux keeps a nice value per thread and new threads inherit their creator's; elsewhere
+    this is a no-op (the value would apply to the whole process)."""
+    if not nice or not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:  # not permitted in this sandbox: run at normal priority
+        log.debug("could not lower the priority of %s", threading.current_thread().name, exc_info=True)
 
 
 def wait_for_fragments(
@@ -197,6 +218,7 @@ class InProcessSink(Sink):
     def _persist_loop(self) -> None:
         from .api import write_plan
 
+        lower_thread_priority(self.config.nice)
         while (job := self._persist_q.get()) is not None:
             try:
                 if self.storage.exists(f"{fmt.step_dir(job.step)}/{fmt.META}"):
@@ -226,15 +248,17 @@ class InProcessSink(Sink):
             log.debug("could not write the failure marker of step %d", job.step, exc_info=True)
 
     def _commit_loop(self) -> None:
+        lower_thread_priority(self.config.nice)
         while (job := self._commit_q.get()) is not None:
             try:
                 if job.committer:
+                    own: Fragment = job.persisted.result()  # this process's own: not read back
                     wait_for_fragments(
-                        self.storage, job.step, job.save_id, job.writers,
+                        self.storage, job.step, job.save_id, [w for w in job.writers if w != job.writer],
                         timeout_s=self.config.commit_timeout_s, poll_s=self.config.poll_interval_s, stop=self._stop,
                     )
                     manifest = fmt.commit(self.storage, job.step, job.writers, save_id=job.save_id,
-                                          library_versions=self.config.library_versions)
+                                          library_versions=self.config.library_versions, known={job.writer: own})
                 else:
                     manifest = wait_for_commit(
                         self.storage, job.step, job.save_id,

@@ -13,7 +13,9 @@ raised at once.
 from __future__ import annotations
 
 import abc
+import ctypes
 import errno
+import fcntl
 import logging
 import os
 import posixpath
@@ -57,6 +59,16 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def write(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> None:
         """Write the concatenation of ``parts`` to ``path`` (replacing it), creating parents."""
+
+    @property
+    def can_sync(self) -> bool:
+        """Whether :meth:`sync` can make many files durable at once (then writers pass
+        ``durable=False`` per file and call it once)."""
+        return False
+
+    def sync(self, paths: Sequence[str]) -> None:
+        """Make ``paths``, written with ``durable=False``, durable, all at once."""
+        raise NotImplementedError(f"{type(self).__name__} has no sync barrier (can_sync is False)")
 
     @abc.abstractmethod
     def write_atomic(self, path: str, data: bytes) -> None:
@@ -114,12 +126,42 @@ class Storage(abc.ABC):
         return "/".join(p.strip("/") for p in parts if p)
 
 
+DIRECT_ALIGN = 4096  # covers 512- and 4096-byte logical blocks
+DIRECT_MIN_BYTES = 256 * 1024  # below this, the page cache is cheaper than a synchronous device write
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view.nbytes:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _load_syncfs() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNCFS = _load_syncfs()
+
+
 class LocalStorage(Storage):
     """POSIX files under a root directory; fsync for durability; rename for atomicity."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, direct_io: bool = True) -> None:
         self.root = os.path.abspath(os.path.expanduser(root))
         self.url = "file://" + self.root
+        # Large chunk bodies written with O_DIRECT from page-aligned host memory skip the
+        # page cache: a tenth of the kernel CPU of a buffered write, and no dirty pages for
+        # the kernel to flush later (what a training process sharing the cores notices).
+        self.direct_io = direct_io and hasattr(os, "O_DIRECT")
 
     def _abs(self, path: str) -> str:
         return os.path.join(self.root, *check_relpath(path).split("/"))
@@ -127,15 +169,59 @@ class LocalStorage(Storage):
     def write(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> None:
         target = self._abs(path)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        views = [memoryview(part).cast("B") for part in parts]
+        direct = self._direct_prefix(views[0]) if self.direct_io and views else 0
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        fd = -1
+        if direct:
+            try:
+                fd = os.open(target, flags | os.O_DIRECT, 0o644)
+            except OSError as e:  # this filesystem has no O_DIRECT (tmpfs, some FUSE): stop trying
+                if e.errno != errno.EINVAL:
+                    raise
+                self.direct_io, direct = False, 0
+        if fd < 0:
+            fd = os.open(target, flags, 0o644)
         try:
-            for part in parts:
-                view = memoryview(part).cast("B")
-                while view.nbytes:
-                    n = os.write(fd, view)
-                    view = view[n:]
+            if direct:
+                try:
+                    _write_all(fd, views[0][:direct])
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self.direct_io, direct = False, 0  # alignment refused: rewrite buffered
+                    os.ftruncate(fd, 0)
+                    os.lseek(fd, 0, os.SEEK_SET)
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                views[0] = views[0][direct:]
+            for view in views:
+                _write_all(fd, view)
             if durable:
                 os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _direct_prefix(self, view: memoryview) -> int:
+        """How many leading bytes of ``view`` can bypass the page cache (0: none)."""
+        n = view.nbytes // DIRECT_ALIGN * DIRECT_ALIGN
+        if n < DIRECT_MIN_BYTES or view.readonly:
+            return 0
+        address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        return n if address % DIRECT_ALIGN == 0 else 0
+
+    @property
+    def can_sync(self) -> bool:
+        return _SYNCFS is not None
+
+    def sync(self, paths: Sequence[str]) -> None:
+        """One ``syncfs`` of the filesystem instead of one ``fsync`` per file (Linux)."""
+        if _SYNCFS is None:
+            return super().sync(paths)
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            if _SYNCFS(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs of {self.root} failed: {os.strerror(err)}")
         finally:
             os.close(fd)
 
@@ -441,6 +527,13 @@ class RetryingStorage(Storage):
 
     def write_atomic(self, path: str, data: bytes) -> None:
         self._call(f"write {path}", lambda: self.inner.write_atomic(path, data))
+
+    @property
+    def can_sync(self) -> bool:
+        return self.inner.can_sync
+
+    def sync(self, paths: Sequence[str]) -> None:
+        self._call("sync", lambda: self.inner.sync(paths))
 
     def read(self, path: str) -> bytes:
         return self._call(f"read {path}", lambda: self.inner.read(path))
