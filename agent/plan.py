@@ -1,0 +1,158 @@
+"""A save plan as it crosses the wire: JSON, with tensors named by byte offsets in a segment.
+
+The trainer's plan holds views of a slab (one shared-memory segment). ``encode_plan`` writes
+each distinct view as ``[offset, dtype, shape]`` and each chunk request against it;
+``decode_plan`` rebuilds a :class:`ckpt.SavePlan` whose tensors are views of the agent's own
+mapping of the segment, checking everything (the JSON comes from another process: every
+offset, dtype, shape and slice is validated against the segment; nothing is unpickled).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ckpt.api import SavePlan
+from ckpt.manifest import ArraySpec, ManifestError
+from ckpt.planning import WriteRequest, chunk_key
+
+from .errors import PlanError
+
+PLAN_VERSION = 1
+_MAX_DIMS = 32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_of(name: Any) -> torch.dtype:
+    dt = getattr(torch, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not isinstance(dt, torch.dtype):
+        raise PlanError(f"unknown dtype {name!r}")
+    return dt
+
+
+def encode_plan(plan: SavePlan, base: torch.Tensor) -> str:
+    """JSON of ``plan``; every request's tensor must be a contiguous view inside ``base``."""
+    start, end = base.data_ptr(), base.data_ptr() + base.numel()
+    tensors: list[list[Any]] = []
+    index: dict[tuple, int] = {}
+    requests = []
+    for r in plan.requests:
+        t = r.tensor
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise PlanError(f"{r.path}: chunk source is not a contiguous host view of the segment")
+        ptr, n = t.data_ptr(), t.numel() * t.element_size()
+        if not (start <= ptr and ptr + n <= end):
+            raise PlanError(f"{r.path}: chunk source lies outside the segment")
+        key = (ptr, t.dtype, tuple(t.shape))
+        if key not in index:
+            index[key] = len(tensors)
+            tensors.append([ptr - start, dtype_name(t.dtype), list(t.shape)])
+        requests.append([r.path, list(r.index), index[key], [[s.start, s.stop] for s in r.slices],
+                         list(r.chunk_shape)])
+    doc = {
+        "version": PLAN_VERSION,
+        "arrays": [a.to_dict() for a in plan.arrays.values()],
+        "metadata": [a.path for a in plan.metadata],
+        "values": plan.values,
+        "tensors": tensors,
+        "requests": requests,
+    }
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedPlan:
+    plan: SavePlan
+    end: int  # bytes of the segment the plan uses
+
+    def chunk_requests(self, step_prefix: str) -> dict[str, WriteRequest]:
+        """Storage key of every chunk of the plan (``<step>/<array>/c/...``) -> its request."""
+        return {f"{step_prefix}/{chunk_key(r.path, r.index)}": r for r in self.plan.requests}
+
+
+def _ints(v: Any, what: str, *, minimum: int = 0, max_len: int = _MAX_DIMS) -> list[int]:
+    if not isinstance(v, list) or len(v) > max_len or any(
+            isinstance(x, bool) or not isinstance(x, int) or x < minimum for x in v):
+        raise PlanError(f"{what}: expected a list of integers >= {minimum}")
+    return v
+
+
+def decode_plan(text: str | bytes, buffer: torch.Tensor) -> DecodedPlan:
+    """Rebuild the plan against ``buffer`` (the uint8 mapping of the segment); raises PlanError."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PlanError(f"plan is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("version") != PLAN_VERSION:
+        raise PlanError(f"plan: expected an object of version {PLAN_VERSION}")
+    for key, kind in (("arrays", list), ("metadata", list), ("values", dict), ("tensors", list), ("requests", list)):
+        if not isinstance(doc.get(key), kind):
+            raise PlanError(f"plan.{key}: expected a {kind.__name__}")
+    arrays: dict[str, ArraySpec] = {}
+    try:
+        for i, a in enumerate(doc["arrays"]):
+            spec = ArraySpec.from_dict(a, f"plan.arrays[{i}]")
+            if len(spec.shape) > _MAX_DIMS:
+                raise PlanError(f"plan.arrays[{i}]: too many dimensions")
+            dtype_of(spec.dtype)
+            arrays[spec.path] = spec
+    except ManifestError as e:
+        raise PlanError(str(e)) from None
+    metadata = []
+    for p in doc["metadata"]:
+        if not isinstance(p, str) or p not in arrays:
+            raise PlanError(f"plan.metadata: {p!r} is not an array of the plan")
+        metadata.append(arrays[p])
+    size = buffer.numel()
+    views: list[torch.Tensor] = []
+    end = 0
+    for i, t in enumerate(doc["tensors"]):
+        if not isinstance(t, list) or len(t) != 3:
+            raise PlanError(f"plan.tensors[{i}]: expected [offset, dtype, shape]")
+        offset, dt, shape = t
+        dtype = dtype_of(dt)
+        shape = _ints(shape, f"plan.tensors[{i}].shape")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 or offset % dtype.itemsize:
+            raise PlanError(f"plan.tensors[{i}]: bad offset {offset!r}")
+        n = math.prod(shape) * dtype.itemsize
+        if offset + n > size:
+            raise PlanError(f"plan.tensors[{i}]: bytes {offset}..{offset + n} lie outside the {size}-byte segment")
+        end = max(end, offset + n)
+        views.append(buffer[offset : offset + n].view(dtype).view(shape))
+    requests = []
+    for i, r in enumerate(doc["requests"]):
+        if not isinstance(r, list) or len(r) != 5:
+            raise PlanError(f"plan.requests[{i}]: expected [path, index, tensor, slices, chunk_shape]")
+        path, index, ti, slices, chunk_shape = r
+        spec = arrays.get(path) if isinstance(path, str) else None
+        if spec is None:
+            raise PlanError(f"plan.requests[{i}]: {path!r} is not an array of the plan")
+        index = _ints(index, f"plan.requests[{i}].index")
+        chunk_shape = _ints(chunk_shape, f"plan.requests[{i}].chunk_shape", minimum=1)
+        if isinstance(ti, bool) or not isinstance(ti, int) or not 0 <= ti < len(views):
+            raise PlanError(f"plan.requests[{i}]: no tensor {ti!r}")
+        view = views[ti]
+        if dtype_name(view.dtype) != spec.dtype or tuple(chunk_shape) != spec.chunk_shape:
+            raise PlanError(f"plan.requests[{i}]: dtype or chunk shape differs from array {path!r}")
+        if len(index) != len(spec.shape) or any(x >= g for x, g in zip(index, spec.grid_shape)):
+            raise PlanError(f"plan.requests[{i}]: chunk index {index} outside the grid of {path!r}")
+        if not isinstance(slices, list) or len(slices) != view.dim():
+            raise PlanError(f"plan.requests[{i}]: expected {view.dim()} slices")
+        sl = []
+        for d, s in enumerate(slices):
+            s = _ints(s, f"plan.requests[{i}].slices[{d}]", max_len=2)
+            if len(s) != 2 or not s[0] <= s[1] <= view.shape[d] or s[1] - s[0] > chunk_shape[d]:
+                raise PlanError(f"plan.requests[{i}]: slice {s} out of range")
+            sl.append(slice(s[0], s[1]))
+        requests.append(WriteRequest(path, tuple(index), view, tuple(sl), tuple(chunk_shape)))
+    keys = [(r.path, r.index) for r in requests]
+    if len(set(keys)) != len(keys):
+        raise PlanError("plan.requests: a chunk appears twice")
+    return DecodedPlan(SavePlan(arrays, requests, metadata, doc["values"]), end)

@@ -1,0 +1,360 @@
+"""The trainer's side of the agent: :class:`AgentSink` (the ``agent`` entry of ``ckpt.sinks``),
+the allocator that stages snapshots into agent-owned shared memory, and the restore storage
+that serves what the agent holds.
+
+``ckpt.Checkpointer(url, agent="unix:///run/ckpt-agent/agent.sock")`` opens it. Flow of one
+checkpoint: the engine stages into a slab = a leased segment → ``submit`` announces it with
+its plan (JSON) → the agent persists, commits, and reports each state on the session stream
+→ the futures resolve. The slab goes back to the trainer's pool (``job.release()``) only
+when the agent releases the segment: the agent keeps the newest committed snapshot of each
+writer in memory for restore, so the trainer's host budget must allow two slabs (the
+engine's default budget, twice the snapshot, does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import crc32c
+import grpc
+import torch
+
+from ckpt import format as fmt
+from ckpt.errors import CkptError
+from ckpt.hostpool import HostBufferPool
+from ckpt.io import CRC_BYTES, chunk_payload
+from ckpt.manifest import MANIFEST_KEY, Fragment, Manifest
+from ckpt.planning import WriteRequest
+from ckpt.retention import RetentionPolicy
+from ckpt.sink import PersistJob, Sink, SinkConfig
+from ckpt.storage import Buffer, Storage
+
+from .client import AgentClient
+from .errors import AgentBudgetError, AgentError, AgentUnavailableError
+from .pb import pb
+from .plan import decode_plan, encode_plan
+from .server import PB_TO_STATE
+from .shm import map_file, unmap
+
+log = logging.getLogger(__name__)
+
+_REGISTER_TIMEOUT_S = 30.0
+
+
+def _rpc_error(e: grpc.RpcError, what: str) -> AgentError:
+    code = e.code() if hasattr(e, "code") else None
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return AgentBudgetError(f"{what}: {e.details()}")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return AgentUnavailableError(f"{what}: the node agent is unavailable ({e.details()})")
+    return AgentError(f"{what}: {code}: {e.details() if hasattr(e, 'details') else e}")
+
+
+class ShmAllocator:
+    """Slabs are agent-owned shared-memory segments, mapped here (and pinned on CUDA)."""
+
+    def __init__(self, sink: AgentSink) -> None:
+        self.sink = sink
+        self._maps: dict[str, tuple[Any, bool]] = {}
+        self._lock = threading.Lock()
+
+    def allocate(self, nbytes: int, *, pin_memory: bool) -> tuple[torch.Tensor, Any]:
+        try:
+            lease = self.sink.client.lease(self.sink.session_id, nbytes)
+        except grpc.RpcError as e:
+            raise _rpc_error(e, f"leasing {nbytes / 2**20:.1f} MiB of agent memory") from None
+        mm, tensor = map_file(f"{self.sink.shm_dir}/{lease.segment}", nbytes, writable=True)
+        pinned = False
+        if pin_memory and torch.cuda.is_available() and nbytes:
+            err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0)
+            if int(err) != 0:
+                log.warning("cudaHostRegister of a %d-byte segment failed (%s): staging unpinned", nbytes, err)
+            else:
+                pinned = True
+        with self._lock:
+            self._maps[lease.segment] = (mm, pinned)
+        return tensor, lease.segment
+
+    def free(self, buffer: torch.Tensor, handle: Any) -> None:
+        with self._lock:
+            mm, pinned = self._maps.pop(handle, (None, False))
+        if pinned:
+            torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+        del buffer
+        unmap(mm)
+        if not self.sink.closed:
+            try:
+                self.sink.client.release(self.sink.session_id, handle)
+            except grpc.RpcError:
+                log.debug("releasing segment %s failed", handle, exc_info=True)
+
+
+class AgentSink(Sink):
+    def __init__(self, address: str, *, storage: Storage, config: SinkConfig, writer: str,
+                 after_commit: Callable[[Manifest], None] | None = None,
+                 retention: RetentionPolicy | None = None) -> None:
+        self.storage = storage
+        self.config = config
+        self.writer = writer
+        self.run_url = storage.url
+        # With a retention policy the agent runs it after committing (the trainer may be gone);
+        # otherwise the trainer runs after_commit when it learns of the commit.
+        self.after_commit = None if retention is not None else after_commit
+        self.client = AgentClient(address)
+        self.client.wait_ready(_REGISTER_TIMEOUT_S)
+        self.closed = False
+        self._lock = threading.Lock()
+        self._jobs: dict[tuple[int, str], PersistJob] = {}
+        self._held: dict[str, PersistJob] = {}  # segment -> the job whose snapshot the agent holds in it
+        ret = pb.Retention(keep_last=retention.keep_last, keep_every=retention.keep_every or 0) if retention else None
+        import os
+
+        self._call = self.client.register(pb.RegisterRequest(
+            run_url=self.run_url, writer=writer, pid=os.getpid(), retention=ret, durable=config.durable,
+            io_threads=config.io_threads, commit_timeout_s=config.commit_timeout_s,
+            library_versions={k: str(v) for k, v in config.library_versions.items()}))
+        first: Future = Future()
+        self._events = threading.Thread(target=self._event_loop, args=(first,), name="ckpt-agent-events",
+                                        daemon=True)
+        self._events.start()
+        registered = first.result(timeout=_REGISTER_TIMEOUT_S)
+        self.session_id: str = registered.session_id
+        self.agent_id: str = registered.agent_id
+        self.shm_dir: str = registered.shm_dir or "/dev/shm"
+        self.allocator = ShmAllocator(self)
+
+    # -- the Sink interface --------------------------------------------------------------------
+
+    def host_pool(self, budget_bytes: int, *, pin_memory: bool) -> HostBufferPool:
+        return HostBufferPool(budget_bytes, pin_memory=pin_memory, allocator=self.allocator)
+
+    def submit(self, job: PersistJob) -> None:
+        if self.closed:
+            raise CkptError("the sink is closed")
+        if job.slab is None or job.slab.handle is None:
+            raise CkptError("an agent sink persists only snapshots staged into its own host pool")
+        segment = job.slab.handle
+        try:
+            plan_json = encode_plan(job.plan, job.slab.buffer)
+            with self._lock:
+                self._jobs[(job.step, job.save_id)] = job
+                self._held[segment] = job
+            self.client.announce(pb.AnnounceStagedRequest(
+                session_id=self.session_id, segment=segment, step=job.step, save_id=job.save_id,
+                writers=list(job.writers), committer=job.committer, plan_json=plan_json))
+        except BaseException as e:  # noqa: BLE001 - reported through the futures
+            err = _rpc_error(e, f"announcing step {job.step}") if isinstance(e, grpc.RpcError) else e
+            with self._lock:
+                self._jobs.pop((job.step, job.save_id), None)
+                self._held.pop(segment, None)
+            self._fail(job, err)
+            job.release()
+
+    def restore_storage(self, storage: Storage) -> Storage:
+        try:
+            snaps = self.client.list_snapshots(self.run_url, with_plans=True)
+        except grpc.RpcError as e:
+            log.warning("cannot list the agent's snapshots (%s): restoring from storage", e.code())
+            return storage
+        return AgentMemoryStorage(storage, snaps, self.shm_dir)
+
+    def close(self, *, wait: bool = True) -> None:
+        if self.closed:
+            return
+        if wait:
+            with self._lock:
+                futures = [j.committed for j in self._jobs.values()]
+            for f in futures:
+                try:
+                    f.result()
+                except BaseException:  # noqa: BLE001 - reported through the handle
+                    pass
+        self.closed = True
+        self._call.cancel()  # ends the session: the agent frees the segments it holds nothing in
+        self._events.join(timeout=10)
+        with self._lock:
+            jobs = list(self._jobs.values())
+            self._jobs.clear()
+        for j in jobs:
+            self._fail(j, CkptError(f"step {j.step}: the sink was closed before the agent reported the commit"))
+        self.client.close()
+
+    # -- events --------------------------------------------------------------------------------
+
+    def _event_loop(self, first: Future) -> None:
+        try:
+            for ev in self._call:
+                kind = ev.WhichOneof("event")
+                if kind == "registered":
+                    first.set_result(ev.registered)
+                elif kind == "snapshot":
+                    self._on_snapshot(ev.snapshot)
+                elif kind == "released":
+                    with self._lock:
+                        job = self._held.pop(ev.released.segment, None)
+                    if job is not None:
+                        job.release()
+        except grpc.RpcError as e:
+            if not first.done():
+                first.set_exception(_rpc_error(e, "registering with the node agent"))
+            if self.closed:
+                return
+            err = _rpc_error(e, "the node agent's session ended")
+            log.error("%s", err)
+            with self._lock:
+                jobs = list(self._jobs.values())
+                self._jobs.clear()
+            for j in jobs:
+                self._fail(j, err)
+        except BaseException as e:  # noqa: BLE001
+            if not first.done():
+                first.set_exception(e)
+            log.exception("agent event loop failed")
+
+    def _on_snapshot(self, ev: pb.SnapshotEvent) -> None:
+        with self._lock:
+            job = self._jobs.get((ev.step, ev.save_id))
+        if job is None:
+            return
+        state = PB_TO_STATE.get(ev.state)
+        try:
+            if state == "persisted":
+                frag = Fragment.from_dict(json.loads(ev.document_json)) if ev.document_json else None
+                if not job.persisted.done():
+                    job.persisted.set_result(frag)
+            elif state == "committed":
+                manifest = Manifest.from_dict(json.loads(ev.document_json))
+                if not job.persisted.done():
+                    job.persisted.set_result(None)
+                with self._lock:
+                    self._jobs.pop((ev.step, ev.save_id), None)
+                if not job.committed.done():
+                    job.committed.set_result(manifest)
+                if job.committer and self.after_commit is not None:
+                    try:
+                        self.after_commit(manifest)
+                    except Exception:  # noqa: BLE001 - retention must never fail a checkpoint
+                        log.warning("retention after step %d failed", ev.step, exc_info=True)
+            elif state == "failed":
+                with self._lock:
+                    self._jobs.pop((ev.step, ev.save_id), None)
+                self._fail(job, CkptError(f"step {ev.step}: the node agent reports: {ev.error}"))
+        except Exception as e:  # noqa: BLE001 - a malformed document fails the job, not the loop
+            self._fail(job, e)
+
+    @staticmethod
+    def _fail(job: PersistJob, error: BaseException) -> None:
+        for fut in (job.persisted, job.committed):
+            if not fut.done():
+                fut.set_exception(error)
+
+
+def open_agent_sink(address: str, **kwargs: Any) -> AgentSink:
+    """The ``agent`` entry point of the ``ckpt.sinks`` group."""
+    return AgentSink(address, **kwargs)
+
+
+class AgentMemoryStorage(Storage):
+    """Reads committed snapshots the agent holds straight from its shared memory; everything
+    else from ``inner``. Read-only use (restore): writes go to ``inner``.
+
+    A chunk served from memory is still checked against the crc32c its writer recorded, so
+    memory that changed since the snapshot was persisted is caught as corruption.
+    """
+
+    def __init__(self, inner: Storage, snapshots: Sequence[pb.SnapshotInfo], shm_dir: str) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self._roots: dict[str, bytes] = {}
+        self._chunks: dict[str, tuple[WriteRequest, int]] = {}
+        self._maps: list[Any] = []
+        self.served_bytes = 0
+        self.served_chunks = 0
+        for s in snapshots:
+            try:
+                self._add(s, shm_dir)
+            except Exception as e:  # noqa: BLE001 - that snapshot is then read from storage
+                log.warning("snapshot of step %d (%s) held by the agent is unusable here: %s", s.key.step,
+                            s.key.writer, e)
+
+    def _add(self, s: pb.SnapshotInfo, shm_dir: str) -> None:
+        if not s.commit_point or not s.segment or not s.fragment_json:
+            return
+        root = json.loads(s.commit_point)
+        if root["attributes"][MANIFEST_KEY]["save_id"] != s.save_id:
+            return
+        mm, tensor = map_file(f"{shm_dir}/{s.segment}", s.nbytes, writable=False)
+        self._maps.append(mm)
+        sdir = fmt.step_dir(s.key.step)
+        plan = decode_plan(s.plan_json, tensor)
+        frag = Fragment.from_dict(json.loads(s.fragment_json))
+        crcs = {(p, r.index): r.crc32c for p, recs in frag.chunks.items() for r in recs}
+        for key, req in plan.chunk_requests(sdir).items():
+            crc = crcs.get((req.path, req.index))
+            if crc is not None:
+                self._chunks[key] = (req, crc)
+        self._roots[f"{sdir}/{fmt.META}"] = s.commit_point
+
+    @property
+    def steps_in_memory(self) -> list[int]:
+        return sorted(int(k.split("/")[0]) for k in self._roots)
+
+    def _chunk(self, path: str) -> tuple[memoryview, int, Any] | None:
+        hit = self._chunks.get(path)
+        if hit is None:
+            return None
+        data, keep = chunk_payload(hit[0])
+        return data, hit[1], keep
+
+    def read_into_crc(self, path: str, data: memoryview, tail: memoryview) -> tuple[int, int]:
+        hit = self._chunk(path)
+        if hit is None or hit[0].nbytes != data.nbytes or tail.nbytes < CRC_BYTES:
+            return self.inner.read_into_crc(path, data, tail)
+        payload, crc, _keep = hit
+        data.cast("B")[:] = payload.cast("B")
+        tail.cast("B")[:CRC_BYTES] = crc.to_bytes(CRC_BYTES, "little")
+        self.served_bytes += payload.nbytes
+        self.served_chunks += 1
+        return payload.nbytes + CRC_BYTES, crc32c.crc32c(data)
+
+    def read(self, path: str) -> bytes:
+        if path in self._roots:
+            return self._roots[path]
+        hit = self._chunk(path)
+        if hit is not None:
+            return bytes(hit[0]) + hit[1].to_bytes(CRC_BYTES, "little")
+        return self.inner.read(path)
+
+    def size(self, path: str) -> int | None:
+        if path in self._roots:
+            return len(self._roots[path])
+        hit = self._chunks.get(path)
+        if hit is not None:
+            req = hit[0]
+            import math
+
+            return math.prod(req.chunk_shape) * req.tensor.element_size() + CRC_BYTES
+        return self.inner.size(path)
+
+    def list_dir(self, path: str) -> list[str]:
+        names = self.inner.list_dir(path)
+        if path == "":
+            names = sorted(set(names) | {k.split("/")[0] for k in self._roots})
+        return names
+
+    def write(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> None:
+        self.inner.write(path, parts, durable=durable)
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        self.inner.write_atomic(path, data)
+
+    def walk_times(self, path: str) -> dict[str, tuple[int, float | None]]:
+        return self.inner.walk_times(path)
+
+    def delete(self, path: str, *, recursive: bool = False) -> None:
+        self.inner.delete(path, recursive=recursive)
