@@ -26,7 +26,6 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from ckpt import format as fmt
 from ckpt.api import write_plan

@@ -62,14 +62,20 @@ def cleanup_stale(shm_dir: str, prefix: str) -> list[str]:
     return removed
 
 
-def map_file(path: str, nbytes: int, *, writable: bool) -> tuple[mmap.mmap, torch.Tensor]:
+def map_file(path: str, nbytes: int, *, writable: bool, populate: bool = False) -> tuple[mmap.mmap, torch.Tensor]:
     """Map ``path`` and view it as a uint8 tensor (read-only mappings: do not write to it)."""
     fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         if size < nbytes:
             raise ValueError(f"segment {path} has {size} bytes, expected {nbytes}")
-        mm = mmap.mmap(fd, nbytes, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+        if populate and hasattr(mmap, "MAP_POPULATE"):
+            # Fault every page in at once (one call instead of one fault per 4 KiB page).
+            flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mm = mmap.mmap(fd, nbytes, flags=flags, prot=prot)
+        else:
+            mm = mmap.mmap(fd, nbytes, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
     finally:
         os.close(fd)
     with warnings.catch_warnings():

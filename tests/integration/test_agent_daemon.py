@@ -17,13 +17,12 @@ import textwrap
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 
 import ckpt
 from agent.client import AgentClient
-from agent.pb import pb, rpc
+from agent.pb import pb
 
 REPO = Path(__file__).resolve().parents[2]
 SHM = "/dev/shm"
