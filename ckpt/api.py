@@ -26,7 +26,7 @@ from .errors import CheckpointExistsError, CkptError, StateMismatchError
 from .io import ChunkExpectation, read_chunks, request_nbytes, write_chunks
 from .layout import Sharded, TensorLayout, layout_of
 from .manifest import ArraySpec, Fragment, Manifest
-from .planning import ReadRequest, WriteRequest, choose_chunk_shape, plan_array_reads, plan_array_writes
+from .planning import CHUNK_SEPARATOR, ReadRequest, WriteRequest, choose_chunk_shape, plan_array_reads, plan_array_writes
 from .state import decode_value, encode_value, flatten, set_leaf
 from .storage import RetryPolicy, Storage, open_storage
 
@@ -98,7 +98,8 @@ def plan_items(
         layout = item.layout
         chunk = choose_chunk_shape(layout.global_shape, layout.all_boxes, info.itemsize, max_chunk_bytes)
         spec = ArraySpec(
-            path=item.path, shape=layout.global_shape, dtype=info.name, chunk_shape=chunk, layout=layout.description
+            path=item.path, shape=layout.global_shape, dtype=info.name, chunk_shape=chunk, layout=layout.description,
+            chunk_separator=CHUNK_SEPARATOR,
         )
         arrays[item.path] = spec
         mine = plan_array_writes(item.path, spec, item.tensor, layout)

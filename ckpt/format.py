@@ -268,7 +268,7 @@ def _check_listing(storage: Storage, step: int, arrays: dict[str, ArraySpec], fr
     for frag in fragments:
         for path, records in frag.chunks.items():
             for rec in records:
-                key = chunk_key(path, rec.index)
+                key = chunk_key(path, rec.index, arrays[path].chunk_separator)
                 size = files.get(key)
                 if size != rec.nbytes:
                     what = "missing" if size is None else f"{size} bytes, recorded {rec.nbytes}"

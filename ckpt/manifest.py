@@ -7,6 +7,10 @@ storage (inside the root group's ``zarr.json`` attributes and in ``.fragments/<w
 Version policy: ``FORMAT_VERSION`` increases on any change a reader of the previous version
 could misread. A reader accepts every version up to its own and refuses newer ones with a
 message that says to upgrade.
+
+Versions: 1, chunk keys ``c/i/j`` (zarr's default encoding with ``/``); 2, chunk keys
+``c.i.j`` (the same encoding with ``.``: an array's chunks are files of its directory, no
+directory per index level), recorded per array as ``chunk_separator``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT_NAME = "ckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Key of the manifest inside the root group's attributes.
 MANIFEST_KEY = "ckpt"
 
@@ -79,8 +83,14 @@ class ArraySpec:
     dtype: str  # torch dtype name without the "torch." prefix, e.g. "bfloat16"
     chunk_shape: tuple[int, ...]
     layout: dict[str, JSON] = field(default_factory=dict)
+    # zarr v3 "default" chunk key encoding: "c/0/1" (a directory per index level, the first
+    # checkpoints') or "c.0.1" (one file per chunk in the array's directory, since: fewer
+    # directories to create and delete per checkpoint)
+    chunk_separator: str = "/"
 
     def __post_init__(self) -> None:
+        if self.chunk_separator not in ("/", "."):
+            raise ManifestError(f"array {self.path!r}: chunk_separator must be '/' or '.', got {self.chunk_separator!r}")
         if len(self.shape) != len(self.chunk_shape):
             raise ManifestError(
                 f"array {self.path!r}: shape {self.shape} and chunk_shape {self.chunk_shape} "
@@ -108,6 +118,7 @@ class ArraySpec:
             "dtype": self.dtype,
             "chunk_shape": list(self.chunk_shape),
             "layout": self.layout,
+            **({"chunk_separator": self.chunk_separator} if self.chunk_separator != "/" else {}),
         }
 
     @classmethod
@@ -122,6 +133,7 @@ class ArraySpec:
             dtype=_req(d, "dtype", str, where),
             chunk_shape=_int_tuple(_req(d, "chunk_shape", list, where), f"{where}.chunk_shape", minimum=1),
             layout=layout,
+            chunk_separator=d.get("chunk_separator", "/"),
         )
 
 

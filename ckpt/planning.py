@@ -87,9 +87,13 @@ def chunks_overlapping(spec: ArraySpec, box: Box) -> Iterator[tuple[int, ...]]:
     return itertools.product(*ranges)
 
 
-def chunk_key(path: str, index: Sequence[int]) -> str:
-    """Storage key of a chunk: zarr v3's default chunk key encoding with '/'."""
-    return f"{path}/c/" + "/".join(map(str, index)) if index else f"{path}/c"
+# New checkpoints use "c.0.1": the chunks of an array are files of one directory.
+CHUNK_SEPARATOR = "."
+
+
+def chunk_key(path: str, index: Sequence[int], separator: str = "/") -> str:
+    """Storage key of a chunk: zarr v3's default chunk key encoding."""
+    return f"{path}/c{separator}" + separator.join(map(str, index)) if index else f"{path}/c"
 
 
 def array_metadata(spec: ArraySpec, zarr_dtype: str, fill_value: Any, codecs: list[dict], attributes: dict) -> dict:
@@ -100,7 +104,7 @@ def array_metadata(spec: ArraySpec, zarr_dtype: str, fill_value: Any, codecs: li
         "shape": list(spec.shape),
         "data_type": zarr_dtype,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(spec.chunk_shape)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": spec.chunk_separator}},
         "fill_value": fill_value,
         "codecs": codecs,
         "attributes": attributes,
@@ -121,10 +125,11 @@ class WriteRequest:
     tensor: torch.Tensor
     slices: tuple[slice, ...]
     chunk_shape: tuple[int, ...]
+    separator: str = "/"
 
     @property
     def key(self) -> str:
-        return chunk_key(self.path, self.index)
+        return chunk_key(self.path, self.index, self.separator)
 
     @property
     def ragged(self) -> bool:
@@ -148,7 +153,7 @@ def _piece_writes(path: str, spec: ArraySpec, tensor: torch.Tensor, piece: Piece
         if inside != cbox:
             # The grid divides every shard boundary, so this is a bug, never a user error.
             raise AssertionError(f"{path}: chunk {index} {cbox} straddles shard {piece.box}")
-        yield WriteRequest(path, tuple(index), tensor, piece.local_slices(cbox), spec.chunk_shape)
+        yield WriteRequest(path, tuple(index), tensor, piece.local_slices(cbox), spec.chunk_shape, spec.chunk_separator)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,10 +175,11 @@ class ReadRequest:
     index: tuple[int, ...]
     chunk_shape: tuple[int, ...]
     targets: tuple[ReadTarget, ...]
+    separator: str = "/"
 
     @property
     def key(self) -> str:
-        return chunk_key(self.path, self.index)
+        return chunk_key(self.path, self.index, self.separator)
 
 
 def plan_array_reads(path: str, spec: ArraySpec, tensor: torch.Tensor, pieces: Sequence[Piece]) -> list[ReadRequest]:
@@ -189,4 +195,4 @@ def plan_array_reads(path: str, spec: ArraySpec, tensor: torch.Tensor, pieces: S
                 slice(so - co, so - co + s) for so, co, s in zip(sub.offsets, cbox.offsets, sub.sizes)
             )
             targets.setdefault(tuple(index), []).append(ReadTarget(tensor, piece.local_slices(sub), src))
-    return [ReadRequest(path, i, spec.chunk_shape, tuple(t)) for i, t in sorted(targets.items())]
+    return [ReadRequest(path, i, spec.chunk_shape, tuple(t), spec.chunk_separator) for i, t in sorted(targets.items())]

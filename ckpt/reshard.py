@@ -51,7 +51,7 @@ from .api import DEFAULT_MAX_CHUNK_BYTES
 from .io import write_chunks
 from .layout import Box, chunk_range
 from .manifest import ArraySpec, ChunkRecord, Fragment, Manifest
-from .planning import WriteRequest, choose_chunk_shape, chunk_box, chunks_overlapping
+from .planning import CHUNK_SEPARATOR, WriteRequest, choose_chunk_shape, chunk_box, chunks_overlapping
 from .retention import delete_step
 from .storage import Storage
 
@@ -166,7 +166,8 @@ def target_spec(
     if spec.layout:
         layout["source_layout"] = spec.layout
     chunk = choose_chunk_shape(shape, boxes, itemsize, limit)
-    return ArraySpec(path=spec.path, shape=shape, dtype=spec.dtype, chunk_shape=chunk, layout=layout)
+    return ArraySpec(path=spec.path, shape=shape, dtype=spec.dtype, chunk_shape=chunk, layout=layout,
+                     chunk_separator=CHUNK_SEPARATOR)
 
 
 def target_blocks(spec: ArraySpec, itemsize: int, budget: int) -> Iterator[Box]:
@@ -267,7 +268,7 @@ def reshard(
             for index in chunks_overlapping(new, block):
                 cbox = chunk_box(new, index)
                 slices = tuple(slice(o - b, o - b + s) for o, b, s in zip(cbox.offsets, block.offsets, cbox.sizes))
-                requests.append(WriteRequest(path, tuple(index), buf, slices, new.chunk_shape))
+                requests.append(WriteRequest(path, tuple(index), buf, slices, new.chunk_shape, new.chunk_separator))
             written = write_chunks(dst, sdir_out, requests, threads=threads, durable=durable)
             records[path].extend(written.get(path, []))
             if progress is not None:

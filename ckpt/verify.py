@@ -110,7 +110,7 @@ def _chunk_name(index: tuple[int, ...]) -> str:
 
 
 def _chunk_problem(kind: str, spec: ArraySpec, index: tuple[int, ...], what: str, writer: str | None = None) -> Problem:
-    key = chunk_key(spec.path, index)
+    key = chunk_key(spec.path, index, spec.chunk_separator)
     return Problem(
         kind, f"tensor {spec.path!r} chunk {_chunk_name(index)} ({key}): {what}", spec.path, index, key, writer
     )
@@ -278,11 +278,11 @@ def _check_chunk(storage: Storage, prefix: str, c: _ChunkCheck) -> Problem | Non
     data = memoryview(buf.numpy())
     crc_buf = bytearray(CRC_BYTES)
     try:
-        total = storage.read_into(f"{prefix}/{chunk_key(c.spec.path, c.index)}", [data, memoryview(crc_buf)])
+        total = storage.read_into(f"{prefix}/{chunk_key(c.spec.path, c.index, c.spec.chunk_separator)}", [data, memoryview(crc_buf)])
     except FileNotFoundError:
         return _chunk_problem(MISSING, c.spec, c.index, "missing", c.writer)
     except EOFError:
-        size = storage.size(f"{prefix}/{chunk_key(c.spec.path, c.index)}")
+        size = storage.size(f"{prefix}/{chunk_key(c.spec.path, c.index, c.spec.chunk_separator)}")
         got = f"{size} bytes" if size is not None else "shorter"
         return _chunk_problem(TRUNCATED, c.spec, c.index, f"truncated: {got}, expected {want}", c.writer)
     except StorageError:

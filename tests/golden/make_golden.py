@@ -1,4 +1,5 @@
-"""Writes the golden checkpoint of format version 1 (run once; its output is committed).
+"""Writes the golden checkpoint of the current format version (run once per version; its
+output is committed, one directory per version).
 
     python -m tests.golden.make_golden
 
@@ -8,7 +9,6 @@ checkpoints fails there. Never regenerate it to make that test pass; add a new v
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -17,7 +17,10 @@ import ckpt
 from ckpt import format as fmt
 
 HERE = Path(__file__).parent
-RUN = HERE / "v1"
+from ckpt.manifest import FORMAT_VERSION  # noqa: E402
+
+RUNS = {1: HERE / "v1", 2: HERE / "v2"}
+RUN = RUNS[FORMAT_VERSION]  # what the current writer produces
 
 
 def golden_state_parts() -> tuple[dict, list[dict]]:
@@ -51,7 +54,8 @@ def golden_state_parts() -> tuple[dict, list[dict]]:
 
 
 def main() -> None:
-    shutil.rmtree(RUN, ignore_errors=True)
+    if RUN.exists():
+        raise SystemExit(f"{RUN} exists: a golden checkpoint is never rewritten; bump FORMAT_VERSION instead")
     _, states = golden_state_parts()
     st = ckpt.open_storage(str(RUN))
     writers = [fmt.writer_name(r) for r in range(2)]

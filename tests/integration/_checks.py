@@ -67,7 +67,8 @@ def assert_each_chunk_written_once(url: str, step: int) -> tuple[ckpt.Manifest, 
             who = owners.get((path, index), [])
             if len(who) != 1:
                 problems.append(f"{path}: chunk {index} written by {who}, expected exactly one writer")
-            key = f"{path}/c/" + "/".join(map(str, index)) if index else f"{path}/c"
+            sep = spec.chunk_separator
+            key = f"{path}/c{sep}" + sep.join(map(str, index)) if index else f"{path}/c"
             if key not in files:
                 problems.append(f"{path}: chunk file {key} missing from storage")
         writers_of[path] = {w for (p, _i), ws in owners.items() if p == path for w in ws}

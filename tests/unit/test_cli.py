@@ -69,8 +69,8 @@ def save_small(root, step, **kw):
 def make_incomplete(root, step, age_s=0.0):
     """A step directory without a commit point whose files were last touched ``age_s`` ago."""
     d = root / fmt.step_dir(step)
-    (d / "model" / "w" / "c" / "0").mkdir(parents=True, exist_ok=True)
-    f = d / "model" / "w" / "c" / "0" / "0"
+    (d / "model" / "w").mkdir(parents=True, exist_ok=True)
+    f = d / "model" / "w" / "c.0.0"
     f.write_bytes(b"\0" * 36)
     t = time.time() - age_s
     os.utime(f, (t, t))
@@ -174,7 +174,7 @@ def test_ls_shows_a_corrupt_commit_point(tmp_path, capsys):
 def test_inspect_json_of_a_multi_writer_checkpoint(tmp_path, capsys):
     save_four_writers(tmp_path)
     info = run_json(capsys, "inspect", tmp_path)
-    assert info["step"] == 7 and info["format_version"] == 1
+    assert info["step"] == 7 and info["format_version"] == ckpt.manifest.FORMAT_VERSION
     assert info["writers"] == [fmt.writer_name(r) for r in range(WORLD)]
     assert info["library_versions"] == {"ckpt": ckpt.__version__, "torch": torch.__version__}
     tensors = {t["path"]: t for t in info["tensors"]}
@@ -237,7 +237,7 @@ def test_verify_passes_on_good_checkpoints(tmp_path, capsys):
 def test_verify_fails_naming_tensor_and_chunk(tmp_path, capsys, damage):
     save_small(tmp_path, 1)
     sdir = tmp_path / fmt.step_dir(1)
-    chunk = sdir / "model" / "w" / "c" / "1" / "0"
+    chunk = sdir / "model" / "w" / "c.1.0"
     if damage == "flip":
         data = bytearray(chunk.read_bytes())
         data[7] ^= 0x80
@@ -259,7 +259,7 @@ def test_verify_fails_naming_tensor_and_chunk(tmp_path, capsys, damage):
     else:
         words = {"flip": "checksum mismatch", "truncate": "truncated", "delete_chunk": "missing"}[damage]
         problems = [line for line in out.splitlines() if line.startswith("  ")]
-        assert len(problems) == 1 and "tensor 'model/w' chunk 1.0 (model/w/c/1/0)" in problems[0]
+        assert len(problems) == 1 and "tensor 'model/w' chunk 1.0 (model/w/c.1.0)" in problems[0]
         assert words in problems[0]
     doc = json.loads(run(capsys, "verify", tmp_path, "--json")[1])
     assert doc["ok"] is False
@@ -270,9 +270,9 @@ def test_verify_memory_url_with_a_bad_chunk(capsys):
     url = f"memory://cli-verify-{uuid.uuid4().hex}"
     save_small(url, 3)
     fs, root = fsspec.core.url_to_fs(url)
-    fs.rm(f"{root}/{fmt.step_dir(3)}/model/b/c/1")
+    fs.rm(f"{root}/{fmt.step_dir(3)}/model/b/c.1")
     code, out, _ = run(capsys, "verify", url, "--step", 3)
-    assert code == EXIT_PROBLEMS and "tensor 'model/b' chunk 1 (model/b/c/1): missing" in out
+    assert code == EXIT_PROBLEMS and "tensor 'model/b' chunk 1 (model/b/c.1): missing" in out
     fs.rm(root, recursive=True)
 
 
@@ -405,7 +405,7 @@ def test_reshard_refuses_to_replace_a_committed_step_and_bad_layouts(tmp_path, c
 
 def test_reshard_of_a_corrupt_chunk_fails_with_exit_3_and_commits_nothing(tmp_path, capsys):
     save_small(tmp_path / "a", 1)
-    chunk = tmp_path / "a" / fmt.step_dir(1) / "model" / "w" / "c" / "0" / "0"
+    chunk = tmp_path / "a" / fmt.step_dir(1) / "model" / "w" / "c.0.0"
     data = bytearray(chunk.read_bytes())
     data[0] ^= 1
     chunk.write_bytes(bytes(data))
@@ -582,7 +582,7 @@ def test_export_errors(tmp_path, capsys):
     assert code == EXIT_USAGE and "does not exist" in one_error_line(err)
     code, _, err = run(capsys, "export", tmp_path / "run", tmp_path / "x.pt", "--dtype", "int8")
     assert code == EXIT_USAGE and "floating-point" in one_error_line(err)
-    chunk = tmp_path / "run" / fmt.step_dir(1) / "f" / "c" / "0"
+    chunk = tmp_path / "run" / fmt.step_dir(1) / "f" / "c.0"
     chunk.write_bytes(chunk.read_bytes()[:-1])
     code, _, err = run(capsys, "export", tmp_path / "run", tmp_path / "x.pt", "--include", "f")
     assert code == EXIT_CORRUPT and "'f' chunk 0" in one_error_line(err)
@@ -638,7 +638,7 @@ def test_gc_min_age_and_memory_url(capsys):
     for s in (1, 2, 3):
         save_small(url, s)
     fs, root = fsspec.core.url_to_fs(url)
-    fs.pipe_file(f"{root}/{fmt.step_dir(9)}/w/c/0", b"x")  # fresh incomplete step after the newest
+    fs.pipe_file(f"{root}/{fmt.step_dir(9)}/w/c.0", b"x")  # fresh incomplete step after the newest
     doc = run_json(capsys, "gc", url, "--keep-last", 2)
     assert doc["deleted"] == [1]
     assert _steps(url) == [(2, True), (3, True), (9, False)]

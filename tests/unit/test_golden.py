@@ -1,19 +1,22 @@
-"""The golden checkpoint of format version 1 stays readable, and its metadata stays what we write."""
+"""The golden checkpoints of every format version stay readable, and the current one's
+metadata stays what we write."""
 
 from __future__ import annotations
 
 import json
 import shutil
 
+import pytest
 import torch
 
 import ckpt
 from ckpt import format as fmt
-from tests.golden.make_golden import RUN, golden_state_parts
+from tests.golden.make_golden import RUN, RUNS, golden_state_parts
 from tests.helpers import bits_equal
 
 
-def test_golden_checkpoint_loads_bit_exactly():
+@pytest.mark.parametrize("version", sorted(RUNS))
+def test_golden_checkpoint_loads_bit_exactly(version):
     full, _ = golden_state_parts()
     out = {
         "model": {k: torch.zeros_like(v) for k, v in full.items()},
@@ -21,15 +24,17 @@ def test_golden_checkpoint_loads_bit_exactly():
         "loader": None,
         "cfg": None,
     }
-    assert ckpt.load(out, str(RUN)) == 42
+    assert ckpt.load(out, str(RUNS[version])) == 42
     for k, v in full.items():
         assert bits_equal(out["model"][k], v), k
     assert out["step"] == 42 and out["cfg"] == {"betas": (0.9, 0.95), "name": "golden"}
     assert out["loader"] == {"epoch": 1, "position": 100}  # writer 0's value for rank 0
 
 
-def test_golden_per_writer_values():
-    m = ckpt.read_manifest(ckpt.open_storage(str(RUN)))
+@pytest.mark.parametrize("version", sorted(RUNS))
+def test_golden_per_writer_values(version):
+    m = ckpt.read_manifest(ckpt.open_storage(str(RUNS[version])))
+    assert m.format_version == version
     assert m.writers == ("rank00000", "rank00001")
     assert m.values_by_writer == {"rank00001": {"loader": {"epoch": 1, "position": 101}}}
     assert m.arrays["model/qkv"].layout == {"kind": "sharded", "dim": 0, "world": 2, "replicas": 1, "parts": [4, 1, 1]}

@@ -19,8 +19,8 @@ def _saved(tmp_path, step=1):
     return state
 
 
-def _chunk(tmp_path, path="w", index="1/0", step=1):
-    return tmp_path / fmt.step_dir(step) / path / "c" / index
+def _chunk(tmp_path, path="w", index="1.0", step=1):
+    return tmp_path / fmt.step_dir(step) / path / f"c.{index}"
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
@@ -45,7 +45,7 @@ def test_damaged_chunk_is_detected_by_load_naming_tensor_and_chunk(tmp_path, dam
 
 def test_flipped_checksum_byte_and_slow_path_are_detected(tmp_path):
     _saved(tmp_path)
-    p = _chunk(tmp_path, index="0/0")
+    p = _chunk(tmp_path, index="0.0")
     data = bytearray(p.read_bytes())
     data[-1] ^= 1  # the stored crc itself
     p.write_bytes(bytes(data))
@@ -108,7 +108,7 @@ def test_commit_refuses_uncovered_chunks_and_stale_fragments(tmp_path):
         ckpt.commit(st, 1, [fmt.writer_name(0), fmt.writer_name(1)], save_id="s")
     # A chunk recorded but absent from storage: the listing check.
     st = _write_only(states, tmp_path, 2)
-    os.remove(tmp_path / fmt.step_dir(2) / "w" / "c" / "1" / "0")
+    os.remove(tmp_path / fmt.step_dir(2) / "w" / "c.1.0")
     with pytest.raises(ckpt.CommitError, match="is missing"):
         ckpt.commit(st, 2, [fmt.writer_name(0), fmt.writer_name(1)], save_id="s")
     assert ckpt.committed_steps(st) == []

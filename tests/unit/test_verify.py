@@ -84,7 +84,7 @@ def test_good_multi_writer_checkpoint_has_no_problems(tmp_path):
 )
 def test_damaged_chunk_is_named(tmp_path, damage, kind, words):
     _save_single(tmp_path)
-    p = _step(tmp_path) / "model" / "w" / "c" / "2" / "0"
+    p = _step(tmp_path) / "model" / "w" / "c.2.0"
     data = bytearray(p.read_bytes())
     if damage == "flip":
         data[3] ^= 0x10
@@ -102,7 +102,7 @@ def test_damaged_chunk_is_named(tmp_path, damage, kind, words):
     assert len(report.problems) == 1, report.problems
     (problem,) = report.problems
     assert problem.kind == kind
-    assert (problem.path, problem.index, problem.key) == ("model/w", (2, 0), "model/w/c/2/0")
+    assert (problem.path, problem.index, problem.key) == ("model/w", (2, 0), "model/w/c.2.0")
     assert "tensor 'model/w' chunk 2.0" in problem.message and words in problem.message
     assert report.to_dict()["problems"][0]["chunk"] == [2, 0]
 
@@ -110,8 +110,8 @@ def test_damaged_chunk_is_named(tmp_path, damage, kind, words):
 def test_every_bad_chunk_is_reported_not_just_the_first(tmp_path):
     _save_single(tmp_path)
     for i in range(4):
-        (_step(tmp_path) / "model" / "w" / "c" / str(i) / "0").unlink()
-    (_step(tmp_path) / "model" / "b" / "c" / "1").write_bytes(b"xx")
+        (_step(tmp_path) / "model" / "w" / f"c.{i}.0").unlink()
+    (_step(tmp_path) / "model" / "b" / "c.1").write_bytes(b"xx")
     report = verify_step(_storage(tmp_path), STEP)
     named = {(p.path, p.index, p.kind) for p in report.problems}
     assert named == {("model/w", (i, 0), verify.MISSING) for i in range(4)} | {("model/b", (1,), verify.TRUNCATED)}
@@ -120,8 +120,8 @@ def test_every_bad_chunk_is_reported_not_just_the_first(tmp_path):
 def test_valid_chunk_from_another_save_is_caught_by_the_recorded_crc(tmp_path):
     _save_single(tmp_path, step=1)
     _save_single(tmp_path, step=2)  # other random values, each chunk valid on its own
-    src = _step(tmp_path, 1) / "model" / "w" / "c" / "1" / "0"
-    dst = _step(tmp_path, 2) / "model" / "w" / "c" / "1" / "0"
+    src = _step(tmp_path, 1) / "model" / "w" / "c.1.0"
+    dst = _step(tmp_path, 2) / "model" / "w" / "c.1.0"
     dst.write_bytes(src.read_bytes())
     report = verify_step(_storage(tmp_path), 2)
     (problem,) = report.problems
@@ -217,7 +217,7 @@ def test_memory_url_and_progress(tmp_path):
     report = verify_step(_storage(url), STEP, threads=2, progress=seen.append)
     assert report.ok and sum(seen) == report.bytes and len(seen) == report.chunks
     fs, root = fsspec.core.url_to_fs(url)
-    key = f"{root}/{fmt.step_dir(STEP)}/model/b/c/0"
+    key = f"{root}/{fmt.step_dir(STEP)}/model/b/c.0"
     data = bytearray(fs.cat_file(key))
     data[0] ^= 1
     fs.pipe_file(key, bytes(data))
