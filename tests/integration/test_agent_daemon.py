@@ -17,12 +17,13 @@ import textwrap
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
 import ckpt
 from agent.client import AgentClient
-from agent.pb import pb
+from agent.pb import pb, rpc
 
 REPO = Path(__file__).resolve().parents[2]
 SHM = "/dev/shm"
@@ -47,6 +48,10 @@ class AgentProc:
         self.ready = self.dir / "ready.json"
         self.prefix = prefix
         self.log = open(self.dir / "agent.log", "wb")
+        token = self.dir / "token"
+        token.write_text("peer-token-of-this-test\n")
+        if "--peer-listen" in extra:
+            extra = (*extra, "--token-file", str(token))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "serve", "--socket", self.socket, "--shm-prefix", prefix,
              "--ready-file", str(self.ready), "--agent-id", name, "--log-format", "json", *extra],
@@ -244,3 +249,163 @@ def test_trainer_killed_after_staged_agent_persists_commits_and_serves_restore(a
     assert agent.terminate() == 0
     assert agent.segments() == []
     assert not os.path.exists(agent.socket)
+
+
+def test_sigterm_drains_held_snapshot_then_exits_clean(agents, tmp_path):
+    agent = agents.start("a0", "--memory-budget", "128MiB")
+    run = tmp_path / "run"
+    t = _trainer(tmp_path, "trainer", TRAINER, RANK="0", WORLD="1", RUN=str(run), AGENT=agent.address, STEP="7",
+                 HANG_AFTER_STAGED="1")
+    try:
+        _wait_line(t, "STAGED")
+        assert agent.terminate() == 0
+    finally:
+        t.kill()
+        t.wait()
+    manifest = ckpt.read_manifest(ckpt.open_storage(str(run)), 7)
+    assert manifest.writers == ("rank00000",)
+    loaded = {k: torch.zeros_like(v) for k, v in _expected_state().items()} | {"note": ""}
+    ckpt.load(loaded, str(run), step=7)
+    assert all(torch.equal(loaded[k], v) for k, v in _expected_state().items())
+    assert agent.segments() == []
+    assert '"msg": "draining"' in agent.logs()
+
+
+def test_killed_agent_segments_are_removed_by_the_next_agent(agents, tmp_path):
+    a = agents.start("a0", "--memory-budget", "64MiB")
+    with a.client() as c:
+        events = c.register(pb.RegisterRequest(run_url=f"file://{tmp_path}/run", writer="rank00000"))
+        sid = next(events).registered.session_id
+        c.lease(sid, 1 << 20)
+        c.lease(sid, 2 << 20)
+        assert len(a.segments()) == 2
+        a.kill()  # while the session is open: its segments are still leased
+        events.cancel()
+    assert len(a.segments()) == 2  # a crash leaves them behind
+    b = agents.start("a1", "--memory-budget", "64MiB")
+    assert b.segments() == []
+
+
+def _code(fn) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    return e.value.code()
+
+
+def test_bad_requests_get_status_codes_and_the_daemon_keeps_serving(agents, tmp_path):
+    a = agents.start("a0", "--memory-budget", "8MiB", "--peer-listen", "127.0.0.1:0")
+    tok = (a.dir / "token")
+    run = f"file://{tmp_path}/run"
+    with a.client() as c:
+        events = c.register(pb.RegisterRequest(run_url=run, writer="rank00000"))
+        sid = next(events).registered.session_id
+        t = c.trainer
+        ann = lambda **kw: t.AnnounceStaged(pb.AnnounceStagedRequest(**({  # noqa: E731
+            "session_id": sid, "segment": seg, "step": 1, "save_id": "s1", "writers": ["rank00000"],
+            "committer": True, "plan_json": "{}"} | kw)), timeout=10)
+        # unknown session / segment, before any lease (out of order)
+        assert _code(lambda: c.lease("nope", 1024)) == grpc.StatusCode.NOT_FOUND
+        seg = "ckptagent.1.x.1"
+        assert _code(lambda: ann()) == grpc.StatusCode.FAILED_PRECONDITION
+        # malformed
+        assert _code(lambda: c.lease(sid, 0)) == grpc.StatusCode.INVALID_ARGUMENT
+        seg = c.lease(sid, 1 << 20).segment
+        assert _code(lambda: ann(plan_json="not json")) == grpc.StatusCode.INVALID_ARGUMENT
+        bad_plan = json.dumps({"version": 1, "arrays": [], "metadata": [], "values": {},
+                               "tensors": [[1 << 30, "float32", [4]]], "requests": []})
+        assert _code(lambda: ann(plan_json=bad_plan)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert _code(lambda: ann(writers=["rank00001"])) == grpc.StatusCode.INVALID_ARGUMENT
+        assert _code(lambda: ann(step=-1)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert _code(lambda: ann(plan_json="x" * (20 << 20))) == grpc.StatusCode.RESOURCE_EXHAUSTED  # oversized
+        # over budget
+        assert _code(lambda: c.lease(sid, 64 << 20)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        c.lease(sid, 6 << 20)
+        assert _code(lambda: c.lease(sid, 2 << 20)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert _code(lambda: c.get_snapshot(run, "rank00000", 3)) == grpc.StatusCode.NOT_FOUND
+        # a peer with a wrong or no token
+        ch = grpc.insecure_channel(f"127.0.0.1:{a.info['peer_port']}")
+        peer = rpc.PeerServiceStub(ch)
+        req = pb.ListSnapshotsRequest()
+        assert _code(lambda: peer.ListSnapshots(req, timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+        assert _code(lambda: peer.ListSnapshots(req, metadata=(("authorization", "Bearer wrong"),),
+                                                timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+        assert peer.ListSnapshots(req, metadata=(("authorization", f"Bearer {tok.read_text().strip()}"),),
+                                  timeout=10).snapshots == []
+        ch.close()
+        # still serving
+        assert c.status().state == "serving"
+        assert c.status().sessions == 1
+        events.cancel()
+    assert a.terminate() == 0
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_three_agents_replicate_and_one_lost_node_loses_no_staged_snapshot(agents, tmp_path):
+    ports = _free_ports(3)
+    ring = ",".join(f"127.0.0.1:{p}" for p in ports)
+
+    def start(i: int, name: str) -> AgentProc:
+        return agents.start(name, "--memory-budget", "128MiB", "--peer-listen", f"127.0.0.1:{ports[i]}",
+                            "--peers", ring, "--replicas", "1", "--peer-dead-after", "1")
+
+    a, b, c = start(0, "a"), start(1, "b"), start(2, "c")
+    run = tmp_path / "run"
+    gate = tmp_path / "gate"
+    common = dict(RUN=str(run), STEP="5", WORLD="2", STORE=str(tmp_path / "store"))
+    # rank 0 (the committer) trains on node a, rank 1 on node b; a is lost after rank 0 staged.
+    r0 = _trainer(tmp_path, "rank0", TRAINER, RANK="0", AGENT=a.address, HANG_AFTER_STAGED="1", **common)
+    r1 = _trainer(tmp_path, "rank1", TRAINER, RANK="1", AGENT=b.address, GATE=str(gate), **common)
+    try:
+        _wait_line(r0, "STAGED")
+        with b.client() as cb:  # a's successor in the ring holds the replica
+            deadline = time.monotonic() + 60
+            while not any(s.replica and s.key.writer == "rank00000" for s in cb.list_snapshots(f"file://{run}")):
+                assert time.monotonic() < deadline, b.logs()
+                time.sleep(0.05)
+        a.kill()  # the node is lost: its agent and its trainer
+        r0.kill()
+        r0.wait()
+        gate.touch()
+        _wait_line(r1, "COMMITTED")  # committed by b, on behalf of the lost committer
+        assert r1.wait(60) == 0
+    finally:
+        for p in (r0, r1):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    manifest = ckpt.read_manifest(ckpt.open_storage(str(run)), 5)
+    assert manifest.writers == ("rank00000", "rank00001")
+    loaded = {k: torch.zeros_like(v) for k, v in _expected_state().items()} | {"note": ""}
+    ckpt.load(loaded, str(run), step=5)
+    assert all(torch.equal(loaded[k], v) for k, v in _expected_state().items())
+    with b.client() as cb:
+        held = {(s.key.writer, s.replica): s.state for s in cb.list_snapshots(f"file://{run}")}
+    assert held == {("rank00000", True): pb.SNAPSHOT_STATE_COMMITTED, ("rank00001", False): pb.SNAPSHOT_STATE_COMMITTED}
+    with c.client() as cc:  # b's successor got rank 1's replica
+        assert [(s.key.writer, s.replica) for s in cc.list_snapshots(f"file://{run}")] == [("rank00001", True)]
+
+    # A trainer restarted on node b restores the whole step from b's memory (its own shard and
+    # the replica of the lost node's), with the run's files gone from storage.
+    shutil.move(str(run), str(tmp_path / "run.moved"))
+    run.mkdir()
+    r = _trainer(tmp_path, "restorer", RESTORER, RUN=str(run), AGENT=b.address)
+    out, err = r.communicate(timeout=120)
+    assert r.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1]) == {"start": 6, "ok": True, "in_memory": [5]}
+
+    for x in (b, c):
+        assert x.terminate() == 0
+    assert a.segments() != []  # the lost agent left its segments; the node's next agent removes them
+    restarted = start(0, "a-restarted")
+    assert restarted.segments() == []
