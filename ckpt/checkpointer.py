@@ -425,7 +425,7 @@ class Checkpointer:
 
     def _retention(self, manifest: Manifest) -> None:
         policy = RetentionPolicy(keep_last=self.config.keep_last or 1, keep_every=self.config.keep_every)
-        result = run_gc(self.storage, policy, measure=False)
+        result = run_gc(self.storage, policy, measure=False, detached=True, clean_trash=False)
         if result.deleted:
             log.info("retention removed steps %s", result.deleted)
 

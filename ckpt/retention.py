@@ -22,6 +22,7 @@ removes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,9 @@ from typing import Any
 
 from . import format as fmt
 from .errors import CkptError
-from .storage import Storage
+from .storage import TRASH_PREFIX, Storage
+
+log = logging.getLogger(__name__)
 
 KEEP = "keep"
 DELETE = "delete"
@@ -235,11 +238,15 @@ class GcResult:
         }
 
 
-def delete_step(storage: Storage, step: int) -> None:
-    """Delete one step directory, commit point first (see the module docstring)."""
+def delete_step(storage: Storage, step: int, *, detached: bool = False) -> None:
+    """Delete one step directory, commit point first (see the module docstring); with
+    ``detached``, the rest goes in the background where the storage can do that."""
     sdir = fmt.step_dir(step)
     storage.delete(f"{sdir}/{fmt.META}")
-    storage.delete(sdir, recursive=True)
+    if detached:
+        storage.delete_detached(sdir)
+    else:
+        storage.delete(sdir, recursive=True)
 
 
 def run_gc(
@@ -250,11 +257,15 @@ def run_gc(
     now: float | None = None,
     measure: bool = True,
     on_delete: Callable[[GcDecision], None] | None = None,
+    detached: bool = False,
+    clean_trash: bool = True,
 ) -> GcResult:
     """List the run, plan with :func:`plan_gc`, and delete (unless ``dry_run``).
 
     ``measure`` sizes the steps to delete (one listing each), for reporting. A step that
-    fails to delete is recorded in ``errors`` and the others still proceed.
+    fails to delete is recorded in ``errors`` and the others still proceed. ``detached``
+    leaves the unlinking to the storage's background deletion (a training process's own
+    retention); ``clean_trash`` removes what such deletions left behind after a crash.
     """
 
     # File times are needed only for incomplete steps; sizes only for what will be deleted.
@@ -275,11 +286,18 @@ def run_gc(
         if d.step == newest:  # plan_gc never does this; deleting the newest would lose the run
             raise AssertionError("gc planned to delete the newest committed step")
         try:
-            delete_step(storage, d.step)
+            delete_step(storage, d.step, detached=detached)
         except (OSError, CkptError) as e:
             result.errors[d.step] = str(e)
             continue
         result.deleted.append(d.step)
         if on_delete is not None:
             on_delete(d)
+    if clean_trash:
+        for name in storage.list_dir(""):
+            if name.startswith(TRASH_PREFIX):
+                try:
+                    storage.delete(name, recursive=True)
+                except (OSError, CkptError) as e:
+                    log.warning("could not remove %s: %s", name, e)
     return result
