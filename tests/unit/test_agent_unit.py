@@ -1,0 +1,152 @@
+"""Agent pieces without processes: generated code, config, plan codec, servicer status codes."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+from pathlib import Path
+from unittest import mock
+
+import grpc
+import pytest
+import torch
+
+import ckpt
+from agent.config import AgentConfig
+from agent.errors import AgentConfigError, PlanError
+from agent.pb import pb
+from agent.plan import decode_plan, encode_plan
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_generated_code_matches_the_proto(tmp_path):
+    pytest.importorskip("grpc_tools")
+    from agent.codegen import generate
+
+    files = generate(tmp_path)
+    assert files
+    for f in files:
+        rel = f.relative_to(tmp_path)
+        assert filecmp.cmp(f, REPO / rel, shallow=False), f"{rel} is stale: run `python -m agent.codegen`"
+
+
+def test_config_validation(tmp_path):
+    sock = str(tmp_path / "a.sock")
+    assert AgentConfig(socket_path=sock).peer_listen is None  # nothing on TCP by default
+    with pytest.raises(AgentConfigError, match="loopback"):
+        AgentConfig(socket_path=sock, peer_listen="0.0.0.0:7460", token="t")
+    with pytest.raises(AgentConfigError, match="token"):
+        AgentConfig(socket_path=sock, peer_listen="127.0.0.1:7460")
+    with pytest.raises(AgentConfigError, match="replicas"):
+        AgentConfig(socket_path=sock, peer_listen="127.0.0.1:1", token="t", peers=("127.0.0.1:1",), replicas=1)
+    ring = ("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3")
+    c = AgentConfig(socket_path=sock, peer_listen="127.0.0.1:2", token="t", peers=ring, replicas=2)
+    assert c.ring_successors() == ["127.0.0.1:3", "127.0.0.1:1"]
+    (tmp_path / "token").write_text("s3cret\n")
+    (tmp_path / "agent.toml").write_text(
+        f'[agent]\nsocket_path = "{sock}"\nmemory_budget = "2GiB"\ntoken_file = "{tmp_path / "token"}"\n'
+        'peer_listen = "127.0.0.1:7460"\nsocket_mode = "0660"\n')
+    c = AgentConfig.from_file(tmp_path / "agent.toml", replicas=None)
+    assert (c.memory_budget_bytes, c.token, c.socket_mode) == (2 << 30, "s3cret", 0o660)
+    (tmp_path / "bad.toml").write_text(f'socket_path = "{sock}"\nmemory_budgit = 1\n')
+    with pytest.raises(AgentConfigError, match="memory_budgit"):
+        AgentConfig.from_file(tmp_path / "bad.toml")
+
+
+def _plan_and_slab():
+    state = {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(5, dtype=torch.bfloat16),
+             "n": 3}
+    plan = ckpt.plan_save(state)
+    slab = torch.zeros(1 << 16, dtype=torch.uint8)
+    off = 0
+    views = {}
+    for r in plan.requests:
+        if id(r.tensor) not in views:
+            n = r.tensor.numel() * r.tensor.element_size()
+            v = slab[off : off + n].view(r.tensor.dtype).view(r.tensor.shape)
+            v.copy_(r.tensor)
+            views[id(r.tensor)] = v
+            off += 4096
+    import dataclasses
+
+    host = ckpt.SavePlan(plan.arrays, [dataclasses.replace(r, tensor=views[id(r.tensor)]) for r in plan.requests],
+                         plan.metadata, plan.values)
+    return host, slab
+
+
+def test_plan_round_trip_and_persist(tmp_path):
+    plan, slab = _plan_and_slab()
+    text = encode_plan(plan, slab)
+    other = slab.clone()  # the agent's own mapping of the same bytes
+    decoded = decode_plan(text, other)
+    assert decoded.plan.values == plan.values
+    assert [r.key for r in decoded.plan.requests] == [r.key for r in plan.requests]
+    for a, b in zip(decoded.plan.requests, plan.requests):
+        assert torch.equal(a.tensor, b.tensor) and a.tensor.data_ptr() != b.tensor.data_ptr()
+    ckpt.write_plan(ckpt.open_storage(str(tmp_path)), decoded.plan, step=1, writer="rank00000", save_id="x")
+    ckpt.commit(ckpt.open_storage(str(tmp_path)), 1, ["rank00000"], save_id="x")
+    out = {"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.bfloat16), "n": 0}
+    ckpt.load(out, str(tmp_path))
+    assert torch.equal(out["a"], torch.arange(12, dtype=torch.float32).reshape(3, 4)) and out["n"] == 3
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda d: d["tensors"][0].__setitem__(0, 1 << 40), "outside"),
+    (lambda d: d["tensors"][0].__setitem__(1, "os.system"), "dtype"),
+    (lambda d: d["requests"][0].__setitem__(0, "nope"), "not an array"),
+    (lambda d: d["requests"][0].__setitem__(1, [99, 0]), "grid"),
+    (lambda d: d["requests"].append(d["requests"][0]), "twice"),
+    (lambda d: d.__setitem__("version", 7), "version"),
+])
+def test_malformed_plans_are_refused(mutate, match):
+    plan, slab = _plan_and_slab()
+    doc = json.loads(encode_plan(plan, slab))
+    mutate(doc)
+    with pytest.raises(PlanError, match=match):
+        decode_plan(json.dumps(doc), slab)
+
+
+@pytest.fixture
+def servicer(tmp_path):
+    from agent.core import Agent
+    from agent.server import TrainerServicer
+
+    cfg = AgentConfig(socket_path=str(tmp_path / "s"), memory_budget_bytes=1 << 20, shm_dir=str(tmp_path),
+                      shm_prefix="unit")
+    agent = Agent(cfg)
+    yield TrainerServicer(agent), agent
+    agent.close()
+    assert os.listdir(tmp_path) == []
+
+
+def _context():
+    ctx = mock.create_autospec(grpc.ServicerContext, instance=True)
+    ctx.code.return_value = None
+    ctx.abort.side_effect = grpc.RpcError()
+    return ctx
+
+
+def test_servicer_status_codes(servicer):
+    s, agent = servicer
+    ctx = _context()
+    with pytest.raises(grpc.RpcError):
+        s.LeaseBuffer(pb.LeaseBufferRequest(session_id="none", nbytes=10), ctx)
+    assert ctx.abort.call_args[0][0] == grpc.StatusCode.NOT_FOUND
+    sess = agent.register("file:///r", "rank00000", 1, __import__("agent.core").core.PersistSettings())
+    for req, code in [
+        (pb.LeaseBufferRequest(session_id=sess.id, nbytes=0), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.LeaseBufferRequest(session_id=sess.id, nbytes=2 << 20), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ]:
+        ctx = _context()
+        with pytest.raises(grpc.RpcError):
+            s.LeaseBuffer(req, ctx)
+        assert ctx.abort.call_args[0][0] == code
+    seg = s.LeaseBuffer(pb.LeaseBufferRequest(session_id=sess.id, nbytes=4096), _context()).segment
+    ctx = _context()
+    with pytest.raises(grpc.RpcError):
+        s.AnnounceStaged(pb.AnnounceStagedRequest(session_id=sess.id, segment=seg, step=1, save_id="x",
+                                                  writers=["rank00000"], plan_json="{"), ctx)
+    assert ctx.abort.call_args[0][0] == grpc.StatusCode.INVALID_ARGUMENT
+    agent.end_session(sess.id)
