@@ -184,8 +184,11 @@ class Checkpointer:
                                  library_versions=library_versions())
         after_commit = self._retention if cfg.keep_last is not None else None
         if sink is None and cfg.agent is not None:
+            # The agent commits and runs retention itself: the trainer may be gone by then.
+            retention = (RetentionPolicy(keep_last=cfg.keep_last, keep_every=cfg.keep_every)
+                         if cfg.keep_last is not None else None)
             sink = open_sink("agent", cfg.agent, storage=self.storage, config=sink_config, writer=self.writer,
-                             after_commit=after_commit)
+                             after_commit=after_commit, retention=retention)
         self.sink = sink or InProcessSink(self.storage, sink_config, after_commit=after_commit)
         self.stager = Stager()
         self.pool: HostBufferPool | None = None
@@ -379,8 +382,16 @@ class Checkpointer:
                 for fut in (handle.staged, handle.persisted, handle.committed):
                     fut.set_exception(error)
                 return
+            try:
+                # Hand over first: once "staged" is visible the snapshot must survive this
+                # process (a node agent holds it from here on).
+                self.sink.submit(job)
+            except BaseException as e:  # noqa: BLE001 - reported through the futures
+                pool.release(slab)
+                for fut in (handle.staged, handle.persisted, handle.committed):
+                    fut.set_exception(e)
+                return
             handle.staged.set_result(step)
-            self.sink.submit(job)
 
         events = [threading.Event() for _ in groups]
         stage = StageJob(groups, events, ready, staged)
