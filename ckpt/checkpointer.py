@@ -77,6 +77,11 @@ class CheckpointerConfig:
     process_group: Any = None
     pin_memory: bool | None = None  # None: pinned when the state lives on CUDA
     agent: str | None = None  # a node agent's address ("unix:///run/ckpt/agent.sock"): it takes the snapshots
+    # Who commits: "rank0" (rank 0's sink, once every writer's fragment is durable), or
+    # "external" (no rank commits; a coordinator does, with ckpt.sink.wait_for_fragments and
+    # ckpt.commit, and runs retention). The handles' ``committed`` futures resolve when the
+    # commit point appears either way.
+    commit_by: Literal["rank0", "external"] = "rank0"
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, (str, os.PathLike, Storage)) or not str(self.url):
@@ -93,6 +98,8 @@ class CheckpointerConfig:
             raise ValueError(f"CheckpointerConfig.when_busy must be 'block' or 'skip', got {self.when_busy!r}")
         if self.on_error not in ("warn", "raise"):
             raise ValueError(f"CheckpointerConfig.on_error must be 'warn' or 'raise', got {self.on_error!r}")
+        if self.commit_by not in ("rank0", "external"):
+            raise ValueError(f"CheckpointerConfig.commit_by must be 'rank0' or 'external', got {self.commit_by!r}")
         if self.agent is not None and (not isinstance(self.agent, str) or "://" not in self.agent):
             raise ValueError(f"CheckpointerConfig.agent must be an address like 'unix:///path/agent.sock', got {self.agent!r}")
         if self.io_threads < 1 or self.max_chunk_bytes < 1 or self.commit_timeout_s <= 0:
@@ -182,11 +189,11 @@ class Checkpointer:
         self.writers = tuple(fmt.writer_name(r) for r in self.group.global_ranks)
         sink_config = SinkConfig(io_threads=cfg.io_threads, durable=cfg.durable, commit_timeout_s=cfg.commit_timeout_s,
                                  library_versions=library_versions())
-        after_commit = self._retention if cfg.keep_last is not None else None
+        after_commit = self._retention if cfg.keep_last is not None and cfg.commit_by == "rank0" else None
         if sink is None and cfg.agent is not None:
             # The agent commits and runs retention itself: the trainer may be gone by then.
             retention = (RetentionPolicy(keep_last=cfg.keep_last, keep_every=cfg.keep_every)
-                         if cfg.keep_last is not None else None)
+                         if cfg.keep_last is not None and cfg.commit_by == "rank0" else None)
             sink = open_sink("agent", cfg.agent, storage=self.storage, config=sink_config, writer=self.writer,
                              after_commit=after_commit, retention=retention)
         self.sink = sink or InProcessSink(self.storage, sink_config, after_commit=after_commit)
@@ -370,7 +377,7 @@ class Checkpointer:
                     ready = torch.cuda.current_stream(src.device).record_event()
         host_plan = SavePlan(plan.plan.arrays, host_requests, plan.plan.metadata, values)
         job = PersistJob(step=step, save_id=f"{self.run_id}-{step}", writer=self.writer, writers=self.writers,
-                         plan=host_plan, committer=self.group.rank == 0, release=lambda: pool.release(slab), slab=slab)
+                         plan=host_plan, committer=self.group.rank == 0 and cfg.commit_by == "rank0", release=lambda: pool.release(slab), slab=slab)
         job.persisted.add_done_callback(lambda f: _chain(f, handle.persisted))
         job.committed.add_done_callback(lambda f: _chain(f, handle.committed))
         for fut in (handle.persisted, handle.committed):

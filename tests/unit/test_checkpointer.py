@@ -261,3 +261,28 @@ def test_repeated_saves_reuse_the_plan_and_take_new_values_and_tensors(tmp_path)
     with ckpt.Checkpointer(tmp_path) as c:
         c.restore({"model": m}, step=1, strict=False)
     assert bits_equal(m.weight, model.weight)
+
+
+def test_external_committer(tmp_path):
+    """commit_by="external": the ranks persist, someone else (a coordinator) commits."""
+    import threading
+
+    from ckpt import format as fmt
+    from ckpt.sink import wait_for_fragments
+
+    model = nn.Linear(4, 2)
+    with ckpt.Checkpointer(tmp_path, every_n_steps=1, commit_by="external", commit_timeout_s=30) as c:
+        h = c.save(3, {"model": model})
+        h.persisted.result(timeout=30)
+        assert not h.committed.done() and fmt.committed_steps(c.storage) == []
+
+        def coordinator():
+            wait_for_fragments(c.storage, 3, f"{c.run_id}-3", c.writers, timeout_s=30, poll_s=0.01)
+            ckpt.commit(c.storage, 3, c.writers, save_id=f"{c.run_id}-3")
+
+        t = threading.Thread(target=coordinator)
+        t.start()
+        assert h.result(timeout=30).step == 3
+        t.join()
+    with pytest.raises(ValueError, match="commit_by"):
+        ckpt.Checkpointer(tmp_path, commit_by="nobody")
