@@ -12,7 +12,8 @@ Rules:
 - Incomplete steps (no commit point) may be a save in progress, so one is deleted only when
   it is stale: its newest file is at least ``min_age_s`` old, or it precedes the newest
   committed step and nothing in it was written after that step was committed. A step whose
-  file times storage cannot tell is treated as stale only by the second rule.
+  file times storage cannot tell is treated as stale only by the second rule, or when
+  ``min_age_s`` is 0.
 
 A committed step is deleted commit point first, so a reader never sees a half-deleted step as
 committed; if deletion stops midway, what is left is an incomplete step, which the next run
@@ -129,6 +130,10 @@ def plan_gc(steps: Iterable[StepEntry], policy: RetentionPolicy, *, now: float) 
 def _incomplete_decision(
     e: StepEntry, newest: StepEntry | None, policy: RetentionPolicy, now: float
 ) -> tuple[str, str]:
+    if policy.min_age_s == 0:
+        # "No save is in progress": every incomplete step is stale, including one whose file
+        # times storage cannot tell (a directory that holds no file yet).
+        return DELETE, "incomplete (min age 0)"
     if e.modified_at is not None and now - e.modified_at >= policy.min_age_s:
         return DELETE, (f"incomplete, untouched for {format_age(now - e.modified_at)} "
                         f"(>= min age {format_age(policy.min_age_s)})")
