@@ -222,7 +222,7 @@ class Checkpointer:
         the run has no committed checkpoint (and then changes nothing). ``strict=False``
         skips entries found on one side only (a model restored without its optimizer, say);
         shape and dtype mismatches are errors always."""
-        storage = self.sink.restore_storage(self.storage)
+        storage = self._restore_storage()
         chosen: Any = step
         if step is None:
             chosen = None
@@ -240,6 +240,11 @@ class Checkpointer:
         expanded.apply()
         log.info("restored step %d from %s in %.2f s", loaded, self.storage.url, time.perf_counter() - t0)
         return loaded + 1
+
+    def _restore_storage(self) -> Storage:
+        """Where ``restore`` reads from (the sink's memory tiers, then storage); a subclass may
+        wrap it, e.g. to count what each tier served."""
+        return self.sink.restore_storage(self.storage)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Make ``optimizer.step()`` wait until this optimizer's tensors of the latest snapshot
