@@ -312,6 +312,7 @@ class Agent:
             if sess.writer not in writers:
                 raise PlanError(f"writer {sess.writer!r} is not among the save's writers")
             key = (sess.run_url, sess.writer, step)
+            self._drop_abandoned(sess, step)
             old = self._snapshots.get(key)
             if old is not None and old.state != FAILED:
                 raise AlreadyExists(f"step {step} of {sess.writer} is already held (save {old.save_id})")
@@ -337,6 +338,18 @@ class Agent:
         if self.replicate is not None and snap.replicas_wanted:
             self.replicate(snap)
         return snap
+
+    def _drop_abandoned(self, sess: Session, step: int) -> None:
+        """A new trainer of this writer announcing ``step`` means the job rolled back: the
+        uncommitted snapshots of this writer at ``step`` or later left by ended trainers can
+        never be committed. Drop those that are persisted (or failed); one still being
+        persisted keeps blocking until it is."""
+        for s in [s for s in self._snapshots.values() if (s.run_url, s.writer) == (sess.run_url, sess.writer)
+                  and s.step >= step and not s.replica and s.session is None and s.state in (PERSISTED, FAILED)]:
+            log.info("dropped a snapshot a rolled-back trainer left", extra={"fields": {
+                "run": s.run_url, "writer": s.writer, "step": s.step, "save_id": s.save_id}})
+            s.state = FAILED
+            self._evict(s)
 
     def add_replica(self, snap: Snapshot) -> None:
         """A replica fully received from a peer."""
