@@ -62,12 +62,14 @@ Internal: ``--_worker METHOD --_out FILE`` runs one method and writes its figure
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
 import platform
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -78,7 +80,7 @@ import warnings
 from typing import Any
 
 ALL_METHODS = ("none", "ckpt", "torch_save", "dcp", "dcp_async")
-VARIANTS = ("ckpt_skip", "ckpt_nodurable")
+VARIANTS = ("ckpt_skip", "ckpt_nodurable", "ckpt_agent")
 ALIGN = 64
 
 
@@ -161,6 +163,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_agent(root: str, budget: int) -> tuple[str, Any]:
+    """A ``ckpt-agent serve`` subprocess with this budget; its address once it serves."""
+    sock, ready = os.path.join(root, "agent.sock"), os.path.join(root, "agent.ready")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "serve", "--socket", sock, "--memory-budget", str(budget),
+         "--shm-prefix", f"benchagent{os.getpid()}", "--ready-file", ready, "--log-level", "WARNING"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        if os.path.exists(ready):
+            return f"unix://{sock}", proc
+        if proc.poll() is not None:
+            raise SystemExit(f"the agent exited with status {proc.returncode}")
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("the agent did not start in 30 s")
+
+
+def _stop_agent(proc: Any) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
@@ -235,8 +263,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
         budget = int(args.budget_x * state_bytes) + (1 << 20)
         out["ckpt_module"] = ckpt.__file__
+        agent_address = None
+        if method == "ckpt_agent":  # the same engine; persist and commit in a node agent's process
+            agent_address, agent_proc = _start_agent(root, budget)
+            atexit.register(_stop_agent, agent_proc)
         ckptr = ckpt.Checkpointer(
-            root, every_n_steps=args.every, keep_last=args.keep_last, host_budget_bytes=budget,
+            root if agent_address is None else os.path.join(root, "run"), agent=agent_address,
+            every_n_steps=args.every, keep_last=args.keep_last, host_budget_bytes=budget,
             when_busy="skip" if method == "ckpt_skip" else args.when_busy,
             durable=not (args.no_durable or method == "ckpt_nodurable"),
         )
