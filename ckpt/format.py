@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import crc32c
+
 from .dtypes import codecs_for, info_by_name
 from .errors import CheckpointNotFoundError, CommitError, FormatError
 from .manifest import MANIFEST_KEY, ArraySpec, Fragment, Manifest, ManifestError
@@ -57,6 +59,57 @@ def dumps(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
+# The crc32c of a document's own serialization (without this key) is stored in it, so that a
+# bit flip that still parses (a digit of a value, a letter of a name) is caught. The key sits
+# in the root group's attributes (zarr readers ignore unknown attributes) and at the top of a
+# fragment. Documents written before it have none and are read as before.
+SEAL_KEY = "ckpt_crc32c"
+
+
+def _seal_crc(doc: dict) -> int:
+    return crc32c.crc32c(dumps(doc))
+
+
+def seal_fragment(doc: dict) -> dict:
+    doc[SEAL_KEY] = _seal_crc(doc)
+    return doc
+
+
+def seal_root(root: dict) -> dict:
+    root["attributes"][SEAL_KEY] = _seal_crc(root)
+    return root
+
+
+# What documents written before seals hold: an unsealed document with anything else is a
+# sealed one whose checksum key was damaged.
+_UNSEALED_ROOT_ATTRIBUTES = frozenset({MANIFEST_KEY})
+_UNSEALED_FRAGMENT_FIELDS = frozenset({"format", "format_version", "step", "save_id", "writer", "created_at", "arrays",
+                                       "chunks", "values"})
+
+
+def check_seal(doc: Any, where: str, *, root: bool) -> None:
+    """Raise :class:`FormatError` if ``doc`` carries a checksum that its contents do not match."""
+    if not isinstance(doc, dict):
+        return
+    holder = doc.get("attributes") if root else doc
+    if not isinstance(holder, dict):
+        return
+    if SEAL_KEY not in holder:
+        extra = sorted(set(holder) - (_UNSEALED_ROOT_ATTRIBUTES if root else _UNSEALED_FRAGMENT_FIELDS))
+        if extra:
+            raise FormatError(f"{where}: unknown field(s) {extra} and no checksum; the file is corrupt")
+        return
+    stored = holder[SEAL_KEY]
+    rest = {k: v for k, v in holder.items() if k != SEAL_KEY}
+    unsealed = {**doc, "attributes": rest} if root else rest
+    try:
+        actual = _seal_crc(unsealed)
+    except ValueError:  # NaN or other values dumps refuses: not what was written
+        actual = None
+    if stored != actual:
+        raise FormatError(f"{where}: checksum mismatch (stored {stored!r}, contents {actual!r}); the file is corrupt")
+
+
 def _loads(data: bytes, what: str) -> Any:
     try:
         return json.loads(data)
@@ -87,14 +140,16 @@ def write_array_metadata(storage: Storage, step: int, spec: ArraySpec, *, durabl
 
 
 def write_fragment(storage: Storage, fragment: Fragment) -> None:
-    storage.write_atomic(fragment_path(fragment.step, fragment.writer), dumps(fragment.to_dict()))
+    storage.write_atomic(fragment_path(fragment.step, fragment.writer), dumps(seal_fragment(fragment.to_dict())))
 
 
 def read_fragment(storage: Storage, step: int, writer: str) -> Fragment:
     path = fragment_path(step, writer)
     data = storage.read(path)
+    doc = _loads(data, path)
+    check_seal(doc, path, root=False)
     try:
-        return Fragment.from_dict(_loads(data, path))
+        return Fragment.from_dict(doc)
     except ManifestError as e:
         raise FormatError(f"{path}: {e}") from None
 
@@ -246,7 +301,7 @@ def commit(
     consolidated.update({p: zarr_array_document(a) for p, a in manifest.arrays.items()})
     root = group_document({MANIFEST_KEY: manifest.to_dict()})
     root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
-    storage.write_atomic(f"{sdir}/{META}", dumps(root))
+    storage.write_atomic(f"{sdir}/{META}", dumps(seal_root(root)))
     return manifest
 
 
@@ -313,6 +368,7 @@ def read_root(storage: Storage, step: int) -> dict:
             f"no committed checkpoint at step {step} in {storage.url}; `ckpt ls {storage.url}` lists them"
         ) from None
     doc = _loads(data, path)
+    check_seal(doc, path, root=True)
     if not isinstance(doc, dict) or doc.get("node_type") != "group" or doc.get("zarr_format") != 3:
         raise FormatError(f"{path} is not a zarr v3 group")
     return doc

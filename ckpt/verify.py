@@ -147,10 +147,23 @@ _ARRAY_FIELDS = ("zarr_format", "node_type", "shape", "data_type", "chunk_grid",
                  "fill_value", "codecs")
 
 
-def _array_doc_differences(have: Any, want: dict) -> list[str]:
+def _array_doc_differences(have: Any, want: dict, layout: Any = None) -> list[str]:
+    """What differs between an array's ``zarr.json`` and the manifest; ``layout``: the layout
+    description the array's metadata writer declared (None: not checked)."""
     if not isinstance(have, dict):
         return [f"expected a JSON object, found {type(have).__name__}"]
     out = [f"{f} is {have.get(f)!r}, the manifest says {want[f]!r}" for f in _ARRAY_FIELDS if have.get(f) != want[f]]
+    extra = sorted(set(have) - set(want))
+    if extra:
+        out.append(f"unexpected field(s) {extra}")
+    attrs = have.get("attributes")
+    if isinstance(attrs, dict) and set(attrs) != set(want["attributes"]):
+        out.append(f"attributes are {sorted(attrs)}, expected {sorted(want['attributes'])}")
+    meta = attrs.get(MANIFEST_KEY) if isinstance(attrs, dict) else None
+    if isinstance(meta, dict) and set(meta) != {"dtype", "layout"}:
+        out.append(f"attributes.{MANIFEST_KEY} has fields {sorted(meta)}, expected ['dtype', 'layout']")
+    if layout is not None and isinstance(meta, dict) and _normalized(meta.get("layout")) != _normalized(layout):
+        out.append(f"attributes.{MANIFEST_KEY}.layout is {meta.get('layout')!r}, its writer declared {layout!r}")
     attrs = have.get("attributes")
     got_dtype = attrs.get(MANIFEST_KEY, {}).get("dtype") if isinstance(attrs, dict) and isinstance(
         attrs.get(MANIFEST_KEY), dict) else None
@@ -160,7 +173,8 @@ def _array_doc_differences(have: Any, want: dict) -> list[str]:
     return out
 
 
-def _check_metadata(storage: Storage, step: int, manifest: Manifest, root: dict) -> list[Problem]:
+def _check_metadata(storage: Storage, step: int, manifest: Manifest, root: dict,
+                    layouts: dict[str, Any] | None = None) -> list[Problem]:
     sdir = fmt.step_dir(step)
     problems: list[Problem] = []
     consolidated = root.get("consolidated_metadata")
@@ -185,13 +199,13 @@ def _check_metadata(storage: Storage, step: int, manifest: Manifest, root: dict)
         if kind is not None:
             problems.append(Problem(kind, f"tensor {path!r}: array metadata {key} {what}", path, key=key))
             continue
-        for d in _array_doc_differences(doc, want):
+        for d in _array_doc_differences(doc, want, (layouts or {}).get(path)):
             problems.append(Problem(METADATA, f"tensor {path!r}: array metadata {key}: {d}", path, key=key))
     for g in groups:
         key = f"{g}/{fmt.META}"
         doc, kind, what = _read_json(storage, f"{sdir}/{key}")
-        if kind is None and not (isinstance(doc, dict) and doc.get("node_type") == "group"):
-            kind, what = METADATA, "is not a zarr group"
+        if kind is None and doc != fmt.group_document():  # intermediate groups are always this document
+            kind, what = METADATA, f"is not the zarr group document {fmt.group_document()} ({doc!r})"
         if kind is not None:
             problems.append(Problem(kind, f"group {g!r}: metadata {key} {what}", key=key))
     return problems
@@ -366,10 +380,20 @@ def verify_manifest(
     """Verify a step whose commit point has been read (``root``) and parsed (``manifest``)."""
     step = manifest.step
     report = VerifyReport(step=step, arrays=len(manifest.arrays), writers=len(manifest.writers))
-    problems = _check_metadata(storage, step, manifest, root)
     fragments, frag_problems = _read_fragments(storage, step, manifest, threads)
-    problems += frag_problems
+    # An array's zarr.json is written by the writer of its first chunk (by the committer, from
+    # the manifest, when it has none): its layout description is that writer's.
+    layouts: dict[str, Any] = {p: a.layout for p, a in manifest.arrays.items()}
+    for frag in fragments:
+        for path, records in frag.chunks.items():
+            spec = frag.arrays.get(path)
+            if spec is not None and any(not any(r.index) for r in records):
+                layouts[path] = spec.layout
     missing_writers = {p.writer for p in frag_problems if p.writer}
+    if missing_writers:  # the writer of an array's metadata may be among them: do not guess
+        layouts = {}
+    problems = _check_metadata(storage, step, manifest, root, layouts)
+    problems += frag_problems
     owner, record_problems = _recorded_chunks(manifest, fragments)
     problems += record_problems
     prefix = fmt.step_dir(step)

@@ -16,3 +16,51 @@ def test_gc_min_age_0_removes_an_incomplete_step_that_holds_no_file(tmp_path):
     (tmp_path / "000000000002" / "w").mkdir(parents=True)
     assert cli(["gc", str(tmp_path), "--keep-last", "1", "--min-age", "0"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000000000001"]
+
+
+def _flip_text(path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert text.count(old) == 1
+    path.write_text(text.replace(old, new))
+
+
+def test_a_bit_flip_that_still_parses_is_caught_in_the_commit_point_fragments_and_metadata(tmp_path):
+    # The commit point, fragments and group documents had no checksum: a flipped digit of a
+    # non-tensor value loaded silently as another value, and verify found nothing.
+    from ckpt.verify import verify_step
+
+    state = {"model": {"w": torch.arange(6.0)}, "loader": {"position": 1234}}
+    ckpt.save(state, str(tmp_path), step=3)
+    sdir = tmp_path / "000000000003"
+    storage = ckpt.open_storage(str(tmp_path))
+    pristine = {p: p.read_bytes() for p in sdir.rglob("*.json")}
+
+    _flip_text(sdir / "zarr.json", '"position":1234', '"position":1235')
+    try:
+        ckpt.load({"model": {"w": torch.zeros(6)}, "loader": {}}, str(tmp_path))
+    except ckpt.FormatError as e:
+        assert "checksum mismatch" in str(e) and "zarr.json" in str(e)
+    else:
+        raise AssertionError("a corrupted commit point loaded")
+    (problem,) = verify_step(storage, 3).problems
+    assert problem.kind == "manifest" and "checksum mismatch" in problem.message
+
+    for p, data in pristine.items():
+        p.write_bytes(data)
+    _flip_text(sdir / ".fragments" / "rank00000.json", '"position":1234', '"position":1236')
+    assert any("checksum mismatch" in p.message for p in verify_step(storage, 3).problems)
+
+    for p, data in pristine.items():
+        p.write_bytes(data)
+    _flip_text(sdir / ".fragments" / "rank00000.json", '"ckpt_crc32c"', '"ckpt_crc33c"')  # the key itself
+    assert any("no checksum" in p.message for p in verify_step(storage, 3).problems)
+
+    for p, data in pristine.items():
+        p.write_bytes(data)
+    _flip_text(sdir / "model" / "zarr.json", '"zarr_format"', '"zarr_formas"')
+    assert ["not the zarr group document" in p.message for p in verify_step(storage, 3).problems] == [True]
+
+    for p, data in pristine.items():
+        p.write_bytes(data)
+    _flip_text(sdir / "model" / "w" / "zarr.json", '"kind":"plain"', '"kind":"plaim"')
+    assert ["layout" in p.message for p in verify_step(storage, 3).problems] == [True]

@@ -103,6 +103,7 @@ def test_commit_refuses_uncovered_chunks_and_stale_fragments(tmp_path):
     frag_path = tmp_path / fmt.step_dir(1) / ".fragments" / "rank00001.json"
     doc = json.loads(frag_path.read_text())
     doc["chunks"] = {}
+    doc.pop("ckpt_crc32c", None)  # as a writer would have written it, not a corrupted file
     frag_path.write_text(json.dumps(doc))
     with pytest.raises(ckpt.CommitError, match="not written by any writer"):
         ckpt.commit(st, 1, [fmt.writer_name(0), fmt.writer_name(1)], save_id="s")

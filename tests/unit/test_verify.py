@@ -149,6 +149,7 @@ def test_unparseable_and_foreign_fragments(tmp_path):
     (frags / "rank00000.json").write_text("{not json")
     doc = json.loads((frags / "rank00001.json").read_text())
     doc["save_id"] = "another"
+    doc.pop("ckpt_crc32c", None)  # a fragment another save wrote, not a corrupted one
     (frags / "rank00001.json").write_text(json.dumps(doc))
     report = verify_step(_storage(tmp_path), STEP)
     by_writer = {p.writer: p for p in report.problems if p.kind == verify.FRAGMENT}
@@ -163,6 +164,7 @@ def test_duplicate_and_out_of_grid_records(tmp_path):
     d1 = json.loads((frags / "rank00001.json").read_text())
     d1["chunks"]["w"].append(d0["chunks"]["w"][0])  # rank 1 claims rank 0's chunk too
     d1["chunks"]["w"].append([[9, 0], 64, 0])
+    d1.pop("ckpt_crc32c", None)  # as a faulty writer would have written it, not a corrupted file
     (frags / "rank00001.json").write_text(json.dumps(d1))
     report = verify_step(_storage(tmp_path), STEP)
     kinds = {(p.kind, p.index) for p in report.problems}
@@ -191,6 +193,7 @@ def test_consolidated_metadata_disagreeing_with_the_manifest(tmp_path):
     root = _step(tmp_path) / "zarr.json"
     doc = json.loads(root.read_text())
     doc["consolidated_metadata"]["metadata"]["model/w"]["data_type"] = "float64"
+    doc["attributes"].pop("ckpt_crc32c", None)  # as a faulty committer would have written it
     root.write_text(json.dumps(doc))
     (problem,) = verify_step(_storage(tmp_path), STEP).problems
     assert problem.kind == verify.METADATA and problem.path == "model/w" and "data_type" in problem.message
