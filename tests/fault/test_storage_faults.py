@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 
 import pytest
-import torch
 
 import ckpt
 from ckpt.verify import verify_step
