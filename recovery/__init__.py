@@ -1,1 +1,27 @@
-"""The Ray coordinator, the launcher and the recovery policies. Imports ``ckpt``, ``agent`` and ``ray``."""
+"""The Ray coordinator, the launcher and the recovery policies. Imports ``ckpt``, ``agent`` and ``ray``.
+
+```python
+import recovery
+result = recovery.run(train_fn, num_workers=4, storage="s3://bucket/run", policy="reload", max_failures=3)
+```
+
+``train_fn(ctx)`` runs on every worker with ``ctx.rank``, ``ctx.world_size``, ``ctx.attempt``,
+``ctx.checkpointer`` (a ``ckpt.Checkpointer`` wired to the node agent, committed by the
+coordinator) and ``ctx.report(step, **metrics)`` (heartbeat with progress). See
+docs/recovery.md.
+"""
+
+from .config import CheckpointConfig, DetectConfig, RunConfig
+from .detect import Failure
+from .errors import NoRoomError, RecoveryError, TooManyFailuresError
+from .events import Event, EventLog
+from .policy import JobControl, RecoveryOutcome, RecoveryPolicy, ReloadPolicy, RestorePoint, resolve_policy
+from .launcher import RecoveryRecord, RunResult, run
+from .worker import TrainContext
+
+
+__all__ = [
+    "CheckpointConfig", "DetectConfig", "Event", "EventLog", "Failure", "JobControl", "NoRoomError",
+    "RecoveryError", "RecoveryOutcome", "RecoveryRecord", "RunResult", "RecoveryPolicy", "ReloadPolicy", "RestorePoint", "RunConfig",
+    "TooManyFailuresError", "TrainContext", "resolve_policy", "run",
+]

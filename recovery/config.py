@@ -1,0 +1,128 @@
+"""Configuration of a recovered job: frozen dataclasses, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def _positive(owner: str, name: str, value: Any, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{owner}.{name} must be a {'non-negative' if allow_zero else 'positive'} number, "
+                         f"got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DetectConfig:
+    """When the coordinator calls something a failure."""
+
+    hang_timeout_s: float = 30.0  # no heartbeat progress (a higher step) for this long: a hang
+    startup_timeout_s: float = 300.0  # before a rank's first report (process group, restore)
+    heartbeat_interval_s: float = 0.2  # ctx.report sends at most this often (and on a new checkpoint)
+    storage_failure_limit: int = 3  # this many checkpoints failing in a row: a storage failure
+    agent_timeout_s: float = 30.0  # an agent silent this long: an agent failure
+
+    def __post_init__(self) -> None:
+        for name in ("hang_timeout_s", "startup_timeout_s", "heartbeat_interval_s", "agent_timeout_s"):
+            _positive("DetectConfig", name, getattr(self, name))
+        if not isinstance(self.storage_failure_limit, int) or self.storage_failure_limit < 1:
+            raise ValueError(f"DetectConfig.storage_failure_limit must be an integer >= 1, "
+                             f"got {self.storage_failure_limit!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CheckpointConfig:
+    """What the workers' Checkpointer is built with; the coordinator commits and runs retention."""
+
+    every_n_steps: int = 100
+    keep_last: int | None = 3  # None: keep every checkpoint
+    keep_every: int | None = None
+    commit_timeout_s: float = 600.0
+    options: dict[str, Any] = field(default_factory=dict)  # any other ckpt.Checkpointer option
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every_n_steps, int) or isinstance(self.every_n_steps, bool) or self.every_n_steps < 1:
+            raise ValueError(f"CheckpointConfig.every_n_steps must be an integer >= 1, got {self.every_n_steps!r}")
+        if self.keep_last is not None and (not isinstance(self.keep_last, int) or self.keep_last < 1):
+            raise ValueError(f"CheckpointConfig.keep_last must be >= 1 or None, got {self.keep_last!r}")
+        _positive("CheckpointConfig", "commit_timeout_s", self.commit_timeout_s)
+        reserved = {"agent", "commit_by", "process_group", "every_n_steps", "keep_last", "keep_every"} & set(self.options)
+        if reserved:
+            raise ValueError(f"CheckpointConfig.options may not set {sorted(reserved)}: recovery sets them")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig:
+    """One job: how many workers, where checkpoints go, how failures are handled."""
+
+    num_workers: int
+    storage: str  # the run's URL: a path, file://, s3://bucket/prefix, ...
+    max_failures: int = 3  # failures recovered from; one more aborts the job (-1: no limit)
+    min_workers: int = 1  # shrink down to this many when the cluster has no room for all
+    allow_grow: bool = False  # grow back to num_workers when room returns
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_timeout_s: float = 30.0  # wait this long for room for a world size before trying fewer
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when workers have a GPU
+    collective_timeout_s: float = 1800.0  # torch.distributed timeout; failures never wait for it
+    backoff_s: float = 1.0  # before restart n (n >= 1 in a row): backoff_s * 2**(n-1), at most backoff_max_s
+    backoff_max_s: float = 30.0
+    settle_timeout_s: float = 30.0  # wait this long for agents to persist what they hold before choosing
+    # "actor": one agent per node, run by recovery; "unix:///path": an agent already runs on every
+    # node at that path (the DaemonSet); None: no agent, workers persist in-process.
+    agent: str | None = "actor"
+    agent_memory_bytes: int = 4 << 30
+    coordinator_max_restarts: int = 10
+    poll_interval_s: float = 0.2
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise ValueError(f"RunConfig.num_workers must be an integer >= 1, got {self.num_workers!r}")
+        if not isinstance(self.min_workers, int) or not 1 <= self.min_workers <= self.num_workers:
+            raise ValueError(f"RunConfig.min_workers must be within 1..num_workers ({self.num_workers}), "
+                             f"got {self.min_workers!r}")
+        if not isinstance(self.storage, str) or not self.storage:
+            raise ValueError(f"RunConfig.storage must be a path or an fsspec URL, got {self.storage!r}")
+        if not isinstance(self.max_failures, int) or self.max_failures < -1:
+            raise ValueError(f"RunConfig.max_failures must be an integer >= 0, or -1 for no limit, "
+                             f"got {self.max_failures!r}")
+        if not isinstance(self.resources_per_worker, dict) or any(
+                not isinstance(v, (int, float)) or v < 0 for v in self.resources_per_worker.values()):
+            raise ValueError(f"RunConfig.resources_per_worker must map resource names to amounts >= 0, "
+                             f"got {self.resources_per_worker!r}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"RunConfig.placement_strategy: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                             f"got {self.placement_strategy!r}")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"RunConfig.backend must be 'auto', 'gloo' or 'nccl', got {self.backend!r}")
+        for name in ("placement_timeout_s", "collective_timeout_s", "backoff_max_s", "settle_timeout_s",
+                     "poll_interval_s"):
+            _positive("RunConfig", name, getattr(self, name))
+        _positive("RunConfig", "backoff_s", self.backoff_s, allow_zero=True)
+        if self.agent is not None and self.agent != "actor" and not str(self.agent).startswith("unix://"):
+            raise ValueError(f"RunConfig.agent must be 'actor', an address 'unix:///path/agent.sock' or None, "
+                             f"got {self.agent!r}")
+        if not isinstance(self.agent_memory_bytes, int) or self.agent_memory_bytes < 1:
+            raise ValueError(f"RunConfig.agent_memory_bytes must be a positive integer, got {self.agent_memory_bytes!r}")
+        if not isinstance(self.coordinator_max_restarts, int) or self.coordinator_max_restarts < -1:
+            raise ValueError("RunConfig.coordinator_max_restarts must be an integer >= -1 (-1: no limit)")
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.resources_per_worker.get("GPU", 0) > 0
+
+    @property
+    def torch_backend(self) -> str:
+        if self.backend == "auto":
+            return "nccl" if self.uses_gpu else "gloo"
+        return self.backend
+
+    def backoff_for(self, consecutive: int) -> float:
+        """Seconds to wait before the ``consecutive``-th restart in a row (1-based)."""
+        if consecutive < 1 or self.backoff_s == 0:
+            return 0.0
+        return min(self.backoff_max_s, self.backoff_s * 2 ** (consecutive - 1))

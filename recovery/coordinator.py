@@ -1,0 +1,213 @@
+"""The coordinator: one Ray actor per job holding membership, heartbeats, the checkpoint
+registry and the commit role, and detecting hangs, silent agents and failing storage.
+
+Workers and agents talk to it fire-and-forget, so a coordinator that is down (Ray restarts it,
+``max_restarts``) never stops training: checkpoints wait for their commit, heartbeats are
+lost. A restarted coordinator rebuilds its state from storage (committed steps, saves in
+flight) and from the next heartbeats (the attempt, its world size, the workers' run id).
+The launcher pulls what happened with :meth:`Coordinator.poll`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from typing import Any
+
+from ckpt.retention import RetentionPolicy
+from ckpt.storage import open_storage
+
+from .config import DetectConfig
+from .detect import STORAGE, Failure, Membership
+from .registry import CheckpointRegistry, PollResult
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    """Plain class; the launcher wraps it with ``ray.remote``. Thread-safe: Ray calls land on
+    the actor's thread, commits and checks run on a background thread."""
+
+    def __init__(self, storage_url: str, detect: DetectConfig, *, keep_last: int | None = None,
+                 keep_every: int | None = None, poll_s: float = 0.1, rescan_s: float = 2.0,
+                 clock: Any = time.time, start: bool = True) -> None:
+        self.clock = clock
+        self.storage = open_storage(storage_url)
+        keep = RetentionPolicy(keep_last=keep_last, keep_every=keep_every) if keep_last else None
+        self.registry = CheckpointRegistry(self.storage, keep=keep, clock=clock)
+        self.membership = Membership(detect)
+        self.incarnation = uuid.uuid4().hex[:8]
+        self.started_at = clock()
+        self.run_id: str | None = None
+        self.poll_s = poll_s
+        self.rescan_s = rescan_s
+        self._lock = threading.Lock()
+        self._inbox: queue.Queue[tuple[str, tuple, Future | None]] = queue.Queue()
+        self._events: list[dict[str, Any]] = []
+        self._restores: dict[tuple[int, int], dict[str, Any]] = {}
+        self._storage_reported = False
+        self._stop = threading.Event()
+        self.registry.rebuild()
+        self._note("coordinator", f"coordinator {self.incarnation} up; storage has "
+                   f"{len(self.registry.committed)} committed checkpoint(s), newest "
+                   f"{self.registry.last_committed}", incarnation=self.incarnation,
+                   committed=list(self.registry.committed))
+        self._thread = threading.Thread(target=self._loop, name="coordinator", daemon=True)
+        if start:
+            self._thread.start()
+
+    # -- from workers and agents (fire-and-forget) --------------------------------------------
+
+    def heartbeat(self, attempt: int, rank: int, world_size: int, step: int | None, metrics: dict[str, float],
+                  node: str | None = None, run_id: str | None = None) -> None:
+        with self._lock:
+            if self.membership.heartbeat(attempt, rank, world_size, step, metrics, self.clock(), node) and run_id:
+                self.run_id = run_id
+
+    def agent_heartbeat(self, node: str, status: dict[str, Any]) -> None:
+        with self._lock:
+            self.membership.agent_heartbeat(node, status, self.clock())
+
+    def saving(self, attempt: int, step: int, save_id: str, writers: list[str]) -> None:
+        self._inbox.put(("saving", (step, save_id, tuple(writers), attempt), None))
+
+    def snapshot_report(self, attempt: int, rank: int, step: int, save_id: str, stall_s: float, nbytes: int,
+                        error: str | None = None) -> None:
+        self._inbox.put(("report", (rank, step, save_id, stall_s, nbytes), None))
+        if error:
+            with self._lock:
+                self._note("checkpoint_failed", f"rank {rank}: checkpoint of step {step} failed: {error}",
+                           step=step, rank=rank, error=error)
+
+    def restored(self, attempt: int, rank: int, info: dict[str, Any]) -> None:
+        with self._lock:
+            self._restores[(attempt, rank)] = dict(info)
+
+    # -- from the launcher ----------------------------------------------------------------------
+
+    def begin_attempt(self, attempt: int, world_size: int) -> None:
+        with self._lock:
+            self.membership.begin_attempt(attempt, world_size, self.clock())
+            self.run_id = None
+
+    def forget_agent(self, node: str) -> None:
+        with self._lock:
+            self.membership.forget_agent(node)
+
+    def settle(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Commit every save that can be completed now; the committed steps."""
+        fut: Future = Future()
+        self._inbox.put(("settle", (), fut))
+        return fut.result(timeout_s)
+
+    def rollback(self, step: int | None) -> list[int]:
+        """The job resumes from ``step``: forget the saves in flight after it."""
+        fut: Future = Future()
+        self._inbox.put(("rollback", (step,), fut))
+        return fut.result(60)
+
+    def poll(self, cursor: int = 0, attempt: int | None = None) -> dict[str, Any]:
+        """What happened since ``cursor`` (an index into this incarnation's notes), progress,
+        and the restore reports of ``attempt``."""
+        with self._lock:
+            notes = self._events[cursor:]
+            return {"incarnation": self.incarnation, "cursor": len(self._events), "notes": notes,
+                    "progress": self.membership.progress(),
+                    "restores": {r: info for (a, r), info in self._restores.items() if a == attempt},
+                    "committed": list(self.registry.committed), "now": self.clock()}
+
+    def checkpoints(self, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+        """Every committed checkpoint with its cost, once every report sent before is applied."""
+        fut: Future = Future()
+        self._inbox.put(("checkpoints", (), fut))
+        return fut.result(timeout_s)
+
+    def ping(self) -> str:
+        return self.incarnation
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- the background thread ----------------------------------------------------------------
+
+    def _note(self, kind: str, message: str, **fields: Any) -> None:
+        # callers hold self._lock (or run before the thread starts)
+        self._events.append({"kind": kind, "message": message, "fields": fields, "at": self.clock()})
+
+    def _loop(self) -> None:
+        last_scan = self.clock()
+        while not self._stop.is_set():
+            try:
+                self.step_once(rescan=self.clock() - last_scan > self.rescan_s)
+            except Exception:  # noqa: BLE001 - the coordinator keeps going; the next round retries
+                log.exception("coordinator round failed")
+            if self.clock() - last_scan > self.rescan_s:
+                last_scan = self.clock()
+            self._stop.wait(self.poll_s)
+
+    def step_once(self, *, rescan: bool = False) -> None:
+        """One round: apply what workers reported, commit what is complete, detect failures."""
+        while True:
+            try:
+                op, args, fut = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                if op == "saving":
+                    self.registry.saving(*args)
+                elif op == "report":
+                    self.registry.snapshot_report(*args)
+                elif op == "settle":
+                    with self._lock:
+                        run_id, world = self.run_id, self.membership.world_size
+                    self.registry.rebuild(run_id, world)
+                    self._record(self.registry.complete())
+                    fut.set_result({"committed": list(self.registry.committed)})
+                elif op == "checkpoints":
+                    fut.set_result([rec.to_dict() for _step, rec in sorted(self.registry.saves.items())
+                                    if rec.committed_at is not None])
+                elif op == "rollback":
+                    gone = self.registry.abandon_after(args[0])
+                    fut.set_result(gone)
+            except BaseException as e:  # noqa: BLE001 - back to the caller, if one waits
+                if fut is not None and not fut.done():
+                    fut.set_exception(e)
+                else:
+                    raise
+        if rescan:
+            with self._lock:
+                run_id, world = self.run_id, self.membership.world_size
+            self.registry.rebuild(run_id, world)
+        self._record(self.registry.poll())
+        now = self.clock()
+        with self._lock:
+            for f in self.membership.check(now):
+                self._failure(f)
+            limit = self.membership.config.storage_failure_limit
+            if self.registry.consecutive_failures >= limit and not self._storage_reported:
+                self._storage_reported = True
+                self._failure(Failure(STORAGE, self.membership.attempt,
+                                      f"{self.registry.consecutive_failures} checkpoints in a row failed", now,
+                                      last_step=self.membership.last_step))
+            elif self.registry.consecutive_failures == 0:
+                self._storage_reported = False
+
+    def _failure(self, f: Failure) -> None:
+        self._note("failure", f.detail, failure=f.to_dict())
+
+    def _record(self, result: PollResult) -> None:
+        with self._lock:
+            for rec in result.committed:
+                self._note("checkpoint", f"committed step {rec.step} ({len(rec.writers)} writers)",
+                           step=rec.step, writers=len(rec.writers), save_id=rec.save_id,
+                           latency_s=round(rec.committed_at - rec.began_at, 3) if rec.committed_at else None)
+            for rec in result.failed:
+                self._note("checkpoint_failed", f"checkpoint of step {rec.step} failed: {rec.failed}",
+                           step=rec.step, error=rec.failed)
+            if result.deleted:
+                self._note("retention", f"retention removed steps {list(result.deleted)}",
+                           deleted=list(result.deleted))

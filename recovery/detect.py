@@ -1,0 +1,155 @@
+"""Membership, heartbeats and failure detection: pure logic, driven by the coordinator with
+its own clock (tests pass a fake one).
+
+A worker's heartbeat carries its step and metrics (``ctx.report``); progress is a higher step
+than before. A rank with no progress for ``hang_timeout_s`` (``startup_timeout_s`` before its
+first report: process group set-up and restore) is hung. Process, node and agent deaths are
+seen by the launcher from Ray at once; an agent that stops sending heartbeats for
+``agent_timeout_s`` is reported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import DetectConfig
+
+# Failure kinds.
+WORKER_DIED = "worker_died"  # the worker's process exited (Ray reports the actor dead)
+WORKER_ERROR = "worker_error"  # train_fn raised
+NODE_DIED = "node_died"
+AGENT_DIED = "agent_died"
+HANG = "hang"
+STORAGE = "storage"
+FAILURE_KINDS = (WORKER_DIED, WORKER_ERROR, NODE_DIED, AGENT_DIED, HANG, STORAGE)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One failure. Times are wall-clock seconds (``time.time()``), comparable across the
+    processes of one job."""
+
+    kind: str
+    attempt: int
+    detail: str
+    detected_at: float
+    ranks: tuple[int, ...] = ()
+    node: str | None = None
+    last_progress_at: float | None = None  # the failed ranks' last sign of progress
+    last_step: int | None = None  # the highest step any rank of the attempt reported
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAILURE_KINDS:
+            raise ValueError(f"unknown failure kind {self.kind!r}; known: {FAILURE_KINDS}")
+
+    @property
+    def detected_after_s(self) -> float | None:
+        """From the last sign of progress of the failed ranks to the detection."""
+        return None if self.last_progress_at is None else max(0.0, self.detected_at - self.last_progress_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "attempt": self.attempt, "detail": self.detail, "ranks": list(self.ranks),
+                "node": self.node, "detected_at": self.detected_at, "last_progress_at": self.last_progress_at,
+                "last_step": self.last_step, "detected_after_s": self.detected_after_s}
+
+
+@dataclass(slots=True)
+class RankState:
+    rank: int
+    started_at: float
+    step: int | None = None
+    progress_at: float | None = None  # when ``step`` last increased
+    seen_at: float | None = None  # last heartbeat of any kind
+    metrics: dict[str, float] = field(default_factory=dict)
+    node: str | None = None
+    hung_reported: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "step": self.step, "progress_at": self.progress_at, "seen_at": self.seen_at,
+                "metrics": dict(self.metrics), "node": self.node}
+
+
+class Membership:
+    """The workers of the current attempt and the node agents, with their heartbeats."""
+
+    def __init__(self, config: DetectConfig) -> None:
+        self.config = config
+        self.attempt = -1
+        self.world_size = 0
+        self.ranks: dict[int, RankState] = {}
+        self.agents: dict[str, float] = {}  # node -> last heartbeat
+        self.agent_status: dict[str, dict[str, Any]] = {}
+        self._agents_reported: set[str] = set()
+
+    def begin_attempt(self, attempt: int, world_size: int, now: float) -> None:
+        self.attempt = attempt
+        self.world_size = world_size
+        self.ranks = {r: RankState(r, now) for r in range(world_size)}
+
+    def heartbeat(self, attempt: int, rank: int, world_size: int, step: int | None, metrics: Mapping[str, float],
+                  now: float, node: str | None = None) -> bool:
+        """Record a worker's heartbeat; False if it belongs to an older attempt. A heartbeat of a
+        newer attempt than known (this coordinator restarted) adopts that attempt."""
+        if attempt < self.attempt:
+            return False
+        if attempt > self.attempt or world_size != self.world_size:
+            self.begin_attempt(attempt, world_size, now)
+        st = self.ranks.get(rank)
+        if st is None:
+            return False
+        st.seen_at = now
+        st.node = node or st.node
+        if step is not None and (st.step is None or step > st.step):
+            st.step = step
+            st.progress_at = now
+        st.metrics.update({k: float(v) for k, v in metrics.items()})
+        return True
+
+    def agent_heartbeat(self, node: str, status: Mapping[str, Any], now: float) -> None:
+        self.agents[node] = now
+        self.agent_status[node] = dict(status)
+        self._agents_reported.discard(node)
+
+    def forget_agent(self, node: str) -> None:
+        self.agents.pop(node, None)
+        self.agent_status.pop(node, None)
+
+    @property
+    def last_step(self) -> int | None:
+        steps = [s.step for s in self.ranks.values() if s.step is not None]
+        return max(steps) if steps else None
+
+    def check(self, now: float) -> list[Failure]:
+        """Hangs of this attempt's ranks and silent agents, each reported once."""
+        out: list[Failure] = []
+        hung = []
+        for st in self.ranks.values():
+            if st.hung_reported:
+                continue
+            since = st.progress_at if st.progress_at is not None else st.started_at
+            limit = self.config.hang_timeout_s if st.progress_at is not None else self.config.startup_timeout_s
+            if now - since > limit:
+                hung.append(st)
+        if hung:
+            for st in hung:
+                st.hung_reported = True
+            last = max(st.progress_at if st.progress_at is not None else st.started_at for st in hung)
+            what = ", ".join(
+                f"rank {st.rank} stuck at step {st.step} for {now - st.progress_at:.1f} s" if st.progress_at is not None
+                else f"rank {st.rank} without a first report for {now - st.started_at:.1f} s" for st in hung)
+            out.append(Failure(HANG, self.attempt, f"no progress (hang_timeout_s={self.config.hang_timeout_s:g}, "
+                               f"startup_timeout_s={self.config.startup_timeout_s:g}): {what}", now,
+                               ranks=tuple(st.rank for st in hung), last_progress_at=last, last_step=self.last_step))
+        for node, seen in self.agents.items():
+            if node not in self._agents_reported and now - seen > self.config.agent_timeout_s:
+                self._agents_reported.add(node)
+                out.append(Failure(AGENT_DIED, self.attempt, f"the agent of node {node[:12]} sent no heartbeat for "
+                                   f"{now - seen:.1f} s", now, node=node, last_progress_at=seen,
+                                   last_step=self.last_step))
+        return out
+
+    def progress(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "world_size": self.world_size, "last_step": self.last_step,
+                "ranks": {r: s.to_dict() for r, s in self.ranks.items()}, "agents": dict(self.agent_status)}

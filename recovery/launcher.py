@@ -1,0 +1,637 @@
+"""``recovery.run``: start the coordinator, the node agents and the workers on Ray, watch
+them, and recover with the policy when something fails.
+
+The launcher (the driver process) owns the workers, so a coordinator that crashes takes no
+worker with it. It sees a worker process die at once (Ray fails the worker's ``run`` call),
+an agent die the same way (its ``wait_stopped`` call fails), and pulls hangs, silent agents
+and failing storage from the coordinator. Every event is logged as it happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+from ckpt import format as fmt
+from ckpt.storage import open_storage
+
+from . import events as ev
+from .agents import NodeAgent, snapshot_rows
+from .config import CheckpointConfig, DetectConfig, RunConfig
+from .coordinator import Coordinator
+from .detect import AGENT_DIED, NODE_DIED, STORAGE, WORKER_DIED, WORKER_ERROR, Failure
+from .errors import NoRoomError, RecoveryError, TooManyFailuresError
+from .events import Event, EventLog
+from .policy import CONTINUED, RecoveryPolicy, RestorePoint, resolve_policy
+from .worker import MEMORY, PEER, STORAGE_TIER, TrainContext, Worker
+
+log = logging.getLogger(__name__)
+
+_TIER_OF = {"memory": MEMORY, "peer": PEER, "storage": STORAGE_TIER}
+
+
+@dataclass
+class RecoveryRecord:
+    """One failure and what was done about it."""
+
+    failure: Failure
+    at_s: float  # seconds since the job started, when it was detected
+    action: str = ""
+    world_before: int = 0
+    world_after: int | None = None
+    restore_step: int | None = None
+    expected_tier: str | None = None
+    restored_from: str | None = None  # the tier that served most bytes
+    restore_bytes: dict[str, int] = field(default_factory=dict)
+    restore_s: float | None = None  # the slowest rank's restore
+    resumed_after_s: float | None = None  # detection -> first step of the new attempt
+    steps_lost: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["failure"] = self.failure.to_dict()
+        return d
+
+
+@dataclass
+class RunResult:
+    returns: list[Any]  # train_fn's return value per rank of the last attempt
+    world_size: int
+    attempts: int
+    storage: str
+    failures: list[RecoveryRecord]
+    checkpoints: list[dict[str, Any]]  # committed checkpoints: step, stall_s (slowest rank), bytes, ...
+    events: list[Event]
+    elapsed_s: float
+
+    def summary(self) -> str:
+        """A few lines for people: checkpoints, stalls, failures and their recovery."""
+        lines = []
+        stalls = [c["stall_s"] for c in self.checkpoints if c.get("stall_s") is not None]
+        steps = [c["step"] for c in self.checkpoints]
+        lines.append(f"checkpoints committed: {len(steps)} (steps {_ranges(steps)})")
+        if stalls:
+            lines.append(f"training stall per checkpoint (slowest rank): mean {1e3 * sum(stalls) / len(stalls):.1f} ms, "
+                         f"max {1e3 * max(stalls):.1f} ms")
+        for i, r in enumerate(self.failures, 1):
+            f = r.failure
+            det = f"{f.detected_after_s:.2f} s" if f.detected_after_s is not None else "?"
+            lines.append(f"failure {i}: {f.kind} ({f.detail}) at {r.at_s:.1f} s, detected {det} after the last "
+                         "sign of progress")
+            if r.action == "restarted":
+                src = r.restored_from or r.expected_tier or "?"
+                mb = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r.restore_bytes.items() if v)
+                rs = f"{r.restore_s:.2f} s" if r.restore_s is not None else "?"
+                resumed = f"{r.resumed_after_s:.1f} s" if r.resumed_after_s is not None else "?"
+                lines.append(f"  restored step {r.restore_step} from {src}{f' ({mb})' if mb else ''} in {rs}; "
+                             f"workers {r.world_before} -> {r.world_after}; training resumed {resumed} after "
+                             f"detection; steps lost: {r.steps_lost if r.steps_lost is not None else '?'}")
+            else:
+                lines.append(f"  {r.action}")
+        lines.append(f"finished: {self.world_size} workers, {self.attempts} attempt(s), {self.elapsed_s:.1f} s")
+        return "\n".join(lines)
+
+
+def _ranges(steps: list[int]) -> str:
+    if not steps:
+        return "none"
+    return ", ".join(str(s) for s in steps) if len(steps) <= 12 else f"{steps[0]} … {steps[-1]}"
+
+
+def run(train_fn: Callable[[TrainContext], Any], *, num_workers: int, storage: str,
+        policy: str | RecoveryPolicy = "reload", max_failures: int = 3, address: str | None = None,
+        num_cpus: int | None = None, ray_init_options: dict[str, Any] | None = None,
+        echo: TextIO | None = sys.stdout, json_events: bool = False,
+        hang_timeout_s: float | None = None, every_n_steps: int | None = None, keep_last: int | None | str = "default",
+        **options: Any) -> RunResult:
+    """Run ``train_fn(ctx)`` on ``num_workers`` Ray workers with a torch.distributed process
+    group, checkpoints committed by a coordinator, and recovery by ``policy``.
+
+    Ray: joins the cluster at ``address`` (or ``RAY_ADDRESS``, or the one this process is
+    already connected to); otherwise starts a local one (``num_cpus``) and stops it at the end.
+    Other keyword arguments are :class:`RunConfig` fields (``min_workers``, ``allow_grow``,
+    ``resources_per_worker``, ``agent``, ...), :class:`DetectConfig` fields
+    (``startup_timeout_s``, ``heartbeat_interval_s``, ...) and :class:`CheckpointConfig`
+    fields (``keep_every``, ``commit_timeout_s``, ``checkpointer_options``).
+    Returns a :class:`RunResult`; raises :class:`TooManyFailuresError` (with ``.result``).
+    """
+    detect_fields = {f.name for f in dataclasses.fields(DetectConfig)}
+    ckpt_fields = {f.name for f in dataclasses.fields(CheckpointConfig)}
+    detect = {k: options.pop(k) for k in list(options) if k in detect_fields}
+    if hang_timeout_s is not None:
+        detect["hang_timeout_s"] = hang_timeout_s
+    ck = {k: options.pop(k) for k in list(options) if k in ckpt_fields}
+    if "checkpointer_options" in options:
+        ck["options"] = options.pop("checkpointer_options")
+    if every_n_steps is not None:
+        ck["every_n_steps"] = every_n_steps
+    if keep_last != "default":
+        ck["keep_last"] = keep_last
+    config = RunConfig(num_workers=num_workers, storage=str(storage), max_failures=max_failures,
+                       detect=DetectConfig(**detect), checkpoint=CheckpointConfig(**ck), **options)
+    the_policy = resolve_policy(policy)
+    started = False
+    if not ray.is_initialized():
+        init = {"include_dashboard": False, "configure_logging": False, **(ray_init_options or {})}
+        if address is not None:
+            init["address"] = address
+        elif num_cpus is not None:
+            init["num_cpus"] = num_cpus
+        ray.init(**init)
+        started = True
+    sup = Supervisor(train_fn, config, the_policy, EventLog(echo=echo, json_lines=json_events))
+    try:
+        return sup.run()
+    finally:
+        sup.shutdown()
+        if started:
+            ray.shutdown()
+
+
+class Supervisor:
+    """Runs one job; implements :class:`recovery.policy.JobControl` for the policy."""
+
+    def __init__(self, train_fn: Callable[[TrainContext], Any], config: RunConfig, policy: RecoveryPolicy,
+                 log_: EventLog) -> None:
+        self.config = config
+        self.policy = policy
+        self.events = log_
+        self.job_id = uuid.uuid4().hex[:8]
+        self.storage = open_storage(config.storage)
+        self.train_fn_ref = ray.put(train_fn)
+        self.coordinator_name = f"ckpt-coordinator-{self.job_id}"
+        self.coordinator: Any = None
+        self.agents: dict[str, Any] = {}  # node -> agent actor
+        self.agent_address: dict[str, str] = {}
+        self.agent_watch: dict[Any, str] = {}  # wait_stopped ref -> node
+        self.workers: list[Any] = []
+        self.run_refs: dict[Any, int] = {}  # run ref -> rank
+        self.returns: dict[int, Any] = {}
+        self.pg: Any = None
+        self._pg_world = 0
+        self._attempt = -1
+        self._world = 0
+        self.records: list[RecoveryRecord] = []
+        self.checkpoints: dict[int, dict[str, Any]] = {}
+        self._failures = 0
+        self._in_a_row = 0
+        self._cursor = 0
+        self._incarnation: str | None = None
+        self._progress: dict[str, Any] = {}
+        self._coordinator_down_since: float | None = None
+        self._pending_restore: RecoveryRecord | None = None
+        self._restore_reported = False
+        self._t0 = time.time()
+
+    # -- JobControl -----------------------------------------------------------------------------
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+    @property
+    def attempt(self) -> int:
+        return self._attempt
+
+    def log(self, kind: str, message: str, **fields: Any) -> None:
+        self.events.emit(kind, message, **fields)
+
+    def stop_workers(self, reason: str) -> None:
+        n = len(self.workers)
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.workers = []
+        self.run_refs = {}
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+        self.log(ev.STOPPING, f"stopped {n} workers of attempt {self._attempt} ({reason})", workers=n,
+                 attempt=self._attempt)
+
+    def find_restore_point(self) -> RestorePoint:
+        cfg = self.config
+        deadline = time.monotonic() + cfg.settle_timeout_s
+        rows = self._agent_rows()
+        while any(r["state"] == "staged" for r in rows) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the agents persist what the workers staged before they died
+            rows = self._agent_rows()
+        completed: tuple[int, ...] = ()
+        before = set(fmt.committed_steps(self.storage))
+        try:
+            ray.get(self.coordinator.settle.remote(), timeout=60)
+        except (RayError, GetTimeoutError) as e:
+            self.log(ev.COORDINATOR, f"coordinator unavailable while settling ({type(e).__name__}): restoring "
+                     "from what is committed")
+        committed = fmt.committed_steps(self.storage)
+        completed = tuple(sorted(set(committed) - before))
+        step = committed[-1] if committed else None
+        tiers: dict[str, str] = {}
+        if step is not None:
+            writers = fmt.read_manifest(self.storage, step).writers
+            # The agents learn of a commit by polling storage: give them a moment, so that the
+            # restore is served from their memory.
+            deadline = time.monotonic() + 5.0
+            while True:
+                held = {(r["writer"], r["replica"]) for r in rows if r["step"] == step and r["state"] == "committed"}
+                if {w for w, _ in held} >= set(writers) or time.monotonic() > deadline or not self.agents:
+                    break
+                time.sleep(0.2)
+                rows = self._agent_rows()
+            for w in writers:
+                tiers[w] = "memory" if (w, False) in held else "peer" if (w, True) in held else "storage"
+        point = RestorePoint(step, tiers, completed)
+        try:
+            ray.get(self.coordinator.rollback.remote(step), timeout=30)
+        except (RayError, GetTimeoutError):
+            pass
+        held_mem = sum(1 for t in tiers.values() if t == "memory")
+        where = (f"agent memory holds {held_mem} of {len(tiers)} writers' snapshots, "
+                 f"{sum(1 for t in tiers.values() if t == 'peer')} in peer replicas, the rest from storage")
+        self.log(ev.RESTORE_PLAN, "no committed checkpoint: starting from scratch" if step is None else
+                 f"restore step {step} ({where})" + (f"; completed {list(completed)} now" if completed else ""),
+                 step=step, tiers=tiers, completed=list(completed))
+        return point
+
+    def room_for(self, n: int) -> bool:
+        return self._fits() >= n
+
+    def fit_world(self, want: int, minimum: int) -> int:
+        cfg = self.config
+        n = want
+        tried: set[int] = set()
+        while n >= minimum:
+            tried.add(n)
+            pg = placement_group([self._bundle()] * n, strategy=cfg.placement_strategy)
+            ready, _ = ray.wait([pg.ready()], timeout=cfg.placement_timeout_s)
+            if ready:
+                self.pg, self._pg_world = pg, n
+                return n
+            remove_placement_group(pg)
+            fits = min(n - 1, self._fits())
+            self.log(ev.RESIZED, f"no room for {n} workers after {cfg.placement_timeout_s:g} s; "
+                     f"trying {max(fits, minimum)}", wanted=n)
+            n = max(fits, minimum) if fits < n - 1 else n - 1
+            if n in tried:
+                break
+        raise NoRoomError(f"the cluster has no room for even {minimum} workers "
+                          f"({self._bundle()} each); add nodes or lower min_workers")
+
+    def start_workers(self, world_size: int, restore: RestorePoint | None) -> None:
+        cfg = self.config
+        if self._in_a_row:
+            delay = cfg.backoff_for(self._in_a_row)
+            if delay:
+                self.log(ev.BACKOFF, f"waiting {delay:.1f} s before restarting ({self._in_a_row} failure(s) in a row)",
+                         seconds=delay)
+                time.sleep(delay)
+        if self.pg is None or self._pg_world != world_size:
+            if self.pg is not None:
+                remove_placement_group(self.pg)
+                self.pg = None
+            self.fit_world(world_size, world_size)
+        self._attempt += 1
+        self._world = world_size
+        attempt = self._attempt
+        try:
+            ray.get(self.coordinator.begin_attempt.remote(attempt, world_size), timeout=30)
+        except (RayError, GetTimeoutError):
+            pass
+        res = self._bundle()
+        opts: dict[str, Any] = {"num_cpus": res.get("CPU", 0), "num_gpus": res.get("GPU", 0), "max_restarts": 0}
+        custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU")}
+        if custom:
+            opts["resources"] = custom
+        remote = ray.remote(Worker)
+        self.workers = [remote.options(**opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            self.pg, placement_group_bundle_index=i)).remote(i, world_size, attempt) for i in range(world_size)]
+        infos = ray.get([w.node_info.remote() for w in self.workers])
+        nodes = [i["node"] for i in infos]
+        if cfg.agent == "actor":
+            self._ensure_agents(set(nodes))
+        port = ray.get(self.workers[0].free_port.remote())
+        ck = cfg.checkpoint
+        base = {"backend": cfg.torch_backend, "master_addr": infos[0]["ip"], "master_port": port,
+                "collective_timeout_s": cfg.collective_timeout_s, "coordinator": self.coordinator,
+                "coordinator_name": self.coordinator_name, "heartbeat_interval_s": cfg.detect.heartbeat_interval_s,
+                "storage": cfg.storage, "restore_step": None if restore is None else restore.step,
+                "checkpoint": {"every_n_steps": ck.every_n_steps, "commit_timeout_s": ck.commit_timeout_s,
+                               "options": dict(ck.options)},
+                "num_threads": max(1, math.floor(res.get("CPU", 1) or 1))}
+        self.run_refs = {}
+        for rank, (w, node) in enumerate(zip(self.workers, nodes)):
+            agent = self.agent_address.get(node) if cfg.agent == "actor" else cfg.agent
+            spec = dict(base, node=node, agent=agent)
+            self.run_refs[w.run.remote(self.train_fn_ref, spec)] = rank
+        self.returns = {}
+        self._restore_reported = False
+        self.log(ev.WORKERS_STARTED, f"attempt {attempt}: {world_size} workers on {len(set(nodes))} node(s)"
+                 + ("" if restore is None or restore.step is None else f", resuming from step {restore.step}"),
+                 attempt=attempt, world_size=world_size, nodes=len(set(nodes)),
+                 restore_step=None if restore is None else restore.step)
+
+    # -- the job --------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        cfg = self.config
+        self.log(ev.STARTED, f"job {self.job_id}: {cfg.num_workers} workers, policy {self.policy.name}, "
+                 f"storage {cfg.storage}", job=self.job_id, num_workers=cfg.num_workers, policy=self.policy.name)
+        ck = cfg.checkpoint
+        self.coordinator = ray.remote(Coordinator).options(
+            name=self.coordinator_name, num_cpus=0, max_restarts=cfg.coordinator_max_restarts,
+            max_task_retries=0).remote(cfg.storage, cfg.detect, keep_last=ck.keep_last, keep_every=ck.keep_every)
+        ray.get(self.coordinator.ping.remote())
+        committed = fmt.committed_steps(self.storage)
+        world = self.fit_world(cfg.num_workers, cfg.min_workers)
+        self.start_workers(world, RestorePoint(committed[-1] if committed else None))
+        while True:
+            failure = self._watch()
+            if failure is None:
+                break
+            self._recover(failure)
+        self._poll_coordinator(final=True)
+        result = self._result()
+        self.log(ev.FINISHED, f"finished: {result.world_size} workers, {result.attempts} attempt(s), "
+                 f"{len(result.failures)} failure(s), {len(result.checkpoints)} checkpoints",
+                 attempts=result.attempts, failures=len(result.failures))
+        result.events = self.events.events
+        return result
+
+    def _watch(self) -> Failure | None:
+        """Wait until every rank returned (None) or something failed."""
+        while True:
+            refs = list(self.run_refs) + list(self.agent_watch)
+            ready, _ = ray.wait(refs, num_returns=1, timeout=self.config.poll_interval_s) if refs else ([], [])
+            for ref in ready:
+                failure = self._finished(ref)
+                if failure is not None:
+                    return failure
+            failure = self._poll_coordinator()
+            if failure is not None:
+                return failure
+            if not self.run_refs:
+                return None
+
+    def _finished(self, ref: Any) -> Failure | None:
+        now = time.time()
+        if ref in self.agent_watch:
+            node = self.agent_watch.pop(ref)
+            self.agents.pop(node, None)
+            self.agent_address.pop(node, None)
+            try:
+                ray.get(ref)
+                detail = f"the agent of node {node[:12]} stopped"
+            except RayError as e:
+                detail = f"the agent of node {node[:12]} died: {_first_line(e)}"
+            return self._failure(AGENT_DIED, detail, now, node=node)
+        rank = self.run_refs.pop(ref)
+        try:
+            self.returns[rank] = ray.get(ref)
+            return None
+        except RayTaskError as e:
+            return self._failure(WORKER_ERROR, f"rank {rank}: train_fn raised {_first_line(e.cause or e)}", now,
+                                 ranks=(rank,))
+        except RayActorError as e:
+            text = str(e)
+            kind = NODE_DIED if "node" in text.lower() and ("dead" in text.lower() or "died" in text.lower()) \
+                and "worker process" not in text.lower() else WORKER_DIED
+            return self._failure(kind, f"rank {rank}: {_first_line(e)}", now, ranks=(rank,))
+
+    def _failure(self, kind: str, detail: str, now: float, *, ranks: tuple[int, ...] = (),
+                 node: str | None = None) -> Failure:
+        ranks_info = self._progress.get("ranks", {}) if self._progress.get("attempt") == self._attempt else {}
+        seen = [ranks_info[r]["seen_at"] for r in ranks if r in ranks_info and ranks_info[r].get("seen_at")]
+        last_step = self._progress.get("last_step") if self._progress.get("attempt") == self._attempt else None
+        return Failure(kind, self._attempt, detail, now, ranks=ranks, node=node,
+                       last_progress_at=max(seen) if seen else None, last_step=last_step)
+
+    def _recover(self, failure: Failure) -> None:
+        rec = RecoveryRecord(failure, failure.detected_at - self._t0, world_before=self._world)
+        self.records.append(rec)
+        after = f", {failure.detected_after_s:.2f} s after its last heartbeat" if failure.detected_after_s else ""
+        self.log(ev.FAILURE, f"{failure.kind}: {failure.detail}{after}", failure=failure.to_dict())
+        if failure.kind != STORAGE:
+            self._failures += 1
+            self._in_a_row += 1
+        cfg = self.config
+        if cfg.max_failures != -1 and self._failures > cfg.max_failures:
+            rec.action = "aborted"
+            self.stop_workers(f"more than max_failures={cfg.max_failures} failures")
+            self.log(ev.ABORTED, f"giving up after {self._failures} failures (max_failures={cfg.max_failures})")
+            raise TooManyFailuresError(f"the job failed {self._failures} times (max_failures={cfg.max_failures}); "
+                                       f"last: {failure.kind}: {failure.detail}", self._result())
+        try:
+            outcome = self.policy.on_failure(failure, self)
+        except NoRoomError as e:
+            rec.action = "aborted"
+            self.log(ev.ABORTED, str(e))
+            raise TooManyFailuresError(str(e), self._result()) from e
+        rec.action = outcome.action
+        if outcome.action == CONTINUED:
+            return
+        if outcome.action != "restarted":
+            self.stop_workers(f"policy {self.policy.name} gave up")
+            raise RecoveryError(f"policy {self.policy.name} gave up on {failure.kind}: {outcome.detail}")
+        rec.world_after = outcome.world_size
+        if outcome.restore is not None:
+            rec.restore_step = outcome.restore.step
+            rec.expected_tier = _TIER_OF.get(outcome.restore.expected_tier, outcome.restore.expected_tier)
+            if failure.last_step is not None:
+                rec.steps_lost = failure.last_step - (rec.restore_step if rec.restore_step is not None else -1)
+        if outcome.world_size is not None and outcome.world_size != rec.world_before:
+            self.log(ev.RESIZED, f"continuing with {outcome.world_size} of {cfg.num_workers} workers "
+                     "(checkpoint resharded on restore)", world_size=outcome.world_size)
+        self._pending_restore = rec
+
+    # -- coordinator -----------------------------------------------------------------------------
+
+    def _poll_coordinator(self, final: bool = False) -> Failure | None:
+        try:
+            snap = ray.get(self.coordinator.poll.remote(self._cursor, self._attempt), timeout=10)
+        except (RayError, GetTimeoutError) as e:
+            if self._coordinator_down_since is None:
+                self._coordinator_down_since = time.time()
+                self.log(ev.COORDINATOR, f"coordinator unreachable ({type(e).__name__}); training goes on, "
+                         "commits wait for it", error=_first_line(e))
+            return None
+        if snap["incarnation"] != self._incarnation:
+            if self._incarnation is not None:
+                down = time.time() - (self._coordinator_down_since or time.time())
+                self.log(ev.COORDINATOR, f"coordinator restarted (incarnation {snap['incarnation']}, unreachable "
+                         f"for {down:.1f} s); its state rebuilt from storage and heartbeats",
+                         incarnation=snap["incarnation"])
+                try:
+                    ray.get(self.coordinator.begin_attempt.remote(self._attempt, self._world), timeout=10)
+                except (RayError, GetTimeoutError):
+                    pass
+            self._incarnation = snap["incarnation"]
+            self._cursor = 0
+            snap = ray.get(self.coordinator.poll.remote(0, self._attempt), timeout=10)
+        self._coordinator_down_since = None
+        self._cursor = snap["cursor"]
+        self._progress = snap["progress"]
+        failure = None
+        for note in snap["notes"]:
+            kind, msg, fields = note["kind"], note["message"], note["fields"]
+            if kind == "failure":
+                f = Failure(**{k: v for k, v in fields["failure"].items() if k != "detected_after_s"} |
+                            {"ranks": tuple(fields["failure"]["ranks"])})
+                if f.attempt == self._attempt and failure is None and not final:
+                    failure = f
+                else:
+                    self.log(ev.FAILURE, f"(ignored: attempt {f.attempt} is over) {msg}")
+                continue
+            if kind == "checkpoint":
+                self.checkpoints.setdefault(fields["step"], {"step": fields["step"]})
+                self._in_a_row = 0  # progress since the last restart: the backoff starts over
+            self.log(kind, msg, **fields)
+            if kind == "checkpoint" and not final and failure is None:
+                outcome = self.policy.on_checkpoint(fields["step"], self)
+                if outcome is not None and outcome.action == "restarted":
+                    return None
+        self._track_restore(snap)
+        return failure
+
+    def _track_restore(self, snap: dict[str, Any]) -> None:
+        rec = self._pending_restore
+        if rec is None:
+            return
+        restores = snap["restores"]
+        if not self._restore_reported and len(restores) >= self._world:
+            by_tier: dict[str, int] = {}
+            for info in restores.values():
+                for tier, n in info["bytes"].items():
+                    by_tier[tier] = by_tier.get(tier, 0) + int(n)
+            rec.restore_bytes = by_tier
+            rec.restore_s = max(info["seconds"] for info in restores.values())
+            rec.restored_from = max(by_tier, key=by_tier.get) if any(by_tier.values()) else rec.expected_tier
+            steps = {info["step"] for info in restores.values()}
+            self._restore_reported = True
+            mb = ", ".join(f"{k}: {v / 1e6:.1f} MB" for k, v in by_tier.items() if v) or "nothing read"
+            self.log(ev.RESTORED, f"{len(restores)} workers restored step {sorted(steps, key=str)[-1]} in "
+                     f"{rec.restore_s:.2f} s (slowest rank) from {mb}", step=list(steps), seconds=rec.restore_s,
+                     bytes=by_tier)
+        prog = snap["progress"]
+        if prog.get("attempt") == self._attempt and prog.get("last_step") is not None:
+            base = rec.restore_step if rec.restore_step is not None else -1
+            if prog["last_step"] > base:
+                rec.resumed_after_s = snap["now"] - rec.failure.detected_at
+                self.log(ev.RESUMED, f"training resumed: step {prog['last_step']} reached "
+                         f"{rec.resumed_after_s:.1f} s after the failure was detected", step=prog["last_step"],
+                         seconds=rec.resumed_after_s)
+                self._pending_restore = None
+
+    # -- agents ----------------------------------------------------------------------------------
+
+    def _ensure_agents(self, nodes: set[str]) -> None:
+        remote = ray.remote(NodeAgent)
+        new = {}
+        for node in nodes - set(self.agents):
+            new[node] = remote.options(
+                num_cpus=0, max_concurrency=8, max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            ).remote(self.job_id, self.config.agent_memory_bytes, self.coordinator)
+        for node, actor in new.items():
+            info = ray.get(actor.info.remote(), timeout=120)
+            self.agents[node] = actor
+            self.agent_address[node] = info["address"]
+            self.agent_watch[actor.wait_stopped.remote()] = node
+            self.log(ev.AGENT, f"agent up on node {node[:12]} at {info['address']}", node=node,
+                     address=info["address"])
+
+    def _agent_rows(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        if self.config.agent == "actor":
+            refs = {node: a.snapshots.remote(self.storage.url) for node, a in self.agents.items()}
+        elif self.config.agent is not None:
+            task = ray.remote(num_cpus=0)(snapshot_rows)
+            refs = {n["NodeID"]: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                n["NodeID"], soft=False)).remote(self.config.agent, self.storage.url)
+                for n in ray.nodes() if n.get("Alive")}
+        else:
+            return rows
+        for node, ref in refs.items():
+            try:
+                for r in ray.get(ref, timeout=30):
+                    rows.append(dict(r, node=node))
+            except (RayError, GetTimeoutError) as e:
+                self.log(ev.AGENT, f"cannot list the snapshots of the agent on node {node[:12]}: {_first_line(e)}",
+                         node=node)
+        return rows
+
+    # -- resources -------------------------------------------------------------------------------
+
+    def _bundle(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.config.resources_per_worker.items() if v}
+
+    def _fits(self) -> int:
+        """How many more bundles the cluster's free resources hold (ignoring how they are
+        split across nodes), plus the workers placed now."""
+        avail = ray.available_resources()
+        bundle = self._bundle()
+        if not bundle:
+            return self.config.num_workers
+        free = min(math.floor(avail.get(k, 0.0) / v + 1e-9) for k, v in bundle.items())
+        return free + (self._pg_world if self.pg is not None else 0)
+
+    # -- end -------------------------------------------------------------------------------------
+
+    def _result(self) -> RunResult:
+        try:
+            for c in ray.get(self.coordinator.checkpoints.remote(), timeout=10):
+                self.checkpoints[c["step"]] = c
+        except (RayError, GetTimeoutError):
+            pass
+        returns = [self.returns.get(r) for r in range(self._world)]
+        return RunResult(returns, self._world, self._attempt + 1, self.config.storage, list(self.records),
+                         [self.checkpoints[s] for s in sorted(self.checkpoints)], self.events.events,
+                         time.time() - self._t0)
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        self.workers = []
+        for node, a in list(self.agents.items()):
+            try:
+                ray.get(a.shutdown.remote(), timeout=60)
+            except (RayError, GetTimeoutError):
+                pass
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        self.agents.clear()
+        self.agent_watch.clear()
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001
+                pass
+            self.pg = None
+        if self.coordinator is not None:
+            try:
+                ray.kill(self.coordinator, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

@@ -1,0 +1,272 @@
+"""The worker side: the context ``train_fn`` gets, the Checkpointer wired to the coordinator
+and the node agent, and the worker actor that sets up torch.distributed and runs ``train_fn``."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import ckpt
+from ckpt.storage import Buffer, Storage
+
+log = logging.getLogger(__name__)
+
+MEMORY, PEER, STORAGE_TIER = "agent memory", "peer", "storage"
+
+
+class Reporter:
+    """Fire-and-forget calls to the coordinator: a coordinator that is down loses them, and
+    training never waits for it.
+
+    Heartbeats go from a background thread every ``interval_s`` with the latest step and
+    metrics, whether or not training progressed: a coordinator that restarted relearns the
+    attempt, the world and the run id from them at once, and a hang shows as heartbeats
+    whose step stops increasing."""
+
+    def __init__(self, coordinator: Any, attempt: int, rank: int, world_size: int, node: str | None,
+                 interval_s: float) -> None:
+        self.coordinator = coordinator
+        self.attempt = attempt
+        self.rank = rank
+        self.world_size = world_size
+        self.node = node
+        self.interval_s = interval_s
+        self.run_id: str | None = None
+        self._step: int | None = None
+        self._metrics: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="recovery-heartbeat", daemon=True)
+        if coordinator is not None:
+            self._thread.start()
+
+    def _send(self, method: str, *args: Any) -> None:
+        if self.coordinator is None:
+            return
+        try:
+            getattr(self.coordinator, method).remote(*args)
+        except Exception:  # noqa: BLE001 - never fail training over a lost heartbeat
+            log.debug("coordinator call %s failed", method, exc_info=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            step, metrics = self._step, dict(self._metrics)
+        self._send("heartbeat", self.attempt, self.rank, self.world_size, step, metrics, self.node, self.run_id)
+
+    def heartbeat(self, step: int | None, metrics: dict[str, float], *, force: bool = False) -> None:
+        with self._lock:
+            if step is not None:
+                self._step = step
+            self._metrics.update(metrics)
+        if force:
+            self.flush()
+
+    def saving(self, step: int, save_id: str, writers: Sequence[str]) -> None:
+        self._send("saving", self.attempt, step, save_id, list(writers))
+
+    def snapshot(self, step: int, save_id: str, stall_s: float, nbytes: int, error: str | None) -> None:
+        self._send("snapshot_report", self.attempt, self.rank, step, save_id, stall_s, nbytes, error)
+
+    def restored(self, info: dict[str, Any]) -> None:
+        self._send("restored", self.attempt, self.rank, info)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.flush()
+
+
+class CountingStorage(Storage):
+    """Forwards to ``inner``, counting the chunk bytes read (what storage served)."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.read_bytes = 0
+
+    def write(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> None:
+        self.inner.write(path, parts, durable=durable)
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        self.inner.write_atomic(path, data)
+
+    def read(self, path: str) -> bytes:
+        data = self.inner.read(path)
+        if not path.endswith(".json"):
+            self.read_bytes += len(data)
+        return data
+
+    def read_into(self, path: str, buffers: Sequence[memoryview]) -> int:
+        n = self.inner.read_into(path, buffers)
+        self.read_bytes += n
+        return n
+
+    def read_into_crc(self, path: str, data: memoryview, tail: memoryview) -> tuple[int, int]:
+        n, crc = self.inner.read_into_crc(path, data, tail)
+        self.read_bytes += n
+        return n, crc
+
+    def size(self, path: str) -> int | None:
+        return self.inner.size(path)
+
+    def list_dir(self, path: str) -> list[str]:
+        return self.inner.list_dir(path)
+
+    def walk_times(self, path: str) -> dict[str, tuple[int, float | None]]:
+        return self.inner.walk_times(path)
+
+    def delete(self, path: str, *, recursive: bool = False) -> None:
+        self.inner.delete(path, recursive=recursive)
+
+
+class RecoveryCheckpointer(ckpt.Checkpointer):
+    """A ``ckpt.Checkpointer`` (``commit_by="external"``) that tells the coordinator about its
+    saves, and measures which tier served each restore."""
+
+    def __init__(self, url: Any, *, reporter: Reporter, **options: Any) -> None:
+        super().__init__(url, commit_by="external", **options)
+        self.reporter = reporter
+        reporter.run_id = self.run_id
+        self.last_restore: dict[str, Any] | None = None
+        self._tiers: list[tuple[str, Any]] = []
+
+    def save(self, step: int, state: dict[str, Any], *, force: bool = False) -> ckpt.SnapshotHandle | None:
+        handle = super().save(step, state, force=force)
+        if handle is None or handle.skipped:
+            return handle
+        save_id = f"{self.run_id}-{step}"
+        if self.group.rank == 0:
+            self.reporter.saving(step, save_id, self.writers)
+        def done(fut: Any) -> None:
+            err = fut.exception()
+            self.reporter.snapshot(step, save_id, handle.stall_s + handle.hook_stall_s, handle.nbytes,
+                                   None if err is None else f"{type(err).__name__}: {err}")
+
+        handle.committed.add_done_callback(done)
+        return handle
+
+    def _restore_storage(self) -> Storage:
+        counting = CountingStorage(self.storage)
+        self._tiers = [(STORAGE_TIER, counting)]
+        client = getattr(self.sink, "client", None)
+        if client is None:  # in-process sink: storage only
+            return counting
+        from agent.sink import AgentMemoryStorage
+
+        try:
+            snaps = client.list_snapshots(self.storage.url, with_plans=True)
+        except Exception as e:  # noqa: BLE001 - restore from storage then
+            log.warning("cannot list the agent's snapshots (%s): restoring from storage", e)
+            return counting
+        replicas = AgentMemoryStorage(counting, [s for s in snaps if s.replica], self.sink.shm_dir)
+        own = AgentMemoryStorage(replicas, [s for s in snaps if not s.replica], self.sink.shm_dir)
+        self._tiers += [(PEER, replicas), (MEMORY, own)]
+        return own
+
+    def restore(self, state: dict[str, Any], *, step: int | None = None, strict: bool = True) -> int | None:
+        t0 = time.perf_counter()
+        resumed = super().restore(state, step=step, strict=strict)
+        seconds = time.perf_counter() - t0
+        served = {}
+        for tier, st in self._tiers:
+            served[tier] = st.read_bytes if tier == STORAGE_TIER else st.served_bytes
+        self._tiers = []
+        self.last_restore = {"step": None if resumed is None else resumed - 1, "seconds": seconds,
+                             "bytes": served}
+        self.reporter.restored(self.last_restore)
+        return resumed
+
+
+@dataclass
+class TrainContext:
+    """What ``train_fn(ctx)`` gets."""
+
+    rank: int
+    world_size: int
+    attempt: int  # 0 for the first start, +1 per restart
+    restore_step: int | None  # the step recovery chose to resume from (``None``: from scratch)
+    checkpointer: RecoveryCheckpointer
+    device: torch.device
+    node: str | None = None
+    coordinator_name: str | None = None
+    _reporter: Reporter | None = field(default=None, repr=False)
+
+    def report(self, step: int, **metrics: float) -> None:
+        """Heartbeat with progress: call it every step (the latest is sent every
+        ``heartbeat_interval_s``). A rank whose step stops increasing for ``hang_timeout_s`` is
+        declared hung. Metrics (loss, grad_norm, ...) are shown by the coordinator."""
+        if self._reporter is not None:
+            self._reporter.heartbeat(int(step), {k: float(v) for k, v in metrics.items()})
+
+
+def free_port(host: str = "") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Worker:
+    """Plain class; the launcher wraps it with ``ray.remote`` and places one per bundle."""
+
+    def __init__(self, rank: int, world_size: int, attempt: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.attempt = attempt
+        self.ctx: TrainContext | None = None
+
+    def node_info(self) -> dict[str, Any]:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"node": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "gpus": ray.get_gpu_ids()}
+
+    def free_port(self) -> int:
+        import ray
+
+        return free_port(ray.util.get_node_ip_address())
+
+    def run(self, train_fn: Callable[[TrainContext], Any], spec: dict[str, Any]) -> Any:
+        import torch.distributed as dist
+
+        backend = spec["backend"]
+        if backend == "nccl" and torch.cuda.is_available():
+            torch.cuda.set_device(0)  # Ray makes the worker's GPU the only visible one
+            device = torch.device("cuda", 0)
+        else:
+            device = torch.device("cpu")
+        if spec.get("num_threads"):
+            torch.set_num_threads(spec["num_threads"])
+        dist.init_process_group(backend, init_method=f"tcp://{spec['master_addr']}:{spec['master_port']}",
+                                rank=self.rank, world_size=self.world_size,
+                                timeout=datetime.timedelta(seconds=spec["collective_timeout_s"]))
+        reporter = Reporter(spec.get("coordinator"), self.attempt, self.rank, self.world_size, spec.get("node"),
+                            spec["heartbeat_interval_s"])
+        ck = spec["checkpoint"]
+        options = dict(ck["options"])
+        options.setdefault("commit_timeout_s", ck["commit_timeout_s"])
+        ckptr = RecoveryCheckpointer(spec["storage"], reporter=reporter, agent=spec.get("agent"),
+                                     every_n_steps=ck["every_n_steps"], keep_last=None, **options)
+        reporter.heartbeat(None, {}, force=True)
+        self.ctx = TrainContext(self.rank, self.world_size, self.attempt, spec.get("restore_step"), ckptr, device,
+                                node=spec.get("node"), coordinator_name=spec.get("coordinator_name"),
+                                _reporter=reporter)
+        try:
+            result = train_fn(self.ctx)
+            ckptr.close(wait=True)
+        finally:
+            reporter.close()
+        dist.destroy_process_group()
+        return result
