@@ -59,6 +59,21 @@ def _int_tuple(value: Any, where: str, *, minimum: int = 0) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _float(value: Any, where: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer too large for a float: JSON allows it
+        raise ManifestError(f"{where}: number out of range") from None
+
+
+def check_tensor_path(path: str, where: str) -> str:
+    """A tensor path is relative, ``/``-separated, and never leaves the step directory."""
+    parts = path.split("/")
+    if not path or "\\" in path or "\x00" in path or any(p in ("", ".", "..") for p in parts) or parts[-1] == "zarr.json":
+        raise ManifestError(f"{where}: tensor path {path!r} is not a relative path inside the checkpoint")
+    return path
+
+
 def check_version(d: Any, where: str) -> int:
     name = _req(d, "format", str, where)
     if name != FORMAT_NAME:
@@ -123,7 +138,7 @@ class ArraySpec:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "array") -> ArraySpec:
-        path = _req(d, "path", str, where)
+        path = check_tensor_path(_req(d, "path", str, where), f"{where}.path")
         layout = d.get("layout", {})
         if not isinstance(layout, dict):
             raise ManifestError(f"{where}.layout: expected an object")
@@ -209,7 +224,7 @@ class Fragment:
             step=_req(d, "step", int, where),
             save_id=_req(d, "save_id", str, where),
             writer=_req(d, "writer", str, where),
-            created_at=float(_req(d, "created_at", (int, float), where)),
+            created_at=_float(_req(d, "created_at", (int, float), where), f"{where}.created_at"),
             arrays=arrays,
             chunks=chunks,
             values=_req(d, "values", dict, where),
@@ -273,7 +288,7 @@ class Manifest:
         return cls(
             step=_req(d, "step", int, where),
             save_id=_req(d, "save_id", str, where),
-            created_at=float(_req(d, "created_at", (int, float), where)),
+            created_at=_float(_req(d, "created_at", (int, float), where), f"{where}.created_at"),
             writers=tuple(writers),
             arrays=arrays,
             values=_req(d, "values", dict, where),

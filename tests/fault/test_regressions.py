@@ -64,3 +64,21 @@ def test_a_bit_flip_that_still_parses_is_caught_in_the_commit_point_fragments_an
         p.write_bytes(data)
     _flip_text(sdir / "model" / "w" / "zarr.json", '"kind":"plain"', '"kind":"plaim"')
     assert ["layout" in p.message for p in verify_step(storage, 3).problems] == [True]
+
+
+def test_manifest_parser_refuses_huge_numbers_and_escaping_tensor_paths():
+    # float(10**400) raised OverflowError out of the parser of untrusted JSON; a tensor path
+    # with '..' was accepted by the parser (refused only later, by storage, as a storage error).
+    import pytest
+
+    from ckpt.manifest import Manifest, ManifestError
+
+    doc = {"format": "ckpt", "format_version": 2, "step": 1, "save_id": "s", "created_at": 10**400,
+           "writers": [], "arrays": [], "values": {}}
+    with pytest.raises(ManifestError, match="created_at: number out of range"):
+        Manifest.from_dict(doc)
+    for bad in ("../evil", "a/../../b", "/abs", "a//b", "a\\b", "model/zarr.json", ""):
+        doc = {**doc, "created_at": 1.0, "arrays": [{"path": bad, "shape": [1], "dtype": "float32",
+                                                     "chunk_shape": [1]}]}
+        with pytest.raises(ManifestError, match="not a relative path inside the checkpoint"):
+            Manifest.from_dict(doc)
