@@ -1,0 +1,138 @@
+"""Fuzz the parsers of untrusted checkpoint metadata (hypothesis, bounded): the manifest and
+fragment parsers, the agent's plan decoder, and whole commit points read by load, verify and
+the CLI. Anything may be refused, with a ``ckpt`` error; nothing may crash with another
+exception, and the CLI never reports an internal error."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ckpt
+from ckpt import format as fmt
+from ckpt.cli import EXIT_INTERNAL
+from ckpt.cli import main as cli
+from ckpt.manifest import ArraySpec, Fragment, Manifest, ManifestError
+from ckpt.verify import verify_step
+
+EXAMPLES = int(os.environ.get("CKPT_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                       HealthCheck.data_too_large])
+
+json_scalars = st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**400) \
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12) \
+    | st.sampled_from(["float32", "bfloat16", "bool", "int64", "float8_e4m3fn", "Tensor", "..", "../x", "/abs", "c", "",
+                       "ckpt", "group", "array", "w", "model/w"])
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=8) | st.sampled_from(
+                               ["shape", "dtype", "chunk_shape", "path", "arrays", "writers", "values", "step"]),
+                               inner, max_size=4), max_leaves=20)
+
+
+def _valid_manifest_dict() -> dict:
+    spec = ArraySpec(path="model/w", shape=(4, 6), dtype="float32", chunk_shape=(2, 6), chunk_separator=".")
+    return Manifest(step=3, save_id="s", created_at=1.0, writers=("rank00000",), arrays={"model/w": spec},
+                    values={"v": 1}).to_dict()
+
+
+def _mutate(doc, data):
+    """Replace one field somewhere in ``doc`` by random JSON (or delete it)."""
+    node = doc
+    while True:
+        if isinstance(node, dict) and node:
+            key = data.draw(st.sampled_from(sorted(node, key=str)))
+        elif isinstance(node, list) and node:
+            key = data.draw(st.integers(0, len(node) - 1))
+        else:
+            return
+        child = node[key]
+        if isinstance(child, (dict, list)) and child and data.draw(st.booleans()):
+            node = child
+            continue
+        if isinstance(node, dict) and data.draw(st.integers(0, 4)) == 0:
+            del node[key]
+        else:
+            node[key] = data.draw(json_values)
+        return
+
+
+@FUZZ
+@given(st.data())
+def test_manifest_and_fragment_parsers_raise_only_manifest_errors(data):
+    doc = data.draw(json_values | st.just(_valid_manifest_dict()).map(lambda d: json.loads(json.dumps(d))))
+    for _ in range(data.draw(st.integers(0, 3))):
+        _mutate(doc, data)
+    for parse in (Manifest.from_dict, Fragment.from_dict, lambda d: ArraySpec.from_dict(d)):
+        try:
+            parse(doc)
+        except ManifestError:
+            pass
+
+
+@FUZZ
+@given(st.data())
+def test_agent_plan_decoder_raises_only_plan_errors(data):
+    from agent.errors import PlanError
+    from agent.plan import decode_plan
+
+    doc = {"version": 1, "arrays": [_valid_manifest_dict()["arrays"][0]], "metadata": ["model/w"], "values": {},
+           "tensors": [[0, "float32", [4, 6]]], "requests": [["model/w", [0, 0], 0, [[0, 2], [0, 6]], [2, 6]]]}
+    for _ in range(data.draw(st.integers(1, 3))):
+        _mutate(doc, data)
+    try:
+        decode_plan(json.dumps(doc), torch.zeros(96, dtype=torch.uint8))
+    except PlanError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzzrun")
+    ckpt.save({"model": {"w": torch.arange(24.0).reshape(4, 6)}, "v": 1}, str(root), step=3, max_chunk_bytes=48)
+    return root
+
+
+@FUZZ
+@given(st.data())
+def test_load_verify_and_cli_on_a_mutated_commit_point(run_dir, data):
+    """A well-formed (checksummed) commit point with any content: a buggy or hostile writer."""
+    path = run_dir / fmt.step_dir(3) / fmt.META
+    pristine = path.read_bytes()
+    try:
+        root = json.loads(pristine)
+        root["attributes"].pop(fmt.SEAL_KEY)
+        target = data.draw(st.sampled_from(["manifest", "root", "consolidated"]))
+        sub = {"manifest": root["attributes"]["ckpt"], "root": root, "consolidated": root["consolidated_metadata"]}
+        for _ in range(data.draw(st.integers(1, 3))):
+            _mutate(sub[target], data)
+        try:
+            body = fmt.dumps(fmt.seal_root(root) if isinstance(root.get("attributes"), dict) else root)
+        except ValueError:
+            return
+        path.write_bytes(body)
+        storage = ckpt.open_storage(str(run_dir))
+        for action in (
+            lambda: ckpt.load({"model": {"w": torch.zeros(4, 6)}, "v": 0}, storage, step=3),
+            lambda: ckpt.load({"model": {"w": torch.zeros(4, 6)}}, storage, strict=False),
+            lambda: verify_step(storage, 3),
+            lambda: ckpt.read_manifest(storage),
+        ):
+            try:
+                action()
+            except ckpt.CkptError:
+                pass
+        for argv in (["inspect", str(run_dir)], ["verify", str(run_dir)], ["ls", str(run_dir)],
+                     ["inspect", str(run_dir), "--json"]):
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+                code = cli(argv)
+            assert code != EXIT_INTERNAL, err.getvalue()
+    finally:
+        path.write_bytes(pristine)
