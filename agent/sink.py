@@ -209,8 +209,14 @@ class AgentSink(Sink):
             with self._lock:
                 jobs = list(self._jobs.values())
                 self._jobs.clear()
+                held = list(self._held.values())
+                self._held.clear()
             for j in jobs:
                 self._fail(j, err)
+            # The agent that held these slabs is gone and will never release them: without
+            # this, the next save would wait for host memory forever.
+            for j in held:
+                j.release()
         except BaseException as e:  # noqa: BLE001
             if not first.done():
                 first.set_exception(e)

@@ -355,7 +355,16 @@ class Checkpointer:
         nbytes = plan.nbytes
         handle.nbytes = nbytes
         pool = self._pool_for(nbytes, plan.mine)
-        slab = pool.acquire(nbytes, block=cfg.when_busy == "block")
+        try:
+            slab = pool.acquire(nbytes, block=cfg.when_busy == "block")
+        except (CkptError, OSError) as e:
+            # Host memory comes from the sink (a node agent's shared memory): when the sink is
+            # gone, this checkpoint fails like any other persist failure; training goes on.
+            if cfg.on_error == "raise":
+                raise
+            self._fail(handle, e)
+            self._record_error(step, handle.committed)
+            return
         if slab is None:
             handle.skipped = True
             self._skipped += 1

@@ -82,3 +82,42 @@ def test_manifest_parser_refuses_huge_numbers_and_escaping_tensor_paths():
                                                      "chunk_shape": [1]}]}
         with pytest.raises(ManifestError, match="not a relative path inside the checkpoint"):
             Manifest.from_dict(doc)
+
+
+def test_training_goes_on_when_the_node_agent_dies(tmp_path):
+    # With agent=, a killed agent stopped training: save() waited forever for the slabs the
+    # dead agent held (default host budget: two slabs), or raised AgentUnavailableError when
+    # it needed a new one (a larger budget).
+    import os
+    import sys
+
+    import pytest
+
+    if not os.path.isdir("/dev/shm") or not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux POSIX shared memory")
+    from .crash_harness import Agent
+
+    for n, budget in enumerate((None, 1 << 20)):
+        home = tmp_path / f"a{n}"
+        home.mkdir()
+        agent = Agent(home, f"reg{os.getpid() % 100000}x{n}", 1)
+        try:
+            ck = ckpt.Checkpointer(str(home / "run"), agent=agent.address, every_n_steps=1, keep_last=2,
+                                   commit_timeout_s=30, host_budget_bytes=budget)
+            state = {"w": torch.zeros(64, 64)}
+            ck.save(0, state).result(60)
+            ck.save(1, state).staged.result(60)
+            agent.kill()
+            handles = []
+            for step in range(2, 8):
+                state["w"].add_(1)
+                handles.append(ck.save(step, state))  # returns: training goes on
+            for hd in handles:
+                with pytest.raises(ckpt.CkptError):
+                    hd.result(60)
+            assert ck.status().failed >= 6 and ck.status().last_committed == 0
+            ck.close()
+        finally:
+            if agent.alive():
+                agent.kill()
+        assert ckpt.committed_steps(ckpt.open_storage(str(home / "run"))) in ([0], [0, 1])
