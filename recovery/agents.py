@@ -17,6 +17,11 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+def agent_actor_name(coordinator_name: str, node: str) -> str:
+    """The name of the agent actor of ``node`` in the job whose coordinator is ``coordinator_name``."""
+    return f"{coordinator_name.replace('coordinator', 'agent')}-{node[:12]}"
+
+
 def snapshot_rows(address: str, run_url: str) -> list[dict[str, Any]]:
     """What the agent at ``address`` holds of ``run_url`` (run on the agent's node)."""
     from agent.client import AgentClient

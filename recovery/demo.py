@@ -31,7 +31,8 @@ import torch.distributed as dist
 
 from .worker import TrainContext
 
-KILL, HANG, KILL_COORDINATOR, TAKE_SLOT, RAISE = "kill", "hang", "kill_coordinator", "take_slot", "raise"
+KILL, HANG, KILL_COORDINATOR, KILL_AGENT, TAKE_SLOT, RAISE = (
+    "kill", "hang", "kill_coordinator", "kill_agent", "take_slot", "raise")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +41,7 @@ class Fault:
 
     ``kill``: SIGKILL its own process. ``hang``: stop making progress (sleep). ``raise``: an
     exception out of ``train_fn``. ``kill_coordinator``: kill the coordinator actor (Ray
-    restarts it). ``take_slot``: start a detached actor named ``slot_taker`` holding
+    restarts it). ``kill_agent``: kill the node agent actor of its node. ``take_slot``: start a detached actor named ``slot_taker`` holding
     ``resources`` (it waits for them), so that a restart finds less room.
     """
 
@@ -138,6 +139,12 @@ class DemoTrainer:
                 import ray
 
                 ray.kill(ray.get_actor(ctx.coordinator_name), no_restart=False)
+            elif f.kind == KILL_AGENT:
+                import ray
+
+                from .agents import agent_actor_name
+
+                ray.kill(ray.get_actor(agent_actor_name(ctx.coordinator_name, ctx.node)))
             elif f.kind == TAKE_SLOT:
                 import ray
 
@@ -201,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hang-timeout", type=float, default=5.0)
     parser.add_argument("--step-sleep", type=float, default=0.05, help="extra seconds per step (pacing)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
+    parser.add_argument("--address", default=None,
+                        help="join this Ray cluster ('auto', ray://host:10001) instead of starting a local one")
+    parser.add_argument("--agent", default="actor",
+                        help="'actor' (an agent per node run by recovery), 'none', or the address of the agent "
+                             "already running on every node, e.g. unix:///run/ckpt-agent/agent.sock")
+    parser.add_argument("--cpus-per-worker", type=float, default=None)
     args = parser.parse_args(argv)
 
     from . import launcher
@@ -219,12 +232,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{3 * params / 1e6:.1f} MB of state); {args.workers} data-parallel workers; checkpoint every "
           f"{args.every} steps; injected: {', '.join(f'{f.kind} rank {f.rank} at step {f.step}' for f in faults) or 'nothing'}")
     ncpu = args.num_cpus or os.cpu_count() or 2
+    cpus = args.cpus_per_worker if args.cpus_per_worker is not None else (
+        1.0 if args.address else min(1.0, ncpu / (args.workers + 1)))
     t0 = time.perf_counter()
     try:
         result = launcher.run(
             trainer, num_workers=args.workers, storage=run_dir, policy="reload", max_failures=3,
-            num_cpus=ncpu, ray_init_options={"log_to_driver": False},
-            resources_per_worker={"CPU": min(1.0, ncpu / (args.workers + 1))},
+            address=args.address, num_cpus=None if args.address else ncpu,
+            ray_init_options={"log_to_driver": False}, agent=None if args.agent == "none" else args.agent,
+            resources_per_worker={"CPU": cpus},
             every_n_steps=args.every, keep_last=3, hang_timeout_s=args.hang_timeout, startup_timeout_s=120,
             backoff_s=0.5, placement_timeout_s=20, agent_memory_bytes=1 << 30)
     except Exception as e:  # noqa: BLE001 - the demo reports, then fails

@@ -133,6 +133,12 @@ class Membership:
             if now - since > limit:
                 hung.append(st)
         if hung:
+            # The peers of a hung rank wait for it in a collective: name every rank that has
+            # not progressed for half the timeout too, in the same report.
+            half = self.config.hang_timeout_s / 2
+            hung += [st for st in self.ranks.values() if st not in hung and not st.hung_reported
+                     and st.progress_at is not None and now - st.progress_at > half]
+            hung.sort(key=lambda st: st.rank)
             for st in hung:
                 st.hung_reported = True
             last = max(st.progress_at if st.progress_at is not None else st.started_at for st in hung)

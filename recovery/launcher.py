@@ -28,7 +28,7 @@ from ckpt import format as fmt
 from ckpt.storage import open_storage
 
 from . import events as ev
-from .agents import NodeAgent, snapshot_rows
+from .agents import NodeAgent, agent_actor_name, snapshot_rows
 from .config import CheckpointConfig, DetectConfig, RunConfig
 from .coordinator import Coordinator
 from .detect import AGENT_DIED, NODE_DIED, STORAGE, WORKER_DIED, WORKER_ERROR, Failure
@@ -403,13 +403,32 @@ class Supervisor:
             self.returns[rank] = ray.get(ref)
             return None
         except RayTaskError as e:
+            # A peer's death breaks the collectives of the others: report the death, the cause.
+            dead = self._dead_peer(timeout_s=2.0)
+            if dead is not None:
+                return dead
             return self._failure(WORKER_ERROR, f"rank {rank}: train_fn raised {_first_line(e.cause or e)}", now,
                                  ranks=(rank,))
         except RayActorError as e:
             text = str(e)
             kind = NODE_DIED if "node" in text.lower() and ("dead" in text.lower() or "died" in text.lower()) \
                 and "worker process" not in text.lower() else WORKER_DIED
-            return self._failure(kind, f"rank {rank}: {_first_line(e)}", now, ranks=(rank,))
+            what = "its node died" if kind == NODE_DIED else "its process died"
+            return self._failure(kind, f"rank {rank}: {what} ({_first_line(e)})", now, ranks=(rank,))
+
+    def _dead_peer(self, timeout_s: float) -> Failure | None:
+        refs = list(self.run_refs)
+        if not refs:
+            return None
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for ref in ready:
+            try:
+                ray.get(ref, timeout=0)
+            except RayActorError:
+                return self._finished(ref)
+            except Exception:  # noqa: BLE001 - errors of the others are consequences too
+                pass
+        return None
 
     def _failure(self, kind: str, detail: str, now: float, *, ranks: tuple[int, ...] = (),
                  node: str | None = None) -> Failure:
@@ -492,8 +511,10 @@ class Supervisor:
                             {"ranks": tuple(fields["failure"]["ranks"])})
                 if f.attempt == self._attempt and failure is None and not final:
                     failure = f
-                else:
+                elif f.attempt != self._attempt:
                     self.log(ev.FAILURE, f"(ignored: attempt {f.attempt} is over) {msg}")
+                else:
+                    self.log(ev.FAILURE, f"(handled with the failure above) {msg}")
                 continue
             if kind == "checkpoint":
                 self.checkpoints.setdefault(fields["step"], {"step": fields["step"]})
@@ -542,7 +563,7 @@ class Supervisor:
         new = {}
         for node in nodes - set(self.agents):
             new[node] = remote.options(
-                num_cpus=0, max_concurrency=8, max_restarts=0,
+                name=agent_actor_name(self.coordinator_name, node), num_cpus=0, max_concurrency=8, max_restarts=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
             ).remote(self.job_id, self.config.agent_memory_bytes, self.coordinator)
         for node, actor in new.items():

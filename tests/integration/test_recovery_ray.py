@@ -17,9 +17,9 @@ import torch
 
 import ckpt
 from ckpt import format as fmt
-from recovery.demo import HANG, KILL, KILL_COORDINATOR, TAKE_SLOT, DemoTrainer, Fault
+from recovery.demo import HANG, KILL, KILL_AGENT, KILL_COORDINATOR, TAKE_SLOT, DemoTrainer, Fault
+from recovery.detect import AGENT_DIED, WORKER_DIED
 from recovery.detect import HANG as HANG_FAILURE
-from recovery.detect import WORKER_DIED
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.isdir("/dev/shm"),
@@ -133,3 +133,44 @@ def test_lost_worker_without_room_continues_on_three_workers_resharded(cluster, 
     final = trainer.reference(world=4, resized=((11, 3),))
     for k, v in final.items():
         torch.testing.assert_close(result.returns[0]["state"][k], v, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_killed_agent_restarts_it_and_restores_from_storage(cluster, tmp_path):
+    trainer = DemoTrainer(steps=24, width=32, depth=2, global_batch=8, step_sleep_s=0.05, return_state=True,
+                          faults=(Fault(KILL_AGENT, 13, rank=0),))
+    result = _run(trainer, tmp_path, num_workers=2)
+    (rec,) = result.failures
+    assert rec.failure.kind == AGENT_DIED and rec.restore_step == 10, rec
+    # the snapshots in the dead agent's memory are gone: storage serves the restore
+    assert rec.restore_bytes.get("storage", 0) > 0 and rec.restore_bytes.get("agent memory", 0) == 0, rec
+    assert [r["start"] for r in result.returns] == [11, 11]
+    assert _equal(result.returns[0]["state"], trainer.reference(world=2))
+
+
+@pytest.mark.slow
+def test_grows_back_when_room_returns(cluster, tmp_path):
+    trainer = DemoTrainer(steps=60, width=32, depth=2, global_batch=12, step_sleep_s=0.05,
+                          faults=(Fault(TAKE_SLOT, 13, rank=3, resources={"slot": 1}), Fault(KILL, 14, rank=3)))
+    import threading
+
+    def free_the_slot():  # room returns a while after the shrink
+        import time
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                taker = ray.get_actor("slot_taker")
+                ray.get(taker.ping.remote(), timeout=60)
+                time.sleep(3)
+                ray.kill(taker)
+                return
+            except ValueError:
+                time.sleep(0.2)
+
+    t = threading.Thread(target=free_the_slot, daemon=True)
+    t.start()
+    result = _run(trainer, tmp_path, num_workers=4, min_workers=2, placement_timeout_s=3.0, allow_grow=True)
+    t.join(5)
+    sizes = [e.fields["world_size"] for e in result.events if e.kind == "workers_started"]
+    assert sizes[:2] == [4, 3] and sizes[-1] == 4 and result.world_size == 4, sizes
