@@ -130,6 +130,28 @@ def lower_thread_priority(nice: int | None) -> None:
         log.debug("could not lower the priority of %s", threading.current_thread().name, exc_info=True)
 
 
+def fragment_status(storage: Storage, step: int, save_id: str, writers: Sequence[str]) -> tuple[list[str], list[str]]:
+    """One look at storage: (writers whose fragment of this save is not there yet, the errors
+    of writers that left a failure marker for it). A fragment of another save (a stale
+    attempt) does not count."""
+    missing, errors = [], []
+    for w in writers:
+        try:
+            if fmt.read_fragment(storage, step, w).save_id == save_id:
+                continue
+        except FileNotFoundError:
+            pass
+        try:
+            marker = json.loads(storage.read(failed_marker(step, w)))
+            if marker.get("save_id") == save_id:
+                errors.append(f"{w}: {marker.get('error')}")
+                continue
+        except FileNotFoundError:
+            pass
+        missing.append(w)
+    return missing, errors
+
+
 def wait_for_fragments(
     storage: Storage, step: int, save_id: str, writers: Sequence[str], *, timeout_s: float, poll_s: float,
     stop: threading.Event | None = None,
@@ -139,22 +161,10 @@ def wait_for_fragments(
     deadline = time.monotonic() + timeout_s
     delay = poll_s
     while pending:
-        still = []
-        for w in pending:
-            try:
-                frag = fmt.read_fragment(storage, step, w)
-                if frag.save_id == save_id:
-                    continue
-            except FileNotFoundError:
-                pass
-            try:
-                marker = json.loads(storage.read(failed_marker(step, w)))
-                if marker.get("save_id") == save_id:
-                    raise CommitError(f"step {step}: writer {w} failed: {marker.get('error')}")
-            except FileNotFoundError:
-                pass
-            still.append(w)
-        pending = still
+        pending, errors = fragment_status(storage, step, save_id, pending)
+        if errors:
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise CommitError(f"step {step}: a writer failed: {errors[0]}{more}")
         if not pending:
             return
         if time.monotonic() > deadline:

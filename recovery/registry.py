@@ -10,7 +10,6 @@ After a coordinator restart :meth:`rebuild` finds the same from storage alone.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +20,7 @@ from ckpt import format as fmt
 from ckpt.api import library_versions
 from ckpt.errors import CkptError
 from ckpt.retention import RetentionPolicy, run_gc
-from ckpt.sink import failed_marker
+from ckpt.sink import fragment_status
 from ckpt.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -51,26 +50,6 @@ class PollResult:
     committed: tuple[SaveRecord, ...] = ()
     failed: tuple[SaveRecord, ...] = ()
     deleted: tuple[int, ...] = ()
-
-
-def fragment_status(storage: Storage, step: int, save_id: str, writers: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(writers whose fragment of this save is not in storage yet, errors of writers that failed)."""
-    missing, errors = [], []
-    for w in writers:
-        try:
-            if fmt.read_fragment(storage, step, w).save_id == save_id:
-                continue
-        except FileNotFoundError:
-            pass
-        try:
-            marker = json.loads(storage.read(failed_marker(step, w)))
-            if marker.get("save_id") == save_id:
-                errors.append(f"{w}: {marker.get('error')}")
-                continue
-        except FileNotFoundError:
-            pass
-        missing.append(w)
-    return missing, errors
 
 
 class CheckpointRegistry:
