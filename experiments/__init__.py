@@ -1,0 +1,1 @@
+"""Experiments that go with the library: scripts, not part of the installed package."""

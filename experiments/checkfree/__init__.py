@@ -1,0 +1,1 @@
+"""CheckFree / CheckFree+ reproduction at small scale: ``python -m experiments.checkfree.run --quick``."""
