@@ -142,6 +142,10 @@ def run(train_fn: Callable[[TrainContext], Any], *, num_workers: int, storage: s
     config = RunConfig(num_workers=num_workers, storage=str(storage), max_failures=max_failures,
                        detect=DetectConfig(**detect), checkpoint=CheckpointConfig(**ck), **options)
     the_policy = resolve_policy(policy)
+    if getattr(the_policy, "requires_pipeline", False):
+        raise ValueError(f"policy {the_policy.name!r} rebuilds lost pipeline stages from their neighbours; the workers "
+                         "of recovery.run are data-parallel replicas with no stages: use policy='reload' here, or run "
+                         "the pipeline with recovery.pipeline.RayPipeline(...).run(steps, policy=...)")
     started = False
     if not ray.is_initialized():
         init = {"include_dashboard": False, "configure_logging": False, **(ray_init_options or {})}

@@ -458,13 +458,16 @@ class RayPipeline:
     average, by :func:`recovery.checkfree.decide_auto`). ``events`` records each recovery.
     """
 
-    def __init__(self, cfg: PipelineConfig) -> None:
+    def __init__(self, cfg: PipelineConfig, *, events: Any = None) -> None:
         import ray
         import torch.distributed as dist
 
         from recovery.checkfree import LossBumpTracker
+        from recovery.events import EventLog
 
         self.cfg = cfg
+        # Printed as it happens, like recovery.run's; pass EventLog(echo=None) for silence.
+        self.event_log = events if events is not None else EventLog()
         self._ray = ray
         self._actor_cls = ray.remote(num_cpus=cfg.actor_num_cpus, max_restarts=0)(StageWorker)
         self.host = "127.0.0.1" if _single_node(ray) else ray.util.get_node_ip_address()
@@ -559,14 +562,65 @@ class RayPipeline:
             self.last_checkpoint = self.step
 
     # -- recovery ---------------------------------------------------------------------------
-    def recover(self, lost: list[int], policy: str = "neighbor_average") -> dict[str, Any]:
-        """Replace the lost stages' actors and re-form the process group; returns the event recorded."""
+    # -- the job control a recovery policy drives (recovery.policy.JobControl's pipeline verbs) --
+    def log(self, kind: str, message: str, **fields: Any) -> None:
+        self.event_log.emit(kind, message, **fields)
+
+    def run(self, steps: int, policy: Any = "neighbor_average", *, max_failures: int = 3,
+            before_step: Any = None) -> list[dict[str, float]]:
+        """Train until ``self.step == steps``, recovering every lost stage with ``policy`` (a
+        name or a :class:`recovery.checkfree.StageRecoveryPolicy`), at most ``max_failures``
+        times. ``before_step(pipeline, step)`` runs before each step (fault injection)."""
+        import time
+
+        from recovery import events as ev
+        from recovery.checkfree import stage_policy
+        from recovery.detect import WORKER_DIED, Failure
+        from recovery.errors import RecoveryError, TooManyFailuresError
+        from recovery.policy import ABORT
+
+        the_policy = stage_policy(policy)
+        self.log(ev.STARTED, f"pipeline of {len(self.workers)} stages, policy {the_policy.name}, "
+                 f"from step {self.step} to {steps}", stages=len(self.workers), policy=the_policy.name)
+        out: list[dict[str, float]] = []
+        failures = 0
+        while self.step < steps:
+            if before_step is not None:
+                before_step(self, self.step)
+            try:
+                out += self.train(1)
+            except StageLostError as e:
+                failures += 1
+                failure = Failure(WORKER_DIED, failures, f"stage(s) {e.stages} lost at step {e.step}", time.time(),
+                                  ranks=tuple(e.stages), last_step=e.step)
+                self.log(ev.FAILURE, f"{failure.kind}: {failure.detail}", failure=failure.kind, stages=list(e.stages),
+                         step=e.step)
+                if failures > max_failures:
+                    self.log(ev.ABORTED, f"giving up after {failures} failures (max_failures={max_failures})")
+                    raise TooManyFailuresError(f"{failures} failures, max_failures={max_failures}") from e
+                outcome = the_policy.on_failure(failure, self)
+                if outcome.action == ABORT:
+                    self.log(ev.ABORTED, outcome.detail)
+                    raise RecoveryError(outcome.detail) from e
+        self.log(ev.FINISHED, f"step {self.step} reached after {failures} failure(s)", failures=failures)
+        return out
+
+    def recover_stages(self, lost: list[int], policy: Any) -> dict[str, Any]:
+        """The verb :meth:`recovery.checkfree.StageRecoveryPolicy.on_failure` calls."""
+        return self.recover(lost, policy)
+
+    def recover(self, lost: list[int], policy: Any = "neighbor_average") -> dict[str, Any]:
+        """Replace the lost stages' actors and re-form the process group; returns the event recorded.
+        ``policy``: one of :data:`POLICIES` or a :class:`recovery.checkfree.StageRecoveryPolicy`."""
         import time
 
         from recovery import checkfree as cf
+        from recovery import events as ev
 
-        if policy not in POLICIES:
+        if not isinstance(policy, cf.StageRecoveryPolicy) and policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        the_policy = cf.stage_policy(policy)
+        policy = the_policy.strategy
         ray, n = self._ray, self.cfg.model.num_stages
         t0 = time.perf_counter()
         survivors = [i for i in range(n) if i not in lost]
@@ -576,20 +630,18 @@ class RayPipeline:
         self.step = steps.pop() if steps else self.step
         plans = cf.plan_recovery({i: 1 for i in lost}, num_stages=n)
         event: dict[str, Any] = {"step": self.step, "lost": list(lost), "policy": policy, "plans": [p.to_dict() for p in plans]}
-        chosen = policy
-        if policy == "auto":
-            mean_step = sum(self._step_seconds[-20:]) / max(1, len(self._step_seconds[-20:])) or 1e-3
-            decision = cf.decide_auto(plans, cf.AutoInputs(
-                step_seconds=mean_step,
-                steps_since_snapshot=None if self.last_checkpoint is None else self.step - self.last_checkpoint,
-                recovery_steps=self.tracker.recovery_steps))
-            chosen, event["reason"] = decision.policy, decision.reason
-        if chosen != "reload" and any(p.action is cf.RecoveryAction.RELOAD for p in plans):
-            if self.last_checkpoint is None:
-                raise RuntimeError(f"cannot rebuild {lost}: {[p.reason for p in plans if p.action is cf.RecoveryAction.RELOAD]}, "
-                                   "and there is no checkpoint to reload")
-            chosen, event["reason"] = "reload", "; ".join(p.reason for p in plans if p.action is cf.RecoveryAction.RELOAD)
+        mean_step = sum(self._step_seconds[-20:]) / max(1, len(self._step_seconds[-20:])) or 1e-3
+        inputs = cf.AutoInputs(
+            step_seconds=mean_step,
+            steps_since_snapshot=None if self.last_checkpoint is None else self.step - self.last_checkpoint,
+            recovery_steps=self.tracker.recovery_steps)
+        chosen, event["reason"] = the_policy.choose(plans, inputs)
+        if chosen == "reload" and self.last_checkpoint is None:
+            forced = [p.reason for p in plans if p.action is cf.RecoveryAction.RELOAD]
+            raise RuntimeError(f"cannot rebuild {lost}: {forced or 'reload asked for'}, and there is no checkpoint "
+                               "to reload (set checkpoint_every)")
         event["chosen"] = chosen
+        self.log(ev.RESTORE_PLAN, f"stage(s) {list(lost)} at step {self.step}: {event['reason']}", **event)
         loss_before = self.history[-1]["loss"] if self.history else None
         if chosen == "reload":
             if self.last_checkpoint is None:
@@ -610,6 +662,13 @@ class RayPipeline:
             self._join_all()
         event["seconds"] = time.perf_counter() - t0
         self.events.append(event)
+        how = ", ".join(f"stage {k}: {v}" for k, v in event.get("how", {}).items())
+        if chosen == "reload":
+            self.log(ev.RESTORED, f"every stage reloaded step {self.step} ({event['rolled_back_steps']} step(s) rolled "
+                     f"back) in {event['seconds']:.2f} s", **event)
+        else:
+            self.log(ev.RESTORED, f"{how}; survivors kept their weights, nothing rolled back; "
+                     f"{event['seconds']:.2f} s", **event)
         return event
 
     def _rebuild(self, plan: Any, chosen: str, rule: Any, grad_norms: list[float], event: dict[str, Any]) -> Any:

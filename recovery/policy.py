@@ -1,9 +1,10 @@
 """Recovery policies: what to do about a failure. The plug point is :class:`RecoveryPolicy`;
 the launcher hands it a :class:`JobControl` (the verbs it may use on the running job).
 
-``policy=`` of :func:`recovery.run` takes a name (``"reload"``; ``"neighbor_average"``
-resolves to ``recovery.checkfree.NeighborAveragePolicy`` where that module is installed) or
-any object implementing :class:`RecoveryPolicy`.
+``policy=`` takes a name (``"reload"``; ``"neighbor_average"`` and ``"auto"`` resolve to
+:class:`recovery.checkfree.NeighborAveragePolicy` / ``AutoPolicy``, which rebuild lost pipeline
+stages and so need a pipeline job, :class:`recovery.pipeline.RayPipeline`) or any object
+implementing :class:`RecoveryPolicy`.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ class ReloadPolicy(RecoveryPolicy):
 BUILTIN_POLICIES = {
     "reload": "recovery.policy:ReloadPolicy",
     "neighbor_average": "recovery.checkfree:NeighborAveragePolicy",
+    "auto": "recovery.checkfree:AutoPolicy",
 }
 
 

@@ -11,7 +11,9 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from recovery.checkfree import NeighborAveragePolicy  # noqa: E402
 from recovery.pipeline import ModelConfig, PipelineConfig, RayPipeline, StageLostError, TrainConfig  # noqa: E402
+from recovery.policy import resolve_policy  # noqa: E402
 
 EPS = 1e-4
 
@@ -90,12 +92,32 @@ def test_stage_killed_and_rebuilt_without_rollback(ray_local, tmp_path):
         assert sum(r["loss"] for r in more[-3:]) / 3 < sum(r["loss"] for r in more[:3]) / 3  # and keeps learning
 
         # --- first and last stage together: CheckFree+ copy from swap partner + edge replica ----
-        before = {i: pipe.snapshot(i) for i in range(4)}
-        assert _lose(pipe, [0, 3]) == [0, 3]
-        event = pipe.recover([0, 3], policy="neighbor_average")
+        # This time through the supervised loop: the deaths are a failure, the policy object
+        # (what policy="neighbor_average" resolves to) recovers, the event log says what happened.
+        class Recording(NeighborAveragePolicy):
+            def on_failure(self, failure, job):
+                self.failure, self.outcome = failure, super().on_failure(failure, job)
+                self.after = {i: job.snapshot(i) for i in range(4)}
+                return self.outcome
+
+        def kill_edges(p, step):
+            if step == 18 and not before:
+                before.update({i: p.snapshot(i) for i in range(4)})
+                p.kill_stage(0)
+                p.kill_stage(3)
+
+        before: dict = {}
+        policy = Recording()
+        assert isinstance(resolve_policy("neighbor_average"), NeighborAveragePolicy)
+        last = pipe.run(22, policy, before_step=kill_edges)
+        assert policy.failure.kind == "worker_died" and policy.failure.ranks == (0, 3)
+        assert policy.outcome.action == "continued"
+        event = pipe.events[-1]
         assert event["chosen"] == "neighbor_average" and event["step"] == 18
         assert {p["action"] for p in event["plans"]} == {"copy_neighbor"}
-        after = {i: pipe.snapshot(i) for i in range(4)}
+        kinds = [e.kind for e in pipe.event_log.events]
+        assert kinds[-4:] == ["failure", "restore_plan", "restored", "finished"]
+        after = policy.after
         for lost, partner in ((0, 1), (3, 2)):
             for k, v in after[lost]["model"].items():
                 src = before[lost] if not k.startswith("blocks.") else before[partner]  # edge layers: the replica
@@ -104,7 +126,6 @@ def test_stage_killed_and_rebuilt_without_rollback(ray_local, tmp_path):
         for i in (1, 2):
             assert all(torch.equal(after[i]["model"][k], v) for k, v in before[i]["model"].items())
             assert _same_optimizer_state(after[i]["optim"], before[i]["optim"])
-        last = pipe.train(4)
         assert [r["step"] for r in last] == list(range(18, 22)) and all(math.isfinite(r["loss"]) for r in last)
     finally:
         pipe.shutdown()

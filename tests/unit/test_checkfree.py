@@ -287,3 +287,80 @@ def test_loss_bump_tracker_measures_recovery_steps():
     assert t.recovery_steps == pytest.approx(3.0)
     t.observe(5.0)  # no event open: ignored
     assert t.events == 2
+
+
+# --- the policies the coordinator's names resolve to ------------------------------------------
+
+
+class _PipelineJob:
+    """A job control with the pipeline verb; records what the policy asked for."""
+
+    def __init__(self, chosen: str) -> None:
+        self.calls: list[tuple[list[int], str]] = []
+        self.chosen = chosen
+
+    def recover_stages(self, lost, policy):
+        self.calls.append((lost, policy.strategy))
+        return {"chosen": self.chosen, "reason": f"{self.chosen}: because"}
+
+
+def _failure(*ranks: int):
+    from recovery.detect import WORKER_DIED, Failure
+
+    return Failure(WORKER_DIED, 1, "stage lost", 0.0, ranks=ranks)
+
+
+def test_policy_names_resolve_to_stage_policies():
+    from recovery.policy import resolve_policy
+
+    assert isinstance(resolve_policy("neighbor_average"), cf.NeighborAveragePolicy)
+    assert isinstance(resolve_policy("auto"), cf.AutoPolicy)
+    assert resolve_policy("neighbor_average").requires_pipeline
+    assert not getattr(resolve_policy("reload"), "requires_pipeline", False)
+    assert cf.stage_policy("copy").strategy == "copy"
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        cf.StageRecoveryPolicy("average")
+
+
+def test_neighbor_average_policy_chooses_per_plan():
+    pol = cf.NeighborAveragePolicy()
+    plans = cf.plan_recovery({2: 1}, num_stages=4)
+    chosen, reason = pol.choose(plans)
+    assert chosen == "neighbor_average" and "stage 2" in reason
+    # Two neighbours lost: no rule applies, the policy falls back to reload and says why.
+    chosen, reason = pol.choose(cf.plan_recovery({1: 1, 2: 1}, num_stages=4))
+    assert chosen == "reload" and reason.startswith("reload:")
+    assert cf.StageRecoveryPolicy("reload").choose(plans)[0] == "reload"
+    assert cf.StageRecoveryPolicy("random").choose(plans)[0] == "random"
+
+
+def test_auto_policy_uses_the_cost_model():
+    pol = cf.AutoPolicy()
+    plans = cf.plan_recovery({1: 1}, num_stages=4)
+    many = cf.AutoInputs(step_seconds=1.0, steps_since_snapshot=500, recovery_steps=20)
+    few = cf.AutoInputs(step_seconds=1.0, steps_since_snapshot=2, recovery_steps=20)
+    assert pol.choose(plans, many)[0] == "neighbor_average"
+    chosen, reason = pol.choose(plans, few)
+    assert chosen == "reload" and "redo 2 step(s)" in reason
+    with pytest.raises(ValueError, match="AutoInputs"):
+        pol.choose(plans)
+
+
+def test_stage_policy_on_failure_drives_the_pipeline_verb():
+    from recovery.policy import ABORT, CONTINUED, RESTARTED
+
+    job = _PipelineJob("neighbor_average")
+    out = cf.NeighborAveragePolicy().on_failure(_failure(3, 1), job)
+    assert job.calls == [([1, 3], "neighbor_average")] and out.action == CONTINUED
+    assert cf.AutoPolicy().on_failure(_failure(2), _PipelineJob("reload")).action == RESTARTED
+    # A job without stages, or a failure that names none: abort with a message, nothing done.
+    out = cf.NeighborAveragePolicy().on_failure(_failure(1), object())
+    assert out.action == ABORT and "policy='reload'" in out.detail
+    assert cf.NeighborAveragePolicy().on_failure(_failure(), job).action == ABORT
+
+
+def test_data_parallel_run_refuses_stage_policies():
+    import recovery
+
+    with pytest.raises(ValueError, match="data-parallel"):
+        recovery.run(lambda ctx: None, num_workers=2, storage="memory://x", policy="neighbor_average")
