@@ -516,7 +516,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     policy = RetentionPolicy(keep_last=args.keep_last, keep_every=args.keep_every, min_age_s=args.min_age)
     storage = _open(args.run, args)
-    result = run_gc(storage, policy, dry_run=args.dry_run)
+    result = run_gc(storage, policy, dry_run=args.dry_run, clean_tmp=True)
     decisions = result.plan.decisions
     if args.json:
         _print_json({"url": storage.url, **result.to_dict()})
@@ -536,6 +536,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
         count = len(gone) if args.dry_run else len(result.deleted)
         print(f"{'would delete' if args.dry_run else 'deleted'} {count} step(s), "
               f"{'would free' if args.dry_run else 'freed'} {format_bytes(freed)}")
+        if result.stale_tmp:
+            print(f"{'would remove' if args.dry_run else 'removed'} {len(result.stale_tmp)} temporary file(s) of "
+                  "interrupted writes in kept steps")
     for s, e in result.errors.items():
         _err(f"could not delete step {s}: {e}")
     return EXIT_STORAGE if result.errors else EXIT_OK

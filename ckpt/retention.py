@@ -233,6 +233,7 @@ class GcResult:
     dry_run: bool
     deleted: list[int] = field(default_factory=list)
     errors: dict[int, str] = field(default_factory=dict)
+    stale_tmp: list[str] = field(default_factory=list)  # temporary files of killed writes (removed unless dry_run)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -240,6 +241,7 @@ class GcResult:
             "steps": [d.to_dict() for d in self.plan.decisions],
             "deleted": self.deleted,
             "errors": {str(k): v for k, v in self.errors.items()},
+            "stale_tmp": self.stale_tmp,
         }
 
 
@@ -264,6 +266,7 @@ def run_gc(
     on_delete: Callable[[GcDecision], None] | None = None,
     detached: bool = False,
     clean_trash: bool = True,
+    clean_tmp: bool = False,
 ) -> GcResult:
     """List the run, plan with :func:`plan_gc`, and delete (unless ``dry_run``).
 
@@ -271,6 +274,10 @@ def run_gc(
     fails to delete is recorded in ``errors`` and the others still proceed. ``detached``
     leaves the unlinking to the storage's background deletion (a training process's own
     retention); ``clean_trash`` removes what such deletions left behind after a crash.
+    ``clean_tmp`` also walks the kept steps for the temporary files (``.NAME.HEX.tmp``) of
+    writes that were killed before their rename, older than ``policy.min_age_s`` (a write in
+    flight is younger), and removes them: one listing per kept step, so the command line does
+    it and a training process's retention does not.
     """
 
     # File times are needed only for incomplete steps; sizes only for what will be deleted.
@@ -284,8 +291,15 @@ def run_gc(
             for d in plan.decisions
         ))
     result = GcResult(plan=plan, dry_run=dry_run)
+    if clean_tmp:
+        result.stale_tmp = _stale_tmp(storage, [d.step for d in plan.to_keep], policy.min_age_s, now)
     if dry_run:
         return result
+    for path in result.stale_tmp:
+        try:
+            storage.delete(path)
+        except (OSError, CkptError) as e:
+            log.warning("could not remove %s: %s", path, e)
     newest = max((s.step for s in listing if s.committed), default=None)
     for d in plan.to_delete:
         if d.step == newest:  # plan_gc never does this; deleting the newest would lose the run
@@ -306,3 +320,17 @@ def run_gc(
                 except (OSError, CkptError) as e:
                     log.warning("could not remove %s: %s", name, e)
     return result
+
+
+def _stale_tmp(storage: Storage, steps: list[int], min_age_s: float, now: float) -> list[str]:
+    out = []
+    for step in steps:
+        sdir = fmt.step_dir(step)
+        for rel, (_size, mtime) in storage.walk_times(sdir).items():
+            name = rel.rsplit("/", 1)[-1]
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            if min_age_s > 0 and (mtime is None or now - mtime < min_age_s):
+                continue
+            out.append(f"{sdir}/{rel}")
+    return sorted(out)

@@ -325,6 +325,10 @@ def check_run(run: Path, scratch: Path, ref: Reference, previous_newest: int | N
     kept = [ckpt.format.step_dir(s) for s in committed[-KEEP_LAST:]]
     if left != kept:
         raise TrialFailure(f"after gc the run holds {left}, expected only the committed steps {kept}")
+    gc_storage = ckpt.open_storage(str(scratch))
+    tmp_left = [f for s in committed[-KEEP_LAST:] for f in gc_storage.walk(ckpt.format.step_dir(s)) if f.endswith(".tmp")]
+    if tmp_left:
+        raise TrialFailure(f"after gc temporary files of killed writes are left in committed steps: {tmp_left[:3]}")
     shutil.rmtree(scratch)
     return {"committed": committed, "incomplete": incomplete, "tmp_in_committed": tmp_in_committed}
 

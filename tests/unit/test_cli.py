@@ -633,6 +633,30 @@ def test_gc_never_removes_the_newest_committed_step(tmp_path, capsys):
     assert _steps(tmp_path) == [(2, True), (3, True)]
 
 
+def test_gc_removes_stale_temporary_files_of_killed_writes_in_kept_steps(tmp_path, capsys):
+    # A writer killed between writing ".NAME.HEX.tmp" and renaming it leaves the file behind,
+    # also in a step that was committed anyway (another writer, or the agent, wrote NAME).
+    for s in (1, 2):
+        save_small(tmp_path, s)
+    sdir = tmp_path / fmt.step_dir(2)
+    chunk = sorted(sdir.rglob("c.*"))[0]
+    old = chunk.parent / f".{chunk.name}.3f2a.tmp"
+    old.write_bytes(b"partial")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    young = sdir / ".frag-rank00001.json.9c1d.tmp"  # younger than --min-age: maybe a write in flight
+    young.write_bytes(b"{")
+    doc = run_json(capsys, "gc", tmp_path, "--keep-last", 2, "--dry-run")
+    assert doc["stale_tmp"] == [old.relative_to(tmp_path).as_posix()] and old.exists()
+    code, out, err = run(capsys, "gc", tmp_path, "--keep-last", 2)
+    assert code == 0, err
+    assert "removed 1 temporary file(s)" in out
+    assert not old.exists() and young.exists()
+    doc = run_json(capsys, "gc", tmp_path, "--keep-last", 2, "--min-age", "0")
+    assert doc["stale_tmp"] == [f"{fmt.step_dir(2)}/.frag-rank00001.json.9c1d.tmp"] and not young.exists()
+    assert _steps(tmp_path) == [(1, True), (2, True)]
+    assert ckpt.load(small_state(0), str(tmp_path)) == 2
+
+
 def test_gc_min_age_and_memory_url(capsys):
     url = f"memory://cli-gc-{uuid.uuid4().hex}"
     for s in (1, 2, 3):
