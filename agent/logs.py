@@ -34,6 +34,35 @@ class TextFormatter(logging.Formatter):
         return base
 
 
+class BadRequestFilter(logging.Filter):
+    """gRPC logs every request body it cannot parse as an ERROR with a full traceback, before
+    any agent code runs: a client sending garbage in a loop turns into a log flood (and, with
+    a slow or full log pipe, stalls the server thread that writes it). Keep one line, without
+    the traceback, at most once per ``interval_s``, with the count of those suppressed."""
+
+    def __init__(self, interval_s: float = 10.0, clock=time.monotonic) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: float | None = None
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "serializing" not in msg:  # "Exception deserializing request!", "... serializing response!"
+            return True
+        now = self._clock()
+        if self._last is not None and now - self._last < self.interval_s:
+            self.suppressed += 1
+            return False
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg = f"malformed request refused ({msg.rstrip('!')}; the client got INTERNAL)" + (
+            f"; {self.suppressed} more since the last report" if self.suppressed else "")
+        record.args, record.exc_info, record.exc_text = (), None, None
+        self._last, self.suppressed = now, 0
+        return True
+
+
 def setup(fmt: str, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else
@@ -41,3 +70,4 @@ def setup(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.getLogger("grpc._common").addFilter(BadRequestFilter())

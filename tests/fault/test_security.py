@@ -188,12 +188,15 @@ def _start_agent(tmp_path: Path, name: str, *extra: str) -> tuple[subprocess.Pop
     d.mkdir()
     ready = d / "ready.json"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "--socket", str(d / "a.sock"), "--shm-prefix",
-                          f"sec{os.getpid()}{name}", "--memory-budget", "32MiB", "--ready-file", str(ready), *extra],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    # The log goes to a file: a pipe nobody reads fills up and blocks the daemon's next write.
+    log = d / "agent.log"
+    with open(log, "wb") as out:
+        p = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "--socket", str(d / "a.sock"),
+                              "--shm-prefix", f"sec{os.getpid()}{name}", "--memory-budget", "32MiB", "--ready-file",
+                              str(ready), *extra], stdout=subprocess.DEVNULL, stderr=out, env=env, cwd=REPO)
     deadline = time.monotonic() + 60
     while not ready.exists():
-        assert p.poll() is None, p.stderr.read().decode()[-2000:]
+        assert p.poll() is None, log.read_text(errors="replace")[-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)
     return p, json.loads(ready.read_text()) | {"socket": str(d / "a.sock")}

@@ -150,3 +150,30 @@ def test_servicer_status_codes(servicer):
                                                   writers=["rank00000"], plan_json="{"), ctx)
     assert ctx.abort.call_args[0][0] == grpc.StatusCode.INVALID_ARGUMENT
     agent.end_session(sess.id)
+
+
+def test_bad_request_log_is_one_line_rate_limited_without_traceback():
+    import logging
+
+    from agent.logs import BadRequestFilter
+
+    now = [100.0]
+    f = BadRequestFilter(interval_s=10.0, clock=lambda: now[0])
+
+    def record(msg):
+        try:
+            raise ValueError("Error parsing message")
+        except ValueError:
+            import sys
+
+            return logging.LogRecord("grpc._common", logging.ERROR, __file__, 1, msg, (), sys.exc_info())
+
+    first = record("Exception deserializing request!")
+    assert f.filter(first) and first.levelno == logging.WARNING and first.exc_info is None
+    assert "malformed request refused" in first.getMessage()
+    assert not any(f.filter(record("Exception deserializing request!")) for _ in range(50))  # a flood: dropped
+    now[0] += 11
+    later = record("Exception deserializing request!")
+    assert f.filter(later) and "50 more since the last report" in later.getMessage()
+    other = record("something else from grpc")
+    assert f.filter(other) and other.exc_info is not None  # anything else passes untouched
