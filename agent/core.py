@@ -147,6 +147,7 @@ class Agent:
         self.draining = False
         self.state = "serving"
         self._commit_pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="agent-commit")
+        self._retention_lock = threading.Lock()  # one retention pass at a time: two would delete the same steps
         self._persisters = [threading.Thread(target=self._persist_loop, name=f"agent-persist-{i}", daemon=True)
                             for i in range(config.persist_workers)]
         for t in self._persisters:
@@ -509,9 +510,17 @@ class Agent:
         self.metrics.commit_seconds.observe(time.perf_counter() - t0)
         self._set_state(snap, COMMITTED, commit_point=root, document=json.dumps(manifest.to_dict()))
         if snap.committer and cfg.keep_last:
+            # Steps of this run still being persisted or committed here are never retired:
+            # commits run in parallel and may finish out of step order, so an incomplete step
+            # older than the newest committed one can still be on its way.
             try:
-                result = run_gc(storage, RetentionPolicy(keep_last=cfg.keep_last, keep_every=cfg.keep_every or None),
-                                measure=False)
+                with self._retention_lock:
+                    with self._lock:
+                        busy = {s.step for s in self._snapshots.values()
+                                if s.run_url == snap.run_url and s.state in (STAGED, PERSISTED)}
+                    result = run_gc(storage, RetentionPolicy(keep_last=cfg.keep_last,
+                                                             keep_every=cfg.keep_every or None),
+                                    measure=False, in_progress=busy)
                 if result.deleted:
                     log.info("retention removed steps", extra={"fields": {"run": snap.run_url,
                                                                           "steps": result.deleted}})

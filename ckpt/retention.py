@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,15 +104,22 @@ class GcPlan:
         return [d for d in self.decisions if d.action == KEEP]
 
 
-def plan_gc(steps: Iterable[StepEntry], policy: RetentionPolicy, *, now: float) -> GcPlan:
-    """Pure: one decision per step, oldest first. See the module docstring for the rules."""
+def plan_gc(steps: Iterable[StepEntry], policy: RetentionPolicy, *, now: float,
+            in_progress: Collection[int] = ()) -> GcPlan:
+    """Pure: one decision per step, oldest first. See the module docstring for the rules.
+
+    ``in_progress``: steps the caller itself is still saving or committing; they are kept
+    whatever the rules say (saves may commit out of step order, so an incomplete step that
+    precedes the newest committed one is not always abandoned)."""
     entries = sorted(steps, key=lambda e: e.step)
     committed = [e for e in entries if e.committed]
     newest = committed[-1] if committed else None
     kept_last = {e.step for e in committed[-policy.keep_last:]}
     out = []
     for e in entries:
-        if e.committed:
+        if e.step in in_progress:
+            action, reason = KEEP, "a save of this step is in progress here"
+        elif e.committed:
             if newest is not None and e.step == newest.step:
                 action, reason = KEEP, "newest committed step"
             elif e.step in kept_last:
@@ -267,6 +274,7 @@ def run_gc(
     detached: bool = False,
     clean_trash: bool = True,
     clean_tmp: bool = False,
+    in_progress: Collection[int] = (),
 ) -> GcResult:
     """List the run, plan with :func:`plan_gc`, and delete (unless ``dry_run``).
 
@@ -283,7 +291,7 @@ def run_gc(
     # File times are needed only for incomplete steps; sizes only for what will be deleted.
     listing = list_run(storage, usage=lambda info: not info.committed, manifests=True)
     now = time.time() if now is None else now
-    plan = plan_gc((s.entry() for s in listing), policy, now=now)
+    plan = plan_gc((s.entry() for s in listing), policy, now=now, in_progress=in_progress)
     if measure:
         plan = GcPlan(tuple(
             dataclasses.replace(d, nbytes=tree_usage(storage, fmt.step_dir(d.step)).nbytes)

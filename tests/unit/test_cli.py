@@ -691,6 +691,11 @@ def test_plan_gc_is_pure_and_safe():
     # Without any committed step, incomplete steps go only when stale.
     d = {x.step: x.action for x in plan_gc(inc, RetentionPolicy(keep_last=1), now=now).decisions}
     assert (d[3], d[9], d[10], d[11]) == (KEEP, KEEP, KEEP, DELETE)
+    # Steps the caller is still saving or committing (commits may finish out of step order)
+    # are kept whatever the rules say, committed or not.
+    d = {x.step: x.action for x in plan_gc(steps + inc, RetentionPolicy(keep_last=1), now=now,
+                                           in_progress={2, 3, 11}).decisions}
+    assert (d[1], d[2], d[3], d[11], d[6]) == (DELETE, KEEP, KEEP, KEEP, DELETE)
     for bad in (0, -1, True):
         with pytest.raises(ValueError, match="keep_last"):
             RetentionPolicy(keep_last=bad)
