@@ -100,7 +100,8 @@ def test_training_goes_on_when_the_node_agent_dies(tmp_path):
     for n, budget in enumerate((None, 1 << 20)):
         home = tmp_path / f"a{n}"
         home.mkdir()
-        agent = Agent(home, f"reg{os.getpid() % 100000}x{n}", 1)
+        prefix = f"reg{os.getpid() % 100000}x{n}"
+        agent = Agent(home, prefix, 1)
         try:
             ck = ckpt.Checkpointer(str(home / "run"), agent=agent.address, every_n_steps=1, keep_last=2,
                                    commit_timeout_s=30, host_budget_bytes=budget)
@@ -121,3 +122,6 @@ def test_training_goes_on_when_the_node_agent_dies(tmp_path):
             if agent.alive():
                 agent.kill()
         assert ckpt.committed_steps(ckpt.open_storage(str(home / "run"))) in ([0], [0, 1])
+        # The agent restarted on the node removes the segments the killed one left.
+        assert Agent(home, prefix, 2).stop() == 0
+        assert not [s for s in os.listdir("/dev/shm") if s.startswith(prefix + ".")]
