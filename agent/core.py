@@ -551,8 +551,12 @@ class Agent:
             self.notify_peers(snap)
 
     def _evict_older(self, snap: Snapshot) -> None:
-        for s in [s for s in self._snapshots.values() if (s.run_url, s.writer) == (snap.run_url, snap.writer)
-                  and s.step < snap.step and self._evictable(s)]:
+        """``snap`` committed: every snapshot of its writer older than the newest committed one
+        may go. Commits finish out of step order, so that newest may be a later step than
+        ``snap``, and then ``snap`` goes too (else it would hold its buffer for good)."""
+        same = [s for s in self._snapshots.values() if (s.run_url, s.writer) == (snap.run_url, snap.writer)]
+        newest = max((s.step for s in same if s.state == COMMITTED and not s.replica), default=snap.step)
+        for s in [s for s in same if s.step < newest and self._evictable(s)]:
             self._evict(s)
 
     def mark_replicated(self, snap: Snapshot, peer: str) -> None:

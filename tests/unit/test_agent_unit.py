@@ -177,3 +177,22 @@ def test_bad_request_log_is_one_line_rate_limited_without_traceback():
     assert f.filter(later) and "50 more since the last report" in later.getMessage()
     other = record("something else from grpc")
     assert f.filter(other) and other.exc_info is not None  # anything else passes untouched
+
+
+def test_a_snapshot_committed_after_a_newer_one_is_evicted(servicer, monkeypatch):
+    # Commits run in parallel and may finish out of step order: step 4 committing after step 5
+    # must not stay in memory (it would hold the trainer's buffer for good), and the newest
+    # committed snapshot stays for restore.
+    from types import SimpleNamespace
+
+    from agent.core import COMMITTED, PERSISTED
+
+    _, agent = servicer
+    snaps = {s: SimpleNamespace(run_url="file:///r", writer="rank00000", step=s, state=st, replica=False)
+             for s, st in ((3, COMMITTED), (4, PERSISTED), (5, COMMITTED), (6, PERSISTED))}
+    monkeypatch.setattr(agent, "_snapshots", {("file:///r", "rank00000", s): v for s, v in snaps.items()})
+    evicted = []
+    monkeypatch.setattr(agent, "_evict", lambda s: evicted.append(s.step))
+    snaps[4].state = COMMITTED
+    agent._evict_older(snaps[4])  # step 4 commits after step 5 did
+    assert sorted(evicted) == [3, 4]  # 5 stays (newest committed), 6 is still on its way
