@@ -2,46 +2,26 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
 import ckpt
 
-moto_server = pytest.importorskip("moto.server")
-s3fs = pytest.importorskip("s3fs")
+pytest.importorskip("moto.server")
+pytest.importorskip("s3fs")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .s3_server import moto_endpoint, s3_options  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
-                 aws_secret_access_key="test").create_bucket(Bucket="ckpt-test")
-    yield endpoint
-    server.stop()
-
-
-def _options(endpoint: str) -> dict:
-    # skip_instance_cache: a fresh client per open_storage, as separate processes would have.
-    return {"key": "test", "secret": "test", "skip_instance_cache": True,
-            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    with moto_endpoint("ckpt-test") as endpoint:
+        yield endpoint
 
 
 def test_save_load_and_commit_on_s3(s3_endpoint):
     url = "s3://ckpt-test/run1"
-    opts = _options(s3_endpoint)
+    opts = s3_options(s3_endpoint)
     state = {"w": torch.randn(33, 7), "b": torch.randn(7).bfloat16(), "step": 3}
     m = ckpt.save(state, url, step=3, storage_options=opts, max_chunk_bytes=256)
     assert m.arrays["w"].num_chunks > 1
@@ -57,7 +37,7 @@ def test_save_load_and_commit_on_s3(s3_endpoint):
 
 def test_uncommitted_step_is_invisible_on_s3(s3_endpoint):
     url = "s3://ckpt-test/run2"
-    opts = _options(s3_endpoint)
+    opts = s3_options(s3_endpoint)
     ckpt.save({"w": torch.ones(4)}, url, step=1, storage_options=opts)
     storage = ckpt.open_storage(url, storage_options=opts)
     plan = ckpt.plan_save({"w": torch.full((4,), 2.0)})

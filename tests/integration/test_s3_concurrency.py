@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,37 +20,20 @@ import torch
 import ckpt
 from ckpt.verify import verify_step
 
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
+
+from .s3_server import moto_endpoint, s3_options  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 3
 STEPS = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
-                 aws_secret_access_key="test").create_bucket(Bucket="ckpt-conc")
-    yield endpoint
-    server.stop()
-
-
-def _options(endpoint: str) -> dict:
-    return {"key": "test", "secret": "test", "skip_instance_cache": True,
-            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    with moto_endpoint("ckpt-conc") as endpoint:
+        yield endpoint
 
 
 def full_at(step: int) -> torch.Tensor:
@@ -106,7 +88,7 @@ def _load_newest(url: str, opts: dict) -> int | None:
 
 def test_concurrent_writer_processes_and_a_reader_see_only_whole_checkpoints(s3_endpoint, tmp_path):
     url = "s3://ckpt-conc/run-conc"
-    opts = _options(s3_endpoint)
+    opts = s3_options(s3_endpoint)
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     procs = [subprocess.Popen([sys.executable, str(script), s3_endpoint, url, str(r), str(WORLD), str(STEPS)],
@@ -146,7 +128,7 @@ def test_concurrent_writer_processes_and_a_reader_see_only_whole_checkpoints(s3_
 
 def test_writer_killed_mid_save_on_s3_leaves_an_invisible_step_that_gc_removes(s3_endpoint, tmp_path):
     url = "s3://ckpt-conc/run-kill"
-    opts = _options(s3_endpoint)
+    opts = s3_options(s3_endpoint)
     script = tmp_path / "saver.py"
     script.write_text(SAVER)
     p = subprocess.Popen([sys.executable, str(script), s3_endpoint, url], stdout=subprocess.PIPE,
