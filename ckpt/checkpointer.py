@@ -66,6 +66,10 @@ class CheckpointerConfig:
     keep_every: int | None = None  # also keep steps divisible by this
     host_budget_bytes: int | None = None  # None: twice the first snapshot
     when_busy: Literal["block", "skip"] = "block"
+    # With "block": how long save() may wait for a host buffer before it fails this checkpoint
+    # (reported like any other failure; training goes on). A storage or node agent that never
+    # lets go of the previous snapshots must not stop training. None: wait as long as it takes.
+    buffer_wait_timeout_s: float | None = 600.0
     on_error: Literal["warn", "raise"] = "warn"
     io_threads: int = DEFAULT_IO_THREADS
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
@@ -96,6 +100,9 @@ class CheckpointerConfig:
             raise ValueError("CheckpointerConfig.host_budget_bytes must be >= 1 or None")
         if self.when_busy not in ("block", "skip"):
             raise ValueError(f"CheckpointerConfig.when_busy must be 'block' or 'skip', got {self.when_busy!r}")
+        if self.buffer_wait_timeout_s is not None and not self.buffer_wait_timeout_s > 0:
+            raise ValueError(f"CheckpointerConfig.buffer_wait_timeout_s must be > 0 or None, got "
+                             f"{self.buffer_wait_timeout_s!r}")
         if self.on_error not in ("warn", "raise"):
             raise ValueError(f"CheckpointerConfig.on_error must be 'warn' or 'raise', got {self.on_error!r}")
         if self.commit_by not in ("rank0", "external"):
@@ -355,8 +362,13 @@ class Checkpointer:
         nbytes = plan.nbytes
         handle.nbytes = nbytes
         pool = self._pool_for(nbytes, plan.mine)
+        block = cfg.when_busy == "block"
         try:
-            slab = pool.acquire(nbytes, block=cfg.when_busy == "block")
+            slab = pool.acquire(nbytes, block=block, timeout=cfg.buffer_wait_timeout_s if block else None)
+            if slab is None and block:
+                raise CkptError(f"checkpoint of step {step}: no host buffer came free within "
+                                f"{cfg.buffer_wait_timeout_s:g} s (buffer_wait_timeout_s); the earlier checkpoints "
+                                "still hold the whole host budget: is the storage or the node agent stuck?")
         except (CkptError, OSError) as e:
             # Host memory comes from the sink (a node agent's shared memory): when the sink is
             # gone, this checkpoint fails like any other persist failure; training goes on.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import time
 
 import pytest
@@ -157,6 +158,45 @@ def test_host_budget_is_never_exceeded_and_busy_policy_skips(tmp_path, caplog):
         status = ck.status()
     assert status.skipped == 0 and status.host_allocations <= 2
     assert status.host_peak_bytes <= status.host_budget_bytes
+
+
+class GatedStorage(DelegatingStorage):
+    """Writes wait until the gate opens (a storage that hangs)."""
+
+    def __init__(self, inner: Storage):
+        super().__init__(inner)
+        self.gate = threading.Event()
+
+    def write(self, path, parts, *, durable=True):
+        self.gate.wait(60)
+        self.inner.write(path, parts, durable=durable)
+
+
+def test_a_stuck_storage_fails_the_checkpoint_after_buffer_wait_timeout_and_training_goes_on(tmp_path):
+    model, opt, sched, loader, state = make_job()
+    train(model, opt, sched, loader, range(1))
+    stuck = GatedStorage(LocalStorage(str(tmp_path)))
+    ck = ckpt.Checkpointer(stuck, every_n_steps=1, keep_last=None, buffer_wait_timeout_s=0.3)
+    try:
+        ck.attach(opt)
+        first = ck.save(0, state)
+        ck.pool.budget = first.nbytes + 64  # room for exactly one snapshot in flight (testing only)
+        train(model, opt, sched, loader, [1])
+        second = ck.save(1, state)  # the first still holds the only buffer: waits 0.3 s, then gives up
+        with pytest.raises(ckpt.CkptError, match="no host buffer came free within 0.3 s"):
+            second.committed.result(10)
+        assert not first.committed.done()
+        train(model, opt, sched, loader, [2])  # training went on
+        stuck.gate.set()
+        assert first.committed.result(60) is not None
+        ck.save(3, state).committed.result(60)  # and checkpoints work again once storage does
+        assert ck.status().failed == 1
+    finally:
+        stuck.gate.set()
+        ck.close()
+    assert ckpt.committed_steps(ckpt.open_storage(tmp_path)) == [0, 3]
+    with pytest.raises(ValueError, match="buffer_wait_timeout_s"):
+        ckpt.CheckpointerConfig(url="/tmp/x", buffer_wait_timeout_s=0)
 
 
 def test_failing_storage_is_reported_and_training_goes_on(tmp_path, caplog):
