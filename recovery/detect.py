@@ -158,4 +158,5 @@ class Membership:
 
     def progress(self) -> dict[str, Any]:
         return {"attempt": self.attempt, "world_size": self.world_size, "last_step": self.last_step,
-                "ranks": {r: s.to_dict() for r, s in self.ranks.items()}, "agents": dict(self.agent_status)}
+                "ranks": {r: s.to_dict() for r, s in self.ranks.items()}, "agents": dict(self.agent_status),
+                "agents_seen_at": dict(self.agents)}

@@ -438,6 +438,9 @@ class Supervisor:
                  node: str | None = None) -> Failure:
         ranks_info = self._progress.get("ranks", {}) if self._progress.get("attempt") == self._attempt else {}
         seen = [ranks_info[r]["seen_at"] for r in ranks if r in ranks_info and ranks_info[r].get("seen_at")]
+        if kind == AGENT_DIED and node is not None:  # an agent's last sign of life is its heartbeat
+            agent_seen = self._progress.get("agents_seen_at", {}).get(node)
+            seen += [agent_seen] if agent_seen else []
         last_step = self._progress.get("last_step") if self._progress.get("attempt") == self._attempt else None
         return Failure(kind, self._attempt, detail, now, ranks=ranks, node=node,
                        last_progress_at=max(seen) if seen else None, last_step=last_step)
