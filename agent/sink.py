@@ -241,11 +241,7 @@ class AgentSink(Sink):
                     self._jobs.pop((ev.step, ev.save_id), None)
                 if not job.committed.done():
                     job.committed.set_result(manifest)
-                if job.committer and self.after_commit is not None:
-                    try:
-                        self.after_commit(manifest)
-                    except Exception:  # noqa: BLE001 - retention must never fail a checkpoint
-                        log.warning("retention after step %d failed", ev.step, exc_info=True)
+                self._run_after_commit(job, manifest)
             elif state == "failed":
                 with self._lock:
                     self._jobs.pop((ev.step, ev.save_id), None)

@@ -64,6 +64,16 @@ class Sink(abc.ABC):
     def close(self, *, wait: bool = True) -> None:
         """Finish (or abandon, with ``wait=False``) every submitted job and stop."""
 
+    after_commit: Callable[[Manifest], None] | None = None  # e.g. retention, run by the committer
+
+    def _run_after_commit(self, job: PersistJob, manifest: Manifest) -> None:
+        """The committer's ``after_commit`` hook; its failure never fails the checkpoint."""
+        if job.committer and self.after_commit is not None:
+            try:
+                self.after_commit(manifest)
+            except Exception:  # noqa: BLE001 - retention must never fail a checkpoint
+                log.warning("retention after step %d failed", job.step, exc_info=True)
+
     def host_pool(self, budget_bytes: int, *, pin_memory: bool) -> HostBufferPool:
         """The host memory snapshots are staged into (the engine asks once). By default
         private memory of this process; a node agent hands out its shared memory instead."""
@@ -278,11 +288,7 @@ class InProcessSink(Sink):
                 job.committed.set_exception(e)
                 continue
             job.committed.set_result(manifest)
-            if job.committer and self.after_commit is not None:
-                try:
-                    self.after_commit(manifest)
-                except Exception:  # noqa: BLE001 - retention must never fail a checkpoint
-                    log.warning("retention after step %d failed", job.step, exc_info=True)
+            self._run_after_commit(job, manifest)
 
     def close(self, *, wait: bool = True) -> None:
         if self._closed:
