@@ -3,6 +3,7 @@ metrics, and the drain/shutdown sequence."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -101,12 +102,40 @@ class AgentDaemon:
                 self.peer_port = peer.add_insecure_port(cfg.peer_listen)
             peer.start()
             self._servers.append(peer)
+            host, port = cfg.peer_listen.rsplit(":", 1)
+            if port == "0" and cfg.advertise_address is None:
+                # Port 0: the OS chose one; peers dial the port actually bound.
+                self._reconfigure(advertise_address=f"{host}:{self.peer_port}")
+                cfg = self.config
         if cfg.metrics_listen is not None:
             self._metrics_server, self.metrics_port = self.metrics.serve(cfg.metrics_listen)
         log.info("agent serving", extra={"fields": {
             "agent": cfg.agent_id, "socket": path, "peer_listen": cfg.peer_listen, "peer_port": self.peer_port,
             "metrics_port": self.metrics_port, "budget_bytes": cfg.memory_budget_bytes,
             "replicas": cfg.replicas, "ring": list(cfg.peers)}})
+
+    def _reconfigure(self, **changes: object) -> None:
+        new = dataclasses.replace(self.config, **changes)  # validated by AgentConfig.__post_init__
+        self.config = new
+        self.agent.config = new
+        if self.replicator is not None:
+            self.replicator.config = new
+
+    def set_ring(self, peers: tuple[str, ...] | list[str], replicas: int) -> None:
+        """Change the replication ring while serving (an orchestrator adds and removes nodes):
+        ``peers`` is every agent's advertise address in ring order, this agent's among them;
+        each snapshot staged from now on is streamed to the next ``replicas`` of them.
+        Snapshots already held keep the replicas they have."""
+        if self.config.peer_listen is None:
+            raise AgentConfigError("set_ring needs peer_listen: this agent does not serve peers")
+        with self._stop_lock:
+            self._reconfigure(peers=tuple(peers), replicas=int(replicas))
+            if self.replicator is None and self.config.replicas:
+                self.replicator = Replicator(self.config, self.agent)
+                self.agent.replicate = self.replicator.replicate
+                self.agent.notify_peers = self.replicator.notify
+        log.info("replication ring set", extra={"fields": {"ring": list(self.config.peers),
+                                                           "replicas": self.config.replicas}})
 
     def _add_health(self, server: grpc.Server) -> None:
         h = health.HealthServicer()

@@ -285,22 +285,36 @@ class AgentMemoryStorage(Storage):
                             s.key.writer, e)
 
     def _add(self, s: pb.SnapshotInfo, shm_dir: str) -> None:
-        if not s.commit_point or not s.segment or not s.fragment_json:
+        if not s.segment or s.state != pb.SNAPSHOT_STATE_COMMITTED:
             return
-        root = json.loads(s.commit_point)
+        sdir = fmt.step_dir(s.key.step)
+        commit_point = s.commit_point
+        if not commit_point:
+            # A peer's replica: the agent holding it learnt of the commit from the origin, not
+            # from storage; the commit point and the fragment (the chunks' crc32c) are small
+            # reads from storage.
+            try:
+                commit_point = self.inner.read(f"{sdir}/{fmt.META}")
+            except FileNotFoundError:
+                return  # retention removed it meanwhile
+        root = json.loads(commit_point)
         if root["attributes"][MANIFEST_KEY]["save_id"] != s.save_id:
             return
+        if s.fragment_json:
+            frag = Fragment.from_dict(json.loads(s.fragment_json))
+        else:
+            frag = fmt.read_fragment(self.inner, s.key.step, s.key.writer)
+            if frag.save_id != s.save_id:
+                return
         mm, tensor = map_file(f"{shm_dir}/{s.segment}", s.nbytes, writable=False)
         self._maps.append(mm)
-        sdir = fmt.step_dir(s.key.step)
         plan = decode_plan(s.plan_json, tensor)
-        frag = Fragment.from_dict(json.loads(s.fragment_json))
         crcs = {(p, r.index): r.crc32c for p, recs in frag.chunks.items() for r in recs}
         for key, req in plan.chunk_requests(sdir).items():
             crc = crcs.get((req.path, req.index))
             if crc is not None:
                 self._chunks[key] = (req, crc)
-        self._roots[f"{sdir}/{fmt.META}"] = s.commit_point
+        self._roots[f"{sdir}/{fmt.META}"] = commit_point
 
     @property
     def steps_in_memory(self) -> list[int]:

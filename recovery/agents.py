@@ -38,19 +38,28 @@ class NodeAgent:
     blocks while other calls are served)."""
 
     def __init__(self, job_id: str, memory_bytes: int, coordinator: Any = None, heartbeat_s: float = 1.0,
-                 log_level: str = "WARNING") -> None:
+                 log_level: str = "WARNING", *, replicas: int = 0, token: str | None = None,
+                 peer_dead_after_s: float = 3.0) -> None:
         import ray
 
-        from agent.config import AgentConfig
+        from agent.config import LOOPBACK_HOSTS, AgentConfig
         from agent.daemon import AgentDaemon
 
         self.node = ray.get_runtime_context().get_node_id()
         self.dir = os.path.join(tempfile.gettempdir(), f"ckptrec-{job_id}-{self.node[:8]}")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         logging.getLogger("agent").setLevel(log_level)
+        peer: dict[str, Any] = {}
+        if replicas:
+            # Replicas go to the agents of other nodes over TCP on this node's address, with the
+            # job's token; the ring is set by the launcher once it knows every agent.
+            ip = ray.util.get_node_ip_address()
+            host = f"[{ip}]" if ":" in ip else ip
+            peer = {"peer_listen": f"{host}:0", "token": token, "peer_dead_after_s": peer_dead_after_s,
+                    "allow_remote_bind": host not in LOOPBACK_HOSTS}
         self.config = AgentConfig(socket_path=os.path.join(self.dir, "agent.sock"), memory_budget_bytes=memory_bytes,
                                   agent_id=f"recovery-{self.node[:8]}", shm_prefix=f"ckrec{job_id}",
-                                  log_format="text", log_level=log_level)
+                                  log_format="text", log_level=log_level, **peer)
         self.daemon = AgentDaemon(self.config)
         self.daemon.start()
         self.coordinator = coordinator
@@ -64,7 +73,11 @@ class NodeAgent:
         return f"unix://{self.config.socket_path}"
 
     def info(self) -> dict[str, Any]:
-        return {"node": self.node, "address": self.address, "pid": os.getpid()}
+        return {"node": self.node, "address": self.address, "pid": os.getpid(),
+                "peer_address": self.daemon.config.self_address}
+
+    def set_ring(self, peers: list[str], replicas: int) -> None:
+        self.daemon.set_ring(peers, replicas)
 
     def snapshots(self, run_url: str) -> list[dict[str, Any]]:
         return snapshot_rows(self.address, run_url)
@@ -88,9 +101,14 @@ class NodeAgent:
         self.daemon.wait()
 
     def shutdown(self, drain_timeout_s: float = 30.0) -> bool:
+        from agent.shm import cleanup_stale
+
         self._stop.set()
         drained = self.daemon.drain(drain_timeout_s)
         self.daemon.stop()
+        # Segments of this job's agents that died on this host (a killed agent, a lost node of a
+        # cluster simulated on one machine): nobody else would remove them.
+        cleanup_stale(self.config.shm_dir, self.config.shm_prefix)
         try:
             os.rmdir(self.dir)
         except OSError:

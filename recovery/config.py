@@ -74,6 +74,10 @@ class RunConfig:
     # node at that path (the DaemonSet); None: no agent, workers persist in-process.
     agent: str | None = "actor"
     agent_memory_bytes: int = 4 << 30
+    # With agent="actor": stream each staged snapshot to this many other nodes' agents (over TCP
+    # on the nodes' addresses, authenticated with a per-job token), so that losing a node loses
+    # no snapshot it staged and the restore reads the lost node's part from a peer's memory.
+    agent_replicas: int = 0
     coordinator_max_restarts: int = 10
     poll_interval_s: float = 0.2
     detect: DetectConfig = field(default_factory=DetectConfig)
@@ -108,6 +112,11 @@ class RunConfig:
                              f"got {self.agent!r}")
         if not isinstance(self.agent_memory_bytes, int) or self.agent_memory_bytes < 1:
             raise ValueError(f"RunConfig.agent_memory_bytes must be a positive integer, got {self.agent_memory_bytes!r}")
+        if isinstance(self.agent_replicas, bool) or not isinstance(self.agent_replicas, int) or self.agent_replicas < 0:
+            raise ValueError(f"RunConfig.agent_replicas must be an integer >= 0, got {self.agent_replicas!r}")
+        if self.agent_replicas and self.agent != "actor":
+            raise ValueError("RunConfig.agent_replicas needs agent='actor'; an external agent replicates by its own "
+                             "configuration (peers, replicas)")
         if not isinstance(self.coordinator_max_restarts, int) or self.coordinator_max_restarts < -1:
             raise ValueError("RunConfig.coordinator_max_restarts must be an integer >= -1 (-1: no limit)")
 

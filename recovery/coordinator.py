@@ -129,6 +129,12 @@ class Coordinator:
     def ping(self) -> str:
         return self.incarnation
 
+    def node(self) -> str:
+        """The Ray node this coordinator runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def stop(self) -> None:
         self._stop.set()
 

@@ -31,8 +31,8 @@ import torch.distributed as dist
 
 from .worker import TrainContext
 
-KILL, HANG, KILL_COORDINATOR, KILL_AGENT, TAKE_SLOT, RAISE = (
-    "kill", "hang", "kill_coordinator", "kill_agent", "take_slot", "raise")
+KILL, HANG, KILL_COORDINATOR, KILL_AGENT, TAKE_SLOT, RAISE, STORAGE_DOWN, STORAGE_UP = (
+    "kill", "hang", "kill_coordinator", "kill_agent", "take_slot", "raise", "storage_down", "storage_up")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +41,11 @@ class Fault:
 
     ``kill``: SIGKILL its own process. ``hang``: stop making progress (sleep). ``raise``: an
     exception out of ``train_fn``. ``kill_coordinator``: kill the coordinator actor (Ray
-    restarts it). ``kill_agent``: kill the node agent actor of its node. ``take_slot``: start a detached actor named ``slot_taker`` holding
-    ``resources`` (it waits for them), so that a restart finds less room.
+    restarts it). ``kill_agent``: kill the node agent actor of its node. ``take_slot``: start a
+    detached actor named ``slot_taker`` holding ``resources`` (it waits for them), so that a
+    restart finds less room. ``storage_down`` / ``storage_up`` (local storage only): move the
+    run directory away and put a file in its place (every read and write of the run fails;
+    the time is written to ``<run>.down-at``), and undo it.
     """
 
     kind: str
@@ -145,6 +148,8 @@ class DemoTrainer:
                 from .agents import agent_actor_name
 
                 ray.kill(ray.get_actor(agent_actor_name(ctx.coordinator_name, ctx.node)))
+            elif f.kind in (STORAGE_DOWN, STORAGE_UP):
+                _storage_outage(ctx.checkpointer.storage.url, down=f.kind == STORAGE_DOWN)
             elif f.kind == TAKE_SLOT:
                 import ray
 
@@ -189,6 +194,22 @@ class DemoTrainer:
             opt.zero_grad(set_to_none=False)
         del replicas
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _storage_outage(url: str, *, down: bool) -> None:
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if "://" in path:
+        raise ValueError(f"storage_down/storage_up need local storage, not {url}")
+    path = path.rstrip("/")
+    if down:
+        os.rename(path, path + ".away")
+        with open(path, "w") as fh:
+            fh.write("storage outage injected by recovery.demo\n")
+        with open(path + ".down-at", "w") as fh:
+            fh.write(repr(time.time()))
+    else:
+        os.unlink(path)
+        os.rename(path + ".away", path)
 
 
 class _SlotHolder:

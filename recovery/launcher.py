@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import secrets
+import socket
 import sys
 import time
 import uuid
@@ -180,6 +182,10 @@ class Supervisor:
         self.agents: dict[str, Any] = {}  # node -> agent actor
         self.agent_address: dict[str, str] = {}
         self.agent_watch: dict[Any, str] = {}  # wait_stopped ref -> node
+        self.agent_peer: dict[str, str] = {}  # node -> the agent's replication address
+        self._token = secrets.token_urlsafe(24)  # between this job's agents
+        self.rank_node: dict[int, str] = {}
+        self.lost_nodes: set[str] = set()  # lost, though Ray may not have marked them dead yet
         self.workers: list[Any] = []
         self.run_refs: dict[Any, int] = {}  # run ref -> rank
         self.returns: dict[int, Any] = {}
@@ -276,7 +282,11 @@ class Supervisor:
 
     def fit_world(self, want: int, minimum: int) -> int:
         cfg = self.config
-        n = want
+        # After a node loss, do not wait placement_timeout_s for a size that cannot fit (an
+        # autoscaling cluster still gets to add nodes for `want` otherwise).
+        n = max(minimum, min(want, self._fits())) if self.lost_nodes else want
+        if n < want:
+            self.log(ev.RESIZED, f"room for {n} of {want} workers", wanted=want)
         tried: set[int] = set()
         while n >= minimum:
             tried.add(n)
@@ -325,6 +335,7 @@ class Supervisor:
             self.pg, placement_group_bundle_index=i)).remote(i, world_size, attempt) for i in range(world_size)]
         infos = ray.get([w.node_info.remote() for w in self.workers])
         nodes = [i["node"] for i in infos]
+        self.rank_node = dict(enumerate(nodes))
         if cfg.agent == "actor":
             self._ensure_agents(set(nodes))
         port = ray.get(self.workers[0].free_port.remote())
@@ -355,10 +366,16 @@ class Supervisor:
         self.log(ev.STARTED, f"job {self.job_id}: {cfg.num_workers} workers, policy {self.policy.name}, "
                  f"storage {cfg.storage}", job=self.job_id, num_workers=cfg.num_workers, policy=self.policy.name)
         ck = cfg.checkpoint
+        # On the driver's node: losing a worker node does not take the coordinator along (the
+        # driver's node is lost only with the driver). Ray ignores a soft affinity for
+        # restartable actors, so it is a hard one, where the driver runs on a node at all.
+        here = ray.get_runtime_context().get_node_id()
+        on_node = any(n["NodeID"] == here and n.get("Alive") for n in ray.nodes())
         self.coordinator = ray.remote(Coordinator).options(
-            name=self.coordinator_name, num_cpus=0, max_restarts=cfg.coordinator_max_restarts,
-            max_task_retries=0).remote(cfg.storage, cfg.detect, keep_last=ck.keep_last, keep_every=ck.keep_every)
+            name=self.coordinator_name, num_cpus=0, max_restarts=cfg.coordinator_max_restarts, max_task_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False) if on_node else None).remote(cfg.storage, cfg.detect, keep_last=ck.keep_last, keep_every=ck.keep_every)
         ray.get(self.coordinator.ping.remote())
+        self.log(ev.COORDINATOR, f"coordinator up on node {ray.get(self.coordinator.node.remote())[:12]}")
         committed = fmt.committed_steps(self.storage)
         world = self.fit_world(cfg.num_workers, cfg.min_workers)
         self.start_workers(world, RestorePoint(committed[-1] if committed else None))
@@ -394,13 +411,16 @@ class Supervisor:
         now = time.time()
         if ref in self.agent_watch:
             node = self.agent_watch.pop(ref)
-            self.agents.pop(node, None)
-            self.agent_address.pop(node, None)
+            self._forget_agent(node)
             try:
                 ray.get(ref)
                 detail = f"the agent of node {node[:12]} stopped"
             except RayError as e:
                 detail = f"the agent of node {node[:12]} died: {_first_line(e)}"
+                if self._node_lost(node):
+                    ranks = self._ranks_on(node)
+                    return self._failure(NODE_DIED, f"node {node[:12]} lost (its raylet is gone): its agent and "
+                                         f"ranks {list(ranks)} with it", now, ranks=ranks, node=node)
             return self._failure(AGENT_DIED, detail, now, node=node)
         rank = self.run_refs.pop(ref)
         try:
@@ -414,11 +434,48 @@ class Supervisor:
             return self._failure(WORKER_ERROR, f"rank {rank}: train_fn raised {_first_line(e.cause or e)}", now,
                                  ranks=(rank,))
         except RayActorError as e:
-            text = str(e)
-            kind = NODE_DIED if "node" in text.lower() and ("dead" in text.lower() or "died" in text.lower()) \
-                and "worker process" not in text.lower() else WORKER_DIED
-            what = "its node died" if kind == NODE_DIED else "its process died"
-            return self._failure(kind, f"rank {rank}: {what} ({_first_line(e)})", now, ranks=(rank,))
+            text = str(e).lower()
+            node = self.rank_node.get(rank)
+            lost = ("node" in text and ("dead" in text or "died" in text) and "worker process" not in text) \
+                or (node is not None and self._node_lost(node))
+            if lost:
+                if node is not None:
+                    self._drop_node(node)
+                ranks = tuple(sorted({rank, *self._ranks_on(node)}))
+                return self._failure(NODE_DIED, f"rank {rank}: its node {(node or '?')[:12]} was lost, ranks "
+                                     f"{list(ranks)} and its agent with it ({_first_line(e)})", now, ranks=ranks,
+                                     node=node)
+            return self._failure(WORKER_DIED, f"rank {rank}: its process died ({_first_line(e)})", now,
+                                 ranks=(rank,))
+
+    def _node_lost(self, node: str, timeout_s: float = 1.0) -> bool:
+        """Whether ``node`` is gone, not just one process on it: Ray's control store says so, or
+        the node's raylet does not answer a TCP connection (Ray itself marks a node dead only
+        after its health checks fail for ~15 s)."""
+        for n in ray.nodes():
+            if n["NodeID"] != node:
+                continue
+            if not n.get("Alive", True):
+                self.lost_nodes.add(node)
+                return True
+            try:
+                socket.create_connection((n["NodeManagerAddress"], int(n["NodeManagerPort"])),
+                                         timeout=timeout_s).close()
+                return False
+            except OSError:
+                self.lost_nodes.add(node)
+                return True
+        return False
+
+    def _drop_node(self, node: str) -> None:
+        """Forget the lost node's agent (its death is part of this failure, not another one)."""
+        for ref, n in list(self.agent_watch.items()):
+            if n == node:
+                del self.agent_watch[ref]
+        self._forget_agent(node)
+
+    def _ranks_on(self, node: str | None) -> tuple[int, ...]:
+        return tuple(sorted(r for r, n in self.rank_node.items() if n == node and r < self._world))
 
     def _dead_peer(self, timeout_s: float) -> Failure | None:
         refs = list(self.run_refs)
@@ -438,7 +495,7 @@ class Supervisor:
                  node: str | None = None) -> Failure:
         ranks_info = self._progress.get("ranks", {}) if self._progress.get("attempt") == self._attempt else {}
         seen = [ranks_info[r]["seen_at"] for r in ranks if r in ranks_info and ranks_info[r].get("seen_at")]
-        if kind == AGENT_DIED and node is not None:  # an agent's last sign of life is its heartbeat
+        if kind in (AGENT_DIED, NODE_DIED) and node is not None:  # an agent's last sign of life is its heartbeat
             agent_seen = self._progress.get("agents_seen_at", {}).get(node)
             seen += [agent_seen] if agent_seen else []
         last_step = self._progress.get("last_step") if self._progress.get("attempt") == self._attempt else None
@@ -572,14 +629,46 @@ class Supervisor:
             new[node] = remote.options(
                 name=agent_actor_name(self.coordinator_name, node), num_cpus=0, max_concurrency=8, max_restarts=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-            ).remote(self.job_id, self.config.agent_memory_bytes, self.coordinator)
+            ).remote(self.job_id, self.config.agent_memory_bytes, self.coordinator,
+                     replicas=self.config.agent_replicas, token=self._token)
         for node, actor in new.items():
             info = ray.get(actor.info.remote(), timeout=120)
             self.agents[node] = actor
             self.agent_address[node] = info["address"]
+            if info.get("peer_address"):
+                self.agent_peer[node] = info["peer_address"]
             self.agent_watch[actor.wait_stopped.remote()] = node
-            self.log(ev.AGENT, f"agent up on node {node[:12]} at {info['address']}", node=node,
-                     address=info["address"])
+            self.log(ev.AGENT, f"agent up on node {node[:12]} at {info['address']}"
+                     + (f", replicas served on {info['peer_address']}" if info.get("peer_address") else ""),
+                     node=node, address=info["address"], peer_address=info.get("peer_address"))
+        if new:
+            self._update_ring()
+
+    def _forget_agent(self, node: str) -> None:
+        self.agents.pop(node, None)
+        self.agent_address.pop(node, None)
+        if self.agent_peer.pop(node, None) is not None:
+            self._update_ring()
+
+    def _update_ring(self) -> None:
+        """Every live agent replicates to the next ``agent_replicas`` agents of the ring (nodes in
+        a fixed order); called whenever an agent comes or goes."""
+        want = self.config.agent_replicas
+        if not want:
+            return
+        nodes = sorted(n for n in self.agent_peer if n in self.agents)
+        ring = [self.agent_peer[n] for n in nodes]
+        k = min(want, len(ring) - 1)
+        refs = {self.agents[n].set_ring.remote(ring, k): n for n in nodes}
+        for ref, n in refs.items():
+            try:
+                ray.get(ref, timeout=30)
+            except (RayError, GetTimeoutError) as e:
+                self.log(ev.AGENT, f"cannot set the replication ring of the agent on node {n[:12]}: {_first_line(e)}",
+                         node=n)
+        if len(nodes) > 1 or k < want:
+            self.log(ev.AGENT, f"replication ring: {len(ring)} agent(s), {k} replica(s) of each snapshot"
+                     + (f" (wanted {want}: not enough nodes)" if k < want else ""), ring=ring, replicas=k)
 
     def _agent_rows(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
@@ -609,11 +698,15 @@ class Supervisor:
     def _fits(self) -> int:
         """How many more bundles the cluster's free resources hold (ignoring how they are
         split across nodes), plus the workers placed now."""
-        avail = ray.available_resources()
+        avail = dict(ray.available_resources())
         bundle = self._bundle()
         if not bundle:
             return self.config.num_workers
-        free = min(math.floor(avail.get(k, 0.0) / v + 1e-9) for k, v in bundle.items())
+        for n in ray.nodes():  # lost nodes Ray still counts (it marks them dead after its health checks)
+            if n["NodeID"] in self.lost_nodes and n.get("Alive"):
+                for k, v in n.get("Resources", {}).items():
+                    avail[k] = avail.get(k, 0.0) - v
+        free = min(math.floor(max(0.0, avail.get(k, 0.0)) / v + 1e-9) for k, v in bundle.items())
         return free + (self._pg_world if self.pg is not None else 0)
 
     # -- end -------------------------------------------------------------------------------------
@@ -646,6 +739,7 @@ class Supervisor:
             except Exception:  # noqa: BLE001
                 pass
         self.agents.clear()
+        self.agent_peer.clear()
         self.agent_watch.clear()
         if self.pg is not None:
             try:

@@ -196,3 +196,37 @@ def test_a_snapshot_committed_after_a_newer_one_is_evicted(servicer, monkeypatch
     snaps[4].state = COMMITTED
     agent._evict_older(snaps[4])  # step 4 commits after step 5 did
     assert sorted(evicted) == [3, 4]  # 5 stays (newest committed), 6 is still on its way
+
+
+def test_port_zero_is_advertised_as_bound_and_the_ring_changes_while_serving(tmp_path):
+    from agent.daemon import AgentDaemon
+
+    base = {"memory_budget_bytes": 1 << 20, "shm_dir": str(tmp_path), "shm_prefix": "ringtest", "token": "t",
+            "log_format": "text"}
+    a = AgentDaemon(AgentConfig(socket_path=str(tmp_path / "a.sock"), peer_listen="127.0.0.1:0", **base))
+    b = AgentDaemon(AgentConfig(socket_path=str(tmp_path / "b.sock"), peer_listen="127.0.0.1:0", **base))
+    no_peers = AgentDaemon(AgentConfig(socket_path=str(tmp_path / "c.sock"), **base))
+    a.start()
+    b.start()
+    no_peers.start()
+    try:
+        # port 0: the OS picked one; the agent advertises the port it bound, not 0
+        assert a.config.self_address == f"127.0.0.1:{a.peer_port}" and a.peer_port > 0
+        assert a.status().peer_address == a.config.self_address
+        assert a.replicator is None and a.config.ring_successors() == []
+        ring = [a.config.self_address, b.config.self_address]
+        a.set_ring(ring, 1)
+        assert a.config.ring_successors() == [b.config.self_address]
+        assert a.agent.config is a.config and a.replicator is not None and a.replicator.config is a.config
+        a.set_ring([a.config.self_address], 0)  # b's node is gone: nobody to replicate to
+        assert a.config.ring_successors() == []
+        with pytest.raises(AgentConfigError, match="must be in the ring"):
+            a.set_ring([b.config.self_address, "127.0.0.1:9"], 1)
+        with pytest.raises(AgentConfigError, match="need at least 3 agents"):
+            a.set_ring(ring, 2)
+        assert a.config.peers == (a.config.self_address,)  # a refused ring changes nothing
+        with pytest.raises(AgentConfigError, match="does not serve peers"):
+            no_peers.set_ring(ring, 1)
+    finally:
+        for d in (a, b, no_peers):
+            d.stop()

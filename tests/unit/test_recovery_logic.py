@@ -283,6 +283,9 @@ def test_restore_point_tiers():
     ({"agent": "tcp://x"}, "agent"),
     ({"backend": "mpi"}, "backend"),
     ({"placement_timeout_s": 0}, "placement_timeout_s"),
+    ({"agent_replicas": -1}, "agent_replicas"),
+    ({"agent_replicas": True}, "agent_replicas"),
+    ({"agent_replicas": 1, "agent": None}, "agent_replicas needs agent='actor'"),
 ])
 def test_run_config_validation(kwargs, match):
     base = {"num_workers": 4, "storage": "/tmp/x"} | kwargs

@@ -1,0 +1,99 @@
+"""Losing a node: a two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``, two
+raylets), one worker and one node agent per node, agents replicating to each other. The second
+node's raylet and every process on it are SIGKILLed mid-run; the job must see a node loss (not a
+worker crash, not a second failure for the agent), shrink to the surviving node, and restore the
+lost node's part of the checkpoint from the replica the surviving agent holds.
+
+Asserts what the job ended with (failure kind, tiers that served the restore, parameters), never
+how long anything took.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import pytest
+import torch
+
+import ckpt
+from ckpt import format as fmt
+from recovery.demo import DemoTrainer
+from recovery.detect import NODE_DIED
+
+ray = pytest.importorskip("ray")
+cluster_utils = pytest.importorskip("ray.cluster_utils")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.isdir("/dev/shm"),
+                                reason="node agents need Linux POSIX shared memory")
+
+
+@pytest.fixture
+def two_nodes():
+    if ray.is_initialized():
+        ray.shutdown()
+    before = set(os.listdir("/dev/shm"))
+    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, "resources": {"slot": 1}})
+    second = cluster.add_node(num_cpus=1, resources={"slot": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    try:
+        yield cluster, second
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    leaked = sorted(n for n in set(os.listdir("/dev/shm")) - before if n.startswith("ckrec"))
+    assert not leaked, f"agent segments left behind: {leaked}"
+
+
+def test_lost_node_is_detected_and_its_part_restored_from_a_peer_replica(two_nodes, tmp_path):
+    import recovery
+
+    cluster, second = two_nodes
+    run = str(tmp_path / "run")
+    storage = ckpt.open_storage(run)
+    trainer = DemoTrainer(steps=40, width=64, depth=2, global_batch=16, step_sleep_s=0.05, return_state=True)
+    killed = threading.Event()
+    stop = threading.Event()
+
+    def kill_the_second_node() -> None:
+        while not stop.wait(0.02):
+            steps = fmt.committed_steps(storage) if os.path.isdir(run) else []
+            if steps and steps[-1] >= 10:
+                cluster.remove_node(second, allow_graceful=False)
+                killed.set()
+                return
+
+    killer = threading.Thread(target=kill_the_second_node, daemon=True)
+    killer.start()
+    try:
+        result = recovery.run(
+            trainer, num_workers=2, storage=run, echo=None, resources_per_worker={"CPU": 1.0, "slot": 1},
+            placement_strategy="SPREAD", agent_replicas=1, every_n_steps=5, keep_last=None,
+            heartbeat_interval_s=0.1, backoff_s=0.0, placement_timeout_s=20.0, settle_timeout_s=30.0,
+            startup_timeout_s=120.0, agent_memory_bytes=256 << 20)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed.is_set()
+    (rec,) = result.failures  # one failure: the lost agent is part of it, not another
+    assert rec.failure.kind == NODE_DIED, rec
+    assert (rec.world_before, rec.world_after, result.world_size) == (2, 1, 1)
+    step = rec.restore_step
+    assert step is not None and step >= 10 and step % 5 == 0
+    assert fmt.read_manifest(storage, step).writers == (fmt.writer_name(0), fmt.writer_name(1))
+    # The survivor's own snapshot from its agent's memory, the lost node's from the replica its
+    # agent received: the chunks themselves never came from storage.
+    assert rec.restore_bytes.get("agent memory", 0) > 0, rec
+    assert rec.restore_bytes.get("peer", 0) > 0, rec
+    assert rec.restore_bytes.get("storage", 0) < min(rec.restore_bytes["agent memory"], rec.restore_bytes["peer"]), rec
+    (out,) = result.returns
+    assert (out["world_size"], out["start"]) == (1, step + 1)
+    # 2 ranks up to the restored step, then 1.
+    final = trainer.reference(world=2, resized=((step + 1, 1),))
+    for k, v in final.items():
+        torch.testing.assert_close(out["state"][k], v, rtol=1e-4, atol=1e-6)
+    # The checkpoints after the loss have one writer, and the job committed to the end.
+    last = fmt.committed_steps(storage)[-1]
+    assert last == 35 and fmt.read_manifest(storage, last).writers == (fmt.writer_name(0),)
