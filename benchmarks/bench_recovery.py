@@ -12,6 +12,18 @@ agent run by recovery, checkpoints every ``--every`` steps, and one injected fau
   from storage;
 - ``kill_coordinator``: the coordinator actor is killed (Ray restarts it) -> nothing to
   restore; the figure is how long training went on without a commit.
+- ``node_loss``: a two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``, one
+  worker per node, agents replicating to each other with ``agent_replicas=1``); once the last
+  checkpoint before ``--fault-at`` is committed and its replicas arrived (``replica_lag_s``:
+  how long after the commit; ``--kill-before-replicated`` does not wait), the second node's
+  raylet and every process on it are SIGKILLed.
+  Detection latency is from that kill; the job shrinks to one worker, which restores its own
+  part from agent memory and the lost node's part from the replica its agent holds (the peer
+  tier), resharded 2 -> 1.
+- ``storage_down``: the run directory is moved away at step ``--fault-at`` (every write and
+  read of storage fails) and put back ``--outage-steps`` later: detected after
+  ``storage_failure_limit`` (3) failed checkpoints in a row, counted from the outage; training
+  never stops.
 
 Default state: width 4096, depth 5 -> 84M parameters, 1.0 GB of parameters + AdamW moments per
 worker. Figures are medians over ``--repeat`` runs of each scenario.
@@ -32,14 +44,17 @@ import tempfile
 import time
 from typing import Any
 
-SCENARIOS = ("kill", "hang", "kill_agent", "kill_coordinator")
+SCENARIOS = ("kill", "hang", "kill_agent", "kill_coordinator", "node_loss", "storage_down")
 
 
 def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    if kind == "node_loss":
+        return run_node_loss(args)
     from recovery import launcher
-    from recovery.demo import HANG, KILL, KILL_AGENT, KILL_COORDINATOR, DemoTrainer, Fault
+    from recovery.demo import HANG, KILL, KILL_AGENT, KILL_COORDINATOR, STORAGE_DOWN, STORAGE_UP, DemoTrainer, Fault
 
     at = args.fault_at
+    every = args.every
     faults: list[Fault] = []
     if kind == "kill":
         faults = [Fault(KILL, at, rank=args.workers - 1)]
@@ -49,6 +64,9 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         faults = [Fault(KILL_AGENT, at - 1, rank=0), Fault(KILL, at, rank=args.workers - 1)]
     elif kind == "kill_coordinator":
         faults = [Fault(KILL_COORDINATOR, at, rank=0)]
+    elif kind == "storage_down":
+        faults = [Fault(STORAGE_DOWN, at, rank=0), Fault(STORAGE_UP, at + args.outage_steps, rank=0)]
+        every = args.storage_every
     trainer = DemoTrainer(steps=args.steps, width=args.width, depth=args.depth, step_sleep_s=0.0,
                           faults=tuple(faults))
     run_dir = tempfile.mkdtemp(prefix=f"bench-recovery-{kind}-", dir=args.root)
@@ -57,9 +75,9 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     try:
         result = launcher.run(
             trainer, num_workers=args.workers, storage=run_dir, policy="reload", max_failures=3,
-            num_cpus=ncpu, ray_init_options={"log_to_driver": False}, echo=None,
+            num_cpus=ncpu, ray_init_options={"log_to_driver": False}, echo=sys.stderr if args.verbose else None,
             resources_per_worker={"CPU": min(1.0, ncpu / (args.workers + 1))},
-            every_n_steps=args.every, keep_last=2, hang_timeout_s=args.hang_timeout, startup_timeout_s=300,
+            every_n_steps=every, keep_last=2, hang_timeout_s=args.hang_timeout, startup_timeout_s=300,
             backoff_s=0.5, placement_timeout_s=60, agent_memory_bytes=args.agent_memory_gib << 30)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -67,11 +85,106 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                            "checkpoints": len(result.checkpoints),
                            "stall_s": statistics.median([c["stall_s"] for c in result.checkpoints
                                                          if c.get("stall_s") is not None] or [float("nan")])}
+    add_failure(row, result)
+    if kind == "storage_down" and result.failures:
+        # From the outage (the fault's timestamp, next to the run directory) to the detection.
+        down_at = float(open(run_dir + ".down-at").read())
+        row["detected_after_s"] = result.failures[0].failure.detected_at - down_at
+        row["checkpoints_failed"] = sum(1 for e in result.events if e.kind == "checkpoint_failed")
+        os.unlink(run_dir + ".down-at")
+    return row
+
+
+def add_failure(row: dict[str, Any], result: Any) -> None:
     if result.failures:
         r = result.failures[0]
         row.update(kind=r.failure.kind, detected_after_s=r.failure.detected_after_s, action=r.action,
                    restore_step=r.restore_step, restored_from=r.restored_from, restore_s=r.restore_s,
-                   restore_bytes=r.restore_bytes, resumed_after_s=r.resumed_after_s, steps_lost=r.steps_lost)
+                   restore_bytes=r.restore_bytes, resumed_after_s=r.resumed_after_s, steps_lost=r.steps_lost,
+                   world_after=r.world_after)
+
+
+def run_node_loss(args: argparse.Namespace) -> dict[str, Any]:
+    import threading
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from ckpt import format as fmt
+    from ckpt.storage import open_storage
+    from recovery import launcher
+    from recovery.demo import DemoTrainer
+
+    trainer = DemoTrainer(steps=args.steps, width=args.width, depth=args.depth, step_sleep_s=0.0)
+    run_dir = tempfile.mkdtemp(prefix="bench-recovery-node_loss-", dir=args.root)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    doomed = [cluster.add_node(num_cpus=1) for _ in range(args.workers - 1)][-1]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    killed: dict[str, float] = {}
+    done = threading.Event()
+
+    def replicated(step: int) -> bool:
+        """Whether every agent holds a committed replica of ``step`` (of the other node's writer)."""
+        names = [n for n in ray.util.list_named_actors() if n.startswith("ckpt-agent-")]
+        for name in names:
+            rows = ray.get(ray.get_actor(name).snapshots.remote(open_storage(run_dir).url), timeout=30)
+            if args.verbose:
+                print(f"[bench] {name[-12:]} step {step}: " + ", ".join(
+                    f"{r['writer']}@{r['step']}{'(replica)' if r['replica'] else ''}={r['state']}" for r in rows),
+                    file=sys.stderr)
+            if not any(r["replica"] and r["step"] == step and r["state"] == "committed" for r in rows):
+                return False
+        return bool(names)
+
+    def killer() -> None:
+        # Once the checkpoint before --fault-at is committed and its replicas have arrived (they
+        # trail the commit: streaming to the peer is slower than writing to local disk), kill.
+        storage = open_storage(run_dir)
+        target = args.fault_at - args.fault_at % args.every
+        committed_at = None
+        while not done.wait(0.05):
+            steps = fmt.committed_steps(storage)
+            if not steps or steps[-1] < target:
+                continue
+            if committed_at is None:
+                committed_at = time.time()
+            if args.kill_before_replicated or replicated(steps[-1]):
+                pass
+            elif time.time() - committed_at > args.replica_wait_s:
+                killed["gave_up"] = True
+            else:
+                continue
+            killed["at"] = time.time()
+            killed["replica_lag_s"] = killed["at"] - committed_at
+            cluster.remove_node(doomed, allow_graceful=False)
+            return
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    t0 = time.perf_counter()
+    try:
+        result = launcher.run(
+            trainer, num_workers=args.workers, storage=run_dir, policy="reload", max_failures=3,
+            echo=sys.stderr if args.verbose else None,
+            resources_per_worker={"CPU": 1.0}, placement_strategy="SPREAD", agent_replicas=1,
+            every_n_steps=args.every, keep_last=2, hang_timeout_s=args.hang_timeout, startup_timeout_s=300,
+            backoff_s=0.5, placement_timeout_s=30, agent_memory_bytes=args.agent_memory_gib << 30)
+    finally:
+        done.set()
+        t.join()
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    row: dict[str, Any] = {"scenario": "node_loss", "wall_s": time.perf_counter() - t0, "attempts": result.attempts,
+                           "checkpoints": len(result.checkpoints),
+                           "stall_s": statistics.median([c["stall_s"] for c in result.checkpoints
+                                                         if c.get("stall_s") is not None] or [float("nan")])}
+    add_failure(row, result)
+    if result.failures and "at" in killed:
+        row["after_last_heartbeat_s"] = row.get("detected_after_s")
+        row["detected_after_s"] = result.failures[0].failure.detected_at - killed["at"]
+        row["replica_lag_s"] = None if killed.get("gave_up") else killed.get("replica_lag_s")
     return row
 
 
@@ -85,10 +198,17 @@ def main() -> int:
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--fault-at", type=int, default=23)
     p.add_argument("--hang-timeout", type=float, default=10.0)
+    p.add_argument("--outage-steps", type=int, default=8, help="storage_down: steps until storage is back")
+    p.add_argument("--storage-every", type=int, default=2, help="storage_down: checkpoint every this many steps")
     p.add_argument("--agent-memory-gib", type=int, default=8)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--root", default=None, help="parent of the run directories (default: $TMPDIR)")
     p.add_argument("--json", default=None)
+    p.add_argument("--verbose", action="store_true", help="print every recovery event")
+    p.add_argument("--replica-wait-s", type=float, default=60.0,
+                   help="node_loss: kill anyway if the replicas have not arrived this long after the commit")
+    p.add_argument("--kill-before-replicated", action="store_true",
+                   help="node_loss: kill as soon as the checkpoint is committed, replicas or not")
     args = p.parse_args()
     params = args.depth * (args.width * args.width + args.width) + args.width + 1
     print(f"state per worker: {params / 1e6:.1f}M parameters, {12 * params / 1e9:.2f} GB with AdamW moments; "

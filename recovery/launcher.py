@@ -647,6 +647,10 @@ class Supervisor:
     def _forget_agent(self, node: str) -> None:
         self.agents.pop(node, None)
         self.agent_address.pop(node, None)
+        try:  # else its silence is reported again after agent_timeout_s (a lost node's agent never returns)
+            self.coordinator.forget_agent.remote(node)
+        except Exception:  # noqa: BLE001 - a coordinator restarting rebuilds from heartbeats anyway
+            pass
         if self.agent_peer.pop(node, None) is not None:
             self._update_ring()
 

@@ -53,7 +53,7 @@ def test_lost_node_is_detected_and_its_part_restored_from_a_peer_replica(two_nod
     cluster, second = two_nodes
     run = str(tmp_path / "run")
     storage = ckpt.open_storage(run)
-    trainer = DemoTrainer(steps=40, width=64, depth=2, global_batch=16, step_sleep_s=0.05, return_state=True)
+    trainer = DemoTrainer(steps=80, width=64, depth=2, global_batch=16, step_sleep_s=0.05, return_state=True)
     killed = threading.Event()
     stop = threading.Event()
 
@@ -72,12 +72,14 @@ def test_lost_node_is_detected_and_its_part_restored_from_a_peer_replica(two_nod
             trainer, num_workers=2, storage=run, echo=None, resources_per_worker={"CPU": 1.0, "slot": 1},
             placement_strategy="SPREAD", agent_replicas=1, every_n_steps=5, keep_last=None,
             heartbeat_interval_s=0.1, backoff_s=0.0, placement_timeout_s=20.0, settle_timeout_s=30.0,
-            startup_timeout_s=120.0, agent_memory_bytes=256 << 20)
+            startup_timeout_s=120.0, agent_memory_bytes=256 << 20, agent_timeout_s=4.0)
     finally:
         stop.set()
         killer.join()
     assert killed.is_set()
-    (rec,) = result.failures  # one failure: the lost agent is part of it, not another
+    # One failure: the lost agent is part of it, not another one, neither at once nor when its
+    # heartbeats stay away for agent_timeout_s.
+    (rec,) = result.failures
     assert rec.failure.kind == NODE_DIED, rec
     assert (rec.world_before, rec.world_after, result.world_size) == (2, 1, 1)
     step = rec.restore_step
@@ -96,4 +98,4 @@ def test_lost_node_is_detected_and_its_part_restored_from_a_peer_replica(two_nod
         torch.testing.assert_close(out["state"][k], v, rtol=1e-4, atol=1e-6)
     # The checkpoints after the loss have one writer, and the job committed to the end.
     last = fmt.committed_steps(storage)[-1]
-    assert last == 35 and fmt.read_manifest(storage, last).writers == (fmt.writer_name(0),)
+    assert last == 75 and fmt.read_manifest(storage, last).writers == (fmt.writer_name(0),)
