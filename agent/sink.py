@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -261,6 +264,34 @@ def open_agent_sink(address: str, **kwargs: Any) -> AgentSink:
     return AgentSink(address, **kwargs)
 
 
+_BLOCK = 1 << 20  # pread + crc32c per block: the crc reads the block while it is in cache
+
+
+def _pread_crc(fd: int, offset: int, dest: memoryview) -> int | None:
+    """Fill ``dest`` from ``fd`` at ``offset``; the crc32c of what was read, or None if the
+    segment is shorter than expected."""
+    crc = 0
+    pos = 0
+    n = dest.nbytes
+    while pos < n:
+        block = dest[pos: min(n, pos + _BLOCK)]
+        got = os.preadv(fd, [block], offset + pos)
+        if got <= 0:
+            return None
+        crc = crc32c.crc32c(block[:got], crc)
+        pos += got
+    return crc
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
 class AgentMemoryStorage(Storage):
     """Reads committed snapshots the agent holds straight from its shared memory; everything
     else from ``inner``. Read-only use (restore): writes go to ``inner``.
@@ -274,7 +305,13 @@ class AgentMemoryStorage(Storage):
         self.url = inner.url
         self._roots: dict[str, bytes] = {}
         self._chunks: dict[str, tuple[WriteRequest, int]] = {}
+        # path -> (segment fd, offset) of chunks stored contiguously in a segment: read with
+        # pread, which copies in the kernel; a fresh mapping of the segment would take a page
+        # fault per few pages first (~0.06 s per GiB, a third of the whole copy).
+        self._spans: dict[str, tuple[int, int]] = {}
         self._maps: list[Any] = []
+        self._fds: list[int] = []
+        weakref.finalize(self, _close_fds, self._fds)
         self.served_bytes = 0
         self.served_chunks = 0
         for s in snapshots:
@@ -308,17 +345,29 @@ class AgentMemoryStorage(Storage):
                 return
         mm, tensor = map_file(f"{shm_dir}/{s.segment}", s.nbytes, writable=False)
         self._maps.append(mm)
+        fd = os.open(f"{shm_dir}/{s.segment}", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._fds.append(fd)
+        base = tensor.data_ptr()
         plan = decode_plan(s.plan_json, tensor)
         crcs = {(p, r.index): r.crc32c for p, recs in frag.chunks.items() for r in recs}
         for key, req in plan.chunk_requests(sdir).items():
             crc = crcs.get((req.path, req.index))
             if crc is not None:
                 self._chunks[key] = (req, crc)
+                region = req.tensor.detach()[req.slices]
+                if not req.ragged and region.is_contiguous() and region.device.type == "cpu":
+                    self._spans[key] = (fd, region.data_ptr() - base)
         self._roots[f"{sdir}/{fmt.META}"] = commit_point
 
     @property
     def steps_in_memory(self) -> list[int]:
         return sorted(int(k.split("/")[0]) for k in self._roots)
+
+    def read_threads(self, step: int, default: int) -> int:
+        if f"{fmt.step_dir(step)}/{fmt.META}" in self._roots:
+            # Copies out of memory: one thread per core (2x faster than 8 threads on 2 cores).
+            return max(1, min(default, max(2, os.cpu_count() or 1)))
+        return self.inner.read_threads(step, default)
 
     def _chunk(self, path: str) -> tuple[memoryview, int, Any] | None:
         hit = self._chunks.get(path)
@@ -328,6 +377,17 @@ class AgentMemoryStorage(Storage):
         return data, hit[1], keep
 
     def read_into_crc(self, path: str, data: memoryview, tail: memoryview) -> tuple[int, int]:
+        span = self._spans.get(path)
+        if span is not None and tail.nbytes >= CRC_BYTES:
+            req, crc = self._chunks[path]
+            nbytes = math.prod(req.chunk_shape) * req.tensor.element_size()
+            if nbytes == data.nbytes:
+                actual = _pread_crc(span[0], span[1], data.cast("B"))
+                if actual is not None:
+                    tail.cast("B")[:CRC_BYTES] = crc.to_bytes(CRC_BYTES, "little")
+                    self.served_bytes += nbytes
+                    self.served_chunks += 1
+                    return nbytes + CRC_BYTES, actual
         hit = self._chunk(path)
         if hit is None or hit[0].nbytes != data.nbytes or tail.nbytes < CRC_BYTES:
             return self.inner.read_into_crc(path, data, tail)
@@ -353,8 +413,6 @@ class AgentMemoryStorage(Storage):
         hit = self._chunks.get(path)
         if hit is not None:
             req = hit[0]
-            import math
-
             return math.prod(req.chunk_shape) * req.tensor.element_size() + CRC_BYTES
         return self.inner.size(path)
 

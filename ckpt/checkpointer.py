@@ -243,7 +243,8 @@ class Checkpointer:
         expanded = expand(state)  # after the check: building optimizer state has side effects
         t0 = time.perf_counter()
         loaded = load(expanded.tree, storage, step=chosen, process_group=self.config.process_group,
-                      allow_pickle=self.config.allow_pickle, io_threads=self.config.io_threads, strict=strict)
+                      allow_pickle=self.config.allow_pickle, strict=strict,
+                      io_threads=storage.read_threads(chosen, self.config.io_threads))
         expanded.apply()
         log.info("restored step %d from %s in %.2f s", loaded, self.storage.url, time.perf_counter() - t0)
         return loaded + 1

@@ -99,6 +99,12 @@ class Storage(abc.ABC):
         total = self.read_into(path, [data, tail])
         return total, crc32c.crc32c(data)
 
+    def read_threads(self, step: int, default: int) -> int:
+        """How many threads should read ``step``'s chunks: ``default`` (the I/O threads asked
+        for) unless this storage knows better (a memory tier is bound by the cores, and threads
+        beyond them only contend)."""
+        return default
+
     @abc.abstractmethod
     def size(self, path: str) -> int | None:
         """Size in bytes, or ``None`` if absent."""

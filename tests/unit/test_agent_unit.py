@@ -230,3 +230,53 @@ def test_port_zero_is_advertised_as_bound_and_the_ring_changes_while_serving(tmp
     finally:
         for d in (a, b, no_peers):
             d.stop()
+
+
+def test_restore_from_agent_memory_is_exact_and_catches_changed_memory(tmp_path):
+    """Chunks served from the agent's shared memory (read with pread, crc32c per block) are
+    bit-exact, and a byte changed in the segment after the commit is a checksum error, not
+    silently restored."""
+    from agent.daemon import AgentDaemon
+    from ckpt.errors import CorruptCheckpointError
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    daemon = AgentDaemon(AgentConfig(socket_path=str(tmp_path / "a.sock"), memory_budget_bytes=64 << 20,
+                                     shm_dir=str(shm), shm_prefix="memtest", log_format="text"))
+    daemon.start()
+    try:
+        g = torch.Generator().manual_seed(7)
+        # a ragged last chunk and a bf16 tensor next to plain float32 ones
+        state = {"a": torch.randn(3000, 700, generator=g), "b": torch.randn(17, 5, generator=g).bfloat16(),
+                 "c": torch.arange(10_000, dtype=torch.int64)}
+        run = tmp_path / "run"
+        addr = f"unix://{tmp_path / 'a.sock'}"
+        with ckpt.Checkpointer(str(run), agent=addr, max_chunk_bytes=1 << 20) as c:
+            c.save(3, state, force=True).result(60)
+        os.rename(run, tmp_path / "run.away")  # only the commit point and fragments come back
+        run.mkdir()
+        away = tmp_path / "run.away"
+        for path in away.rglob("*"):
+            rel = path.relative_to(away)
+            if path.is_file() and (path.name == "zarr.json" or ".fragments" in rel.parts):
+                (run / rel).parent.mkdir(parents=True, exist_ok=True)
+                (run / rel).write_bytes(path.read_bytes())
+        dest = {k: torch.zeros_like(v) for k, v in state.items()}
+        with ckpt.Checkpointer(str(run), agent=addr) as c:
+            mem = c.sink.restore_storage(c.storage)
+            assert mem.steps_in_memory == [3]
+            assert len(mem._spans) == len(mem._chunks) > 3  # every chunk is read with pread
+            assert c.restore(dest) == 4
+        assert all(torch.equal(dest[k], state[k]) for k in state)
+
+        (seg,) = [p for p in shm.iterdir() if p.name.startswith("memtest")]
+        with open(seg, "r+b") as fh:
+            fh.seek(4096)
+            b = fh.read(1)
+            fh.seek(4096)
+            fh.write(bytes([b[0] ^ 0xFF]))
+        with ckpt.Checkpointer(str(run), agent=addr) as c:
+            with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
+                c.restore({k: torch.zeros_like(v) for k, v in state.items()})
+    finally:
+        daemon.stop()
