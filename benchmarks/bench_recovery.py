@@ -20,6 +20,10 @@ agent run by recovery, checkpoints every ``--every`` steps, and one injected fau
   Detection latency is from that kill; the job shrinks to one worker, which restores its own
   part from agent memory and the lost node's part from the replica its agent holds (the peer
   tier), resharded 2 -> 1.
+- ``raytrain_kill`` (the peer, ``pip install -e '.[bench]'``): the ``kill`` scenario under
+  Ray Train's ``TorchTrainer`` with ``FailureConfig``, checkpointing the way its guide does
+  (rank 0 ``torch.save`` + ``ray.train.report``; every rank ``torch.load`` on restart); printed
+  side by side with ``kill``.
 - ``storage_down``: the run directory is moved away at step ``--fault-at`` (every write and
   read of storage fails) and put back ``--outage-steps`` later: detected after
   ``storage_failure_limit`` (3) failed checkpoints in a row, counted from the outage; training
@@ -45,11 +49,14 @@ import time
 from typing import Any
 
 SCENARIOS = ("kill", "hang", "kill_agent", "kill_coordinator", "node_loss", "storage_down")
+PEERS = ("raytrain_kill",)
 
 
 def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     if kind == "node_loss":
         return run_node_loss(args)
+    if kind == "raytrain_kill":
+        return run_raytrain_kill(args)
     from recovery import launcher
     from recovery.demo import HANG, KILL, KILL_AGENT, KILL_COORDINATOR, STORAGE_DOWN, STORAGE_UP, DemoTrainer, Fault
 
@@ -188,9 +195,118 @@ def run_node_loss(args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def run_raytrain_kill(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``kill`` scenario under Ray Train (``TorchTrainer``, ``FailureConfig``), the way its
+    guide checkpoints: rank 0 ``torch.save``s the model and optimizer state into a directory
+    and ``ray.train.report``s it (uploaded to ``storage_path``); on restart every rank
+    ``torch.load``s the latest. Same model, data, world size, checkpoint interval and fault
+    step as ``kill``. Ray Train does not say when it noticed the death, so the figures are from
+    the kill: to the restarted train function, restore time, to the first resumed step."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    import torch
+
+    try:
+        import ray
+        import ray.train
+        from ray.train.torch import TorchTrainer
+    except ImportError as e:
+        return {"scenario": "raytrain_kill", "skipped": f"Ray Train is not installed ({e}); pip install 'ray[train]'"}
+    from recovery.demo import DemoTrainer, average_gradients
+
+    trainer = DemoTrainer(steps=args.steps, width=args.width, depth=args.depth, step_sleep_s=0.0)
+    root = tempfile.mkdtemp(prefix="bench-recovery-raytrain-", dir=args.root)
+    marks = os.path.join(root, "marks")
+    os.makedirs(marks)
+    every, fault_at, workers = args.every, args.fault_at, args.workers
+
+    def mark(name: str, value: Any) -> None:
+        with open(os.path.join(marks, name), "w") as fh:
+            fh.write(json.dumps(value))
+
+    def loop(config: dict[str, Any]) -> None:
+        import signal
+
+        import torch
+
+        ctx = ray.train.get_context()
+        rank = ctx.get_world_rank()
+        torch.set_num_threads(1)
+        model, opt = trainer.build()
+        start = 0
+        ck = ray.train.get_checkpoint()
+        if ck is not None:
+            t0 = time.time()
+            with ck.as_directory() as d:
+                saved = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optim"])
+            start = saved["step"] + 1
+            mark(f"restore-{rank}", {"start": start, "seconds": time.time() - t0, "began": t0})
+
+        def reduce(grads: list[torch.Tensor]) -> None:
+            average_gradients(grads, workers)
+
+        for step in range(start, trainer.steps):
+            if step == fault_at and rank == workers - 1 and ck is None:
+                mark("killed", {"at": time.time(), "step": step})
+                os.kill(os.getpid(), signal.SIGKILL)
+            trainer.train_step(model, opt, step, rank, workers, reduce)
+            if rank == 0:
+                mark("progress", {"step": step, "at": time.time(), "start": start})
+                if ck is not None and step == start:
+                    mark("resumed", {"step": step, "at": time.time()})
+            if step % every == 0:
+                t0 = time.time()
+                with tempfile.TemporaryDirectory() as d:
+                    if rank == 0:
+                        torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step},
+                                   os.path.join(d, "state.pt"))
+                    ray.train.report({"step": step},
+                                     checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+                if rank == 0:
+                    stalls = json.loads(open(os.path.join(marks, "stalls")).read()) \
+                        if os.path.exists(os.path.join(marks, "stalls")) else []
+                    mark("stalls", stalls + [time.time() - t0])
+
+    ncpu = os.cpu_count() or 2
+    ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    t0 = time.perf_counter()
+    try:
+        TorchTrainer(
+            loop, scaling_config=ray.train.ScalingConfig(
+                num_workers=workers, use_gpu=False,
+                resources_per_worker={"CPU": min(1.0, ncpu / (workers + 1))}),
+            run_config=ray.train.RunConfig(
+                storage_path=root, name="run", failure_config=ray.train.FailureConfig(max_failures=3),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        ).fit()
+        wall = time.perf_counter() - t0
+
+        def read(name: str) -> Any:
+            path = os.path.join(marks, name)
+            return json.loads(open(path).read()) if os.path.exists(path) else None
+
+        killed, resumed = read("killed"), read("resumed")
+        restores = [read(f"restore-{r}") for r in range(workers)]
+        row: dict[str, Any] = {"scenario": "raytrain_kill", "wall_s": wall,
+                               "stall_s": statistics.median(read("stalls") or [float("nan")])}
+        if killed and resumed and all(restores):
+            began = min(r["began"] for r in restores)
+            start = restores[0]["start"]
+            row.update(kind="worker_died", restarted_after_s=began - killed["at"],
+                       restore_s=max(r["seconds"] for r in restores), restored_from="storage",
+                       kill_to_resumed_s=resumed["at"] - killed["at"], restore_step=start - 1,
+                       steps_lost=killed["step"] - 1 - (start - 1))
+        return row
+    finally:
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument("--scenarios", default=",".join(SCENARIOS + PEERS),
+                   help=f"comma-separated, of {', '.join(SCENARIOS + PEERS)}")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--depth", type=int, default=5)
@@ -240,6 +356,33 @@ def main() -> int:
         print(f"| {kind} | {', '.join(kinds) or 'nothing'} | {f(med(kind, 'detected_after_s'))} | "
               f"{', '.join(tiers) or '-'} | {f(med(kind, 'restore_s'))} | {f(med(kind, 'resumed_after_s'))} | "
               f"{f(med(kind, 'steps_lost'), '')} | {f(med(kind, 'stall_s') and 1e3 * med(kind, 'stall_s'), ' ms')} |")
+    ours, peer = [r for r in rows if r["scenario"] == "kill"], [r for r in rows if r["scenario"] == "raytrain_kill"]
+    if any(r.get("skipped") for r in peer):
+        print(f"\nraytrain_kill skipped: {peer[0]['skipped']}")
+    elif ours and peer:
+        def m(rs: list[dict[str, Any]], get: Any) -> float | None:
+            xs = [get(r) for r in rs if r.get("restore_s") is not None]
+            xs = [x for x in xs if x is not None]
+            return statistics.median(xs) if xs else None
+
+        k2r = m(ours, lambda r: (r.get("detected_after_s") or 0) + r["resumed_after_s"]
+                if r.get("resumed_after_s") is not None else None)
+        rows_side = [("worker SIGKILLed -> first resumed step", k2r, m(peer, lambda r: r.get("kill_to_resumed_s"))),
+                     ("restore time (slowest rank)", m(ours, lambda r: r.get("restore_s")),
+                      m(peer, lambda r: r.get("restore_s"))),
+                     ("training stall per checkpoint", m(ours, lambda r: r.get("stall_s")),
+                      m(peer, lambda r: r.get("stall_s"))),
+                     # From the fault step for both (ours counts from heartbeats otherwise).
+                     ("steps redone (fault step - restored step - 1)",
+                      m(ours, lambda r: args.fault_at - r["restore_step"] - 1),
+                      m(peer, lambda r: args.fault_at - r["restore_step"] - 1))]
+        print("\nside by side with Ray Train (same model, workers, checkpoint interval and fault step)")
+        print("| figure | recovery.run (reload) | Ray Train (TorchTrainer) | Ray Train / ours |")
+        print("|---|---:|---:|---:|")
+        for name, a, b in rows_side:
+            ratio = f"{b / a:.1f}x" if a and b else "-"
+            unit = "" if name.startswith("steps") else " s"
+            print(f"| {name} | {f(a, unit)} | {f(b, unit)} | {ratio} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "rows": rows}, fh, indent=1, default=str)

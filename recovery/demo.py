@@ -103,13 +103,7 @@ class DemoTrainer:
         world = ctx.world_size
 
         def reduce(grads: list[torch.Tensor]) -> None:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= world
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset: offset + g.numel()].view_as(g))
-                offset += g.numel()
+            average_gradients(grads, world)
 
         loss = norm = float("nan")
         for step in range(start, self.steps):
@@ -194,6 +188,17 @@ class DemoTrainer:
             opt.zero_grad(set_to_none=False)
         del replicas
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def average_gradients(grads: list[torch.Tensor], world: int) -> None:
+    """All-reduce ``grads`` (one flat buffer) over the default process group and average."""
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def _storage_outage(url: str, *, down: bool) -> None:

@@ -326,3 +326,52 @@ def test_external_committer(tmp_path):
         t.join()
     with pytest.raises(ValueError, match="commit_by"):
         ckpt.Checkpointer(tmp_path, commit_by="nobody")
+
+
+@pytest.mark.parametrize("cls, kw", [(torch.optim.AdamW, {}), (torch.optim.Adam, {"amsgrad": True}),
+                                     (torch.optim.Adam, {"foreach": False, "weight_decay": 0.1})])
+def test_fresh_adam_state_is_prefilled_like_the_helpers_zero_step(cls, kw):
+    """A fresh Adam/AdamW gets the state a first step creates without running one: the same
+    entries, shapes, dtypes and devices as torch.distributed.checkpoint's zero-gradient step
+    (whose `step` is 1, ours 0: the load overwrites both; ours are all zeros), and the
+    parameters untouched."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state, get_optimizer_state_dict
+
+    from ckpt.stateful import OptimizerState
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 2))
+        model[0].bias.requires_grad_(False)
+        return model, cls(model.parameters(), lr=0.1, **kw)
+
+    m1, o1 = make()
+    before = {k: v.clone() for k, v in m1.state_dict().items()}
+    ours = OptimizerState(m1, o1).state_dict()
+    m2, o2 = make()
+    _init_optim_state(o2)
+    theirs = get_optimizer_state_dict(m2, o2)
+    assert ours["param_groups"] == theirs["param_groups"]
+    assert ours["state"].keys() == theirs["state"].keys() and "0.bias" not in ours["state"]
+    for name, entries in theirs["state"].items():
+        assert ours["state"][name].keys() == entries.keys()
+        for key, t in entries.items():
+            o = ours["state"][name][key]
+            assert (o.shape, o.dtype, o.device) == (t.shape, t.dtype, t.device), (name, key)
+            if key != "step" and not kw.get("weight_decay"):
+                # (Adam's coupled weight decay makes the zero step's moments wd * p, not 0)
+                assert torch.equal(o, t)
+    assert all(torch.equal(v, before[k]) for k, v in m1.state_dict().items())
+    assert all(p.grad is None for p in m1.parameters())
+
+
+def test_optimizers_we_do_not_know_keep_the_helpers_init():
+    from ckpt.stateful import _prefill_adam_state
+
+    class MyAdam(torch.optim.Adam):
+        pass
+
+    model = torch.nn.Linear(3, 3)
+    for opt in (MyAdam(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)):
+        _prefill_adam_state(opt)
+        assert not opt.state
