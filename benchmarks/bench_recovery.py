@@ -46,6 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 SCENARIOS = ("kill", "hang", "kill_agent", "kill_coordinator", "node_loss", "storage_down")
@@ -95,7 +96,7 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     add_failure(row, result)
     if kind == "storage_down" and result.failures:
         # From the outage (the fault's timestamp, next to the run directory) to the detection.
-        down_at = float(open(run_dir + ".down-at").read())
+        down_at = float(Path(run_dir + ".down-at").read_text())
         row["detected_after_s"] = result.failures[0].failure.detected_at - down_at
         row["checkpoints_failed"] = sum(1 for e in result.events if e.kind == "checkpoint_failed")
         os.unlink(run_dir + ".down-at")
@@ -226,8 +227,6 @@ def run_raytrain_kill(args: argparse.Namespace) -> dict[str, Any]:
     def loop(config: dict[str, Any]) -> None:
         import signal
 
-        import torch
-
         ctx = ray.train.get_context()
         rank = ctx.get_world_rank()
         torch.set_num_threads(1)
@@ -264,9 +263,8 @@ def run_raytrain_kill(args: argparse.Namespace) -> dict[str, Any]:
                     ray.train.report({"step": step},
                                      checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
                 if rank == 0:
-                    stalls = json.loads(open(os.path.join(marks, "stalls")).read()) \
-                        if os.path.exists(os.path.join(marks, "stalls")) else []
-                    mark("stalls", stalls + [time.time() - t0])
+                    stalls = Path(marks, "stalls")
+                    mark("stalls", (json.loads(stalls.read_text()) if stalls.exists() else []) + [time.time() - t0])
 
     ncpu = os.cpu_count() or 2
     ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -283,8 +281,8 @@ def run_raytrain_kill(args: argparse.Namespace) -> dict[str, Any]:
         wall = time.perf_counter() - t0
 
         def read(name: str) -> Any:
-            path = os.path.join(marks, name)
-            return json.loads(open(path).read()) if os.path.exists(path) else None
+            path = Path(marks, name)
+            return json.loads(path.read_text()) if path.exists() else None
 
         killed, resumed = read("killed"), read("resumed")
         restores = [read(f"restore-{r}") for r in range(workers)]

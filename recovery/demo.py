@@ -202,7 +202,7 @@ def average_gradients(grads: list[torch.Tensor], world: int) -> None:
 
 
 def _storage_outage(url: str, *, down: bool) -> None:
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = url.removeprefix("file://")
     if "://" in path:
         raise ValueError(f"storage_down/storage_up need local storage, not {url}")
     path = path.rstrip("/")

@@ -373,7 +373,8 @@ class Supervisor:
         on_node = any(n["NodeID"] == here and n.get("Alive") for n in ray.nodes())
         self.coordinator = ray.remote(Coordinator).options(
             name=self.coordinator_name, num_cpus=0, max_restarts=cfg.coordinator_max_restarts, max_task_retries=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False) if on_node else None).remote(cfg.storage, cfg.detect, keep_last=ck.keep_last, keep_every=ck.keep_every)
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False) if on_node else None,
+        ).remote(cfg.storage, cfg.detect, keep_last=ck.keep_last, keep_every=ck.keep_every)
         ray.get(self.coordinator.ping.remote())
         self.log(ev.COORDINATOR, f"coordinator up on node {ray.get(self.coordinator.node.remote())[:12]}")
         committed = fmt.committed_steps(self.storage)
