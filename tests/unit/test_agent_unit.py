@@ -280,3 +280,118 @@ def test_restore_from_agent_memory_is_exact_and_catches_changed_memory(tmp_path)
                 c.restore({k: torch.zeros_like(v) for k, v in state.items()})
     finally:
         daemon.stop()
+
+
+def test_metrics_endpoint_counts_what_a_save_did(tmp_path):
+    """The Prometheus endpoint (loopback, port chosen by the OS) reports the bytes a save
+    staged and persisted, one persist and one commit observed, and the memory held."""
+    import urllib.request
+
+    from agent.daemon import AgentDaemon
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    daemon = AgentDaemon(AgentConfig(socket_path=str(tmp_path / "a.sock"), memory_budget_bytes=64 << 20,
+                                     shm_dir=str(shm), shm_prefix="metricstest", log_format="text",
+                                     metrics_listen="127.0.0.1:0"))
+    daemon.start()
+    try:
+        state = {"w": torch.arange(300_000, dtype=torch.float32), "b": torch.ones(1000, dtype=torch.bfloat16)}
+        with ckpt.Checkpointer(str(tmp_path / "run"), agent=f"unix://{tmp_path / 'a.sock'}") as c:
+            handle = c.save(1, state, force=True)
+            handle.result(60)
+        nbytes = 300_000 * 4 + 1000 * 2
+        assert daemon.metrics_port and daemon.metrics_port > 0
+        text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        assert values["ckpt_agent_bytes_staged_total"] >= nbytes
+        assert values["ckpt_agent_bytes_persisted_total"] == values["ckpt_agent_bytes_staged_total"]
+        assert values["ckpt_agent_persist_seconds_count"] == 1
+        assert values["ckpt_agent_commit_seconds_count"] == 1
+        assert values["ckpt_agent_memory_budget_bytes"] == 64 << 20
+        assert 0 < values["ckpt_agent_memory_used_bytes"] <= 64 << 20
+        assert values['ckpt_agent_snapshots{state="committed"}'] == 1
+        assert not any(k.startswith("ckpt_agent_failures_total") and v for k, v in values.items())
+    finally:
+        daemon.stop()
+
+
+def _self_signed(tmp_path: Path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ckpt-agent test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "agent.crt", tmp_path / "agent.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_replication_over_tls_and_a_plaintext_peer_is_refused(tmp_path):
+    """Two agents with TLS (and the token) replicate a snapshot to each other; an agent that
+    dials the same peer in plaintext gets nowhere (its replication fails, counted)."""
+    import time
+
+    from agent.daemon import AgentDaemon
+
+    cert, key = _self_signed(tmp_path)
+    shm = tmp_path / "shm"
+    shm.mkdir()
+
+    def daemon(name: str, **tls: str) -> AgentDaemon:
+        d = AgentDaemon(AgentConfig(socket_path=str(tmp_path / f"{name}.sock"), memory_budget_bytes=64 << 20,
+                                    shm_dir=str(shm), shm_prefix=f"tls{name}", log_format="text", token="s3cret",
+                                    peer_listen="127.0.0.1:0", **tls))
+        d.start()
+        return d
+
+    a = daemon("a", tls_cert=cert, tls_key=key, tls_ca=cert)
+    b = daemon("b", tls_cert=cert, tls_key=key, tls_ca=cert)
+    plain = daemon("p")
+    try:
+        ring = [a.config.self_address, b.config.self_address]
+        a.set_ring(ring, 1)
+        b.set_ring(ring, 1)
+        plain.set_ring([plain.config.self_address, b.config.self_address], 1)
+        state = {"w": torch.arange(50_000, dtype=torch.float32)}
+        run = tmp_path / "run"
+        with ckpt.Checkpointer(str(run), agent=f"unix://{tmp_path / 'a.sock'}") as c:
+            c.save(1, state, force=True).result(60)
+        deadline = time.monotonic() + 30
+        while True:
+            held = [(s.writer, s.state) for s in b.agent.snapshots() if s.replica]
+            if held == [("rank00000", "committed")]:
+                break
+            assert time.monotonic() < deadline, held
+            time.sleep(0.05)
+        assert a.metrics.bytes_replicated._value.get() >= state["w"].numel() * 4
+        with ckpt.Checkpointer(str(tmp_path / "run2"), agent=f"unix://{tmp_path / 'p.sock'}") as c:
+            c.save(1, state, force=True).result(60)
+        deadline = time.monotonic() + 30
+        while plain.metrics.failures.labels("replicate")._value.get() < 1:
+            assert time.monotonic() < deadline, "a plaintext peer was not refused"
+            time.sleep(0.05)
+        assert not [s for s in b.agent.snapshots() if s.replica and s.run_url.endswith("run2")]
+    finally:
+        for d in (a, b, plain):
+            d.stop()
