@@ -283,6 +283,11 @@ def _pread_crc(fd: int, offset: int, dest: memoryview) -> int | None:
     return crc
 
 
+def _stored_nbytes(req: WriteRequest) -> int:
+    """The bytes of a chunk as stored (a full chunk, also at ragged edges), without checksum."""
+    return math.prod(req.chunk_shape) * req.tensor.element_size()
+
+
 def _close_fds(fds: list[int]) -> None:
     for fd in fds:
         try:
@@ -380,7 +385,7 @@ class AgentMemoryStorage(Storage):
         span = self._spans.get(path)
         if span is not None and tail.nbytes >= CRC_BYTES:
             req, crc = self._chunks[path]
-            nbytes = math.prod(req.chunk_shape) * req.tensor.element_size()
+            nbytes = _stored_nbytes(req)
             if nbytes == data.nbytes:
                 actual = _pread_crc(span[0], span[1], data.cast("B"))
                 if actual is not None:
@@ -412,8 +417,7 @@ class AgentMemoryStorage(Storage):
             return len(self._roots[path])
         hit = self._chunks.get(path)
         if hit is not None:
-            req = hit[0]
-            return math.prod(req.chunk_shape) * req.tensor.element_size() + CRC_BYTES
+            return _stored_nbytes(hit[0]) + CRC_BYTES
         return self.inner.size(path)
 
     def list_dir(self, path: str) -> list[str]:

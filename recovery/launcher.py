@@ -476,7 +476,7 @@ class Supervisor:
         self._forget_agent(node)
 
     def _ranks_on(self, node: str | None) -> tuple[int, ...]:
-        return tuple(sorted(r for r, n in self.rank_node.items() if n == node and r < self._world))
+        return tuple(sorted(r for r, n in self.rank_node.items() if n == node))
 
     def _dead_peer(self, timeout_s: float) -> Failure | None:
         refs = list(self.run_refs)
