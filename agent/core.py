@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -148,6 +149,10 @@ class Agent:
         self.state = "serving"
         self._commit_pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="agent-commit")
         self._retention_lock = threading.Lock()  # one retention pass at a time: two would delete the same steps
+        # (run, step) -> saves being persisted or committed here. Kept apart from the snapshots:
+        # a persisted snapshot may be evicted (a newer one committed) while its commit is still
+        # in flight, and retention must not delete that step under the commit.
+        self._in_flight: Counter[tuple[str, int]] = Counter()
         self._persisters = [threading.Thread(target=self._persist_loop, name=f"agent-persist-{i}", daemon=True)
                             for i in range(config.persist_workers)]
         for t in self._persisters:
@@ -439,9 +444,12 @@ class Agent:
     def _persist_loop(self) -> None:
         while (snap := self._persist_q.get()) is not None:
             self.metrics.persist_queue.set(self._persist_q.qsize())
+            with self._lock:
+                self._in_flight[(snap.run_url, snap.step)] += 1
             try:
                 self._persist(snap)
             except BaseException as e:  # noqa: BLE001 - reported through the snapshot's state
+                self._landed(snap)
                 self.metrics.failures.labels("takeover" if snap.replica else "persist").inc()
                 log.error("persist failed", extra={"fields": {"run": snap.run_url, "writer": snap.writer,
                                                               "step": snap.step, "error": f"{type(e).__name__}: {e}"}})
@@ -482,6 +490,14 @@ class Agent:
         except Exception:  # noqa: BLE001 - storage failing already; the committer times out
             log.debug("could not write the failure marker", exc_info=True)
 
+    def _landed(self, snap: Snapshot) -> None:
+        """``snap``'s persist or commit is over (done or failed)."""
+        with self._lock:
+            key = (snap.run_url, snap.step)
+            self._in_flight[key] -= 1
+            if self._in_flight[key] <= 0:
+                del self._in_flight[key]
+
     def _commit(self, snap: Snapshot) -> None:
         storage = self.storage(snap.run_url)
         cfg = snap.settings
@@ -502,11 +518,13 @@ class Agent:
                                            poll_s=0.05, stop=self._stop)
             root = storage.read(f"{fmt.step_dir(snap.step)}/{fmt.META}")
         except BaseException as e:  # noqa: BLE001
+            self._landed(snap)
             self.metrics.failures.labels("commit").inc()
             log.error("commit failed", extra={"fields": {"run": snap.run_url, "writer": snap.writer,
                                                          "step": snap.step, "error": f"{type(e).__name__}: {e}"}})
             self._set_state(snap, FAILED, error=f"{type(e).__name__}: {e}")
             return
+        self._landed(snap)  # committed: from here on retention judges the step by the rules
         self.metrics.commit_seconds.observe(time.perf_counter() - t0)
         self._set_state(snap, COMMITTED, commit_point=root, document=json.dumps(manifest.to_dict()))
         if snap.committer and cfg.keep_last:
@@ -518,6 +536,7 @@ class Agent:
                     with self._lock:
                         busy = {s.step for s in self._snapshots.values()
                                 if s.run_url == snap.run_url and s.state in (STAGED, PERSISTED)}
+                        busy |= {step for (run, step) in self._in_flight if run == snap.run_url}
                     result = run_gc(storage, RetentionPolicy(keep_last=cfg.keep_last,
                                                              keep_every=cfg.keep_every or None),
                                     measure=False, in_progress=busy)

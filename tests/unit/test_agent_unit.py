@@ -198,6 +198,33 @@ def test_a_snapshot_committed_after_a_newer_one_is_evicted(servicer, monkeypatch
     assert sorted(evicted) == [3, 4]  # 5 stays (newest committed), 6 is still on its way
 
 
+def test_retention_keeps_a_step_whose_commit_is_in_flight_after_its_snapshot_was_evicted(servicer, monkeypatch):
+    # Step 4 is persisted and its commit is on its way when step 5 commits first: step 4's
+    # snapshot may be evicted then (a newer one is committed), but the retention that step 5's
+    # commit runs must still keep step 4, or it deletes the directory under step 4's commit
+    # (its commit point's rename then fails: seen under load).
+    from types import SimpleNamespace
+
+    import agent.core as core
+
+    _, agent = servicer
+    run = "file:///r"
+    seen = []
+    monkeypatch.setattr(core, "run_gc", lambda storage, policy, **kw: seen.append(set(kw["in_progress"]))
+                        or SimpleNamespace(deleted=[]))
+    monkeypatch.setattr(core.fmt, "read_manifest",
+                        lambda storage, step: SimpleNamespace(save_id="s5", to_dict=lambda: {}))
+    monkeypatch.setattr(agent, "storage", lambda url: SimpleNamespace(read=lambda path: b"{}"))
+    settings = SimpleNamespace(keep_last=1, keep_every=0, commit_timeout_s=5, library_versions={})
+    snap5 = SimpleNamespace(run_url=run, writer="rank00000", step=5, save_id="s5", committer=True,
+                            writers=("rank00000",), settings=settings, state=core.PERSISTED, error="",
+                            fragment_json="", commit_point=b"", session=None, replica=False, replicas_wanted=0)
+    agent._in_flight.update({(run, 4): 1, (run, 5): 1})  # as the persist loop counts them; no snapshot of 4 held
+    agent._commit(snap5)
+    assert seen == [{4}]  # step 4 kept; step 5 itself is committed and judged by the rules
+    assert dict(agent._in_flight) == {(run, 4): 1}
+
+
 def test_port_zero_is_advertised_as_bound_and_the_ring_changes_while_serving(tmp_path):
     from agent.daemon import AgentDaemon
 
