@@ -186,6 +186,7 @@ class Supervisor:
         self._token = secrets.token_urlsafe(24)  # between this job's agents
         self.rank_node: dict[int, str] = {}
         self.lost_nodes: set[str] = set()  # lost, though Ray may not have marked them dead yet
+        self._driver_node: str | None = None
         self.workers: list[Any] = []
         self.run_refs: dict[Any, int] = {}  # run ref -> rank
         self.returns: dict[int, Any] = {}
@@ -369,7 +370,7 @@ class Supervisor:
         # On the driver's node: losing a worker node does not take the coordinator along (the
         # driver's node is lost only with the driver). Ray ignores a soft affinity for
         # restartable actors, so it is a hard one, where the driver runs on a node at all.
-        here = ray.get_runtime_context().get_node_id()
+        here = self._driver_node = ray.get_runtime_context().get_node_id()
         on_node = any(n["NodeID"] == here and n.get("Alive") for n in ray.nodes())
         self.coordinator = ray.remote(Coordinator).options(
             name=self.coordinator_name, num_cpus=0, max_restarts=cfg.coordinator_max_restarts, max_task_retries=0,
@@ -452,7 +453,9 @@ class Supervisor:
     def _node_lost(self, node: str, timeout_s: float = 1.0) -> bool:
         """Whether ``node`` is gone, not just one process on it: Ray's control store says so, or
         the node's raylet does not answer a TCP connection (Ray itself marks a node dead only
-        after its health checks fail for ~15 s)."""
+        after its health checks fail for ~15 s). Never the driver's own node: the driver runs."""
+        if node == self._driver_node:
+            return False
         for n in ray.nodes():
             if n["NodeID"] != node:
                 continue

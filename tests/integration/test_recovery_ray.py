@@ -61,6 +61,7 @@ def test_killed_worker_resumes_from_the_newest_checkpoint_bit_exact(cluster, tmp
                           faults=(Fault(KILL, kill_at, rank=1),))
     result = _run(trainer, tmp_path, num_workers=2, max_failures=2)
     expected = 5 * ((kill_at - 1) // 5)
+    assert len(result.failures) == 1, [(e.kind, e.message) for e in result.events]  # what else failed
     (rec,) = result.failures
     assert rec.failure.kind == WORKER_DIED and rec.failure.ranks == (1,), rec.failure
     assert rec.restore_step == expected, (kill_at, rec)
