@@ -49,10 +49,19 @@ class AgentClient:
     def announce(self, request: pb.AnnounceStagedRequest) -> pb.AnnounceStagedResponse:
         return self.trainer.AnnounceStaged(request, timeout=self.timeout_s)
 
-    def list_snapshots(self, run_url: str, *, with_plans: bool = False) -> list[pb.SnapshotInfo]:
-        resp = self.trainer.ListSnapshots(pb.ListSnapshotsRequest(run_url=run_url, with_plans=with_plans),
+    def list_snapshots(self, run_url: str, *, with_plans: bool = False,
+                       include_peers: bool = False) -> list[pb.SnapshotInfo]:
+        resp = self.trainer.ListSnapshots(pb.ListSnapshotsRequest(run_url=run_url, with_plans=with_plans,
+                                                                  include_peers=include_peers),
                                           timeout=self.timeout_s)
         return list(resp.snapshots)
+
+    def fetch_snapshot(self, info: pb.SnapshotInfo, *, timeout_s: float | None = None) -> pb.SnapshotInfo:
+        """Have the agent copy ``info`` (listed with ``include_peers``) from the peer holding it;
+        returns it as now held here (segment, plan)."""
+        return self.trainer.FetchSnapshot(pb.FetchSnapshotRequest(key=info.key, save_id=info.save_id,
+                                                                  peer_address=info.peer_address),
+                                          timeout=timeout_s or max(self.timeout_s, 600.0))
 
     def get_snapshot(self, run_url: str, writer: str, step: int) -> pb.SnapshotInfo:
         return self.trainer.GetSnapshot(pb.GetSnapshotRequest(key=pb.SnapshotKey(run_url=run_url, writer=writer,

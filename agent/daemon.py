@@ -43,7 +43,8 @@ class AgentDaemon:
         self.metrics = AgentMetrics()
         self.replicator: Replicator | None = None
         self.agent = Agent(config, metrics=self.metrics)
-        if config.peer_listen is not None and config.replicas:
+        if config.peer_listen is not None:
+            # Also with no replicas of its own: a restore on this node may fetch from the ring.
             self.replicator = Replicator(config, self.agent)
             self.agent.replicate = self.replicator.replicate
             self.agent.notify_peers = self.replicator.notify
@@ -76,7 +77,7 @@ class AgentDaemon:
 
         local = grpc.server(ThreadPoolExecutor(max_workers=cfg.max_sessions + 16, thread_name_prefix="agent-rpc"),
                             options=self._options(), maximum_concurrent_rpcs=cfg.max_sessions + 64)
-        rpc.add_TrainerServiceServicer_to_server(TrainerServicer(self.agent), local)
+        rpc.add_TrainerServiceServicer_to_server(TrainerServicer(self.agent, peers=lambda: self.replicator), local)
         rpc.add_AdminServiceServicer_to_server(AdminServicer(self), local)
         self._add_health(local)
         local.add_insecure_port(f"unix:{path}")
@@ -130,10 +131,6 @@ class AgentDaemon:
             raise AgentConfigError("set_ring needs peer_listen: this agent does not serve peers")
         with self._stop_lock:
             self._reconfigure(peers=tuple(peers), replicas=int(replicas))
-            if self.replicator is None and self.config.replicas:
-                self.replicator = Replicator(self.config, self.agent)
-                self.agent.replicate = self.replicator.replicate
-                self.agent.notify_peers = self.replicator.notify
         log.info("replication ring set", extra={"fields": {"ring": list(self.config.peers),
                                                            "replicas": self.config.replicas}})
 

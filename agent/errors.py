@@ -23,3 +23,11 @@ class AgentUnavailableError(AgentError, ConnectionError):
 
 class AgentBudgetError(AgentError, MemoryError):
     """The agent's memory budget cannot hold another buffer."""
+
+
+class InvalidRequestError(AgentError, ValueError):
+    """A request that names something it may not (e.g. an address outside the ring)."""
+
+
+class PeerError(AgentError, ConnectionError):
+    """A peer agent could not be reached or sent something unusable."""

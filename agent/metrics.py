@@ -18,6 +18,8 @@ class AgentMetrics:
                                         registry=r)
         self.bytes_received = Counter("ckpt_agent_bytes_received", "Bytes of replicas received from peer agents",
                                       registry=r)
+        self.bytes_fetched = Counter("ckpt_agent_bytes_fetched",
+                                     "Bytes of snapshots copied from peer agents for a restore here", registry=r)
         self.bytes_served = Counter("ckpt_agent_bytes_served", "Bytes streamed back by ReadSnapshot", registry=r)
         self.persist_seconds = Histogram("ckpt_agent_persist_seconds", "Time to persist one snapshot (flush latency)",
                                          buckets=_LATENCY_BUCKETS, registry=r)

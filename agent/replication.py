@@ -5,10 +5,17 @@ successor's rank in the ring, so the first successor acts first) while one of it
 not yet persisted or committed, this agent persists it (and commits it, if the origin's trainer
 was the committer). Takeover is idempotent: a fragment or commit point already in storage from
 the same save is kept, never rewritten.
+
+Restore from a peer: a trainer restarted on a node whose agent holds nothing of its run (a
+replacement node) asks its agent to list what the ring's other agents hold
+(``list_peer_snapshots``), and the snapshots it then reads are copied once into this agent's
+memory (``fetch``) and served from there, like a replica received the usual way. Only agents of
+the ring are ever dialled, with the ring's token; a trainer cannot point its agent elsewhere.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -18,10 +25,17 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ckpt import format as fmt
+from ckpt.manifest import MANIFEST_KEY
+
 from .config import AgentConfig
-from .core import COMMITTED, PERSISTED, STAGED, Agent, Snapshot
+from .core import COMMITTED, FAILED, PERSISTED, STAGED, Agent, Conflict, NotFound, PersistSettings, Snapshot
+from .errors import InvalidRequestError, PeerError
 from .pb import pb, rpc
+from .plan import decode_plan
 from .server import STATE_TO_PB
+
+_LIST_TIMEOUT_S = 2.0  # a peer that does not answer a listing this fast is skipped (a lost node)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +61,7 @@ class Replicator:
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._monitor_loop, name="agent-peer-monitor", daemon=True)
         self._monitor.start()
+        self._fetching: dict[tuple[str, str, int], threading.Lock] = {}
 
     def channel(self, address: str) -> grpc.Channel:
         with self._lock:
@@ -137,6 +152,113 @@ class Replicator:
                 s.origin_lost_since = now
             if now - s.origin_lost_since >= self.config.peer_dead_after_s * s.rank_in_ring:
                 self.agent.take_over(s)
+
+    # -- restore from a peer ----------------------------------------------------------------------
+
+    def list_peer_snapshots(self, run_url: str, held: set[tuple[str, str, int, str]]) -> list[pb.SnapshotInfo]:
+        """What the ring's other agents hold of ``run_url`` (plans included) that is not in
+        ``held`` (``(run, writer, step, save_id)`` of this agent's snapshots); one entry per
+        snapshot, from the first agent of the ring that lists it. Unreachable agents are skipped."""
+        me = self.config.self_address
+        peers = [p for p in self.config.peers if p != me]
+        calls = [(p, rpc.PeerServiceStub(self.channel(p)).ListSnapshots.future(
+            pb.ListSnapshotsRequest(run_url=run_url, with_plans=True), metadata=self._auth,
+            timeout=_LIST_TIMEOUT_S)) for p in peers]
+        out: list[pb.SnapshotInfo] = []
+        seen = set(held)
+        for peer, call in calls:
+            try:
+                resp = call.result()
+            except grpc.RpcError as e:
+                log.info("peer did not list its snapshots", extra={"fields": {"peer": peer, "code": str(e.code())}})
+                continue
+            for info in resp.snapshots:
+                k = (info.key.run_url, info.key.writer, info.key.step, info.save_id)
+                if info.state == pb.SNAPSHOT_STATE_FAILED or info.key.run_url != run_url or k in seen:
+                    continue
+                seen.add(k)
+                info.peer_address = peer
+                info.segment = ""  # a name on the peer's node, meaningless here
+                out.append(info)
+        return out
+
+    def fetch(self, run_url: str, writer: str, step: int, save_id: str, peer: str) -> Snapshot:
+        """Copy the snapshot ``(run_url, writer, step)`` of save ``save_id`` from the ring's agent
+        ``peer`` into this agent's memory; returns it (already held: at once). Only a snapshot
+        whose step storage has committed from that very save is fetched: it is then final and
+        is served like a committed replica, never persisted again from here."""
+        if not peer or peer == self.config.self_address or peer not in self.config.peers:
+            raise InvalidRequestError(f"peer_address: {peer!r} is not another agent of this agent's ring")
+        key = (run_url, writer, step)
+        with self._lock:
+            lock = self._fetching.setdefault(key, threading.Lock())
+        with lock:  # two trainers of this node restoring at once copy it once
+            try:
+                held = self.agent.find(*key)
+                if held.save_id == save_id and held.state != FAILED:
+                    return held
+            except NotFound:
+                pass
+            storage = self.agent.storage(run_url)
+            try:
+                commit_point = storage.read(f"{fmt.step_dir(step)}/{fmt.META}")
+                committed = json.loads(commit_point)["attributes"][MANIFEST_KEY]["save_id"]
+            except FileNotFoundError:
+                raise NotFound(f"step {step} of {run_url} is not committed in storage") from None
+            except (ValueError, KeyError, TypeError) as e:
+                raise Conflict(f"the commit point of step {step} is unreadable: {e}") from None
+            if committed != save_id:
+                raise Conflict(f"step {step} is committed from save {committed}, not {save_id}")
+            stub = rpc.PeerServiceStub(self.channel(peer))
+            t0 = time.monotonic()
+            try:
+                listing = stub.ListSnapshots(pb.ListSnapshotsRequest(run_url=run_url, with_plans=True),
+                                             metadata=self._auth, timeout=self.config.peer_timeout_s)
+            except grpc.RpcError as e:
+                raise PeerError(f"peer {peer} did not list its snapshots: {e.code()} {e.details()}") from None
+            info = next((i for i in listing.snapshots if (i.key.run_url, i.key.writer, i.key.step) == key
+                         and i.save_id == save_id), None)
+            if info is None:
+                raise NotFound(f"peer {peer} no longer holds step {step} of {writer} (save {save_id})")
+            if not 0 < info.nbytes <= self.config.memory_budget_bytes:
+                raise PeerError(f"peer {peer} lists a snapshot of {info.nbytes} bytes")
+            seg = self.agent.reserve_replica(info.nbytes)
+            ok = False
+            try:
+                buf = seg.tensor.numpy()
+                pos = 0
+                stream = stub.ReadSnapshot(pb.ReadSnapshotRequest(key=info.key, save_id=save_id),
+                                           metadata=self._auth, timeout=self.config.peer_timeout_s * 10)
+                try:
+                    for d in stream:
+                        if d.offset != pos or pos + len(d.data) > info.nbytes:
+                            raise PeerError(f"peer {peer} sent bytes at {d.offset} (+{len(d.data)}), "
+                                             f"expected {pos} of {info.nbytes}")
+                        buf[pos: pos + len(d.data)] = memoryview(d.data)
+                        pos += len(d.data)
+                except grpc.RpcError as e:
+                    raise PeerError(f"reading from peer {peer} failed: {e.code()} {e.details()}") from None
+                if pos != info.nbytes:
+                    raise PeerError(f"peer {peer} sent {pos} of {info.nbytes} bytes")
+                plan = decode_plan(info.plan_json, seg.tensor)
+                snap = Snapshot(run_url, writer, step, save_id, tuple(info.writers), info.committer, info.plan_json,
+                                plan, seg, PersistSettings(), replica=True,
+                                origin_agent=info.origin_agent or peer, origin_address=peer, state=COMMITTED,
+                                fragment_json=info.fragment_json, commit_point=commit_point)
+                self.agent.adopt_replica_segment(seg)
+                self.agent.add_replica(snap)
+                ok = True
+            finally:
+                if not ok:
+                    self.agent.drop_segment(seg)
+        with self._lock:
+            if self._fetching.get(key) is lock and not lock.locked():
+                del self._fetching[key]
+        self.agent.metrics.bytes_fetched.inc(info.nbytes)
+        log.info("snapshot fetched from a peer", extra={"fields": {
+            "run": run_url, "writer": writer, "step": step, "peer": peer, "bytes": info.nbytes,
+            "seconds": round(time.monotonic() - t0, 3)}})
+        return snap
 
     def close(self) -> None:
         self._stop.set()

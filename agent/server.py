@@ -19,7 +19,7 @@ import grpc
 
 from .core import COMMITTED, FAILED, PERSISTED, STAGED, AlreadyExists, Conflict, NotFound, PersistSettings, \
     Snapshot, Unavailable
-from .errors import AgentBudgetError, PlanError
+from .errors import AgentBudgetError, PeerError, PlanError
 from .pb import pb, rpc
 from .plan import decode_plan
 
@@ -39,6 +39,7 @@ _CODES: list[tuple[type, grpc.StatusCode]] = [
     (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (PeerError, grpc.StatusCode.UNAVAILABLE),
     (AgentBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PlanError, grpc.StatusCode.INVALID_ARGUMENT),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -112,11 +113,14 @@ class _SnapshotReads:
     def __init__(self, agent: Any) -> None:
         self.agent = agent
 
-    @rpc_errors
-    def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> pb.ListSnapshotsResponse:
+    def _list(self, request: pb.ListSnapshotsRequest) -> pb.ListSnapshotsResponse:
         _check(len(request.run_url) <= _MAX_URL, "run_url: too long")
         snaps = self.agent.snapshots(request.run_url)
         return pb.ListSnapshotsResponse(snapshots=[snapshot_info(s, with_plan=request.with_plans) for s in snaps])
+
+    @rpc_errors
+    def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> pb.ListSnapshotsResponse:
+        return self._list(request)
 
     @rpc_errors
     def GetSnapshot(self, request: pb.GetSnapshotRequest, context: grpc.ServicerContext) -> pb.SnapshotInfo:
@@ -140,6 +144,28 @@ class _SnapshotReads:
 
 
 class TrainerServicer(_SnapshotReads, rpc.TrainerServiceServicer):
+    def __init__(self, agent: Any, peers: Callable[[], Any] | None = None) -> None:
+        super().__init__(agent)
+        self._peers = peers or (lambda: None)  # -> the daemon's Replicator, if it serves a ring
+
+    @rpc_errors
+    def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> pb.ListSnapshotsResponse:
+        resp = self._list(request)
+        replicator = self._peers()
+        if request.include_peers and request.run_url and replicator is not None:
+            held = {(i.key.run_url, i.key.writer, i.key.step, i.save_id) for i in resp.snapshots}
+            resp.snapshots.extend(replicator.list_peer_snapshots(request.run_url, held))
+        return resp
+
+    @rpc_errors
+    def FetchSnapshot(self, request: pb.FetchSnapshotRequest, context: grpc.ServicerContext) -> pb.SnapshotInfo:
+        key = check_key(request.key)
+        _check(0 < len(request.save_id) <= _MAX_ID, "save_id: required")
+        replicator = self._peers()
+        if replicator is None:
+            raise PeerError("this agent serves no ring (no peer_listen/peers): it cannot fetch from peers")
+        return snapshot_info(replicator.fetch(*key, request.save_id, request.peer_address), with_plan=True)
+
     @stream_errors
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> Iterator[pb.SessionEvent]:
         _check(0 < len(request.run_url) <= _MAX_URL, "run_url: required")

@@ -160,11 +160,11 @@ class AgentSink(Sink):
 
     def restore_storage(self, storage: Storage) -> Storage:
         try:
-            snaps = self.client.list_snapshots(self.run_url, with_plans=True)
+            snaps = self.client.list_snapshots(self.run_url, with_plans=True, include_peers=True)
         except grpc.RpcError as e:
             log.warning("cannot list the agent's snapshots (%s): restoring from storage", e.code())
             return storage
-        return AgentMemoryStorage(storage, snaps, self.shm_dir)
+        return AgentMemoryStorage(storage, snaps, self.shm_dir, fetch=self.client.fetch_snapshot)
 
     def close(self, *, wait: bool = True) -> None:
         if self.closed:
@@ -297,19 +297,38 @@ def _close_fds(fds: list[int]) -> None:
     fds.clear()
 
 
+class _Remote:
+    """A snapshot held by a peer agent, fetched on first use."""
+
+    def __init__(self, info: pb.SnapshotInfo) -> None:
+        self.info = info
+        self.keys: list[str] = []
+        self.lock = threading.Lock()
+        self.done = False
+
+
 class AgentMemoryStorage(Storage):
     """Reads committed snapshots the agent holds straight from its shared memory; everything
     else from ``inner``. Read-only use (restore): writes go to ``inner``.
 
     A chunk served from memory is still checked against the crc32c its writer recorded, so
     memory that changed since the snapshot was persisted is caught as corruption.
+
+    Snapshots that another agent of the ring holds (``peer_address`` set, listed with
+    ``include_peers``) are fetched into the local agent's memory by ``fetch`` the first time one
+    of their chunks is read, whole, once; only snapshots the restore actually reads cross the
+    network. If the fetch fails, those chunks are read from ``inner``.
     """
 
-    def __init__(self, inner: Storage, snapshots: Sequence[pb.SnapshotInfo], shm_dir: str) -> None:
+    def __init__(self, inner: Storage, snapshots: Sequence[pb.SnapshotInfo], shm_dir: str, *,
+                 fetch: Callable[[pb.SnapshotInfo], pb.SnapshotInfo] | None = None) -> None:
         self.inner = inner
         self.url = inner.url
+        self.shm_dir = shm_dir
+        self._fetch_fn = fetch
         self._roots: dict[str, bytes] = {}
         self._chunks: dict[str, tuple[WriteRequest, int]] = {}
+        self._remote: dict[str, _Remote] = {}  # chunk key -> the peer-held snapshot serving it
         # path -> (segment fd, offset) of chunks stored contiguously in a segment: read with
         # pread, which copies in the kernel; a fresh mapping of the segment would take a page
         # fault per few pages first (~0.06 s per GiB, a third of the whole copy).
@@ -319,35 +338,86 @@ class AgentMemoryStorage(Storage):
         weakref.finalize(self, _close_fds, self._fds)
         self.served_bytes = 0
         self.served_chunks = 0
-        for s in snapshots:
+        self.fetched_bytes = 0
+        # Local snapshots first: a chunk the local agent holds is never fetched from a peer.
+        for s in sorted(snapshots, key=lambda s: bool(s.peer_address)):
             try:
-                self._add(s, shm_dir)
+                if s.peer_address:
+                    self._add_remote(s)
+                else:
+                    self._add(s)
             except Exception as e:  # noqa: BLE001 - that snapshot is then read from storage
-                log.warning("snapshot of step %d (%s) held by the agent is unusable here: %s", s.key.step,
-                            s.key.writer, e)
+                log.warning("snapshot of step %d (%s) held by %s is unusable here: %s", s.key.step,
+                            s.key.writer, f"peer agent {s.peer_address}" if s.peer_address else "the agent", e)
 
-    def _add(self, s: pb.SnapshotInfo, shm_dir: str) -> None:
-        if not s.segment or s.state != pb.SNAPSHOT_STATE_COMMITTED:
-            return
+    def _committed(self, s: pb.SnapshotInfo) -> tuple[bytes, Fragment] | None:
+        """The step's commit point and the writer's fragment, if storage committed the step from
+        the very save ``s`` holds (else None: another save, or retention removed it)."""
+        if s.state == pb.SNAPSHOT_STATE_FAILED:
+            return None
         sdir = fmt.step_dir(s.key.step)
         commit_point = s.commit_point
         if not commit_point:
-            # A peer's replica: the agent holding it learnt of the commit from the origin, not
-            # from storage; the commit point and the fragment (the chunks' crc32c) are small
+            # A replica or a peer's snapshot: its holder learnt of the commit from the origin
+            # (or not yet); the commit point and the fragment (the chunks' crc32c) are small
             # reads from storage.
             try:
                 commit_point = self.inner.read(f"{sdir}/{fmt.META}")
             except FileNotFoundError:
-                return  # retention removed it meanwhile
+                return None
         root = json.loads(commit_point)
         if root["attributes"][MANIFEST_KEY]["save_id"] != s.save_id:
-            return
+            return None
         if s.fragment_json:
             frag = Fragment.from_dict(json.loads(s.fragment_json))
         else:
             frag = fmt.read_fragment(self.inner, s.key.step, s.key.writer)
             if frag.save_id != s.save_id:
+                return None
+        return commit_point, frag
+
+    def _add_remote(self, s: pb.SnapshotInfo) -> None:
+        if self._fetch_fn is None or self._committed(s) is None:
+            return
+        # The chunk keys only: the plan's views are laid over a meta tensor (no bytes here yet).
+        plan = decode_plan(s.plan_json, torch.empty(s.nbytes, dtype=torch.uint8, device="meta"))
+        remote = _Remote(s)
+        for key in plan.chunk_requests(fmt.step_dir(s.key.step)):
+            if key not in self._chunks and key not in self._remote:
+                self._remote[key] = remote
+                remote.keys.append(key)
+
+    def _fetch(self, remote: _Remote) -> None:
+        """Bring a peer-held snapshot into the local agent's memory (once; other readers wait)."""
+        with remote.lock:
+            if remote.done:
                 return
+            s = remote.info
+            try:
+                held = self._fetch_fn(s)  # type: ignore[misc]
+                self._add(held)
+                self.fetched_bytes += held.nbytes
+                log.info("fetched step %d of %s (%.1f MB) from peer agent %s", s.key.step, s.key.writer,
+                         held.nbytes / 1e6, s.peer_address)
+            except Exception as e:  # noqa: BLE001 - read from storage instead
+                code = e.code() if isinstance(e, grpc.RpcError) else None
+                log.warning("cannot fetch step %d of %s from peer agent %s (%s): reading it from storage",
+                            s.key.step, s.key.writer, s.peer_address,
+                            f"{code}: {e.details()}" if code is not None else e)  # type: ignore[union-attr]
+            finally:
+                remote.done = True
+                for key in remote.keys:
+                    self._remote.pop(key, None)
+
+    def _add(self, s: pb.SnapshotInfo) -> None:
+        if not s.segment:
+            return
+        found = self._committed(s)
+        if found is None:
+            return
+        commit_point, frag = found
+        sdir = fmt.step_dir(s.key.step)
+        shm_dir = self.shm_dir
         mm, tensor = map_file(f"{shm_dir}/{s.segment}", s.nbytes, writable=False)
         self._maps.append(mm)
         fd = os.open(f"{shm_dir}/{s.segment}", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -382,6 +452,9 @@ class AgentMemoryStorage(Storage):
         return data, hit[1], keep
 
     def read_into_crc(self, path: str, data: memoryview, tail: memoryview) -> tuple[int, int]:
+        remote = self._remote.get(path)
+        if remote is not None:
+            self._fetch(remote)
         span = self._spans.get(path)
         if span is not None and tail.nbytes >= CRC_BYTES:
             req, crc = self._chunks[path]

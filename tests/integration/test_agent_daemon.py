@@ -409,3 +409,86 @@ def test_three_agents_replicate_and_one_lost_node_loses_no_staged_snapshot(agent
     assert a.segments() != []  # the lost agent left its segments; the node's next agent removes them
     restarted = start(0, "a-restarted")
     assert restarted.segments() == []
+
+
+PEER_RESTORER = textwrap.dedent('''
+    import os, json
+    import torch
+    import ckpt
+    url, address = os.environ["RUN"], os.environ["AGENT"]
+    g = torch.Generator().manual_seed(1234)
+    expected = {f"w{i}": torch.randn(64 + i, 96, generator=g) for i in range(6)}
+    state = {k: torch.zeros_like(v) for k, v in expected.items()} | {"note": ""}
+    c = ckpt.Checkpointer(url, agent=address)
+    mem = c.sink.restore_storage(c.storage)
+    c._restore_storage = lambda: mem  # to read what each tier served
+    start = c.restore(state)
+    ok = all(torch.equal(state[k], expected[k]) for k in expected) and state["note"] == "hello"
+    print(json.dumps({"start": start, "ok": ok, "fetched": mem.fetched_bytes, "served": mem.served_bytes}),
+          flush=True)
+    c.close()
+''')
+
+
+def test_trainer_on_a_replacement_node_restores_from_the_peer_holding_its_snapshot(agents, tmp_path):
+    """Node a is lost after its trainer's step committed; a new agent takes its place in the
+    ring, and the restarted trainer there restores from the replica held by a's successor b,
+    copied once over the network into the new agent's memory. Every chunk file of the step is
+    gone from storage, so an exact restore proves the bytes came from the peer."""
+    ports = _free_ports(3)
+    ring = ",".join(f"127.0.0.1:{p}" for p in ports)
+
+    def start(i: int, name: str, *extra: str) -> AgentProc:
+        return agents.start(name, "--memory-budget", "128MiB", "--peer-listen", f"127.0.0.1:{ports[i]}",
+                            "--peers", ring, "--replicas", "1", *extra)
+
+    a, b, _c = start(0, "a"), start(1, "b"), start(2, "c")
+    run = tmp_path / "run"
+    url = f"file://{run}"
+    t = _trainer(tmp_path, "trainer", TRAINER, RANK="0", WORLD="1", STEP="5", RUN=str(run), AGENT=a.address)
+    _wait_line(t, "COMMITTED")
+    assert t.wait(60) == 0
+    with b.client() as cb:  # the replica on a's successor learns of the commit
+        deadline = time.monotonic() + 60
+        while not any(s.replica and s.state == pb.SNAPSHOT_STATE_COMMITTED for s in cb.list_snapshots(url)):
+            assert time.monotonic() < deadline, b.logs()
+            time.sleep(0.05)
+    nbytes = next(s.nbytes for s in b.client().list_snapshots(url) if s.replica)
+    a.kill()  # node a is lost with everything in its memory
+    chunks = [p for p in (run / ckpt.format.step_dir(5)).rglob("c.*") if p.is_file()]
+    assert chunks
+    for p in chunks:
+        p.unlink()
+    a2 = start(0, "a-replacement")  # its place in the ring; nothing of the run in its memory
+    with a2.client() as c2:
+        assert c2.list_snapshots(url) == []
+        listed = c2.list_snapshots(url, with_plans=True, include_peers=True)
+        assert [(s.key.writer, s.key.step, s.peer_address) for s in listed] == [("rank00000", 5, f"127.0.0.1:{ports[1]}")]
+        # only agents of its ring are ever dialled
+        bad = pb.SnapshotInfo()
+        bad.CopyFrom(listed[0])
+        bad.peer_address = "127.0.0.1:9"
+        assert _code(lambda: c2.fetch_snapshot(bad)) == grpc.StatusCode.INVALID_ARGUMENT
+        bad.peer_address = listed[0].peer_address
+        bad.save_id = "not-this-save"
+        assert _code(lambda: c2.fetch_snapshot(bad)) == grpc.StatusCode.FAILED_PRECONDITION
+
+    r = _trainer(tmp_path, "restorer", PEER_RESTORER, RUN=str(run), AGENT=a2.address)
+    out, err = r.communicate(timeout=120)
+    assert r.returncode == 0, err
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got == {"start": 6, "ok": True, "fetched": nbytes, "served": got["served"]} and got["served"] > 0
+    with a2.client() as c2:  # now held here: a second restore on this node reads local memory
+        held = c2.list_snapshots(url)
+        assert [(s.key.writer, s.replica, s.state) for s in held] == [("rank00000", True, pb.SNAPSHOT_STATE_COMMITTED)]
+        metrics = c2.status()
+    assert metrics.used_bytes >= nbytes
+    r = _trainer(tmp_path, "restorer2", PEER_RESTORER, RUN=str(run), AGENT=a2.address)
+    out, err = r.communicate(timeout=120)
+    assert r.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["fetched"] == 0
+
+    # an agent that serves no ring cannot fetch
+    lone = agents.start("lone", "--memory-budget", "8MiB")
+    with lone.client() as cl:
+        assert _code(lambda: cl.fetch_snapshot(listed[0])) == grpc.StatusCode.UNAVAILABLE

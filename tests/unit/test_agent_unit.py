@@ -240,7 +240,8 @@ def test_port_zero_is_advertised_as_bound_and_the_ring_changes_while_serving(tmp
         # port 0: the OS picked one; the agent advertises the port it bound, not 0
         assert a.config.self_address == f"127.0.0.1:{a.peer_port}" and a.peer_port > 0
         assert a.status().peer_address == a.config.self_address
-        assert a.replicator is None and a.config.ring_successors() == []
+        # serving peers: it can fetch from the ring, but replicates to nobody yet
+        assert a.replicator is not None and no_peers.replicator is None and a.config.ring_successors() == []
         ring = [a.config.self_address, b.config.self_address]
         a.set_ring(ring, 1)
         assert a.config.ring_successors() == [b.config.self_address]

@@ -169,7 +169,7 @@ class GetSnapshotRequest(_message.Message):
     def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ...) -> None: ...
 
 class SnapshotInfo(_message.Message):
-    __slots__ = ("key", "save_id", "state", "error", "segment", "nbytes", "plan_json", "fragment_json", "commit_point", "replica", "origin_agent", "writers", "committer")
+    __slots__ = ("key", "save_id", "state", "error", "segment", "nbytes", "plan_json", "fragment_json", "commit_point", "replica", "origin_agent", "writers", "committer", "peer_address")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SAVE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +183,7 @@ class SnapshotInfo(_message.Message):
     ORIGIN_AGENT_FIELD_NUMBER: _ClassVar[int]
     WRITERS_FIELD_NUMBER: _ClassVar[int]
     COMMITTER_FIELD_NUMBER: _ClassVar[int]
+    PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     key: SnapshotKey
     save_id: str
     state: SnapshotState
@@ -196,15 +197,18 @@ class SnapshotInfo(_message.Message):
     origin_agent: str
     writers: _containers.RepeatedScalarFieldContainer[str]
     committer: bool
-    def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ..., save_id: _Optional[str] = ..., state: _Optional[_Union[SnapshotState, str]] = ..., error: _Optional[str] = ..., segment: _Optional[str] = ..., nbytes: _Optional[int] = ..., plan_json: _Optional[str] = ..., fragment_json: _Optional[str] = ..., commit_point: _Optional[bytes] = ..., replica: _Optional[bool] = ..., origin_agent: _Optional[str] = ..., writers: _Optional[_Iterable[str]] = ..., committer: _Optional[bool] = ...) -> None: ...
+    peer_address: str
+    def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ..., save_id: _Optional[str] = ..., state: _Optional[_Union[SnapshotState, str]] = ..., error: _Optional[str] = ..., segment: _Optional[str] = ..., nbytes: _Optional[int] = ..., plan_json: _Optional[str] = ..., fragment_json: _Optional[str] = ..., commit_point: _Optional[bytes] = ..., replica: _Optional[bool] = ..., origin_agent: _Optional[str] = ..., writers: _Optional[_Iterable[str]] = ..., committer: _Optional[bool] = ..., peer_address: _Optional[str] = ...) -> None: ...
 
 class ListSnapshotsRequest(_message.Message):
-    __slots__ = ("run_url", "with_plans")
+    __slots__ = ("run_url", "with_plans", "include_peers")
     RUN_URL_FIELD_NUMBER: _ClassVar[int]
     WITH_PLANS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PEERS_FIELD_NUMBER: _ClassVar[int]
     run_url: str
     with_plans: bool
-    def __init__(self, run_url: _Optional[str] = ..., with_plans: _Optional[bool] = ...) -> None: ...
+    include_peers: bool
+    def __init__(self, run_url: _Optional[str] = ..., with_plans: _Optional[bool] = ..., include_peers: _Optional[bool] = ...) -> None: ...
 
 class ListSnapshotsResponse(_message.Message):
     __slots__ = ("snapshots",)
@@ -223,6 +227,16 @@ class ReadSnapshotRequest(_message.Message):
     offset: int
     length: int
     def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ..., save_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class FetchSnapshotRequest(_message.Message):
+    __slots__ = ("key", "save_id", "peer_address")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SAVE_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    key: SnapshotKey
+    save_id: str
+    peer_address: str
+    def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ..., save_id: _Optional[str] = ..., peer_address: _Optional[str] = ...) -> None: ...
 
 class SnapshotData(_message.Message):
     __slots__ = ("offset", "data")

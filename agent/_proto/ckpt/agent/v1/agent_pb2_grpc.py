@@ -70,6 +70,11 @@ class TrainerServiceStub:
                 request_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ReadSnapshotRequest.SerializeToString,
                 response_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.SnapshotData.FromString,
                 _registered_method=True)
+        self.FetchSnapshot = channel.unary_unary(
+                '/ckpt.agent.v1.TrainerService/FetchSnapshot',
+                request_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.FetchSnapshotRequest.SerializeToString,
+                response_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.SnapshotInfo.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -120,6 +125,14 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchSnapshot(self, request, context):
+        """Copy a snapshot that a peer agent of the ring holds (listed with include_peers) into this
+        agent's memory, so that a trainer on this node restores it from local shared memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +170,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ReadSnapshot,
                     request_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ReadSnapshotRequest.FromString,
                     response_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.SnapshotData.SerializeToString,
+            ),
+            'FetchSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchSnapshot,
+                    request_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.FetchSnapshotRequest.FromString,
+                    response_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.SnapshotInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -348,6 +366,33 @@ class TrainerService:
             '/ckpt.agent.v1.TrainerService/ReadSnapshot',
             agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ReadSnapshotRequest.SerializeToString,
             agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.SnapshotData.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckpt.agent.v1.TrainerService/FetchSnapshot',
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.FetchSnapshotRequest.SerializeToString,
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.SnapshotInfo.FromString,
             options,
             channel_credentials,
             insecure,
