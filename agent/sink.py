@@ -160,11 +160,13 @@ class AgentSink(Sink):
 
     def restore_storage(self, storage: Storage) -> Storage:
         try:
-            snaps = self.client.list_snapshots(self.run_url, with_plans=True, include_peers=True)
+            snaps = self.client.list_snapshots(self.run_url, with_plans=True)
         except grpc.RpcError as e:
             log.warning("cannot list the agent's snapshots (%s): restoring from storage", e.code())
             return storage
-        return AgentMemoryStorage(storage, snaps, self.shm_dir, fetch=self.client.fetch_snapshot)
+        return AgentMemoryStorage(storage, snaps, self.shm_dir, fetch=self.client.fetch_snapshot,
+                                  list_peers=lambda: self.client.list_snapshots(self.run_url, with_plans=True,
+                                                                                include_peers=True))
 
     def close(self, *, wait: bool = True) -> None:
         if self.closed:
@@ -317,15 +319,20 @@ class AgentMemoryStorage(Storage):
     Snapshots that another agent of the ring holds (``peer_address`` set, listed with
     ``include_peers``) are fetched into the local agent's memory by ``fetch`` the first time one
     of their chunks is read, whole, once; only snapshots the restore actually reads cross the
-    network. If the fetch fails, those chunks are read from ``inner``.
+    network. If the fetch fails, those chunks are read from ``inner``. With ``list_peers``, the
+    ring is asked what it holds only when a chunk is read that no snapshot given here holds: a
+    restore on a node that holds its own snapshot never dials a peer (nor waits on a lost one).
     """
 
     def __init__(self, inner: Storage, snapshots: Sequence[pb.SnapshotInfo], shm_dir: str, *,
-                 fetch: Callable[[pb.SnapshotInfo], pb.SnapshotInfo] | None = None) -> None:
+                 fetch: Callable[[pb.SnapshotInfo], pb.SnapshotInfo] | None = None,
+                 list_peers: Callable[[], Sequence[pb.SnapshotInfo]] | None = None) -> None:
         self.inner = inner
         self.url = inner.url
         self.shm_dir = shm_dir
         self._fetch_fn = fetch
+        self._list_peers_fn = list_peers if fetch is not None else None
+        self._list_lock = threading.Lock()
         self._roots: dict[str, bytes] = {}
         self._chunks: dict[str, tuple[WriteRequest, int]] = {}
         self._remote: dict[str, _Remote] = {}  # chunk key -> the peer-held snapshot serving it
@@ -375,6 +382,24 @@ class AgentMemoryStorage(Storage):
             if frag.save_id != s.save_id:
                 return None
         return commit_point, frag
+
+    def _list_peers(self) -> None:
+        """Once: add what the ring's other agents hold (after a chunk no local snapshot holds)."""
+        with self._list_lock:
+            if self._list_peers_fn is None:
+                return
+            try:
+                infos = [s for s in self._list_peers_fn() if s.peer_address]
+            except Exception as e:  # noqa: BLE001 - storage then
+                log.warning("cannot list what the peer agents hold (%s): reading from storage", e)
+                infos = []
+            self._list_peers_fn = None
+            for s in infos:
+                try:
+                    self._add_remote(s)
+                except Exception as e:  # noqa: BLE001
+                    log.warning("snapshot of step %d (%s) held by peer agent %s is unusable here: %s",
+                                s.key.step, s.key.writer, s.peer_address, e)
 
     def _add_remote(self, s: pb.SnapshotInfo) -> None:
         if self._fetch_fn is None or self._committed(s) is None:
@@ -453,6 +478,9 @@ class AgentMemoryStorage(Storage):
 
     def read_into_crc(self, path: str, data: memoryview, tail: memoryview) -> tuple[int, int]:
         remote = self._remote.get(path)
+        if remote is None and self._list_peers_fn is not None and path not in self._chunks:
+            self._list_peers()
+            remote = self._remote.get(path)
         if remote is not None:
             self._fetch(remote)
         span = self._spans.get(path)

@@ -166,14 +166,15 @@ class RecoveryCheckpointer(ckpt.Checkpointer):
         from agent.sink import AgentMemoryStorage
 
         try:
-            snaps = client.list_snapshots(self.storage.url, with_plans=True, include_peers=True)
+            snaps = client.list_snapshots(self.storage.url, with_plans=True)
         except Exception as e:  # noqa: BLE001 - restore from storage then
             log.warning("cannot list the agent's snapshots (%s): restoring from storage", e)
             return counting
-        # The peer tier: replicas this node's agent holds, then snapshots other agents of the
-        # ring hold (fetched into this node's agent when read).
-        replicas = AgentMemoryStorage(counting, [s for s in snaps if s.replica or s.peer_address],
-                                      self.sink.shm_dir, fetch=client.fetch_snapshot)
+        # The peer tier: replicas this node's agent holds, then (asked only when a chunk is in
+        # neither) snapshots other agents of the ring hold, fetched into this node's agent.
+        replicas = AgentMemoryStorage(
+            counting, [s for s in snaps if s.replica], self.sink.shm_dir, fetch=client.fetch_snapshot,
+            list_peers=lambda: client.list_snapshots(self.storage.url, with_plans=True, include_peers=True))
         own = AgentMemoryStorage(replicas, [s for s in snaps if not s.replica], self.sink.shm_dir)
         self._tiers += [(PEER, replicas), (MEMORY, own)]
         return own

@@ -294,8 +294,12 @@ def test_restore_from_agent_memory_is_exact_and_catches_changed_memory(tmp_path)
             mem = c.sink.restore_storage(c.storage)
             assert mem.steps_in_memory == [3]
             assert len(mem._spans) == len(mem._chunks) > 3  # every chunk is read with pread
+            asked = []
+            mem._list_peers_fn = lambda: asked.append(1) or []
+            c._restore_storage = lambda: mem
             assert c.restore(dest) == 4
         assert all(torch.equal(dest[k], state[k]) for k in state)
+        assert asked == []  # every chunk was held here: the ring's agents were never asked
 
         (seg,) = [p for p in shm.iterdir() if p.name.startswith("memtest")]
         with open(seg, "r+b") as fh:
