@@ -35,6 +35,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["token"] = open(args.token_file).read().strip()
     if args.allow_remote_bind:
         overrides["allow_remote_bind"] = True
+    if args.no_restore_from_peers:
+        overrides["restore_from_peers"] = False
     if args.config:
         config = AgentConfig.from_file(args.config, **overrides)
     else:
@@ -117,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--persist-workers", type=int)
     s.add_argument("--peer-dead-after", type=float, help="seconds before a silent origin's replicas are taken over")
     s.add_argument("--evict-after", choices=["persisted", "persisted+replicated"])
+    s.add_argument("--no-restore-from-peers", action="store_true",
+                   help="restore a snapshot only a peer holds from storage, not from the peer")
     s.add_argument("--drain-timeout", type=float)
     s.add_argument("--agent-id")
     s.add_argument("--log-format", choices=["json", "text"])

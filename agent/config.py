@@ -74,6 +74,9 @@ class AgentConfig:
     peer_timeout_s: float = 30.0
     peer_dead_after_s: float = 10.0  # an origin unreachable this long: its replicas are persisted here
     peer_check_interval_s: float = 1.0
+    # A trainer here whose snapshot only a peer holds restores from that peer (fetched over the
+    # ring) rather than from storage. Off where storage reads faster than the peer network.
+    restore_from_peers: bool = True
     metrics_listen: str | None = None  # host:port of the Prometheus endpoint
     log_format: str = "json"  # or "text"
     log_level: str = "INFO"
@@ -108,6 +111,9 @@ class AgentConfig:
             raise AgentConfigError(f"log_format: 'json' or 'text', got {self.log_format!r}")
         if not isinstance(self.replicas, int) or self.replicas < 0:
             raise AgentConfigError(f"replicas: expected an integer >= 0, got {self.replicas!r}")
+        for name in ("allow_remote_bind", "restore_from_peers"):
+            if not isinstance(getattr(self, name), bool):
+                raise AgentConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         object.__setattr__(self, "peers", tuple(self.peers))
         for p in self.peers:
             check_hostport(p, "peers")

@@ -152,7 +152,8 @@ class TrainerServicer(_SnapshotReads, rpc.TrainerServiceServicer):
     def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> pb.ListSnapshotsResponse:
         resp = self._list(request)
         replicator = self._peers()
-        if request.include_peers and request.run_url and replicator is not None:
+        if (request.include_peers and request.run_url and replicator is not None
+                and self.agent.config.restore_from_peers):
             held = {(i.key.run_url, i.key.writer, i.key.step, i.save_id) for i in resp.snapshots}
             resp.snapshots.extend(replicator.list_peer_snapshots(request.run_url, held))
         return resp

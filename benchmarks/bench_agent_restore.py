@@ -8,7 +8,11 @@ wait until it is committed, then restore it ``--repeat`` times each way, interle
 * ``agent``: ``Checkpointer(run, agent=...)``: chunks are copied out of the agent's shared
   memory (crc32c still checked against the writer's record);
 * ``storage``: ``Checkpointer(run)`` (no agent), with the page cache dropped before each
-  restore (``echo 3 > /proc/sys/vm/drop_caches``; needs root, else the run is marked warm).
+  restore (``echo 3 > /proc/sys/vm/drop_caches``; needs root, else the run is marked warm);
+* ``peer`` (with ``--peer``): a trainer on a "replacement node": a fresh agent of the ring
+  that holds nothing; the restore has it fetch the snapshot from the agent that took it, over
+  loopback TCP with the ring's token, then reads it from its own memory. A new such agent per
+  repeat (its fetched copy would otherwise serve the next restore from memory).
 
 Each restore is a new Checkpointer into preallocated destination tensors; the time is that of
 ``restore()`` alone. Prints the median of each and their ratio. The storage directory is on
@@ -51,22 +55,39 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--dir", default=".")
     p.add_argument("--io-threads", type=int, default=8)
+    p.add_argument("--peer", action="store_true", help="also restore from a peer agent (see above)")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-agent-", dir=args.dir)).resolve()
     run = work / "run"
-    sock = work / "agent.sock"
-    ready = work / "ready.json"
     budget = int(args.gb * 3 * 2**30) + (256 << 20)
-    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "--socket", str(sock),
-                              "--memory-budget", str(budget), "--ready-file", str(ready), "--log-level", "WARNING",
-                              "--shm-prefix", "benchagent"])
-    try:
+    ring: list[str] = []
+    ring_flags: list[str] = []
+    if args.peer:
+        token = work / "token"
+        token.write_text(os.urandom(16).hex())
+        ring = [f"127.0.0.1:{port}" for port in free_ports(2)]
+        ring_flags = ["--peers", ",".join(ring), "--token-file", str(token)]
+
+    def start_agent(name: str, peer_address: str | None) -> tuple[subprocess.Popen, str]:
+        sock, ready = work / f"{name}.sock", work / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        flags = ["--peer-listen", peer_address, *ring_flags] if peer_address else []
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "--socket", str(sock),
+                                 "--memory-budget", str(budget), "--ready-file", str(ready), "--log-level", "WARNING",
+                                 "--shm-prefix", f"benchagent{name}", *flags])
         while not ready.exists():
-            if agent.poll() is not None:
-                raise SystemExit("the agent did not start")
+            if proc.poll() is not None:
+                raise SystemExit(f"the agent {name} did not start")
             time.sleep(0.05)
-        address = f"unix://{sock}"
+        return proc, f"unix://{sock}"
+
+    def stop_agent(proc: subprocess.Popen) -> None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+
+    agent, address = start_agent("a", ring[0] if ring else None)
+    try:
         n = max(1, int(args.gb * 1024 / args.tensor_mb))
         numel = args.tensor_mb * 2**20 // 4
         g = torch.Generator().manual_seed(0)
@@ -80,24 +101,39 @@ def main() -> int:
         for t in dest.values():
             t.fill_(1.0)  # touch the pages: allocation is not what is timed
 
-        def restore(with_agent: bool) -> float:
+        def restore(way: str) -> float:
             for t in dest.values():
                 t.zero_()
-            opts = {"agent": address} if with_agent else {}
-            with ckpt.Checkpointer(str(run), io_threads=args.io_threads, **opts) as c:
-                t0 = time.perf_counter()
-                start = c.restore(dest)
-                dt = time.perf_counter() - t0
+            fresh = None
+            opts = {}
+            if way == "agent":
+                opts = {"agent": address}
+            elif way == "peer":
+                fresh, fresh_address = start_agent("b", ring[1])
+                opts = {"agent": fresh_address}
+            try:
+                with ckpt.Checkpointer(str(run), io_threads=args.io_threads, **opts) as c:
+                    mem = c._restore_storage()
+                    c._restore_storage = lambda: mem
+                    t0 = time.perf_counter()
+                    start = c.restore(dest)
+                    dt = time.perf_counter() - t0
+                if way == "peer":
+                    assert mem.fetched_bytes >= nbytes, "the snapshot did not come from the peer"
+            finally:
+                if fresh is not None:
+                    stop_agent(fresh)
             assert start == 2
             return dt
 
-        times: dict[str, list[float]] = {"agent": [], "storage": []}
+        ways = ["agent", "storage"] + (["peer"] if args.peer else [])
+        times: dict[str, list[float]] = {w: [] for w in ways}
         cold = True
         for r in range(args.repeat):
-            for way in (("agent", "storage") if r % 2 == 0 else ("storage", "agent")):
+            for way in ways[r % len(ways):] + ways[: r % len(ways)]:
                 if way == "storage":
                     cold = drop_caches() and cold
-                times[way].append(restore(way == "agent"))
+                times[way].append(restore(way))
         assert all(torch.equal(dest[k], state[k]) for k in state)
         med = {k: statistics.median(v) for k, v in times.items()}
         gbps = {k: nbytes / v / 1e9 for k, v in med.items()}
@@ -105,12 +141,27 @@ def main() -> int:
         print(f"restore from agent memory:      median {med['agent']:.3f} s  ({gbps['agent']:.2f} GB/s)")
         print(f"restore from storage ({'cold' if cold else 'WARM: could not drop caches'}): "
               f"median {med['storage']:.3f} s  ({gbps['storage']:.2f} GB/s)")
+        if "peer" in med:
+            print(f"restore from a peer agent (fetched over TCP): median {med['peer']:.3f} s  ({gbps['peer']:.2f} GB/s)")
         print(f"ratio storage/agent: {med['storage'] / med['agent']:.1f}x  (repeat={args.repeat})")
+        if "peer" in med:
+            print(f"ratio storage/peer: {med['storage'] / med['peer']:.2f}x")
     finally:
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(120)
+        stop_agent(agent)
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 if __name__ == "__main__":

@@ -488,6 +488,11 @@ def test_trainer_on_a_replacement_node_restores_from_the_peer_holding_its_snapsh
     assert r.returncode == 0, err
     assert json.loads(out.strip().splitlines()[-1])["fetched"] == 0
 
+    # an operator whose storage outruns the peer network turns the peer tier off
+    assert a2.terminate() == 0
+    a3 = start(0, "a-no-peers", "--no-restore-from-peers")
+    with a3.client() as c3:
+        assert c3.list_snapshots(url, include_peers=True) == []
     # an agent that serves no ring cannot fetch
     lone = agents.start("lone", "--memory-budget", "8MiB")
     with lone.client() as cl:
