@@ -346,6 +346,7 @@ class AgentMemoryStorage(Storage):
         self.served_bytes = 0
         self.served_chunks = 0
         self.fetched_bytes = 0
+        self._count_lock = threading.Lock()  # the restore's reader threads count concurrently
         # Local snapshots first: a chunk the local agent holds is never fetched from a peer.
         for s in sorted(snapshots, key=lambda s: bool(s.peer_address)):
             try:
@@ -421,7 +422,8 @@ class AgentMemoryStorage(Storage):
             try:
                 held = self._fetch_fn(s)  # type: ignore[misc]
                 self._add(held)
-                self.fetched_bytes += held.nbytes
+                with self._count_lock:
+                    self.fetched_bytes += held.nbytes
                 log.info("fetched step %d of %s (%.1f MB) from peer agent %s", s.key.step, s.key.writer,
                          held.nbytes / 1e6, s.peer_address)
             except Exception as e:  # noqa: BLE001 - read from storage instead
@@ -459,6 +461,11 @@ class AgentMemoryStorage(Storage):
                     self._spans[key] = (fd, region.data_ptr() - base)
         self._roots[f"{sdir}/{fmt.META}"] = commit_point
 
+    def _served(self, nbytes: int) -> None:
+        with self._count_lock:
+            self.served_bytes += nbytes
+            self.served_chunks += 1
+
     @property
     def steps_in_memory(self) -> list[int]:
         return sorted(int(k.split("/")[0]) for k in self._roots)
@@ -491,8 +498,7 @@ class AgentMemoryStorage(Storage):
                 actual = _pread_crc(span[0], span[1], data.cast("B"))
                 if actual is not None:
                     tail.cast("B")[:CRC_BYTES] = crc.to_bytes(CRC_BYTES, "little")
-                    self.served_bytes += nbytes
-                    self.served_chunks += 1
+                    self._served(nbytes)
                     return nbytes + CRC_BYTES, actual
         hit = self._chunk(path)
         if hit is None or hit[0].nbytes != data.nbytes or tail.nbytes < CRC_BYTES:
@@ -501,8 +507,7 @@ class AgentMemoryStorage(Storage):
         # torch copies without the GIL, so the reader's threads copy in parallel.
         torch.frombuffer(data, dtype=torch.uint8).copy_(torch.frombuffer(payload, dtype=torch.uint8))
         tail.cast("B")[:CRC_BYTES] = crc.to_bytes(CRC_BYTES, "little")
-        self.served_bytes += payload.nbytes
-        self.served_chunks += 1
+        self._served(payload.nbytes)
         return payload.nbytes + CRC_BYTES, crc32c.crc32c(data)
 
     def read(self, path: str) -> bytes:

@@ -95,6 +95,11 @@ class CountingStorage(Storage):
         self.inner = inner
         self.url = inner.url
         self.read_bytes = 0
+        self._lock = threading.Lock()  # the restore's reader threads count concurrently
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.read_bytes += n
 
     def write(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> None:
         self.inner.write(path, parts, durable=durable)
@@ -105,17 +110,17 @@ class CountingStorage(Storage):
     def read(self, path: str) -> bytes:
         data = self.inner.read(path)
         if not path.endswith(".json"):
-            self.read_bytes += len(data)
+            self._count(len(data))
         return data
 
     def read_into(self, path: str, buffers: Sequence[memoryview]) -> int:
         n = self.inner.read_into(path, buffers)
-        self.read_bytes += n
+        self._count(n)
         return n
 
     def read_into_crc(self, path: str, data: memoryview, tail: memoryview) -> tuple[int, int]:
         n, crc = self.inner.read_into_crc(path, data, tail)
-        self.read_bytes += n
+        self._count(n)
         return n, crc
 
     def size(self, path: str) -> int | None:
