@@ -192,6 +192,15 @@ class Replicator:
         key = (run_url, writer, step)
         with self._lock:
             lock = self._fetching.setdefault(key, threading.Lock())
+        try:
+            return self._fetch_once(lock, key, save_id, peer)
+        finally:
+            with self._lock:
+                if self._fetching.get(key) is lock and not lock.locked():
+                    del self._fetching[key]
+
+    def _fetch_once(self, lock: threading.Lock, key: tuple[str, str, int], save_id: str, peer: str) -> Snapshot:
+        run_url, writer, step = key
         with lock:  # two trainers of this node restoring at once copy it once
             try:
                 held = self.agent.find(*key)
@@ -251,9 +260,6 @@ class Replicator:
             finally:
                 if not ok:
                     self.agent.drop_segment(seg)
-        with self._lock:
-            if self._fetching.get(key) is lock and not lock.locked():
-                del self._fetching[key]
         self.agent.metrics.bytes_fetched.inc(info.nbytes)
         log.info("snapshot fetched from a peer", extra={"fields": {
             "run": run_url, "writer": writer, "step": step, "peer": peer, "bytes": info.nbytes,

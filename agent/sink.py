@@ -304,9 +304,8 @@ class _Remote:
 
     def __init__(self, info: pb.SnapshotInfo) -> None:
         self.info = info
-        self.keys: list[str] = []
         self.lock = threading.Lock()
-        self.done = False
+        self.done = False  # fetched (its chunks are then local), or failed (read from storage)
 
 
 class AgentMemoryStorage(Storage):
@@ -411,7 +410,6 @@ class AgentMemoryStorage(Storage):
         for key in plan.chunk_requests(fmt.step_dir(s.key.step)):
             if key not in self._chunks and key not in self._remote:
                 self._remote[key] = remote
-                remote.keys.append(key)
 
     def _fetch(self, remote: _Remote) -> None:
         """Bring a peer-held snapshot into the local agent's memory (once; other readers wait)."""
@@ -432,9 +430,7 @@ class AgentMemoryStorage(Storage):
                             s.key.step, s.key.writer, s.peer_address,
                             f"{code}: {e.details()}" if code is not None else e)  # type: ignore[union-attr]
             finally:
-                remote.done = True
-                for key in remote.keys:
-                    self._remote.pop(key, None)
+                remote.done = True  # its keys stay: a failed snapshot is neither listed nor fetched again
 
     def _add(self, s: pb.SnapshotInfo) -> None:
         if not s.segment:
@@ -488,7 +484,7 @@ class AgentMemoryStorage(Storage):
         if remote is None and self._list_peers_fn is not None and path not in self._chunks:
             self._list_peers()
             remote = self._remote.get(path)
-        if remote is not None:
+        if remote is not None and not remote.done:
             self._fetch(remote)
         span = self._spans.get(path)
         if span is not None and tail.nbytes >= CRC_BYTES:

@@ -314,6 +314,48 @@ def test_restore_from_agent_memory_is_exact_and_catches_changed_memory(tmp_path)
         daemon.stop()
 
 
+def test_a_failed_fetch_from_a_peer_falls_back_to_storage(tmp_path):
+    """A snapshot only a peer holds is fetched on the first read of one of its chunks, once,
+    whatever the number of reader threads; when the fetch fails, every chunk comes from storage
+    and the restore is still exact."""
+    from agent.daemon import AgentDaemon
+    from agent.sink import AgentMemoryStorage
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    daemon = AgentDaemon(AgentConfig(socket_path=str(tmp_path / "a.sock"), memory_budget_bytes=64 << 20,
+                                     shm_dir=str(shm), shm_prefix="fetchtest", log_format="text"))
+    daemon.start()
+    try:
+        g = torch.Generator().manual_seed(3)
+        state = {"a": torch.randn(1000, 700, generator=g), "b": torch.randn(300, 50, generator=g)}
+        run = tmp_path / "run"
+        addr = f"unix://{tmp_path / 'a.sock'}"
+        with ckpt.Checkpointer(str(run), agent=addr, max_chunk_bytes=1 << 20) as c:
+            c.save(2, state, force=True).result(60)
+            (info,) = c.sink.client.list_snapshots(c.storage.url, with_plans=True)
+            as_peer = pb.SnapshotInfo()
+            as_peer.CopyFrom(info)
+            as_peer.peer_address, as_peer.segment = "127.0.0.1:7460", ""
+            calls = []
+
+            def failing_fetch(i):
+                calls.append(i.key.writer)
+                raise ConnectionError("peer gone")
+
+            for listed_now in (True, False):
+                mem = AgentMemoryStorage(c.storage, [as_peer] if listed_now else [], str(shm), fetch=failing_fetch,
+                                         list_peers=lambda: [as_peer])
+                dest = {k: torch.zeros_like(v) for k, v in state.items()}
+                c._restore_storage = lambda mem=mem: mem
+                assert c.restore(dest) == 3
+                assert all(torch.equal(dest[k], state[k]) for k in state)
+                assert mem.fetched_bytes == 0 and mem.served_bytes == 0
+            assert calls == ["rank00000", "rank00000"]  # once per restore, not once per chunk
+    finally:
+        daemon.stop()
+
+
 def test_metrics_endpoint_counts_what_a_save_did(tmp_path):
     """The Prometheus endpoint (loopback, port chosen by the OS) reports the bytes a save
     staged and persisted, one persist and one commit observed, and the memory held."""
