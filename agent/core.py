@@ -370,6 +370,20 @@ class Agent:
                 self._evict(s)
             self._update_gauges()
 
+    def receive_replica(self, nbytes: int, fill: Callable[[Segment], Snapshot]) -> Snapshot:
+        """Reserve a segment of ``nbytes``; ``fill(segment)`` writes the bytes from a peer and
+        returns their snapshot, which is then held as a replica. If ``fill`` fails, the segment
+        is freed."""
+        seg = self.reserve_replica(nbytes)
+        try:
+            snap = fill(seg)
+            self.adopt_replica_segment(seg)
+            self.add_replica(snap)
+        except BaseException:
+            self.drop_segment(seg)
+            raise
+        return snap
+
     def reserve_replica(self, nbytes: int) -> Segment:
         with self._lock:
             if self.draining:

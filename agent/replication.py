@@ -34,6 +34,7 @@ from .errors import InvalidRequestError, PeerError
 from .pb import pb, rpc
 from .plan import decode_plan
 from .server import STATE_TO_PB
+from .shm import Segment
 
 _LIST_TIMEOUT_S = 2.0  # a peer that does not answer a listing this fast is skipped (a lost node)
 
@@ -231,9 +232,8 @@ class Replicator:
                 raise NotFound(f"peer {peer} no longer holds step {step} of {writer} (save {save_id})")
             if not 0 < info.nbytes <= self.config.memory_budget_bytes:
                 raise PeerError(f"peer {peer} lists a snapshot of {info.nbytes} bytes")
-            seg = self.agent.reserve_replica(info.nbytes)
-            ok = False
-            try:
+
+            def fill(seg: Segment) -> Snapshot:
                 buf = seg.tensor.numpy()
                 pos = 0
                 stream = stub.ReadSnapshot(pb.ReadSnapshotRequest(key=info.key, save_id=save_id),
@@ -242,24 +242,19 @@ class Replicator:
                     for d in stream:
                         if d.offset != pos or pos + len(d.data) > info.nbytes:
                             raise PeerError(f"peer {peer} sent bytes at {d.offset} (+{len(d.data)}), "
-                                             f"expected {pos} of {info.nbytes}")
+                                            f"expected {pos} of {info.nbytes}")
                         buf[pos: pos + len(d.data)] = memoryview(d.data)
                         pos += len(d.data)
                 except grpc.RpcError as e:
                     raise PeerError(f"reading from peer {peer} failed: {e.code()} {e.details()}") from None
                 if pos != info.nbytes:
                     raise PeerError(f"peer {peer} sent {pos} of {info.nbytes} bytes")
-                plan = decode_plan(info.plan_json, seg.tensor)
-                snap = Snapshot(run_url, writer, step, save_id, tuple(info.writers), info.committer, info.plan_json,
-                                plan, seg, PersistSettings(), replica=True,
+                return Snapshot(run_url, writer, step, save_id, tuple(info.writers), info.committer, info.plan_json,
+                                decode_plan(info.plan_json, seg.tensor), seg, PersistSettings(), replica=True,
                                 origin_agent=info.origin_agent or peer, origin_address=peer, state=COMMITTED,
                                 fragment_json=info.fragment_json, commit_point=commit_point)
-                self.agent.adopt_replica_segment(seg)
-                self.agent.add_replica(snap)
-                ok = True
-            finally:
-                if not ok:
-                    self.agent.drop_segment(seg)
+
+            snap = self.agent.receive_replica(info.nbytes, fill)
         self.agent.metrics.bytes_fetched.inc(info.nbytes)
         log.info("snapshot fetched from a peer", extra={"fields": {
             "run": run_url, "writer": writer, "step": step, "peer": peer, "bytes": info.nbytes,

@@ -17,8 +17,18 @@ from typing import Any
 
 import grpc
 
-from .core import COMMITTED, FAILED, PERSISTED, STAGED, AlreadyExists, Conflict, NotFound, PersistSettings, \
-    Snapshot, Unavailable
+from .core import (
+    COMMITTED,
+    FAILED,
+    PERSISTED,
+    STAGED,
+    AlreadyExists,
+    Conflict,
+    NotFound,
+    PersistSettings,
+    Snapshot,
+    Unavailable,
+)
 from .errors import AgentBudgetError, PeerError, PlanError
 from .pb import pb, rpc
 from .plan import decode_plan
@@ -235,9 +245,7 @@ class PeerServicer(_SnapshotReads, rpc.PeerServiceServicer):
         _check(0 < h.nbytes <= self.agent.config.memory_budget_bytes, "nbytes: out of range")
         _check(0 < len(h.plan_json) <= self.agent.config.max_plan_bytes, "plan_json: empty or too large")
         _check(writer in h.writers, "writers: must include the key's writer")
-        seg = self.agent.reserve_replica(h.nbytes)
-        ok = False
-        try:
+        def fill(seg: Any) -> Snapshot:
             pos = 0
             buf = seg.tensor.numpy()
             for part in request_iterator:
@@ -254,15 +262,11 @@ class PeerServicer(_SnapshotReads, rpc.PeerServiceServicer):
                                        commit_timeout_s=h.commit_timeout_s or 600.0, keep_last=ret.keep_last,
                                        keep_every=ret.keep_every,
                                        library_versions=tuple(sorted(h.library_versions.items())))
-            snap = Snapshot(run_url, writer, step, h.save_id, tuple(h.writers), h.committer, h.plan_json, plan, seg,
+            return Snapshot(run_url, writer, step, h.save_id, tuple(h.writers), h.committer, h.plan_json, plan, seg,
                             settings, replica=True, origin_agent=h.origin_agent, origin_address=h.origin_address,
                             rank_in_ring=max(1, h.rank_in_ring))
-            self.agent.adopt_replica_segment(seg)
-            self.agent.add_replica(snap)
-            ok = True
-        finally:
-            if not ok:
-                self.agent.drop_segment(seg)
+
+        self.agent.receive_replica(h.nbytes, fill)
         self.agent.metrics.bytes_received.inc(h.nbytes)
         log.info("replica received", extra={"fields": {"run": run_url, "writer": writer, "step": step,
                                                        "origin": h.origin_agent, "bytes": h.nbytes}})
