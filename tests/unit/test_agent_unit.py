@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import json
 import os
@@ -20,6 +21,22 @@ from agent.plan import decode_plan, encode_plan
 
 REPO = Path(__file__).resolve().parents[2]
 
+
+
+@contextlib.contextmanager
+def _local_daemon(tmp_path, prefix: str, **config):
+    """One in-process agent on ``tmp_path/a.sock`` with its own shm directory; stopped after."""
+    from agent.daemon import AgentDaemon
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    daemon = AgentDaemon(AgentConfig(socket_path=str(tmp_path / "a.sock"), memory_budget_bytes=64 << 20,
+                                     shm_dir=str(shm), shm_prefix=prefix, log_format="text", **config))
+    daemon.start()
+    try:
+        yield daemon, shm
+    finally:
+        daemon.stop()
 
 def test_generated_code_matches_the_proto(tmp_path):
     pytest.importorskip("grpc_tools")
@@ -264,15 +281,9 @@ def test_restore_from_agent_memory_is_exact_and_catches_changed_memory(tmp_path)
     """Chunks served from the agent's shared memory (read with pread, crc32c per block) are
     bit-exact, and a byte changed in the segment after the commit is a checksum error, not
     silently restored."""
-    from agent.daemon import AgentDaemon
     from ckpt.errors import CorruptCheckpointError
 
-    shm = tmp_path / "shm"
-    shm.mkdir()
-    daemon = AgentDaemon(AgentConfig(socket_path=str(tmp_path / "a.sock"), memory_budget_bytes=64 << 20,
-                                     shm_dir=str(shm), shm_prefix="memtest", log_format="text"))
-    daemon.start()
-    try:
+    with _local_daemon(tmp_path, "memtest") as (_, shm):
         g = torch.Generator().manual_seed(7)
         # a ragged last chunk and a bf16 tensor next to plain float32 ones
         state = {"a": torch.randn(3000, 700, generator=g), "b": torch.randn(17, 5, generator=g).bfloat16(),
@@ -310,23 +321,15 @@ def test_restore_from_agent_memory_is_exact_and_catches_changed_memory(tmp_path)
         with ckpt.Checkpointer(str(run), agent=addr) as c:
             with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
                 c.restore({k: torch.zeros_like(v) for k, v in state.items()})
-    finally:
-        daemon.stop()
 
 
 def test_a_failed_fetch_from_a_peer_falls_back_to_storage(tmp_path):
     """A snapshot only a peer holds is fetched on the first read of one of its chunks, once,
     whatever the number of reader threads; when the fetch fails, every chunk comes from storage
     and the restore is still exact."""
-    from agent.daemon import AgentDaemon
     from agent.sink import AgentMemoryStorage
 
-    shm = tmp_path / "shm"
-    shm.mkdir()
-    daemon = AgentDaemon(AgentConfig(socket_path=str(tmp_path / "a.sock"), memory_budget_bytes=64 << 20,
-                                     shm_dir=str(shm), shm_prefix="fetchtest", log_format="text"))
-    daemon.start()
-    try:
+    with _local_daemon(tmp_path, "fetchtest") as (_, shm):
         g = torch.Generator().manual_seed(3)
         state = {"a": torch.randn(1000, 700, generator=g), "b": torch.randn(300, 50, generator=g)}
         run = tmp_path / "run"
@@ -352,8 +355,6 @@ def test_a_failed_fetch_from_a_peer_falls_back_to_storage(tmp_path):
                 assert all(torch.equal(dest[k], state[k]) for k in state)
                 assert mem.fetched_bytes == 0 and mem.served_bytes == 0
             assert calls == ["rank00000", "rank00000"]  # once per restore, not once per chunk
-    finally:
-        daemon.stop()
 
 
 def test_metrics_endpoint_counts_what_a_save_did(tmp_path):
@@ -361,15 +362,7 @@ def test_metrics_endpoint_counts_what_a_save_did(tmp_path):
     staged and persisted, one persist and one commit observed, and the memory held."""
     import urllib.request
 
-    from agent.daemon import AgentDaemon
-
-    shm = tmp_path / "shm"
-    shm.mkdir()
-    daemon = AgentDaemon(AgentConfig(socket_path=str(tmp_path / "a.sock"), memory_budget_bytes=64 << 20,
-                                     shm_dir=str(shm), shm_prefix="metricstest", log_format="text",
-                                     metrics_listen="127.0.0.1:0"))
-    daemon.start()
-    try:
+    with _local_daemon(tmp_path, "metricstest", metrics_listen="127.0.0.1:0") as (daemon, _):
         state = {"w": torch.arange(300_000, dtype=torch.float32), "b": torch.ones(1000, dtype=torch.bfloat16)}
         with ckpt.Checkpointer(str(tmp_path / "run"), agent=f"unix://{tmp_path / 'a.sock'}") as c:
             handle = c.save(1, state, force=True)
@@ -390,8 +383,6 @@ def test_metrics_endpoint_counts_what_a_save_did(tmp_path):
         assert 0 < values["ckpt_agent_memory_used_bytes"] <= 64 << 20
         assert values['ckpt_agent_snapshots{state="committed"}'] == 1
         assert not any(k.startswith("ckpt_agent_failures_total") and v for k, v in values.items())
-    finally:
-        daemon.stop()
 
 
 def _self_signed(tmp_path: Path) -> tuple[str, str]:
