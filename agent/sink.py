@@ -83,6 +83,11 @@ class ShmAllocator:
             self._maps[lease.segment] = (mm, pinned)
         return tensor, lease.segment
 
+    def segments(self) -> tuple[int, int]:
+        """(segments mapped now, of which registered with CUDA as pinned memory)."""
+        with self._lock:
+            return len(self._maps), sum(1 for _, pinned in self._maps.values() if pinned)
+
     def free(self, buffer: torch.Tensor, handle: Any) -> None:
         with self._lock:
             mm, pinned = self._maps.pop(handle, (None, False))

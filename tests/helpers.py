@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,3 +80,21 @@ class DelegatingStorage(Storage):
 
     def delete(self, path, *, recursive=False):
         self.inner.delete(path, recursive=recursive)
+
+
+@contextlib.contextmanager
+def local_agent(tmp_path: Path, prefix: str, *, memory_budget_bytes: int = 64 << 20, **config: Any) -> Iterator[tuple[Any, Path]]:
+    """One in-process agent on ``tmp_path/a.sock`` with its own shm directory; stopped after.
+    Yields the daemon and its shm directory; trainers reach it at ``unix://<tmp_path>/a.sock``."""
+    from agent.config import AgentConfig
+    from agent.daemon import AgentDaemon
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    daemon = AgentDaemon(AgentConfig(socket_path=str(tmp_path / "a.sock"), memory_budget_bytes=memory_budget_bytes,
+                                     shm_dir=str(shm), shm_prefix=prefix, log_format="text", **config))
+    daemon.start()
+    try:
+        yield daemon, shm
+    finally:
+        daemon.stop()

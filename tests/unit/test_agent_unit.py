@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import filecmp
 import json
 import os
@@ -18,25 +17,11 @@ from agent.config import AgentConfig
 from agent.errors import AgentConfigError, PlanError
 from agent.pb import pb
 from agent.plan import decode_plan, encode_plan
+from tests.helpers import local_agent
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-
-@contextlib.contextmanager
-def _local_daemon(tmp_path, prefix: str, **config):
-    """One in-process agent on ``tmp_path/a.sock`` with its own shm directory; stopped after."""
-    from agent.daemon import AgentDaemon
-
-    shm = tmp_path / "shm"
-    shm.mkdir()
-    daemon = AgentDaemon(AgentConfig(socket_path=str(tmp_path / "a.sock"), memory_budget_bytes=64 << 20,
-                                     shm_dir=str(shm), shm_prefix=prefix, log_format="text", **config))
-    daemon.start()
-    try:
-        yield daemon, shm
-    finally:
-        daemon.stop()
 
 def test_generated_code_matches_the_proto(tmp_path):
     pytest.importorskip("grpc_tools")
@@ -283,7 +268,7 @@ def test_restore_from_agent_memory_is_exact_and_catches_changed_memory(tmp_path)
     silently restored."""
     from ckpt.errors import CorruptCheckpointError
 
-    with _local_daemon(tmp_path, "memtest") as (_, shm):
+    with local_agent(tmp_path, "memtest") as (_, shm):
         g = torch.Generator().manual_seed(7)
         # a ragged last chunk and a bf16 tensor next to plain float32 ones
         state = {"a": torch.randn(3000, 700, generator=g), "b": torch.randn(17, 5, generator=g).bfloat16(),
@@ -329,7 +314,7 @@ def test_a_failed_fetch_from_a_peer_falls_back_to_storage(tmp_path):
     and the restore is still exact."""
     from agent.sink import AgentMemoryStorage
 
-    with _local_daemon(tmp_path, "fetchtest") as (_, shm):
+    with local_agent(tmp_path, "fetchtest") as (_, shm):
         g = torch.Generator().manual_seed(3)
         state = {"a": torch.randn(1000, 700, generator=g), "b": torch.randn(300, 50, generator=g)}
         run = tmp_path / "run"
@@ -362,7 +347,7 @@ def test_metrics_endpoint_counts_what_a_save_did(tmp_path):
     staged and persisted, one persist and one commit observed, and the memory held."""
     import urllib.request
 
-    with _local_daemon(tmp_path, "metricstest", metrics_listen="127.0.0.1:0") as (daemon, _):
+    with local_agent(tmp_path, "metricstest", metrics_listen="127.0.0.1:0") as (daemon, _):
         state = {"w": torch.arange(300_000, dtype=torch.float32), "b": torch.ones(1000, dtype=torch.bfloat16)}
         with ckpt.Checkpointer(str(tmp_path / "run"), agent=f"unix://{tmp_path / 'a.sock'}") as c:
             handle = c.save(1, state, force=True)
