@@ -70,18 +70,25 @@ class Stager:
             job.on_done(error)
 
     def _copy_group(self, group: list[tuple[torch.Tensor, torch.Tensor]], ready: Any) -> None:
-        cuda_events = []
+        # Per device: one wait on the compute stream's event, every copy queued, one event at
+        # the end (a few CUDA calls per group, not per tensor: this thread shares the GIL with
+        # the training loop's kernel launches).
+        by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for src, dst in group:
             if src.device.type == "cuda":
-                stream = self._stream(src.device)
-                if ready is not None:
-                    stream.wait_event(ready)
-                with torch.cuda.stream(stream):
-                    dst.copy_(src, non_blocking=True)
-                cuda_events.append(stream.record_event())
+                by_device.setdefault(src.device, []).append((src, dst))
             else:
                 dst.copy_(src)
-        for ev in cuda_events:
+        done = []
+        for device, pairs in by_device.items():
+            stream = self._stream(device)
+            if ready is not None:
+                stream.wait_event(ready)
+            with torch.cuda.stream(stream):
+                for src, dst in pairs:
+                    dst.copy_(src, non_blocking=True)
+            done.append(stream.record_event())
+        for ev in done:
             ev.synchronize()
 
     def close(self) -> None:
