@@ -122,7 +122,7 @@ def build_model(args: argparse.Namespace):
             self.head = nn.Linear(d, vocab, bias=False)
 
         def forward(self, idx: torch.Tensor) -> torch.Tensor:
-            x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+            x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
             for blk in self.blocks:
                 x = blk(x)
             return self.head(self.ln_f(x))
@@ -163,12 +163,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_agent(root: str, budget: int) -> tuple[str, Any]:
+def _start_agent(root: str, budget: int, *, shm_dir: str | None = None) -> tuple[str, Any]:
     """A ``ckpt-agent serve`` subprocess with this budget; its address once it serves."""
     sock, ready = os.path.join(root, "agent.sock"), os.path.join(root, "agent.ready")
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "serve", "--socket", sock, "--memory-budget", str(budget),
-         "--shm-prefix", f"benchagent{os.getpid()}", "--ready-file", ready, "--log-level", "WARNING"],
+         "--shm-prefix", f"benchagent{os.getpid()}", "--ready-file", ready, "--log-level", "WARNING",
+         *(["--shm-dir", shm_dir] if shm_dir else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         if os.path.exists(ready):
