@@ -61,7 +61,7 @@ cat "$OUTDIR/env.txt"
 # 2. Every test with a CUDA variant (marked cuda); on the CPU they skip.
 mapfile -t FILES < <(grep -rl --include='test_*.py' 'mark\.cuda' tests | sort)
 echo "== CUDA tests: ${FILES[*]}"
-timeout 300 python3 -m pytest -m cuda -q -rs -p no:cacheprovider "${FILES[@]}" 2>&1 | tee "$OUTDIR/cuda_tests.log"
+timeout 180 python3 -m pytest -m cuda -q -rs -p no:cacheprovider "${FILES[@]}" 2>&1 | tee "$OUTDIR/cuda_tests.log"
 rc_tests=${PIPESTATUS[0]}
 
 # 3. The measurements.
