@@ -86,6 +86,9 @@ class Sink(abc.ABC):
 
 
 SINK_ENTRY_POINTS = "ckpt.sinks"
+# The sinks this distribution ships, by name, for a checkout that is on the path without being
+# installed (no entry points then): imported only when asked for, so the arrows still point down.
+_SHIPPED_SINKS = {"agent": ("agent.sink", "open_agent_sink")}
 
 
 def open_sink(kind: str, address: str, **kwargs: Any) -> Sink:
@@ -94,12 +97,21 @@ def open_sink(kind: str, address: str, **kwargs: Any) -> Sink:
     from importlib.metadata import entry_points
 
     found = [ep for ep in entry_points(group=SINK_ENTRY_POINTS) if ep.name == kind]
-    if not found:
-        raise CkptError(
-            f"no {kind!r} sink is installed (entry point group {SINK_ENTRY_POINTS!r}); "
-            f"install the package that provides it, or reinstall ckpt"
-        )
-    return found[0].load()(address, **kwargs)
+    if found:
+        return found[0].load()(address, **kwargs)
+    if kind in _SHIPPED_SINKS:
+        import importlib
+
+        module, name = _SHIPPED_SINKS[kind]
+        try:
+            factory = getattr(importlib.import_module(module), name)
+        except ImportError as e:
+            raise CkptError(f"the {kind!r} sink needs {module} ({e}); install ckpt with its dependencies") from e
+        return factory(address, **kwargs)
+    raise CkptError(
+        f"no {kind!r} sink is installed (entry point group {SINK_ENTRY_POINTS!r}); "
+        f"install the package that provides it, or reinstall ckpt"
+    )
 
 
 def failed_marker(step: int, writer: str) -> str:
