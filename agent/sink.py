@@ -28,6 +28,7 @@ import grpc
 import torch
 
 from ckpt import format as fmt
+from ckpt import pinning
 from ckpt.errors import CkptError
 from ckpt.hostpool import HostBufferPool
 from ckpt.io import CRC_BYTES, chunk_payload
@@ -59,12 +60,18 @@ def _rpc_error(e: grpc.RpcError, what: str) -> AgentError:
 
 
 class ShmAllocator:
-    """Slabs are agent-owned shared-memory segments, mapped here (and pinned on CUDA)."""
+    """Slabs are agent-owned shared-memory segments, mapped here (and pinned on CUDA).
+
+    Every mapping is registered with CUDA for as long as it is mapped, and unregistered before
+    it is unmapped: by ``free`` for a slab the pool gives back, by ``close`` (or, failing that,
+    when the allocator is collected) for the slabs the agent still held when the sink closed.
+    """
 
     def __init__(self, sink: AgentSink) -> None:
         self.sink = sink
-        self._maps: dict[str, tuple[Any, bool]] = {}
+        self._maps: dict[str, tuple[Any, int]] = {}  # segment -> (mapping, pinned address or 0)
         self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, ShmAllocator._drop_all, self._maps, self._lock)
 
     def allocate(self, nbytes: int, *, pin_memory: bool) -> tuple[torch.Tensor, Any]:
         try:
@@ -72,13 +79,7 @@ class ShmAllocator:
         except grpc.RpcError as e:
             raise _rpc_error(e, f"leasing {nbytes / 2**20:.1f} MiB of agent memory") from None
         mm, tensor = map_file(f"{self.sink.shm_dir}/{lease.segment}", nbytes, writable=True)
-        pinned = False
-        if pin_memory and torch.cuda.is_available() and nbytes:
-            err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0)
-            if int(err) != 0:
-                log.warning("cudaHostRegister of a %d-byte segment failed (%s): staging unpinned", nbytes, err)
-            else:
-                pinned = True
+        pinned = tensor.data_ptr() if pin_memory and pinning.register(tensor.data_ptr(), nbytes) else 0
         with self._lock:
             self._maps[lease.segment] = (mm, pinned)
         return tensor, lease.segment
@@ -90,9 +91,9 @@ class ShmAllocator:
 
     def free(self, buffer: torch.Tensor, handle: Any) -> None:
         with self._lock:
-            mm, pinned = self._maps.pop(handle, (None, False))
+            mm, pinned = self._maps.pop(handle, (None, 0))
         if pinned:
-            torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+            pinning.unregister(pinned)
         del buffer
         unmap(mm)
         if not self.sink.closed:
@@ -100,6 +101,20 @@ class ShmAllocator:
                 self.sink.client.release(self.sink.session_id, handle)
             except grpc.RpcError:
                 log.debug("releasing segment %s failed", handle, exc_info=True)
+
+    def close(self) -> None:
+        """Unregister and unmap every segment still mapped (the agent frees or keeps its own)."""
+        self._finalizer()
+
+    @staticmethod
+    def _drop_all(maps: dict[str, tuple[Any, int]], lock: threading.Lock) -> None:
+        with lock:
+            items = list(maps.values())
+            maps.clear()
+        for mm, pinned in items:
+            if pinned:
+                pinning.unregister(pinned)
+            unmap(mm)
 
 
 class AgentSink(Sink):
@@ -192,6 +207,7 @@ class AgentSink(Sink):
             self._jobs.clear()
         for j in jobs:
             self._fail(j, CkptError(f"step {j.step}: the sink was closed before the agent reported the commit"))
+        self.allocator.close()
         self.client.close()
 
     # -- events --------------------------------------------------------------------------------

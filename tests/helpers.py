@@ -83,14 +83,19 @@ class DelegatingStorage(Storage):
 
 
 @contextlib.contextmanager
-def local_agent(tmp_path: Path, prefix: str, *, memory_budget_bytes: int = 64 << 20, **config: Any) -> Iterator[tuple[Any, Path]]:
-    """One in-process agent on ``tmp_path/a.sock`` with its own shm directory; stopped after.
+def local_agent(tmp_path: Path, prefix: str, *, memory_budget_bytes: int = 64 << 20, shm_root: Path | None = None,
+                **config: Any) -> Iterator[tuple[Any, Path]]:
+    """One in-process agent on ``tmp_path/a.sock`` with its own shm directory (under
+    ``shm_root`` if given, e.g. /dev/shm where segments can be pinned for CUDA); stopped after.
     Yields the daemon and its shm directory; trainers reach it at ``unix://<tmp_path>/a.sock``."""
+    import shutil
+    import tempfile
+
     from agent.config import AgentConfig
     from agent.daemon import AgentDaemon
 
-    shm = tmp_path / "shm"
-    shm.mkdir()
+    shm = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=shm_root)) if shm_root else tmp_path / "shm"
+    shm.mkdir(exist_ok=True)
     daemon = AgentDaemon(AgentConfig(socket_path=str(tmp_path / "a.sock"), memory_budget_bytes=memory_budget_bytes,
                                      shm_dir=str(shm), shm_prefix=prefix, log_format="text", **config))
     daemon.start()
@@ -98,3 +103,5 @@ def local_agent(tmp_path: Path, prefix: str, *, memory_budget_bytes: int = 64 <<
         yield daemon, shm
     finally:
         daemon.stop()
+        if shm_root:
+            shutil.rmtree(shm, ignore_errors=True)

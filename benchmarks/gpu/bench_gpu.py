@@ -626,12 +626,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warm", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods-every1", help="methods of the every-step loop (default: --methods)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.cpu:
         a.params_m, a.d_model, a.vocab, a.seq, a.micro_batch = 1.0, 64, 512, 32, 2
         a.target_step_s, a.steps_every10, a.steps_every1, a.warm, a.reps = 0.0, 10, 3, 1, 1
-    unknown = set(a.methods.split(",")) - set(METHODS)
+    a.methods_every1 = a.methods_every1 or a.methods
+    unknown = set(a.methods.split(",")) - set(METHODS) | set(a.methods_every1.split(",")) - set(METHODS)
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     return a
@@ -715,11 +717,12 @@ def main(argv: list[str] | None = None) -> int:
                     if body is not None:
                         body.update(restore(job, ckpt, root, ctx["agent"]))
                 continue
-            need = len(methods) * (args.warm + steps) * step_s * 1.5 + 10
+            names = methods if every != 1 else args.methods_every1.split(",")
+            need = len(names) * (args.warm + steps) * step_s * 1.5 + 10
             with report.section(name, need) as body:
                 if body is None:
                     continue
-                for method in methods:
+                for method in names:
                     if time.monotonic() > report.deadline:
                         body[method] = {"error": "skipped: budget used up"}
                         continue

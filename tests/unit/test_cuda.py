@@ -4,11 +4,14 @@ device. Skipped without a GPU; ``benchmarks/gpu/run.sh`` runs them on a GPU mach
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 import ckpt
+from ckpt import pinning
 from tests.helpers import bits_equal, local_agent, save_as_writers
 
 pytestmark = [
@@ -150,7 +153,8 @@ def test_agent_segments_are_registered_and_serve_restore(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x = torch.randn(64, 512, device="cuda")
     run = tmp_path / "run"
-    with local_agent(tmp_path, "cudatest", memory_budget_bytes=256 << 20):
+    shm_root = Path("/dev/shm") if Path("/dev/shm").is_dir() else None  # tmpfs: segments can be pinned
+    with local_agent(tmp_path, "cudatest", memory_budget_bytes=256 << 20, shm_root=shm_root):
         addr = f"unix://{tmp_path / 'a.sock'}"
         with ckpt.Checkpointer(str(run), agent=addr, every_n_steps=1, keep_last=2) as ck:
             ck.attach(opt)
@@ -169,3 +173,47 @@ def test_agent_segments_are_registered_and_serve_restore(tmp_path):
     got = _cpu_state(fresh, fopt)
     for k, v in expected.items():
         assert bits_equal(got[k], v), k
+    # The second Checkpointer (and this one) closed: nothing stays registered, so the same
+    # addresses can be pinned again (a leaked registration makes this fail "already registered").
+    buf = torch.empty(64 << 20, dtype=torch.uint8)
+    assert pinning.register(buf.data_ptr(), buf.numel())
+    pinning.unregister(buf.data_ptr())
+
+
+def test_a_failed_registration_does_not_poison_the_next_kernel(caplog):
+    """cudaHostRegister that fails (here: the range is registered already) leaves a CUDA error
+    behind; torch's next launch check must not see it."""
+    buf = torch.empty(8 << 20, dtype=torch.uint8)
+    assert pinning.register(buf.data_ptr(), buf.numel())
+    try:
+        assert not pinning.register(buf.data_ptr(), buf.numel())
+        assert "cudaHostRegister" in caplog.text
+        y = torch.nn.functional.gelu(torch.ones(1024, device="cuda"))
+        torch.cuda.synchronize()
+        assert float(y.sum()) > 0
+    finally:
+        pinning.unregister(buf.data_ptr())
+    z = torch.ones(16, device="cuda") * 2
+    assert float(z.sum()) == 32.0
+
+
+def test_segments_held_by_the_agent_are_unregistered_at_close(tmp_path):
+    """The agent keeps the newest committed snapshot after the trainer's session ends; the
+    trainer's own mapping of it is unregistered and dropped at close, not leaked."""
+    model = _model(6)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(64, 512, device="cuda")
+    shm_root = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    with local_agent(tmp_path, "cudaclose", memory_budget_bytes=256 << 20, shm_root=shm_root):
+        addr = f"unix://{tmp_path / 'a.sock'}"
+        for _ in range(3):  # each round maps, pins and must release the same amount again
+            ck = ckpt.Checkpointer(str(tmp_path / "run"), agent=addr, every_n_steps=1, keep_last=1)
+            ck.attach(opt)
+            _train_step(model, opt, x)
+            ck.save(0, {"model": model, "optim": opt}, force=True)
+            ck.wait()
+            allocator = ck.sink.allocator
+            assert allocator.segments()[0] >= 1
+            ck.close()
+            assert allocator.segments() == (0, 0)
+            _train_step(model, opt, x)  # the GPU is fine after the segments went
