@@ -22,8 +22,8 @@ each written to ``$OUT/gpu_bench.json`` and ``$OUT/gpu_bench.md`` as soon as it 
    ``optimizer.step()``, as DCP requires), ``torch_save``. Per method: mean step time and its
    overhead against ``none``, stall per checkpoint (the time the loop waited: the save call,
    waits before the optimizer step, waits for the previous save), save→durable latency.
-   Every method first takes one untimed checkpoint (pinned pools and plans are allocated once
-   in a real job). Retention keeps two checkpoints for every method.
+   Every method first takes untimed checkpoints in the warm-up (pinned pools and plans are
+   allocated once in a real job). Retention keeps two checkpoints for every method.
 5. ``restore``: a forced checkpoint, the live state wiped, then restored host→device and
    compared bit for bit: ``Checkpointer.restore`` from storage, from agent memory, ``dcp.load``,
    ``torch.load(map_location=device)``.
@@ -254,23 +254,36 @@ class Job:
     def state(self) -> dict[str, Any]:
         return {"model": self.model, "optim": self.opt}
 
-    def tensors(self) -> list[torch.Tensor]:
-        out = [p.detach() for p in self.model.parameters()]
-        for st in self.opt.state.values():
-            out += [v for k, v in st.items() if isinstance(v, torch.Tensor) and v.device.type == self.device.type]
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """Parameters and the optimizer's per-parameter tensors, by name (not the scalar
+        ``step``, whose device a loader may change)."""
+        out = {f"model/{n}": p.detach() for n, p in self.model.named_parameters()}
+        names = {p: n for n, p in self.model.named_parameters()}
+        for p, st in self.opt.state.items():
+            for k, v in st.items():
+                if k != "step" and isinstance(v, torch.Tensor):
+                    out[f"optim/{names[p]}/{k}"] = v
         return out
 
-    def clone(self) -> list[torch.Tensor]:
-        return [t.clone() for t in self.tensors()]
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.named_tensors().values())
+
+    def clone(self) -> dict[str, torch.Tensor]:
+        return {k: t.clone() for k, t in self.named_tensors().items()}
 
     def wipe(self) -> None:
         with torch.no_grad():
             for t in self.tensors():
                 t.zero_()
 
-    def equal(self, expected: list[torch.Tensor]) -> bool:
-        got = self.tensors()
-        return len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+    def equal(self, expected: dict[str, torch.Tensor]) -> bool:
+        got = self.named_tensors()
+        return got.keys() == expected.keys() and all(torch.equal(got[k], e.to(got[k].device)) for k, e in expected.items())
+
+    def put(self, expected: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, t in self.named_tensors().items():
+                t.copy_(expected[k])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,8 +490,9 @@ def loop(job: Job, method: str, every: int, steps: int, warm: int, run: str, ctx
     try:
         for step in range(1, warm + steps + 1):
             timed = step > warm
-            # One untimed checkpoint in the warm-up: pools and plans are allocated once per job.
-            take = method != "none" and ((timed and step % every == 0) or step == 1)
+            # Untimed checkpoints in the warm-up: pools and plans are allocated once per job (two
+            # slabs: a node agent keeps the newest committed snapshot while the next is staged).
+            take = method != "none" and ((timed and step % every == 0) or step <= min(2, warm))
             t0 = time.perf_counter()
             job.forward_backward()
             waited = m.before_step()
@@ -515,11 +529,11 @@ def loop(job: Job, method: str, every: int, steps: int, warm: int, run: str, ctx
     return out
 
 
-def restore(job: Job, ckpt: Any, root: str, agent: str | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def restore(job: Job, ckpt: Any, root: str, agent: str | None, out: dict[str, Any]) -> None:
+    """Fills ``out`` reader by reader (what ran is kept if a later one fails)."""
     job.sync()
     expected = job.clone()
-    nbytes = sum(t.numel() * t.element_size() for t in expected)
+    nbytes = sum(t.numel() * t.element_size() for t in expected.values())
 
     def timed(name: str, fn: Callable[[], Any]) -> None:
         job.wipe()
@@ -532,9 +546,7 @@ def restore(job: Job, ckpt: Any, root: str, agent: str | None) -> dict[str, Any]
             out[name] = {"s": dt, "gbps": nbytes / GB / dt, "bit_exact": job.equal(expected)}
         except Exception as e:  # noqa: BLE001 - one reader failing does not hide the others
             out[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        with torch.no_grad():  # back to the expected state for the next reader
-            for t, e in zip(job.tensors(), expected):
-                t.copy_(e)
+        job.put(expected)  # back to the expected state for the next reader
 
     run = os.path.join(root, "restore-ckpt")
     with ckpt.Checkpointer(run, keep_last=1) as ck:
@@ -574,7 +586,7 @@ def restore(job: Job, ckpt: Any, root: str, agent: str | None) -> dict[str, Any]
     torch.save({"model": job.model.state_dict(), "optim": job.opt.state_dict()}, tpath)
 
     def torch_load() -> None:
-        sd = torch.load(tpath, map_location=job.device, weights_only=True)
+        sd = torch.load(tpath, map_location=job.device, weights_only=True)  # step tensors land there too
         job.model.load_state_dict(sd["model"])
         job.opt.load_state_dict(sd["optim"])
 
@@ -582,7 +594,6 @@ def restore(job: Job, ckpt: Any, root: str, agent: str | None) -> dict[str, Any]
     for p in (run, drun, tpath, os.path.join(root, "restore-agent")):
         shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
     del expected
-    return out
 
 
 def targets(d: dict[str, Any]) -> dict[str, Any]:
@@ -715,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "restore":
                 with report.section("restore", 20 + 8 * state_bytes / GB) as body:
                     if body is not None:
-                        body.update(restore(job, ckpt, root, ctx["agent"]))
+                        restore(job, ckpt, root, ctx["agent"], body)
                 continue
             names = methods if every != 1 else args.methods_every1.split(",")
             need = len(names) * (args.warm + steps) * step_s * 1.5 + 10
