@@ -13,76 +13,8 @@ import torch
 
 from ckpt import StorageError
 from ckpt.storage import FsspecStorage, LocalStorage, RetryingStorage, RetryPolicy, Storage, is_transient, open_storage
+from ckpt.testing.storage import StorageTests
 from tests.helpers import DelegatingStorage
-
-
-class StorageTests:
-    """Reused by every implementation (STYLE: conformance tests shipped with the interface)."""
-
-    def make(self, tmp_path) -> Storage:
-        raise NotImplementedError
-
-    def test_write_read_size(self, tmp_path):
-        s = self.make(tmp_path)
-        s.write("a/b/c.bin", [b"hello ", memoryview(b"world")])
-        assert s.read("a/b/c.bin") == b"hello world"
-        assert s.size("a/b/c.bin") == 11
-        assert s.size("a/nope") is None
-        assert s.exists("a/b/c.bin") and not s.exists("a/b/d")
-
-    def test_read_into_buffers_and_short_objects(self, tmp_path):
-        s = self.make(tmp_path)
-        s.write("x", [bytes(range(10))])
-        a, b = bytearray(6), bytearray(4)
-        assert s.read_into("x", [memoryview(a), memoryview(b)]) == 10
-        assert bytes(a) == bytes(range(6)) and bytes(b) == bytes(range(6, 10))
-        with pytest.raises(EOFError):
-            s.read_into("x", [memoryview(bytearray(11))])
-        with pytest.raises(FileNotFoundError):
-            s.read_into("missing", [memoryview(bytearray(1))])
-        with pytest.raises(FileNotFoundError):
-            s.read("missing")
-
-    def test_atomic_write_replaces(self, tmp_path):
-        s = self.make(tmp_path)
-        s.write_atomic("d/zarr.json", b"1")
-        s.write_atomic("d/zarr.json", b"22")
-        assert s.read("d/zarr.json") == b"22"
-        assert s.list_dir("d") == ["zarr.json"]  # no temp files left
-
-    def test_list_walk_delete(self, tmp_path):
-        s = self.make(tmp_path)
-        for p in ("000000000001/a/c/0", "000000000001/zarr.json", "000000000002/x"):
-            s.write(p, [b"abc"])
-        assert s.list_dir("") == ["000000000001", "000000000002"]
-        assert s.walk("000000000001") == {"a/c/0": 3, "zarr.json": 3}
-        assert s.walk("nothing") == {} and s.list_dir("nothing") == []
-        s.delete("000000000001", recursive=True)
-        assert s.list_dir("") == ["000000000002"]
-        s.delete("000000000002/x")
-        s.delete("never/was")
-
-    def test_large_aligned_writes_and_the_sync_barrier(self, tmp_path):
-        # A page-aligned body of a few MiB plus an unaligned tail and a checksum: the shape of
-        # a chunk written from a host slab (LocalStorage takes its O_DIRECT path for it).
-        s = self.make(tmp_path)
-        from ckpt.hostpool import PrivateAllocator
-
-        buf, _ = PrivateAllocator().allocate(3 * 2**20 + 100, pin_memory=False)
-        buf.copy_(torch.randint(0, 256, buf.shape, dtype=torch.uint8))
-        body = memoryview(buf.numpy())
-        s.write("big/0", [body, b"\x01\x02\x03\x04"], durable=not s.can_sync)
-        s.write("big/1", [body[1:]], durable=not s.can_sync)  # unaligned start: buffered
-        if s.can_sync:
-            s.sync(["big/0", "big/1"])
-        assert s.read("big/0") == bytes(body) + b"\x01\x02\x03\x04"
-        assert s.read("big/1") == bytes(body[1:])
-
-    def test_paths_cannot_escape(self, tmp_path):
-        s = self.make(tmp_path)
-        for bad in ("../x", "/etc/passwd", "a/../../x", "a//b", ""):
-            with pytest.raises(StorageError):
-                s.write(bad, [b"x"])
 
 
 class TestLocal(StorageTests):
