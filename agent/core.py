@@ -29,10 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ckpt import format as fmt
-from ckpt.api import write_plan
-from ckpt.errors import CheckpointExistsError, CommitError
+from ckpt.commit import complete, ensure_not_committed, mark_failed
+from ckpt.io import write_plan
 from ckpt.retention import RetentionPolicy, run_gc
-from ckpt.sink import failed_marker, wait_for_commit, wait_for_fragments
 from ckpt.storage import Storage, open_storage
 
 from .config import AgentConfig
@@ -482,12 +481,9 @@ class Agent:
                     return
             except FileNotFoundError:
                 pass
-        if storage.exists(f"{fmt.step_dir(snap.step)}/{fmt.META}"):
-            m = fmt.read_manifest(storage, snap.step)
-            if m.save_id == snap.save_id:  # a replica whose step was committed meanwhile
-                self._set_state(snap, PERSISTED)
-                return
-            raise CheckpointExistsError(f"step {snap.step} is already committed in {storage.url}; not overwritten")
+        if ensure_not_committed(storage, snap.step, snap.save_id):  # a replica whose step was committed meanwhile
+            self._set_state(snap, PERSISTED)
+            return
         t0 = time.perf_counter()
         frag = write_plan(storage, snap.plan.plan, step=snap.step, writer=snap.writer, save_id=snap.save_id,
                           threads=snap.settings.io_threads, durable=snap.settings.durable)
@@ -498,11 +494,7 @@ class Agent:
         self._set_state(snap, PERSISTED, fragment_json=json.dumps(frag.to_dict()))
 
     def _mark_failed(self, snap: Snapshot, error: BaseException) -> None:
-        try:
-            doc = {"save_id": snap.save_id, "error": f"{type(error).__name__}: {error}"}
-            self.storage(snap.run_url).write_atomic(failed_marker(snap.step, snap.writer), json.dumps(doc).encode())
-        except Exception:  # noqa: BLE001 - storage failing already; the committer times out
-            log.debug("could not write the failure marker", exc_info=True)
+        mark_failed(self.storage(snap.run_url), snap.step, snap.writer, snap.save_id, error)
 
     def _landed(self, snap: Snapshot) -> None:
         """``snap``'s persist or commit is over (done or failed)."""
@@ -517,19 +509,9 @@ class Agent:
         cfg = snap.settings
         t0 = time.perf_counter()
         try:
-            if snap.committer:
-                try:
-                    manifest = fmt.read_manifest(storage, snap.step)  # already committed (a takeover)
-                    if manifest.save_id != snap.save_id:
-                        raise CommitError(f"step {snap.step} was committed by another save ({manifest.save_id})")
-                except FileNotFoundError:
-                    wait_for_fragments(storage, snap.step, snap.save_id, snap.writers, timeout_s=cfg.commit_timeout_s,
-                                       poll_s=0.05, stop=self._stop)
-                    manifest = fmt.commit(storage, snap.step, snap.writers, save_id=snap.save_id,
-                                          library_versions=dict(cfg.library_versions))
-            else:
-                manifest = wait_for_commit(storage, snap.step, snap.save_id, timeout_s=cfg.commit_timeout_s,
-                                           poll_s=0.05, stop=self._stop)
+            manifest = complete(storage, snap.step, snap.save_id, snap.writers, committer=snap.committer,
+                                timeout_s=cfg.commit_timeout_s, poll_s=0.05, stop=self._stop,
+                                library_versions=dict(cfg.library_versions))
             root = storage.read(f"{fmt.step_dir(snap.step)}/{fmt.META}")
         except BaseException as e:  # noqa: BLE001
             self._landed(snap)

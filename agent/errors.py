@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ckpt.errors import CkptError
+from ckpt.errors import CheckpointExistsError, CkptError
 
 
 class AgentError(CkptError):
@@ -31,3 +31,7 @@ class InvalidRequestError(AgentError, ValueError):
 
 class PeerError(AgentError, ConnectionError):
     """A peer agent could not be reached or sent something unusable."""
+
+
+class SnapshotExistsError(AgentError, CheckpointExistsError):
+    """The agent already holds (or committed) another save of this step for this writer."""

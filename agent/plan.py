@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ckpt.api import SavePlan
 from ckpt.manifest import ArraySpec, ManifestError
+from ckpt.plan import SavePlan
 from ckpt.planning import WriteRequest
 
 from .errors import PlanError

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 import weakref
@@ -29,17 +28,19 @@ import torch
 
 from ckpt import format as fmt
 from ckpt import pinning
+from ckpt.chunks import CRC_BYTES, ChunkRead, stored_nbytes
+from ckpt.chunks import payload as chunk_payload
 from ckpt.errors import CkptError
 from ckpt.hostpool import HostBufferPool
-from ckpt.io import CRC_BYTES, chunk_payload
 from ckpt.manifest import MANIFEST_KEY, Fragment, Manifest
 from ckpt.planning import WriteRequest
+from ckpt.restore import RestoreSource, StorageSource, Tier
 from ckpt.retention import RetentionPolicy
 from ckpt.sink import PersistJob, Sink, SinkConfig
-from ckpt.storage import Buffer, Storage
+from ckpt.storage import Storage
 
 from .client import AgentClient
-from .errors import AgentBudgetError, AgentError, AgentUnavailableError
+from .errors import AgentBudgetError, AgentError, AgentUnavailableError, SnapshotExistsError
 from .pb import pb
 from .plan import decode_plan, encode_plan
 from .server import PB_TO_STATE
@@ -54,6 +55,8 @@ def _rpc_error(e: grpc.RpcError, what: str) -> AgentError:
     code = e.code() if hasattr(e, "code") else None
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return AgentBudgetError(f"{what}: {e.details()}")
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        return SnapshotExistsError(f"{what}: {e.details()}")
     if code == grpc.StatusCode.UNAVAILABLE:
         return AgentUnavailableError(f"{what}: the node agent is unavailable ({e.details()})")
     return AgentError(f"{what}: {code}: {e.details() if hasattr(e, 'details') else e}")
@@ -178,13 +181,16 @@ class AgentSink(Sink):
             self._fail(job, err)
             job.release()
 
-    def restore_storage(self, storage: Storage) -> Storage:
+    def restore_source(self, storage: Storage) -> RestoreSource:
+        """Agent memory (this node's snapshots; replicas and snapshots fetched from the ring's
+        other agents count as the peer tier) above storage."""
+        bottom = StorageSource(storage)
         try:
             snaps = self.client.list_snapshots(self.run_url, with_plans=True)
         except grpc.RpcError as e:
             log.warning("cannot list the agent's snapshots (%s): restoring from storage", e.code())
-            return storage
-        return AgentMemoryStorage(storage, snaps, self.shm_dir, fetch=self.client.fetch_snapshot,
+            return bottom
+        return AgentMemoryStorage(bottom, snaps, self.shm_dir, fetch=self.client.fetch_snapshot,
                                   list_peers=lambda: self.client.list_snapshots(self.run_url, with_plans=True,
                                                                                 include_peers=True))
 
@@ -207,6 +213,11 @@ class AgentSink(Sink):
             self._jobs.clear()
         for j in jobs:
             self._fail(j, CkptError(f"step {j.step}: the sink was closed before the agent reported the commit"))
+        with self._lock:
+            held = list(self._held.values())
+            self._held.clear()
+        for j in held:  # the agent keeps its segment; this process's copy is no longer needed
+            j.release()
         self.allocator.close()
         self.client.close()
 
@@ -306,9 +317,8 @@ def _pread_crc(fd: int, offset: int, dest: memoryview) -> int | None:
     return crc
 
 
-def _stored_nbytes(req: WriteRequest) -> int:
-    """The bytes of a chunk as stored (a full chunk, also at ragged edges), without checksum."""
-    return math.prod(req.chunk_shape) * req.tensor.element_size()
+def _payload(req: WriteRequest) -> tuple[memoryview, torch.Tensor]:
+    return chunk_payload(req.tensor, req.slices, req.chunk_shape, ragged=req.ragged)
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -329,7 +339,7 @@ class _Remote:
         self.done = False  # fetched (its chunks are then local), or failed (read from storage)
 
 
-class AgentMemoryStorage(Storage):
+class AgentMemoryStorage(RestoreSource):
     """Reads committed snapshots the agent holds straight from its shared memory; everything
     else from ``inner``. Read-only use (restore): writes go to ``inner``.
 
@@ -344,17 +354,18 @@ class AgentMemoryStorage(Storage):
     restore on a node that holds its own snapshot never dials a peer (nor waits on a lost one).
     """
 
+    tier = Tier.AGENT_MEMORY
+
     def __init__(self, inner: Storage, snapshots: Sequence[pb.SnapshotInfo], shm_dir: str, *,
                  fetch: Callable[[pb.SnapshotInfo], pb.SnapshotInfo] | None = None,
                  list_peers: Callable[[], Sequence[pb.SnapshotInfo]] | None = None) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.shm_dir = shm_dir
         self._fetch_fn = fetch
         self._list_peers_fn = list_peers if fetch is not None else None
         self._list_lock = threading.Lock()
         self._roots: dict[str, bytes] = {}
-        self._chunks: dict[str, tuple[WriteRequest, int]] = {}
+        self._chunks: dict[str, tuple[WriteRequest, int, Tier]] = {}  # key -> (request, crc, tier serving it)
         self._remote: dict[str, _Remote] = {}  # chunk key -> the peer-held snapshot serving it
         # path -> (segment fd, offset) of chunks stored contiguously in a segment: read with
         # pread, which copies in the kernel; a fresh mapping of the segment would take a page
@@ -363,17 +374,15 @@ class AgentMemoryStorage(Storage):
         self._maps: list[Any] = []
         self._fds: list[int] = []
         weakref.finalize(self, _close_fds, self._fds)
-        self.served_bytes = 0
-        self.served_chunks = 0
         self.fetched_bytes = 0
-        self._count_lock = threading.Lock()  # the restore's reader threads count concurrently
+        self.served_by = {Tier.AGENT_MEMORY: 0, Tier.PEER: 0}  # both tiers are reported, also when 0
         # Local snapshots first: a chunk the local agent holds is never fetched from a peer.
         for s in sorted(snapshots, key=lambda s: bool(s.peer_address)):
             try:
                 if s.peer_address:
                     self._add_remote(s)
                 else:
-                    self._add(s)
+                    self._add(s, Tier.PEER if s.replica else Tier.AGENT_MEMORY)
             except Exception as e:  # noqa: BLE001 - that snapshot is then read from storage
                 log.warning("snapshot of step %d (%s) held by %s is unusable here: %s", s.key.step,
                             s.key.writer, f"peer agent {s.peer_address}" if s.peer_address else "the agent", e)
@@ -440,7 +449,7 @@ class AgentMemoryStorage(Storage):
             s = remote.info
             try:
                 held = self._fetch_fn(s)  # type: ignore[misc]
-                self._add(held)
+                self._add(held, Tier.PEER)
                 with self._count_lock:
                     self.fetched_bytes += held.nbytes
                 log.info("fetched step %d of %s (%.1f MB) from peer agent %s", s.key.step, s.key.writer,
@@ -453,7 +462,7 @@ class AgentMemoryStorage(Storage):
             finally:
                 remote.done = True  # its keys stay: a failed snapshot is neither listed nor fetched again
 
-    def _add(self, s: pb.SnapshotInfo) -> None:
+    def _add(self, s: pb.SnapshotInfo, tier: Tier) -> None:
         if not s.segment:
             return
         found = self._committed(s)
@@ -472,16 +481,11 @@ class AgentMemoryStorage(Storage):
         for key, req in plan.chunk_requests(sdir).items():
             crc = crcs.get((req.path, req.index))
             if crc is not None:
-                self._chunks[key] = (req, crc)
+                self._chunks[key] = (req, crc, tier)
                 region = req.tensor.detach()[req.slices]
                 if not req.ragged and region.is_contiguous() and region.device.type == "cpu":
                     self._spans[key] = (fd, region.data_ptr() - base)
         self._roots[f"{sdir}/{fmt.META}"] = commit_point
-
-    def _served(self, nbytes: int) -> None:
-        with self._count_lock:
-            self.served_bytes += nbytes
-            self.served_chunks += 1
 
     @property
     def steps_in_memory(self) -> list[int]:
@@ -491,48 +495,41 @@ class AgentMemoryStorage(Storage):
         if f"{fmt.step_dir(step)}/{fmt.META}" in self._roots:
             # Copies out of memory: one thread per core (2x faster than 8 threads on 2 cores).
             return max(1, min(default, max(2, os.cpu_count() or 1)))
-        return self.inner.read_threads(step, default)
+        return super().read_threads(step, default)
 
-    def _chunk(self, path: str) -> tuple[memoryview, int, Any] | None:
-        hit = self._chunks.get(path)
-        if hit is None:
-            return None
-        data, keep = chunk_payload(hit[0])
-        return data, hit[1], keep
-
-    def read_into_crc(self, path: str, data: memoryview, tail: memoryview) -> tuple[int, int]:
-        remote = self._remote.get(path)
-        if remote is None and self._list_peers_fn is not None and path not in self._chunks:
+    def read_chunk(self, key: str, data: memoryview) -> ChunkRead:
+        remote = self._remote.get(key)
+        if remote is None and self._list_peers_fn is not None and key not in self._chunks:
             self._list_peers()
-            remote = self._remote.get(path)
+            remote = self._remote.get(key)
         if remote is not None and not remote.done:
             self._fetch(remote)
-        span = self._spans.get(path)
-        if span is not None and tail.nbytes >= CRC_BYTES:
-            req, crc = self._chunks[path]
-            nbytes = _stored_nbytes(req)
-            if nbytes == data.nbytes:
-                actual = _pread_crc(span[0], span[1], data.cast("B"))
-                if actual is not None:
-                    tail.cast("B")[:CRC_BYTES] = crc.to_bytes(CRC_BYTES, "little")
-                    self._served(nbytes)
-                    return nbytes + CRC_BYTES, actual
-        hit = self._chunk(path)
-        if hit is None or hit[0].nbytes != data.nbytes or tail.nbytes < CRC_BYTES:
-            return self.inner.read_into_crc(path, data, tail)
-        payload, crc, _keep = hit
+        hit = self._chunks.get(key)
+        if hit is None:
+            return super().read_chunk(key, data)
+        req, crc, tier = hit
+        nbytes = stored_nbytes(req.chunk_shape, req.tensor.element_size())
+        if nbytes != data.nbytes:
+            return super().read_chunk(key, data)
+        span = self._spans.get(key)
+        if span is not None:
+            actual = _pread_crc(span[0], span[1], data.cast("B"))
+            if actual is not None:
+                self.count(nbytes, tier)
+                return ChunkRead(nbytes + CRC_BYTES, crc, actual)
+        payload_bytes, _keep = _payload(req)
         # torch copies without the GIL, so the reader's threads copy in parallel.
-        torch.frombuffer(data, dtype=torch.uint8).copy_(torch.frombuffer(payload, dtype=torch.uint8))
-        tail.cast("B")[:CRC_BYTES] = crc.to_bytes(CRC_BYTES, "little")
-        self._served(payload.nbytes)
-        return payload.nbytes + CRC_BYTES, crc32c.crc32c(data)
+        torch.frombuffer(data, dtype=torch.uint8).copy_(torch.frombuffer(payload_bytes, dtype=torch.uint8))
+        self.count(nbytes, tier)
+        return ChunkRead(nbytes + CRC_BYTES, crc, crc32c.crc32c(data))
 
     def read(self, path: str) -> bytes:
         if path in self._roots:
             return self._roots[path]
-        hit = self._chunk(path)
+        hit = self._chunks.get(path)
         if hit is not None:
-            return bytes(hit[0]) + hit[1].to_bytes(CRC_BYTES, "little")
+            data, _keep = _payload(hit[0])
+            return bytes(data) + hit[1].to_bytes(CRC_BYTES, "little")
         return self.inner.read(path)
 
     def size(self, path: str) -> int | None:
@@ -540,7 +537,7 @@ class AgentMemoryStorage(Storage):
             return len(self._roots[path])
         hit = self._chunks.get(path)
         if hit is not None:
-            return _stored_nbytes(hit[0]) + CRC_BYTES
+            return stored_nbytes(hit[0].chunk_shape, hit[0].tensor.element_size()) + CRC_BYTES
         return self.inner.size(path)
 
     def list_dir(self, path: str) -> list[str]:
@@ -548,15 +545,6 @@ class AgentMemoryStorage(Storage):
         if path == "":
             names = sorted(set(names) | {k.split("/")[0] for k in self._roots})
         return names
-
-    def write(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> None:
-        self.inner.write(path, parts, durable=durable)
-
-    def write_atomic(self, path: str, data: bytes) -> None:
-        self.inner.write_atomic(path, data)
-
-    def walk_times(self, path: str) -> dict[str, tuple[int, float | None]]:
-        return self.inner.walk_times(path)
 
     def delete(self, path: str, *, recursive: bool = False) -> None:
         self.inner.delete(path, recursive=recursive)

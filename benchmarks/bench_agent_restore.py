@@ -113,8 +113,8 @@ def main() -> int:
                 opts = {"agent": fresh_address}
             try:
                 with ckpt.Checkpointer(str(run), io_threads=args.io_threads, **opts) as c:
-                    mem = c._restore_storage()
-                    c._restore_storage = lambda: mem
+                    mem = c._restore_source()
+                    c._restore_source = lambda: mem
                     t0 = time.perf_counter()
                     start = c.restore(dest)
                     dt = time.perf_counter() - t0

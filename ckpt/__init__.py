@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .api import LoadPlan, SavePlan, execute_load, load, plan_load, plan_save, save, write_plan
+from .api import load, save
 from .checkpointer import Checkpointer, CheckpointerConfig, CheckpointerStatus, SnapshotHandle, SnapshotState
+from .commit import commit
 from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -18,13 +17,17 @@ from .errors import (
     StorageError,
     UnsupportedValueError,
 )
-from .format import commit, committed_steps, list_steps, read_manifest
-from .layout import Sharded
+from .format import committed_steps, list_steps, read_manifest
 from .hostpool import Allocator, HostBufferPool, Slab
+from .io import execute_load, write_plan
+from .layout import Sharded
+from .manifest import ArraySpec, Fragment, Manifest
+from .plan import LoadPlan, SavePlan, plan_load, plan_save
+from .restore import RestoreSource, StorageSource, Tier
 from .sink import InProcessSink, PersistJob, Sink, SinkConfig, open_sink
 from .stateful import OptimizerState, RNGState
-from .manifest import ArraySpec, Fragment, Manifest
-from .storage import RetryPolicy, Storage, open_storage
+from .storage import RetryPolicy, Storage, StorageWrapper, open_storage
+from .version import __version__
 
 __all__ = [
     "__version__",
@@ -59,6 +62,10 @@ __all__ = [
     "open_storage",
     "Storage",
     "RetryPolicy",
+    "StorageWrapper",
+    "RestoreSource",
+    "StorageSource",
+    "Tier",
     "Manifest",
     "ArraySpec",
     "Fragment",

@@ -1,170 +1,36 @@
-"""``ckpt.save`` and ``ckpt.load``, and the layer under them that later parts build on.
+"""``ckpt.save`` and ``ckpt.load``: the public, collective entry points, and nothing else.
 
-Save:  ``plan_save`` (pure) -> ``write_plan`` (any process, any order; writes chunks and the
-writer's fragment) -> ``commit`` (one committer validates coverage and writes the commit point).
-Load:  ``plan_load`` (pure: which chunks overlap each destination shard) -> ``execute_load``.
+Save:  ``ckpt.plan.plan_save`` (pure) -> ``ckpt.commit.persist`` (every rank: chunks, then its
+fragment) -> ``ckpt.commit.commit`` (rank 0 validates coverage and writes the commit point).
+Load:  ``ckpt.plan.plan_load`` (pure: which chunks overlap each destination shard) ->
+``ckpt.io.execute_load``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import platform
-import time
 import uuid
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import format as fmt
+from .commit import commit
 from .dist import Group
-from .dtypes import info_of
-from .errors import CheckpointExistsError, CkptError, StateMismatchError
-from .io import ChunkExpectation, read_chunks, request_nbytes, write_chunks
-from .layout import Sharded, TensorLayout, layout_of
-from .manifest import ArraySpec, Fragment, Manifest
-from .planning import CHUNK_SEPARATOR, ReadRequest, WriteRequest, choose_chunk_shape, plan_array_reads, plan_array_writes
-from .state import decode_value, encode_value, flatten, set_leaf
+from .errors import CheckpointExistsError, CkptError
+from .io import DEFAULT_IO_THREADS, execute_load, write_plan
+from .layout import Sharded
+from .manifest import Manifest
+from .plan import DEFAULT_MAX_CHUNK_BYTES, plan_load, plan_save
 from .storage import RetryPolicy, Storage, open_storage
+from .version import library_versions
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_CHUNK_BYTES = 16 << 20
-DEFAULT_IO_THREADS = 8
-
-
-def library_versions() -> dict[str, str]:
-    from . import __version__
-
-    return {"ckpt": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
 # ---------------------------------------------------------------------------------------------
 # Save
-
-
-@dataclass(frozen=True, slots=True)
-class SavePlan:
-    """What one process writes: its view of every array, its chunks, its non-tensor values."""
-
-    arrays: dict[str, ArraySpec]
-    requests: list[WriteRequest]
-    metadata: list[ArraySpec]  # arrays whose zarr.json this process writes (it owns chunk 0)
-    values: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(request_nbytes(r, r.tensor.element_size()) for r in self.requests)
-
-
-@dataclass(frozen=True, slots=True)
-class TensorItem:
-    """A tensor leaf of a state dict: its path, the local tensor, and where that sits globally."""
-
-    path: str
-    tensor: torch.Tensor
-    layout: TensorLayout
-
-
-def split_state(
-    state_dict: Any, *, rank: int = 0, world: int = 1, allow_pickle: bool = False
-) -> tuple[list[TensorItem], dict[str, Any]]:
-    """Tensor leaves with their layouts, and the non-tensor leaves encoded as JSON (a copy)."""
-    items: list[TensorItem] = []
-    values: dict[str, Any] = {}
-    for path, leaf, is_tensor in flatten(state_dict):
-        if is_tensor:
-            local, layout = layout_of(leaf, rank=rank, world=world)
-            items.append(TensorItem(path, local, layout))
-        else:
-            values[path] = encode_value(leaf, allow_pickle=allow_pickle, where=path)
-    return items, values
-
-
-def plan_items(
-    items: Sequence[TensorItem], values: dict[str, Any], *, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
-) -> SavePlan:
-    """Pure: the arrays, and the chunks this process writes of them."""
-    if max_chunk_bytes < 1:
-        raise ValueError("max_chunk_bytes must be >= 1")
-    arrays: dict[str, ArraySpec] = {}
-    requests: list[WriteRequest] = []
-    metadata: list[ArraySpec] = []
-    for item in items:
-        info = info_of(item.tensor.dtype)
-        layout = item.layout
-        chunk = choose_chunk_shape(layout.global_shape, layout.all_boxes, info.itemsize, max_chunk_bytes)
-        spec = ArraySpec(
-            path=item.path, shape=layout.global_shape, dtype=info.name, chunk_shape=chunk, layout=layout.description,
-            chunk_separator=CHUNK_SEPARATOR,
-        )
-        arrays[item.path] = spec
-        mine = plan_array_writes(item.path, spec, item.tensor, layout)
-        requests.extend(mine)
-        if any(not any(r.index) for r in mine):
-            metadata.append(spec)
-    return SavePlan(arrays, requests, metadata, values)
-
-
-def plan_save(
-    state_dict: Any,
-    *,
-    rank: int = 0,
-    world: int = 1,
-    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-    allow_pickle: bool = False,
-) -> SavePlan:
-    """Pure: from a state dict and its layout to write requests. No I/O, no collectives."""
-    items, values = split_state(state_dict, rank=rank, world=world, allow_pickle=allow_pickle)
-    return plan_items(items, values, max_chunk_bytes=max_chunk_bytes)
-
-
-def write_plan(
-    storage: Storage,
-    plan: SavePlan,
-    *,
-    step: int,
-    writer: str,
-    save_id: str,
-    threads: int = DEFAULT_IO_THREADS,
-    durable: bool = True,
-    progress: Callable[[int], None] | None = None,
-) -> Fragment:
-    """Write this process's chunks and array metadata, then its fragment (last).
-
-    With ``durable``, everything the fragment points to is durable before the fragment is
-    written: one barrier for all files where the storage offers one (``Storage.sync``: a
-    single ``syncfs`` on Linux), an ``fsync`` per file otherwise.
-    """
-    defer = durable and storage.can_sync
-    per_file = durable and not defer
-    # Many small files: in parallel, not one after the other.
-    if threads > 1 and len(plan.metadata) > 1:
-        with ThreadPoolExecutor(max_workers=min(threads, len(plan.metadata)), thread_name_prefix="ckpt-io") as pool:
-            list(pool.map(lambda spec: fmt.write_array_metadata(storage, step, spec, durable=per_file), plan.metadata))
-    else:
-        for spec in plan.metadata:
-            fmt.write_array_metadata(storage, step, spec, durable=per_file)
-    prefix = fmt.step_dir(step)
-    records = write_chunks(storage, prefix, plan.requests, threads=threads, durable=per_file, progress=progress)
-    if defer:
-        paths = [fmt.array_metadata_path(step, spec) for spec in plan.metadata]
-        paths += [f"{prefix}/{r.key}" for r in plan.requests]
-        storage.sync(paths)
-    fragment = Fragment(
-        step=step,
-        save_id=save_id,
-        writer=writer,
-        created_at=time.time(),
-        arrays=plan.arrays,
-        chunks={p: tuple(r) for p, r in records.items()},
-        values=plan.values,
-    )
-    fmt.write_fragment(storage, fragment)
-    return fragment
 
 
 def _average_replicas(state_dict: Any) -> Any:
@@ -248,10 +114,9 @@ def save(
             _average_replicas(state_dict), rank=group.rank, world=group.world, max_chunk_bytes=max_chunk_bytes, allow_pickle=allow_pickle
         )
         with _progress_bar(progress and group.rank == 0, plan.nbytes, f"save step {step}") as bar:
-            write_plan(
-                storage, plan, step=step, writer=fmt.writer_name(group.global_rank), save_id=save_id,
-                threads=io_threads, durable=durable, progress=bar.update,
-            )
+            # Synchronous and collective: a failure is gathered below, no failure marker needed.
+            write_plan(storage, plan, step=step, writer=fmt.writer_name(group.global_rank), save_id=save_id,
+                       threads=io_threads, durable=durable, progress=bar.update)
     except Exception as e:  # reported to every rank below, then re-raised here
         error = e
     statuses = group.all_gather(None if error is None else f"rank {group.global_rank}: {error}")
@@ -264,7 +129,7 @@ def save(
     result: Any = None
     if group.rank == 0:
         try:
-            result = fmt.commit(
+            result = commit(
                 storage, step, [fmt.writer_name(r) for r in group.global_ranks], save_id=save_id,
                 library_versions=library_versions(), user_metadata=user_metadata,
             )
@@ -278,105 +143,6 @@ def save(
 
 # ---------------------------------------------------------------------------------------------
 # Load
-
-
-@dataclass(frozen=True, slots=True)
-class LoadPlan:
-    step: int
-    requests: list[ReadRequest]
-    values: dict[str, Any]  # path -> encoded JSON value to set
-    arrays: dict[str, ArraySpec]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(request_nbytes(r, getattr(torch, self.arrays[r.path].dtype).itemsize) for r in self.requests)
-
-
-def plan_load(
-    state_dict: Any,
-    manifest: Manifest,
-    *,
-    rank: int = 0,
-    world: int = 1,
-    writer: str | None = None,
-    strict: bool = True,
-    allow_cast: bool = False,
-) -> LoadPlan:
-    """Pure: which chunks to read into which destination regions; every mismatch at once."""
-    problems: list[str] = []
-    requests: list[ReadRequest] = []
-    values: dict[str, Any] = {}
-    seen: set[str] = set()
-    writer_values = manifest.values_by_writer.get(writer or "", {})
-    for path, leaf, is_tensor in flatten(state_dict):
-        seen.add(path)
-        if not is_tensor:
-            if path in writer_values:
-                values[path] = writer_values[path]
-            elif path in manifest.values:
-                values[path] = manifest.values[path]
-            elif path in manifest.arrays:
-                problems.append(f"{path!r}: a tensor in the checkpoint, {type(leaf).__name__} in the state")
-            elif strict:
-                problems.append(f"{path!r}: missing from the checkpoint")
-            continue
-        spec = manifest.arrays.get(path)
-        if spec is None:
-            if path in manifest.values:
-                problems.append(f"{path!r}: a non-tensor value in the checkpoint, a tensor in the state")
-            elif strict:
-                problems.append(f"{path!r}: missing from the checkpoint")
-            continue
-        local, layout = layout_of(leaf, rank=rank, world=1)
-        dtype = str(local.dtype).removeprefix("torch.")
-        if layout.global_shape != spec.shape:
-            problems.append(f"{path!r}: shape {list(spec.shape)} in the checkpoint, {list(layout.global_shape)} in the state")
-            continue
-        if dtype != spec.dtype and not allow_cast:
-            problems.append(f"{path!r}: dtype {spec.dtype} in the checkpoint, {dtype} in the state (allow_cast=True converts)")
-            continue
-        requests.extend(plan_array_reads(path, spec, local, layout.pieces))
-        if isinstance(leaf, Sharded) and leaf.logical_size is not None:
-            _zero_padding(leaf)
-    if strict:
-        for path in manifest.arrays.keys() - seen:
-            problems.append(f"{path!r}: in the checkpoint, not in the state (strict=False ignores it)")
-        for path in manifest.values.keys() - seen:
-            problems.append(f"{path!r}: in the checkpoint, not in the state (strict=False ignores it)")
-    if problems:
-        problems.sort()
-        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
-        raise StateMismatchError(
-            f"state does not match checkpoint step {manifest.step}: {len(problems)} problem(s): "
-            + "; ".join(problems[:20]) + more,
-            problems,
-        )
-    return LoadPlan(manifest.step, requests, values, manifest.arrays)
-
-
-def _zero_padding(leaf: Sharded) -> None:
-    """Rows of a padded dimension past the logical size hold no data: make them zeros."""
-    d = leaf.dim % leaf.tensor.dim()  # type: ignore[operator]
-    local = leaf.tensor.shape[d]
-    start = leaf.rank * local
-    valid = max(0, min(leaf.logical_size or 0, start + local) - start)
-    if valid < local:
-        leaf.tensor.detach().narrow(d, valid, local - valid).zero_()
-
-
-def execute_load(
-    storage: Storage,
-    state_dict: Any,
-    plan: LoadPlan,
-    *,
-    allow_pickle: bool = False,
-    threads: int = DEFAULT_IO_THREADS,
-    progress: Callable[[int], None] | None = None,
-) -> None:
-    dtypes = {p: getattr(torch, a.dtype) for p, a in plan.arrays.items()}
-    read_chunks(storage, fmt.step_dir(plan.step), plan.requests, lambda r: ChunkExpectation(dtypes[r.path]), threads=threads, progress=progress)
-    for path, encoded in plan.values.items():
-        set_leaf(state_dict, path, decode_value(encoded, allow_pickle=allow_pickle, where=path))
 
 
 def load(

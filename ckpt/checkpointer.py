@@ -25,7 +25,6 @@ during ``save``. Without an attached optimizer every tensor is copied during ``s
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import threading
@@ -33,25 +32,29 @@ import time
 import uuid
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from . import format as fmt
-from .api import DEFAULT_IO_THREADS, DEFAULT_MAX_CHUNK_BYTES, SavePlan, TensorItem, library_versions, load, plan_items
+from .capture import CapturePlan, leaf_key, local_tensor, storage_ptr
+from .commit import save_id
 from .dist import Group
 from .errors import CkptError
-from .hostpool import HostBufferPool, aligned
-from .layout import is_dtensor
+from .handles import CheckpointerStatus, SnapshotHandle, SnapshotState, chain
+from .hostpool import HostBufferPool
+from .io import DEFAULT_IO_THREADS, load_step
 from .manifest import Manifest
+from .plan import DEFAULT_MAX_CHUNK_BYTES, SavePlan, TensorItem
+from .restore import RestoreSource
 from .retention import RetentionPolicy, run_gc
 from .sink import InProcessSink, PersistJob, Sink, SinkConfig, open_sink
 from .staging import StageJob, Stager
-from .layout import Sharded, layout_of
 from .state import encode_value, flatten
 from .stateful import CachedExpander, expand
 from .storage import RetryPolicy, Storage, open_storage
+from .version import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -113,74 +116,6 @@ class CheckpointerConfig:
             raise ValueError("CheckpointerConfig: io_threads, max_chunk_bytes, commit_timeout_s must be positive")
 
 
-class SnapshotState(str, enum.Enum):
-    CAPTURED = "captured"
-    STAGED = "staged"
-    PERSISTED = "persisted"
-    COMMITTED = "committed"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-
-
-@dataclass(eq=False)
-class SnapshotHandle:
-    """One checkpoint of this process, with a future per state."""
-
-    step: int
-    nbytes: int = 0
-    stall_s: float = 0.0  # time ``save`` blocked the training loop
-    hook_stall_s: float = 0.0  # time optimizer pre-step hooks waited for this snapshot's staging
-    staged: Future = field(default_factory=Future)
-    persisted: Future = field(default_factory=Future)
-    committed: Future = field(default_factory=Future)
-    skipped: bool = False
-
-    @property
-    def state(self) -> SnapshotState:
-        if self.skipped:
-            return SnapshotState.SKIPPED
-        for fut, done_state in ((self.committed, SnapshotState.COMMITTED), (self.persisted, SnapshotState.PERSISTED),
-                                (self.staged, SnapshotState.STAGED)):
-            if fut.done():
-                return SnapshotState.FAILED if fut.exception() is not None else done_state
-        return SnapshotState.CAPTURED
-
-    @property
-    def error(self) -> BaseException | None:
-        for fut in (self.staged, self.persisted, self.committed):
-            if fut.done() and fut.exception() is not None:
-                return fut.exception()
-        return None
-
-    def result(self, timeout: float | None = None) -> Manifest:
-        """Block until committed; the manifest, or the error that stopped it."""
-        return self.committed.result(timeout)
-
-
-@dataclass(frozen=True, slots=True)
-class CheckpointerStatus:
-    checkpoints: tuple[dict[str, Any], ...]
-    last_committed: int | None
-    in_flight: int
-    skipped: int
-    failed: int
-    errors: tuple[str, ...]
-    host_budget_bytes: int | None
-    host_allocated_bytes: int
-    host_peak_bytes: int
-    host_allocations: int
-    hook_stall_s: float
-
-
-def _storage_ptr(t: torch.Tensor) -> int:
-    if is_dtensor(t):
-        t = t.to_local()
-    try:
-        return t.untyped_storage().data_ptr()
-    except RuntimeError:  # tensors without storage (meta, some subclasses): never lazy
-        return 0
-
-
 class Checkpointer:
     """Lazy asynchronous checkpoints of a training loop; see the module docstring."""
 
@@ -211,7 +146,7 @@ class Checkpointer:
         self._latest_stage: StageJob | None = None
         self._latest_handle: SnapshotHandle | None = None
         self._expander = CachedExpander()
-        self._plan: _CapturePlan | None = None
+        self._plan: CapturePlan | None = None
         self._handles: list[SnapshotHandle] = []
         self._errors: list[str] = []
         self._reported = 0
@@ -229,7 +164,7 @@ class Checkpointer:
         the run has no committed checkpoint (and then changes nothing). ``strict=False``
         skips entries found on one side only (a model restored without its optimizer, say);
         shape and dtype mismatches are errors always."""
-        storage = self._restore_storage()
+        storage = self._restore_source()
         chosen: Any = step
         if step is None:
             chosen = None
@@ -242,17 +177,18 @@ class Checkpointer:
             return None
         expanded = expand(state)  # after the check: building optimizer state has side effects
         t0 = time.perf_counter()
-        loaded = load(expanded.tree, storage, step=chosen, process_group=self.config.process_group,
-                      allow_pickle=self.config.allow_pickle, strict=strict,
-                      io_threads=storage.read_threads(chosen, self.config.io_threads))
+        load_step(storage, expanded.tree, int(chosen), rank=self.group.rank, writer=self.writer, strict=strict,
+                  allow_pickle=self.config.allow_pickle, threads=storage.read_threads(chosen, self.config.io_threads))
         expanded.apply()
-        log.info("restored step %d from %s in %.2f s", loaded, self.storage.url, time.perf_counter() - t0)
-        return loaded + 1
+        log.info("restored step %d from %s in %.2f s", chosen, self.storage.url, time.perf_counter() - t0)
+        return int(chosen) + 1
 
-    def _restore_storage(self) -> Storage:
-        """Where ``restore`` reads from (the sink's memory tiers, then storage); a subclass may
-        wrap it, e.g. to count what each tier served."""
-        return self.sink.restore_storage(self.storage)
+    def _restore_source(self) -> RestoreSource:
+        """Where ``restore`` reads from: the sink's tiers (a node agent's memory and peers), then
+        storage. The chain reports what each tier served (``RestoreSource.served``)."""
+        source = self.sink.restore_source(self.storage)
+        self.last_restore_source = source
+        return source
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Make ``optimizer.step()`` wait until this optimizer's tensors of the latest snapshot
@@ -350,7 +286,7 @@ class Checkpointer:
         cfg = self.config
         expanded = self._expander.expand(state)
         leaves = list(flatten(expanded.tree))
-        key = tuple(_leaf_key(path, leaf) if is_tensor else path for path, leaf, is_tensor in leaves)
+        key = tuple(leaf_key(path, leaf) if is_tensor else path for path, leaf, is_tensor in leaves)
         values = {path: encode_value(leaf, allow_pickle=cfg.allow_pickle, where=path)
                   for path, leaf, is_tensor in leaves if not is_tensor}
         tensors = [leaf for _, leaf, is_tensor in leaves if is_tensor]
@@ -358,7 +294,7 @@ class Checkpointer:
         # slab, its host views and write requests; only the values and the sources are new.
         plan = self._plan
         if plan is None or plan.key != key:
-            plan = self._plan = _CapturePlan.build(key, leaves, values, rank=self.group.rank,
+            plan = self._plan = CapturePlan.build(key, leaves, values, rank=self.group.rank,
                                                     world=self.group.world, max_chunk_bytes=cfg.max_chunk_bytes)
         nbytes = plan.nbytes
         handle.nbytes = nbytes
@@ -394,8 +330,8 @@ class Checkpointer:
         groups: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self._optimizers]
         ready = None
         for i, dst in zip(plan.mine_idx, views):
-            src = _local(tensors[i]).detach()
-            owner = owners.get(_storage_ptr(src))
+            src = local_tensor(tensors[i]).detach()
+            owner = owners.get(storage_ptr(src))
             if owner is None:
                 dst.copy_(src)  # eager: training may change it before the next optimizer step
             else:
@@ -403,10 +339,10 @@ class Checkpointer:
                 if src.device.type == "cuda" and ready is None:
                     ready = torch.cuda.current_stream(src.device).record_event()
         host_plan = SavePlan(plan.plan.arrays, host_requests, plan.plan.metadata, values)
-        job = PersistJob(step=step, save_id=f"{self.run_id}-{step}", writer=self.writer, writers=self.writers,
+        job = PersistJob(step=step, save_id=save_id(self.run_id, step), writer=self.writer, writers=self.writers,
                          plan=host_plan, committer=self.group.rank == 0 and cfg.commit_by == "rank0", release=lambda: pool.release(slab), slab=slab)
-        job.persisted.add_done_callback(lambda f: _chain(f, handle.persisted))
-        job.committed.add_done_callback(lambda f: _chain(f, handle.committed))
+        job.persisted.add_done_callback(lambda f: chain(f, handle.persisted))
+        job.committed.add_done_callback(lambda f: chain(f, handle.committed))
         for fut in (handle.persisted, handle.committed):
             fut.add_done_callback(lambda f, s=step: self._record_error(s, f))
 
@@ -449,10 +385,10 @@ class Checkpointer:
         for index, opt in enumerate(self._optimizers):
             for group in opt.param_groups:
                 for p in group["params"]:
-                    owners.setdefault(_storage_ptr(p), index)
+                    owners.setdefault(storage_ptr(p), index)
                     for v in opt.state.get(p, {}).values():
                         if isinstance(v, torch.Tensor):
-                            owners.setdefault(_storage_ptr(v), index)
+                            owners.setdefault(storage_ptr(v), index)
         owners.pop(0, None)
         return owners
 
@@ -501,76 +437,3 @@ class Checkpointer:
             raise CkptError("this Checkpointer is closed")
 
 
-def _local(leaf: Any) -> torch.Tensor:
-    if isinstance(leaf, Sharded):
-        return leaf.tensor
-    if is_dtensor(leaf):
-        return leaf.to_local()
-    return leaf
-
-
-def _leaf_key(path: str, leaf: Any) -> tuple:
-    """What a tensor leaf's plan depends on: where it is, its memory, shape, layout."""
-    if isinstance(leaf, Sharded):
-        t, extra = leaf.tensor, (leaf.dim, leaf.rank, leaf.world, leaf.parts, leaf.logical_size, leaf.replica,
-                                 leaf.average)
-    elif is_dtensor(leaf):
-        t, extra = leaf._local_tensor, (tuple(leaf.shape), tuple(leaf.placements), id(leaf.device_mesh))
-    else:
-        t, extra = leaf, None
-    try:
-        ptr = t.data_ptr()
-    except RuntimeError:
-        ptr = 0
-    return (path, type(leaf), ptr, t.dtype, tuple(t.shape), t.stride(), t.device, extra)
-
-
-@dataclass(eq=False)
-class _CapturePlan:
-    """The save plan of one set of tensors, reused while the tensors stay the same."""
-
-    key: tuple
-    items: list[TensorItem]
-    plan: SavePlan
-    mine_idx: list[int]  # the tensors (indices into ``items``) this process writes
-    request_items: list[int]  # per write request of ``plan``: its index into ``mine_idx``
-    nbytes: int
-    _memo: dict[int, tuple[Any, list[torch.Tensor], list[Any]]] = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, key: tuple, leaves: list[tuple[str, Any, bool]], values: dict[str, Any], *,
-              rank: int, world: int, max_chunk_bytes: int) -> _CapturePlan:
-        items = [TensorItem(path, *layout_of(leaf, rank=rank, world=world)) for path, leaf, is_tensor in leaves
-                 if is_tensor]
-        plan = plan_items(items, values, max_chunk_bytes=max_chunk_bytes)
-        written = {id(r.tensor) for r in plan.requests}
-        mine_idx = [i for i, it in enumerate(items) if id(it.tensor) in written]
-        position = {id(items[i].tensor): n for n, i in enumerate(mine_idx)}
-        request_items = [position[id(r.tensor)] for r in plan.requests]
-        nbytes = sum(aligned(items[i].tensor.numel() * items[i].tensor.element_size()) for i in mine_idx)
-        return cls(key, items, plan, mine_idx, request_items, nbytes)
-
-    @property
-    def mine(self) -> list[TensorItem]:
-        return [self.items[i] for i in self.mine_idx]
-
-    def host_views(self, slab: Any) -> tuple[list[torch.Tensor], list[Any]]:
-        """This plan's tensors carved out of ``slab``, and the write requests reading them
-        (computed once per slab, then reused)."""
-        memo = self._memo.get(id(slab))
-        if memo is None or memo[0] is not slab:
-            slab.reset()
-            views = [slab.carve(self.items[i].tensor.shape, self.items[i].tensor.dtype) for i in self.mine_idx]
-            requests = [replace(r, tensor=views[n]) for r, n in zip(self.plan.requests, self.request_items)]
-            memo = self._memo[id(slab)] = (slab, views, requests)
-        return memo[1], memo[2]
-
-
-def _chain(src: Future, dst: Future) -> None:
-    if dst.done():
-        return
-    e = src.exception()
-    if e is None:
-        dst.set_result(src.result())
-    else:
-        dst.set_exception(e)

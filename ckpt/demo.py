@@ -57,8 +57,9 @@ def _worker(rank: int, world: int, port: int, role: str, run: str, out: str) -> 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        import ckpt
         from torch.distributed.device_mesh import init_device_mesh
+
+        import ckpt
 
         mesh = init_device_mesh("cpu", (world,))
         reference = build_state()

@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import crc32c
 
 from .dtypes import codecs_for, info_by_name
-from .errors import CheckpointNotFoundError, CommitError, FormatError
+from .errors import CheckpointNotFoundError, FormatError
 from .manifest import MANIFEST_KEY, ArraySpec, Fragment, Manifest, ManifestError
-from .planning import array_metadata, chunk_key
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -53,6 +49,32 @@ def writer_name(rank: int) -> str:
 
 def fragment_path(step: int, writer: str) -> str:
     return f"{step_dir(step)}/{FRAGMENTS}/{writer}.json"
+
+
+# New checkpoints use "c.0.1": the chunks of an array are files of one directory.
+CHUNK_SEPARATOR = "."
+
+
+def chunk_key(path: str, index: Sequence[int], separator: str = "/") -> str:
+    """Storage key of a chunk: zarr v3's default chunk key encoding."""
+    return f"{path}/c{separator}" + separator.join(map(str, index)) if index else f"{path}/c"
+
+
+def array_metadata(spec: ArraySpec, zarr_dtype: str, fill_value: Any, codecs: list[dict], attributes: dict) -> dict:
+    """The array's ``zarr.json`` document."""
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(spec.shape),
+        "data_type": zarr_dtype,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(spec.chunk_shape)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": spec.chunk_separator}},
+        "fill_value": fill_value,
+        "codecs": codecs,
+        "attributes": attributes,
+        "storage_transformers": [],
+    }
+
 
 
 def dumps(doc: Any) -> bytes:
@@ -152,186 +174,6 @@ def read_fragment(storage: Storage, step: int, writer: str) -> Fragment:
         return Fragment.from_dict(doc)
     except ManifestError as e:
         raise FormatError(f"{path}: {e}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Commit
-
-
-def _check_specs(fragments: Sequence[Fragment]) -> tuple[dict[str, ArraySpec], list[str]]:
-    arrays: dict[str, ArraySpec] = {}
-    first_by: dict[str, str] = {}
-    problems = []
-    for frag in fragments:
-        for path, spec in frag.arrays.items():
-            have = arrays.get(path)
-            if have is None:
-                arrays[path] = spec
-                first_by[path] = frag.writer
-            elif (have.shape, have.dtype, have.chunk_shape) != (spec.shape, spec.dtype, spec.chunk_shape):
-                problems.append(
-                    f"{path!r}: writer {first_by[path]} declares shape {list(have.shape)} {have.dtype} "
-                    f"chunks {list(have.chunk_shape)}, writer {frag.writer} declares shape "
-                    f"{list(spec.shape)} {spec.dtype} chunks {list(spec.chunk_shape)} (if ranks hold "
-                    "different slices of this tensor, declare its layout with ckpt.Sharded or a DTensor)"
-                )
-    return arrays, problems
-
-
-def check_coverage(arrays: dict[str, ArraySpec], fragments: Sequence[Fragment]) -> list[str]:
-    """Every chunk of every array written exactly once, nothing outside the grid."""
-    problems = []
-    owner: dict[tuple[str, tuple[int, ...]], str] = {}
-    for frag in fragments:
-        for path, records in frag.chunks.items():
-            spec = arrays.get(path)
-            if spec is None:
-                problems.append(f"writer {frag.writer} wrote chunks of undeclared array {path!r}")
-                continue
-            grid = spec.grid_shape
-            for rec in records:
-                if len(rec.index) != len(grid) or any(not (0 <= i < g) for i, g in zip(rec.index, grid)):
-                    problems.append(f"{path!r}: chunk {list(rec.index)} outside the grid {list(grid)}")
-                    continue
-                key = (path, rec.index)
-                if key in owner:
-                    problems.append(
-                        f"{path!r}: chunk {list(rec.index)} written by both {owner[key]} and {frag.writer}"
-                    )
-                owner[key] = frag.writer
-    written = Counter(p for p, _i in owner)
-    for path, spec in arrays.items():
-        have = written[path] if spec.num_chunks else 0
-        if have != spec.num_chunks:
-            problems.append(f"{path!r}: {spec.num_chunks - have} of {spec.num_chunks} chunks not written by any writer")
-    return problems
-
-
-def intermediate_groups(paths: Iterable[str]) -> list[str]:
-    groups = set()
-    for p in paths:
-        parts = p.split("/")
-        for i in range(1, len(parts)):
-            groups.add("/".join(parts[:i]))
-    return sorted(groups)
-
-
-@dataclass(frozen=True, slots=True)
-class CommitOptions:
-    check_listing: bool = True  # confirm every recorded chunk is in storage with its size
-    threads: int = 16
-
-
-def commit(
-    storage: Storage,
-    step: int,
-    writers: Sequence[str],
-    *,
-    save_id: str | None = None,
-    library_versions: dict[str, str] | None = None,
-    user_metadata: dict[str, Any] | None = None,
-    options: CommitOptions = CommitOptions(),
-    known: Mapping[str, Fragment] | None = None,
-) -> Manifest:
-    """Validate the fragments of ``writers`` and write the commit point.
-
-    Raises :class:`CommitError` listing every problem if anything is missing, duplicated or
-    inconsistent; in that case nothing becomes visible.
-
-    ``known``: fragments the caller wrote itself in this process (after making their chunks
-    durable); they are not read back, and their chunks are not listed again.
-    """
-    if not writers:
-        raise CommitError("commit needs at least one writer")
-    sdir = step_dir(step)
-    known = dict(known or {})
-    to_read = [w for w in writers if w not in known]
-    with ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(to_read)))) as pool:
-        read = dict(zip(to_read, pool.map(lambda w: _try_read_fragment(storage, step, w), to_read)))
-    results = [known[w] if w in known else read[w] for w in writers]
-    problems = [r for r in results if isinstance(r, str)]
-    fragments = [r for r in results if isinstance(r, Fragment)]
-    if problems:
-        raise CommitError(f"cannot commit step {step}: " + "; ".join(problems), )
-    ids = {f.save_id for f in fragments}
-    if save_id is not None and ids != {save_id} or len(ids) > 1:
-        raise CommitError(
-            f"cannot commit step {step}: fragments come from different saves {sorted(ids)} "
-            f"(expected {save_id}); a stale attempt left fragments behind, save the step again"
-        )
-    if any(f.step != step for f in fragments):
-        raise CommitError(f"cannot commit step {step}: a fragment records another step")
-    arrays, problems = _check_specs(fragments)
-    problems += check_coverage(arrays, fragments)
-    if not problems and options.check_listing and to_read:
-        problems += _check_listing(storage, step, arrays, [f for f in fragments if f.writer not in known])
-    if problems:
-        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
-        raise CommitError(f"cannot commit step {step}: " + "; ".join(problems[:10]) + more)
-
-    # Arrays without chunks (a zero-sized dim) have no first-chunk writer: their metadata is ours.
-    empty = [a for a in arrays.values() if a.num_chunks == 0]
-    groups = intermediate_groups(arrays)
-    array_paths = set(arrays)
-    clash = [g for g in groups if g in array_paths]
-    if clash:
-        raise CommitError(f"cannot commit step {step}: {clash[0]!r} is both a tensor and a group of tensors")
-    with ThreadPoolExecutor(max_workers=options.threads) as pool:
-        list(pool.map(lambda a: write_array_metadata(storage, step, a), empty))
-        list(pool.map(lambda g: storage.write(f"{sdir}/{g}/{META}", [dumps(group_document())]), groups))
-
-    first = fragments[0]
-    by_writer = {}
-    for frag in fragments[1:]:
-        diff = {k: v for k, v in frag.values.items() if first.values.get(k, _MISSING) != v}
-        if diff:
-            by_writer[frag.writer] = diff
-    manifest = Manifest(
-        step=step,
-        save_id=first.save_id,
-        created_at=time.time(),
-        writers=tuple(writers),
-        arrays=dict(sorted(arrays.items())),
-        values=first.values,
-        values_by_writer=by_writer,
-        library_versions=library_versions or {},
-        user_metadata=user_metadata or {},
-    )
-    consolidated: dict[str, Any] = {g: group_document() for g in groups}
-    consolidated.update({p: zarr_array_document(a) for p, a in manifest.arrays.items()})
-    root = group_document({MANIFEST_KEY: manifest.to_dict()})
-    root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
-    storage.write_atomic(f"{sdir}/{META}", dumps(seal_root(root)))
-    return manifest
-
-
-_MISSING = object()
-
-
-def _try_read_fragment(storage: Storage, step: int, writer: str) -> Fragment | str:
-    try:
-        return read_fragment(storage, step, writer)
-    except FileNotFoundError:
-        return f"writer {writer} has not written its fragment"
-    except FormatError as e:
-        return str(e)
-
-
-def _check_listing(storage: Storage, step: int, arrays: dict[str, ArraySpec], fragments: Sequence[Fragment]) -> list[str]:
-    files = storage.walk(step_dir(step))
-    problems = []
-    for frag in fragments:
-        for path, records in frag.chunks.items():
-            for rec in records:
-                key = chunk_key(path, rec.index, arrays[path].chunk_separator)
-                size = files.get(key)
-                if size != rec.nbytes:
-                    what = "missing" if size is None else f"{size} bytes, recorded {rec.nbytes}"
-                    problems.append(f"{path!r}: chunk {list(rec.index)} written by {frag.writer} is {what}")
-    for path, spec in arrays.items():
-        if spec.num_chunks and f"{path}/{META}" not in files:
-            problems.append(f"{path!r}: array metadata missing")
-    return problems
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,55 +1,48 @@
-"""The one place that moves tensor bytes to and from storage.
+"""The one executor: the only place that moves tensor bytes to and from storage.
 
-Writing a chunk stores the raw little-endian bytes of the region followed by the crc32c of
-those bytes (zarr v3's ``bytes`` + ``crc32c`` codecs); a contiguous full chunk is written
-straight from the tensor's memory, without a copy. Reading checks presence, size and
-checksum of every chunk, and reads a chunk that maps onto a contiguous region of a CPU
-destination straight into it. Both run requests in parallel on a thread pool (file I/O and
-crc32c release the GIL); memory in flight is bounded by threads x chunk size.
+Writing encodes each chunk with the chunk codec (``ckpt.chunks``: the region's bytes, then
+their crc32c); a contiguous full chunk is written straight from the tensor's memory, without a
+copy. Reading goes through the restore source's tiers when there are any (``ckpt.restore``),
+checks presence, size and checksum of every chunk, and reads a chunk that maps onto a
+contiguous region of a CPU destination straight into it. Both run requests in parallel on a
+thread pool (file I/O and crc32c release the GIL); memory in flight is bounded by threads x
+chunk size.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
-import crc32c
 import torch
 
+from . import chunks
+from . import format as fmt
+from .chunks import CRC_BYTES, as_bytes
 from .errors import CorruptCheckpointError
-from .manifest import ChunkRecord
+from .manifest import ChunkRecord, Fragment
+from .plan import LoadPlan, plan_load, request_nbytes
 from .planning import ReadRequest, WriteRequest
+from .restore import read_chunk as read_stored_chunk
+from .state import decode_value, set_leaf
 from .storage import Storage
 
 Progress = Callable[[int], None]
-CRC_BYTES = 4
-
-
-def _as_bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
 
 
 def chunk_payload(req: WriteRequest) -> tuple[memoryview, torch.Tensor]:
-    """The stored bytes of a chunk (without checksum), and the tensor that owns them."""
-    region = req.tensor.detach()[req.slices]
-    if region.device.type != "cpu":
-        region = region.cpu()
-    if req.ragged:
-        # zarr stores edge chunks full-size; the part outside the array is fill (zeros).
-        padded = torch.zeros(req.chunk_shape, dtype=region.dtype)
-        padded[tuple(slice(0, s.stop - s.start) for s in req.slices)] = region
-        region = padded
-    elif not region.is_contiguous():
-        region = region.contiguous()
-    return _as_bytes(region), region
+    """The stored bytes of a request's chunk (without checksum), and the tensor that owns them."""
+    return chunks.payload(req.tensor, req.slices, req.chunk_shape, ragged=req.ragged)
 
 
 def write_chunk(storage: Storage, prefix: str, req: WriteRequest, *, durable: bool) -> ChunkRecord:
     data, _keepalive = chunk_payload(req)
-    crc = crc32c.crc32c(data)
-    storage.write(f"{prefix}/{req.key}", [data, crc.to_bytes(CRC_BYTES, "little")], durable=durable)
+    parts, crc = chunks.encode(data)
+    storage.write(f"{prefix}/{req.key}", parts, durable=durable)
     return ChunkRecord(index=req.index, nbytes=data.nbytes + CRC_BYTES, crc32c=crc)
 
 
@@ -78,10 +71,6 @@ def _map(fn: Callable, items: Sequence, threads: int, progress: Progress | None,
         return out
 
 
-def request_nbytes(req: WriteRequest | ReadRequest, itemsize: int) -> int:
-    return math.prod(req.chunk_shape) * itemsize
-
-
 def write_chunks(
     storage: Storage,
     prefix: str,
@@ -103,6 +92,56 @@ def write_chunks(
     for req, rec in zip(requests, records):
         out.setdefault(req.path, []).append(rec)
     return out
+
+
+DEFAULT_IO_THREADS = 8
+
+
+def write_plan(
+    storage: Storage,
+    plan: Any,  # a ckpt.plan.SavePlan (arrays, requests, metadata, values)
+    *,
+    step: int,
+    writer: str,
+    save_id: str,
+    threads: int = DEFAULT_IO_THREADS,
+    durable: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> Fragment:
+    """Write this process's chunks and array metadata, then its fragment (last).
+
+    With ``durable``, everything the fragment points to is durable before the fragment is
+    written: one barrier for all files where the storage offers one (``Storage.sync``: a
+    single ``syncfs`` on Linux), an ``fsync`` per file otherwise.
+    """
+    defer = durable and storage.can_sync
+    per_file = durable and not defer
+    # Many small files: in parallel, not one after the other.
+    if threads > 1 and len(plan.metadata) > 1:
+        with ThreadPoolExecutor(max_workers=min(threads, len(plan.metadata)), thread_name_prefix="ckpt-io") as pool:
+            list(pool.map(lambda spec: fmt.write_array_metadata(storage, step, spec, durable=per_file), plan.metadata))
+    else:
+        for spec in plan.metadata:
+            fmt.write_array_metadata(storage, step, spec, durable=per_file)
+    prefix = fmt.step_dir(step)
+    records = write_chunks(storage, prefix, plan.requests, threads=threads, durable=per_file, progress=progress)
+    if defer:
+        paths = [fmt.array_metadata_path(step, spec) for spec in plan.metadata]
+        paths += [f"{prefix}/{r.key}" for r in plan.requests]
+        if paths:  # a writer with nothing to write (all its tensors written by other replicas)
+            storage.sync(paths)
+    fragment = Fragment(
+        step=step,
+        save_id=save_id,
+        writer=writer,
+        created_at=time.time(),
+        arrays=plan.arrays,
+        chunks={p: tuple(r) for p, r in records.items()},
+        values=plan.values,
+    )
+    fmt.write_fragment(storage, fragment)
+    return fragment
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,26 +175,21 @@ def read_chunk(storage: Storage, prefix: str, req: ReadRequest, exp: ChunkExpect
     nbytes = math.prod(req.chunk_shape) * itemsize
     where = f"tensor {req.path!r} chunk {'.'.join(map(str, req.index)) or '()'} ({req.key})"
     fast = _fast_target(req, exp.dtype)
-    crc_buf = bytearray(CRC_BYTES)
     if fast is not None:
-        data = _as_bytes(fast)
+        data = as_bytes(fast)
         chunk = None
     else:
         chunk = torch.empty(nbytes, dtype=torch.uint8)
         data = memoryview(chunk.numpy())
     try:
-        total, actual = storage.read_into_crc(f"{prefix}/{req.key}", data, memoryview(crc_buf))
+        read = read_stored_chunk(storage, f"{prefix}/{req.key}", data)
     except FileNotFoundError:
         return f"{where}: missing"
     except EOFError:
         return f"{where}: truncated (shorter than {nbytes + CRC_BYTES} bytes)"
-    if total != nbytes + CRC_BYTES:
-        return f"{where}: {total} bytes, expected {nbytes + CRC_BYTES}"
-    stored = int.from_bytes(crc_buf, "little")
-    if actual != stored:
-        return f"{where}: checksum mismatch (stored {stored:#010x}, data {actual:#010x})"
-    if exp.expected_crc is not None and stored != exp.expected_crc:
-        return f"{where}: not the chunk its writer recorded (crc {stored:#010x}, recorded {exp.expected_crc:#010x})"
+    problem = chunks.check(read, nbytes, recorded_crc=exp.expected_crc)
+    if problem is not None:
+        return f"{where}: {problem}"
     if chunk is not None:
         values = chunk.view(exp.dtype).reshape(req.chunk_shape)
         for t in req.targets:
@@ -188,3 +222,34 @@ def read_chunks(
             + ". Run `ckpt verify` on the run; load an older step with step=N",
             bad,
         )
+
+
+def execute_load(
+    storage: Storage,
+    state_dict: Any,
+    plan: LoadPlan,
+    *,
+    allow_pickle: bool = False,
+    threads: int = DEFAULT_IO_THREADS,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Carry out a load plan: zero the padding it names, read every chunk into its
+    destinations, set the non-tensor values."""
+    for z in plan.zero:
+        z.tensor.detach().narrow(z.dim, z.start, z.length).zero_()
+    dtypes = {p: getattr(torch, a.dtype) for p, a in plan.arrays.items()}
+    read_chunks(storage, fmt.step_dir(plan.step), plan.requests, lambda r: ChunkExpectation(dtypes[r.path]),
+                threads=threads, progress=progress)
+    for path, encoded in plan.values.items():
+        set_leaf(state_dict, path, decode_value(encoded, allow_pickle=allow_pickle, where=path))
+
+
+def load_step(storage: Storage, state_dict: Any, step: int, *, rank: int = 0, writer: str | None = None,
+              strict: bool = True, allow_cast: bool = False, allow_pickle: bool = False,
+              threads: int = DEFAULT_IO_THREADS, progress: Callable[[int], None] | None = None) -> None:
+    """Load committed ``step`` into ``state_dict`` in place: its manifest, a load plan for this
+    process's layout, the plan carried out. ``writer``: this process's writer name (per-writer
+    values saved under the same world size come back to the same rank)."""
+    manifest = fmt.read_manifest(storage, step)
+    plan = plan_load(state_dict, manifest, rank=rank, writer=writer, strict=strict, allow_cast=allow_cast)
+    execute_load(storage, state_dict, plan, allow_pickle=allow_pickle, threads=threads, progress=progress)

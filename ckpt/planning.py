@@ -16,10 +16,10 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from .format import chunk_key
 from .layout import Box, Piece, TensorLayout
 from .manifest import ArraySpec
 
@@ -85,31 +85,6 @@ def chunks_overlapping(spec: ArraySpec, box: Box) -> Iterator[tuple[int, ...]]:
         range(o // c, -(-(o + s) // c)) for o, s, c in zip(box.offsets, box.sizes, spec.chunk_shape)
     ]
     return itertools.product(*ranges)
-
-
-# New checkpoints use "c.0.1": the chunks of an array are files of one directory.
-CHUNK_SEPARATOR = "."
-
-
-def chunk_key(path: str, index: Sequence[int], separator: str = "/") -> str:
-    """Storage key of a chunk: zarr v3's default chunk key encoding."""
-    return f"{path}/c{separator}" + separator.join(map(str, index)) if index else f"{path}/c"
-
-
-def array_metadata(spec: ArraySpec, zarr_dtype: str, fill_value: Any, codecs: list[dict], attributes: dict) -> dict:
-    """The array's ``zarr.json`` document."""
-    return {
-        "zarr_format": 3,
-        "node_type": "array",
-        "shape": list(spec.shape),
-        "data_type": zarr_dtype,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(spec.chunk_shape)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": spec.chunk_separator}},
-        "fill_value": fill_value,
-        "codecs": codecs,
-        "attributes": attributes,
-        "storage_transformers": [],
-    }
 
 
 # ---------------------------------------------------------------------------------------------

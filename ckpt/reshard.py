@@ -44,14 +44,16 @@ from typing import Any
 import torch
 
 from . import format as fmt
+from .commit import commit
+from .dtypes import info_by_name
 from .errors import CheckpointExistsError, FormatError
 from .export import read_region
-from .dtypes import info_by_name
-from .api import DEFAULT_MAX_CHUNK_BYTES
+from .format import CHUNK_SEPARATOR
 from .io import write_chunks
 from .layout import Box, chunk_range
 from .manifest import ArraySpec, ChunkRecord, Fragment, Manifest
-from .planning import CHUNK_SEPARATOR, WriteRequest, choose_chunk_shape, chunk_box, chunks_overlapping
+from .plan import DEFAULT_MAX_CHUNK_BYTES
+from .planning import WriteRequest, choose_chunk_shape, chunk_box, chunks_overlapping
 from .retention import delete_step
 from .storage import Storage
 
@@ -286,9 +288,9 @@ def reshard(
             chunks={p: tuple(r) for p, r in records.items() if r} if i == 0 else {},
             values=values,
         ))
-    from .api import library_versions
+    from .version import library_versions
 
     user = {**manifest.user_metadata,
             "ckpt.reshard": {"source": src.url, "source_step": step, "target": str(target)}}
-    return fmt.commit(dst, step_out, writers, save_id=save_id, library_versions=library_versions(),
+    return commit(dst, step_out, writers, save_id=save_id, library_versions=library_versions(),
                       user_metadata=user)

@@ -2,35 +2,31 @@
 
 The engine hands a :class:`PersistJob` (a save plan whose tensors are host copies) to a
 :class:`Sink`. :class:`InProcessSink`, the default, writes with background threads of the
-training process; the node agent is another sink behind the same interface. Both persist
-through the same format writer (:func:`ckpt.write_plan`) and commit with :func:`ckpt.commit`.
-
-Committing needs no collective: each writer's fragment, written last, says its part is
-durable; the committer polls storage for the fragments of every writer of the save (a stale
-fragment of an earlier attempt has another ``save_id`` and does not count), then commits.
-A writer that fails writes a ``.failed`` marker beside its fragment so the committer stops
-waiting at once.
+training process; the node agent is another sink behind the same interface. Both persist and
+commit through ``ckpt.commit`` (the protocol: persist, fragment or failure marker, wait,
+validate, commit point), so there is one persist path. ``ckpt.testing.sink`` is the
+conformance suite every sink passes.
 """
 
 from __future__ import annotations
 
 import abc
-import json
 import logging
 import os
-import sys
 import queue
+import sys
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import format as fmt
-from .errors import CheckpointExistsError, CkptError, CommitError
+from .commit import complete, persist
+from .errors import CkptError
 from .hostpool import HostBufferPool, Slab
-from .manifest import Fragment, Manifest
+from .manifest import Manifest
+from .plan import SavePlan
+from .restore import RestoreSource, StorageSource
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -44,7 +40,7 @@ class PersistJob:
     save_id: str
     writer: str
     writers: tuple[str, ...]
-    plan: "SavePlan"  # noqa: F821 - from ckpt.api; typed loosely to keep this module's imports small
+    plan: "SavePlan"
     committer: bool
     release: Callable[[], None] = lambda: None
     slab: Slab | None = None  # the host memory the plan's tensors are views of
@@ -71,7 +67,7 @@ class Sink(abc.ABC):
         if job.committer and self.after_commit is not None:
             try:
                 self.after_commit(manifest)
-            except Exception:  # noqa: BLE001 - retention must never fail a checkpoint
+            except Exception:
                 log.warning("retention after step %d failed", job.step, exc_info=True)
 
     def host_pool(self, budget_bytes: int, *, pin_memory: bool) -> HostBufferPool:
@@ -79,10 +75,10 @@ class Sink(abc.ABC):
         private memory of this process; a node agent hands out its shared memory instead."""
         return HostBufferPool(budget_bytes, pin_memory=pin_memory)
 
-    def restore_storage(self, storage: Storage) -> Storage:
-        """Where a restore reads from: ``storage``, or a storage that serves what this sink
-        still holds in memory (a node agent's snapshots) and reads the rest from ``storage``."""
-        return storage
+    def restore_source(self, storage: Storage) -> RestoreSource:
+        """Where a restore reads from: storage by default; a node agent's sink puts its memory
+        and peer tiers above it. The caller reads back what each tier served."""
+        return StorageSource(storage)
 
 
 SINK_ENTRY_POINTS = "ckpt.sinks"
@@ -112,10 +108,6 @@ def open_sink(kind: str, address: str, **kwargs: Any) -> Sink:
         f"no {kind!r} sink is installed (entry point group {SINK_ENTRY_POINTS!r}); "
         f"install the package that provides it, or reinstall ckpt"
     )
-
-
-def failed_marker(step: int, writer: str) -> str:
-    return f"{fmt.step_dir(step)}/{fmt.FRAGMENTS}/{writer}.failed"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -152,74 +144,6 @@ def lower_thread_priority(nice: int | None) -> None:
         log.debug("could not lower the priority of %s", threading.current_thread().name, exc_info=True)
 
 
-def fragment_status(storage: Storage, step: int, save_id: str, writers: Sequence[str]) -> tuple[list[str], list[str]]:
-    """One look at storage: (writers whose fragment of this save is not there yet, the errors
-    of writers that left a failure marker for it). A fragment of another save (a stale
-    attempt) does not count."""
-    missing, errors = [], []
-    for w in writers:
-        try:
-            if fmt.read_fragment(storage, step, w).save_id == save_id:
-                continue
-        except FileNotFoundError:
-            pass
-        try:
-            marker = json.loads(storage.read(failed_marker(step, w)))
-            if marker.get("save_id") == save_id:
-                errors.append(f"{w}: {marker.get('error')}")
-                continue
-        except FileNotFoundError:
-            pass
-        missing.append(w)
-    return missing, errors
-
-
-def wait_for_fragments(
-    storage: Storage, step: int, save_id: str, writers: Sequence[str], *, timeout_s: float, poll_s: float,
-    stop: threading.Event | None = None,
-) -> None:
-    """Block until every writer's fragment of this save is in storage; raise if one failed."""
-    pending = list(writers)
-    deadline = time.monotonic() + timeout_s
-    delay = poll_s
-    while pending:
-        pending, errors = fragment_status(storage, step, save_id, pending)
-        if errors:
-            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-            raise CommitError(f"step {step}: a writer failed: {errors[0]}{more}")
-        if not pending:
-            return
-        if time.monotonic() > deadline:
-            raise CommitError(
-                f"step {step}: no fragment from {', '.join(pending[:8])}{' …' if len(pending) > 8 else ''} "
-                f"after {timeout_s:.0f} s; those writers died or are stuck"
-            )
-        if stop is not None and stop.wait(delay):
-            raise CommitError(f"step {step}: closed before every writer finished")
-        if stop is None:
-            time.sleep(delay)
-        delay = min(delay * 2, 1.0)
-
-
-def wait_for_commit(storage: Storage, step: int, save_id: str, *, timeout_s: float, poll_s: float,
-                    stop: threading.Event | None = None) -> Manifest:
-    deadline = time.monotonic() + timeout_s
-    delay = poll_s
-    while True:
-        try:
-            m = fmt.read_manifest(storage, step)
-            if m.save_id == save_id:
-                return m
-            raise CommitError(f"step {step} was committed by another save ({m.save_id})")
-        except FileNotFoundError:
-            pass
-        if time.monotonic() > deadline:
-            raise CommitError(f"step {step}: not committed after {timeout_s:.0f} s")
-        if stop is not None and stop.wait(delay):
-            raise CommitError(f"step {step}: closed before the commit")
-        delay = min(delay * 2, 1.0)
-
-
 class InProcessSink(Sink):
     """Persists with threads of this process; commits on the committer's process.
 
@@ -248,21 +172,12 @@ class InProcessSink(Sink):
         self._persist_q.put(job)
 
     def _persist_loop(self) -> None:
-        from .api import write_plan
-
         lower_thread_priority(self.config.nice)
         while (job := self._persist_q.get()) is not None:
             try:
-                if self.storage.exists(f"{fmt.step_dir(job.step)}/{fmt.META}"):
-                    raise CheckpointExistsError(
-                        f"step {job.step} is already committed in {self.storage.url}; not overwritten"
-                    )
-                frag: Fragment = write_plan(
-                    self.storage, job.plan, step=job.step, writer=job.writer, save_id=job.save_id,
-                    threads=self.config.io_threads, durable=self.config.durable,
-                )
-            except BaseException as e:  # noqa: BLE001 - reported through the future
-                self._mark_failed(job, e)
+                frag = persist(self.storage, job.plan, step=job.step, writer=job.writer, save=job.save_id,
+                               threads=self.config.io_threads, durable=self.config.durable)
+            except BaseException as e:  # noqa: BLE001 - reported through the futures
                 job.release()
                 job.persisted.set_exception(e)
                 job.committed.set_exception(e)
@@ -272,30 +187,15 @@ class InProcessSink(Sink):
             self._commit_q.put(job)
         self._commit_q.put(None)
 
-    def _mark_failed(self, job: PersistJob, error: BaseException) -> None:
-        try:
-            doc = {"save_id": job.save_id, "error": f"{type(error).__name__}: {error}"}
-            self.storage.write_atomic(failed_marker(job.step, job.writer), json.dumps(doc).encode())
-        except Exception:  # noqa: BLE001 - the storage is failing already; the committer times out
-            log.debug("could not write the failure marker of step %d", job.step, exc_info=True)
-
     def _commit_loop(self) -> None:
         lower_thread_priority(self.config.nice)
         while (job := self._commit_q.get()) is not None:
             try:
-                if job.committer:
-                    own: Fragment = job.persisted.result()  # this process's own: not read back
-                    wait_for_fragments(
-                        self.storage, job.step, job.save_id, [w for w in job.writers if w != job.writer],
-                        timeout_s=self.config.commit_timeout_s, poll_s=self.config.poll_interval_s, stop=self._stop,
-                    )
-                    manifest = fmt.commit(self.storage, job.step, job.writers, save_id=job.save_id,
-                                          library_versions=self.config.library_versions, known={job.writer: own})
-                else:
-                    manifest = wait_for_commit(
-                        self.storage, job.step, job.save_id,
-                        timeout_s=self.config.commit_timeout_s, poll_s=self.config.poll_interval_s, stop=self._stop,
-                    )
+                # The committer's own fragment is not read back.
+                manifest = complete(
+                    self.storage, job.step, job.save_id, job.writers, committer=job.committer,
+                    timeout_s=self.config.commit_timeout_s, poll_s=self.config.poll_interval_s, stop=self._stop,
+                    known={job.writer: job.persisted.result()}, library_versions=self.config.library_versions)
             except BaseException as e:  # noqa: BLE001 - reported through the future
                 job.committed.set_exception(e)
                 continue

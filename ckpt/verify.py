@@ -28,13 +28,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-import crc32c
 import torch
 
+from . import chunks
 from . import format as fmt
+from .chunks import CRC_BYTES
 from .dtypes import info_by_name
 from .errors import CkptError, FormatError, StorageError
-from .io import CRC_BYTES
 from .manifest import MANIFEST_KEY, ArraySpec, ChunkRecord, Fragment, Manifest, ManifestError
 from .planning import chunk_key
 from .storage import Storage
@@ -288,32 +288,30 @@ class _ChunkCheck:
 
 def _check_chunk(storage: Storage, prefix: str, c: _ChunkCheck) -> Problem | None:
     want = c.nbytes + CRC_BYTES
+    key = f"{prefix}/{chunk_key(c.spec.path, c.index, c.spec.chunk_separator)}"
     buf = torch.empty(c.nbytes, dtype=torch.uint8)
-    data = memoryview(buf.numpy())
-    crc_buf = bytearray(CRC_BYTES)
     try:
-        total = storage.read_into(f"{prefix}/{chunk_key(c.spec.path, c.index, c.spec.chunk_separator)}", [data, memoryview(crc_buf)])
+        read = chunks.read_chunk(storage, key, memoryview(buf.numpy()))
     except FileNotFoundError:
         return _chunk_problem(MISSING, c.spec, c.index, "missing", c.writer)
     except EOFError:
-        size = storage.size(f"{prefix}/{chunk_key(c.spec.path, c.index, c.spec.chunk_separator)}")
+        size = storage.size(key)
         got = f"{size} bytes" if size is not None else "shorter"
         return _chunk_problem(TRUNCATED, c.spec, c.index, f"truncated: {got}, expected {want}", c.writer)
     except StorageError:
         raise
     except OSError as e:
         return _chunk_problem(UNREADABLE, c.spec, c.index, f"unreadable: {e}", c.writer)
-    if total != want:
-        return _chunk_problem(SIZE, c.spec, c.index, f"{total} bytes, expected {want}", c.writer)
-    stored = int.from_bytes(crc_buf, "little")
-    actual = crc32c.crc32c(data)
-    if actual != stored:
+    if read.total != want:
+        return _chunk_problem(SIZE, c.spec, c.index, f"{read.total} bytes, expected {want}", c.writer)
+    if read.actual_crc != read.stored_crc:
         return _chunk_problem(
-            CHECKSUM, c.spec, c.index, f"checksum mismatch (stored {stored:#010x}, data {actual:#010x})", c.writer)
-    if c.record is not None and c.record.crc32c != stored:
+            CHECKSUM, c.spec, c.index,
+            f"checksum mismatch (stored {read.stored_crc:#010x}, data {read.actual_crc:#010x})", c.writer)
+    if c.record is not None and c.record.crc32c != read.stored_crc:
         return _chunk_problem(
             RECORDED_CRC, c.spec, c.index,
-            f"not the chunk writer {c.writer} recorded (crc {stored:#010x}, recorded {c.record.crc32c:#010x})",
+            f"not the chunk writer {c.writer} recorded (crc {read.stored_crc:#010x}, recorded {c.record.crc32c:#010x})",
             c.writer)
     return None
 

@@ -15,10 +15,9 @@ from .config import CheckpointConfig, DetectConfig, RunConfig
 from .detect import Failure
 from .errors import NoRoomError, RecoveryError, TooManyFailuresError
 from .events import Event, EventLog
-from .policy import JobControl, RecoveryOutcome, RecoveryPolicy, ReloadPolicy, RestorePoint, resolve_policy
 from .launcher import RecoveryRecord, RunResult, run
+from .policy import JobControl, RecoveryOutcome, RecoveryPolicy, ReloadPolicy, RestorePoint, resolve_policy
 from .worker import TrainContext
-
 
 __all__ = [
     "CheckpointConfig", "DetectConfig", "Event", "EventLog", "Failure", "JobControl", "NoRoomError",

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
 from .worker import TrainContext
 
 KILL, HANG, KILL_COORDINATOR, KILL_AGENT, TAKE_SLOT, RAISE, STORAGE_DOWN, STORAGE_UP = (

@@ -27,6 +27,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from ckpt import format as fmt
+from ckpt.restore import Tier
 from ckpt.storage import open_storage
 
 from . import events as ev
@@ -37,11 +38,11 @@ from .detect import AGENT_DIED, NODE_DIED, STORAGE, WORKER_DIED, WORKER_ERROR, F
 from .errors import NoRoomError, RecoveryError, TooManyFailuresError
 from .events import Event, EventLog
 from .policy import CONTINUED, RecoveryPolicy, RestorePoint, resolve_policy
-from .worker import MEMORY, PEER, STORAGE_TIER, TrainContext, Worker
+from .worker import TrainContext, Worker
 
 log = logging.getLogger(__name__)
 
-_TIER_OF = {"memory": MEMORY, "peer": PEER, "storage": STORAGE_TIER}
+_TIER_OF = {"memory": Tier.AGENT_MEMORY.value, "peer": Tier.PEER.value, "storage": Tier.STORAGE.value}
 
 
 @dataclass

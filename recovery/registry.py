@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt import format as fmt
-from ckpt.api import library_versions
+from ckpt.commit import commit, fragment_status, save_id
 from ckpt.errors import CkptError
 from ckpt.retention import RetentionPolicy, run_gc
-from ckpt.sink import fragment_status
 from ckpt.storage import Storage
+from ckpt.version import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,11 @@ class CheckpointRegistry:
         for info in fmt.list_steps(self.storage):
             if info.committed or info.step <= newest or info.step in self.pending:
                 continue
-            save_id = f"{run_id}-{info.step}"  # how ckpt.Checkpointer names its saves
+            sid = save_id(run_id, info.step)  # how ckpt.Checkpointer names its saves
             rec = self.saves.get(info.step)
-            if rec is not None and rec.save_id == save_id:
+            if rec is not None and rec.save_id == sid:
                 continue  # already failed or committed once
-            self.saving(info.step, save_id, writers, attempt=-1)
+            self.saving(info.step, sid, writers, attempt=-1)
             adopted.append(info.step)
         return adopted
 
@@ -124,7 +124,7 @@ class CheckpointRegistry:
                     raise CkptError("; ".join(errors))
                 if missing:
                     continue
-                fmt.commit(self.storage, step, rec.writers, save_id=rec.save_id, library_versions=self._versions)
+                commit(self.storage, step, rec.writers, save_id=rec.save_id, library_versions=self._versions)
             except Exception as e:  # noqa: BLE001 - a failed checkpoint is recorded, never raised here
                 rec.failed = f"{type(e).__name__}: {e}"
                 del self.pending[step]

@@ -16,11 +16,10 @@ from typing import Any
 import torch
 
 import ckpt
-from ckpt.storage import Buffer, Storage
+from ckpt.commit import save_id as ckpt_save_id
 
 log = logging.getLogger(__name__)
 
-MEMORY, PEER, STORAGE_TIER = "agent memory", "peer", "storage"
 
 
 class Reporter:
@@ -88,54 +87,6 @@ class Reporter:
         self.flush()
 
 
-class CountingStorage(Storage):
-    """Forwards to ``inner``, counting the chunk bytes read (what storage served)."""
-
-    def __init__(self, inner: Storage) -> None:
-        self.inner = inner
-        self.url = inner.url
-        self.read_bytes = 0
-        self._lock = threading.Lock()  # the restore's reader threads count concurrently
-
-    def _count(self, n: int) -> None:
-        with self._lock:
-            self.read_bytes += n
-
-    def write(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> None:
-        self.inner.write(path, parts, durable=durable)
-
-    def write_atomic(self, path: str, data: bytes) -> None:
-        self.inner.write_atomic(path, data)
-
-    def read(self, path: str) -> bytes:
-        data = self.inner.read(path)
-        if not path.endswith(".json"):
-            self._count(len(data))
-        return data
-
-    def read_into(self, path: str, buffers: Sequence[memoryview]) -> int:
-        n = self.inner.read_into(path, buffers)
-        self._count(n)
-        return n
-
-    def read_into_crc(self, path: str, data: memoryview, tail: memoryview) -> tuple[int, int]:
-        n, crc = self.inner.read_into_crc(path, data, tail)
-        self._count(n)
-        return n, crc
-
-    def size(self, path: str) -> int | None:
-        return self.inner.size(path)
-
-    def list_dir(self, path: str) -> list[str]:
-        return self.inner.list_dir(path)
-
-    def walk_times(self, path: str) -> dict[str, tuple[int, float | None]]:
-        return self.inner.walk_times(path)
-
-    def delete(self, path: str, *, recursive: bool = False) -> None:
-        self.inner.delete(path, recursive=recursive)
-
-
 class RecoveryCheckpointer(ckpt.Checkpointer):
     """A ``ckpt.Checkpointer`` (``commit_by="external"``) that tells the coordinator about its
     saves, and measures which tier served each restore."""
@@ -145,13 +96,12 @@ class RecoveryCheckpointer(ckpt.Checkpointer):
         self.reporter = reporter
         reporter.run_id = self.run_id
         self.last_restore: dict[str, Any] | None = None
-        self._tiers: list[tuple[str, Any]] = []
 
     def save(self, step: int, state: dict[str, Any], *, force: bool = False) -> ckpt.SnapshotHandle | None:
         handle = super().save(step, state, force=force)
         if handle is None or handle.skipped:
             return handle
-        save_id = f"{self.run_id}-{step}"
+        save_id = ckpt_save_id(self.run_id, step)
         if self.group.rank == 0:
             self.reporter.saving(step, save_id, self.writers)
         def done(fut: Any) -> None:
@@ -162,36 +112,13 @@ class RecoveryCheckpointer(ckpt.Checkpointer):
         handle.committed.add_done_callback(done)
         return handle
 
-    def _restore_storage(self) -> Storage:
-        counting = CountingStorage(self.storage)
-        self._tiers = [(STORAGE_TIER, counting)]
-        client = getattr(self.sink, "client", None)
-        if client is None:  # in-process sink: storage only
-            return counting
-        from agent.sink import AgentMemoryStorage
-
-        try:
-            snaps = client.list_snapshots(self.storage.url, with_plans=True)
-        except Exception as e:  # noqa: BLE001 - restore from storage then
-            log.warning("cannot list the agent's snapshots (%s): restoring from storage", e)
-            return counting
-        # The peer tier: replicas this node's agent holds, then (asked only when a chunk is in
-        # neither) snapshots other agents of the ring hold, fetched into this node's agent.
-        replicas = AgentMemoryStorage(
-            counting, [s for s in snaps if s.replica], self.sink.shm_dir, fetch=client.fetch_snapshot,
-            list_peers=lambda: client.list_snapshots(self.storage.url, with_plans=True, include_peers=True))
-        own = AgentMemoryStorage(replicas, [s for s in snaps if not s.replica], self.sink.shm_dir)
-        self._tiers += [(PEER, replicas), (MEMORY, own)]
-        return own
-
     def restore(self, state: dict[str, Any], *, step: int | None = None, strict: bool = True) -> int | None:
         t0 = time.perf_counter()
+        self.last_restore_source = None
         resumed = super().restore(state, step=step, strict=strict)
         seconds = time.perf_counter() - t0
-        served = {}
-        for tier, st in self._tiers:
-            served[tier] = st.read_bytes if tier == STORAGE_TIER else st.served_bytes
-        self._tiers = []
+        source = self.last_restore_source
+        served = {} if source is None else {tier.value: n for tier, n in source.served().items()}
         self.last_restore = {"step": None if resumed is None else resumed - 1, "seconds": seconds,
                              "bytes": served}
         self.reporter.restored(self.last_restore)

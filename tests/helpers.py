@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 import ckpt
-from ckpt.storage import Storage
+from ckpt.storage import Storage, StorageWrapper
 
 
 def random_bits(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -50,36 +50,9 @@ def load_as_readers(states: list[Any], storage: str | Storage, *, step: int | No
         ckpt.execute_load(st, state, plan)
 
 
-class DelegatingStorage(Storage):
-    """Forwards every call to ``inner``; fault-injecting test storages override what they break."""
-
-    def __init__(self, inner: Storage) -> None:
-        self.inner = inner
-        self.url = inner.url
-
-    def write(self, path, parts, *, durable=True):
-        self.inner.write(path, parts, durable=durable)
-
-    def write_atomic(self, path, data):
-        self.inner.write_atomic(path, data)
-
-    def read(self, path):
-        return self.inner.read(path)
-
-    def read_into(self, path, buffers):
-        return self.inner.read_into(path, buffers)
-
-    def size(self, path):
-        return self.inner.size(path)
-
-    def list_dir(self, path):
-        return self.inner.list_dir(path)
-
-    def walk_times(self, path):
-        return self.inner.walk_times(path)
-
-    def delete(self, path, *, recursive=False):
-        self.inner.delete(path, recursive=recursive)
+class DelegatingStorage(StorageWrapper):
+    """Forwards every call to ``inner`` (the one wrapper base); fault-injecting test storages
+    override what they break."""
 
 
 @contextlib.contextmanager

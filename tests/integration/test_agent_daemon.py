@@ -169,7 +169,7 @@ RESTORER = textwrap.dedent('''
     expected = {f"w{i}": torch.randn(64 + i, 96, generator=g) for i in range(6)}
     state = {k: torch.zeros_like(v) for k, v in expected.items()} | {"note": ""}
     c = ckpt.Checkpointer(url, agent=address)
-    mem = c.sink.restore_storage(c.storage)
+    mem = c.sink.restore_source(c.storage)
     start = c.restore(state)
     ok = all(torch.equal(state[k], expected[k]) for k in expected) and state["note"] == "hello"
     print(json.dumps({"start": start, "ok": ok, "in_memory": mem.steps_in_memory}), flush=True)
@@ -420,8 +420,8 @@ PEER_RESTORER = textwrap.dedent('''
     expected = {f"w{i}": torch.randn(64 + i, 96, generator=g) for i in range(6)}
     state = {k: torch.zeros_like(v) for k, v in expected.items()} | {"note": ""}
     c = ckpt.Checkpointer(url, agent=address)
-    mem = c.sink.restore_storage(c.storage)
-    c._restore_storage = lambda: mem  # to read what each tier served
+    mem = c.sink.restore_source(c.storage)
+    c._restore_source = lambda: mem  # to read what each tier served
     start = c.restore(state)
     ok = all(torch.equal(state[k], expected[k]) for k in expected) and state["note"] == "hello"
     print(json.dumps({"start": start, "ok": ok, "fetched": mem.fetched_bytes, "served": mem.served_bytes}),

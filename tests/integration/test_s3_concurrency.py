@@ -42,7 +42,7 @@ def full_at(step: int) -> torch.Tensor:
 
 WRITER = textwrap.dedent('''
     import json, sys, torch, ckpt
-    from ckpt.sink import wait_for_fragments
+    from ckpt.commit import wait_for_fragments
     endpoint, url, rank, world, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     opts = {"key": "test", "secret": "test", "skip_instance_cache": True,
             "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}

@@ -308,7 +308,7 @@ def test_external_committer(tmp_path):
     import threading
 
     from ckpt import format as fmt
-    from ckpt.sink import wait_for_fragments
+    from ckpt.commit import wait_for_fragments
 
     model = nn.Linear(4, 2)
     with ckpt.Checkpointer(tmp_path, every_n_steps=1, commit_by="external", commit_timeout_s=30) as c:

@@ -12,7 +12,7 @@ import torch
 
 import ckpt
 from ckpt import format as fmt
-from ckpt.sink import failed_marker
+from ckpt.commit import failed_marker
 from recovery.config import CheckpointConfig, DetectConfig, RunConfig
 from recovery.coordinator import Coordinator
 from recovery.detect import AGENT_DIED, HANG, STORAGE, WORKER_DIED, Failure, Membership

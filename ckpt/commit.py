@@ -1,0 +1,361 @@
+"""The commit protocol, in one place: the in-process sink, the node agent and the recovery
+coordinator all commit through this module.
+
+One checkpoint of a run, as every party sees it:
+
+1. every writer *persists* its part (:func:`persist`): its chunks and array metadata, made
+   durable, then its fragment (last; atomic). A writer that fails leaves a *failure marker*
+   beside where its fragment would be (:func:`mark_failed`), so the committer stops waiting.
+2. one *committer* waits until every writer's fragment of this save is there
+   (:func:`wait_for_fragments`; a fragment of another save, a stale attempt, does not count),
+   then *validates* (:func:`commit`: every chunk of every array written exactly once, nothing
+   outside the grid, every chunk in storage with its recorded size) and writes the *commit
+   point* (the step's root ``zarr.json``) in one atomic write. Nothing is visible before it.
+3. the others learn of the commit by reading the commit point (:func:`wait_for_commit`).
+
+Saves are told apart by a *save id*: :func:`save_id` of the run id and the step, the same on
+every rank without a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from . import format as fmt
+from .errors import CheckpointExistsError, CommitError, FormatError
+from .format import (
+    META,
+    chunk_key,
+    dumps,
+    group_document,
+    read_fragment,
+    seal_root,
+    step_dir,
+    write_array_metadata,
+    zarr_array_document,
+)
+from .io import write_plan
+from .manifest import MANIFEST_KEY, ArraySpec, Fragment, Manifest
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def save_id(run_id: str, step: int) -> str:
+    """The id of ``run_id``'s save of ``step``: every rank derives it alone."""
+    return f"{run_id}-{step}"
+
+
+def failed_marker(step: int, writer: str) -> str:
+    return f"{step_dir(step)}/{fmt.FRAGMENTS}/{writer}.failed"
+
+
+def mark_failed(storage: Storage, step: int, writer: str, save: str, error: BaseException | str) -> None:
+    """Leave the failure marker of ``writer``'s part of save ``save`` (best effort: storage may
+    be what failed; the committer then times out instead of stopping at once)."""
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    try:
+        storage.write_atomic(failed_marker(step, writer), json.dumps({"save_id": save, "error": text}).encode())
+    except Exception:
+        log.debug("could not write the failure marker of step %d (%s)", step, writer, exc_info=True)
+
+
+def ensure_not_committed(storage: Storage, step: int, save: str | None = None) -> bool:
+    """Before persisting: raise if ``step`` was committed by another save; True if it was
+    committed by this very save (a replica whose step is done), False if not committed."""
+    if not storage.exists(f"{step_dir(step)}/{META}"):
+        return False
+    if save is not None and fmt.read_manifest(storage, step).save_id == save:
+        return True
+    raise CheckpointExistsError(f"step {step} is already committed in {storage.url}; not overwritten")
+
+
+def persist(storage: Storage, plan: Any, *, step: int, writer: str, save: str, threads: int, durable: bool,
+            progress: Any = None) -> Fragment:
+    """A writer's part of save ``save``: its chunks and array metadata, durable, then its
+    fragment. Refuses a step that another save committed. On failure the failure marker is left
+    (so the committer stops waiting) and the error raised."""
+    try:
+        ensure_not_committed(storage, step)
+        return write_plan(storage, plan, step=step, writer=writer, save_id=save, threads=threads, durable=durable,
+                          progress=progress)
+    except BaseException as e:
+        mark_failed(storage, step, writer, save, e)
+        raise
+
+
+def complete(storage: Storage, step: int, save: str, writers: Sequence[str], *, committer: bool, timeout_s: float,
+             poll_s: float = 0.05, stop: threading.Event | None = None, known: Mapping[str, Fragment] | None = None,
+             library_versions: dict[str, str] | None = None) -> Manifest:
+    """After this writer persisted: the committer waits for every other writer's fragment of
+    the save and commits; any other writer waits for the commit point. A step this very save
+    committed already (a committer taking over after a crash) is returned as it is."""
+    if not committer:
+        return wait_for_commit(storage, step, save, timeout_s=timeout_s, poll_s=poll_s, stop=stop)
+    try:
+        manifest = fmt.read_manifest(storage, step)
+    except FileNotFoundError:
+        pass
+    else:
+        if manifest.save_id != save:
+            raise CommitError(f"step {step} was committed by another save ({manifest.save_id})")
+        return manifest
+    known = dict(known or {})
+    wait_for_fragments(storage, step, save, [w for w in writers if w not in known], timeout_s=timeout_s,
+                       poll_s=poll_s, stop=stop)
+    return commit(storage, step, writers, save_id=save, library_versions=library_versions, known=known)
+
+
+def fragment_status(storage: Storage, step: int, save_id: str, writers: Sequence[str]) -> tuple[list[str], list[str]]:
+    """One look at storage: (writers whose fragment of this save is not there yet, the errors
+    of writers that left a failure marker for it). A fragment of another save (a stale
+    attempt) does not count."""
+    missing, errors = [], []
+    for w in writers:
+        try:
+            if read_fragment(storage, step, w).save_id == save_id:
+                continue
+        except FileNotFoundError:
+            pass
+        try:
+            marker = json.loads(storage.read(failed_marker(step, w)))
+            if marker.get("save_id") == save_id:
+                errors.append(f"{w}: {marker.get('error')}")
+                continue
+        except FileNotFoundError:
+            pass
+        missing.append(w)
+    return missing, errors
+
+
+def wait_for_fragments(
+    storage: Storage, step: int, save_id: str, writers: Sequence[str], *, timeout_s: float, poll_s: float,
+    stop: threading.Event | None = None,
+) -> None:
+    """Block until every writer's fragment of this save is in storage; raise if one failed."""
+    pending = list(writers)
+    deadline = time.monotonic() + timeout_s
+    delay = poll_s
+    while pending:
+        pending, errors = fragment_status(storage, step, save_id, pending)
+        if errors:
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise CommitError(f"step {step}: a writer failed: {errors[0]}{more}")
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise CommitError(
+                f"step {step}: no fragment from {', '.join(pending[:8])}{' …' if len(pending) > 8 else ''} "
+                f"after {timeout_s:.0f} s; those writers died or are stuck"
+            )
+        if stop is not None and stop.wait(delay):
+            raise CommitError(f"step {step}: closed before every writer finished")
+        if stop is None:
+            time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+def wait_for_commit(storage: Storage, step: int, save_id: str, *, timeout_s: float, poll_s: float,
+                    stop: threading.Event | None = None) -> Manifest:
+    deadline = time.monotonic() + timeout_s
+    delay = poll_s
+    while True:
+        try:
+            m = fmt.read_manifest(storage, step)
+            if m.save_id == save_id:
+                return m
+            raise CommitError(f"step {step} was committed by another save ({m.save_id})")
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise CommitError(f"step {step}: not committed after {timeout_s:.0f} s")
+        if stop is not None and stop.wait(delay):
+            raise CommitError(f"step {step}: closed before the commit")
+        delay = min(delay * 2, 1.0)
+
+
+
+def _check_specs(fragments: Sequence[Fragment]) -> tuple[dict[str, ArraySpec], list[str]]:
+    arrays: dict[str, ArraySpec] = {}
+    first_by: dict[str, str] = {}
+    problems = []
+    for frag in fragments:
+        for path, spec in frag.arrays.items():
+            have = arrays.get(path)
+            if have is None:
+                arrays[path] = spec
+                first_by[path] = frag.writer
+            elif (have.shape, have.dtype, have.chunk_shape) != (spec.shape, spec.dtype, spec.chunk_shape):
+                problems.append(
+                    f"{path!r}: writer {first_by[path]} declares shape {list(have.shape)} {have.dtype} "
+                    f"chunks {list(have.chunk_shape)}, writer {frag.writer} declares shape "
+                    f"{list(spec.shape)} {spec.dtype} chunks {list(spec.chunk_shape)} (if ranks hold "
+                    "different slices of this tensor, declare its layout with ckpt.Sharded or a DTensor)"
+                )
+    return arrays, problems
+
+
+def check_coverage(arrays: dict[str, ArraySpec], fragments: Sequence[Fragment]) -> list[str]:
+    """Every chunk of every array written exactly once, nothing outside the grid."""
+    problems = []
+    owner: dict[tuple[str, tuple[int, ...]], str] = {}
+    for frag in fragments:
+        for path, records in frag.chunks.items():
+            spec = arrays.get(path)
+            if spec is None:
+                problems.append(f"writer {frag.writer} wrote chunks of undeclared array {path!r}")
+                continue
+            grid = spec.grid_shape
+            for rec in records:
+                if len(rec.index) != len(grid) or any(not (0 <= i < g) for i, g in zip(rec.index, grid)):
+                    problems.append(f"{path!r}: chunk {list(rec.index)} outside the grid {list(grid)}")
+                    continue
+                key = (path, rec.index)
+                if key in owner:
+                    problems.append(
+                        f"{path!r}: chunk {list(rec.index)} written by both {owner[key]} and {frag.writer}"
+                    )
+                owner[key] = frag.writer
+    written = Counter(p for p, _i in owner)
+    for path, spec in arrays.items():
+        have = written[path] if spec.num_chunks else 0
+        if have != spec.num_chunks:
+            problems.append(f"{path!r}: {spec.num_chunks - have} of {spec.num_chunks} chunks not written by any writer")
+    return problems
+
+
+def intermediate_groups(paths: Iterable[str]) -> list[str]:
+    groups = set()
+    for p in paths:
+        parts = p.split("/")
+        for i in range(1, len(parts)):
+            groups.add("/".join(parts[:i]))
+    return sorted(groups)
+
+
+@dataclass(frozen=True, slots=True)
+class CommitOptions:
+    check_listing: bool = True  # confirm every recorded chunk is in storage with its size
+    threads: int = 16
+
+
+def commit(
+    storage: Storage,
+    step: int,
+    writers: Sequence[str],
+    *,
+    save_id: str | None = None,
+    library_versions: dict[str, str] | None = None,
+    user_metadata: dict[str, Any] | None = None,
+    options: CommitOptions = CommitOptions(),
+    known: Mapping[str, Fragment] | None = None,
+) -> Manifest:
+    """Validate the fragments of ``writers`` and write the commit point.
+
+    Raises :class:`CommitError` listing every problem if anything is missing, duplicated or
+    inconsistent; in that case nothing becomes visible.
+
+    ``known``: fragments the caller wrote itself in this process (after making their chunks
+    durable); they are not read back, and their chunks are not listed again.
+    """
+    if not writers:
+        raise CommitError("commit needs at least one writer")
+    sdir = step_dir(step)
+    known = dict(known or {})
+    to_read = [w for w in writers if w not in known]
+    with ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(to_read)))) as pool:
+        read = dict(zip(to_read, pool.map(lambda w: _try_read_fragment(storage, step, w), to_read)))
+    results = [known[w] if w in known else read[w] for w in writers]
+    problems = [r for r in results if isinstance(r, str)]
+    fragments = [r for r in results if isinstance(r, Fragment)]
+    if problems:
+        raise CommitError(f"cannot commit step {step}: " + "; ".join(problems), )
+    ids = {f.save_id for f in fragments}
+    if save_id is not None and ids != {save_id} or len(ids) > 1:
+        raise CommitError(
+            f"cannot commit step {step}: fragments come from different saves {sorted(ids)} "
+            f"(expected {save_id}); a stale attempt left fragments behind, save the step again"
+        )
+    if any(f.step != step for f in fragments):
+        raise CommitError(f"cannot commit step {step}: a fragment records another step")
+    arrays, problems = _check_specs(fragments)
+    problems += check_coverage(arrays, fragments)
+    if not problems and options.check_listing and to_read:
+        problems += _check_listing(storage, step, arrays, [f for f in fragments if f.writer not in known])
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise CommitError(f"cannot commit step {step}: " + "; ".join(problems[:10]) + more)
+
+    # Arrays without chunks (a zero-sized dim) have no first-chunk writer: their metadata is ours.
+    empty = [a for a in arrays.values() if a.num_chunks == 0]
+    groups = intermediate_groups(arrays)
+    array_paths = set(arrays)
+    clash = [g for g in groups if g in array_paths]
+    if clash:
+        raise CommitError(f"cannot commit step {step}: {clash[0]!r} is both a tensor and a group of tensors")
+    with ThreadPoolExecutor(max_workers=options.threads) as pool:
+        list(pool.map(lambda a: write_array_metadata(storage, step, a), empty))
+        list(pool.map(lambda g: storage.write(f"{sdir}/{g}/{META}", [dumps(group_document())]), groups))
+
+    first = fragments[0]
+    by_writer = {}
+    for frag in fragments[1:]:
+        diff = {k: v for k, v in frag.values.items() if first.values.get(k, _MISSING) != v}
+        if diff:
+            by_writer[frag.writer] = diff
+    manifest = Manifest(
+        step=step,
+        save_id=first.save_id,
+        created_at=time.time(),
+        writers=tuple(writers),
+        arrays=dict(sorted(arrays.items())),
+        values=first.values,
+        values_by_writer=by_writer,
+        library_versions=library_versions or {},
+        user_metadata=user_metadata or {},
+    )
+    consolidated: dict[str, Any] = {g: group_document() for g in groups}
+    consolidated.update({p: zarr_array_document(a) for p, a in manifest.arrays.items()})
+    root = group_document({MANIFEST_KEY: manifest.to_dict()})
+    root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
+    storage.write_atomic(f"{sdir}/{META}", dumps(seal_root(root)))
+    return manifest
+
+
+_MISSING = object()
+
+
+def _try_read_fragment(storage: Storage, step: int, writer: str) -> Fragment | str:
+    try:
+        return read_fragment(storage, step, writer)
+    except FileNotFoundError:
+        return f"writer {writer} has not written its fragment"
+    except FormatError as e:
+        return str(e)
+
+
+def _check_listing(storage: Storage, step: int, arrays: dict[str, ArraySpec], fragments: Sequence[Fragment]) -> list[str]:
+    files = storage.walk(step_dir(step))
+    problems = []
+    for frag in fragments:
+        for path, records in frag.chunks.items():
+            for rec in records:
+                key = chunk_key(path, rec.index, arrays[path].chunk_separator)
+                size = files.get(key)
+                if size != rec.nbytes:
+                    what = "missing" if size is None else f"{size} bytes, recorded {rec.nbytes}"
+                    problems.append(f"{path!r}: chunk {list(rec.index)} written by {frag.writer} is {what}")
+    for path, spec in arrays.items():
+        if spec.num_chunks and f"{path}/{META}" not in files:
+            problems.append(f"{path!r}: array metadata missing")
+    return problems
+
+
