@@ -25,8 +25,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from . import format as fmt
-from .errors import (
+from .. import format as fmt
+from ..errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CkptError,
@@ -36,8 +36,8 @@ from .errors import (
     StorageError,
     UnsupportedValueError,
 )
-from .manifest import ArraySpec, ManifestError
-from .storage import Storage, open_storage
+from ..manifest import ArraySpec, ManifestError
+from ..storage import Storage, open_storage
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -196,7 +196,7 @@ def _keep_last(text: str) -> int:
 
 
 def _bytes_arg(text: str) -> int:
-    from .reshard import parse_bytes
+    from ..reshard import parse_bytes
 
     try:
         return parse_bytes(text)
@@ -222,7 +222,7 @@ def _duration(text: str) -> float:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from .retention import format_age, list_run
+    from ..retention import format_age, list_run
 
     storage = _open(args.run, args)
     listing = list_run(storage, threads=args.threads)
@@ -295,7 +295,7 @@ def layout_summary(layout: dict[str, Any]) -> str:
 
 
 def _array_info(spec: ArraySpec) -> dict[str, Any]:
-    from .dtypes import info_by_name
+    from ..dtypes import info_by_name
 
     try:
         itemsize = info_by_name(spec.dtype).itemsize
@@ -337,7 +337,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(info)
         return EXIT_OK
-    from .retention import format_age
+    from ..retention import format_age
 
     print(f"step {m.step} of {storage.url}")
     print(f"  committed    {info['created']} ({format_age(time.time() - m.created_at)} ago)")
@@ -373,7 +373,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import step_nbytes, verify_step
+    from ..verify import step_nbytes, verify_step
 
     storage = _open(args.run, args)
     skipped: list[int] = []
@@ -426,7 +426,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_reshard(args: argparse.Namespace) -> int:
-    from .reshard import parse_layout, reshard
+    from ..reshard import parse_layout, reshard
 
     try:
         target = parse_layout(args.to)
@@ -463,7 +463,7 @@ _EXTENSIONS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", "
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_step, parse_dtype, select
+    from ..export import export_step, parse_dtype, select
 
     form = args.format
     if form is None:
@@ -512,7 +512,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from .retention import DELETE, RetentionPolicy, run_gc
+    from ..retention import DELETE, RetentionPolicy, run_gc
 
     policy = RetentionPolicy(keep_last=args.keep_last, keep_every=args.keep_every, min_age_s=args.min_age)
     storage = _open(args.run, args)
@@ -724,7 +724,3 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _err(str(e) or type(e).__name__)
         return code
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
