@@ -12,20 +12,22 @@ Exit codes (also in ``ckpt --help`` and docs/cli.md):
 Errors print one line, ``ckpt: error: ...``, on stderr; ``--debug`` adds the traceback.
 Output goes to stdout (tables, or JSON with ``--json``); progress bars go to stderr, shown when
 stderr is a terminal or with ``--progress``.
+
+The package: :mod:`ckpt.cli.common` (exit codes, output helpers, opening a run), one module
+per group of commands (:mod:`~ckpt.cli.browse`: ls, inspect; :mod:`~ckpt.cli.check`: verify;
+:mod:`~ckpt.cli.rewrite`: reshard, export; :mod:`~ckpt.cli.prune`: gc), and here the parser,
+the mapping of exceptions to exit codes, and :func:`main`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 import traceback
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
-from .. import format as fmt
 from ..errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -36,29 +38,24 @@ from ..errors import (
     StorageError,
     UnsupportedValueError,
 )
-from ..manifest import ArraySpec, ManifestError
-from ..storage import Storage, open_storage
-
-EXIT_OK = 0
-EXIT_PROBLEMS = 1
-EXIT_USAGE = 2
-EXIT_CORRUPT = 3
-EXIT_STORAGE = 4
-EXIT_INTERNAL = 5
-
-EXIT_CODES_HELP = """\
-exit codes:
-  0  success
-  1  verify found problems (each one is printed)
-  2  usage error or bad input: bad arguments, bad URL, missing or incomplete step
-  3  corrupt or unreadable checkpoint
-  4  storage error (after retries), permission denied, no space
-  5  internal error (a bug: rerun with --debug and report it)
-"""
-
-
-class UsageError(CkptError, ValueError):
-    """Bad command-line input."""
+from ..manifest import ManifestError
+from .browse import cmd_inspect, cmd_ls, layout_summary
+from .check import cmd_verify
+from .common import (
+    EXIT_CODES_HELP,
+    EXIT_CORRUPT,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_PROBLEMS,
+    EXIT_STORAGE,
+    EXIT_USAGE,
+    UsageError,
+    format_bytes,
+    print_error,
+    resolve_step,
+)
+from .prune import cmd_gc
+from .rewrite import cmd_export, cmd_reshard
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,101 +66,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------------------------------
-# Small helpers
-
-
-def _err(message: str) -> None:
-    line = " ".join(str(message).split())  # always one line
-    print(f"ckpt: error: {line}", file=sys.stderr)
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, allow_nan=False, default=str))
-
-
-def format_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def _iso(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-
-
-def _dims(shape: Sequence[int]) -> str:
-    return "x".join(map(str, shape)) or "()"
-
-
-def _short(value: Any, limit: int = 120) -> str:
-    text = json.dumps(value, separators=(",", ":"), default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _progress(args: argparse.Namespace, total: int | None, desc: str) -> Any:
-    from tqdm.auto import tqdm
-
-    enabled = bool(getattr(args, "progress", False)) or sys.stderr.isatty()
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
-                disable=not enabled, leave=False)
-
-
-def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in getattr(args, "storage_option", None) or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--storage-option {item!r}: expected KEY=VALUE")
-        try:
-            out[key] = json.loads(raw)  # true, 3, {"a": 1} ... ; anything else is a string
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
-
-
-def _open(url: str, args: argparse.Namespace) -> Storage:
-    try:
-        return open_storage(url, storage_options=_storage_options(args))
-    except StorageError as e:  # a URL that names no usable filesystem is bad input
-        raise UsageError(str(e)) from e
-    except (TypeError, ValueError) as e:  # a filesystem refusing the storage options
-        raise UsageError(f"cannot open {url!r}: {e}") from e
-
-
-def resolve_step(storage: Storage, step: int | None) -> int:
-    """``step`` if it is committed, else the newest committed step; clear errors otherwise."""
-    infos = fmt.list_steps(storage)
-    committed = [s.step for s in infos if s.committed]
-    if step is None:
-        if not committed:
-            extra = f" ({len(infos)} incomplete step(s); `ckpt ls` lists them)" if infos else ""
-            raise CheckpointNotFoundError(f"no committed checkpoint in {storage.url}{extra}")
-        return committed[-1]
-    found = next((s for s in infos if s.step == step), None)
-    if found is None:
-        near = ", ".join(map(str, committed[-5:])) or "none"
-        raise CheckpointNotFoundError(
-            f"step {step} not found in {storage.url}; newest committed steps: {near} (`ckpt ls` lists all)"
-        )
-    if not found.committed:
-        raise CheckpointNotFoundError(
-            f"step {step} in {storage.url} is incomplete (no commit point: a save in progress, or one that "
-            "failed); it cannot be read. `ckpt gc` removes stale incomplete steps"
-        )
-    return step
+# Argument types
 
 
 def _nonneg_int(text: str) -> int:
@@ -215,333 +118,6 @@ def _duration(text: str) -> float:
     if not v >= 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative duration, got {text!r}")
     return v
-
-
-# ---------------------------------------------------------------------------------------------
-# ls
-
-
-def cmd_ls(args: argparse.Namespace) -> int:
-    from ..retention import format_age, list_run
-
-    storage = _open(args.run, args)
-    listing = list_run(storage, threads=args.threads)
-    now = time.time()
-    rows = []
-    for s in listing:
-        status = "corrupt" if s.error else ("committed" if s.committed else "incomplete")
-        when = s.created_at if s.created_at is not None else s.modified_at
-        rows.append({
-            "step": s.step,
-            "status": status,
-            "committed": s.committed,
-            "bytes": s.nbytes,
-            "files": s.files,
-            "created_at": s.created_at,
-            "modified_at": s.modified_at,
-            "age_s": None if when is None else max(0.0, now - when),
-            "tensors": s.tensors,
-            "error": s.error,
-        })
-    if args.json:
-        _print_json(rows)
-    elif rows:
-        _table(
-            [[str(r["step"]), r["status"], format_bytes(r["bytes"]), format_age(r["age_s"]),
-              "-" if r["tensors"] is None else str(r["tensors"])] for r in rows],
-            ["STEP", "STATUS", "SIZE", "AGE", "TENSORS"],
-        )
-        for r in rows:
-            if r["error"]:
-                print(f"step {r['step']}: {r['error']}", file=sys.stderr)
-    if not rows:
-        print(f"ckpt: no checkpoint steps in {storage.url}", file=sys.stderr)
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------------------------------------
-# inspect
-
-
-def layout_summary(layout: dict[str, Any]) -> str:
-    """One short phrase for an array's save-time layout description."""
-    kind = layout.get("kind")
-    if kind == "plain" or not layout:
-        return "plain"
-    if kind == "replicated":
-        return f"replicated x{layout.get('replicas', '?')}"
-    if kind == "dtensor":
-        names = layout.get("mesh_dim_names") or []
-        mesh = "x".join(map(str, layout.get("mesh_shape", [])))
-        named = f"({','.join(names)})" if names else ""
-        return f"dtensor mesh {mesh}{named} [{','.join(layout.get('placements', []))}]"
-    if kind == "sharded":
-        if layout.get("dim") is None:
-            text = "sharded unsplit"
-        else:
-            text = f"sharded dim {layout['dim']} / {layout.get('world', '?')}"
-        if layout.get("parts"):
-            text += f" parts {layout['parts']}"
-        if layout.get("logical_size") is not None:
-            text += f" logical {layout['logical_size']} (padded {layout.get('padded_size')})"
-        if (layout.get("replicas") or 1) > 1:
-            text += f" x{layout['replicas']} replicas"
-        if layout.get("averaged"):
-            text += " averaged"
-        return text
-    if kind == "resharded":
-        return f"resharded {layout.get('target')}" + (" (replicated)" if layout.get("replicated") else "")
-    return _short(layout, 60)
-
-
-def _array_info(spec: ArraySpec) -> dict[str, Any]:
-    from ..dtypes import info_by_name
-
-    try:
-        itemsize = info_by_name(spec.dtype).itemsize
-    except CkptError:
-        itemsize = None
-    return {
-        "path": spec.path,
-        "shape": list(spec.shape),
-        "dtype": spec.dtype,
-        "chunk_shape": list(spec.chunk_shape),
-        "grid_shape": list(spec.grid_shape),
-        "chunks": spec.num_chunks,
-        "bytes": spec.numel * itemsize if itemsize is not None else None,
-        "layout": spec.layout,
-        "layout_summary": layout_summary(spec.layout),
-    }
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    storage = _open(args.run, args)
-    step = resolve_step(storage, args.step)
-    m = fmt.read_manifest(storage, step)
-    tensors = [_array_info(a) for a in m.arrays.values()]
-    info = {
-        "url": storage.url,
-        "step": m.step,
-        "save_id": m.save_id,
-        "created_at": m.created_at,
-        "created": _iso(m.created_at),
-        "format_version": m.format_version,
-        "library_versions": m.library_versions,
-        "writers": list(m.writers),
-        "tensors": tensors,
-        "bytes": sum(t["bytes"] or 0 for t in tensors),
-        "values": m.values,
-        "values_by_writer": m.values_by_writer,
-        "user_metadata": m.user_metadata,
-    }
-    if args.json:
-        _print_json(info)
-        return EXIT_OK
-    from ..retention import format_age
-
-    print(f"step {m.step} of {storage.url}")
-    print(f"  committed    {info['created']} ({format_age(time.time() - m.created_at)} ago)")
-    print(f"  format       ckpt v{m.format_version}, save id {m.save_id}")
-    versions = ", ".join(f"{k} {v}" for k, v in sorted(m.library_versions.items())) or "-"
-    print(f"  libraries    {versions}")
-    shown = ", ".join(m.writers[:8]) + (f", ... ({len(m.writers) - 8} more)" if len(m.writers) > 8 else "")
-    print(f"  writers      {len(m.writers)}: {shown}")
-    print(f"\ntensors: {len(tensors)}, {format_bytes(info['bytes'])}")
-    if tensors:
-        _table(
-            [[t["path"], _dims(t["shape"]), t["dtype"], _dims(t["chunk_shape"]), str(t["chunks"]), t["layout_summary"]]
-             for t in tensors],
-            ["PATH", "SHAPE", "DTYPE", "CHUNK", "CHUNKS", "LAYOUT"],
-        )
-    print(f"\nvalues: {len(m.values)}")
-    for k, v in m.values.items():
-        print(f"  {k} = {_short(v)}")
-    if m.values_by_writer:
-        print("\nvalues that differ by writer:")
-        for w, d in m.values_by_writer.items():
-            for k, v in d.items():
-                print(f"  {w}: {k} = {_short(v)}")
-    if m.user_metadata:
-        print("\nuser metadata:")
-        for k, v in m.user_metadata.items():
-            print(f"  {k} = {_short(v)}")
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------------------------------------
-# verify
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    from ..verify import step_nbytes, verify_step
-
-    storage = _open(args.run, args)
-    skipped: list[int] = []
-    if args.all:
-        infos = fmt.list_steps(storage)
-        steps = [s.step for s in infos if s.committed]
-        skipped = [s.step for s in infos if not s.committed]
-        if not steps:
-            resolve_step(storage, None)  # raises the clear "no committed checkpoint" error
-    else:
-        steps = [resolve_step(storage, args.step)]
-    total = 0
-    for s in steps:
-        try:
-            total += step_nbytes(fmt.read_manifest(storage, s))
-        except CkptError:  # an unreadable manifest is reported by verify_step
-            pass
-    reports = []
-    with _progress(args, total or None, "verify") as bar:
-        for s in steps:
-            reports.append(verify_step(storage, s, threads=args.threads, progress=bar.update))
-    bad = sum(len(r.problems) for r in reports)
-    if args.json:
-        _print_json({
-            "url": storage.url,
-            "ok": bad == 0,
-            "steps": [r.to_dict() for r in reports],
-            "skipped_incomplete": skipped,
-        })
-    else:
-        for r in reports:
-            if r.ok:
-                print(f"step {r.step}: OK ({r.arrays} tensors, {r.chunks} chunks, {format_bytes(r.bytes)}, "
-                      f"{r.writers} writers)")
-            else:
-                print(f"step {r.step}: FAILED: {len(r.problems)} problem(s)")
-                for p in r.problems:
-                    print(f"  {p.message}")
-        for s in skipped:
-            print(f"step {s}: skipped (incomplete)")
-    if bad:
-        failed = [str(r.step) for r in reports if not r.ok]
-        print(f"ckpt: verify found {bad} problem(s) in step(s) {', '.join(failed)}", file=sys.stderr)
-        return EXIT_PROBLEMS
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------------------------------------
-# reshard
-
-
-def cmd_reshard(args: argparse.Namespace) -> int:
-    from ..reshard import parse_layout, reshard
-
-    try:
-        target = parse_layout(args.to)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    if target.kind == "chunks" and args.max_chunk_bytes is not None:
-        raise UsageError("--max-chunk-bytes cannot be combined with --to chunks:BYTES (it already sets the size)")
-    src = _open(args.run, args)
-    dst = _open(args.out, args)
-    step = resolve_step(src, args.step)
-    bar = _progress(args, None, f"reshard step {step}")
-    with bar:
-        def start(total: int) -> None:
-            bar.total = total
-            bar.refresh()
-
-        m = reshard(src, step, dst, target, step_out=args.step_out, max_chunk_bytes=args.max_chunk_bytes,
-                    buffer_bytes=args.buffer_bytes, threads=args.threads, overwrite=args.overwrite,
-                    progress=bar.update, on_start=start)
-    chunks = sum(a.num_chunks for a in m.arrays.values())
-    if args.json:
-        _print_json({"source": src.url, "source_step": step, "out": dst.url, "step": m.step, "layout": str(target),
-                     "tensors": len(m.arrays), "chunks": chunks})
-    else:
-        print(f"wrote step {m.step} of {dst.url}: {len(m.arrays)} tensors, {chunks} chunks, layout {target}")
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------------------------------------
-# export
-
-
-_EXTENSIONS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch"}
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from ..export import export_step, parse_dtype, select
-
-    form = args.format
-    if form is None:
-        form = _EXTENSIONS.get(os.path.splitext(args.out)[1].lower())
-        if form is None:
-            raise UsageError("cannot tell the format from OUT's extension; pass --format safetensors or --format torch")
-    cast = None
-    if args.dtype is not None:
-        try:
-            cast = parse_dtype(args.dtype)
-        except ValueError as e:
-            raise UsageError(str(e)) from e
-    remote_out = "://" in args.out and not args.out.startswith("file://")
-    if not remote_out:
-        local = os.path.abspath(os.path.expanduser(args.out.removeprefix("file://")))
-        if os.path.isdir(local):
-            raise UsageError(f"OUT {args.out!r} is a directory; give a file name")
-        if not os.path.isdir(os.path.dirname(local)):
-            raise UsageError(f"the directory of OUT {args.out!r} does not exist; create it first")
-        if os.path.exists(local) and not args.overwrite:
-            raise UsageError(f"{args.out!r} exists; pass --overwrite to replace it")
-    storage = _open(args.run, args)
-    step = resolve_step(storage, args.step)
-    manifest = fmt.read_manifest(storage, step)
-    try:
-        items = select(manifest, include=args.include or (), strip_prefix=args.strip_prefix, cast=cast)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    with _progress(args, sum(i.nbytes for i in items), f"export step {step}") as bar:
-        result = export_step(
-            storage, step, args.out, format=form, include=args.include or (), cast=cast,
-            strip_prefix=args.strip_prefix, values=not args.no_values, threads=args.threads,
-            buffer_bytes=args.buffer_bytes, storage_options=_storage_options(args), progress=bar.update,
-            manifest=manifest,
-        )
-    if args.json:
-        _print_json({"step": step, **result.to_dict()})
-    else:
-        print(f"exported step {step}: {result.tensors} tensors, {format_bytes(result.nbytes)} to {result.out} "
-              f"({result.format})")
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------------------------------------
-# gc
-
-
-def cmd_gc(args: argparse.Namespace) -> int:
-    from ..retention import DELETE, RetentionPolicy, run_gc
-
-    policy = RetentionPolicy(keep_last=args.keep_last, keep_every=args.keep_every, min_age_s=args.min_age)
-    storage = _open(args.run, args)
-    result = run_gc(storage, policy, dry_run=args.dry_run, clean_tmp=True)
-    decisions = result.plan.decisions
-    if args.json:
-        _print_json({"url": storage.url, **result.to_dict()})
-    else:
-        verb = "would delete" if args.dry_run else "delete"
-        rows = []
-        for d in decisions:
-            action = verb if d.action == DELETE else "keep"
-            if d.action == DELETE and d.step in result.errors:
-                action = "FAILED"
-            rows.append([action, str(d.step), "committed" if d.committed else "incomplete",
-                         format_bytes(d.nbytes), d.reason])
-        if rows:
-            _table(rows, ["ACTION", "STEP", "STATUS", "SIZE", "REASON"])
-        gone = result.plan.to_delete
-        freed = sum(d.nbytes or 0 for d in gone if args.dry_run or d.step in result.deleted)
-        count = len(gone) if args.dry_run else len(result.deleted)
-        print(f"{'would delete' if args.dry_run else 'deleted'} {count} step(s), "
-              f"{'would free' if args.dry_run else 'freed'} {format_bytes(freed)}")
-        if result.stale_tmp:
-            print(f"{'would remove' if args.dry_run else 'removed'} {len(result.stale_tmp)} temporary file(s) of "
-                  "interrupted writes in kept steps")
-    for s, e in result.errors.items():
-        _err(f"could not delete step {s}: {e}")
-    return EXIT_STORAGE if result.errors else EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -695,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except UsageError as e:
-        _err(str(e))
+        print_error(str(e))
         return EXIT_USAGE
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else EXIT_OK
@@ -705,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        _err("interrupted")
+        print_error("interrupted")
         return 130
     except BrokenPipeError:  # `ckpt ls | head`
         try:
@@ -718,9 +294,33 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         if code == EXIT_INTERNAL:
-            _err(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)")
+            print_error(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)")
         elif code == EXIT_STORAGE and not isinstance(e, (CkptError, OSError)):
-            _err(f"storage error: {type(e).__name__}: {e} (check the URL, credentials and --storage-option)")
+            print_error(f"storage error: {type(e).__name__}: {e} (check the URL, credentials and --storage-option)")
         else:
-            _err(str(e) or type(e).__name__)
+            print_error(str(e) or type(e).__name__)
         return code
+
+
+__all__ = [
+    "EXIT_CODES_HELP",
+    "EXIT_CORRUPT",
+    "EXIT_INTERNAL",
+    "EXIT_OK",
+    "EXIT_PROBLEMS",
+    "EXIT_STORAGE",
+    "EXIT_USAGE",
+    "UsageError",
+    "build_parser",
+    "cmd_export",
+    "cmd_gc",
+    "cmd_inspect",
+    "cmd_ls",
+    "cmd_reshard",
+    "cmd_verify",
+    "exit_code_for",
+    "format_bytes",
+    "layout_summary",
+    "main",
+    "resolve_step",
+]
