@@ -5,8 +5,8 @@ Every tensor is exported with its global shape, keyed by its path in the checkpo
 of one tensor in memory:
 
 - safetensors: the header is computed from the manifest alone and written first; then each
-  tensor's bytes are streamed in row-major blocks (runs of whole chunk rows where they fit
-  ``buffer_bytes``), in header order.
+  tensor's bytes are streamed in row-major blocks (``ckpt.regions``: runs of whole chunk rows
+  where they fit ``buffer_bytes``), in header order.
 - torch: ``torch.save`` pickles a dict of tensors that must all exist at once. The tensors are
   therefore streamed into a staging file (next to the output, or in the temp directory for a
   remote output) which is memory-mapped; ``torch.save`` then copies them from the page cache,
@@ -25,13 +25,11 @@ as Python objects. ``ckpt.state.decode_value`` turns an encoded value back into 
 from __future__ import annotations
 
 import fnmatch
-import itertools
 import json
-import math
 import os
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -40,10 +38,8 @@ import torch
 from . import format as fmt
 from .dtypes import info_by_name
 from .errors import LayoutError
-from .io import ChunkExpectation, read_chunks
-from .layout import Box, Piece
 from .manifest import ArraySpec, Manifest
-from .planning import plan_array_reads
+from .regions import iter_tensor_bytes
 from .storage import Storage
 
 Progress = Callable[[int], None]
@@ -98,68 +94,6 @@ def parse_dtype(name: str) -> torch.dtype:
     if not info.torch_dtype.is_floating_point:
         raise ValueError(f"--dtype must be a floating-point type (it converts floating-point tensors), got {name!r}")
     return info.torch_dtype
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading a region of an array
-
-
-def read_region(
-    storage: Storage, step: int, spec: ArraySpec, box: Box, out: torch.Tensor, *, threads: int,
-    expected_crc: Callable[[str, tuple[int, ...]], int | None] | None = None,
-) -> None:
-    """Fill ``out`` (shaped like ``box``) with ``box`` of the stored array; every chunk checked."""
-    dtype = info_by_name(spec.dtype).torch_dtype
-    requests = plan_array_reads(spec.path, spec, out, [Piece(box, tuple(0 for _ in box.offsets))])
-    if expected_crc is None:
-        def expectation(_r: Any) -> ChunkExpectation:
-            return ChunkExpectation(dtype)
-    else:
-        def expectation(r: Any) -> ChunkExpectation:
-            return ChunkExpectation(dtype, expected_crc(r.path, r.index))
-    read_chunks(storage, fmt.step_dir(step), requests, expectation, threads=threads)
-
-
-def row_major_blocks(spec: ArraySpec, itemsize: int, budget: int) -> Iterator[Box]:
-    """Boxes that tile the array in row-major order, each contiguous in row-major layout.
-
-    A block spans whole trailing dimensions and a run along one dimension, preferably whole
-    chunk rows; its size is at most ``budget`` bytes (or one row of the last dimension's
-    element, when even that is larger).
-    """
-    shape = spec.shape
-    if not shape:
-        yield Box((), ())
-        return
-    if any(s == 0 for s in shape):
-        return
-    d = next((i for i in range(len(shape)) if math.prod(shape[i + 1 :]) * itemsize <= budget), len(shape) - 1)
-    inner = math.prod(shape[d + 1 :]) * itemsize
-    height = max(1, budget // inner)
-    if height >= spec.chunk_shape[d]:
-        height -= height % spec.chunk_shape[d]
-    height = min(height, shape[d])
-    for prefix in itertools.product(*(range(s) for s in shape[:d])):
-        for start in range(0, shape[d], height):
-            n = min(height, shape[d] - start)
-            yield Box(
-                tuple(prefix) + (start,) + tuple(0 for _ in shape[d + 1 :]),
-                tuple(1 for _ in prefix) + (n,) + tuple(shape[d + 1 :]),
-            )
-
-
-def iter_tensor_bytes(
-    storage: Storage, step: int, spec: ArraySpec, *, threads: int, buffer_bytes: int,
-    cast: torch.dtype | None = None,
-) -> Iterator[memoryview]:
-    """The tensor's bytes in row-major order (cast to ``cast`` if given), one block at a time."""
-    dtype = info_by_name(spec.dtype).torch_dtype
-    for box in row_major_blocks(spec, dtype.itemsize, buffer_bytes):
-        buf = torch.empty(box.sizes, dtype=dtype)
-        read_region(storage, step, spec, box, buf, threads=threads)
-        if cast is not None and cast != dtype:
-            buf = buf.to(cast)
-        yield memoryview(buf.reshape(-1).view(torch.uint8).numpy())
 
 
 # ---------------------------------------------------------------------------------------------

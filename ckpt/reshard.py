@@ -47,13 +47,13 @@ from . import format as fmt
 from .commit import commit
 from .dtypes import info_by_name
 from .errors import CheckpointExistsError, FormatError
-from .export import read_region
 from .format import CHUNK_SEPARATOR
 from .io import write_chunks
 from .layout import Box, chunk_range
 from .manifest import ArraySpec, ChunkRecord, Fragment, Manifest
 from .plan import DEFAULT_MAX_CHUNK_BYTES
 from .planning import WriteRequest, choose_chunk_shape, chunk_box, chunks_overlapping
+from .regions import read_region
 from .retention import delete_step
 from .storage import Storage
 

@@ -460,7 +460,7 @@ def test_reshard_blocks_tile_the_array_with_whole_chunks_within_budget(shape, ch
     ((0, 3), (1, 3), 8),
 ])
 def test_export_blocks_are_row_major_and_within_budget(shape, chunk, budget):
-    from ckpt.export import row_major_blocks
+    from ckpt.regions import row_major_blocks
     from ckpt.manifest import ArraySpec
 
     spec = ArraySpec(path="t", shape=shape, dtype="float32", chunk_shape=chunk)
