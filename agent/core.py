@@ -28,6 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ckpt import SnapshotState
 from ckpt import format as fmt
 from ckpt.commit import complete, ensure_not_committed, mark_failed
 from ckpt.io import write_plan
@@ -35,30 +36,22 @@ from ckpt.retention import RetentionPolicy, run_gc
 from ckpt.storage import Storage, open_storage
 
 from .config import AgentConfig
-from .errors import AgentBudgetError, AgentError, PlanError
+from .errors import (
+    AgentBudgetError,
+    AgentDrainingError,
+    AgentNotFoundError,
+    AgentStateError,
+    PlanError,
+    SnapshotExistsError,
+)
 from .metrics import AgentMetrics
 from .plan import DecodedPlan, decode_plan
 from .shm import Segment, SegmentFactory
 
 log = logging.getLogger(__name__)
 
-STAGED, PERSISTED, COMMITTED, FAILED = "staged", "persisted", "committed", "failed"
-
-
-class NotFound(AgentError, KeyError):
-    pass
-
-
-class Conflict(AgentError):
-    """The request does not fit the current state (FAILED_PRECONDITION)."""
-
-
-class AlreadyExists(AgentError):
-    pass
-
-
-class Unavailable(AgentError):
-    """The agent is draining."""
+# The states a held snapshot goes through, in order (a gauge per state).
+HELD_STATES = (SnapshotState.STAGED, SnapshotState.PERSISTED, SnapshotState.COMMITTED, SnapshotState.FAILED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +93,7 @@ class Snapshot:
     origin_agent: str = ""
     origin_address: str = ""
     rank_in_ring: int = 0
-    state: str = STAGED
+    state: SnapshotState = SnapshotState.STAGED
     error: str = ""
     fragment_json: str = ""
     commit_point: bytes = b""
@@ -182,12 +175,12 @@ class Agent:
                         f"the agent's memory budget ({self.config.memory_budget_bytes / 2**20:.1f} MiB) is in use "
                         f"({self.used_bytes() / 2**20:.1f} MiB) by snapshots not yet persisted; wait, or raise it"
                     )
-                self._evict(min(victims, key=lambda s: (s.state != COMMITTED, s.created)))
+                self._evict(min(victims, key=lambda s: (s.state != SnapshotState.COMMITTED, s.created)))
 
     def _evictable(self, s: Snapshot) -> bool:
-        if s.state == FAILED:
+        if s.state == SnapshotState.FAILED:
             return True
-        if s.state not in (PERSISTED, COMMITTED):
+        if s.state not in (SnapshotState.PERSISTED, SnapshotState.COMMITTED):
             return False
         if self.config.evict_after == "persisted+replicated" and not s.replica:
             return len(s.replicated_to) >= s.replicas_wanted
@@ -214,21 +207,21 @@ class Agent:
             self._update_gauges()
             self._changed.notify_all()
         log.info("evicted snapshot", extra={"fields": {"run": s.run_url, "writer": s.writer, "step": s.step,
-                                                       "state": s.state, "replica": s.replica}})
+                                                       "state": s.state.value, "replica": s.replica}})
 
     def _update_gauges(self) -> None:
         m = self.metrics
         m.memory_used.set(self.used_bytes())
         m.sessions.set(sum(1 for s in self._sessions.values() if s.alive))
-        for st in (STAGED, PERSISTED, COMMITTED, FAILED):
-            m.snapshots.labels(st).set(sum(1 for s in self._snapshots.values() if s.state == st))
+        for st in HELD_STATES:
+            m.snapshots.labels(st.value).set(sum(1 for s in self._snapshots.values() if s.state == st))
 
     # -- sessions ------------------------------------------------------------------------------
 
     def register(self, run_url: str, writer: str, pid: int, settings: PersistSettings) -> Session:
         with self._lock:
             if self.draining:
-                raise Unavailable("the agent is draining; start the trainer against another agent or wait")
+                raise AgentDrainingError("the agent is draining; start the trainer against another agent or wait")
             if sum(1 for s in self._sessions.values() if s.alive) >= self.config.max_sessions:
                 raise AgentBudgetError(f"the agent serves {self.config.max_sessions} sessions already")
             sess = Session(uuid.uuid4().hex, run_url, writer, pid, settings)
@@ -242,7 +235,7 @@ class Agent:
         with self._lock:
             sess = self._sessions.get(session_id)
             if sess is None or not sess.alive:
-                raise NotFound(f"unknown session {session_id!r}: register first")
+                raise AgentNotFoundError(f"unknown session {session_id!r}: register first")
             return sess
 
     def end_session(self, session_id: str) -> None:
@@ -263,7 +256,8 @@ class Agent:
                 if s.session is sess:
                     s.session = None
             # snapshots that no longer need their memory and free it now
-            for s in [s for s in self._snapshots.values() if s.state == FAILED and s.segment.name in self._orphans]:
+            for s in [s for s in self._snapshots.values()
+                      if s.state == SnapshotState.FAILED and s.segment.name in self._orphans]:
                 self._evict(s)
             self._update_gauges()
             self._changed.notify_all()
@@ -273,7 +267,7 @@ class Agent:
         with self._lock:
             sess = self.session(session_id)
             if self.draining:
-                raise Unavailable("the agent is draining")
+                raise AgentDrainingError("the agent is draining")
             self._reserve(nbytes)
             seg = self.segments.create(nbytes)
             sess.segments[seg.name] = seg
@@ -285,7 +279,7 @@ class Agent:
             sess = self.session(session_id)
             seg = sess.segments.get(name)
             if seg is None:
-                raise NotFound(f"segment {name!r} is not leased to this session")
+                raise AgentNotFoundError(f"segment {name!r} is not leased to this session")
             if any(s.segment is seg for s in self._snapshots.values()):
                 # The trainer's pool let go of it, but a snapshot lives in it: free on eviction.
                 del sess.segments[name]
@@ -306,25 +300,25 @@ class Agent:
         with self._lock:
             sess = self.session(session_id)
             if self.draining:
-                raise Unavailable("the agent is draining")
+                raise AgentDrainingError("the agent is draining")
             seg = sess.segments.get(segment)
             if seg is None:
-                raise Conflict(f"segment {segment!r} is not leased to this session: lease it, stage into it, "
+                raise AgentStateError(f"segment {segment!r} is not leased to this session: lease it, stage into it, "
                                "then announce")
             busy = [s for s in self._snapshots.values() if s.segment is seg]
             if busy:
-                raise Conflict(f"segment {segment!r} still holds step {busy[0].step}: wait for its release")
+                raise AgentStateError(f"segment {segment!r} still holds step {busy[0].step}: wait for its release")
             if sess.writer not in writers:
                 raise PlanError(f"writer {sess.writer!r} is not among the save's writers")
             key = (sess.run_url, sess.writer, step)
             self._drop_abandoned(sess, step)
             old = self._snapshots.get(key)
-            if old is not None and old.state != FAILED:
-                raise AlreadyExists(f"step {step} of {sess.writer} is already held (save {old.save_id})")
+            if old is not None and old.state != SnapshotState.FAILED:
+                raise SnapshotExistsError(f"step {step} of {sess.writer} is already held (save {old.save_id})")
             newer = [s.step for s in self._snapshots.values() if (s.run_url, s.writer) == key[:2]
-                     and s.step > step and s.state != FAILED and not s.replica]
+                     and s.step > step and s.state != SnapshotState.FAILED and not s.replica]
             if newer:
-                raise Conflict(f"step {step} is older than step {max(newer)} already held for {sess.writer}: "
+                raise AgentStateError(f"step {step} is older than step {max(newer)} already held for {sess.writer}: "
                                "snapshots must be announced in step order")
             if old is not None:
                 self._evict(old)
@@ -333,7 +327,7 @@ class Agent:
                         sess.settings, session=sess, replicas_wanted=len(self.config.ring_successors()))
         with self._lock:
             if self._snapshots.get(key) is not None:
-                raise AlreadyExists(f"step {step} of {sess.writer} is already held")
+                raise SnapshotExistsError(f"step {step} of {sess.writer} is already held")
             self._snapshots[key] = snap
             self._update_gauges()
         self.metrics.bytes_staged.inc(plan.end)
@@ -350,10 +344,11 @@ class Agent:
         never be committed. Drop those that are persisted (or failed); one still being
         persisted keeps blocking until it is."""
         for s in [s for s in self._snapshots.values() if (s.run_url, s.writer) == (sess.run_url, sess.writer)
-                  and s.step >= step and not s.replica and s.session is None and s.state in (PERSISTED, FAILED)]:
+                  and s.step >= step and not s.replica and s.session is None
+                  and s.state in (SnapshotState.PERSISTED, SnapshotState.FAILED)]:
             log.info("dropped a snapshot a rolled-back trainer left", extra={"fields": {
                 "run": s.run_url, "writer": s.writer, "step": s.step, "save_id": s.save_id}})
-            s.state = FAILED
+            s.state = SnapshotState.FAILED
             self._evict(s)
 
     def add_replica(self, snap: Snapshot) -> None:
@@ -386,7 +381,7 @@ class Agent:
     def reserve_replica(self, nbytes: int) -> Segment:
         with self._lock:
             if self.draining:
-                raise Unavailable("the agent is draining")
+                raise AgentDrainingError("the agent is draining")
             self._reserve(nbytes)
             seg = self.segments.create(nbytes)
             self._orphans[seg.name] = seg  # counted as the agent's own until the replica is added
@@ -406,7 +401,7 @@ class Agent:
         with self._lock:
             s = self._snapshots.get((run_url, writer, step))
             if s is None:
-                raise NotFound(f"no snapshot of step {step} of {writer} in {run_url} is held here")
+                raise AgentNotFoundError(f"no snapshot of step {step} of {writer} in {run_url} is held here")
             return s
 
     def snapshots(self, run_url: str = "") -> list[Snapshot]:
@@ -414,19 +409,18 @@ class Agent:
             return sorted((s for s in self._snapshots.values() if not run_url or s.run_url == run_url),
                           key=lambda s: (s.run_url, s.step, s.writer))
 
-    def peer_state(self, run_url: str, writer: str, step: int, save_id: str, state: str) -> None:
+    def peer_state(self, run_url: str, writer: str, step: int, save_id: str, state: SnapshotState) -> None:
         """The origin of a replica says how far it got."""
         with self._lock:
             s = self._snapshots.get((run_url, writer, step))
             if s is None or s.save_id != save_id or not s.replica:
                 return
-            order = {STAGED: 0, PERSISTED: 1, COMMITTED: 2, FAILED: 3}
-            if order[state] > order[s.state]:
+            if HELD_STATES.index(state) > HELD_STATES.index(s.state):
                 s.state = state
             self._update_gauges()
-            if state == COMMITTED:
+            if state == SnapshotState.COMMITTED:
                 self._evict_older(s)
-            elif state == FAILED:
+            elif state == SnapshotState.FAILED:
                 self._evict(s)
             self._changed.notify_all()
 
@@ -439,7 +433,8 @@ class Agent:
     def take_over(self, snap: Snapshot) -> None:
         """The origin of this replica is lost: persist it (and commit, if it was the committer)."""
         with self._lock:
-            if snap.taken_over or self._snapshots.get(snap.key) is not snap or snap.state in (COMMITTED, FAILED):
+            if (snap.taken_over or self._snapshots.get(snap.key) is not snap
+                    or snap.state in (SnapshotState.COMMITTED, SnapshotState.FAILED)):
                 return
             snap.taken_over = True
         self.metrics.takeovers.inc()
@@ -467,7 +462,7 @@ class Agent:
                 log.error("persist failed", extra={"fields": {"run": snap.run_url, "writer": snap.writer,
                                                               "step": snap.step, "error": f"{type(e).__name__}: {e}"}})
                 self._mark_failed(snap, e)
-                self._set_state(snap, FAILED, error=f"{type(e).__name__}: {e}")
+                self._set_state(snap, SnapshotState.FAILED, error=f"{type(e).__name__}: {e}")
                 continue
             self._commit_pool.submit(self._commit, snap)
 
@@ -477,12 +472,12 @@ class Agent:
             try:  # the origin may have persisted it before it was lost
                 frag = fmt.read_fragment(storage, snap.step, snap.writer)
                 if frag.save_id == snap.save_id:
-                    self._set_state(snap, PERSISTED, fragment_json=json.dumps(frag.to_dict()))
+                    self._set_state(snap, SnapshotState.PERSISTED, fragment_json=json.dumps(frag.to_dict()))
                     return
             except FileNotFoundError:
                 pass
         if ensure_not_committed(storage, snap.step, snap.save_id):  # a replica whose step was committed meanwhile
-            self._set_state(snap, PERSISTED)
+            self._set_state(snap, SnapshotState.PERSISTED)
             return
         t0 = time.perf_counter()
         frag = write_plan(storage, snap.plan.plan, step=snap.step, writer=snap.writer, save_id=snap.save_id,
@@ -491,7 +486,7 @@ class Agent:
         self.metrics.bytes_persisted.inc(snap.nbytes)
         log.info("snapshot persisted", extra={"fields": {"run": snap.run_url, "writer": snap.writer,
                                                          "step": snap.step, "seconds": round(time.perf_counter() - t0, 3)}})
-        self._set_state(snap, PERSISTED, fragment_json=json.dumps(frag.to_dict()))
+        self._set_state(snap, SnapshotState.PERSISTED, fragment_json=json.dumps(frag.to_dict()))
 
     def _mark_failed(self, snap: Snapshot, error: BaseException) -> None:
         mark_failed(self.storage(snap.run_url), snap.step, snap.writer, snap.save_id, error)
@@ -518,11 +513,11 @@ class Agent:
             self.metrics.failures.labels("commit").inc()
             log.error("commit failed", extra={"fields": {"run": snap.run_url, "writer": snap.writer,
                                                          "step": snap.step, "error": f"{type(e).__name__}: {e}"}})
-            self._set_state(snap, FAILED, error=f"{type(e).__name__}: {e}")
+            self._set_state(snap, SnapshotState.FAILED, error=f"{type(e).__name__}: {e}")
             return
         self._landed(snap)  # committed: from here on retention judges the step by the rules
         self.metrics.commit_seconds.observe(time.perf_counter() - t0)
-        self._set_state(snap, COMMITTED, commit_point=root, document=json.dumps(manifest.to_dict()))
+        self._set_state(snap, SnapshotState.COMMITTED, commit_point=root, document=json.dumps(manifest.to_dict()))
         if snap.committer and cfg.keep_last:
             # Steps of this run still being persisted or committed here are never retired:
             # commits run in parallel and may finish out of step order, so an incomplete step
@@ -530,8 +525,8 @@ class Agent:
             try:
                 with self._retention_lock:
                     with self._lock:
-                        busy = {s.step for s in self._snapshots.values()
-                                if s.run_url == snap.run_url and s.state in (STAGED, PERSISTED)}
+                        busy = {s.step for s in self._snapshots.values() if s.run_url == snap.run_url
+                                and s.state in (SnapshotState.STAGED, SnapshotState.PERSISTED)}
                         busy |= {step for (run, step) in self._in_flight if run == snap.run_url}
                     result = run_gc(storage, RetentionPolicy(keep_last=cfg.keep_last,
                                                              keep_every=cfg.keep_every or None),
@@ -543,7 +538,7 @@ class Agent:
                 self.metrics.failures.labels("retention").inc()
                 log.warning("retention failed", exc_info=True)
 
-    def _set_state(self, snap: Snapshot, state: str, *, error: str = "", fragment_json: str = "",
+    def _set_state(self, snap: Snapshot, state: SnapshotState, *, error: str = "", fragment_json: str = "",
                    commit_point: bytes = b"", document: str = "") -> None:
         with self._lock:
             snap.state = state
@@ -554,11 +549,11 @@ class Agent:
                 snap.commit_point = commit_point
             sess = snap.session
             if sess is not None and sess.alive and not snap.replica:
-                doc = fragment_json if state == PERSISTED else document
+                doc = fragment_json if state == SnapshotState.PERSISTED else document
                 sess.events.put(("snapshot", snap.step, snap.save_id, state, error, doc))
-            if state == COMMITTED:
+            if state == SnapshotState.COMMITTED:
                 self._evict_older(snap)
-            elif state == FAILED:
+            elif state == SnapshotState.FAILED:
                 self._evict(snap)
             self._update_gauges()
             self._changed.notify_all()
@@ -570,7 +565,7 @@ class Agent:
         may go. Commits finish out of step order, so that newest may be a later step than
         ``snap``, and then ``snap`` goes too (else it would hold its buffer for good)."""
         same = [s for s in self._snapshots.values() if (s.run_url, s.writer) == (snap.run_url, snap.writer)]
-        newest = max((s.step for s in same if s.state == COMMITTED and not s.replica), default=snap.step)
+        newest = max((s.step for s in same if s.state == SnapshotState.COMMITTED and not s.replica), default=snap.step)
         for s in [s for s in same if s.step < newest and self._evictable(s)]:
             self._evict(s)
 
@@ -585,7 +580,7 @@ class Agent:
         """Snapshots this agent still has work on: not persisted, or (as committer) not committed."""
         with self._lock:
             return [s for s in self._snapshots.values() if s.our_duty and (
-                s.state == STAGED or (s.state == PERSISTED and s.committer))]
+                s.state == SnapshotState.STAGED or (s.state == SnapshotState.PERSISTED and s.committer))]
 
     def drain(self, timeout_s: float) -> bool:
         """Refuse new work; wait for held snapshots to be persisted and committed."""

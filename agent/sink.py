@@ -26,8 +26,8 @@ import crc32c
 import grpc
 import torch
 
+from ckpt import SnapshotState, pinning
 from ckpt import format as fmt
-from ckpt import pinning
 from ckpt.chunks import CRC_BYTES, ChunkRead, stored_nbytes
 from ckpt.chunks import payload as chunk_payload
 from ckpt.errors import CkptError
@@ -40,26 +40,14 @@ from ckpt.sink import PersistJob, Sink, SinkConfig
 from ckpt.storage import Storage
 
 from .client import AgentClient
-from .errors import AgentBudgetError, AgentError, AgentUnavailableError, SnapshotExistsError
 from .pb import pb
 from .plan import decode_plan, encode_plan
-from .server import PB_TO_STATE
 from .shm import map_file, unmap
+from .wire import PB_TO_STATE, error_from_rpc
 
 log = logging.getLogger(__name__)
 
 _REGISTER_TIMEOUT_S = 30.0
-
-
-def _rpc_error(e: grpc.RpcError, what: str) -> AgentError:
-    code = e.code() if hasattr(e, "code") else None
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return AgentBudgetError(f"{what}: {e.details()}")
-    if code == grpc.StatusCode.ALREADY_EXISTS:
-        return SnapshotExistsError(f"{what}: {e.details()}")
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return AgentUnavailableError(f"{what}: the node agent is unavailable ({e.details()})")
-    return AgentError(f"{what}: {code}: {e.details() if hasattr(e, 'details') else e}")
 
 
 class ShmAllocator:
@@ -80,7 +68,7 @@ class ShmAllocator:
         try:
             lease = self.sink.client.lease(self.sink.session_id, nbytes)
         except grpc.RpcError as e:
-            raise _rpc_error(e, f"leasing {nbytes / 2**20:.1f} MiB of agent memory") from None
+            raise error_from_rpc(e, f"leasing {nbytes / 2**20:.1f} MiB of agent memory") from None
         mm, tensor = map_file(f"{self.sink.shm_dir}/{lease.segment}", nbytes, writable=True)
         pinned = tensor.data_ptr() if pin_memory and pinning.register(tensor.data_ptr(), nbytes) else 0
         with self._lock:
@@ -138,8 +126,6 @@ class AgentSink(Sink):
         self._jobs: dict[tuple[int, str], PersistJob] = {}
         self._held: dict[str, PersistJob] = {}  # segment -> the job whose snapshot the agent holds in it
         ret = pb.Retention(keep_last=retention.keep_last, keep_every=retention.keep_every or 0) if retention else None
-        import os
-
         self._call = self.client.register(pb.RegisterRequest(
             run_url=self.run_url, writer=writer, pid=os.getpid(), retention=ret, durable=config.durable,
             io_threads=config.io_threads, commit_timeout_s=config.commit_timeout_s,
@@ -174,7 +160,7 @@ class AgentSink(Sink):
                 session_id=self.session_id, segment=segment, step=job.step, save_id=job.save_id,
                 writers=list(job.writers), committer=job.committer, plan_json=plan_json))
         except BaseException as e:  # noqa: BLE001 - reported through the futures
-            err = _rpc_error(e, f"announcing step {job.step}") if isinstance(e, grpc.RpcError) else e
+            err = error_from_rpc(e, f"announcing step {job.step}") if isinstance(e, grpc.RpcError) else e
             with self._lock:
                 self._jobs.pop((job.step, job.save_id), None)
                 self._held.pop(segment, None)
@@ -238,10 +224,10 @@ class AgentSink(Sink):
                         job.release()
         except grpc.RpcError as e:
             if not first.done():
-                first.set_exception(_rpc_error(e, "registering with the node agent"))
+                first.set_exception(error_from_rpc(e, "registering with the node agent"))
             if self.closed:
                 return
-            err = _rpc_error(e, "the node agent's session ended")
+            err = error_from_rpc(e, "the node agent's session ended")
             log.error("%s", err)
             with self._lock:
                 jobs = list(self._jobs.values())
@@ -266,11 +252,11 @@ class AgentSink(Sink):
             return
         state = PB_TO_STATE.get(ev.state)
         try:
-            if state == "persisted":
+            if state == SnapshotState.PERSISTED:
                 frag = Fragment.from_dict(json.loads(ev.document_json)) if ev.document_json else None
                 if not job.persisted.done():
                     job.persisted.set_result(frag)
-            elif state == "committed":
+            elif state == SnapshotState.COMMITTED:
                 manifest = Manifest.from_dict(json.loads(ev.document_json))
                 if not job.persisted.done():
                     job.persisted.set_result(None)
@@ -279,7 +265,7 @@ class AgentSink(Sink):
                 if not job.committed.done():
                     job.committed.set_result(manifest)
                 self._run_after_commit(job, manifest)
-            elif state == "failed":
+            elif state == SnapshotState.FAILED:
                 with self._lock:
                     self._jobs.pop((ev.step, ev.save_id), None)
                 self._fail(job, CkptError(f"step {ev.step}: the node agent reports: {ev.error}"))

@@ -25,7 +25,7 @@ def agent_actor_name(coordinator_name: str, node: str) -> str:
 def snapshot_rows(address: str, run_url: str) -> list[dict[str, Any]]:
     """What the agent at ``address`` holds of ``run_url`` (run on the agent's node)."""
     from agent.client import AgentClient
-    from agent.server import PB_TO_STATE
+    from agent.wire import PB_TO_STATE
 
     with AgentClient(address, timeout_s=10) as c:
         snaps = c.list_snapshots(run_url)

@@ -187,7 +187,9 @@ def test_a_snapshot_committed_after_a_newer_one_is_evicted(servicer, monkeypatch
     # committed snapshot stays for restore.
     from types import SimpleNamespace
 
-    from agent.core import COMMITTED, PERSISTED
+    from ckpt import SnapshotState
+
+    COMMITTED, PERSISTED = SnapshotState.COMMITTED, SnapshotState.PERSISTED
 
     _, agent = servicer
     snaps = {s: SimpleNamespace(run_url="file:///r", writer="rank00000", step=s, state=st, replica=False)
@@ -219,7 +221,7 @@ def test_retention_keeps_a_step_whose_commit_is_in_flight_after_its_snapshot_was
     monkeypatch.setattr(agent, "storage", lambda url: SimpleNamespace(read=lambda path: b"{}"))
     settings = SimpleNamespace(keep_last=1, keep_every=0, commit_timeout_s=5, library_versions={})
     snap5 = SimpleNamespace(run_url=run, writer="rank00000", step=5, save_id="s5", committer=True,
-                            writers=("rank00000",), settings=settings, state=core.PERSISTED, error="",
+                            writers=("rank00000",), settings=settings, state=ckpt.SnapshotState.PERSISTED, error="",
                             fragment_json="", commit_point=b"", session=None, replica=False, replicas_wanted=0)
     agent._in_flight.update({(run, 4): 1, (run, 5): 1})  # as the persist loop counts them; no snapshot of 4 held
     agent._commit(snap5)
