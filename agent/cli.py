@@ -65,7 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from .client import AgentClient
+    from .trainer.client import AgentClient
 
     return AgentClient(f"unix://{args.socket or DEFAULT_SOCKET}")
 

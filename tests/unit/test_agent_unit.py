@@ -112,8 +112,8 @@ def test_malformed_plans_are_refused(mutate, match):
 
 @pytest.fixture
 def servicer(tmp_path):
-    from agent.core import Agent
-    from agent.server import TrainerServicer
+    from agent.daemon.core import Agent
+    from agent.daemon.servicers import TrainerServicer
 
     cfg = AgentConfig(socket_path=str(tmp_path / "s"), memory_budget_bytes=1 << 20, shm_dir=str(tmp_path),
                       shm_prefix="unit")
@@ -136,7 +136,7 @@ def test_servicer_status_codes(servicer):
     with pytest.raises(grpc.RpcError):
         s.LeaseBuffer(pb.LeaseBufferRequest(session_id="none", nbytes=10), ctx)
     assert ctx.abort.call_args[0][0] == grpc.StatusCode.NOT_FOUND
-    sess = agent.register("file:///r", "rank00000", 1, __import__("agent.core").core.PersistSettings())
+    sess = agent.register("file:///r", "rank00000", 1, __import__("agent.daemon.snapshot").daemon.snapshot.PersistSettings())
     for req, code in [
         (pb.LeaseBufferRequest(session_id=sess.id, nbytes=0), grpc.StatusCode.INVALID_ARGUMENT),
         (pb.LeaseBufferRequest(session_id=sess.id, nbytes=2 << 20), grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -209,7 +209,7 @@ def test_retention_keeps_a_step_whose_commit_is_in_flight_after_its_snapshot_was
     # (its commit point's rename then fails: seen under load).
     from types import SimpleNamespace
 
-    import agent.core as core
+    import agent.daemon.core as core
 
     _, agent = servicer
     run = "file:///r"
@@ -314,7 +314,7 @@ def test_a_failed_fetch_from_a_peer_falls_back_to_storage(tmp_path):
     """A snapshot only a peer holds is fetched on the first read of one of its chunks, once,
     whatever the number of reader threads; when the fetch fails, every chunk comes from storage
     and the restore is still exact."""
-    from agent.sink import AgentMemoryStorage
+    from agent.trainer.memory import AgentMemoryStorage
 
     with local_agent(tmp_path, "fetchtest") as (_, shm):
         g = torch.Generator().manual_seed(3)

@@ -14,14 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from .config import AgentConfig
+from ..config import AgentConfig
+from ..errors import AgentConfigError
+from ..pb import pb, rpc
 from .core import Agent
-from .errors import AgentConfigError
 from .metrics import AgentMetrics
-from .pb import pb, rpc
 from .replication import Replicator
-from .server import AdminServicer, PeerServicer, TokenInterceptor, TrainerServicer
-from .shm import cleanup_stale
+from .segments import cleanup_stale
+from .servicers import AdminServicer, PeerServicer, TokenInterceptor, TrainerServicer
 
 log = logging.getLogger(__name__)
 

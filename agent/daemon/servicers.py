@@ -17,11 +17,11 @@ from typing import Any
 
 import grpc
 
-from .core import PersistSettings, Snapshot
-from .errors import AgentNotFoundError, PeerError
-from .pb import pb, rpc
-from .plan import decode_plan
-from .wire import PB_TO_STATE, STATE_TO_PB, status_of
+from ..errors import AgentNotFoundError, PeerError
+from ..pb import pb, rpc
+from ..plan import decode_plan
+from ..wire import PB_TO_STATE, STATE_TO_PB, status_of
+from .snapshot import PersistSettings, Snapshot
 
 log = logging.getLogger(__name__)
 

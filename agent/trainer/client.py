@@ -7,8 +7,8 @@ from typing import Any
 
 import grpc
 
-from .errors import AgentUnavailableError
-from .pb import pb, rpc
+from ..errors import AgentUnavailableError
+from ..pb import pb, rpc
 
 MAX_MESSAGE_BYTES = 64 << 20
 

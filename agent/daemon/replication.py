@@ -29,13 +29,14 @@ from ckpt import SnapshotState
 from ckpt import format as fmt
 from ckpt.manifest import MANIFEST_KEY
 
-from .config import AgentConfig
-from .core import Agent, PersistSettings, Snapshot
-from .errors import AgentNotFoundError, AgentStateError, InvalidRequestError, PeerError
-from .pb import pb, rpc
-from .plan import decode_plan
-from .shm import Segment
-from .wire import STATE_TO_PB
+from ..config import AgentConfig
+from ..errors import AgentNotFoundError, AgentStateError, InvalidRequestError, PeerError
+from ..pb import pb, rpc
+from ..plan import decode_plan
+from ..wire import STATE_TO_PB
+from .core import Agent
+from .segments import Segment
+from .snapshot import PersistSettings, Snapshot
 
 _LIST_TIMEOUT_S = 2.0  # a peer that does not answer a listing this fast is skipped (a lost node)
 
