@@ -69,6 +69,9 @@ class Agent(Holding):
 
     # -- persist and commit --------------------------------------------------------------------
 
+    def persist_queue_depth(self) -> int:
+        return self._persist_q.qsize()
+
     def _enqueue_persist(self, snap: Snapshot) -> None:
         self._persist_q.put(snap)
         self.metrics.persist_queue.set(self._persist_q.qsize())

@@ -146,8 +146,8 @@ class AgentDaemon:
         a = self.agent
         return pb.AgentStatus(
             agent_id=self.config.agent_id, state=a.state, budget_bytes=self.config.memory_budget_bytes,
-            used_bytes=a.used_bytes(), sessions=sum(1 for _ in a._sessions), snapshots=len(a.snapshots()),
-            persist_queue=a._persist_q.qsize(), socket_path=self.config.socket_path,
+            used_bytes=a.used_bytes(), sessions=a.session_count(), snapshots=len(a.snapshots()),
+            persist_queue=a.persist_queue_depth(), socket_path=self.config.socket_path,
             peer_address=self.config.self_address or "", segments=a.segments.names())
 
     def drain(self, timeout_s: float | None = None, *, shutdown: bool = False) -> bool:

@@ -154,6 +154,10 @@ class Holding:
                 raise AgentNotFoundError(f"unknown session {session_id!r}: register first")
             return sess
 
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
     def end_session(self, session_id: str) -> None:
         """The trainer went away: free its segments that hold no snapshot."""
         with self._lock:

@@ -13,7 +13,7 @@ import logging
 import queue
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -21,6 +21,9 @@ from ..errors import AgentNotFoundError, PeerError
 from ..pb import pb, rpc
 from ..plan import decode_plan
 from ..wire import PB_TO_STATE, STATE_TO_PB, status_of
+from .core import Agent
+from .replication import Replicator
+from .segments import Segment
 from .snapshot import PersistSettings, Snapshot
 
 log = logging.getLogger(__name__)
@@ -88,7 +91,7 @@ def snapshot_info(s: Snapshot, *, with_plan: bool) -> pb.SnapshotInfo:
 class _SnapshotReads:
     """ListSnapshots and ReadSnapshot, shared by the trainer and peer services."""
 
-    def __init__(self, agent: Any) -> None:
+    def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
     def _list(self, request: pb.ListSnapshotsRequest) -> pb.ListSnapshotsResponse:
@@ -122,7 +125,7 @@ class _SnapshotReads:
 
 
 class TrainerServicer(_SnapshotReads, rpc.TrainerServiceServicer):
-    def __init__(self, agent: Any, peers: Callable[[], Any] | None = None) -> None:
+    def __init__(self, agent: Agent, peers: Callable[[], Replicator | None] | None = None) -> None:
         super().__init__(agent)
         self._peers = peers or (lambda: None)  # -> the daemon's Replicator, if it serves a ring
 
@@ -213,7 +216,7 @@ class PeerServicer(_SnapshotReads, rpc.PeerServiceServicer):
         _check(0 < h.nbytes <= self.agent.config.memory_budget_bytes, "nbytes: out of range")
         _check(0 < len(h.plan_json) <= self.agent.config.max_plan_bytes, "plan_json: empty or too large")
         _check(writer in h.writers, "writers: must include the key's writer")
-        def fill(seg: Any) -> Snapshot:
+        def fill(seg: Segment) -> Snapshot:
             pos = 0
             buf = seg.tensor.numpy()
             for part in request_iterator:
@@ -250,8 +253,19 @@ class PeerServicer(_SnapshotReads, rpc.PeerServiceServicer):
         return pb.NotifySnapshotStateResponse()
 
 
+class Administered(Protocol):
+    """What the admin service drives: the running daemon (which builds the servicers, so they
+    know it by this protocol rather than by import)."""
+
+    agent: Agent
+
+    def status(self) -> pb.AgentStatus: ...
+
+    def drain(self, timeout_s: float | None = None, *, shutdown: bool = False) -> bool: ...
+
+
 class AdminServicer(rpc.AdminServiceServicer):
-    def __init__(self, daemon: Any) -> None:
+    def __init__(self, daemon: Administered) -> None:
         self.daemon = daemon
 
     @rpc_errors
