@@ -267,7 +267,7 @@ class Holding:
             s.state = SnapshotState.FAILED
             self._evict(s)
 
-    def add_replica(self, snap: Snapshot) -> None:
+    def _add_replica(self, snap: Snapshot) -> None:
         """A replica fully received from a peer."""
         with self._lock:
             old = self._snapshots.get(snap.key)
@@ -284,17 +284,17 @@ class Holding:
         """Reserve a segment of ``nbytes``; ``fill(segment)`` writes the bytes from a peer and
         returns their snapshot, which is then held as a replica. If ``fill`` fails, the segment
         is freed."""
-        seg = self.reserve_replica(nbytes)
+        seg = self._reserve_replica(nbytes)
         try:
             snap = fill(seg)
-            self.adopt_replica_segment(seg)
-            self.add_replica(snap)
+            self._adopt_replica_segment(seg)
+            self._add_replica(snap)
         except BaseException:
-            self.drop_segment(seg)
+            self._drop_segment(seg)
             raise
         return snap
 
-    def reserve_replica(self, nbytes: int) -> Segment:
+    def _reserve_replica(self, nbytes: int) -> Segment:
         with self._lock:
             if self.draining:
                 raise AgentDrainingError("the agent is draining")
@@ -303,13 +303,13 @@ class Holding:
             self._orphans[seg.name] = seg  # counted as the agent's own until the replica is added
             return seg
 
-    def drop_segment(self, seg: Segment) -> None:
+    def _drop_segment(self, seg: Segment) -> None:
         with self._lock:
             self._orphans.pop(seg.name, None)
             self.segments.destroy(seg)
             self._update_gauges()
 
-    def adopt_replica_segment(self, seg: Segment) -> None:
+    def _adopt_replica_segment(self, seg: Segment) -> None:
         with self._lock:
             self._orphans.pop(seg.name, None)
 

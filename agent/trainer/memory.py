@@ -190,10 +190,9 @@ class AgentMemoryStorage(RestoreSource):
                 log.info("fetched step %d of %s (%.1f MB) from peer agent %s", s.key.step, s.key.writer,
                          held.nbytes / 1e6, s.peer_address)
             except Exception as e:  # noqa: BLE001 - read from storage instead
-                code = e.code() if isinstance(e, grpc.RpcError) else None
                 log.warning("cannot fetch step %d of %s from peer agent %s (%s): reading it from storage",
                             s.key.step, s.key.writer, s.peer_address,
-                            f"{code}: {e.details()}" if code is not None else e)  # type: ignore[union-attr]
+                            f"{e.code()}: {e.details()}" if isinstance(e, grpc.Call) else e)
             finally:
                 remote.done = True  # its keys stay: a failed snapshot is neither listed nor fetched again
 
