@@ -5,6 +5,8 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -32,6 +34,81 @@ def test_generated_code_matches_the_proto(tmp_path):
     for f in files:
         rel = f.relative_to(tmp_path)
         assert filecmp.cmp(f, REPO / rel, shallow=False), f"{rel} is stale: run `python -m agent.codegen`"
+
+
+def _agent_modules_loaded_by(*modules: str) -> list[str]:
+    """The ``agent`` modules a fresh interpreter holds after importing ``modules``."""
+    code = ("import importlib, json, sys\n"
+            f"for name in {list(modules)!r}:\n    importlib.import_module(name)\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'agent')))")
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": path})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_the_trainer_side_loads_nothing_of_the_daemon_side(tmp_path):
+    """A trainer (``Checkpointer(agent=...)`` opens the shipped sink by its module path) loads
+    no module of the daemon side, and the daemon none of the trainer side; together they
+    still save, hold, commit and restore from the agent's memory."""
+    from ckpt.sink import _SHIPPED_SINKS
+
+    trainer = _agent_modules_loaded_by("agent.trainer", _SHIPPED_SINKS["agent"][0], "agent.sink")
+    assert {"agent.trainer.sink", "agent.trainer.memory", "agent.trainer.client", "agent.wire"} <= set(trainer)
+    assert [m for m in trainer if m == "agent.daemon" or m.startswith("agent.daemon.")] == []
+    daemon = _agent_modules_loaded_by("agent.daemon")
+    assert {"agent.daemon.core", "agent.daemon.servicers", "agent.wire"} <= set(daemon)
+    assert [m for m in daemon if m == "agent.trainer" or m.startswith("agent.trainer.")] == []
+
+    with local_agent(tmp_path, "sides") as (daemon_, _):
+        state = {"w": torch.arange(5000, dtype=torch.float32), "n": 7}
+        run, addr = str(tmp_path / "run"), f"unix://{tmp_path / 'a.sock'}"
+        with ckpt.Checkpointer(run, agent=addr) as c:
+            c.save(1, state, force=True).result(60)
+        assert [(s.step, s.state) for s in daemon_.agent.snapshots()] == [(1, ckpt.SnapshotState.COMMITTED)]
+        dest = {"w": torch.zeros(5000), "n": 0}
+        with ckpt.Checkpointer(run, agent=addr) as c:
+            assert c.sink.restore_source(c.storage).steps_in_memory == [1]
+            assert c.restore(dest) == 2
+        assert torch.equal(dest["w"], state["w"]) and dest["n"] == 7
+
+
+def test_the_wire_maps_states_and_errors_both_ways():
+    from agent.errors import AgentBudgetError, AgentDrainingError, AgentNotFoundError, SnapshotExistsError
+    from agent.wire import PB_TO_STATE, STATE_TO_PB, error_from_rpc, status_of
+
+    held = [ckpt.SnapshotState.STAGED, ckpt.SnapshotState.PERSISTED, ckpt.SnapshotState.COMMITTED,
+            ckpt.SnapshotState.FAILED]
+    assert sorted(STATE_TO_PB, key=held.index) == held  # captured and skipped never leave a trainer
+    assert all(PB_TO_STATE[STATE_TO_PB[s]] is s for s in held)
+    assert pb.SNAPSHOT_STATE_UNSPECIFIED not in PB_TO_STATE
+    assert status_of(AgentNotFoundError("x")) == grpc.StatusCode.NOT_FOUND
+    assert status_of(AgentDrainingError("x")) == grpc.StatusCode.UNAVAILABLE
+    assert status_of(PlanError("x")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_of(KeyError("x")) == grpc.StatusCode.INTERNAL
+
+    class Failed(grpc.RpcError, grpc.Call):  # what a stub raises, without a server
+        def __init__(self, code):
+            self._code = code
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return "why"
+
+        def initial_metadata(self): ...
+        def trailing_metadata(self): ...
+        def is_active(self): ...
+        def time_remaining(self): ...
+        def cancel(self): ...
+        def add_callback(self, callback): ...
+
+    for error in (AgentBudgetError("x"), SnapshotExistsError("x")):
+        back = error_from_rpc(Failed(status_of(error)), "saving")
+        assert type(back) is type(error) and str(back) == "saving: why"
+    assert isinstance(error_from_rpc(Failed(grpc.StatusCode.UNAVAILABLE), "saving"), ConnectionError)
 
 
 def test_config_validation(tmp_path):
