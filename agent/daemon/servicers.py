@@ -1,5 +1,5 @@
-"""The gRPC servicers: thin. Each validates its request, calls :class:`agent.core.Agent`, and
-answers an error with the status code :func:`agent.wire.status_of` gives it (unknown
+"""The gRPC servicers: thin. Each validates its request, calls :class:`agent.daemon.core.Agent`,
+and answers an error with the status code :func:`agent.wire.status_of` gives it (unknown
 session/segment/snapshot: NOT_FOUND; malformed: INVALID_ARGUMENT; out of order or wrong state:
 FAILED_PRECONDITION; over budget: RESOURCE_EXHAUSTED; draining: UNAVAILABLE); a peer without
 the right token gets UNAUTHENTICATED. A bad request never takes the daemon down.
