@@ -65,7 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from .client import AgentClient
+    from .trainer.client import AgentClient
 
     return AgentClient(f"unix://{args.socket or DEFAULT_SOCKET}")
 
@@ -77,9 +77,10 @@ def _status(args: argparse.Namespace) -> int:
         st = c.status()
         snaps = c.list_snapshots("")
     doc = MessageToDict(st, preserving_proto_field_name=True)
-    from .server import PB_TO_STATE
+    from .wire import PB_TO_STATE
 
-    doc["held"] = [{"run": s.key.run_url, "writer": s.key.writer, "step": s.key.step, "state": PB_TO_STATE[s.state],
+    doc["held"] = [{"run": s.key.run_url, "writer": s.key.writer, "step": s.key.step,
+                    "state": PB_TO_STATE[s.state].value,
                     "bytes": s.nbytes, "replica": s.replica} for s in snaps]
     if args.json:
         print(json.dumps(doc, indent=2))

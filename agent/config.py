@@ -51,7 +51,7 @@ class AgentConfig:
     agent_id: str = ""  # default: <hostname>-<pid>
     socket_mode: int = 0o600  # 0o660 to let a group of trainer users in
     shm_dir: str = "/dev/shm"
-    shm_prefix: str = "ckptagent"  # segment names: <prefix>.<agent pid>.<n>
+    shm_prefix: str = "ckptagent"  # segment names: <prefix>.<agent pid>.<instance>.<n>
     shm_mode: int = 0o600
     persist_workers: int = 2
     io_threads: int = 8  # per persist, when the trainer does not say

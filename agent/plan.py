@@ -77,15 +77,6 @@ class DecodedPlan:
         return {f"{step_prefix}/{r.key}": r for r in self.plan.requests}
 
 
-def _write_request(path: str, index: tuple[int, ...], view: torch.Tensor, slices: tuple[slice, ...],
-                   chunk_shape: tuple[int, ...], spec: ArraySpec) -> WriteRequest:
-    # The chunk key encoding is the array's (format 2: "c.i.j"; format 1: "c/i/j").
-    sep = getattr(spec, "chunk_separator", None)
-    if sep is None:
-        return WriteRequest(path, index, view, slices, chunk_shape)
-    return WriteRequest(path, index, view, slices, chunk_shape, sep)
-
-
 def _ints(v: Any, what: str, *, minimum: int = 0, max_len: int = _MAX_DIMS) -> list[int]:
     if not isinstance(v, list) or len(v) > max_len or any(
             isinstance(x, bool) or not isinstance(x, int) or x < minimum for x in v):
@@ -160,7 +151,8 @@ def decode_plan(text: str | bytes, buffer: torch.Tensor) -> DecodedPlan:
             if len(s) != 2 or not s[0] <= s[1] <= view.shape[d] or s[1] - s[0] > chunk_shape[d]:
                 raise PlanError(f"plan.requests[{i}]: slice {s} out of range")
             sl.append(slice(s[0], s[1]))
-        requests.append(_write_request(path, tuple(index), view, tuple(sl), tuple(chunk_shape), spec))
+        # The chunk keys are spelled as the array's (format 2: "c.i.j"; format 1: "c/i/j").
+        requests.append(WriteRequest(path, tuple(index), view, tuple(sl), tuple(chunk_shape), spec.chunk_separator))
     keys = [(r.path, r.index) for r in requests]
     if len(set(keys)) != len(keys):
         raise PlanError("plan.requests: a chunk appears twice")

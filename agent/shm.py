@@ -1,81 +1,26 @@
-"""POSIX shared-memory segments owned by the agent, mapped by trainers.
+"""Mapping a shared-memory segment as a tensor: the one thing both sides do with a segment.
 
-A segment is a file under ``/dev/shm`` named ``<prefix>.<agent pid>.<instance>.<n>``: the pid
-lets a starting agent remove the segments of agents that died without cleaning up (a crashed
-or killed agent leaves its segments behind; their memory stays used until they are unlinked).
-Space is reserved with ``posix_fallocate`` when a segment is made, so a full ``/dev/shm``
-is an error at lease time rather than a SIGBUS in the middle of a copy.
+The daemon maps the segments it makes (:mod:`agent.daemon.segments`); a trainer maps those it
+leases to stage into, and those the agent holds to restore from (:mod:`agent.trainer`).
 """
 
 from __future__ import annotations
 
-import errno
-import logging
 import mmap
 import os
-import secrets
-import threading
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 
-from .errors import AgentBudgetError
 
-log = logging.getLogger(__name__)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def parse_name(name: str, prefix: str) -> int | None:
-    """The owning agent's pid of a segment name of this prefix, or None."""
-    parts = name.split(".")
-    if len(parts) != 4 or parts[0] != prefix or not parts[1].isdigit():
-        return None
-    return int(parts[1])
-
-
-def cleanup_stale(shm_dir: str, prefix: str) -> list[str]:
-    """Unlink the segments of ``prefix`` whose agent process is gone; returns their names."""
-    removed = []
-    try:
-        names = os.listdir(shm_dir)
-    except FileNotFoundError:
-        return removed
-    for name in names:
-        pid = parse_name(name, prefix)
-        if pid is None or pid == os.getpid() or _pid_alive(pid):
-            continue
-        try:
-            os.unlink(os.path.join(shm_dir, name))
-            removed.append(name)
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-def map_file(path: str, nbytes: int, *, writable: bool, populate: bool = False) -> tuple[mmap.mmap, torch.Tensor]:
+def map_file(path: str, nbytes: int, *, writable: bool) -> tuple[mmap.mmap, torch.Tensor]:
     """Map ``path`` and view it as a uint8 tensor (read-only mappings: do not write to it)."""
     fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         if size < nbytes:
             raise ValueError(f"segment {path} has {size} bytes, expected {nbytes}")
-        if populate and hasattr(mmap, "MAP_POPULATE"):
-            # Fault every page in at once (one call instead of one fault per 4 KiB page).
-            flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
-            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            mm = mmap.mmap(fd, nbytes, flags=flags, prot=prot)
-        else:
-            mm = mmap.mmap(fd, nbytes, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+        mm = mmap.mmap(fd, nbytes, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
     finally:
         os.close(fd)
     with warnings.catch_warnings():
@@ -91,85 +36,3 @@ def unmap(mm: mmap.mmap | None) -> None:
         mm.close()
     except BufferError:  # a view of it is still alive; the mapping goes with the last one
         pass
-
-
-@dataclass(eq=False)
-class Segment:
-    """One segment as mapped by the agent."""
-
-    name: str
-    nbytes: int
-    path: str
-    mm: mmap.mmap | None = field(default=None, repr=False)
-    tensor: torch.Tensor | None = field(default=None, repr=False)
-
-    def close(self) -> None:
-        self.tensor = None
-        unmap(self.mm)
-        self.mm = None
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-
-class SegmentFactory:
-    """Makes this agent's segments and removes them all at exit."""
-
-    def __init__(self, shm_dir: str, prefix: str, mode: int = 0o600) -> None:
-        self.shm_dir = shm_dir
-        self.prefix = prefix
-        self.mode = mode
-        self.instance = secrets.token_hex(4)
-        self._n = 0
-        self._lock = threading.Lock()
-        self._live: dict[str, Segment] = {}
-
-    def create(self, nbytes: int) -> Segment:
-        with self._lock:
-            self._n += 1
-            name = f"{self.prefix}.{os.getpid()}.{self.instance}.{self._n}"
-        path = os.path.join(self.shm_dir, name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, self.mode)
-        try:
-            os.fchmod(fd, self.mode)  # not narrowed by the umask
-            if nbytes:
-                try:
-                    os.posix_fallocate(fd, 0, nbytes)
-                except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
-                        raise AgentBudgetError(
-                            f"{self.shm_dir} has no room for a {nbytes / 2**20:.1f} MiB segment; "
-                            "enlarge it (mount size / pod emptyDir sizeLimit) or lower the budget"
-                        ) from None
-                    raise
-        except BaseException:
-            os.close(fd)
-            os.unlink(path)
-            raise
-        os.close(fd)
-        try:
-            mm, tensor = map_file(path, nbytes, writable=True)
-        except BaseException:
-            os.unlink(path)
-            raise
-        seg = Segment(name, nbytes, path, mm, tensor)
-        with self._lock:
-            self._live[name] = seg
-        return seg
-
-    def destroy(self, seg: Segment) -> None:
-        with self._lock:
-            self._live.pop(seg.name, None)
-        seg.close()
-
-    def destroy_all(self) -> None:
-        with self._lock:
-            segs = list(self._live.values())
-            self._live.clear()
-        for s in segs:
-            s.close()
-
-    def names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._live)

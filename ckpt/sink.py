@@ -84,7 +84,7 @@ class Sink(abc.ABC):
 SINK_ENTRY_POINTS = "ckpt.sinks"
 # The sinks this distribution ships, by name, for a checkout that is on the path without being
 # installed (no entry points then): imported only when asked for, so the arrows still point down.
-_SHIPPED_SINKS = {"agent": ("agent.sink", "open_agent_sink")}
+_SHIPPED_SINKS = {"agent": ("agent.trainer.sink", "open_agent_sink")}
 
 
 def open_sink(kind: str, address: str, **kwargs: Any) -> Sink:

@@ -24,8 +24,8 @@ def agent_actor_name(coordinator_name: str, node: str) -> str:
 
 def snapshot_rows(address: str, run_url: str) -> list[dict[str, Any]]:
     """What the agent at ``address`` holds of ``run_url`` (run on the agent's node)."""
-    from agent.client import AgentClient
-    from agent.server import PB_TO_STATE
+    from agent.trainer.client import AgentClient
+    from agent.wire import PB_TO_STATE
 
     with AgentClient(address, timeout_s=10) as c:
         snaps = c.list_snapshots(run_url)
@@ -101,7 +101,7 @@ class NodeAgent:
         self.daemon.wait()
 
     def shutdown(self, drain_timeout_s: float = 30.0) -> bool:
-        from agent.shm import cleanup_stale
+        from agent.daemon.segments import cleanup_stale
 
         self._stop.set()
         drained = self.daemon.drain(drain_timeout_s)

@@ -51,7 +51,7 @@ print("python", platform.python_version(), "torch", torch.__version__, "cuda", t
 for m in ("zarr", "numcodecs", "grpc", "google.protobuf", "crc32c", "tenacity", "fsspec", "numpy"):
     mod = importlib.import_module(m)
     print(m, getattr(mod, "__version__", "?"), mod.__file__)
-import ckpt, agent.sink, agent.daemon  # noqa: F401 - the kit's own imports
+import ckpt, agent.trainer, agent.daemon  # noqa: F401 - the kit's own imports
 print("ckpt", ckpt.__version__, ckpt.__file__)
 PY
 rc_env=$?

@@ -182,7 +182,7 @@ def context() -> Any:
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
         # torch._dynamo: the first optimizer built imports it (seconds), agent.*: the daemon and sink
-        _CTX.set_forkserver_preload(["torch", "torch._dynamo", "ckpt", "agent.daemon", "agent.sink", "agent.cli",
+        _CTX.set_forkserver_preload(["torch", "torch._dynamo", "ckpt", "agent.daemon", "agent.trainer", "agent.cli",
                                      "tests.fault.crash_harness", "tests.fault.load_harness"])
     return _CTX
 
@@ -228,8 +228,8 @@ class Agent:
 
     def settle(self, run_url: str, timeout: float = 60) -> None:
         """Wait until the agent holds nothing unfinished for ``run_url``."""
-        from agent.client import AgentClient
         from agent.pb import pb
+        from agent.trainer.client import AgentClient
 
         done = {pb.SNAPSHOT_STATE_COMMITTED, pb.SNAPSHOT_STATE_FAILED}
         deadline = time.monotonic() + timeout

@@ -35,8 +35,8 @@ def daemon(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("agentfuzz")
     proc, info = _start_agent(tmp, "fz", "--peer-listen", "127.0.0.1:0", "--token-file", str(_token(tmp)),
                               "--drain-timeout", "5")
-    from agent.client import AgentClient
     from agent.pb import pb
+    from agent.trainer.client import AgentClient
 
     client = AgentClient(f"unix://{info['socket']}")
     run = f"file://{tmp}/run"

@@ -302,7 +302,7 @@ def test_peer_port_is_not_reachable_through_a_raw_socket_without_tls_handshake_c
                 s.sendall(blob)
                 with contextlib.suppress(OSError):
                     s.recv(100)
-        from agent.client import AgentClient
+        from agent.trainer.client import AgentClient
 
         with AgentClient(f"unix://{info['socket']}") as c:
             assert c.status().state == "serving"

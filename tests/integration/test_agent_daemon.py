@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import ckpt
-from agent.client import AgentClient
 from agent.pb import pb, rpc
+from agent.trainer.client import AgentClient
 
 REPO = Path(__file__).resolve().parents[2]
 SHM = "/dev/shm"
@@ -125,7 +125,7 @@ TRAINER = textwrap.dedent('''
     import os, sys, time, json
     import torch, torch.distributed as dist
     import ckpt
-    from agent.client import AgentClient
+    from agent.trainer.client import AgentClient
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD"])
     url, address, step = os.environ["RUN"], os.environ["AGENT"], int(os.environ["STEP"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -32,6 +34,81 @@ def test_generated_code_matches_the_proto(tmp_path):
     for f in files:
         rel = f.relative_to(tmp_path)
         assert filecmp.cmp(f, REPO / rel, shallow=False), f"{rel} is stale: run `python -m agent.codegen`"
+
+
+def _agent_modules_loaded_by(*modules: str) -> list[str]:
+    """The ``agent`` modules a fresh interpreter holds after importing ``modules``."""
+    code = ("import importlib, json, sys\n"
+            f"for name in {list(modules)!r}:\n    importlib.import_module(name)\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'agent')))")
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": path})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_the_trainer_side_loads_nothing_of_the_daemon_side(tmp_path):
+    """A trainer (``Checkpointer(agent=...)`` opens the shipped sink by its module path) loads
+    no module of the daemon side, and the daemon none of the trainer side; together they
+    still save, hold, commit and restore from the agent's memory."""
+    from ckpt.sink import _SHIPPED_SINKS
+
+    trainer = _agent_modules_loaded_by("agent.trainer", _SHIPPED_SINKS["agent"][0], "agent.sink")
+    assert {"agent.trainer.sink", "agent.trainer.memory", "agent.trainer.client", "agent.wire"} <= set(trainer)
+    assert [m for m in trainer if m == "agent.daemon" or m.startswith("agent.daemon.")] == []
+    daemon = _agent_modules_loaded_by("agent.daemon")
+    assert {"agent.daemon.core", "agent.daemon.servicers", "agent.wire"} <= set(daemon)
+    assert [m for m in daemon if m == "agent.trainer" or m.startswith("agent.trainer.")] == []
+
+    with local_agent(tmp_path, "sides") as (daemon_, _):
+        state = {"w": torch.arange(5000, dtype=torch.float32), "n": 7}
+        run, addr = str(tmp_path / "run"), f"unix://{tmp_path / 'a.sock'}"
+        with ckpt.Checkpointer(run, agent=addr) as c:
+            c.save(1, state, force=True).result(60)
+        assert [(s.step, s.state) for s in daemon_.agent.snapshots()] == [(1, ckpt.SnapshotState.COMMITTED)]
+        dest = {"w": torch.zeros(5000), "n": 0}
+        with ckpt.Checkpointer(run, agent=addr) as c:
+            assert c.sink.restore_source(c.storage).steps_in_memory == [1]
+            assert c.restore(dest) == 2
+        assert torch.equal(dest["w"], state["w"]) and dest["n"] == 7
+
+
+def test_the_wire_maps_states_and_errors_both_ways():
+    from agent.errors import AgentBudgetError, AgentDrainingError, AgentNotFoundError, SnapshotExistsError
+    from agent.wire import PB_TO_STATE, STATE_TO_PB, error_from_rpc, status_of
+
+    held = [ckpt.SnapshotState.STAGED, ckpt.SnapshotState.PERSISTED, ckpt.SnapshotState.COMMITTED,
+            ckpt.SnapshotState.FAILED]
+    assert sorted(STATE_TO_PB, key=held.index) == held  # captured and skipped never leave a trainer
+    assert all(PB_TO_STATE[STATE_TO_PB[s]] is s for s in held)
+    assert pb.SNAPSHOT_STATE_UNSPECIFIED not in PB_TO_STATE
+    assert status_of(AgentNotFoundError("x")) == grpc.StatusCode.NOT_FOUND
+    assert status_of(AgentDrainingError("x")) == grpc.StatusCode.UNAVAILABLE
+    assert status_of(PlanError("x")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_of(KeyError("x")) == grpc.StatusCode.INTERNAL
+
+    class Failed(grpc.RpcError, grpc.Call):  # what a stub raises, without a server
+        def __init__(self, code):
+            self._code = code
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return "why"
+
+        def initial_metadata(self): ...
+        def trailing_metadata(self): ...
+        def is_active(self): ...
+        def time_remaining(self): ...
+        def cancel(self): ...
+        def add_callback(self, callback): ...
+
+    for error in (AgentBudgetError("x"), SnapshotExistsError("x")):
+        back = error_from_rpc(Failed(status_of(error)), "saving")
+        assert type(back) is type(error) and str(back) == "saving: why"
+    assert isinstance(error_from_rpc(Failed(grpc.StatusCode.UNAVAILABLE), "saving"), ConnectionError)
 
 
 def test_config_validation(tmp_path):
@@ -112,8 +189,8 @@ def test_malformed_plans_are_refused(mutate, match):
 
 @pytest.fixture
 def servicer(tmp_path):
-    from agent.core import Agent
-    from agent.server import TrainerServicer
+    from agent.daemon.core import Agent
+    from agent.daemon.servicers import TrainerServicer
 
     cfg = AgentConfig(socket_path=str(tmp_path / "s"), memory_budget_bytes=1 << 20, shm_dir=str(tmp_path),
                       shm_prefix="unit")
@@ -136,7 +213,7 @@ def test_servicer_status_codes(servicer):
     with pytest.raises(grpc.RpcError):
         s.LeaseBuffer(pb.LeaseBufferRequest(session_id="none", nbytes=10), ctx)
     assert ctx.abort.call_args[0][0] == grpc.StatusCode.NOT_FOUND
-    sess = agent.register("file:///r", "rank00000", 1, __import__("agent.core").core.PersistSettings())
+    sess = agent.register("file:///r", "rank00000", 1, __import__("agent.daemon.snapshot").daemon.snapshot.PersistSettings())
     for req, code in [
         (pb.LeaseBufferRequest(session_id=sess.id, nbytes=0), grpc.StatusCode.INVALID_ARGUMENT),
         (pb.LeaseBufferRequest(session_id=sess.id, nbytes=2 << 20), grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -187,7 +264,9 @@ def test_a_snapshot_committed_after_a_newer_one_is_evicted(servicer, monkeypatch
     # committed snapshot stays for restore.
     from types import SimpleNamespace
 
-    from agent.core import COMMITTED, PERSISTED
+    from ckpt import SnapshotState
+
+    COMMITTED, PERSISTED = SnapshotState.COMMITTED, SnapshotState.PERSISTED
 
     _, agent = servicer
     snaps = {s: SimpleNamespace(run_url="file:///r", writer="rank00000", step=s, state=st, replica=False)
@@ -207,7 +286,7 @@ def test_retention_keeps_a_step_whose_commit_is_in_flight_after_its_snapshot_was
     # (its commit point's rename then fails: seen under load).
     from types import SimpleNamespace
 
-    import agent.core as core
+    import agent.daemon.core as core
 
     _, agent = servicer
     run = "file:///r"
@@ -219,7 +298,7 @@ def test_retention_keeps_a_step_whose_commit_is_in_flight_after_its_snapshot_was
     monkeypatch.setattr(agent, "storage", lambda url: SimpleNamespace(read=lambda path: b"{}"))
     settings = SimpleNamespace(keep_last=1, keep_every=0, commit_timeout_s=5, library_versions={})
     snap5 = SimpleNamespace(run_url=run, writer="rank00000", step=5, save_id="s5", committer=True,
-                            writers=("rank00000",), settings=settings, state=core.PERSISTED, error="",
+                            writers=("rank00000",), settings=settings, state=ckpt.SnapshotState.PERSISTED, error="",
                             fragment_json="", commit_point=b"", session=None, replica=False, replicas_wanted=0)
     agent._in_flight.update({(run, 4): 1, (run, 5): 1})  # as the persist loop counts them; no snapshot of 4 held
     agent._commit(snap5)
@@ -312,7 +391,7 @@ def test_a_failed_fetch_from_a_peer_falls_back_to_storage(tmp_path):
     """A snapshot only a peer holds is fetched on the first read of one of its chunks, once,
     whatever the number of reader threads; when the fetch fails, every chunk comes from storage
     and the restore is still exact."""
-    from agent.sink import AgentMemoryStorage
+    from agent.trainer.memory import AgentMemoryStorage
 
     with local_agent(tmp_path, "fetchtest") as (_, shm):
         g = torch.Generator().manual_seed(3)

@@ -47,7 +47,7 @@ class TestAgentSink(SinkTests):
     def make(self, storage, tmp_path, writer=writer_name(0)):
         import contextlib
 
-        from agent.sink import AgentSink
+        from agent.trainer.sink import AgentSink
 
         tmp_path.mkdir(parents=True, exist_ok=True)
         stack = contextlib.ExitStack()

@@ -309,7 +309,9 @@ def test_config_details():
 
 def test_agent_drops_uncommitted_snapshots_a_rolled_back_trainer_left(tmp_path):
     from agent.config import AgentConfig
-    from agent.core import Agent, Conflict, PersistSettings
+    from agent.daemon.core import Agent
+    from agent.daemon.snapshot import PersistSettings
+    from agent.errors import AgentStateError as Conflict
     from agent.plan import encode_plan
 
     shm = tmp_path / "shm"

@@ -14,14 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from .config import AgentConfig
+from ..config import AgentConfig
+from ..errors import AgentConfigError
+from ..pb import pb, rpc
 from .core import Agent
-from .errors import AgentConfigError
 from .metrics import AgentMetrics
-from .pb import pb, rpc
 from .replication import Replicator
-from .server import AdminServicer, PeerServicer, TokenInterceptor, TrainerServicer
-from .shm import cleanup_stale
+from .segments import cleanup_stale
+from .servicers import AdminServicer, PeerServicer, TokenInterceptor, TrainerServicer
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,8 @@ class AgentDaemon:
         a = self.agent
         return pb.AgentStatus(
             agent_id=self.config.agent_id, state=a.state, budget_bytes=self.config.memory_budget_bytes,
-            used_bytes=a.used_bytes(), sessions=sum(1 for _ in a._sessions), snapshots=len(a.snapshots()),
-            persist_queue=a._persist_q.qsize(), socket_path=self.config.socket_path,
+            used_bytes=a.used_bytes(), sessions=a.session_count(), snapshots=len(a.snapshots()),
+            persist_queue=a.persist_queue_depth(), socket_path=self.config.socket_path,
             peer_address=self.config.self_address or "", segments=a.segments.names())
 
     def drain(self, timeout_s: float | None = None, *, shutdown: bool = False) -> bool:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
 
-from .errors import AgentUnavailableError
-from .pb import pb, rpc
+from ..errors import AgentUnavailableError
+from ..pb import pb, rpc
 
 MAX_MESSAGE_BYTES = 64 << 20
 
@@ -66,11 +65,6 @@ class AgentClient:
     def get_snapshot(self, run_url: str, writer: str, step: int) -> pb.SnapshotInfo:
         return self.trainer.GetSnapshot(pb.GetSnapshotRequest(key=pb.SnapshotKey(run_url=run_url, writer=writer,
                                                                                  step=step)), timeout=self.timeout_s)
-
-    def read_snapshot(self, run_url: str, writer: str, step: int, *, offset: int = 0,
-                      length: int = 0) -> Iterator[pb.SnapshotData]:
-        return self.trainer.ReadSnapshot(pb.ReadSnapshotRequest(
-            key=pb.SnapshotKey(run_url=run_url, writer=writer, step=step), offset=offset, length=length))
 
     def status(self) -> pb.AgentStatus:
         return self.admin.GetAgentStatus(pb.GetAgentStatusRequest(), timeout=self.timeout_s)

@@ -25,16 +25,18 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ckpt import SnapshotState
 from ckpt import format as fmt
 from ckpt.manifest import MANIFEST_KEY
 
-from .config import AgentConfig
-from .core import COMMITTED, FAILED, PERSISTED, STAGED, Agent, Conflict, NotFound, PersistSettings, Snapshot
-from .errors import InvalidRequestError, PeerError
-from .pb import pb, rpc
-from .plan import decode_plan
-from .server import STATE_TO_PB
-from .shm import Segment
+from ..config import AgentConfig
+from ..errors import AgentNotFoundError, AgentStateError, InvalidRequestError, PeerError
+from ..pb import pb, rpc
+from ..plan import decode_plan
+from ..wire import STATE_TO_PB
+from .core import Agent
+from .segments import Segment
+from .snapshot import PersistSettings, Snapshot
 
 _LIST_TIMEOUT_S = 2.0  # a peer that does not answer a listing this fast is skipped (a lost node)
 
@@ -102,7 +104,8 @@ class Replicator:
             return
         self.agent.metrics.bytes_replicated.inc(snap.nbytes)
         self.agent.mark_replicated(snap, peer)
-        if snap.state in (PERSISTED, COMMITTED):  # it got there while the bytes were in flight
+        # it got there while the bytes were in flight
+        if snap.state in (SnapshotState.PERSISTED, SnapshotState.COMMITTED):
             self._notify_one(snap, peer)
 
     def notify(self, snap: Snapshot) -> None:
@@ -141,7 +144,7 @@ class Replicator:
     def check_origins(self) -> None:
         now = time.monotonic()
         waiting = [s for s in self.agent.snapshots() if s.replica and not s.taken_over
-                   and (s.state == STAGED or (s.state == PERSISTED and s.committer))]
+                   and (s.state == SnapshotState.STAGED or (s.state == SnapshotState.PERSISTED and s.committer))]
         alive: dict[str, bool] = {}
         for s in waiting:
             if s.origin_address not in alive:
@@ -205,20 +208,20 @@ class Replicator:
         with lock:  # two trainers of this node restoring at once copy it once
             try:
                 held = self.agent.find(*key)
-                if held.save_id == save_id and held.state != FAILED:
+                if held.save_id == save_id and held.state != SnapshotState.FAILED:
                     return held
-            except NotFound:
+            except AgentNotFoundError:
                 pass
             storage = self.agent.storage(run_url)
             try:
                 commit_point = storage.read(f"{fmt.step_dir(step)}/{fmt.META}")
                 committed = json.loads(commit_point)["attributes"][MANIFEST_KEY]["save_id"]
             except FileNotFoundError:
-                raise NotFound(f"step {step} of {run_url} is not committed in storage") from None
+                raise AgentNotFoundError(f"step {step} of {run_url} is not committed in storage") from None
             except (ValueError, KeyError, TypeError) as e:
-                raise Conflict(f"the commit point of step {step} is unreadable: {e}") from None
+                raise AgentStateError(f"the commit point of step {step} is unreadable: {e}") from None
             if committed != save_id:
-                raise Conflict(f"step {step} is committed from save {committed}, not {save_id}")
+                raise AgentStateError(f"step {step} is committed from save {committed}, not {save_id}")
             stub = rpc.PeerServiceStub(self.channel(peer))
             t0 = time.monotonic()
             try:
@@ -229,7 +232,7 @@ class Replicator:
             info = next((i for i in listing.snapshots if (i.key.run_url, i.key.writer, i.key.step) == key
                          and i.save_id == save_id), None)
             if info is None:
-                raise NotFound(f"peer {peer} no longer holds step {step} of {writer} (save {save_id})")
+                raise AgentNotFoundError(f"peer {peer} no longer holds step {step} of {writer} (save {save_id})")
             if not 0 < info.nbytes <= self.config.memory_budget_bytes:
                 raise PeerError(f"peer {peer} lists a snapshot of {info.nbytes} bytes")
 
@@ -251,8 +254,9 @@ class Replicator:
                     raise PeerError(f"peer {peer} sent {pos} of {info.nbytes} bytes")
                 return Snapshot(run_url, writer, step, save_id, tuple(info.writers), info.committer, info.plan_json,
                                 decode_plan(info.plan_json, seg.tensor), seg, PersistSettings(), replica=True,
-                                origin_agent=info.origin_agent or peer, origin_address=peer, state=COMMITTED,
-                                fragment_json=info.fragment_json, commit_point=commit_point)
+                                origin_agent=info.origin_agent or peer, origin_address=peer,
+                                state=SnapshotState.COMMITTED, fragment_json=info.fragment_json,
+                                commit_point=commit_point)
 
             snap = self.agent.receive_replica(info.nbytes, fill)
         self.agent.metrics.bytes_fetched.inc(info.nbytes)

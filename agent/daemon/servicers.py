@@ -1,8 +1,8 @@
-"""The gRPC servicers: thin. Each validates its request, calls :class:`agent.core.Agent`, and
-maps errors to status codes (unknown session/segment/snapshot: NOT_FOUND; malformed:
-INVALID_ARGUMENT; out of order or wrong state: FAILED_PRECONDITION; over budget:
-RESOURCE_EXHAUSTED; draining: UNAVAILABLE; wrong peer token: UNAUTHENTICATED). A bad request
-never takes the daemon down.
+"""The gRPC servicers: thin. Each validates its request, calls :class:`agent.daemon.core.Agent`,
+and answers an error with the status code :func:`agent.wire.status_of` gives it (unknown
+session/segment/snapshot: NOT_FOUND; malformed: INVALID_ARGUMENT; out of order or wrong state:
+FAILED_PRECONDITION; over budget: RESOURCE_EXHAUSTED; draining: UNAVAILABLE); a peer without
+the right token gets UNAUTHENTICATED. A bad request never takes the daemon down.
 """
 
 from __future__ import annotations
@@ -13,25 +13,18 @@ import logging
 import queue
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
-from .core import (
-    COMMITTED,
-    FAILED,
-    PERSISTED,
-    STAGED,
-    AlreadyExists,
-    Conflict,
-    NotFound,
-    PersistSettings,
-    Snapshot,
-    Unavailable,
-)
-from .errors import AgentBudgetError, PeerError, PlanError
-from .pb import pb, rpc
-from .plan import decode_plan
+from ..errors import AgentNotFoundError, PeerError
+from ..pb import pb, rpc
+from ..plan import decode_plan
+from ..wire import PB_TO_STATE, STATE_TO_PB, status_of
+from .core import Agent
+from .replication import Replicator
+from .segments import Segment
+from .snapshot import PersistSettings, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -40,31 +33,9 @@ _MAX_URL = 4096
 _MAX_ID = 256
 _MAX_WRITERS = 1 << 20
 
-STATE_TO_PB = {STAGED: pb.SNAPSHOT_STATE_STAGED, PERSISTED: pb.SNAPSHOT_STATE_PERSISTED,
-               COMMITTED: pb.SNAPSHOT_STATE_COMMITTED, FAILED: pb.SNAPSHOT_STATE_FAILED}
-PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
-
-_CODES: list[tuple[type, grpc.StatusCode]] = [
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
-    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (PeerError, grpc.StatusCode.UNAVAILABLE),
-    (AgentBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (PlanError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-]
-
-
-def _code_of(e: BaseException) -> grpc.StatusCode:
-    for kind, code in _CODES:
-        if isinstance(e, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
-
 
 def _abort(context: grpc.ServicerContext, e: BaseException) -> None:
-    code = _code_of(e)
+    code = status_of(e)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("internal error in an RPC")
     context.abort(code, str(e) if code is not grpc.StatusCode.INTERNAL else f"internal error: {type(e).__name__}: {e}")
@@ -120,7 +91,7 @@ def snapshot_info(s: Snapshot, *, with_plan: bool) -> pb.SnapshotInfo:
 class _SnapshotReads:
     """ListSnapshots and ReadSnapshot, shared by the trainer and peer services."""
 
-    def __init__(self, agent: Any) -> None:
+    def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
     def _list(self, request: pb.ListSnapshotsRequest) -> pb.ListSnapshotsResponse:
@@ -140,7 +111,7 @@ class _SnapshotReads:
     def ReadSnapshot(self, request: pb.ReadSnapshotRequest, context: grpc.ServicerContext) -> Iterator[pb.SnapshotData]:
         s = self.agent.find(*check_key(request.key))
         if request.save_id and request.save_id != s.save_id:
-            raise NotFound(f"step {s.step} of {s.writer} is held from save {s.save_id}, not {request.save_id}")
+            raise AgentNotFoundError(f"step {s.step} of {s.writer} is held from save {s.save_id}, not {request.save_id}")
         end = s.nbytes if not request.length else request.offset + request.length
         _check(request.offset <= s.nbytes and end <= s.nbytes, f"range {request.offset}..{end} outside {s.nbytes} bytes")
         step = self.agent.config.stream_chunk_bytes
@@ -154,7 +125,7 @@ class _SnapshotReads:
 
 
 class TrainerServicer(_SnapshotReads, rpc.TrainerServiceServicer):
-    def __init__(self, agent: Any, peers: Callable[[], Any] | None = None) -> None:
+    def __init__(self, agent: Agent, peers: Callable[[], Replicator | None] | None = None) -> None:
         super().__init__(agent)
         self._peers = peers or (lambda: None)  # -> the daemon's Replicator, if it serves a ring
 
@@ -245,7 +216,7 @@ class PeerServicer(_SnapshotReads, rpc.PeerServiceServicer):
         _check(0 < h.nbytes <= self.agent.config.memory_budget_bytes, "nbytes: out of range")
         _check(0 < len(h.plan_json) <= self.agent.config.max_plan_bytes, "plan_json: empty or too large")
         _check(writer in h.writers, "writers: must include the key's writer")
-        def fill(seg: Any) -> Snapshot:
+        def fill(seg: Segment) -> Snapshot:
             pos = 0
             buf = seg.tensor.numpy()
             for part in request_iterator:
@@ -282,8 +253,19 @@ class PeerServicer(_SnapshotReads, rpc.PeerServiceServicer):
         return pb.NotifySnapshotStateResponse()
 
 
+class Administered(Protocol):
+    """What the admin service drives: the running daemon (which builds the servicers, so they
+    know it by this protocol rather than by import)."""
+
+    agent: Agent
+
+    def status(self) -> pb.AgentStatus: ...
+
+    def drain(self, timeout_s: float | None = None, *, shutdown: bool = False) -> bool: ...
+
+
 class AdminServicer(rpc.AdminServiceServicer):
-    def __init__(self, daemon: Any) -> None:
+    def __init__(self, daemon: Administered) -> None:
         self.daemon = daemon
 
     @rpc_errors

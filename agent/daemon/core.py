@@ -1,0 +1,241 @@
+"""The agent's work on what it holds, without gRPC: a staged snapshot is persisted by a pool of
+persist workers (``ckpt.io.write_plan``), then committed through ``ckpt.commit`` (the committer
+writes the commit point once every writer's fragment is there), then retention runs if the
+trainer sent a policy; each state change goes to the trainer's session and the ring. Drain and
+shutdown. The servicers in :mod:`agent.daemon.servicers` only validate requests and call in here;
+what is held, and eviction, is :class:`agent.daemon.holding.Holding`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from ckpt import SnapshotState
+from ckpt import format as fmt
+from ckpt.commit import complete, ensure_not_committed, mark_failed
+from ckpt.io import write_plan
+from ckpt.retention import RetentionPolicy, run_gc
+from ckpt.storage import Storage, open_storage
+
+from ..config import AgentConfig
+from .holding import Holding
+from .metrics import AgentMetrics
+from .snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+
+class Agent(Holding):
+    """Everything the servicers delegate to. Thread-safe; one lock guards the tables."""
+
+    def __init__(self, config: AgentConfig, *, metrics: AgentMetrics | None = None,
+                 notify_peers: Callable[[Snapshot], None] | None = None,
+                 replicate: Callable[[Snapshot], None] | None = None) -> None:
+        super().__init__(config, metrics or AgentMetrics())
+        self.notify_peers = notify_peers
+        self.replicate = replicate
+        self._storages: dict[str, Storage] = {}
+        self._persist_q: queue.Queue[Snapshot | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._commit_pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="agent-commit")
+        self._retention_lock = threading.Lock()  # one retention pass at a time: two would delete the same steps
+        # (run, step) -> saves being persisted or committed here. Kept apart from the snapshots:
+        # a persisted snapshot may be evicted (a newer one committed) while its commit is still
+        # in flight, and retention must not delete that step under the commit.
+        self._in_flight: Counter[tuple[str, int]] = Counter()
+        self._persisters = [threading.Thread(target=self._persist_loop, name=f"agent-persist-{i}", daemon=True)
+                            for i in range(config.persist_workers)]
+        for t in self._persisters:
+            t.start()
+
+    def announce(self, session_id: str, segment: str, step: int, save_id: str, writers: tuple[str, ...],
+                 committer: bool, plan_json: str) -> Snapshot:
+        """A trainer staged a snapshot into ``segment``: hold it, persist it, replicate it."""
+        snap = self.hold(session_id, segment, step, save_id, writers, committer, plan_json)
+        self.metrics.bytes_staged.inc(snap.nbytes)
+        log.info("snapshot staged", extra={"fields": {"run": snap.run_url, "writer": snap.writer, "step": step,
+                                                      "bytes": snap.nbytes}})
+        self._enqueue_persist(snap)
+        if self.replicate is not None and snap.replicas_wanted:
+            self.replicate(snap)
+        return snap
+
+    # -- persist and commit --------------------------------------------------------------------
+
+    def persist_queue_depth(self) -> int:
+        return self._persist_q.qsize()
+
+    def _enqueue_persist(self, snap: Snapshot) -> None:
+        self._persist_q.put(snap)
+        self.metrics.persist_queue.set(self._persist_q.qsize())
+
+    def take_over(self, snap: Snapshot) -> None:
+        """The origin of this replica is lost: persist it (and commit, if it was the committer)."""
+        with self._lock:
+            if (snap.taken_over or self._snapshots.get(snap.key) is not snap
+                    or snap.state in (SnapshotState.COMMITTED, SnapshotState.FAILED)):
+                return
+            snap.taken_over = True
+        self.metrics.takeovers.inc()
+        log.warning("origin agent lost: persisting its replica here", extra={"fields": {
+            "run": snap.run_url, "writer": snap.writer, "step": snap.step, "origin": snap.origin_agent}})
+        self._enqueue_persist(snap)
+
+    def storage(self, run_url: str) -> Storage:
+        with self._lock:
+            st = self._storages.get(run_url)
+            if st is None:
+                st = self._storages[run_url] = open_storage(run_url)
+            return st
+
+    def _persist_loop(self) -> None:
+        while (snap := self._persist_q.get()) is not None:
+            self.metrics.persist_queue.set(self._persist_q.qsize())
+            with self._lock:
+                self._in_flight[(snap.run_url, snap.step)] += 1
+            try:
+                self._persist(snap)
+            except BaseException as e:  # noqa: BLE001 - reported through the snapshot's state
+                self._landed(snap)
+                self.metrics.failures.labels("takeover" if snap.replica else "persist").inc()
+                log.error("persist failed", extra={"fields": {"run": snap.run_url, "writer": snap.writer,
+                                                              "step": snap.step, "error": f"{type(e).__name__}: {e}"}})
+                self._mark_failed(snap, e)
+                self._set_state(snap, SnapshotState.FAILED, error=f"{type(e).__name__}: {e}")
+                continue
+            self._commit_pool.submit(self._commit, snap)
+
+    def _persist(self, snap: Snapshot) -> None:
+        storage = self.storage(snap.run_url)
+        if snap.replica:
+            try:  # the origin may have persisted it before it was lost
+                frag = fmt.read_fragment(storage, snap.step, snap.writer)
+                if frag.save_id == snap.save_id:
+                    self._set_state(snap, SnapshotState.PERSISTED, fragment_json=json.dumps(frag.to_dict()))
+                    return
+            except FileNotFoundError:
+                pass
+        if ensure_not_committed(storage, snap.step, snap.save_id):  # a replica whose step was committed meanwhile
+            self._set_state(snap, SnapshotState.PERSISTED)
+            return
+        t0 = time.perf_counter()
+        frag = write_plan(storage, snap.plan.plan, step=snap.step, writer=snap.writer, save_id=snap.save_id,
+                          threads=snap.settings.io_threads, durable=snap.settings.durable)
+        self.metrics.persist_seconds.observe(time.perf_counter() - t0)
+        self.metrics.bytes_persisted.inc(snap.nbytes)
+        log.info("snapshot persisted", extra={"fields": {"run": snap.run_url, "writer": snap.writer,
+                                                         "step": snap.step, "seconds": round(time.perf_counter() - t0, 3)}})
+        self._set_state(snap, SnapshotState.PERSISTED, fragment_json=json.dumps(frag.to_dict()))
+
+    def _mark_failed(self, snap: Snapshot, error: BaseException) -> None:
+        mark_failed(self.storage(snap.run_url), snap.step, snap.writer, snap.save_id, error)
+
+    def _landed(self, snap: Snapshot) -> None:
+        """``snap``'s persist or commit is over (done or failed)."""
+        with self._lock:
+            key = (snap.run_url, snap.step)
+            self._in_flight[key] -= 1
+            if self._in_flight[key] <= 0:
+                del self._in_flight[key]
+
+    def _commit(self, snap: Snapshot) -> None:
+        storage = self.storage(snap.run_url)
+        cfg = snap.settings
+        t0 = time.perf_counter()
+        try:
+            manifest = complete(storage, snap.step, snap.save_id, snap.writers, committer=snap.committer,
+                                timeout_s=cfg.commit_timeout_s, poll_s=0.05, stop=self._stop,
+                                library_versions=dict(cfg.library_versions))
+            root = storage.read(f"{fmt.step_dir(snap.step)}/{fmt.META}")
+        except BaseException as e:  # noqa: BLE001
+            self._landed(snap)
+            self.metrics.failures.labels("commit").inc()
+            log.error("commit failed", extra={"fields": {"run": snap.run_url, "writer": snap.writer,
+                                                         "step": snap.step, "error": f"{type(e).__name__}: {e}"}})
+            self._set_state(snap, SnapshotState.FAILED, error=f"{type(e).__name__}: {e}")
+            return
+        self._landed(snap)  # committed: from here on retention judges the step by the rules
+        self.metrics.commit_seconds.observe(time.perf_counter() - t0)
+        self._set_state(snap, SnapshotState.COMMITTED, commit_point=root, document=json.dumps(manifest.to_dict()))
+        if snap.committer and cfg.keep_last:
+            # Steps of this run still being persisted or committed here are never retired:
+            # commits run in parallel and may finish out of step order, so an incomplete step
+            # older than the newest committed one can still be on its way.
+            try:
+                with self._retention_lock:
+                    with self._lock:
+                        busy = {s.step for s in self._snapshots.values() if s.run_url == snap.run_url
+                                and s.state in (SnapshotState.STAGED, SnapshotState.PERSISTED)}
+                        busy |= {step for (run, step) in self._in_flight if run == snap.run_url}
+                    result = run_gc(storage, RetentionPolicy(keep_last=cfg.keep_last,
+                                                             keep_every=cfg.keep_every or None),
+                                    measure=False, in_progress=busy)
+                if result.deleted:
+                    log.info("retention removed steps", extra={"fields": {"run": snap.run_url,
+                                                                          "steps": result.deleted}})
+            except Exception:  # noqa: BLE001 - retention never fails a checkpoint
+                self.metrics.failures.labels("retention").inc()
+                log.warning("retention failed", exc_info=True)
+
+    def _set_state(self, snap: Snapshot, state: SnapshotState, *, error: str = "", fragment_json: str = "",
+                   commit_point: bytes = b"", document: str = "") -> None:
+        with self._lock:
+            snap.state = state
+            snap.error = error
+            if fragment_json:
+                snap.fragment_json = fragment_json
+            if commit_point:
+                snap.commit_point = commit_point
+            sess = snap.session
+            if sess is not None and sess.alive and not snap.replica:
+                doc = fragment_json if state == SnapshotState.PERSISTED else document
+                sess.events.put(("snapshot", snap.step, snap.save_id, state, error, doc))
+            if state == SnapshotState.COMMITTED:
+                self._evict_older(snap)
+            elif state == SnapshotState.FAILED:
+                self._evict(snap)
+            self._update_gauges()
+            self._changed.notify_all()
+        if self.notify_peers is not None and not snap.replica and snap.replicas_wanted:
+            self.notify_peers(snap)
+
+    # -- drain and shutdown --------------------------------------------------------------------
+
+    def pending(self) -> list[Snapshot]:
+        """Snapshots this agent still has work on: not persisted, or (as committer) not committed."""
+        with self._lock:
+            return [s for s in self._snapshots.values() if s.our_duty and (
+                s.state == SnapshotState.STAGED or (s.state == SnapshotState.PERSISTED and s.committer))]
+
+    def drain(self, timeout_s: float) -> bool:
+        """Refuse new work; wait for held snapshots to be persisted and committed."""
+        with self._lock:
+            self.draining = True
+            self.state = "draining"
+        log.info("draining", extra={"fields": {"pending": len(self.pending())}})
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while self.pending():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("drain timed out", extra={"fields": {"pending": len(self.pending())}})
+                    return False
+                self._changed.wait(min(left, 0.5))
+        return True
+
+    def close(self) -> None:
+        """Stop the workers and remove every segment."""
+        self._stop.set()
+        for _ in self._persisters:
+            self._persist_q.put(None)
+        for t in self._persisters:
+            t.join(timeout=5)
+        self._commit_pool.shutdown(wait=False, cancel_futures=True)
+        self._drop_all()

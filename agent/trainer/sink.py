@@ -1,0 +1,280 @@
+"""The agent as a trainer's sink: :class:`AgentSink` (the ``agent`` entry of ``ckpt.sinks``),
+the allocator that stages snapshots into agent-owned shared memory, and the restore source
+that serves what the agent holds (:mod:`agent.trainer.memory`).
+
+``ckpt.Checkpointer(url, agent="unix:///run/ckpt-agent/agent.sock")`` opens it. Flow of one
+checkpoint: the engine stages into a slab = a leased segment → ``submit`` announces it with
+its plan (JSON) → the agent persists, commits, and reports each state on the session stream
+→ the futures resolve. The slab goes back to the trainer's pool (``job.release()``) only
+when the agent releases the segment: the agent keeps the newest committed snapshot of each
+writer in memory for restore, so the trainer's host budget must allow two slabs (the
+engine's default budget, twice the snapshot, does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import grpc
+import torch
+
+from ckpt import SnapshotState, pinning
+from ckpt.errors import CkptError
+from ckpt.hostpool import HostBufferPool
+from ckpt.manifest import Fragment, Manifest
+from ckpt.restore import RestoreSource, StorageSource
+from ckpt.retention import RetentionPolicy
+from ckpt.sink import PersistJob, Sink, SinkConfig
+from ckpt.storage import Storage
+
+from ..pb import pb
+from ..plan import encode_plan
+from ..shm import map_file, unmap
+from ..wire import PB_TO_STATE, error_from_rpc
+from .client import AgentClient
+from .memory import AgentMemoryStorage
+
+log = logging.getLogger(__name__)
+
+_REGISTER_TIMEOUT_S = 30.0
+
+
+class ShmAllocator:
+    """Slabs are agent-owned shared-memory segments, mapped here (and pinned on CUDA).
+
+    Every mapping is registered with CUDA for as long as it is mapped, and unregistered before
+    it is unmapped: by ``free`` for a slab the pool gives back, by ``close`` (or, failing that,
+    when the allocator is collected) for the slabs the agent still held when the sink closed.
+    """
+
+    def __init__(self, sink: AgentSink) -> None:
+        self.sink = sink
+        self._maps: dict[str, tuple[Any, int]] = {}  # segment -> (mapping, pinned address or 0)
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, ShmAllocator._drop_all, self._maps, self._lock)
+
+    def allocate(self, nbytes: int, *, pin_memory: bool) -> tuple[torch.Tensor, Any]:
+        try:
+            lease = self.sink.client.lease(self.sink.session_id, nbytes)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, f"leasing {nbytes / 2**20:.1f} MiB of agent memory") from None
+        mm, tensor = map_file(f"{self.sink.shm_dir}/{lease.segment}", nbytes, writable=True)
+        pinned = tensor.data_ptr() if pin_memory and pinning.register(tensor.data_ptr(), nbytes) else 0
+        with self._lock:
+            self._maps[lease.segment] = (mm, pinned)
+        return tensor, lease.segment
+
+    def segments(self) -> tuple[int, int]:
+        """(segments mapped now, of which registered with CUDA as pinned memory)."""
+        with self._lock:
+            return len(self._maps), sum(1 for _, pinned in self._maps.values() if pinned)
+
+    def free(self, buffer: torch.Tensor, handle: Any) -> None:
+        with self._lock:
+            mm, pinned = self._maps.pop(handle, (None, 0))
+        if pinned:
+            pinning.unregister(pinned)
+        del buffer
+        unmap(mm)
+        if not self.sink.closed:
+            try:
+                self.sink.client.release(self.sink.session_id, handle)
+            except grpc.RpcError:
+                log.debug("releasing segment %s failed", handle, exc_info=True)
+
+    def close(self) -> None:
+        """Unregister and unmap every segment still mapped (the agent frees or keeps its own)."""
+        self._finalizer()
+
+    @staticmethod
+    def _drop_all(maps: dict[str, tuple[Any, int]], lock: threading.Lock) -> None:
+        with lock:
+            items = list(maps.values())
+            maps.clear()
+        for mm, pinned in items:
+            if pinned:
+                pinning.unregister(pinned)
+            unmap(mm)
+
+
+class AgentSink(Sink):
+    def __init__(self, address: str, *, storage: Storage, config: SinkConfig, writer: str,
+                 after_commit: Callable[[Manifest], None] | None = None,
+                 retention: RetentionPolicy | None = None) -> None:
+        self.storage = storage
+        self.config = config
+        self.writer = writer
+        self.run_url = storage.url
+        # With a retention policy the agent runs it after committing (the trainer may be gone);
+        # otherwise the trainer runs after_commit when it learns of the commit.
+        self.after_commit = None if retention is not None else after_commit
+        self.client = AgentClient(address)
+        self.client.wait_ready(_REGISTER_TIMEOUT_S)
+        self.closed = False
+        self._lock = threading.Lock()
+        self._jobs: dict[tuple[int, str], PersistJob] = {}
+        self._held: dict[str, PersistJob] = {}  # segment -> the job whose snapshot the agent holds in it
+        ret = pb.Retention(keep_last=retention.keep_last, keep_every=retention.keep_every or 0) if retention else None
+        self._call = self.client.register(pb.RegisterRequest(
+            run_url=self.run_url, writer=writer, pid=os.getpid(), retention=ret, durable=config.durable,
+            io_threads=config.io_threads, commit_timeout_s=config.commit_timeout_s,
+            library_versions={k: str(v) for k, v in config.library_versions.items()}))
+        first: Future = Future()
+        self._events = threading.Thread(target=self._event_loop, args=(first,), name="ckpt-agent-events",
+                                        daemon=True)
+        self._events.start()
+        registered = first.result(timeout=_REGISTER_TIMEOUT_S)
+        self.session_id: str = registered.session_id
+        self.agent_id: str = registered.agent_id
+        self.shm_dir: str = registered.shm_dir or "/dev/shm"
+        self.allocator = ShmAllocator(self)
+
+    # -- the Sink interface --------------------------------------------------------------------
+
+    def host_pool(self, budget_bytes: int, *, pin_memory: bool) -> HostBufferPool:
+        return HostBufferPool(budget_bytes, pin_memory=pin_memory, allocator=self.allocator)
+
+    def submit(self, job: PersistJob) -> None:
+        if self.closed:
+            raise CkptError("the sink is closed")
+        if job.slab is None or job.slab.handle is None:
+            raise CkptError("an agent sink persists only snapshots staged into its own host pool")
+        segment = job.slab.handle
+        try:
+            plan_json = encode_plan(job.plan, job.slab.buffer)
+            with self._lock:
+                self._jobs[(job.step, job.save_id)] = job
+                self._held[segment] = job
+            self.client.announce(pb.AnnounceStagedRequest(
+                session_id=self.session_id, segment=segment, step=job.step, save_id=job.save_id,
+                writers=list(job.writers), committer=job.committer, plan_json=plan_json))
+        except BaseException as e:  # noqa: BLE001 - reported through the futures
+            err = error_from_rpc(e, f"announcing step {job.step}") if isinstance(e, grpc.RpcError) else e
+            with self._lock:
+                self._jobs.pop((job.step, job.save_id), None)
+                self._held.pop(segment, None)
+            self._fail(job, err)
+            job.release()
+
+    def restore_source(self, storage: Storage) -> RestoreSource:
+        """Agent memory (this node's snapshots; replicas and snapshots fetched from the ring's
+        other agents count as the peer tier) above storage."""
+        bottom = StorageSource(storage)
+        try:
+            snaps = self.client.list_snapshots(self.run_url, with_plans=True)
+        except grpc.RpcError as e:
+            log.warning("cannot list the agent's snapshots (%s): restoring from storage", e.code())
+            return bottom
+        return AgentMemoryStorage(bottom, snaps, self.shm_dir, fetch=self.client.fetch_snapshot,
+                                  list_peers=lambda: self.client.list_snapshots(self.run_url, with_plans=True,
+                                                                                include_peers=True))
+
+    def close(self, *, wait: bool = True) -> None:
+        if self.closed:
+            return
+        if wait:
+            with self._lock:
+                futures = [j.committed for j in self._jobs.values()]
+            for f in futures:
+                try:
+                    f.result()
+                except BaseException:  # noqa: BLE001 - reported through the handle
+                    pass
+        self.closed = True
+        self._call.cancel()  # ends the session: the agent frees the segments it holds nothing in
+        self._events.join(timeout=10)
+        with self._lock:
+            jobs = list(self._jobs.values())
+            self._jobs.clear()
+        for j in jobs:
+            self._fail(j, CkptError(f"step {j.step}: the sink was closed before the agent reported the commit"))
+        with self._lock:
+            held = list(self._held.values())
+            self._held.clear()
+        for j in held:  # the agent keeps its segment; this process's copy is no longer needed
+            j.release()
+        self.allocator.close()
+        self.client.close()
+
+    # -- events --------------------------------------------------------------------------------
+
+    def _event_loop(self, first: Future) -> None:
+        try:
+            for ev in self._call:
+                kind = ev.WhichOneof("event")
+                if kind == "registered":
+                    first.set_result(ev.registered)
+                elif kind == "snapshot":
+                    self._on_snapshot(ev.snapshot)
+                elif kind == "released":
+                    with self._lock:
+                        job = self._held.pop(ev.released.segment, None)
+                    if job is not None:
+                        job.release()
+        except grpc.RpcError as e:
+            if not first.done():
+                first.set_exception(error_from_rpc(e, "registering with the node agent"))
+            if self.closed:
+                return
+            err = error_from_rpc(e, "the node agent's session ended")
+            log.error("%s", err)
+            with self._lock:
+                jobs = list(self._jobs.values())
+                self._jobs.clear()
+                held = list(self._held.values())
+                self._held.clear()
+            for j in jobs:
+                self._fail(j, err)
+            # The agent that held these slabs is gone and will never release them: without
+            # this, the next save would wait for host memory forever.
+            for j in held:
+                j.release()
+        except BaseException as e:  # noqa: BLE001
+            if not first.done():
+                first.set_exception(e)
+            log.exception("agent event loop failed")
+
+    def _on_snapshot(self, ev: pb.SnapshotEvent) -> None:
+        with self._lock:
+            job = self._jobs.get((ev.step, ev.save_id))
+        if job is None:
+            return
+        state = PB_TO_STATE.get(ev.state)
+        try:
+            if state == SnapshotState.PERSISTED:
+                frag = Fragment.from_dict(json.loads(ev.document_json)) if ev.document_json else None
+                if not job.persisted.done():
+                    job.persisted.set_result(frag)
+            elif state == SnapshotState.COMMITTED:
+                manifest = Manifest.from_dict(json.loads(ev.document_json))
+                if not job.persisted.done():
+                    job.persisted.set_result(None)
+                with self._lock:
+                    self._jobs.pop((ev.step, ev.save_id), None)
+                if not job.committed.done():
+                    job.committed.set_result(manifest)
+                self._run_after_commit(job, manifest)
+            elif state == SnapshotState.FAILED:
+                with self._lock:
+                    self._jobs.pop((ev.step, ev.save_id), None)
+                self._fail(job, CkptError(f"step {ev.step}: the node agent reports: {ev.error}"))
+        except Exception as e:  # noqa: BLE001 - a malformed document fails the job, not the loop
+            self._fail(job, e)
+
+    @staticmethod
+    def _fail(job: PersistJob, error: BaseException) -> None:
+        for fut in (job.persisted, job.committed):
+            if not fut.done():
+                fut.set_exception(error)
+
+
+def open_agent_sink(address: str, **kwargs: Any) -> AgentSink:
+    """The ``agent`` entry point of the ``ckpt.sinks`` group."""
+    return AgentSink(address, **kwargs)
