@@ -16,7 +16,8 @@ from .detect import Failure
 from .errors import NoRoomError, RecoveryError, TooManyFailuresError
 from .events import Event, EventLog
 from .launcher import RecoveryRecord, RunResult, run
-from .policy import JobControl, RecoveryOutcome, RecoveryPolicy, ReloadPolicy, RestorePoint, resolve_policy
+from .policy import JobControl, RecoveryOutcome, RecoveryPolicy, ReloadPolicy, resolve_policy
+from .restore import RestorePoint
 from .worker import TrainContext
 
 __all__ = [

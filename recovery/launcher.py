@@ -37,13 +37,11 @@ from .coordinator import Coordinator
 from .detect import AGENT_DIED, NODE_DIED, STORAGE, WORKER_DIED, WORKER_ERROR, Failure
 from .errors import NoRoomError, RecoveryError, TooManyFailuresError
 from .events import Event, EventLog
-from .policy import CONTINUED, RecoveryPolicy, RestorePoint, resolve_policy
+from .policy import CONTINUED, RecoveryPolicy, resolve_policy
+from .restore import RestorePoint, writer_tiers
 from .worker import TrainContext, Worker
 
 log = logging.getLogger(__name__)
-
-_TIER_OF = {"memory": Tier.AGENT_MEMORY.value, "peer": Tier.PEER.value, "storage": Tier.STORAGE.value}
-
 
 @dataclass
 class RecoveryRecord:
@@ -252,7 +250,7 @@ class Supervisor:
         committed = fmt.committed_steps(self.storage)
         completed = tuple(sorted(set(committed) - before))
         step = committed[-1] if committed else None
-        tiers: dict[str, str] = {}
+        tiers: dict[str, Tier] = {}
         if step is not None:
             writers = fmt.read_manifest(self.storage, step).writers
             # The agents learn of a commit by polling storage: give them a moment, so that the
@@ -264,19 +262,18 @@ class Supervisor:
                     break
                 time.sleep(0.2)
                 rows = self._agent_rows()
-            for w in writers:
-                tiers[w] = "memory" if (w, False) in held else "peer" if (w, True) in held else "storage"
+            tiers = writer_tiers(writers, held)
         point = RestorePoint(step, tiers, completed)
         try:
             ray.get(self.coordinator.rollback.remote(step), timeout=30)
         except (RayError, GetTimeoutError):
             pass
-        held_mem = sum(1 for t in tiers.values() if t == "memory")
+        held_mem = sum(1 for t in tiers.values() if t is Tier.AGENT_MEMORY)
         where = (f"agent memory holds {held_mem} of {len(tiers)} writers' snapshots, "
-                 f"{sum(1 for t in tiers.values() if t == 'peer')} in peer replicas, the rest from storage")
+                 f"{sum(1 for t in tiers.values() if t is Tier.PEER)} in peer replicas, the rest from storage")
         self.log(ev.RESTORE_PLAN, "no committed checkpoint: starting from scratch" if step is None else
                  f"restore step {step} ({where})" + (f"; completed {list(completed)} now" if completed else ""),
-                 step=step, tiers=tiers, completed=list(completed))
+                 step=step, tiers={w: t.value for w, t in tiers.items()}, completed=list(completed))
         return point
 
     def room_for(self, n: int) -> bool:
@@ -537,7 +534,7 @@ class Supervisor:
         rec.world_after = outcome.world_size
         if outcome.restore is not None:
             rec.restore_step = outcome.restore.step
-            rec.expected_tier = _TIER_OF.get(outcome.restore.expected_tier, outcome.restore.expected_tier)
+            rec.expected_tier = outcome.restore.expected_tier
             if failure.last_step is not None:
                 rec.steps_lost = failure.last_step - (rec.restore_step if rec.restore_step is not None else -1)
         if outcome.world_size is not None and outcome.world_size != rec.world_before:

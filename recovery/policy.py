@@ -11,36 +11,17 @@ from __future__ import annotations
 
 import abc
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from .config import RunConfig
 from .detect import STORAGE, Failure
+from .restore import RestorePoint
 
 # Outcomes.
 RESTARTED = "restarted"  # workers were replaced; the job resumes from ``restore``
 CONTINUED = "continued"  # nothing was restarted (the failure needs no restart)
 ABORT = "abort"  # give up: the launcher stops the job and raises
-
-
-@dataclass(frozen=True, slots=True)
-class RestorePoint:
-    """Where a restarted job resumes: the newest committed step (``None``: from scratch) and,
-    per writer of that step, where its bytes are expected to come from ("memory": an agent
-    holding its own snapshot; "peer": an agent holding a replica; "storage")."""
-
-    step: int | None
-    tiers: dict[str, str] = field(default_factory=dict)
-    completed: tuple[int, ...] = ()  # steps committed while choosing (persisted but not yet committed)
-
-    @property
-    def expected_tier(self) -> str:
-        kinds = set(self.tiers.values())
-        if self.step is None:
-            return "none"
-        if not kinds:
-            return "storage"
-        return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
 @dataclass(frozen=True, slots=True)
