@@ -39,7 +39,7 @@ from .errors import NoRoomError, RecoveryError, TooManyFailuresError
 from .events import Event, EventLog
 from .policy import CONTINUED, RecoveryPolicy, resolve_policy
 from .restore import RestorePoint, writer_tiers
-from .worker import TrainContext, Worker
+from .worker import TrainContext, Worker, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -338,18 +338,15 @@ class Supervisor:
         if cfg.agent == "actor":
             self._ensure_agents(set(nodes))
         port = ray.get(self.workers[0].free_port.remote())
-        ck = cfg.checkpoint
-        base = {"backend": cfg.torch_backend, "master_addr": infos[0]["ip"], "master_port": port,
-                "collective_timeout_s": cfg.collective_timeout_s, "coordinator": self.coordinator,
-                "coordinator_name": self.coordinator_name, "heartbeat_interval_s": cfg.detect.heartbeat_interval_s,
-                "storage": cfg.storage, "restore_step": None if restore is None else restore.step,
-                "checkpoint": {"every_n_steps": ck.every_n_steps, "commit_timeout_s": ck.commit_timeout_s,
-                               "options": dict(ck.options)},
-                "num_threads": max(1, math.floor(res.get("CPU", 1) or 1))}
+        base = WorkerSpec(backend=cfg.torch_backend, master_addr=infos[0]["ip"], master_port=port,
+                          collective_timeout_s=cfg.collective_timeout_s, coordinator=self.coordinator,
+                          coordinator_name=self.coordinator_name, heartbeat_interval_s=cfg.detect.heartbeat_interval_s,
+                          storage=cfg.storage, restore_step=None if restore is None else restore.step,
+                          checkpoint=cfg.checkpoint, num_threads=max(1, math.floor(res.get("CPU", 1) or 1)))
         self.run_refs = {}
         for rank, (w, node) in enumerate(zip(self.workers, nodes)):
             agent = self.agent_address.get(node) if cfg.agent == "actor" else cfg.agent
-            spec = dict(base, node=node, agent=agent)
+            spec = dataclasses.replace(base, node=node, agent=agent)
             self.run_refs[w.run.remote(self.train_fn_ref, spec)] = rank
         self.returns = {}
         self._restore_reported = False
