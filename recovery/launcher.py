@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import math
 import secrets
-import socket
 import sys
 import time
 import uuid
@@ -23,8 +22,7 @@ from typing import Any, TextIO
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ckpt import format as fmt
 from ckpt.restore import Tier
@@ -37,6 +35,7 @@ from .coordinator import Coordinator
 from .detect import AGENT_DIED, NODE_DIED, STORAGE, WORKER_DIED, WORKER_ERROR, Failure
 from .errors import NoRoomError, RecoveryError, TooManyFailuresError
 from .events import Event, EventLog
+from .placement import Placement
 from .policy import CONTINUED, RecoveryPolicy, resolve_policy
 from .restore import RestorePoint, writer_tiers
 from .worker import TrainContext, Worker, WorkerSpec
@@ -184,13 +183,10 @@ class Supervisor:
         self.agent_peer: dict[str, str] = {}  # node -> the agent's replication address
         self._token = secrets.token_urlsafe(24)  # between this job's agents
         self.rank_node: dict[int, str] = {}
-        self.lost_nodes: set[str] = set()  # lost, though Ray may not have marked them dead yet
-        self._driver_node: str | None = None
         self.workers: list[Any] = []
         self.run_refs: dict[Any, int] = {}  # run ref -> rank
         self.returns: dict[int, Any] = {}
-        self.pg: Any = None
-        self._pg_world = 0
+        self.placement = Placement(config, self.log, driver_node=ray.get_runtime_context().get_node_id())
         self._attempt = -1
         self._world = 0
         self.records: list[RecoveryRecord] = []
@@ -227,9 +223,7 @@ class Supervisor:
                 pass
         self.workers = []
         self.run_refs = {}
-        if self.pg is not None:
-            remove_placement_group(self.pg)
-            self.pg = None
+        self.placement.release()
         self.log(ev.STOPPING, f"stopped {n} workers of attempt {self._attempt} ({reason})", workers=n,
                  attempt=self._attempt)
 
@@ -277,32 +271,10 @@ class Supervisor:
         return point
 
     def room_for(self, n: int) -> bool:
-        return self._fits() >= n
+        return self.placement.room_for(n)
 
     def fit_world(self, want: int, minimum: int) -> int:
-        cfg = self.config
-        # After a node loss, do not wait placement_timeout_s for a size that cannot fit (an
-        # autoscaling cluster still gets to add nodes for `want` otherwise).
-        n = max(minimum, min(want, self._fits())) if self.lost_nodes else want
-        if n < want:
-            self.log(ev.RESIZED, f"room for {n} of {want} workers", wanted=want)
-        tried: set[int] = set()
-        while n >= minimum:
-            tried.add(n)
-            pg = placement_group([self._bundle()] * n, strategy=cfg.placement_strategy)
-            ready, _ = ray.wait([pg.ready()], timeout=cfg.placement_timeout_s)
-            if ready:
-                self.pg, self._pg_world = pg, n
-                return n
-            remove_placement_group(pg)
-            fits = min(n - 1, self._fits())
-            self.log(ev.RESIZED, f"no room for {n} workers after {cfg.placement_timeout_s:g} s; "
-                     f"trying {max(fits, minimum)}", wanted=n)
-            n = max(fits, minimum) if fits < n - 1 else n - 1
-            if n in tried:
-                break
-        raise NoRoomError(f"the cluster has no room for even {minimum} workers "
-                          f"({self._bundle()} each); add nodes or lower min_workers")
+        return self.placement.fit(want, minimum)
 
     def start_workers(self, world_size: int, restore: RestorePoint | None) -> None:
         cfg = self.config
@@ -312,11 +284,7 @@ class Supervisor:
                 self.log(ev.BACKOFF, f"waiting {delay:.1f} s before restarting ({self._in_a_row} failure(s) in a row)",
                          seconds=delay)
                 time.sleep(delay)
-        if self.pg is None or self._pg_world != world_size:
-            if self.pg is not None:
-                remove_placement_group(self.pg)
-                self.pg = None
-            self.fit_world(world_size, world_size)
+        self.placement.ensure(world_size)
         self._attempt += 1
         self._world = world_size
         attempt = self._attempt
@@ -324,14 +292,9 @@ class Supervisor:
             ray.get(self.coordinator.begin_attempt.remote(attempt, world_size), timeout=30)
         except (RayError, GetTimeoutError):
             pass
-        res = self._bundle()
-        opts: dict[str, Any] = {"num_cpus": res.get("CPU", 0), "num_gpus": res.get("GPU", 0), "max_restarts": 0}
-        custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU")}
-        if custom:
-            opts["resources"] = custom
         remote = ray.remote(Worker)
-        self.workers = [remote.options(**opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            self.pg, placement_group_bundle_index=i)).remote(i, world_size, attempt) for i in range(world_size)]
+        self.workers = [remote.options(**self.placement.worker_options(i)).remote(i, world_size, attempt)
+                        for i in range(world_size)]
         infos = ray.get([w.node_info.remote() for w in self.workers])
         nodes = [i["node"] for i in infos]
         self.rank_node = dict(enumerate(nodes))
@@ -342,7 +305,8 @@ class Supervisor:
                           collective_timeout_s=cfg.collective_timeout_s, coordinator=self.coordinator,
                           coordinator_name=self.coordinator_name, heartbeat_interval_s=cfg.detect.heartbeat_interval_s,
                           storage=cfg.storage, restore_step=None if restore is None else restore.step,
-                          checkpoint=cfg.checkpoint, num_threads=max(1, math.floor(res.get("CPU", 1) or 1)))
+                          checkpoint=cfg.checkpoint,
+                          num_threads=max(1, math.floor(self.placement.bundle.get("CPU", 1) or 1)))
         self.run_refs = {}
         for rank, (w, node) in enumerate(zip(self.workers, nodes)):
             agent = self.agent_address.get(node) if cfg.agent == "actor" else cfg.agent
@@ -365,7 +329,7 @@ class Supervisor:
         # On the driver's node: losing a worker node does not take the coordinator along (the
         # driver's node is lost only with the driver). Ray ignores a soft affinity for
         # restartable actors, so it is a hard one, where the driver runs on a node at all.
-        here = self._driver_node = ray.get_runtime_context().get_node_id()
+        here = self.placement.driver_node
         on_node = any(n["NodeID"] == here and n.get("Alive") for n in ray.nodes())
         self.coordinator = ray.remote(Coordinator).options(
             name=self.coordinator_name, num_cpus=0, max_restarts=cfg.coordinator_max_restarts, max_task_retries=0,
@@ -414,7 +378,7 @@ class Supervisor:
                 detail = f"the agent of node {node[:12]} stopped"
             except RayError as e:
                 detail = f"the agent of node {node[:12]} died: {_first_line(e)}"
-                if self._node_lost(node):
+                if self.placement.node_lost(node):
                     ranks = self._ranks_on(node)
                     return self._failure(NODE_DIED, f"node {node[:12]} lost (its raylet is gone): its agent and "
                                          f"ranks {list(ranks)} with it", now, ranks=ranks, node=node)
@@ -434,7 +398,7 @@ class Supervisor:
             text = str(e).lower()
             node = self.rank_node.get(rank)
             lost = ("node" in text and ("dead" in text or "died" in text) and "worker process" not in text) \
-                or (node is not None and self._node_lost(node))
+                or (node is not None and self.placement.node_lost(node))
             if lost:
                 if node is not None:
                     self._drop_node(node)
@@ -444,27 +408,6 @@ class Supervisor:
                                      node=node)
             return self._failure(WORKER_DIED, f"rank {rank}: its process died ({_first_line(e)})", now,
                                  ranks=(rank,))
-
-    def _node_lost(self, node: str, timeout_s: float = 1.0) -> bool:
-        """Whether ``node`` is gone, not just one process on it: Ray's control store says so, or
-        the node's raylet does not answer a TCP connection (Ray itself marks a node dead only
-        after its health checks fail for ~15 s). Never the driver's own node: the driver runs."""
-        if node == self._driver_node:
-            return False
-        for n in ray.nodes():
-            if n["NodeID"] != node:
-                continue
-            if not n.get("Alive", True):
-                self.lost_nodes.add(node)
-                return True
-            try:
-                socket.create_connection((n["NodeManagerAddress"], int(n["NodeManagerPort"])),
-                                         timeout=timeout_s).close()
-                return False
-            except OSError:
-                self.lost_nodes.add(node)
-                return True
-        return False
 
     def _drop_node(self, node: str) -> None:
         """Forget the lost node's agent (its death is part of this failure, not another one)."""
@@ -693,25 +636,6 @@ class Supervisor:
                          node=node)
         return rows
 
-    # -- resources -------------------------------------------------------------------------------
-
-    def _bundle(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.config.resources_per_worker.items() if v}
-
-    def _fits(self) -> int:
-        """How many more bundles the cluster's free resources hold (ignoring how they are
-        split across nodes), plus the workers placed now."""
-        avail = dict(ray.available_resources())
-        bundle = self._bundle()
-        if not bundle:
-            return self.config.num_workers
-        for n in ray.nodes():  # lost nodes Ray still counts (it marks them dead after its health checks)
-            if n["NodeID"] in self.lost_nodes and n.get("Alive"):
-                for k, v in n.get("Resources", {}).items():
-                    avail[k] = avail.get(k, 0.0) - v
-        free = min(math.floor(max(0.0, avail.get(k, 0.0)) / v + 1e-9) for k, v in bundle.items())
-        return free + (self._pg_world if self.pg is not None else 0)
-
     # -- end -------------------------------------------------------------------------------------
 
     def _result(self) -> RunResult:
@@ -744,12 +668,10 @@ class Supervisor:
         self.agents.clear()
         self.agent_peer.clear()
         self.agent_watch.clear()
-        if self.pg is not None:
-            try:
-                remove_placement_group(self.pg)
-            except Exception:  # noqa: BLE001
-                pass
-            self.pg = None
+        try:
+            self.placement.release()
+        except Exception:  # noqa: BLE001
+            pass
         if self.coordinator is not None:
             try:
                 ray.kill(self.coordinator, no_restart=True)
