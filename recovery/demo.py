@@ -138,7 +138,7 @@ class DemoTrainer:
             elif f.kind == KILL_AGENT:
                 import ray
 
-                from .agents import agent_actor_name
+                from .fleet import agent_actor_name
 
                 ray.kill(ray.get_actor(agent_actor_name(ctx.coordinator_name, ctx.node)))
             elif f.kind in (STORAGE_DOWN, STORAGE_UP):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import secrets
 import sys
 import time
 import uuid
@@ -29,12 +28,12 @@ from ckpt.restore import Tier
 from ckpt.storage import open_storage
 
 from . import events as ev
-from .agents import NodeAgent, agent_actor_name, snapshot_rows
 from .config import CheckpointConfig, DetectConfig, RunConfig
 from .coordinator import Coordinator
 from .detect import AGENT_DIED, NODE_DIED, STORAGE, WORKER_DIED, WORKER_ERROR, Failure
-from .errors import NoRoomError, RecoveryError, TooManyFailuresError
+from .errors import NoRoomError, RecoveryError, TooManyFailuresError, first_line
 from .events import Event, EventLog
+from .fleet import AgentFleet
 from .placement import Placement
 from .policy import CONTINUED, RecoveryPolicy, resolve_policy
 from .restore import RestorePoint, writer_tiers
@@ -177,11 +176,7 @@ class Supervisor:
         self.train_fn_ref = ray.put(train_fn)
         self.coordinator_name = f"ckpt-coordinator-{self.job_id}"
         self.coordinator: Any = None
-        self.agents: dict[str, Any] = {}  # node -> agent actor
-        self.agent_address: dict[str, str] = {}
-        self.agent_watch: dict[Any, str] = {}  # wait_stopped ref -> node
-        self.agent_peer: dict[str, str] = {}  # node -> the agent's replication address
-        self._token = secrets.token_urlsafe(24)  # between this job's agents
+        self.fleet = AgentFleet(config, self.job_id, self.coordinator_name, self.storage.url, self.log)
         self.rank_node: dict[int, str] = {}
         self.workers: list[Any] = []
         self.run_refs: dict[Any, int] = {}  # run ref -> rank
@@ -229,11 +224,7 @@ class Supervisor:
 
     def find_restore_point(self) -> RestorePoint:
         cfg = self.config
-        deadline = time.monotonic() + cfg.settle_timeout_s
-        rows = self._agent_rows()
-        while any(r["state"] == "staged" for r in rows) and time.monotonic() < deadline:
-            time.sleep(0.1)  # the agents persist what the workers staged before they died
-            rows = self._agent_rows()
+        rows = self.fleet.settled_rows(cfg.settle_timeout_s)
         completed: tuple[int, ...] = ()
         before = set(fmt.committed_steps(self.storage))
         try:
@@ -247,16 +238,7 @@ class Supervisor:
         tiers: dict[str, Tier] = {}
         if step is not None:
             writers = fmt.read_manifest(self.storage, step).writers
-            # The agents learn of a commit by polling storage: give them a moment, so that the
-            # restore is served from their memory.
-            deadline = time.monotonic() + 5.0
-            while True:
-                held = {(r["writer"], r["replica"]) for r in rows if r["step"] == step and r["state"] == "committed"}
-                if {w for w, _ in held} >= set(writers) or time.monotonic() > deadline or not self.agents:
-                    break
-                time.sleep(0.2)
-                rows = self._agent_rows()
-            tiers = writer_tiers(writers, held)
+            tiers = writer_tiers(writers, self.fleet.held(step, writers, rows))
         point = RestorePoint(step, tiers, completed)
         try:
             ray.get(self.coordinator.rollback.remote(step), timeout=30)
@@ -298,8 +280,7 @@ class Supervisor:
         infos = ray.get([w.node_info.remote() for w in self.workers])
         nodes = [i["node"] for i in infos]
         self.rank_node = dict(enumerate(nodes))
-        if cfg.agent == "actor":
-            self._ensure_agents(set(nodes))
+        self.fleet.ensure(set(nodes))
         port = ray.get(self.workers[0].free_port.remote())
         base = WorkerSpec(backend=cfg.torch_backend, master_addr=infos[0]["ip"], master_port=port,
                           collective_timeout_s=cfg.collective_timeout_s, coordinator=self.coordinator,
@@ -309,8 +290,7 @@ class Supervisor:
                           num_threads=max(1, math.floor(self.placement.bundle.get("CPU", 1) or 1)))
         self.run_refs = {}
         for rank, (w, node) in enumerate(zip(self.workers, nodes)):
-            agent = self.agent_address.get(node) if cfg.agent == "actor" else cfg.agent
-            spec = dataclasses.replace(base, node=node, agent=agent)
+            spec = dataclasses.replace(base, node=node, agent=self.fleet.address_for(node))
             self.run_refs[w.run.remote(self.train_fn_ref, spec)] = rank
         self.returns = {}
         self._restore_reported = False
@@ -335,6 +315,7 @@ class Supervisor:
             name=self.coordinator_name, num_cpus=0, max_restarts=cfg.coordinator_max_restarts, max_task_retries=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False) if on_node else None,
         ).remote(cfg.storage, cfg.detect, keep_last=ck.keep_last, keep_every=ck.keep_every)
+        self.fleet.coordinator = self.coordinator
         ray.get(self.coordinator.ping.remote())
         self.log(ev.COORDINATOR, f"coordinator up on node {ray.get(self.coordinator.node.remote())[:12]}")
         committed = fmt.committed_steps(self.storage)
@@ -356,7 +337,7 @@ class Supervisor:
     def _watch(self) -> Failure | None:
         """Wait until every rank returned (None) or something failed."""
         while True:
-            refs = list(self.run_refs) + list(self.agent_watch)
+            refs = list(self.run_refs) + list(self.fleet.watch)
             ready, _ = ray.wait(refs, num_returns=1, timeout=self.config.poll_interval_s) if refs else ([], [])
             for ref in ready:
                 failure = self._finished(ref)
@@ -370,14 +351,13 @@ class Supervisor:
 
     def _finished(self, ref: Any) -> Failure | None:
         now = time.time()
-        if ref in self.agent_watch:
-            node = self.agent_watch.pop(ref)
-            self._forget_agent(node)
+        node = self.fleet.stopped(ref)
+        if node is not None:
             try:
                 ray.get(ref)
                 detail = f"the agent of node {node[:12]} stopped"
             except RayError as e:
-                detail = f"the agent of node {node[:12]} died: {_first_line(e)}"
+                detail = f"the agent of node {node[:12]} died: {first_line(e)}"
                 if self.placement.node_lost(node):
                     ranks = self._ranks_on(node)
                     return self._failure(NODE_DIED, f"node {node[:12]} lost (its raylet is gone): its agent and "
@@ -392,7 +372,7 @@ class Supervisor:
             dead = self._dead_peer(timeout_s=2.0)
             if dead is not None:
                 return dead
-            return self._failure(WORKER_ERROR, f"rank {rank}: train_fn raised {_first_line(e.cause or e)}", now,
+            return self._failure(WORKER_ERROR, f"rank {rank}: train_fn raised {first_line(e.cause or e)}", now,
                                  ranks=(rank,))
         except RayActorError as e:
             text = str(e).lower()
@@ -401,20 +381,13 @@ class Supervisor:
                 or (node is not None and self.placement.node_lost(node))
             if lost:
                 if node is not None:
-                    self._drop_node(node)
+                    self.fleet.drop_node(node)
                 ranks = tuple(sorted({rank, *self._ranks_on(node)}))
                 return self._failure(NODE_DIED, f"rank {rank}: its node {(node or '?')[:12]} was lost, ranks "
-                                     f"{list(ranks)} and its agent with it ({_first_line(e)})", now, ranks=ranks,
+                                     f"{list(ranks)} and its agent with it ({first_line(e)})", now, ranks=ranks,
                                      node=node)
-            return self._failure(WORKER_DIED, f"rank {rank}: its process died ({_first_line(e)})", now,
+            return self._failure(WORKER_DIED, f"rank {rank}: its process died ({first_line(e)})", now,
                                  ranks=(rank,))
-
-    def _drop_node(self, node: str) -> None:
-        """Forget the lost node's agent (its death is part of this failure, not another one)."""
-        for ref, n in list(self.agent_watch.items()):
-            if n == node:
-                del self.agent_watch[ref]
-        self._forget_agent(node)
 
     def _ranks_on(self, node: str | None) -> tuple[int, ...]:
         return tuple(sorted(r for r, n in self.rank_node.items() if n == node))
@@ -491,7 +464,7 @@ class Supervisor:
             if self._coordinator_down_since is None:
                 self._coordinator_down_since = time.time()
                 self.log(ev.COORDINATOR, f"coordinator unreachable ({type(e).__name__}); training goes on, "
-                         "commits wait for it", error=_first_line(e))
+                         "commits wait for it", error=first_line(e))
             return None
         if snap["incarnation"] != self._incarnation:
             if self._incarnation is not None:
@@ -562,80 +535,6 @@ class Supervisor:
                          seconds=rec.resumed_after_s)
                 self._pending_restore = None
 
-    # -- agents ----------------------------------------------------------------------------------
-
-    def _ensure_agents(self, nodes: set[str]) -> None:
-        remote = ray.remote(NodeAgent)
-        new = {}
-        for node in nodes - set(self.agents):
-            new[node] = remote.options(
-                name=agent_actor_name(self.coordinator_name, node), num_cpus=0, max_concurrency=8, max_restarts=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-            ).remote(self.job_id, self.config.agent_memory_bytes, self.coordinator,
-                     replicas=self.config.agent_replicas, token=self._token)
-        for node, actor in new.items():
-            info = ray.get(actor.info.remote(), timeout=120)
-            self.agents[node] = actor
-            self.agent_address[node] = info["address"]
-            if info.get("peer_address"):
-                self.agent_peer[node] = info["peer_address"]
-            self.agent_watch[actor.wait_stopped.remote()] = node
-            self.log(ev.AGENT, f"agent up on node {node[:12]} at {info['address']}"
-                     + (f", replicas served on {info['peer_address']}" if info.get("peer_address") else ""),
-                     node=node, address=info["address"], peer_address=info.get("peer_address"))
-        if new:
-            self._update_ring()
-
-    def _forget_agent(self, node: str) -> None:
-        self.agents.pop(node, None)
-        self.agent_address.pop(node, None)
-        try:  # else its silence is reported again after agent_timeout_s (a lost node's agent never returns)
-            self.coordinator.forget_agent.remote(node)
-        except Exception:  # noqa: BLE001 - a coordinator restarting rebuilds from heartbeats anyway
-            pass
-        if self.agent_peer.pop(node, None) is not None:
-            self._update_ring()
-
-    def _update_ring(self) -> None:
-        """Every live agent replicates to the next ``agent_replicas`` agents of the ring (nodes in
-        a fixed order); called whenever an agent comes or goes."""
-        want = self.config.agent_replicas
-        if not want:
-            return
-        nodes = sorted(n for n in self.agent_peer if n in self.agents)
-        ring = [self.agent_peer[n] for n in nodes]
-        k = min(want, len(ring) - 1)
-        refs = {self.agents[n].set_ring.remote(ring, k): n for n in nodes}
-        for ref, n in refs.items():
-            try:
-                ray.get(ref, timeout=30)
-            except (RayError, GetTimeoutError) as e:
-                self.log(ev.AGENT, f"cannot set the replication ring of the agent on node {n[:12]}: {_first_line(e)}",
-                         node=n)
-        if len(nodes) > 1 or k < want:
-            self.log(ev.AGENT, f"replication ring: {len(ring)} agent(s), {k} replica(s) of each snapshot"
-                     + (f" (wanted {want}: not enough nodes)" if k < want else ""), ring=ring, replicas=k)
-
-    def _agent_rows(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        if self.config.agent == "actor":
-            refs = {node: a.snapshots.remote(self.storage.url) for node, a in self.agents.items()}
-        elif self.config.agent is not None:
-            task = ray.remote(num_cpus=0)(snapshot_rows)
-            refs = {n["NodeID"]: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-                n["NodeID"], soft=False)).remote(self.config.agent, self.storage.url)
-                for n in ray.nodes() if n.get("Alive")}
-        else:
-            return rows
-        for node, ref in refs.items():
-            try:
-                for r in ray.get(ref, timeout=30):
-                    rows.append(dict(r, node=node))
-            except (RayError, GetTimeoutError) as e:
-                self.log(ev.AGENT, f"cannot list the snapshots of the agent on node {node[:12]}: {_first_line(e)}",
-                         node=node)
-        return rows
-
     # -- end -------------------------------------------------------------------------------------
 
     def _result(self) -> RunResult:
@@ -656,18 +555,7 @@ class Supervisor:
             except Exception:  # noqa: BLE001
                 pass
         self.workers = []
-        for node, a in list(self.agents.items()):
-            try:
-                ray.get(a.shutdown.remote(), timeout=60)
-            except (RayError, GetTimeoutError):
-                pass
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass
-        self.agents.clear()
-        self.agent_peer.clear()
-        self.agent_watch.clear()
+        self.fleet.shutdown()
         try:
             self.placement.release()
         except Exception:  # noqa: BLE001
@@ -677,8 +565,3 @@ class Supervisor:
                 ray.kill(self.coordinator, no_restart=True)
             except Exception:  # noqa: BLE001
                 pass
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
