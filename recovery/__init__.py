@@ -15,9 +15,10 @@ from .config import CheckpointConfig, DetectConfig, RunConfig
 from .detect import Failure
 from .errors import NoRoomError, RecoveryError, TooManyFailuresError
 from .events import Event, EventLog
-from .launcher import RecoveryRecord, RunResult, run
+from .launcher import run
 from .policy import JobControl, RecoveryOutcome, RecoveryPolicy, ReloadPolicy, resolve_policy
 from .restore import RestorePoint
+from .result import RecoveryRecord, RunResult
 from .worker import TrainContext
 
 __all__ = [
