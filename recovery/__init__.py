@@ -16,13 +16,15 @@ from .detect import Failure
 from .errors import NoRoomError, RecoveryError, TooManyFailuresError
 from .events import Event, EventLog
 from .launcher import run
-from .policy import JobControl, RecoveryOutcome, RecoveryPolicy, ReloadPolicy, resolve_policy
+from .policies import resolve_policy
+from .policy import DataParallelJob, JobControl, JobKind, RecoveryOutcome, RecoveryPolicy, ReloadPolicy
 from .restore import RestorePoint
 from .result import RecoveryRecord, RunResult
 from .worker import TrainContext
 
 __all__ = [
-    "CheckpointConfig", "DetectConfig", "Event", "EventLog", "Failure", "JobControl", "NoRoomError",
+    "CheckpointConfig", "DataParallelJob", "DetectConfig", "Event", "EventLog", "Failure", "JobControl", "JobKind",
+    "NoRoomError",
     "RecoveryError", "RecoveryOutcome", "RecoveryRecord", "RunResult", "RecoveryPolicy", "ReloadPolicy", "RestorePoint", "RunConfig",
     "TooManyFailuresError", "TrainContext", "resolve_policy", "run",
 ]

@@ -25,6 +25,7 @@ RESIZED = "resized"
 COORDINATOR = "coordinator"
 AGENT = "agent"
 BACKOFF = "backoff"
+STORAGE = "storage"  # checkpoints keep failing; training goes on
 FINISHED = "finished"
 ABORTED = "aborted"
 

@@ -1,5 +1,5 @@
 """The running data-parallel job on Ray: its coordinator, workers, placement and node agents,
-and the verbs a recovery policy uses on it (:class:`recovery.policy.JobControl`).
+and the verbs a recovery policy uses on it (:class:`recovery.policy.DataParallelJob`).
 
 The driver owns the workers, so a coordinator that crashes takes no worker with it; the
 coordinator runs on the driver's node, so losing another node never takes it along.
@@ -28,11 +28,12 @@ from .coordinator import Coordinator
 from .events import EventLog
 from .fleet import AgentFleet
 from .placement import Placement
+from .policy import DataParallelJob
 from .restore import RestorePoint, writer_tiers
 from .worker import TrainContext, Worker, WorkerSpec
 
 
-class WorkerJob:
+class WorkerJob(DataParallelJob):
     """One job's processes. ``attempt`` counts the starts of the workers (0 first); a restart
     replaces every worker. ``in_a_row`` is the number of failures since the last committed
     checkpoint, kept by the run loop; the backoff before a restart grows with it."""
@@ -73,7 +74,7 @@ class WorkerJob:
     def ranks_on(self, node: str | None) -> tuple[int, ...]:
         return tuple(sorted(r for r, n in self.rank_node.items() if n == node))
 
-    # -- JobControl -----------------------------------------------------------------------------
+    # -- DataParallelJob -----------------------------------------------------------------------------
 
     @property
     def world_size(self) -> int:

@@ -26,7 +26,8 @@ from .detect import AGENT_DIED, NODE_DIED, STORAGE, WORKER_DIED, WORKER_ERROR, F
 from .errors import NoRoomError, RecoveryError, TooManyFailuresError, first_line
 from .events import EventLog
 from .job import WorkerJob
-from .policy import CONTINUED, RESTARTED, RecoveryPolicy, resolve_policy
+from .policies import resolve_policy
+from .policy import CONTINUED, RESTARTED, JobKind, RecoveryPolicy
 from .restore import RestorePoint
 from .result import RecoveryRecord, RunResult
 from .worker import TrainContext
@@ -64,7 +65,7 @@ def run(train_fn: Callable[[TrainContext], Any], *, num_workers: int, storage: s
     config = RunConfig(num_workers=num_workers, storage=str(storage), max_failures=max_failures,
                        detect=DetectConfig(**detect), checkpoint=CheckpointConfig(**ck), **options)
     the_policy = resolve_policy(policy)
-    if getattr(the_policy, "requires_pipeline", False):
+    if the_policy.job_kind is not JobKind.DATA_PARALLEL:
         raise ValueError(f"policy {the_policy.name!r} rebuilds lost pipeline stages from their neighbours; the workers "
                          "of recovery.run are data-parallel replicas with no stages: use policy='reload' here, or run "
                          "the pipeline with recovery.pipeline.RayPipeline(...).run(steps, policy=...)")

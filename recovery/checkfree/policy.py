@@ -1,17 +1,30 @@
-"""The stage recovery policies that ``policy="neighbor_average"`` and ``policy="auto"`` name."""
+"""The stage recovery policies that ``policy="neighbor_average"`` and ``policy="auto"`` name,
+and what they ask of a pipeline job (:class:`PipelineJob`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from ..policy import ABORT, CONTINUED, RESTARTED, RecoveryOutcome, RecoveryPolicy
+from ..detect import Failure
+from ..policy import ABORT, CONTINUED, RESTARTED, JobKind, RecoveryOutcome, RecoveryPolicy
 from .plan import AutoInputs, RecoveryAction, StageRecovery, decide_auto
 
 STRATEGIES = ("neighbor_average", "copy", "random", "reload", "auto")
 
 
-class StageRecoveryPolicy(RecoveryPolicy):
+@runtime_checkable
+class PipelineJob(Protocol):
+    """What a stage policy may do to a pipeline job (implemented by
+    :class:`recovery.pipeline.RayPipeline`)."""
+
+    def recover_stages(self, lost: list[int], policy: StageRecoveryPolicy) -> dict[str, Any]:
+        """Replace the ``lost`` stages: plan each one, ask ``policy.choose`` between a reload
+        and a rebuild, do it, log the reason. Returns the recovery's record; its ``"chosen"``
+        is the strategy done (``"reload"`` rolled every stage back) and ``"reason"`` why."""
+
+
+class StageRecoveryPolicy(RecoveryPolicy[PipelineJob]):
     """Recover a pipeline-parallel job by replacing only the lost stages.
 
     ``strategy`` is how an interior stage comes back: ``neighbor_average`` (CheckFree), ``copy``
@@ -20,13 +33,12 @@ class StageRecoveryPolicy(RecoveryPolicy):
     stages are restored by copy (CheckFree+) by every strategy but ``reload``; a stage with a
     surviving data-parallel replica is copied from it.
 
-    The job control must implement ``recover_stages(lost, policy)``
-    (:class:`recovery.pipeline.RayPipeline` does); it asks :meth:`choose` what to do, does it,
-    and logs the reason. A data-parallel job (``recovery.run``) has no stages to rebuild: such a
-    job is refused when it starts.
+    The job is a :class:`PipelineJob`; it asks :meth:`choose` what to do, does it, and logs the
+    reason. A data-parallel job (``recovery.run``) has no stages to rebuild: ``recovery.run``
+    refuses these policies when it starts, and one given such a job anyway aborts.
     """
 
-    requires_pipeline = True
+    job_kind: ClassVar[JobKind] = JobKind.PIPELINE
 
     def __init__(self, strategy: str = "neighbor_average") -> None:
         if strategy not in STRATEGIES:
@@ -44,14 +56,13 @@ class StageRecoveryPolicy(RecoveryPolicy):
             return "reload", f"reload: {'; '.join(forced)}"
         return self.strategy, f"{self.strategy}: " + "; ".join(f"stage {p.stage}: {p.reason}" for p in plans)
 
-    def on_failure(self, failure: Any, job: Any) -> RecoveryOutcome:
-        recover = getattr(job, "recover_stages", None)
-        if recover is None:
+    def on_failure(self, failure: Failure, job: PipelineJob) -> RecoveryOutcome:
+        if not isinstance(job, PipelineJob):
             return RecoveryOutcome(ABORT, detail=f"policy {self.name!r} rebuilds pipeline stages; this job has none "
                                    "(use recovery.pipeline.RayPipeline, or policy='reload')")
         if not failure.ranks:
             return RecoveryOutcome(ABORT, detail=f"{failure.kind}: no stage named as lost ({failure.detail})")
-        event = recover(sorted(failure.ranks), self)
+        event = job.recover_stages(sorted(failure.ranks), self)
         action = RESTARTED if event["chosen"] == "reload" else CONTINUED
         return RecoveryOutcome(action, detail=event.get("reason", ""))
 

@@ -13,7 +13,7 @@ ray = pytest.importorskip("ray")
 
 from recovery.checkfree import NeighborAveragePolicy  # noqa: E402
 from recovery.pipeline import ModelConfig, PipelineConfig, RayPipeline, StageLostError, TrainConfig  # noqa: E402
-from recovery.policy import resolve_policy  # noqa: E402
+from recovery.policies import resolve_policy  # noqa: E402
 
 EPS = 1e-4
 

@@ -311,7 +311,7 @@ def _failure(*ranks: int):
 
 
 def test_policy_names_resolve_to_stage_policies():
-    from recovery.policy import resolve_policy
+    from recovery.policies import resolve_policy
 
     assert isinstance(resolve_policy("neighbor_average"), cf.NeighborAveragePolicy)
     assert isinstance(resolve_policy("auto"), cf.AutoPolicy)

@@ -18,7 +18,8 @@ from recovery.config import CheckpointConfig, DetectConfig, RunConfig
 from recovery.coordinator import Coordinator
 from recovery.detect import AGENT_DIED, HANG, STORAGE, WORKER_DIED, Failure, Membership
 from recovery.events import EventLog
-from recovery.policy import CONTINUED, RESTARTED, RecoveryOutcome, RecoveryPolicy, ReloadPolicy, resolve_policy
+from recovery.policies import resolve_policy
+from recovery.policy import CONTINUED, RESTARTED, RecoveryOutcome, RecoveryPolicy, ReloadPolicy
 from recovery.restore import RestorePoint
 from recovery.registry import CheckpointRegistry
 
