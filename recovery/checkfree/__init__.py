@@ -33,7 +33,7 @@ from .plan import (
     plan_recovery,
     swap_partner,
 )
-from .policy import STRATEGIES, AutoPolicy, NeighborAveragePolicy, StageRecoveryPolicy, stage_policy
+from .policy import STRATEGIES, AutoPolicy, NeighborAveragePolicy, PipelineJob, StageRecoveryPolicy, stage_policy
 from .rule import NeighborAverage, NeighborAverageConfig, copy_from_neighbor, grad_norm, prepare_rebuilt_optimizer
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "NeighborAverage",
     "NeighborAverageConfig",
     "NeighborAveragePolicy",
+    "PipelineJob",
     "RecoveryAction",
     "StageRecovery",
     "StageRecoveryPolicy",

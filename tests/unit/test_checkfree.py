@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from examples.pipeline_demo import ModelConfig, Stage, TrainConfig, build_optimizer, build_stages, lr_factor
 from recovery import checkfree as cf
-from recovery.pipeline import ModelConfig, Stage, TrainConfig, build_optimizer, build_stages, lr_factor
 
 EPS = 1e-4
 
