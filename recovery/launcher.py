@@ -278,7 +278,7 @@ class Supervisor:
         failure = None
         for note in snap["notes"]:
             kind, msg, fields = note["kind"], note["message"], note["fields"]
-            if kind == "failure":
+            if kind == ev.FAILURE:
                 f = Failure(**{k: v for k, v in fields["failure"].items() if k != "detected_after_s"} |
                             {"ranks": tuple(fields["failure"]["ranks"])})
                 if f.attempt == self.job.attempt and failure is None and not final:
@@ -288,11 +288,11 @@ class Supervisor:
                 else:
                     self.log(ev.FAILURE, f"(handled with the failure above) {msg}")
                 continue
-            if kind == "checkpoint":
+            if kind == ev.CHECKPOINT:
                 self.checkpoints.setdefault(fields["step"], {"step": fields["step"]})
                 self.job.in_a_row = 0  # progress since the last restart: the backoff starts over
             self.log(kind, msg, **fields)
-            if kind == "checkpoint" and not final and failure is None:
+            if kind == ev.CHECKPOINT and not final and failure is None:
                 outcome = self.policy.on_checkpoint(fields["step"], self.job)
                 if outcome is not None and outcome.action == RESTARTED:
                     return None
