@@ -24,7 +24,6 @@ from .worker import TrainContext
 
 __all__ = [
     "CheckpointConfig", "DataParallelJob", "DetectConfig", "Event", "EventLog", "Failure", "JobControl", "JobKind",
-    "NoRoomError",
-    "RecoveryError", "RecoveryOutcome", "RecoveryRecord", "RunResult", "RecoveryPolicy", "ReloadPolicy", "RestorePoint", "RunConfig",
-    "TooManyFailuresError", "TrainContext", "resolve_policy", "run",
+    "NoRoomError", "RecoveryError", "RecoveryOutcome", "RecoveryPolicy", "RecoveryRecord", "ReloadPolicy",
+    "RestorePoint", "RunConfig", "RunResult", "TooManyFailuresError", "TrainContext", "resolve_policy", "run",
 ]

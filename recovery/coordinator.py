@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 class Coordinator:
-    """Plain class; the launcher wraps it with ``ray.remote``. Thread-safe: Ray calls land on
+    """Plain class; :class:`recovery.job.WorkerJob` wraps it with ``ray.remote``. Thread-safe: Ray calls land on
     the actor's thread, commits and checks run on a background thread."""
 
     def __init__(self, storage_url: str, detect: DetectConfig, *, keep_last: int | None = None,

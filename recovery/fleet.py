@@ -48,7 +48,7 @@ def snapshot_rows(address: str, run_url: str) -> list[dict[str, Any]]:
 
 
 class NodeAgent:
-    """Plain class; the launcher wraps it with ``ray.remote`` (threaded: ``wait_stopped``
+    """Plain class; :class:`AgentFleet` wraps it with ``ray.remote`` (threaded: ``wait_stopped``
     blocks while other calls are served)."""
 
     def __init__(self, job_id: str, memory_bytes: int, coordinator: Any = None, heartbeat_s: float = 1.0,
@@ -64,7 +64,7 @@ class NodeAgent:
         peer: dict[str, Any] = {}
         if replicas:
             # Replicas go to the agents of other nodes over TCP on this node's address, with the
-            # job's token; the ring is set by the launcher once it knows every agent.
+            # job's token; the ring is set by the fleet once it knows every agent.
             ip = ray.util.get_node_ip_address()
             host = f"[{ip}]" if ":" in ip else ip
             peer = {"peer_listen": f"{host}:0", "token": token, "peer_dead_after_s": peer_dead_after_s,

@@ -22,7 +22,7 @@ from .restore import RestorePoint
 # Outcomes.
 RESTARTED = "restarted"  # workers were replaced; the job resumes from ``restore``
 CONTINUED = "continued"  # nothing was restarted (the failure needs no restart)
-ABORT = "abort"  # give up: the launcher stops the job and raises
+ABORT = "abort"  # give up: the job's driver stops the job and raises
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +115,8 @@ class ReloadPolicy(RecoveryPolicy[DataParallelJob]):
     def on_failure(self, failure: Failure, job: DataParallelJob) -> RecoveryOutcome:
         if not isinstance(job, DataParallelJob):
             return RecoveryOutcome(ABORT, detail="policy 'reload' restarts the workers of a data-parallel job "
-                                   "(recovery.run); a pipeline reloads with RayPipeline(...).run(steps, policy='reload')")
+                                   "(recovery.run); a pipeline reloads with "
+                                   "RayPipeline(...).run(steps, policy='reload')")
         if failure.kind == STORAGE:
             job.log(ev.STORAGE, f"checkpoints keep failing ({failure.detail}); training goes on without them: "
                     "check the storage", detail=failure.detail)

@@ -182,7 +182,7 @@ def free_port(host: str = "") -> int:
 
 
 class Worker:
-    """Plain class; the launcher wraps it with ``ray.remote`` and places one per bundle."""
+    """Plain class; :class:`recovery.job.WorkerJob` wraps it with ``ray.remote`` and places one per bundle."""
 
     def __init__(self, rank: int, world_size: int, attempt: int) -> None:
         self.rank = rank
