@@ -20,7 +20,7 @@ from torch import nn
 
 import ckpt
 
-from ..checkfree import prepare_rebuilt_optimizer
+from ..checkfree.rule import prepare_rebuilt_optimizer
 from .spec import PipelineConfig, PipelineModel
 
 

@@ -276,6 +276,16 @@ def test_restore_point_tiers():
     assert RestorePoint(3, {"a": Tier.AGENT_MEMORY, "b": Tier.AGENT_MEMORY}).expected_tier == Tier.AGENT_MEMORY
 
 
+def test_restore_point_speaks_tiers_only():
+    from recovery.restore import writer_tiers
+
+    with pytest.raises(TypeError, match="ckpt.restore.Tier"):
+        RestorePoint(3, {"a": "memory"})
+    held = {("w0", False), ("w1", True), ("w0", True)}
+    assert writer_tiers(["w0", "w1", "w2"], held) == {"w0": Tier.AGENT_MEMORY, "w1": Tier.PEER, "w2": Tier.STORAGE}
+    assert RestorePoint(3, {"a": Tier.PEER}).expected_tier == "peer"
+
+
 # -- configuration ------------------------------------------------------------------------------------
 
 
