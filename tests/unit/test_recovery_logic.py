@@ -20,8 +20,8 @@ from recovery.detect import AGENT_DIED, HANG, STORAGE, WORKER_DIED, Failure, Mem
 from recovery.events import EventLog
 from recovery.policies import resolve_policy
 from recovery.policy import CONTINUED, RESTARTED, RecoveryOutcome, RecoveryPolicy, ReloadPolicy
-from recovery.restore import RestorePoint
 from recovery.registry import CheckpointRegistry
+from recovery.restore import RestorePoint
 
 
 class Clock:
