@@ -15,12 +15,15 @@ from .config import CheckpointConfig, DetectConfig, RunConfig
 from .detect import Failure
 from .errors import NoRoomError, RecoveryError, TooManyFailuresError
 from .events import Event, EventLog
-from .launcher import RecoveryRecord, RunResult, run
-from .policy import JobControl, RecoveryOutcome, RecoveryPolicy, ReloadPolicy, RestorePoint, resolve_policy
+from .launcher import run
+from .policies import resolve_policy
+from .policy import DataParallelJob, JobControl, JobKind, RecoveryOutcome, RecoveryPolicy, ReloadPolicy
+from .restore import RestorePoint
+from .result import RecoveryRecord, RunResult
 from .worker import TrainContext
 
 __all__ = [
-    "CheckpointConfig", "DetectConfig", "Event", "EventLog", "Failure", "JobControl", "NoRoomError",
-    "RecoveryError", "RecoveryOutcome", "RecoveryRecord", "RunResult", "RecoveryPolicy", "ReloadPolicy", "RestorePoint", "RunConfig",
-    "TooManyFailuresError", "TrainContext", "resolve_policy", "run",
+    "CheckpointConfig", "DataParallelJob", "DetectConfig", "Event", "EventLog", "Failure", "JobControl", "JobKind",
+    "NoRoomError", "RecoveryError", "RecoveryOutcome", "RecoveryPolicy", "RecoveryRecord", "ReloadPolicy",
+    "RestorePoint", "RunConfig", "RunResult", "TooManyFailuresError", "TrainContext", "resolve_policy", "run",
 ]

@@ -21,6 +21,7 @@ from typing import Any
 from ckpt.retention import RetentionPolicy
 from ckpt.storage import open_storage
 
+from . import events as ev
 from .config import DetectConfig
 from .detect import STORAGE, Failure, Membership
 from .registry import CheckpointRegistry, PollResult
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 class Coordinator:
-    """Plain class; the launcher wraps it with ``ray.remote``. Thread-safe: Ray calls land on
+    """Plain class; :class:`recovery.job.WorkerJob` wraps it with ``ray.remote``. Thread-safe: Ray calls land on
     the actor's thread, commits and checks run on a background thread."""
 
     def __init__(self, storage_url: str, detect: DetectConfig, *, keep_last: int | None = None,
@@ -52,7 +53,7 @@ class Coordinator:
         self._storage_reported = False
         self._stop = threading.Event()
         self.registry.rebuild()
-        self._note("coordinator", f"coordinator {self.incarnation} up; storage has "
+        self._note(ev.COORDINATOR, f"coordinator {self.incarnation} up; storage has "
                    f"{len(self.registry.committed)} committed checkpoint(s), newest "
                    f"{self.registry.last_committed}", incarnation=self.incarnation,
                    committed=list(self.registry.committed))
@@ -80,7 +81,7 @@ class Coordinator:
         self._inbox.put(("report", (rank, step, save_id, stall_s, nbytes), None))
         if error:
             with self._lock:
-                self._note("checkpoint_failed", f"rank {rank}: checkpoint of step {step} failed: {error}",
+                self._note(ev.CHECKPOINT_FAILED, f"rank {rank}: checkpoint of step {step} failed: {error}",
                            step=step, rank=rank, error=error)
 
     def restored(self, attempt: int, rank: int, info: dict[str, Any]) -> None:
@@ -203,17 +204,17 @@ class Coordinator:
                 self._storage_reported = False
 
     def _failure(self, f: Failure) -> None:
-        self._note("failure", f.detail, failure=f.to_dict())
+        self._note(ev.FAILURE, f.detail, failure=f.to_dict())
 
     def _record(self, result: PollResult) -> None:
         with self._lock:
             for rec in result.committed:
-                self._note("checkpoint", f"committed step {rec.step} ({len(rec.writers)} writers)",
+                self._note(ev.CHECKPOINT, f"committed step {rec.step} ({len(rec.writers)} writers)",
                            step=rec.step, writers=len(rec.writers), save_id=rec.save_id,
                            latency_s=round(rec.committed_at - rec.began_at, 3) if rec.committed_at else None)
             for rec in result.failed:
-                self._note("checkpoint_failed", f"checkpoint of step {rec.step} failed: {rec.failed}",
+                self._note(ev.CHECKPOINT_FAILED, f"checkpoint of step {rec.step} failed: {rec.failed}",
                            step=rec.step, error=rec.failed)
             if result.deleted:
-                self._note("retention", f"retention removed steps {list(result.deleted)}",
+                self._note(ev.RETENTION, f"retention removed steps {list(result.deleted)}",
                            deleted=list(result.deleted))

@@ -138,7 +138,7 @@ class DemoTrainer:
             elif f.kind == KILL_AGENT:
                 import ray
 
-                from .agents import agent_actor_name
+                from .fleet import agent_actor_name
 
                 ray.kill(ray.get_actor(agent_actor_name(ctx.coordinator_name, ctx.node)))
             elif f.kind in (STORAGE_DOWN, STORAGE_UP):
@@ -165,7 +165,6 @@ class DemoTrainer:
 
     def _reference(self, world: int, steps: int, resized: dict[int, int]) -> dict[str, torch.Tensor]:
         model, opt = self.build()
-        replicas = [(model, opt)]
         for step in range(steps):
             world = resized.get(step, world)
             grads_by_rank = []
@@ -185,7 +184,6 @@ class DemoTrainer:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=False)
-        del replicas
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

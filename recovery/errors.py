@@ -18,3 +18,9 @@ class TooManyFailuresError(RecoveryError, RuntimeError):
 
 class NoRoomError(RecoveryError, RuntimeError):
     """The cluster has no room for even ``min_workers`` workers."""
+
+
+def first_line(e: BaseException) -> str:
+    """An error's first line, for an event's message."""
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

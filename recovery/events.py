@@ -11,11 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-# Kinds of events (the tag a reader filters on).
+# Kinds of events (the tag a reader filters on). Every kind emitted, by the launcher, the
+# coordinator (its notes become events as the launcher polls them) or a policy, is named here.
 STARTED = "started"
 WORKERS_STARTED = "workers_started"
 CHECKPOINT = "checkpoint"
 CHECKPOINT_FAILED = "checkpoint_failed"
+RETENTION = "retention"
 FAILURE = "failure"
 STOPPING = "stopping"
 RESTORE_PLAN = "restore_plan"
@@ -25,6 +27,7 @@ RESIZED = "resized"
 COORDINATOR = "coordinator"
 AGENT = "agent"
 BACKOFF = "backoff"
+STORAGE = "storage"  # checkpoints keep failing; training goes on
 FINISHED = "finished"
 ABORTED = "aborted"
 

@@ -1,116 +1,36 @@
-"""``recovery.run``: start the coordinator, the node agents and the workers on Ray, watch
-them, and recover with the policy when something fails.
+"""``recovery.run``: start the job on Ray, watch it, and recover with the policy when
+something fails: the run loop.
 
-The launcher (the driver process) owns the workers, so a coordinator that crashes takes no
-worker with it. It sees a worker process die at once (Ray fails the worker's ``run`` call),
-an agent die the same way (its ``wait_stopped`` call fails), and pulls hangs, silent agents
-and failing storage from the coordinator. Every event is logged as it happens.
+The launcher (the driver process) sees a worker process die at once (Ray fails the worker's
+``run`` call), an agent die the same way (its ``wait_stopped`` call fails), and pulls hangs,
+silent agents and failing storage from the coordinator. Every event is logged as it happens.
+What the job is made of, and what a policy may do to it, is :class:`recovery.job.WorkerJob`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import math
-import secrets
-import socket
 import sys
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from ckpt import format as fmt
-from ckpt.restore import Tier
-from ckpt.storage import open_storage
 
 from . import events as ev
-from .agents import NodeAgent, agent_actor_name, snapshot_rows
 from .config import CheckpointConfig, DetectConfig, RunConfig
-from .coordinator import Coordinator
 from .detect import AGENT_DIED, NODE_DIED, STORAGE, WORKER_DIED, WORKER_ERROR, Failure
-from .errors import NoRoomError, RecoveryError, TooManyFailuresError
-from .events import Event, EventLog
-from .policy import CONTINUED, RecoveryPolicy, RestorePoint, resolve_policy
-from .worker import TrainContext, Worker
-
-log = logging.getLogger(__name__)
-
-_TIER_OF = {"memory": Tier.AGENT_MEMORY.value, "peer": Tier.PEER.value, "storage": Tier.STORAGE.value}
-
-
-@dataclass
-class RecoveryRecord:
-    """One failure and what was done about it."""
-
-    failure: Failure
-    at_s: float  # seconds since the job started, when it was detected
-    action: str = ""
-    world_before: int = 0
-    world_after: int | None = None
-    restore_step: int | None = None
-    expected_tier: str | None = None
-    restored_from: str | None = None  # the tier that served most bytes
-    restore_bytes: dict[str, int] = field(default_factory=dict)
-    restore_s: float | None = None  # the slowest rank's restore
-    resumed_after_s: float | None = None  # detection -> first step of the new attempt
-    steps_lost: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["failure"] = self.failure.to_dict()
-        return d
-
-
-@dataclass
-class RunResult:
-    returns: list[Any]  # train_fn's return value per rank of the last attempt
-    world_size: int
-    attempts: int
-    storage: str
-    failures: list[RecoveryRecord]
-    checkpoints: list[dict[str, Any]]  # committed checkpoints: step, stall_s (slowest rank), bytes, ...
-    events: list[Event]
-    elapsed_s: float
-
-    def summary(self) -> str:
-        """A few lines for people: checkpoints, stalls, failures and their recovery."""
-        lines = []
-        stalls = [c["stall_s"] for c in self.checkpoints if c.get("stall_s") is not None]
-        steps = [c["step"] for c in self.checkpoints]
-        lines.append(f"checkpoints committed: {len(steps)} (steps {_ranges(steps)})")
-        if stalls:
-            lines.append(f"training stall per checkpoint (slowest rank): mean {1e3 * sum(stalls) / len(stalls):.1f} ms, "
-                         f"max {1e3 * max(stalls):.1f} ms")
-        for i, r in enumerate(self.failures, 1):
-            f = r.failure
-            det = f"{f.detected_after_s:.2f} s" if f.detected_after_s is not None else "?"
-            lines.append(f"failure {i}: {f.kind} ({f.detail}) at {r.at_s:.1f} s, detected {det} after the last "
-                         "sign of progress")
-            if r.action == "restarted":
-                src = r.restored_from or r.expected_tier or "?"
-                mb = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r.restore_bytes.items() if v)
-                rs = f"{r.restore_s:.2f} s" if r.restore_s is not None else "?"
-                resumed = f"{r.resumed_after_s:.1f} s" if r.resumed_after_s is not None else "?"
-                lines.append(f"  restored step {r.restore_step} from {src}{f' ({mb})' if mb else ''} in {rs}; "
-                             f"workers {r.world_before} -> {r.world_after}; training resumed {resumed} after "
-                             f"detection; steps lost: {r.steps_lost if r.steps_lost is not None else '?'}")
-            else:
-                lines.append(f"  {r.action}")
-        lines.append(f"finished: {self.world_size} workers, {self.attempts} attempt(s), {self.elapsed_s:.1f} s")
-        return "\n".join(lines)
-
-
-def _ranges(steps: list[int]) -> str:
-    if not steps:
-        return "none"
-    return ", ".join(str(s) for s in steps) if len(steps) <= 12 else f"{steps[0]} … {steps[-1]}"
+from .errors import NoRoomError, RecoveryError, TooManyFailuresError, first_line
+from .events import EventLog
+from .job import WorkerJob
+from .policies import resolve_policy
+from .policy import CONTINUED, RESTARTED, JobKind, RecoveryPolicy
+from .restore import RestorePoint
+from .result import RecoveryRecord, RunResult
+from .worker import TrainContext
 
 
 def run(train_fn: Callable[[TrainContext], Any], *, num_workers: int, storage: str,
@@ -145,7 +65,7 @@ def run(train_fn: Callable[[TrainContext], Any], *, num_workers: int, storage: s
     config = RunConfig(num_workers=num_workers, storage=str(storage), max_failures=max_failures,
                        detect=DetectConfig(**detect), checkpoint=CheckpointConfig(**ck), **options)
     the_policy = resolve_policy(policy)
-    if getattr(the_policy, "requires_pipeline", False):
+    if the_policy.job_kind is not JobKind.DATA_PARALLEL:
         raise ValueError(f"policy {the_policy.name!r} rebuilds lost pipeline stages from their neighbours; the workers "
                          "of recovery.run are data-parallel replicas with no stages: use policy='reload' here, or run "
                          "the pipeline with recovery.pipeline.RayPipeline(...).run(steps, policy=...)")
@@ -158,7 +78,7 @@ def run(train_fn: Callable[[TrainContext], Any], *, num_workers: int, storage: s
             init["num_cpus"] = num_cpus
         ray.init(**init)
         started = True
-    sup = Supervisor(train_fn, config, the_policy, EventLog(echo=echo, json_lines=json_events))
+    sup = Supervisor(WorkerJob(train_fn, config, EventLog(echo=echo, json_lines=json_events)), the_policy)
     try:
         return sup.run()
     finally:
@@ -168,220 +88,35 @@ def run(train_fn: Callable[[TrainContext], Any], *, num_workers: int, storage: s
 
 
 class Supervisor:
-    """Runs one job; implements :class:`recovery.policy.JobControl` for the policy."""
+    """Runs one job to its end: watches it, hands each failure to the policy, records what
+    happened."""
 
-    def __init__(self, train_fn: Callable[[TrainContext], Any], config: RunConfig, policy: RecoveryPolicy,
-                 log_: EventLog) -> None:
-        self.config = config
+    def __init__(self, job: WorkerJob, policy: RecoveryPolicy) -> None:
+        self.job = job
+        self.config = job.config
         self.policy = policy
-        self.events = log_
-        self.job_id = uuid.uuid4().hex[:8]
-        self.storage = open_storage(config.storage)
-        self.train_fn_ref = ray.put(train_fn)
-        self.coordinator_name = f"ckpt-coordinator-{self.job_id}"
-        self.coordinator: Any = None
-        self.agents: dict[str, Any] = {}  # node -> agent actor
-        self.agent_address: dict[str, str] = {}
-        self.agent_watch: dict[Any, str] = {}  # wait_stopped ref -> node
-        self.agent_peer: dict[str, str] = {}  # node -> the agent's replication address
-        self._token = secrets.token_urlsafe(24)  # between this job's agents
-        self.rank_node: dict[int, str] = {}
-        self.lost_nodes: set[str] = set()  # lost, though Ray may not have marked them dead yet
-        self._driver_node: str | None = None
-        self.workers: list[Any] = []
-        self.run_refs: dict[Any, int] = {}  # run ref -> rank
-        self.returns: dict[int, Any] = {}
-        self.pg: Any = None
-        self._pg_world = 0
-        self._attempt = -1
-        self._world = 0
         self.records: list[RecoveryRecord] = []
         self.checkpoints: dict[int, dict[str, Any]] = {}
         self._failures = 0
-        self._in_a_row = 0
         self._cursor = 0
         self._incarnation: str | None = None
         self._progress: dict[str, Any] = {}
         self._coordinator_down_since: float | None = None
         self._pending_restore: RecoveryRecord | None = None
-        self._restore_reported = False
+        self._restore_reported: int | None = None  # the attempt whose restore was reported
         self._t0 = time.time()
 
-    # -- JobControl -----------------------------------------------------------------------------
-
-    @property
-    def world_size(self) -> int:
-        return self._world
-
-    @property
-    def attempt(self) -> int:
-        return self._attempt
-
     def log(self, kind: str, message: str, **fields: Any) -> None:
-        self.events.emit(kind, message, **fields)
-
-    def stop_workers(self, reason: str) -> None:
-        n = len(self.workers)
-        for w in self.workers:
-            try:
-                ray.kill(w, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-        self.workers = []
-        self.run_refs = {}
-        if self.pg is not None:
-            remove_placement_group(self.pg)
-            self.pg = None
-        self.log(ev.STOPPING, f"stopped {n} workers of attempt {self._attempt} ({reason})", workers=n,
-                 attempt=self._attempt)
-
-    def find_restore_point(self) -> RestorePoint:
-        cfg = self.config
-        deadline = time.monotonic() + cfg.settle_timeout_s
-        rows = self._agent_rows()
-        while any(r["state"] == "staged" for r in rows) and time.monotonic() < deadline:
-            time.sleep(0.1)  # the agents persist what the workers staged before they died
-            rows = self._agent_rows()
-        completed: tuple[int, ...] = ()
-        before = set(fmt.committed_steps(self.storage))
-        try:
-            ray.get(self.coordinator.settle.remote(), timeout=60)
-        except (RayError, GetTimeoutError) as e:
-            self.log(ev.COORDINATOR, f"coordinator unavailable while settling ({type(e).__name__}): restoring "
-                     "from what is committed")
-        committed = fmt.committed_steps(self.storage)
-        completed = tuple(sorted(set(committed) - before))
-        step = committed[-1] if committed else None
-        tiers: dict[str, str] = {}
-        if step is not None:
-            writers = fmt.read_manifest(self.storage, step).writers
-            # The agents learn of a commit by polling storage: give them a moment, so that the
-            # restore is served from their memory.
-            deadline = time.monotonic() + 5.0
-            while True:
-                held = {(r["writer"], r["replica"]) for r in rows if r["step"] == step and r["state"] == "committed"}
-                if {w for w, _ in held} >= set(writers) or time.monotonic() > deadline or not self.agents:
-                    break
-                time.sleep(0.2)
-                rows = self._agent_rows()
-            for w in writers:
-                tiers[w] = "memory" if (w, False) in held else "peer" if (w, True) in held else "storage"
-        point = RestorePoint(step, tiers, completed)
-        try:
-            ray.get(self.coordinator.rollback.remote(step), timeout=30)
-        except (RayError, GetTimeoutError):
-            pass
-        held_mem = sum(1 for t in tiers.values() if t == "memory")
-        where = (f"agent memory holds {held_mem} of {len(tiers)} writers' snapshots, "
-                 f"{sum(1 for t in tiers.values() if t == 'peer')} in peer replicas, the rest from storage")
-        self.log(ev.RESTORE_PLAN, "no committed checkpoint: starting from scratch" if step is None else
-                 f"restore step {step} ({where})" + (f"; completed {list(completed)} now" if completed else ""),
-                 step=step, tiers=tiers, completed=list(completed))
-        return point
-
-    def room_for(self, n: int) -> bool:
-        return self._fits() >= n
-
-    def fit_world(self, want: int, minimum: int) -> int:
-        cfg = self.config
-        # After a node loss, do not wait placement_timeout_s for a size that cannot fit (an
-        # autoscaling cluster still gets to add nodes for `want` otherwise).
-        n = max(minimum, min(want, self._fits())) if self.lost_nodes else want
-        if n < want:
-            self.log(ev.RESIZED, f"room for {n} of {want} workers", wanted=want)
-        tried: set[int] = set()
-        while n >= minimum:
-            tried.add(n)
-            pg = placement_group([self._bundle()] * n, strategy=cfg.placement_strategy)
-            ready, _ = ray.wait([pg.ready()], timeout=cfg.placement_timeout_s)
-            if ready:
-                self.pg, self._pg_world = pg, n
-                return n
-            remove_placement_group(pg)
-            fits = min(n - 1, self._fits())
-            self.log(ev.RESIZED, f"no room for {n} workers after {cfg.placement_timeout_s:g} s; "
-                     f"trying {max(fits, minimum)}", wanted=n)
-            n = max(fits, minimum) if fits < n - 1 else n - 1
-            if n in tried:
-                break
-        raise NoRoomError(f"the cluster has no room for even {minimum} workers "
-                          f"({self._bundle()} each); add nodes or lower min_workers")
-
-    def start_workers(self, world_size: int, restore: RestorePoint | None) -> None:
-        cfg = self.config
-        if self._in_a_row:
-            delay = cfg.backoff_for(self._in_a_row)
-            if delay:
-                self.log(ev.BACKOFF, f"waiting {delay:.1f} s before restarting ({self._in_a_row} failure(s) in a row)",
-                         seconds=delay)
-                time.sleep(delay)
-        if self.pg is None or self._pg_world != world_size:
-            if self.pg is not None:
-                remove_placement_group(self.pg)
-                self.pg = None
-            self.fit_world(world_size, world_size)
-        self._attempt += 1
-        self._world = world_size
-        attempt = self._attempt
-        try:
-            ray.get(self.coordinator.begin_attempt.remote(attempt, world_size), timeout=30)
-        except (RayError, GetTimeoutError):
-            pass
-        res = self._bundle()
-        opts: dict[str, Any] = {"num_cpus": res.get("CPU", 0), "num_gpus": res.get("GPU", 0), "max_restarts": 0}
-        custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU")}
-        if custom:
-            opts["resources"] = custom
-        remote = ray.remote(Worker)
-        self.workers = [remote.options(**opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            self.pg, placement_group_bundle_index=i)).remote(i, world_size, attempt) for i in range(world_size)]
-        infos = ray.get([w.node_info.remote() for w in self.workers])
-        nodes = [i["node"] for i in infos]
-        self.rank_node = dict(enumerate(nodes))
-        if cfg.agent == "actor":
-            self._ensure_agents(set(nodes))
-        port = ray.get(self.workers[0].free_port.remote())
-        ck = cfg.checkpoint
-        base = {"backend": cfg.torch_backend, "master_addr": infos[0]["ip"], "master_port": port,
-                "collective_timeout_s": cfg.collective_timeout_s, "coordinator": self.coordinator,
-                "coordinator_name": self.coordinator_name, "heartbeat_interval_s": cfg.detect.heartbeat_interval_s,
-                "storage": cfg.storage, "restore_step": None if restore is None else restore.step,
-                "checkpoint": {"every_n_steps": ck.every_n_steps, "commit_timeout_s": ck.commit_timeout_s,
-                               "options": dict(ck.options)},
-                "num_threads": max(1, math.floor(res.get("CPU", 1) or 1))}
-        self.run_refs = {}
-        for rank, (w, node) in enumerate(zip(self.workers, nodes)):
-            agent = self.agent_address.get(node) if cfg.agent == "actor" else cfg.agent
-            spec = dict(base, node=node, agent=agent)
-            self.run_refs[w.run.remote(self.train_fn_ref, spec)] = rank
-        self.returns = {}
-        self._restore_reported = False
-        self.log(ev.WORKERS_STARTED, f"attempt {attempt}: {world_size} workers on {len(set(nodes))} node(s)"
-                 + ("" if restore is None or restore.step is None else f", resuming from step {restore.step}"),
-                 attempt=attempt, world_size=world_size, nodes=len(set(nodes)),
-                 restore_step=None if restore is None else restore.step)
-
-    # -- the job --------------------------------------------------------------------------------
+        self.job.log(kind, message, **fields)
 
     def run(self) -> RunResult:
-        cfg = self.config
-        self.log(ev.STARTED, f"job {self.job_id}: {cfg.num_workers} workers, policy {self.policy.name}, "
-                 f"storage {cfg.storage}", job=self.job_id, num_workers=cfg.num_workers, policy=self.policy.name)
-        ck = cfg.checkpoint
-        # On the driver's node: losing a worker node does not take the coordinator along (the
-        # driver's node is lost only with the driver). Ray ignores a soft affinity for
-        # restartable actors, so it is a hard one, where the driver runs on a node at all.
-        here = self._driver_node = ray.get_runtime_context().get_node_id()
-        on_node = any(n["NodeID"] == here and n.get("Alive") for n in ray.nodes())
-        self.coordinator = ray.remote(Coordinator).options(
-            name=self.coordinator_name, num_cpus=0, max_restarts=cfg.coordinator_max_restarts, max_task_retries=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False) if on_node else None,
-        ).remote(cfg.storage, cfg.detect, keep_last=ck.keep_last, keep_every=ck.keep_every)
-        ray.get(self.coordinator.ping.remote())
-        self.log(ev.COORDINATOR, f"coordinator up on node {ray.get(self.coordinator.node.remote())[:12]}")
-        committed = fmt.committed_steps(self.storage)
-        world = self.fit_world(cfg.num_workers, cfg.min_workers)
-        self.start_workers(world, RestorePoint(committed[-1] if committed else None))
+        cfg, job = self.config, self.job
+        self.log(ev.STARTED, f"job {job.job_id}: {cfg.num_workers} workers, policy {self.policy.name}, "
+                 f"storage {cfg.storage}", job=job.job_id, num_workers=cfg.num_workers, policy=self.policy.name)
+        job.start_coordinator()
+        committed = fmt.committed_steps(job.storage)
+        world = job.fit_world(cfg.num_workers, cfg.min_workers)
+        job.start_workers(world, RestorePoint(committed[-1] if committed else None))
         while True:
             failure = self._watch()
             if failure is None:
@@ -392,13 +127,13 @@ class Supervisor:
         self.log(ev.FINISHED, f"finished: {result.world_size} workers, {result.attempts} attempt(s), "
                  f"{len(result.failures)} failure(s), {len(result.checkpoints)} checkpoints",
                  attempts=result.attempts, failures=len(result.failures))
-        result.events = self.events.events
+        result.events = job.events.events
         return result
 
     def _watch(self) -> Failure | None:
         """Wait until every rank returned (None) or something failed."""
         while True:
-            refs = list(self.run_refs) + list(self.agent_watch)
+            refs = list(self.job.run_refs) + list(self.job.fleet.watch)
             ready, _ = ray.wait(refs, num_returns=1, timeout=self.config.poll_interval_s) if refs else ([], [])
             for ref in ready:
                 failure = self._finished(ref)
@@ -407,83 +142,51 @@ class Supervisor:
             failure = self._poll_coordinator()
             if failure is not None:
                 return failure
-            if not self.run_refs:
+            if not self.job.run_refs:
                 return None
 
     def _finished(self, ref: Any) -> Failure | None:
         now = time.time()
-        if ref in self.agent_watch:
-            node = self.agent_watch.pop(ref)
-            self._forget_agent(node)
+        node = self.job.fleet.stopped(ref)
+        if node is not None:
             try:
                 ray.get(ref)
                 detail = f"the agent of node {node[:12]} stopped"
             except RayError as e:
-                detail = f"the agent of node {node[:12]} died: {_first_line(e)}"
-                if self._node_lost(node):
-                    ranks = self._ranks_on(node)
+                detail = f"the agent of node {node[:12]} died: {first_line(e)}"
+                if self.job.placement.node_lost(node):
+                    ranks = self.job.ranks_on(node)
                     return self._failure(NODE_DIED, f"node {node[:12]} lost (its raylet is gone): its agent and "
                                          f"ranks {list(ranks)} with it", now, ranks=ranks, node=node)
             return self._failure(AGENT_DIED, detail, now, node=node)
-        rank = self.run_refs.pop(ref)
+        rank = self.job.run_refs.pop(ref)
         try:
-            self.returns[rank] = ray.get(ref)
+            self.job.returns[rank] = ray.get(ref)
             return None
         except RayTaskError as e:
             # A peer's death breaks the collectives of the others: report the death, the cause.
             dead = self._dead_peer(timeout_s=2.0)
             if dead is not None:
                 return dead
-            return self._failure(WORKER_ERROR, f"rank {rank}: train_fn raised {_first_line(e.cause or e)}", now,
+            return self._failure(WORKER_ERROR, f"rank {rank}: train_fn raised {first_line(e.cause or e)}", now,
                                  ranks=(rank,))
         except RayActorError as e:
             text = str(e).lower()
-            node = self.rank_node.get(rank)
+            node = self.job.rank_node.get(rank)
             lost = ("node" in text and ("dead" in text or "died" in text) and "worker process" not in text) \
-                or (node is not None and self._node_lost(node))
+                or (node is not None and self.job.placement.node_lost(node))
             if lost:
                 if node is not None:
-                    self._drop_node(node)
-                ranks = tuple(sorted({rank, *self._ranks_on(node)}))
+                    self.job.fleet.drop_node(node)
+                ranks = tuple(sorted({rank, *self.job.ranks_on(node)}))
                 return self._failure(NODE_DIED, f"rank {rank}: its node {(node or '?')[:12]} was lost, ranks "
-                                     f"{list(ranks)} and its agent with it ({_first_line(e)})", now, ranks=ranks,
+                                     f"{list(ranks)} and its agent with it ({first_line(e)})", now, ranks=ranks,
                                      node=node)
-            return self._failure(WORKER_DIED, f"rank {rank}: its process died ({_first_line(e)})", now,
+            return self._failure(WORKER_DIED, f"rank {rank}: its process died ({first_line(e)})", now,
                                  ranks=(rank,))
 
-    def _node_lost(self, node: str, timeout_s: float = 1.0) -> bool:
-        """Whether ``node`` is gone, not just one process on it: Ray's control store says so, or
-        the node's raylet does not answer a TCP connection (Ray itself marks a node dead only
-        after its health checks fail for ~15 s). Never the driver's own node: the driver runs."""
-        if node == self._driver_node:
-            return False
-        for n in ray.nodes():
-            if n["NodeID"] != node:
-                continue
-            if not n.get("Alive", True):
-                self.lost_nodes.add(node)
-                return True
-            try:
-                socket.create_connection((n["NodeManagerAddress"], int(n["NodeManagerPort"])),
-                                         timeout=timeout_s).close()
-                return False
-            except OSError:
-                self.lost_nodes.add(node)
-                return True
-        return False
-
-    def _drop_node(self, node: str) -> None:
-        """Forget the lost node's agent (its death is part of this failure, not another one)."""
-        for ref, n in list(self.agent_watch.items()):
-            if n == node:
-                del self.agent_watch[ref]
-        self._forget_agent(node)
-
-    def _ranks_on(self, node: str | None) -> tuple[int, ...]:
-        return tuple(sorted(r for r, n in self.rank_node.items() if n == node))
-
     def _dead_peer(self, timeout_s: float) -> Failure | None:
-        refs = list(self.run_refs)
+        refs = list(self.job.run_refs)
         if not refs:
             return None
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
@@ -498,32 +201,32 @@ class Supervisor:
 
     def _failure(self, kind: str, detail: str, now: float, *, ranks: tuple[int, ...] = (),
                  node: str | None = None) -> Failure:
-        ranks_info = self._progress.get("ranks", {}) if self._progress.get("attempt") == self._attempt else {}
+        ranks_info = self._progress.get("ranks", {}) if self._progress.get("attempt") == self.job.attempt else {}
         seen = [ranks_info[r]["seen_at"] for r in ranks if r in ranks_info and ranks_info[r].get("seen_at")]
         if kind in (AGENT_DIED, NODE_DIED) and node is not None:  # an agent's last sign of life is its heartbeat
             agent_seen = self._progress.get("agents_seen_at", {}).get(node)
             seen += [agent_seen] if agent_seen else []
-        last_step = self._progress.get("last_step") if self._progress.get("attempt") == self._attempt else None
-        return Failure(kind, self._attempt, detail, now, ranks=ranks, node=node,
+        last_step = self._progress.get("last_step") if self._progress.get("attempt") == self.job.attempt else None
+        return Failure(kind, self.job.attempt, detail, now, ranks=ranks, node=node,
                        last_progress_at=max(seen) if seen else None, last_step=last_step)
 
     def _recover(self, failure: Failure) -> None:
-        rec = RecoveryRecord(failure, failure.detected_at - self._t0, world_before=self._world)
+        rec = RecoveryRecord(failure, failure.detected_at - self._t0, world_before=self.job.world_size)
         self.records.append(rec)
         after = f", {failure.detected_after_s:.2f} s after its last heartbeat" if failure.detected_after_s else ""
         self.log(ev.FAILURE, f"{failure.kind}: {failure.detail}{after}", failure=failure.to_dict())
         if failure.kind != STORAGE:
             self._failures += 1
-            self._in_a_row += 1
+            self.job.in_a_row += 1
         cfg = self.config
         if cfg.max_failures != -1 and self._failures > cfg.max_failures:
             rec.action = "aborted"
-            self.stop_workers(f"more than max_failures={cfg.max_failures} failures")
+            self.job.stop_workers(f"more than max_failures={cfg.max_failures} failures")
             self.log(ev.ABORTED, f"giving up after {self._failures} failures (max_failures={cfg.max_failures})")
             raise TooManyFailuresError(f"the job failed {self._failures} times (max_failures={cfg.max_failures}); "
                                        f"last: {failure.kind}: {failure.detail}", self._result())
         try:
-            outcome = self.policy.on_failure(failure, self)
+            outcome = self.policy.on_failure(failure, self.job)
         except NoRoomError as e:
             rec.action = "aborted"
             self.log(ev.ABORTED, str(e))
@@ -531,13 +234,13 @@ class Supervisor:
         rec.action = outcome.action
         if outcome.action == CONTINUED:
             return
-        if outcome.action != "restarted":
-            self.stop_workers(f"policy {self.policy.name} gave up")
+        if outcome.action != RESTARTED:
+            self.job.stop_workers(f"policy {self.policy.name} gave up")
             raise RecoveryError(f"policy {self.policy.name} gave up on {failure.kind}: {outcome.detail}")
         rec.world_after = outcome.world_size
         if outcome.restore is not None:
             rec.restore_step = outcome.restore.step
-            rec.expected_tier = _TIER_OF.get(outcome.restore.expected_tier, outcome.restore.expected_tier)
+            rec.expected_tier = outcome.restore.expected_tier
             if failure.last_step is not None:
                 rec.steps_lost = failure.last_step - (rec.restore_step if rec.restore_step is not None else -1)
         if outcome.world_size is not None and outcome.world_size != rec.world_before:
@@ -549,12 +252,12 @@ class Supervisor:
 
     def _poll_coordinator(self, final: bool = False) -> Failure | None:
         try:
-            snap = ray.get(self.coordinator.poll.remote(self._cursor, self._attempt), timeout=10)
+            snap = ray.get(self.job.coordinator.poll.remote(self._cursor, self.job.attempt), timeout=10)
         except (RayError, GetTimeoutError) as e:
             if self._coordinator_down_since is None:
                 self._coordinator_down_since = time.time()
                 self.log(ev.COORDINATOR, f"coordinator unreachable ({type(e).__name__}); training goes on, "
-                         "commits wait for it", error=_first_line(e))
+                         "commits wait for it", error=first_line(e))
             return None
         if snap["incarnation"] != self._incarnation:
             if self._incarnation is not None:
@@ -563,35 +266,35 @@ class Supervisor:
                          f"for {down:.1f} s); its state rebuilt from storage and heartbeats",
                          incarnation=snap["incarnation"])
                 try:
-                    ray.get(self.coordinator.begin_attempt.remote(self._attempt, self._world), timeout=10)
+                    ray.get(self.job.coordinator.begin_attempt.remote(self.job.attempt, self.job.world_size), timeout=10)
                 except (RayError, GetTimeoutError):
                     pass
             self._incarnation = snap["incarnation"]
             self._cursor = 0
-            snap = ray.get(self.coordinator.poll.remote(0, self._attempt), timeout=10)
+            snap = ray.get(self.job.coordinator.poll.remote(0, self.job.attempt), timeout=10)
         self._coordinator_down_since = None
         self._cursor = snap["cursor"]
         self._progress = snap["progress"]
         failure = None
         for note in snap["notes"]:
             kind, msg, fields = note["kind"], note["message"], note["fields"]
-            if kind == "failure":
+            if kind == ev.FAILURE:
                 f = Failure(**{k: v for k, v in fields["failure"].items() if k != "detected_after_s"} |
                             {"ranks": tuple(fields["failure"]["ranks"])})
-                if f.attempt == self._attempt and failure is None and not final:
+                if f.attempt == self.job.attempt and failure is None and not final:
                     failure = f
-                elif f.attempt != self._attempt:
+                elif f.attempt != self.job.attempt:
                     self.log(ev.FAILURE, f"(ignored: attempt {f.attempt} is over) {msg}")
                 else:
                     self.log(ev.FAILURE, f"(handled with the failure above) {msg}")
                 continue
-            if kind == "checkpoint":
+            if kind == ev.CHECKPOINT:
                 self.checkpoints.setdefault(fields["step"], {"step": fields["step"]})
-                self._in_a_row = 0  # progress since the last restart: the backoff starts over
+                self.job.in_a_row = 0  # progress since the last restart: the backoff starts over
             self.log(kind, msg, **fields)
-            if kind == "checkpoint" and not final and failure is None:
-                outcome = self.policy.on_checkpoint(fields["step"], self)
-                if outcome is not None and outcome.action == "restarted":
+            if kind == ev.CHECKPOINT and not final and failure is None:
+                outcome = self.policy.on_checkpoint(fields["step"], self.job)
+                if outcome is not None and outcome.action == RESTARTED:
                     return None
         self._track_restore(snap)
         return failure
@@ -601,7 +304,7 @@ class Supervisor:
         if rec is None:
             return
         restores = snap["restores"]
-        if not self._restore_reported and len(restores) >= self._world:
+        if self._restore_reported != self.job.attempt and len(restores) >= self.job.world_size:
             by_tier: dict[str, int] = {}
             for info in restores.values():
                 for tier, n in info["bytes"].items():
@@ -610,13 +313,13 @@ class Supervisor:
             rec.restore_s = max(info["seconds"] for info in restores.values())
             rec.restored_from = max(by_tier, key=by_tier.get) if any(by_tier.values()) else rec.expected_tier
             steps = {info["step"] for info in restores.values()}
-            self._restore_reported = True
+            self._restore_reported = self.job.attempt
             mb = ", ".join(f"{k}: {v / 1e6:.1f} MB" for k, v in by_tier.items() if v) or "nothing read"
             self.log(ev.RESTORED, f"{len(restores)} workers restored step {sorted(steps, key=str)[-1]} in "
                      f"{rec.restore_s:.2f} s (slowest rank) from {mb}", step=list(steps), seconds=rec.restore_s,
                      bytes=by_tier)
         prog = snap["progress"]
-        if prog.get("attempt") == self._attempt and prog.get("last_step") is not None:
+        if prog.get("attempt") == self.job.attempt and prog.get("last_step") is not None:
             base = rec.restore_step if rec.restore_step is not None else -1
             if prog["last_step"] > base:
                 rec.resumed_after_s = snap["now"] - rec.failure.detected_at
@@ -625,144 +328,17 @@ class Supervisor:
                          seconds=rec.resumed_after_s)
                 self._pending_restore = None
 
-    # -- agents ----------------------------------------------------------------------------------
-
-    def _ensure_agents(self, nodes: set[str]) -> None:
-        remote = ray.remote(NodeAgent)
-        new = {}
-        for node in nodes - set(self.agents):
-            new[node] = remote.options(
-                name=agent_actor_name(self.coordinator_name, node), num_cpus=0, max_concurrency=8, max_restarts=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-            ).remote(self.job_id, self.config.agent_memory_bytes, self.coordinator,
-                     replicas=self.config.agent_replicas, token=self._token)
-        for node, actor in new.items():
-            info = ray.get(actor.info.remote(), timeout=120)
-            self.agents[node] = actor
-            self.agent_address[node] = info["address"]
-            if info.get("peer_address"):
-                self.agent_peer[node] = info["peer_address"]
-            self.agent_watch[actor.wait_stopped.remote()] = node
-            self.log(ev.AGENT, f"agent up on node {node[:12]} at {info['address']}"
-                     + (f", replicas served on {info['peer_address']}" if info.get("peer_address") else ""),
-                     node=node, address=info["address"], peer_address=info.get("peer_address"))
-        if new:
-            self._update_ring()
-
-    def _forget_agent(self, node: str) -> None:
-        self.agents.pop(node, None)
-        self.agent_address.pop(node, None)
-        try:  # else its silence is reported again after agent_timeout_s (a lost node's agent never returns)
-            self.coordinator.forget_agent.remote(node)
-        except Exception:  # noqa: BLE001 - a coordinator restarting rebuilds from heartbeats anyway
-            pass
-        if self.agent_peer.pop(node, None) is not None:
-            self._update_ring()
-
-    def _update_ring(self) -> None:
-        """Every live agent replicates to the next ``agent_replicas`` agents of the ring (nodes in
-        a fixed order); called whenever an agent comes or goes."""
-        want = self.config.agent_replicas
-        if not want:
-            return
-        nodes = sorted(n for n in self.agent_peer if n in self.agents)
-        ring = [self.agent_peer[n] for n in nodes]
-        k = min(want, len(ring) - 1)
-        refs = {self.agents[n].set_ring.remote(ring, k): n for n in nodes}
-        for ref, n in refs.items():
-            try:
-                ray.get(ref, timeout=30)
-            except (RayError, GetTimeoutError) as e:
-                self.log(ev.AGENT, f"cannot set the replication ring of the agent on node {n[:12]}: {_first_line(e)}",
-                         node=n)
-        if len(nodes) > 1 or k < want:
-            self.log(ev.AGENT, f"replication ring: {len(ring)} agent(s), {k} replica(s) of each snapshot"
-                     + (f" (wanted {want}: not enough nodes)" if k < want else ""), ring=ring, replicas=k)
-
-    def _agent_rows(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        if self.config.agent == "actor":
-            refs = {node: a.snapshots.remote(self.storage.url) for node, a in self.agents.items()}
-        elif self.config.agent is not None:
-            task = ray.remote(num_cpus=0)(snapshot_rows)
-            refs = {n["NodeID"]: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-                n["NodeID"], soft=False)).remote(self.config.agent, self.storage.url)
-                for n in ray.nodes() if n.get("Alive")}
-        else:
-            return rows
-        for node, ref in refs.items():
-            try:
-                for r in ray.get(ref, timeout=30):
-                    rows.append(dict(r, node=node))
-            except (RayError, GetTimeoutError) as e:
-                self.log(ev.AGENT, f"cannot list the snapshots of the agent on node {node[:12]}: {_first_line(e)}",
-                         node=node)
-        return rows
-
-    # -- resources -------------------------------------------------------------------------------
-
-    def _bundle(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.config.resources_per_worker.items() if v}
-
-    def _fits(self) -> int:
-        """How many more bundles the cluster's free resources hold (ignoring how they are
-        split across nodes), plus the workers placed now."""
-        avail = dict(ray.available_resources())
-        bundle = self._bundle()
-        if not bundle:
-            return self.config.num_workers
-        for n in ray.nodes():  # lost nodes Ray still counts (it marks them dead after its health checks)
-            if n["NodeID"] in self.lost_nodes and n.get("Alive"):
-                for k, v in n.get("Resources", {}).items():
-                    avail[k] = avail.get(k, 0.0) - v
-        free = min(math.floor(max(0.0, avail.get(k, 0.0)) / v + 1e-9) for k, v in bundle.items())
-        return free + (self._pg_world if self.pg is not None else 0)
-
-    # -- end -------------------------------------------------------------------------------------
-
     def _result(self) -> RunResult:
+        job = self.job
         try:
-            for c in ray.get(self.coordinator.checkpoints.remote(), timeout=10):
+            for c in ray.get(job.coordinator.checkpoints.remote(), timeout=10):
                 self.checkpoints[c["step"]] = c
         except (RayError, GetTimeoutError):
             pass
-        returns = [self.returns.get(r) for r in range(self._world)]
-        return RunResult(returns, self._world, self._attempt + 1, self.config.storage, list(self.records),
-                         [self.checkpoints[s] for s in sorted(self.checkpoints)], self.events.events,
+        returns = [job.returns.get(r) for r in range(job.world_size)]
+        return RunResult(returns, job.world_size, job.attempt + 1, self.config.storage, list(self.records),
+                         [self.checkpoints[s] for s in sorted(self.checkpoints)], job.events.events,
                          time.time() - self._t0)
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            try:
-                ray.kill(w, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass
-        self.workers = []
-        for node, a in list(self.agents.items()):
-            try:
-                ray.get(a.shutdown.remote(), timeout=60)
-            except (RayError, GetTimeoutError):
-                pass
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass
-        self.agents.clear()
-        self.agent_peer.clear()
-        self.agent_watch.clear()
-        if self.pg is not None:
-            try:
-                remove_placement_group(self.pg)
-            except Exception:  # noqa: BLE001
-                pass
-            self.pg = None
-        if self.coordinator is not None:
-            try:
-                ray.kill(self.coordinator, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+        self.job.shutdown()

@@ -1,46 +1,28 @@
-"""Recovery policies: what to do about a failure. The plug point is :class:`RecoveryPolicy`;
-the launcher hands it a :class:`JobControl` (the verbs it may use on the running job).
+"""Recovery policies: what to do about a failure. The plug point is :class:`RecoveryPolicy`.
 
-``policy=`` takes a name (``"reload"``; ``"neighbor_average"`` and ``"auto"`` resolve to
-:class:`recovery.checkfree.NeighborAveragePolicy` / ``AutoPolicy``, which rebuild lost pipeline
-stages and so need a pipeline job, :class:`recovery.pipeline.RayPipeline`) or any object
-implementing :class:`RecoveryPolicy`.
+A policy says which kind of job it recovers (:class:`JobKind`) and gets that job's verbs:
+a data-parallel job (``recovery.run``, :class:`recovery.job.WorkerJob`) implements
+:class:`DataParallelJob`; a pipeline job (:class:`recovery.pipeline.RayPipeline`) implements
+:class:`recovery.checkfree.policy.PipelineJob`, the protocol of the stage policies.
+``recovery.policies.resolve_policy`` turns a name into a policy.
 """
 
 from __future__ import annotations
 
 import abc
-import importlib
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+import enum
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
+from . import events as ev
 from .config import RunConfig
 from .detect import STORAGE, Failure
+from .restore import RestorePoint
 
 # Outcomes.
 RESTARTED = "restarted"  # workers were replaced; the job resumes from ``restore``
 CONTINUED = "continued"  # nothing was restarted (the failure needs no restart)
-ABORT = "abort"  # give up: the launcher stops the job and raises
-
-
-@dataclass(frozen=True, slots=True)
-class RestorePoint:
-    """Where a restarted job resumes: the newest committed step (``None``: from scratch) and,
-    per writer of that step, where its bytes are expected to come from ("memory": an agent
-    holding its own snapshot; "peer": an agent holding a replica; "storage")."""
-
-    step: int | None
-    tiers: dict[str, str] = field(default_factory=dict)
-    completed: tuple[int, ...] = ()  # steps committed while choosing (persisted but not yet committed)
-
-    @property
-    def expected_tier(self) -> str:
-        kinds = set(self.tiers.values())
-        if self.step is None:
-            return "none"
-        if not kinds:
-            return "storage"
-        return kinds.pop() if len(kinds) == 1 else "mixed"
+ABORT = "abort"  # give up: the job's driver stops the job and raises
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +33,16 @@ class RecoveryOutcome:
     detail: str = ""
 
 
+class JobKind(enum.Enum):
+    """The kind of job a policy recovers: which protocol its ``job`` argument implements."""
+
+    DATA_PARALLEL = "data_parallel"  # DataParallelJob: replicas restarted together (recovery.run)
+    PIPELINE = "pipeline"  # recovery.checkfree.policy.PipelineJob: stages replaced one by one
+
+
 @runtime_checkable
-class JobControl(Protocol):
-    """What a policy may do to the job (implemented by the launcher)."""
+class DataParallelJob(Protocol):
+    """What a policy may do to a data-parallel job (implemented by :class:`recovery.job.WorkerJob`)."""
 
     config: RunConfig
 
@@ -85,22 +74,36 @@ class JobControl(Protocol):
         ``restore.step``."""
 
 
-class RecoveryPolicy(abc.ABC):
-    """One way of recovering. ``on_failure`` runs in the launcher, between detection and the
-    next heartbeat check; it must leave the job running (or return ``ABORT``)."""
+JobControl = DataParallelJob  # the name this protocol had first; still exported by ``recovery``
+
+JobT = TypeVar("JobT")
+
+
+class RecoveryPolicy(abc.ABC, Generic[JobT]):
+    """One way of recovering a job of kind :attr:`job_kind`. ``on_failure`` runs in the job's
+    driver, between detection and the next heartbeat check; it must leave the job running (or
+    return ``ABORT``), and it answers every failure, of any kind, without raising (only a
+    ``NoRoomError`` of the job's ``fit_world`` passes through: the driver aborts with it). The
+    driver, not the policy, counts failures against ``max_failures``.
+    ``recovery.testing.RecoveryPolicyTests`` checks all this."""
 
     name: str = "custom"
+    job_kind: ClassVar[JobKind] = JobKind.DATA_PARALLEL
+
+    @property
+    def requires_pipeline(self) -> bool:
+        return self.job_kind is JobKind.PIPELINE
 
     @abc.abstractmethod
-    def on_failure(self, failure: Failure, job: JobControl) -> RecoveryOutcome:
+    def on_failure(self, failure: Failure, job: JobT) -> RecoveryOutcome:
         """Recover from ``failure``."""
 
-    def on_checkpoint(self, step: int, job: JobControl) -> RecoveryOutcome | None:
+    def on_checkpoint(self, step: int, job: JobT) -> RecoveryOutcome | None:
         """Called after each committed checkpoint; may resize the job (grow back). Default: nothing."""
         return None
 
 
-class ReloadPolicy(RecoveryPolicy):
+class ReloadPolicy(RecoveryPolicy[DataParallelJob]):
     """Stop every worker, resume all of them from the freshest checkpoint committed or
     completable (agent memory, peer replica, storage); with fewer workers when the cluster
     has no room for all (resharding through the format); back to ``num_workers`` after a
@@ -109,14 +112,18 @@ class ReloadPolicy(RecoveryPolicy):
 
     name = "reload"
 
-    def on_failure(self, failure: Failure, job: JobControl) -> RecoveryOutcome:
+    def on_failure(self, failure: Failure, job: DataParallelJob) -> RecoveryOutcome:
+        if not isinstance(job, DataParallelJob):
+            return RecoveryOutcome(ABORT, detail="policy 'reload' restarts the workers of a data-parallel job "
+                                   "(recovery.run); a pipeline reloads with "
+                                   "RayPipeline(...).run(steps, policy='reload')")
         if failure.kind == STORAGE:
-            job.log("storage", f"checkpoints keep failing ({failure.detail}); training goes on without them: "
+            job.log(ev.STORAGE, f"checkpoints keep failing ({failure.detail}); training goes on without them: "
                     "check the storage", detail=failure.detail)
             return RecoveryOutcome(CONTINUED, detail="storage failure: nothing to restart")
         return self._reload(job, job.config.num_workers, reason=f"{failure.kind}: {failure.detail}")
 
-    def on_checkpoint(self, step: int, job: JobControl) -> RecoveryOutcome | None:
+    def on_checkpoint(self, step: int, job: DataParallelJob) -> RecoveryOutcome | None:
         cfg = job.config
         if not cfg.allow_grow or job.world_size >= cfg.num_workers or not job.room_for(cfg.num_workers):
             return None
@@ -124,37 +131,9 @@ class ReloadPolicy(RecoveryPolicy):
                             f"from {job.world_size} after step {step})")
 
     @staticmethod
-    def _reload(job: JobControl, want: int, *, reason: str) -> RecoveryOutcome:
+    def _reload(job: DataParallelJob, want: int, *, reason: str) -> RecoveryOutcome:
         job.stop_workers(reason)
         point = job.find_restore_point()
         world = job.fit_world(want, job.config.min_workers)
         job.start_workers(world, point)
         return RecoveryOutcome(RESTARTED, world, point)
-
-
-# name -> "module:attribute", imported only when used.
-BUILTIN_POLICIES = {
-    "reload": "recovery.policy:ReloadPolicy",
-    "neighbor_average": "recovery.checkfree:NeighborAveragePolicy",
-    "auto": "recovery.checkfree:AutoPolicy",
-}
-
-
-def resolve_policy(policy: str | RecoveryPolicy) -> RecoveryPolicy:
-    if isinstance(policy, RecoveryPolicy):
-        return policy
-    if not isinstance(policy, str):
-        raise TypeError(f"policy must be a name ({sorted(BUILTIN_POLICIES)}) or a RecoveryPolicy, got {policy!r}")
-    target = BUILTIN_POLICIES.get(policy)
-    if target is None:
-        raise ValueError(f"unknown recovery policy {policy!r}; known: {sorted(BUILTIN_POLICIES)}, or pass an "
-                         "object implementing recovery.RecoveryPolicy")
-    module, attr = target.split(":")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"recovery policy {policy!r} is not available here ({target}: {e})") from None
-    obj = cls()
-    if not isinstance(obj, RecoveryPolicy):
-        raise TypeError(f"{target} does not implement recovery.RecoveryPolicy")
-    return obj

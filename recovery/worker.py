@@ -18,8 +18,36 @@ import torch
 import ckpt
 from ckpt.commit import save_id as ckpt_save_id
 
+from .config import CheckpointConfig
+
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkerSpec:
+    """Everything a worker needs to join its attempt, built by the launcher per rank."""
+
+    backend: str  # the torch.distributed backend: "gloo" or "nccl"
+    master_addr: str
+    master_port: int
+    collective_timeout_s: float
+    coordinator: Any  # the coordinator actor's handle; None: no coordinator (nothing is reported)
+    coordinator_name: str | None
+    heartbeat_interval_s: float
+    storage: str
+    restore_step: int | None  # the step the launcher chose to resume from (None: from scratch)
+    checkpoint: CheckpointConfig
+    num_threads: int
+    node: str | None = None
+    agent: str | None = None  # the node agent's address; None: persist in-process
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("gloo", "nccl"):
+            raise ValueError(f"WorkerSpec.backend must be 'gloo' or 'nccl', got {self.backend!r}")
+        if not isinstance(self.master_port, int) or not 0 < self.master_port < 65536:
+            raise ValueError(f"WorkerSpec.master_port must be a TCP port, got {self.master_port!r}")
+        if not isinstance(self.num_threads, int) or self.num_threads < 1:
+            raise ValueError(f"WorkerSpec.num_threads must be an integer >= 1, got {self.num_threads!r}")
 
 
 class Reporter:
@@ -154,7 +182,7 @@ def free_port(host: str = "") -> int:
 
 
 class Worker:
-    """Plain class; the launcher wraps it with ``ray.remote`` and places one per bundle."""
+    """Plain class; :class:`recovery.job.WorkerJob` wraps it with ``ray.remote`` and places one per bundle."""
 
     def __init__(self, rank: int, world_size: int, attempt: int) -> None:
         self.rank = rank
@@ -174,31 +202,28 @@ class Worker:
 
         return free_port(ray.util.get_node_ip_address())
 
-    def run(self, train_fn: Callable[[TrainContext], Any], spec: dict[str, Any]) -> Any:
+    def run(self, train_fn: Callable[[TrainContext], Any], spec: WorkerSpec) -> Any:
         import torch.distributed as dist
 
-        backend = spec["backend"]
-        if backend == "nccl" and torch.cuda.is_available():
+        if spec.backend == "nccl" and torch.cuda.is_available():
             torch.cuda.set_device(0)  # Ray makes the worker's GPU the only visible one
             device = torch.device("cuda", 0)
         else:
             device = torch.device("cpu")
-        if spec.get("num_threads"):
-            torch.set_num_threads(spec["num_threads"])
-        dist.init_process_group(backend, init_method=f"tcp://{spec['master_addr']}:{spec['master_port']}",
+        torch.set_num_threads(spec.num_threads)
+        dist.init_process_group(spec.backend, init_method=f"tcp://{spec.master_addr}:{spec.master_port}",
                                 rank=self.rank, world_size=self.world_size,
-                                timeout=datetime.timedelta(seconds=spec["collective_timeout_s"]))
-        reporter = Reporter(spec.get("coordinator"), self.attempt, self.rank, self.world_size, spec.get("node"),
-                            spec["heartbeat_interval_s"])
-        ck = spec["checkpoint"]
-        options = dict(ck["options"])
-        options.setdefault("commit_timeout_s", ck["commit_timeout_s"])
-        ckptr = RecoveryCheckpointer(spec["storage"], reporter=reporter, agent=spec.get("agent"),
-                                     every_n_steps=ck["every_n_steps"], keep_last=None, **options)
+                                timeout=datetime.timedelta(seconds=spec.collective_timeout_s))
+        reporter = Reporter(spec.coordinator, self.attempt, self.rank, self.world_size, spec.node,
+                            spec.heartbeat_interval_s)
+        ck = spec.checkpoint
+        options = dict(ck.options)
+        options.setdefault("commit_timeout_s", ck.commit_timeout_s)
+        ckptr = RecoveryCheckpointer(spec.storage, reporter=reporter, agent=spec.agent,
+                                     every_n_steps=ck.every_n_steps, keep_last=None, **options)
         reporter.heartbeat(None, {}, force=True)
-        self.ctx = TrainContext(self.rank, self.world_size, self.attempt, spec.get("restore_step"), ckptr, device,
-                                node=spec.get("node"), coordinator_name=spec.get("coordinator_name"),
-                                _reporter=reporter)
+        self.ctx = TrainContext(self.rank, self.world_size, self.attempt, spec.restore_step, ckptr, device,
+                                node=spec.node, coordinator_name=spec.coordinator_name, _reporter=reporter)
         try:
             result = train_fn(self.ctx)
             ckptr.close(wait=True)

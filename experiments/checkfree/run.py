@@ -5,7 +5,7 @@
 
 Prints a markdown table and writes ``results.json``, ``table.md`` and the plot (``--out``, by
 default ``docs/``). The pipeline is simulated in one process (see ``sim.py``); the real
-multi-process path is ``recovery.pipeline.RayPipeline``.
+multi-process path is ``recovery.pipeline.RayPipeline`` (with ``examples.pipeline_demo.TextPipeline``).
 
 Failure rates: the paper's per-stage, per-iteration probabilities for 5 / 10 / 16 % per hour
 (0.0009 / 0.002 / 0.004; ``p_iter = 1 - (1 - p_hour) ** (T / 3600)`` with an iteration time T of
@@ -55,7 +55,7 @@ def _one(job: Job) -> list[dict[str, Any]]:
     starts from a copy of that run taken there (reload runs need their own checkpoints and
     always run from scratch, alone).
     """
-    from recovery.pipeline import ModelConfig, TrainConfig
+    from examples.pipeline_demo import ModelConfig, TrainConfig
 
     from .sim import RunSpec, failure_schedule, run
 
@@ -90,7 +90,7 @@ _DATA: dict[int, Any] = {}
 
 
 def _data(corpus_bytes: int) -> Any:
-    from recovery.pipeline import TextData
+    from examples.pipeline_demo import TextData
 
     if corpus_bytes not in _DATA:
         _DATA[corpus_bytes] = TextData.from_stdlib(corpus_bytes)
@@ -98,7 +98,7 @@ def _data(corpus_bytes: int) -> Any:
 
 
 def build_jobs(args: argparse.Namespace) -> list[Job]:
-    from recovery.pipeline import ModelConfig, TrainConfig
+    from examples.pipeline_demo import ModelConfig, TrainConfig
 
     from .sim import RunSpec
 

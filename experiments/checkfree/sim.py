@@ -1,6 +1,6 @@
 """One training run of the CheckFree comparison, with the pipeline simulated in one process.
 
-The model is the pipeline's own (``recovery.pipeline.Stage``), cut into the same stages, each
+The model is the pipeline demo's (``examples.pipeline_demo.Stage``), cut into the same stages, each
 with its own optimizer and schedule as it would have in its own process. A failure of stage
 ``s`` throws that stage's weights and optimizer state away and rebuilds them with the run's
 strategy; the other stages are untouched (or, for ``reload``, all roll back to the checkpoint).
@@ -20,8 +20,16 @@ import torch
 import torch.nn.functional as F
 
 import ckpt
+from examples.pipeline_demo import (
+    ModelConfig,
+    Stage,
+    TextData,
+    TrainConfig,
+    build_optimizer,
+    build_stages,
+    set_schedule_step,
+)
 from recovery import checkfree as cf
-from recovery.pipeline import ModelConfig, Stage, TextData, TrainConfig, _advance, build_optimizer, build_stages
 
 STRATEGIES = ("none", "reload", "average", "average_sq", "copy", "random")
 
@@ -133,7 +141,7 @@ class SimPipeline:
         for i, (s, (o, sched)) in enumerate(zip(self.stages, self.opts)):
             s.load_state_dict(state["model"][f"stage{i}"])
             ckpt.OptimizerState(s, o).load_state_dict(state["optim"][f"stage{i}"])
-            _advance(sched, step)
+            set_schedule_step(sched, step)
         self.step = step
         return step
 

@@ -11,9 +11,10 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from examples.pipeline_demo import ModelConfig, TextPipeline, TrainConfig  # noqa: E402
 from recovery.checkfree import NeighborAveragePolicy  # noqa: E402
-from recovery.pipeline import ModelConfig, PipelineConfig, RayPipeline, StageLostError, TrainConfig  # noqa: E402
-from recovery.policy import resolve_policy  # noqa: E402
+from recovery.pipeline import PipelineConfig, RayPipeline, StageLostError  # noqa: E402
+from recovery.policies import resolve_policy  # noqa: E402
 
 EPS = 1e-4
 
@@ -28,10 +29,14 @@ def ray_local():
 
 
 def _cfg(tmp_path, **kw) -> PipelineConfig:
-    return PipelineConfig(
+    return PipelineConfig(actor_num_cpus=0.25, pg_timeout_s=30, **kw)
+
+
+def _model() -> TextPipeline:
+    return TextPipeline(
         model=ModelConfig(dim=32, heads=2, num_stages=4, blocks_per_stage=1, seq_len=32),
         train=TrainConfig(lr=3e-3, warmup_steps=2, total_steps=60, batch_size=8, micro_batches=2),
-        corpus_bytes=256 << 10, actor_num_cpus=0.25, pg_timeout_s=30, **kw,
+        corpus_bytes=256 << 10,
     )
 
 
@@ -55,7 +60,7 @@ def _lose(pipe: RayPipeline, stages: list[int]) -> list[int]:
 
 
 def test_stage_killed_and_rebuilt_without_rollback(ray_local, tmp_path):
-    pipe = RayPipeline(_cfg(tmp_path))
+    pipe = RayPipeline(_cfg(tmp_path), _model())
     try:
         first = pipe.train(8)
         assert [r["step"] for r in first] == list(range(8))
@@ -133,7 +138,7 @@ def test_stage_killed_and_rebuilt_without_rollback(ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_reload_and_auto_on_the_real_pipeline(ray_local, tmp_path):
-    pipe = RayPipeline(_cfg(tmp_path, checkpoint_url=str(tmp_path / "ckpt"), checkpoint_every=5))
+    pipe = RayPipeline(_cfg(tmp_path, checkpoint_url=str(tmp_path / "ckpt"), checkpoint_every=5), _model())
     try:
         pipe.train(7)
         at5 = {i: pipe.snapshot(i) for i in range(4)}  # noqa: F841 - the state two steps past the checkpoint

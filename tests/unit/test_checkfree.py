@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from examples.pipeline_demo import ModelConfig, Stage, TrainConfig, build_optimizer, build_stages, lr_factor
 from recovery import checkfree as cf
-from recovery.pipeline import ModelConfig, Stage, TrainConfig, build_optimizer, build_stages, lr_factor
 
 EPS = 1e-4
 
@@ -311,7 +311,7 @@ def _failure(*ranks: int):
 
 
 def test_policy_names_resolve_to_stage_policies():
-    from recovery.policy import resolve_policy
+    from recovery.policies import resolve_policy
 
     assert isinstance(resolve_policy("neighbor_average"), cf.NeighborAveragePolicy)
     assert isinstance(resolve_policy("auto"), cf.AutoPolicy)

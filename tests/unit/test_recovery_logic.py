@@ -13,12 +13,15 @@ import torch
 import ckpt
 from ckpt import format as fmt
 from ckpt.commit import failed_marker
+from ckpt.restore import Tier
 from recovery.config import CheckpointConfig, DetectConfig, RunConfig
 from recovery.coordinator import Coordinator
 from recovery.detect import AGENT_DIED, HANG, STORAGE, WORKER_DIED, Failure, Membership
 from recovery.events import EventLog
-from recovery.policy import CONTINUED, RESTARTED, RecoveryOutcome, RecoveryPolicy, ReloadPolicy, RestorePoint, resolve_policy
+from recovery.policies import resolve_policy
+from recovery.policy import CONTINUED, RESTARTED, RecoveryOutcome, RecoveryPolicy, ReloadPolicy
 from recovery.registry import CheckpointRegistry
+from recovery.restore import RestorePoint
 
 
 class Clock:
@@ -210,7 +213,7 @@ class FakeJob:
 
     def find_restore_point(self):
         self.calls.append(("find",))
-        return RestorePoint(40, {"rank00000": "memory", "rank00001": "storage"})
+        return RestorePoint(40, {"rank00000": Tier.AGENT_MEMORY, "rank00001": Tier.STORAGE})
 
     def fit_world(self, want, minimum):
         self.calls.append(("fit", want, minimum))
@@ -270,7 +273,17 @@ def test_policy_names_and_objects():
 def test_restore_point_tiers():
     assert RestorePoint(None).expected_tier == "none"
     assert RestorePoint(3).expected_tier == "storage"
-    assert RestorePoint(3, {"a": "memory", "b": "memory"}).expected_tier == "memory"
+    assert RestorePoint(3, {"a": Tier.AGENT_MEMORY, "b": Tier.AGENT_MEMORY}).expected_tier == Tier.AGENT_MEMORY
+
+
+def test_restore_point_speaks_tiers_only():
+    from recovery.restore import writer_tiers
+
+    with pytest.raises(TypeError, match="ckpt.restore.Tier"):
+        RestorePoint(3, {"a": "memory"})
+    held = {("w0", False), ("w1", True), ("w0", True)}
+    assert writer_tiers(["w0", "w1", "w2"], held) == {"w0": Tier.AGENT_MEMORY, "w1": Tier.PEER, "w2": Tier.STORAGE}
+    assert RestorePoint(3, {"a": Tier.PEER}).expected_tier == "peer"
 
 
 # -- configuration ------------------------------------------------------------------------------------

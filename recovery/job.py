@@ -1,0 +1,194 @@
+"""The running data-parallel job on Ray: its coordinator, workers, placement and node agents,
+and the verbs a recovery policy uses on it (:class:`recovery.policy.DataParallelJob`).
+
+The driver owns the workers, so a coordinator that crashes takes no worker with it; the
+coordinator runs on the driver's node, so losing another node never takes it along.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ckpt import format as fmt
+from ckpt.restore import Tier
+from ckpt.storage import open_storage
+
+from . import events as ev
+from .config import RunConfig
+from .coordinator import Coordinator
+from .events import EventLog
+from .fleet import AgentFleet
+from .placement import Placement
+from .policy import DataParallelJob
+from .restore import RestorePoint, writer_tiers
+from .worker import TrainContext, Worker, WorkerSpec
+
+
+class WorkerJob(DataParallelJob):
+    """One job's processes. ``attempt`` counts the starts of the workers (0 first); a restart
+    replaces every worker. ``in_a_row`` is the number of failures since the last committed
+    checkpoint, kept by the run loop; the backoff before a restart grows with it."""
+
+    def __init__(self, train_fn: Callable[[TrainContext], Any], config: RunConfig, events: EventLog) -> None:
+        self.config = config
+        self.events = events
+        self.job_id = uuid.uuid4().hex[:8]
+        self.storage = open_storage(config.storage)
+        self.train_fn_ref = ray.put(train_fn)
+        self.coordinator_name = f"ckpt-coordinator-{self.job_id}"
+        self.coordinator: Any = None
+        self.fleet = AgentFleet(config, self.job_id, self.coordinator_name, self.storage.url, self.log)
+        self.placement = Placement(config, self.log, driver_node=ray.get_runtime_context().get_node_id())
+        self.rank_node: dict[int, str] = {}
+        self.workers: list[Any] = []
+        self.run_refs: dict[Any, int] = {}  # run ref -> rank
+        self.returns: dict[int, Any] = {}
+        self.in_a_row = 0
+        self._attempt = -1
+        self._world = 0
+
+    def start_coordinator(self) -> None:
+        cfg, ck = self.config, self.config.checkpoint
+        # On the driver's node: losing a worker node does not take the coordinator along (the
+        # driver's node is lost only with the driver). Ray ignores a soft affinity for
+        # restartable actors, so it is a hard one, where the driver runs on a node at all.
+        here = self.placement.driver_node
+        on_node = any(n["NodeID"] == here and n.get("Alive") for n in ray.nodes())
+        self.coordinator = ray.remote(Coordinator).options(
+            name=self.coordinator_name, num_cpus=0, max_restarts=cfg.coordinator_max_restarts, max_task_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False) if on_node else None,
+        ).remote(cfg.storage, cfg.detect, keep_last=ck.keep_last, keep_every=ck.keep_every)
+        self.fleet.coordinator = self.coordinator
+        ray.get(self.coordinator.ping.remote())
+        self.log(ev.COORDINATOR, f"coordinator up on node {ray.get(self.coordinator.node.remote())[:12]}")
+
+    def ranks_on(self, node: str | None) -> tuple[int, ...]:
+        return tuple(sorted(r for r, n in self.rank_node.items() if n == node))
+
+    # -- DataParallelJob -----------------------------------------------------------------------------
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+    @property
+    def attempt(self) -> int:
+        return self._attempt
+
+    def log(self, kind: str, message: str, **fields: Any) -> None:
+        self.events.emit(kind, message, **fields)
+
+    def stop_workers(self, reason: str) -> None:
+        n = len(self.workers)
+        self._kill_workers()
+        self.run_refs = {}
+        self.placement.release()
+        self.log(ev.STOPPING, f"stopped {n} workers of attempt {self._attempt} ({reason})", workers=n,
+                 attempt=self._attempt)
+
+    def find_restore_point(self) -> RestorePoint:
+        cfg = self.config
+        rows = self.fleet.settled_rows(cfg.settle_timeout_s)
+        before = set(fmt.committed_steps(self.storage))
+        try:
+            ray.get(self.coordinator.settle.remote(), timeout=60)
+        except (RayError, GetTimeoutError) as e:
+            self.log(ev.COORDINATOR, f"coordinator unavailable while settling ({type(e).__name__}): restoring "
+                     "from what is committed")
+        committed = fmt.committed_steps(self.storage)
+        completed = tuple(sorted(set(committed) - before))
+        step = committed[-1] if committed else None
+        tiers: dict[str, Tier] = {}
+        if step is not None:
+            writers = fmt.read_manifest(self.storage, step).writers
+            tiers = writer_tiers(writers, self.fleet.held(step, writers, rows))
+        point = RestorePoint(step, tiers, completed)
+        try:
+            ray.get(self.coordinator.rollback.remote(step), timeout=30)
+        except (RayError, GetTimeoutError):
+            pass
+        held_mem = sum(1 for t in tiers.values() if t is Tier.AGENT_MEMORY)
+        where = (f"agent memory holds {held_mem} of {len(tiers)} writers' snapshots, "
+                 f"{sum(1 for t in tiers.values() if t is Tier.PEER)} in peer replicas, the rest from storage")
+        self.log(ev.RESTORE_PLAN, "no committed checkpoint: starting from scratch" if step is None else
+                 f"restore step {step} ({where})" + (f"; completed {list(completed)} now" if completed else ""),
+                 step=step, tiers={w: t.value for w, t in tiers.items()}, completed=list(completed))
+        return point
+
+    def room_for(self, n: int) -> bool:
+        return self.placement.room_for(n)
+
+    def fit_world(self, want: int, minimum: int) -> int:
+        return self.placement.fit(want, minimum)
+
+    def start_workers(self, world_size: int, restore: RestorePoint | None) -> None:
+        cfg = self.config
+        if self.in_a_row:
+            delay = cfg.backoff_for(self.in_a_row)
+            if delay:
+                self.log(ev.BACKOFF, f"waiting {delay:.1f} s before restarting ({self.in_a_row} failure(s) in a row)",
+                         seconds=delay)
+                time.sleep(delay)
+        self.placement.ensure(world_size)
+        self._attempt += 1
+        self._world = world_size
+        attempt = self._attempt
+        try:
+            ray.get(self.coordinator.begin_attempt.remote(attempt, world_size), timeout=30)
+        except (RayError, GetTimeoutError):
+            pass
+        remote = ray.remote(Worker)
+        self.workers = [remote.options(**self.placement.worker_options(i)).remote(i, world_size, attempt)
+                        for i in range(world_size)]
+        infos = ray.get([w.node_info.remote() for w in self.workers])
+        nodes = [i["node"] for i in infos]
+        self.rank_node = dict(enumerate(nodes))
+        self.fleet.ensure(set(nodes))
+        port = ray.get(self.workers[0].free_port.remote())
+        base = WorkerSpec(backend=cfg.torch_backend, master_addr=infos[0]["ip"], master_port=port,
+                          collective_timeout_s=cfg.collective_timeout_s, coordinator=self.coordinator,
+                          coordinator_name=self.coordinator_name, heartbeat_interval_s=cfg.detect.heartbeat_interval_s,
+                          storage=cfg.storage, restore_step=None if restore is None else restore.step,
+                          checkpoint=cfg.checkpoint,
+                          num_threads=max(1, math.floor(self.placement.bundle.get("CPU", 1) or 1)))
+        self.run_refs = {}
+        for rank, (w, node) in enumerate(zip(self.workers, nodes)):
+            spec = dataclasses.replace(base, node=node, agent=self.fleet.address_for(node))
+            self.run_refs[w.run.remote(self.train_fn_ref, spec)] = rank
+        self.returns = {}
+        self.log(ev.WORKERS_STARTED, f"attempt {attempt}: {world_size} workers on {len(set(nodes))} node(s)"
+                 + ("" if restore is None or restore.step is None else f", resuming from step {restore.step}"),
+                 attempt=attempt, world_size=world_size, nodes=len(set(nodes)),
+                 restore_step=None if restore is None else restore.step)
+
+    # -- end -------------------------------------------------------------------------------------
+
+    def _kill_workers(self) -> None:
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.workers = []
+
+    def shutdown(self) -> None:
+        self._kill_workers()
+        self.fleet.shutdown()
+        try:
+            self.placement.release()
+        except Exception:  # noqa: BLE001
+            pass
+        if self.coordinator is not None:
+            try:
+                ray.kill(self.coordinator, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass

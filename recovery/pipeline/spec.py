@@ -1,0 +1,98 @@
+"""What a pipeline job is made of: the runtime's knobs (:class:`PipelineConfig`) and what the
+caller gives it, the model cut into stages with how each trains and the data
+(:class:`PipelineModel`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import nn
+
+from ..errors import RecoveryError
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PipelineConfig:
+    """A pipeline-parallel run on Ray: one actor process per stage."""
+
+    seed: int = 0  # each stage's initial weights: PipelineModel.build_stage(index, seed=seed)
+    checkpoint_url: str | None = None  # with checkpoint_every: what the reload policy rolls back to
+    checkpoint_every: int = 0
+    replicate_every: int = 1  # CheckFree+: edge layers copied to the neighbouring stage every N steps
+    lr_scale: float = 1.1  # a rebuilt stage's learning rate, times its base
+    norm: Literal["l2", "l2_squared"] = "l2"  # how neighbour averaging weighs the gradient norms
+    actor_num_cpus: float = 0.25
+    pg_timeout_s: float = 60.0
+    step_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every and not self.checkpoint_url:
+            raise ValueError("checkpoint_every needs checkpoint_url")
+        if self.replicate_every < 0 or self.checkpoint_every < 0:
+            raise ValueError("replicate_every and checkpoint_every must be >= 0")
+        if self.norm not in ("l2", "l2_squared"):
+            raise ValueError(f"PipelineConfig.norm must be 'l2' or 'l2_squared', got {self.norm!r}")
+        for name in ("lr_scale", "actor_num_cpus", "pg_timeout_s", "step_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"PipelineConfig.{name} must be a positive number, got {value!r}")
+
+
+class PipelineModel(Protocol):
+    """The model side of a pipeline job, given by the caller to :class:`RayPipeline` and
+    shipped to every stage's process (so it must pickle, and its module be importable there).
+
+    Stages must name their layers locally (``blocks.0`` in every stage, not a global layer
+    index) so that neighbouring stages' state dicts line up for neighbour averaging. A stage's
+    ``forward`` takes the step's inputs on the first stage, the previous stage's activations
+    elsewhere, and gives the next stage's activations, or on the last stage the output that
+    :meth:`loss` compares with the targets.
+    """
+
+    @property
+    def num_stages(self) -> int: ...
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per step (GPipe): the batch is cut into this many equal parts."""
+
+    @property
+    def activation_shape(self) -> tuple[int, ...]:
+        """The shape of one micro-batch's activations that a stage sends the next."""
+
+    @property
+    def grad_clip(self) -> float:
+        """Each stage clips its gradient norm to this; the clipped norm weighs the averaging."""
+
+    def build_stage(self, index: int, *, seed: int) -> nn.Module:
+        """Stage ``index`` with initial weights from ``seed``."""
+
+    def build_optimizer(self, stage: nn.Module, *, step: int) -> tuple[torch.optim.Optimizer,
+                                                                      torch.optim.lr_scheduler.LRScheduler]:
+        """The stage's optimizer and learning-rate schedule, positioned at ``step``. The
+        schedule scales ``base_lrs`` (a rebuilt stage's boost is applied there)."""
+
+    def set_schedule_step(self, scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:
+        """Position the schedule at ``step`` (after a reload rolled the stage back)."""
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs and targets of ``step``, a pure function of it (a rolled-back run redoes
+        the same batches). Called on the first and the last stage only."""
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss of one micro-batch."""
+
+    def edge_layers(self, stage: nn.Module) -> dict[str, torch.Tensor]:
+        """The layers only an edge stage has (an embedding, an output layer), copied onto its
+        neighbour for CheckFree+; detached copies."""
+
+
+class StageLostError(RecoveryError, RuntimeError):
+    """Stages of the pipeline died; ``stages`` says which. Call :meth:`RayPipeline.recover`."""
+
+    def __init__(self, stages: list[int], step: int) -> None:
+        super().__init__(f"stage(s) {stages} lost during step {step}; recover them with RayPipeline.recover")
+        self.stages, self.step = stages, step

@@ -1,0 +1,49 @@
+"""Where a restarted job resumes, and which tier is expected to serve each writer's bytes.
+
+The tiers are :class:`ckpt.restore.Tier` (agent memory, peer, storage): the same values name
+what a restore was planned to read here, and what it did read (the workers report the bytes
+each tier of their restore chain served).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from ckpt.restore import Tier
+
+MIXED = "mixed"  # writers' bytes expected from more than one tier
+NONE = "none"  # nothing to restore: the job starts from scratch
+
+
+@dataclass(frozen=True, slots=True)
+class RestorePoint:
+    """The newest committed step (``None``: from scratch) and, per writer of that step, the
+    tier expected to serve its bytes: :attr:`Tier.AGENT_MEMORY` (an agent holds its own
+    snapshot), :attr:`Tier.PEER` (an agent holds a replica) or :attr:`Tier.STORAGE`."""
+
+    step: int | None
+    tiers: Mapping[str, Tier] = field(default_factory=dict)
+    completed: tuple[int, ...] = ()  # steps committed while choosing (persisted but not yet committed)
+
+    def __post_init__(self) -> None:
+        for writer, tier in self.tiers.items():
+            if not isinstance(tier, Tier):
+                raise TypeError(f"RestorePoint.tiers[{writer!r}] must be a ckpt.restore.Tier, got {tier!r}")
+
+    @property
+    def expected_tier(self) -> str:
+        """For people and the run's record: the one tier's value, ``"mixed"``, or ``"none"``."""
+        if self.step is None:
+            return NONE
+        kinds = set(self.tiers.values())
+        if not kinds:
+            return Tier.STORAGE.value
+        return kinds.pop().value if len(kinds) == 1 else MIXED
+
+
+def writer_tiers(writers: Iterable[str], held: set[tuple[str, bool]]) -> dict[str, Tier]:
+    """The tier expected to serve each writer, from what the agents hold of the step:
+    ``(writer, replica)`` pairs of committed snapshots."""
+    return {w: Tier.AGENT_MEMORY if (w, False) in held else Tier.PEER if (w, True) in held else Tier.STORAGE
+            for w in writers}

@@ -1,0 +1,82 @@
+"""What a run returns: every failure with what was done about it (:class:`RecoveryRecord`),
+the committed checkpoints and the events (:class:`RunResult`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .detect import Failure
+from .events import Event
+from .policy import RESTARTED
+
+
+@dataclass
+class RecoveryRecord:
+    """One failure and what was done about it."""
+
+    failure: Failure
+    at_s: float  # seconds since the job started, when it was detected
+    action: str = ""
+    world_before: int = 0
+    world_after: int | None = None
+    restore_step: int | None = None
+    # Tiers by their ckpt.restore.Tier value ("agent memory", "peer", "storage"), plain strings
+    # because the result is printed and serialized; expected_tier may also be "mixed" or "none".
+    expected_tier: str | None = None
+    restored_from: str | None = None  # the tier that served most bytes
+    restore_bytes: dict[str, int] = field(default_factory=dict)  # per tier
+    restore_s: float | None = None  # the slowest rank's restore
+    resumed_after_s: float | None = None  # detection -> first step of the new attempt
+    steps_lost: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["failure"] = self.failure.to_dict()
+        return d
+
+
+@dataclass
+class RunResult:
+    returns: list[Any]  # train_fn's return value per rank of the last attempt
+    world_size: int
+    attempts: int
+    storage: str
+    failures: list[RecoveryRecord]
+    checkpoints: list[dict[str, Any]]  # committed checkpoints: step, stall_s (slowest rank), bytes, ...
+    events: list[Event]
+    elapsed_s: float
+
+    def summary(self) -> str:
+        """A few lines for people: checkpoints, stalls, failures and their recovery."""
+        lines = []
+        stalls = [c["stall_s"] for c in self.checkpoints if c.get("stall_s") is not None]
+        steps = [c["step"] for c in self.checkpoints]
+        lines.append(f"checkpoints committed: {len(steps)} (steps {_ranges(steps)})")
+        if stalls:
+            lines.append(f"training stall per checkpoint (slowest rank): mean {1e3 * sum(stalls) / len(stalls):.1f} ms, "
+                         f"max {1e3 * max(stalls):.1f} ms")
+        for i, r in enumerate(self.failures, 1):
+            f = r.failure
+            det = f"{f.detected_after_s:.2f} s" if f.detected_after_s is not None else "?"
+            lines.append(f"failure {i}: {f.kind} ({f.detail}) at {r.at_s:.1f} s, detected {det} after the last "
+                         "sign of progress")
+            if r.action == RESTARTED:
+                src = r.restored_from or r.expected_tier or "?"
+                mb = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r.restore_bytes.items() if v)
+                rs = f"{r.restore_s:.2f} s" if r.restore_s is not None else "?"
+                resumed = f"{r.resumed_after_s:.1f} s" if r.resumed_after_s is not None else "?"
+                lines.append(f"  restored step {r.restore_step} from {src}{f' ({mb})' if mb else ''} in {rs}; "
+                             f"workers {r.world_before} -> {r.world_after}; training resumed {resumed} after "
+                             f"detection; steps lost: {r.steps_lost if r.steps_lost is not None else '?'}")
+            else:
+                lines.append(f"  {r.action}")
+        lines.append(f"finished: {self.world_size} workers, {self.attempts} attempt(s), {self.elapsed_s:.1f} s")
+        return "\n".join(lines)
+
+
+def _ranges(steps: list[int]) -> str:
+    if not steps:
+        return "none"
+    return ", ".join(str(s) for s in steps) if len(steps) <= 12 else f"{steps[0]} … {steps[-1]}"
