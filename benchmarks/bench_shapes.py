@@ -131,7 +131,7 @@ def one_writer(shape: str, args: argparse.Namespace, root: str) -> dict[str, Any
             f.flush()
             os.fsync(f.fileno())
 
-    for name, fn in (("ckpt", ckpt_save), ("dcp", dcp_save), ("torch_save", torch_save)):
+    for name, fn in (("ckpt", ckpt_save), ("dcp", dcp_save), ("torch", torch_save)):
         out[f"{name}_save_s"] = timed(fn, args.reps)
     out["ckpt_load_s"] = timed(lambda: ckpt.load(state, paths["ckpt"]), args.reps)
     out["dcp_load_s"] = timed(lambda: dcp.load(state, checkpoint_id=paths["dcp"], no_dist=True), args.reps)

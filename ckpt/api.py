@@ -17,9 +17,10 @@ import torch
 
 from . import format as fmt
 from .commit import commit
+from .consolidate import consolidate
 from .dist import Group
 from .errors import CheckpointExistsError, CkptError
-from .io import DEFAULT_IO_THREADS, execute_load, write_plan
+from .io import DEFAULT_IO_THREADS, execute_load, write_plan, writer_values
 from .layout import Sharded
 from .manifest import Manifest
 from .plan import DEFAULT_MAX_CHUNK_BYTES, plan_load, plan_save
@@ -81,13 +82,21 @@ def save(
     storage_options: dict[str, Any] | None = None,
     retry: RetryPolicy | None = None,
     progress: bool = False,
+    layout: str = "packs",
 ) -> Manifest:
     """Save ``state_dict`` as checkpoint ``step`` of the run at ``url``; returns its manifest.
 
     Synchronous and collective: in a distributed job every process of ``process_group``
     (default: the world) calls it with its own shards (tensors, DTensors, :class:`Sharded`);
     replicated tensors are written once. Returns after the checkpoint is committed.
+
+    ``layout``: ``"packs"`` (every process's chunks in a few files of its own: 2 x processes
+    + 1 files, read by ckpt), ``"shards"`` (the same, then consolidated by rank 0 into one zarr
+    shard per tensor: any zarr v3 reader opens it) or ``"chunks"`` (one file per chunk, zarr
+    readable; many files: for small checkpoints and tools that want them).
     """
+    if layout not in ("packs", "shards", "chunks"):
+        raise ValueError(f"layout must be 'packs', 'shards' or 'chunks', got {layout!r}")
     storage = open_storage(url, storage_options=storage_options, retry=retry)
     group = Group.resolve(process_group)
     sdir = fmt.step_dir(step)
@@ -116,7 +125,8 @@ def save(
         with _progress_bar(progress and group.rank == 0, plan.nbytes, f"save step {step}") as bar:
             # Synchronous and collective: a failure is gathered below, no failure marker needed.
             write_plan(storage, plan, step=step, writer=fmt.writer_name(group.global_rank), save_id=save_id,
-                       threads=io_threads, durable=durable, progress=bar.update)
+                       threads=io_threads, durable=durable, progress=bar.update,
+                       layout="chunks" if layout == "chunks" else "packs")
     except Exception as e:  # reported to every rank below, then re-raised here
         error = e
     statuses = group.all_gather(None if error is None else f"rank {group.global_rank}: {error}")
@@ -133,6 +143,8 @@ def save(
                 storage, step, [fmt.writer_name(r) for r in group.global_ranks], save_id=save_id,
                 library_versions=library_versions(), user_metadata=user_metadata,
             )
+            if layout == "shards":
+                result = consolidate(storage, step, threads=io_threads, durable=durable)
         except Exception as e:
             result = e
     result = group.broadcast(result.to_dict() if isinstance(result, Manifest) else result)
@@ -182,9 +194,10 @@ def load(
             raise chosen
         step = int(chosen)
     manifest = fmt.read_manifest(storage, step)
+    writer = fmt.writer_name(group.global_rank)
     plan = plan_load(
-        state_dict, manifest, rank=group.rank, world=group.world,
-        writer=fmt.writer_name(group.global_rank), strict=strict, allow_cast=allow_cast,
+        state_dict, manifest, rank=group.rank, world=group.world, writer=writer, strict=strict,
+        allow_cast=allow_cast, writer_values=writer_values(storage, manifest, writer),
     )
     with _progress_bar(progress and group.rank == 0, plan.nbytes, f"load step {step}") as bar:
         execute_load(storage, state_dict, plan, allow_pickle=allow_pickle, threads=io_threads, progress=bar.update)

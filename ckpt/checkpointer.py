@@ -39,6 +39,7 @@ from . import format as fmt
 from .capture import CapturePlan, leaf_key, local_tensor, storage_ptr
 from .commit import save_id
 from .config import CheckpointerConfig
+from .consolidate import Consolidator
 from .dist import Group
 from .errors import CkptError
 from .handles import CheckpointerStatus, SnapshotHandle, SnapshotState, chain
@@ -72,7 +73,10 @@ class Checkpointer:
         self.writer = fmt.writer_name(self.group.global_rank)
         self.writers = tuple(fmt.writer_name(r) for r in self.group.global_ranks)
         sink_config = SinkConfig(io_threads=cfg.io_threads, durable=cfg.durable, commit_timeout_s=cfg.commit_timeout_s,
-                                 library_versions=library_versions())
+                                 library_versions=library_versions(), layout=cfg.layout)
+        # Rank 0 rewrites the steps kept for good, and the last one, into the zarr layout.
+        self.consolidator = (Consolidator(self.storage, threads=cfg.io_threads, durable=cfg.durable)
+                             if cfg.consolidate == "kept" and cfg.layout == "packs" and self.group.rank == 0 else None)
         after_commit = self._retention if cfg.keep_last is not None and cfg.commit_by == "rank0" else None
         if sink is None and cfg.agent is not None:
             # The agent commits and runs retention itself: the trainer may be gone by then.
@@ -184,6 +188,11 @@ class Checkpointer:
                 h.remove()
             self.stager.close()
             self.sink.close(wait=wait)
+            if self.consolidator is not None and wait:
+                done = [h.step for h in self._handles if h.state is SnapshotState.COMMITTED]
+                if done and not (self.config.keep_every and max(done) % self.config.keep_every == 0):
+                    self.consolidator.submit(max(done))  # the last step of the job: zarr-readable
+                self.consolidator.close()
             self._plan = None  # it holds views of the slabs
             if self.pool is not None:
                 self.pool.clear()
@@ -285,6 +294,8 @@ class Checkpointer:
                          plan=host_plan, committer=self.group.rank == 0 and cfg.commit_by == "rank0", release=lambda: pool.release(slab), slab=slab)
         job.persisted.add_done_callback(lambda f: chain(f, handle.persisted))
         job.committed.add_done_callback(lambda f: chain(f, handle.committed))
+        if self.consolidator is not None:
+            job.committed.add_done_callback(lambda f, s=step: self._committed(s, f))
         for fut in (handle.persisted, handle.committed):
             fut.add_done_callback(lambda f, s=step: self._record_error(s, f))
 
@@ -345,6 +356,13 @@ class Checkpointer:
         handle = self._latest_handle
         if handle is not None:
             handle.hook_stall_s += dt
+
+    def _committed(self, step: int, fut: Future) -> None:
+        if fut.exception() is not None or self.consolidator is None:
+            return
+        every = self.config.keep_every
+        if every and step % every == 0:
+            self.consolidator.submit(step)
 
     def _retention(self, manifest: Manifest) -> None:
         policy = RetentionPolicy(keep_last=self.config.keep_last or 1, keep_every=self.config.keep_every)

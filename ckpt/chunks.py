@@ -65,19 +65,25 @@ class ChunkRead(NamedTuple):
     actual_crc: int
 
 
-def read_chunk(storage: Storage, key: str, data: memoryview) -> ChunkRead:
+def read_chunk(storage: Storage, path: str, data: memoryview, *, offset: int | None = None) -> ChunkRead:
     """Fill ``data`` with the chunk's bytes; the checksum is computed piece by piece as they land.
 
-    ``FileNotFoundError`` if absent, ``EOFError`` if shorter than ``data`` plus its checksum."""
+    ``offset`` None: the chunk is the whole object ``path`` (its total size is checked);
+    otherwise it sits at ``offset`` inside ``path`` (a pack or a shard). ``FileNotFoundError``
+    if absent, ``EOFError`` if shorter than ``data`` plus its checksum."""
     tail = bytearray(CRC_BYTES)
     state = {"crc": 0, "seen": False}
 
-    def on_piece(i: int, offset: int, piece: memoryview) -> None:
+    def on_piece(i: int, off: int, piece: memoryview) -> None:
         if i == 0:
-            state["crc"] = crc32c.crc32c(piece, state["crc"] if offset else 0)
+            state["crc"] = crc32c.crc32c(piece, state["crc"] if off else 0)
             state["seen"] = True
 
-    total = storage.read_into(key, [data, memoryview(tail)], on_piece=on_piece)
+    if offset is None:
+        total = storage.read_into(path, [data, memoryview(tail)], on_piece=on_piece)
+    else:
+        storage.read_range_into(path, offset, [data, memoryview(tail)], on_piece=on_piece)
+        total = data.nbytes + CRC_BYTES
     actual = state["crc"] if state["seen"] or not data.nbytes else crc32c.crc32c(data)
     return ChunkRead(total, int.from_bytes(tail, "little"), actual)
 

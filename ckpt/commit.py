@@ -23,13 +23,13 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from . import format as fmt
+from .coverage import check_coverage, check_specs, intermediate_groups, writer_runs
 from .errors import CheckpointExistsError, CommitError, FormatError
 from .format import (
     META,
@@ -43,6 +43,7 @@ from .format import (
     zarr_array_document,
 )
 from .io import write_plan
+from .layouts import CHUNKS, PACKS, SHARDS
 from .manifest import MANIFEST_KEY, ArraySpec, Fragment, Manifest
 from .storage import Storage
 
@@ -79,14 +80,14 @@ def ensure_not_committed(storage: Storage, step: int, save: str | None = None) -
 
 
 def persist(storage: Storage, plan: Any, *, step: int, writer: str, save: str, threads: int, durable: bool,
-            progress: Any = None) -> Fragment:
+            progress: Any = None, layout: str = "packs") -> Fragment:
     """A writer's part of save ``save``: its chunks and array metadata, durable, then its
     fragment. Refuses a step that another save committed. On failure the failure marker is left
     (so the committer stops waiting) and the error raised."""
     try:
         ensure_not_committed(storage, step)
         return write_plan(storage, plan, step=step, writer=writer, save_id=save, threads=threads, durable=durable,
-                          progress=progress)
+                          progress=progress, layout=layout)
     except BaseException as e:
         mark_failed(storage, step, writer, save, e)
         raise
@@ -183,64 +184,6 @@ def wait_for_commit(storage: Storage, step: int, save_id: str, *, timeout_s: flo
 
 
 
-def _check_specs(fragments: Sequence[Fragment]) -> tuple[dict[str, ArraySpec], list[str]]:
-    arrays: dict[str, ArraySpec] = {}
-    first_by: dict[str, str] = {}
-    problems = []
-    for frag in fragments:
-        for path, spec in frag.arrays.items():
-            have = arrays.get(path)
-            if have is None:
-                arrays[path] = spec
-                first_by[path] = frag.writer
-            elif (have.shape, have.dtype, have.chunk_shape) != (spec.shape, spec.dtype, spec.chunk_shape):
-                problems.append(
-                    f"{path!r}: writer {first_by[path]} declares shape {list(have.shape)} {have.dtype} "
-                    f"chunks {list(have.chunk_shape)}, writer {frag.writer} declares shape "
-                    f"{list(spec.shape)} {spec.dtype} chunks {list(spec.chunk_shape)} (if ranks hold "
-                    "different slices of this tensor, declare its layout with ckpt.Sharded or a DTensor)"
-                )
-    return arrays, problems
-
-
-def check_coverage(arrays: dict[str, ArraySpec], fragments: Sequence[Fragment]) -> list[str]:
-    """Every chunk of every array written exactly once, nothing outside the grid."""
-    problems = []
-    owner: dict[tuple[str, tuple[int, ...]], str] = {}
-    for frag in fragments:
-        for path, records in frag.chunks.items():
-            spec = arrays.get(path)
-            if spec is None:
-                problems.append(f"writer {frag.writer} wrote chunks of undeclared array {path!r}")
-                continue
-            grid = spec.grid_shape
-            for rec in records:
-                if len(rec.index) != len(grid) or any(not (0 <= i < g) for i, g in zip(rec.index, grid)):
-                    problems.append(f"{path!r}: chunk {list(rec.index)} outside the grid {list(grid)}")
-                    continue
-                key = (path, rec.index)
-                if key in owner:
-                    problems.append(
-                        f"{path!r}: chunk {list(rec.index)} written by both {owner[key]} and {frag.writer}"
-                    )
-                owner[key] = frag.writer
-    written = Counter(p for p, _i in owner)
-    for path, spec in arrays.items():
-        have = written[path] if spec.num_chunks else 0
-        if have != spec.num_chunks:
-            problems.append(f"{path!r}: {spec.num_chunks - have} of {spec.num_chunks} chunks not written by any writer")
-    return problems
-
-
-def intermediate_groups(paths: Iterable[str]) -> list[str]:
-    groups = set()
-    for p in paths:
-        parts = p.split("/")
-        for i in range(1, len(parts)):
-            groups.add("/".join(parts[:i]))
-    return sorted(groups)
-
-
 @dataclass(frozen=True, slots=True)
 class CommitOptions:
     check_listing: bool = True  # confirm every recorded chunk is in storage with its size
@@ -286,31 +229,34 @@ def commit(
         )
     if any(f.step != step for f in fragments):
         raise CommitError(f"cannot commit step {step}: a fragment records another step")
-    arrays, problems = _check_specs(fragments)
+    arrays, problems = check_specs(fragments)
     problems += check_coverage(arrays, fragments)
+    packed = [f for f in fragments if f.packs]
+    if packed and any(cs and not f.packs for f in fragments for cs in f.chunks.values()):
+        problems.append("some writers wrote packs, others one file per chunk: one save, one layout")
+    layout = PACKS if packed or not any(f.chunks for f in fragments) else CHUNKS
     if not problems and options.check_listing and to_read:
-        problems += _check_listing(storage, step, arrays, [f for f in fragments if f.writer not in known])
+        rest = [f for f in fragments if f.writer not in known]
+        problems += (_check_packs(storage, step, rest) if layout == PACKS
+                     else _check_listing(storage, step, arrays, rest))
+    groups = intermediate_groups(arrays)
+    clash = [g for g in groups if g in arrays]
+    if clash:
+        problems.append(f"{clash[0]!r} is both a tensor and a group of tensors")
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         raise CommitError(f"cannot commit step {step}: " + "; ".join(problems[:10]) + more)
 
-    # Arrays without chunks (a zero-sized dim) have no first-chunk writer: their metadata is ours.
-    empty = [a for a in arrays.values() if a.num_chunks == 0]
-    groups = intermediate_groups(arrays)
-    array_paths = set(arrays)
-    clash = [g for g in groups if g in array_paths]
-    if clash:
-        raise CommitError(f"cannot commit step {step}: {clash[0]!r} is both a tensor and a group of tensors")
-    with ThreadPoolExecutor(max_workers=options.threads) as pool:
-        list(pool.map(lambda a: write_array_metadata(storage, step, a), empty))
-        list(pool.map(lambda g: storage.write(f"{sdir}/{g}/{META}", [dumps(group_document())]), groups))
+    if layout == CHUNKS:
+        # Arrays without chunks (a zero-sized dim) have no first-chunk writer: their metadata is ours.
+        empty = [a for a in arrays.values() if a.num_chunks == 0]
+        with ThreadPoolExecutor(max_workers=options.threads) as pool:
+            list(pool.map(lambda a: write_array_metadata(storage, step, a), empty))
+            list(pool.map(lambda g: storage.write(f"{sdir}/{g}/{META}", [dumps(group_document())]), groups))
 
     first = fragments[0]
-    by_writer = {}
-    for frag in fragments[1:]:
-        diff = {k: v for k, v in frag.values.items() if first.values.get(k, _MISSING) != v}
-        if diff:
-            by_writer[frag.writer] = diff
+    varying = sorted({k for frag in fragments[1:] for k, v in frag.values.items()
+                      if first.values.get(k, _MISSING) != v})
     manifest = Manifest(
         step=step,
         save_id=first.save_id,
@@ -318,16 +264,46 @@ def commit(
         writers=tuple(writers),
         arrays=dict(sorted(arrays.items())),
         values=first.values,
-        values_by_writer=by_writer,
         library_versions=library_versions or {},
         user_metadata=user_metadata or {},
+        layout=layout,
+        writer_runs=writer_runs(arrays, fragments, writers) if layout == PACKS else {},
+        varying_values=tuple(varying),
     )
-    consolidated: dict[str, Any] = {g: group_document() for g in groups}
-    consolidated.update({p: zarr_array_document(a) for p, a in manifest.arrays.items()})
-    root = group_document({MANIFEST_KEY: manifest.to_dict()})
-    root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
-    storage.write_atomic(f"{sdir}/{META}", dumps(seal_root(root)))
+    storage.write_atomic(f"{sdir}/{META}", dumps(seal_root(commit_document(manifest))))
     return manifest
+
+
+def commit_document(manifest: Manifest) -> dict[str, Any]:
+    """The step's root ``zarr.json``: the manifest in the group's attributes, and, where the
+    chunks are where zarr looks for them (layouts chunks and shards), the consolidated metadata
+    of every array and group. A packs step lists no arrays: a zarr reader sees an empty group
+    rather than arrays whose chunks it would not find (and would read as fill values)."""
+    root = group_document({MANIFEST_KEY: manifest.to_dict()})
+    if manifest.layout != PACKS:
+        consolidated: dict[str, Any] = {g: group_document() for g in intermediate_groups(manifest.arrays)}
+        consolidated.update({p: zarr_array_document(a, shards=manifest.layout == SHARDS)
+                             for p, a in manifest.arrays.items()})
+        root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
+    return root
+
+
+def _check_packs(storage: Storage, step: int, fragments: Sequence[Fragment]) -> list[str]:
+    """Every pack a fragment names is in storage, long enough for the chunks it records."""
+    sizes = storage.walk(f"{step_dir(step)}/{fmt.PACKS}")
+    problems = []
+    for frag in fragments:
+        need: dict[int, int] = {}
+        for recs in frag.chunks.values():
+            for r in recs:
+                need[r.pack or 0] = max(need.get(r.pack or 0, 0), (r.offset or 0) + r.nbytes)
+        for n, end in sorted(need.items()):
+            name = frag.packs[n]
+            size = sizes.get(name)
+            if size is None or size < end:
+                what = "missing" if size is None else f"{size} bytes, its chunks need {end}"
+                problems.append(f"pack {name} of writer {frag.writer} is {what}")
+    return problems
 
 
 _MISSING = object()

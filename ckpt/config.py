@@ -19,6 +19,12 @@ class CheckpointerConfig:
     every_n_steps: int = 100
     keep_last: int | None = 3  # None: keep every checkpoint
     keep_every: int | None = None  # also keep steps divisible by this
+    # How each writer lays out a checkpoint: "packs" (a few files per writer: 2 x writers + 1
+    # per step) or "chunks" (one file per chunk at its zarr key: zarr-readable at once).
+    layout: Literal["packs", "chunks"] = "packs"
+    # Which packs steps rank 0 rewrites into the zarr layout in the background: "kept" (the
+    # steps kept for good by keep_every, and the last one at close()) or "never".
+    consolidate: Literal["kept", "never"] = "kept"
     host_budget_bytes: int | None = None  # None: twice the first snapshot
     when_busy: Literal["block", "skip"] = "block"
     # With "block": how long save() may wait for a host buffer before it fails this checkpoint
@@ -60,6 +66,10 @@ class CheckpointerConfig:
                              f"{self.buffer_wait_timeout_s!r}")
         if self.on_error not in ("warn", "raise"):
             raise ValueError(f"CheckpointerConfig.on_error must be 'warn' or 'raise', got {self.on_error!r}")
+        if self.layout not in ("packs", "chunks"):
+            raise ValueError(f"CheckpointerConfig.layout must be 'packs' or 'chunks', got {self.layout!r}")
+        if self.consolidate not in ("kept", "never"):
+            raise ValueError(f"CheckpointerConfig.consolidate must be 'kept' or 'never', got {self.consolidate!r}")
         if self.commit_by not in ("rank0", "external"):
             raise ValueError(f"CheckpointerConfig.commit_by must be 'rank0' or 'external', got {self.commit_by!r}")
         if self.agent is not None and (not isinstance(self.agent, str) or "://" not in self.agent):

@@ -38,6 +38,7 @@ import torch
 from . import format as fmt
 from .dtypes import info_by_name
 from .errors import LayoutError
+from .layouts import ChunkLayout, Locator
 from .manifest import ArraySpec, Manifest
 from .regions import iter_tensor_bytes
 from .storage import Storage
@@ -140,10 +141,13 @@ def select(
     return items
 
 
-def values_metadata(manifest: Manifest, include: Sequence[str] = ()) -> dict[str, Any]:
-    """Non-tensor state to carry: values (filtered like tensors), per-writer values, user metadata."""
+def values_metadata(manifest: Manifest, include: Sequence[str] = (),
+                    per_writer: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Non-tensor state to carry: values (filtered like tensors), per-writer values (default:
+    those the commit point holds; ``ckpt.format.values_by_writer`` reads format 3's), user metadata."""
     values = {k: v for k, v in manifest.values.items() if _matches(k, include)}
-    by_writer = {w: {k: v for k, v in d.items() if _matches(k, include)} for w, d in manifest.values_by_writer.items()}
+    per_writer = manifest.values_by_writer if per_writer is None else per_writer
+    by_writer = {w: {k: v for k, v in d.items() if _matches(k, include)} for w, d in per_writer.items()}
     by_writer = {w: d for w, d in by_writer.items() if d}
     out: dict[str, Any] = {STEP_KEY: manifest.step, VALUES_KEY: values}
     if by_writer:
@@ -267,16 +271,17 @@ def export_step(
         raise ValueError("buffer_bytes and threads must be >= 1")
     manifest = manifest or fmt.read_manifest(storage, step)
     items = select(manifest, include=include, strip_prefix=strip_prefix, cast=cast)
-    meta = values_metadata(manifest, include) if values else {}
+    meta = values_metadata(manifest, include, fmt.values_by_writer(storage, manifest)) if values else {}
+    locator = Locator(storage, step, ChunkLayout.of(manifest), manifest.arrays)
     if format == "safetensors":
-        _export_safetensors(storage, step, out, items, meta, threads, buffer_bytes, storage_options, progress)
+        _export_safetensors(storage, locator, out, items, meta, threads, buffer_bytes, storage_options, progress)
     else:
-        _export_torch(storage, step, out, items, meta, threads, buffer_bytes, storage_options, progress)
+        _export_torch(storage, locator, out, items, meta, threads, buffer_bytes, storage_options, progress)
     return ExportResult(out, format, len(items), sum(it.nbytes for it in items))
 
 
 def _export_safetensors(
-    storage: Storage, step: int, out: str, items: list[ExportItem], meta: dict[str, Any],
+    storage: Storage, locator: Locator, out: str, items: list[ExportItem], meta: dict[str, Any],
     threads: int, buffer_bytes: int, storage_options: dict[str, Any] | None,
     progress: Progress | None,
 ) -> None:
@@ -288,7 +293,7 @@ def _export_safetensors(
         f.write(header)
         for it in ordered:
             written = 0
-            for block in iter_tensor_bytes(storage, step, it.spec, threads=threads, buffer_bytes=buffer_bytes,
+            for block in iter_tensor_bytes(storage, locator, it.spec, threads=threads, buffer_bytes=buffer_bytes,
                                            cast=it.dtype):
                 f.write(block)
                 written += block.nbytes
@@ -302,7 +307,7 @@ def _export_safetensors(
 
 
 def _export_torch(
-    storage: Storage, step: int, out: str, items: list[ExportItem], meta: dict[str, Any],
+    storage: Storage, locator: Locator, out: str, items: list[ExportItem], meta: dict[str, Any],
     threads: int, buffer_bytes: int, storage_options: dict[str, Any] | None,
     progress: Progress | None,
 ) -> None:
@@ -319,7 +324,7 @@ def _export_torch(
                 sf.write(b"\0" * pad)
                 pos += pad
                 offsets[it.key] = pos
-                for block in iter_tensor_bytes(storage, step, it.spec, threads=threads, buffer_bytes=buffer_bytes,
+                for block in iter_tensor_bytes(storage, locator, it.spec, threads=threads, buffer_bytes=buffer_bytes,
                                                cast=it.dtype):
                     sf.write(block)
                     pos += block.nbytes

@@ -24,12 +24,14 @@ import crc32c
 from .dtypes import codecs_for, info_by_name
 from .errors import CheckpointNotFoundError, FormatError
 from .manifest import MANIFEST_KEY, ArraySpec, Fragment, Manifest, ManifestError
+from .manifest import writer_name as writer_name  # where the layout of a run is, so is the writer naming
 from .storage import Storage
 
 log = logging.getLogger(__name__)
 
 STEP_DIGITS = 12
 FRAGMENTS = ".fragments"
+PACKS = ".packs"
 META = "zarr.json"
 
 
@@ -41,10 +43,6 @@ def step_dir(step: int) -> str:
 
 def parse_step(name: str) -> int | None:
     return int(name) if len(name) == STEP_DIGITS and name.isdigit() else None
-
-
-def writer_name(rank: int) -> str:
-    return f"rank{rank:05d}"
 
 
 def fragment_path(step: int, writer: str) -> str:
@@ -106,7 +104,7 @@ def seal_root(root: dict) -> dict:
 # sealed one whose checksum key was damaged.
 _UNSEALED_ROOT_ATTRIBUTES = frozenset({MANIFEST_KEY})
 _UNSEALED_FRAGMENT_FIELDS = frozenset({"format", "format_version", "step", "save_id", "writer", "created_at", "arrays",
-                                       "chunks", "values"})
+                                       "chunks", "values", "packs"})
 
 
 def check_seal(doc: Any, where: str, *, root: bool) -> None:
@@ -139,10 +137,20 @@ def _loads(data: bytes, what: str) -> Any:
         raise FormatError(f"{what} is not valid JSON ({e}); the checkpoint is corrupt") from None
 
 
-def zarr_array_document(spec: ArraySpec) -> dict:
+def zarr_array_document(spec: ArraySpec, *, shards: bool = False) -> dict:
+    """An array's ``zarr.json``: chunks as files at their keys, or (``shards``) one shard
+    holding every chunk (zarr's ``sharding_indexed`` codec, index at the end)."""
     info = info_by_name(spec.dtype)
     attrs = {MANIFEST_KEY: {"dtype": spec.dtype, "layout": spec.layout}}
-    return array_metadata(spec, info.zarr_name, info.fill_value, codecs_for(info), attrs)
+    doc = array_metadata(spec, info.zarr_name, info.fill_value, codecs_for(info), attrs)
+    if shards:
+        doc["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": [max(1, s) for s in spec.shape]}}
+        doc["chunk_key_encoding"] = {"name": "default", "configuration": {"separator": "/"}}
+        doc["codecs"] = [{"name": "sharding_indexed", "configuration": {
+            "chunk_shape": list(spec.chunk_shape), "codecs": codecs_for(info),
+            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+            "index_location": "end"}}]
+    return doc
 
 
 def group_document(attributes: dict | None = None) -> dict:
@@ -197,6 +205,10 @@ def list_steps(storage: Storage) -> list[StepInfo]:
     return sorted(out, key=lambda s: s.step)
 
 
+def read_root_exists(storage: Storage, step: int) -> bool:
+    return storage.exists(f"{step_dir(step)}/{META}")
+
+
 def committed_steps(storage: Storage) -> list[int]:
     return [s.step for s in list_steps(storage) if s.committed]
 
@@ -234,3 +246,22 @@ def read_manifest(storage: Storage, step: int | None = None) -> Manifest:
     if manifest.step != step:
         raise FormatError(f"step directory {step} holds the manifest of step {manifest.step}")
     return manifest
+
+
+def values_by_writer(storage: Storage, manifest: Manifest) -> dict[str, dict[str, Any]]:
+    """Per writer, the values that differ from ``manifest.values``: from the commit point
+    (formats 1, 2) or from every writer's fragment (format 3; one read per writer, for tools
+    that show or carry them all: inspect, export, reshard)."""
+    if not manifest.varying_values:
+        return manifest.values_by_writer
+    out: dict[str, dict[str, Any]] = {}
+    for w in manifest.writers:
+        try:
+            frag = read_fragment(storage, manifest.step, w)
+        except FileNotFoundError:
+            continue
+        diff = {k: frag.values[k] for k in manifest.varying_values
+                if k in frag.values and frag.values[k] != manifest.values.get(k)}
+        if diff:
+            out[w] = diff
+    return out

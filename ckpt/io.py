@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 
-from . import chunks
+from . import chunks, layouts
 from . import format as fmt
 from .chunks import CRC_BYTES, as_bytes
-from .errors import CorruptCheckpointError
-from .manifest import ChunkRecord, Fragment
-from .plan import LoadPlan, plan_load, request_nbytes
+from .errors import CorruptCheckpointError, FormatError
+from .layouts import Location, Locator
+from .manifest import ChunkRecord, Fragment, Manifest
+from .plan import LoadPlan, pack_slots, plan_load, request_nbytes
 from .planning import ReadRequest, WriteRequest
 from .restore import read_chunk as read_stored_chunk
 from .state import decode_value, set_leaf
@@ -107,29 +108,35 @@ def write_plan(
     threads: int = DEFAULT_IO_THREADS,
     durable: bool = True,
     progress: Callable[[int], None] | None = None,
+    layout: str = "packs",
 ) -> Fragment:
-    """Write this process's chunks and array metadata, then its fragment (last).
+    """Write this process's chunks, then its fragment (last).
 
+    ``layout="packs"`` (format 3): the chunks go into this writer's pack files at the offsets
+    ``ckpt.plan.pack_slots`` fixes; ``"chunks"``: one file per chunk at its zarr key, with the
+    array metadata (directly readable by zarr readers; T x N files for T arrays sharded N ways).
     With ``durable``, everything the fragment points to is durable before the fragment is
     written: one barrier for all files where the storage offers one (``Storage.sync``: a
     single ``syncfs`` on Linux), an ``fsync`` per file otherwise.
     """
+    if layout not in ("packs", "chunks"):
+        raise ValueError(f"layout must be 'packs' or 'chunks', got {layout!r}")
     defer = durable and storage.can_sync
     per_file = durable and not defer
-    # Many small files: in parallel, not one after the other.
-    if threads > 1 and len(plan.metadata) > 1:
-        with ThreadPoolExecutor(max_workers=min(threads, len(plan.metadata)), thread_name_prefix="ckpt-io") as pool:
-            list(pool.map(lambda spec: fmt.write_array_metadata(storage, step, spec, durable=per_file), plan.metadata))
-    else:
-        for spec in plan.metadata:
-            fmt.write_array_metadata(storage, step, spec, durable=per_file)
     prefix = fmt.step_dir(step)
-    records = write_chunks(storage, prefix, plan.requests, threads=threads, durable=per_file, progress=progress)
-    if defer:
+    packs: tuple[str, ...] = ()
+    if layout == "chunks":
+        # Many small files: in parallel, not one after the other.
+        _map(lambda spec: fmt.write_array_metadata(storage, step, spec, durable=per_file), plan.metadata,
+             threads, None, lambda _s: 0)
+        records = write_chunks(storage, prefix, plan.requests, threads=threads, durable=per_file, progress=progress)
         paths = [fmt.array_metadata_path(step, spec) for spec in plan.metadata]
         paths += [f"{prefix}/{r.key}" for r in plan.requests]
-        if paths:  # a writer with nothing to write (all its tensors written by other replicas)
-            storage.sync(paths)
+    else:
+        packs, records, paths = _write_packs(storage, step, writer, plan.requests, threads=threads,
+                                             durable=per_file, progress=progress)
+    if defer and paths:  # a writer with nothing to write (all its tensors written by other replicas) skips it
+        storage.sync(paths)
     fragment = Fragment(
         step=step,
         save_id=save_id,
@@ -138,10 +145,50 @@ def write_plan(
         arrays=plan.arrays,
         chunks={p: tuple(r) for p, r in records.items()},
         values=plan.values,
+        packs=packs,
     )
     fmt.write_fragment(storage, fragment)
     return fragment
 
+
+def _write_packs(storage: Storage, step: int, writer: str, requests: Sequence[WriteRequest], *, threads: int,
+                 durable: bool, progress: Progress | None) -> tuple[tuple[str, ...], dict[str, list[ChunkRecord]],
+                                                                      list[str]]:
+    """Every chunk into this writer's packs: each pack one object, written by one thread."""
+    if not requests:
+        return (), {}, []
+    slots, sizes = pack_slots(requests, threads=threads)
+    names = tuple(layouts.pack_name(writer, n) for n in range(len(sizes)))
+    by_pack: list[list[int]] = [[] for _ in sizes]
+    for i, slot in enumerate(slots):
+        by_pack[slot.pack].append(i)
+    records: list[ChunkRecord | None] = [None] * len(requests)
+
+    def write_pack(n: int) -> None:
+        parts: list[Any] = []
+        keep: list[torch.Tensor] = []
+        pos = 0
+        for i in by_pack[n]:
+            req, slot = requests[i], slots[i]
+            if slot.offset > pos:
+                parts.append(bytes(slot.offset - pos))
+            data, owner = chunk_payload(req)
+            keep.append(owner)
+            encoded, crc = chunks.encode(data)
+            parts += encoded
+            records[i] = ChunkRecord(index=req.index, nbytes=data.nbytes + CRC_BYTES, crc32c=crc, pack=n,
+                                     offset=slot.offset)
+            pos = slot.offset + data.nbytes + CRC_BYTES
+        storage.write(layouts.pack_path(step, names[n]), parts, durable=durable)
+        if progress is not None:
+            progress(pos)
+
+    _map(write_pack, list(range(len(sizes))), threads, None, lambda _n: 0)
+    out: dict[str, list[ChunkRecord]] = {}
+    for req, rec in zip(requests, records):
+        assert rec is not None
+        out.setdefault(req.path, []).append(rec)
+    return names, out, [layouts.pack_path(step, name) for name in names]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,11 +216,18 @@ def _fast_target(req: ReadRequest, dtype: torch.dtype) -> torch.Tensor | None:
     return region if region.is_contiguous() else None
 
 
-def read_chunk(storage: Storage, prefix: str, req: ReadRequest, exp: ChunkExpectation) -> str | None:
+def read_chunk(storage: Storage, locator: Locator, req: ReadRequest, exp: ChunkExpectation) -> str | None:
     """Read one chunk into its targets; returns a problem description instead of raising."""
     itemsize = exp.dtype.itemsize
     nbytes = math.prod(req.chunk_shape) * itemsize
-    where = f"tensor {req.path!r} chunk {'.'.join(map(str, req.index)) or '()'} ({req.key})"
+    key = locator.key(req.path, req.index)
+    where = f"tensor {req.path!r} chunk {'.'.join(map(str, req.index)) or '()'} ({key.split('/', 1)[-1]})"
+    found: list[Location] = []
+
+    def locate() -> Location:  # asked only by the tier that reads storage
+        found.append(locator.locate(req.path, req.index))
+        return found[-1]
+
     fast = _fast_target(req, exp.dtype)
     if fast is not None:
         data = as_bytes(fast)
@@ -182,12 +236,15 @@ def read_chunk(storage: Storage, prefix: str, req: ReadRequest, exp: ChunkExpect
         chunk = torch.empty(nbytes, dtype=torch.uint8)
         data = memoryview(chunk.numpy())
     try:
-        read = read_stored_chunk(storage, f"{prefix}/{req.key}", data)
+        read = read_stored_chunk(storage, key, data, None if locator.layout.kind == layouts.CHUNKS else locate)
     except FileNotFoundError:
         return f"{where}: missing"
     except EOFError:
         return f"{where}: truncated (shorter than {nbytes + CRC_BYTES} bytes)"
-    problem = chunks.check(read, nbytes, recorded_crc=exp.expected_crc)
+    except FormatError as e:  # the fragment that locates it is missing or damaged
+        return f"{where}: {e}"
+    recorded = exp.expected_crc if exp.expected_crc is not None else (found[-1].recorded_crc if found else None)
+    problem = chunks.check(read, nbytes, recorded_crc=recorded)
     if problem is not None:
         return f"{where}: {problem}"
     if chunk is not None:
@@ -199,7 +256,7 @@ def read_chunk(storage: Storage, prefix: str, req: ReadRequest, exp: ChunkExpect
 
 def read_chunks(
     storage: Storage,
-    prefix: str,
+    locator: Locator,
     requests: Sequence[ReadRequest],
     expectation: Callable[[ReadRequest], ChunkExpectation],
     *,
@@ -208,7 +265,7 @@ def read_chunks(
 ) -> None:
     """Read every chunk into its destinations; raises one error listing every bad chunk."""
     problems = _map(
-        lambda r: read_chunk(storage, prefix, r, expectation(r)),
+        lambda r: read_chunk(storage, locator, r, expectation(r)),
         requests,
         threads,
         progress,
@@ -238,7 +295,8 @@ def execute_load(
     for z in plan.zero:
         z.tensor.detach().narrow(z.dim, z.start, z.length).zero_()
     dtypes = {p: getattr(torch, a.dtype) for p, a in plan.arrays.items()}
-    read_chunks(storage, fmt.step_dir(plan.step), plan.requests, lambda r: ChunkExpectation(dtypes[r.path]),
+    locator = Locator(storage, plan.step, plan.layout, plan.arrays)
+    read_chunks(storage, locator, plan.requests, lambda r: ChunkExpectation(dtypes[r.path]),
                 threads=threads, progress=progress)
     for path, encoded in plan.values.items():
         set_leaf(state_dict, path, decode_value(encoded, allow_pickle=allow_pickle, where=path))
@@ -251,5 +309,15 @@ def load_step(storage: Storage, state_dict: Any, step: int, *, rank: int = 0, wr
     process's layout, the plan carried out. ``writer``: this process's writer name (per-writer
     values saved under the same world size come back to the same rank)."""
     manifest = fmt.read_manifest(storage, step)
-    plan = plan_load(state_dict, manifest, rank=rank, writer=writer, strict=strict, allow_cast=allow_cast)
+    plan = plan_load(state_dict, manifest, rank=rank, writer=writer, strict=strict, allow_cast=allow_cast,
+                     writer_values=writer_values(storage, manifest, writer))
     execute_load(storage, state_dict, plan, allow_pickle=allow_pickle, threads=threads, progress=progress)
+
+
+def writer_values(storage: Storage, manifest: Manifest, writer: str | None) -> dict[str, Any] | None:
+    """This writer's own copies of the values that differ between writers (format 3 keeps them
+    in the writer's fragment, read only by its own reader); None when there are none to read."""
+    if not manifest.varying_values or writer is None or writer not in manifest.writers:
+        return None
+    frag = fmt.read_fragment(storage, manifest.step, writer)
+    return {k: frag.values[k] for k in manifest.varying_values if k in frag.values}

@@ -10,7 +10,13 @@ message that says to upgrade.
 
 Versions: 1, chunk keys ``c/i/j`` (zarr's default encoding with ``/``); 2, chunk keys
 ``c.i.j`` (the same encoding with ``.``: an array's chunks are files of its directory, no
-directory per index level), recorded per array as ``chunk_separator``.
+directory per index level), recorded per array as ``chunk_separator``; 3, a step records its
+physical ``layout``: ``chunks`` (one file per chunk, as 1 and 2), ``packs`` (every writer's
+chunks in a few pack files; each chunk's pack and offset in its writer's fragment; which writer
+holds which chunk in ``writer_runs``) or ``shards`` (one zarr shard per array, consolidated);
+per-writer values move from the commit point to the writers' fragments (``varying_values``
+names them), and the writer list of ranks 0..N-1 is stored as its count: the commit point is
+O(arrays) whatever the number of writers.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT_NAME = "ckpt"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+LAYOUTS = ("chunks", "packs", "shards")
 # Key of the manifest inside the root group's attributes.
 MANIFEST_KEY = "ckpt"
 
@@ -159,22 +166,26 @@ class ChunkRecord:
     index: tuple[int, ...]
     nbytes: int
     crc32c: int
+    pack: int | None = None  # layout "packs": which of the writer's packs holds it ...
+    offset: int | None = None  # ... and at which byte
 
     def to_list(self) -> list[JSON]:
-        return [list(self.index), self.nbytes, self.crc32c]
+        if self.pack is None:
+            return [list(self.index), self.nbytes, self.crc32c]
+        return [list(self.index), self.nbytes, self.crc32c, self.pack, self.offset]
 
     @classmethod
     def from_list(cls, v: Any, where: str) -> ChunkRecord:
-        if not isinstance(v, list) or len(v) != 3:
-            raise ManifestError(f"{where}: expected [index, nbytes, crc32c]")
+        if not isinstance(v, list) or len(v) not in (3, 5):
+            raise ManifestError(f"{where}: expected [index, nbytes, crc32c] or [index, nbytes, crc32c, pack, offset]")
         index = _int_tuple(v[0], f"{where}.index")
-        nbytes, crc = v[1], v[2]
-        for name, x in (("nbytes", nbytes), ("crc32c", crc)):
+        for name, x in zip(("nbytes", "crc32c", "pack", "offset"), v[1:]):
             if isinstance(x, bool) or not isinstance(x, int) or x < 0:
                 raise ManifestError(f"{where}.{name}: expected a non-negative integer")
-        if crc >= 1 << 32:
+        if v[2] >= 1 << 32:
             raise ManifestError(f"{where}.crc32c: out of range")
-        return cls(index=index, nbytes=nbytes, crc32c=crc)
+        pack, offset = (v[3], v[4]) if len(v) == 5 else (None, None)
+        return cls(index=index, nbytes=v[1], crc32c=v[2], pack=pack, offset=offset)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -193,9 +204,10 @@ class Fragment:
     chunks: dict[str, tuple[ChunkRecord, ...]]
     values: dict[str, JSON] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    packs: tuple[str, ...] = ()  # layout "packs": this writer's pack files, by the records' pack index
 
     def to_dict(self) -> dict[str, JSON]:
-        return {
+        out = {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
             "step": self.step,
@@ -206,6 +218,9 @@ class Fragment:
             "chunks": {p: [c.to_list() for c in cs] for p, cs in self.chunks.items()},
             "values": self.values,
         }
+        if self.packs:
+            out["packs"] = list(self.packs)
+        return out
 
     @classmethod
     def from_dict(cls, d: Any) -> Fragment:
@@ -220,6 +235,13 @@ class Fragment:
             if not isinstance(cs, list):
                 raise ManifestError(f"{where}.chunks[{p!r}]: expected a list")
             chunks[p] = tuple(ChunkRecord.from_list(c, f"{where}.chunks[{p!r}]") for c in cs)
+        packs = d.get("packs", [])
+        if not isinstance(packs, list) or not all(isinstance(p, str) and p and "/" not in p and p not in (".", "..")
+                                                   for p in packs):
+            raise ManifestError(f"{where}.packs: expected a list of file names")
+        for p, cs in chunks.items():
+            if any(c.pack is not None and c.pack >= len(packs) for c in cs):
+                raise ManifestError(f"{where}.chunks[{p!r}]: a pack index beyond the fragment's packs")
         return cls(
             step=_req(d, "step", int, where),
             save_id=_req(d, "save_id", str, where),
@@ -229,6 +251,7 @@ class Fragment:
             chunks=chunks,
             values=_req(d, "values", dict, where),
             format_version=version,
+            packs=tuple(packs),
         )
 
 
@@ -251,21 +274,39 @@ class Manifest:
     library_versions: dict[str, str] = field(default_factory=dict)
     user_metadata: dict[str, JSON] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    layout: str = "chunks"
+    # Layout "packs": per array, which writer holds which chunk, as runs [first chunk (linear
+    # index), count, first writer (index into ``writers``), writer stride, chunks per writer]:
+    # chunk first+k is held by writer w0 + stride * (k // per). One run per array for the
+    # common layouts (FSDP's Shard(0), a tensor written whole by one replica).
+    writer_runs: dict[str, tuple[tuple[int, int, int, int, int], ...]] = field(default_factory=dict)
+    varying_values: tuple[str, ...] = ()  # values whose per-writer copy is in the writer's fragment
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ManifestError(f"manifest: unknown layout {self.layout!r}; upgrade the ckpt package to read it")
 
     def to_dict(self) -> dict[str, JSON]:
-        return {
+        out: dict[str, JSON] = {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
             "step": self.step,
             "save_id": self.save_id,
             "created_at": self.created_at,
             "library_versions": self.library_versions,
-            "writers": list(self.writers),
+            "writers": _writers_to_json(self.writers) if self.format_version >= 3 else list(self.writers),
             "arrays": [a.to_dict() for a in self.arrays.values()],
             "values": self.values,
             "values_by_writer": self.values_by_writer,
             "user_metadata": self.user_metadata,
         }
+        if self.format_version >= 3:
+            out["layout"] = self.layout
+            if self.writer_runs:
+                out["writer_runs"] = {p: [list(r) for r in runs] for p, runs in self.writer_runs.items()}
+            if self.varying_values:
+                out["varying_values"] = list(self.varying_values)
+        return out
 
     @classmethod
     def from_dict(cls, d: Any) -> Manifest:
@@ -275,9 +316,7 @@ class Manifest:
         for i, a in enumerate(_req(d, "arrays", list, where)):
             spec = ArraySpec.from_dict(a, f"{where}.arrays[{i}]")
             arrays[spec.path] = spec
-        writers = _req(d, "writers", list, where)
-        if not all(isinstance(w, str) for w in writers):
-            raise ManifestError(f"{where}.writers: expected a list of strings")
+        writers = _writers_from_json(_req(d, "writers", (list, dict), where), f"{where}.writers")
         by_writer = d.get("values_by_writer", {})
         if not isinstance(by_writer, dict) or not all(isinstance(v, dict) for v in by_writer.values()):
             raise ManifestError(f"{where}.values_by_writer: expected an object of objects")
@@ -296,4 +335,55 @@ class Manifest:
             library_versions=versions,
             user_metadata=user,
             format_version=version,
+            layout=_req(d, "layout", str, where) if version >= 3 else "chunks",
+            writer_runs=_runs_from_json(d.get("writer_runs", {}), f"{where}.writer_runs", len(writers)),
+            varying_values=tuple(_str_list(d.get("varying_values", []), f"{where}.varying_values")),
         )
+
+
+def writer_name(rank: int) -> str:
+    return f"rank{rank:05d}"
+
+
+def _writers_to_json(writers: tuple[str, ...]) -> JSON:
+    """Ranks 0..N-1 (every save of a job) as their count; any other list as it is."""
+    if writers and all(w == writer_name(i) for i, w in enumerate(writers)):
+        return {"ranks": len(writers)}
+    return list(writers)
+
+
+def _writers_from_json(v: Any, where: str) -> tuple[str, ...]:
+    if isinstance(v, dict):
+        n = v.get("ranks")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 10**7:
+            raise ManifestError(f"{where}: expected {{'ranks': N}}")
+        return tuple(writer_name(i) for i in range(n))
+    if not all(isinstance(w, str) for w in v):
+        raise ManifestError(f"{where}: expected a list of strings")
+    return tuple(v)
+
+
+def _str_list(v: Any, where: str) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ManifestError(f"{where}: expected a list of strings")
+    return v
+
+
+def _runs_from_json(v: Any, where: str, writers: int) -> dict[str, tuple[tuple[int, int, int, int, int], ...]]:
+    if not isinstance(v, dict):
+        raise ManifestError(f"{where}: expected an object")
+    out = {}
+    for path, runs in v.items():
+        if not isinstance(runs, list):
+            raise ManifestError(f"{where}[{path!r}]: expected a list of runs")
+        parsed = []
+        for r in runs:
+            run = _int_tuple(r, f"{where}[{path!r}]")
+            if len(run) != 5 or run[1] < 1 or run[4] < 1:
+                raise ManifestError(f"{where}[{path!r}]: a run is [first, count, writer, stride, per], count and per >= 1")
+            last = run[2] + run[3] * ((run[1] - 1) // run[4])
+            if run[2] >= writers or last >= writers:
+                raise ManifestError(f"{where}[{path!r}]: a run names a writer beyond the {writers} writers")
+            parsed.append(run)
+        out[path] = tuple(parsed)  # type: ignore[arg-type]
+    return out

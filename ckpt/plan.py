@@ -19,11 +19,17 @@ from .dtypes import info_of
 from .errors import StateMismatchError
 from .format import CHUNK_SEPARATOR
 from .layout import Sharded, TensorLayout, layout_of
+from .layouts import ChunkLayout
 from .manifest import ArraySpec, Manifest
 from .planning import ReadRequest, WriteRequest, choose_chunk_shape, plan_array_reads, plan_array_writes
 from .state import encode_value, flatten
 
 DEFAULT_MAX_CHUNK_BYTES = 16 << 20
+# A writer's chunks go into packs of about this size (more than one only for a large part, so
+# that several I/O threads write at once): files per step stay 2 x writers + 1.
+DEFAULT_PACK_BYTES = 1 << 30
+PACK_ALIGN = 4096  # large chunks start on a page in their pack (direct I/O from host memory)
+PACK_ALIGN_MIN = 256 << 10
 
 
 def request_nbytes(req: WriteRequest | ReadRequest, itemsize: int) -> int:
@@ -131,6 +137,7 @@ class LoadPlan:
     values: dict[str, Any]  # path -> encoded JSON value to set
     arrays: dict[str, ArraySpec]
     zero: list[ZeroRegion] = field(default_factory=list)
+    layout: ChunkLayout = field(default_factory=ChunkLayout)
 
     @property
     def nbytes(self) -> int:
@@ -146,6 +153,7 @@ def plan_load(
     writer: str | None = None,
     strict: bool = True,
     allow_cast: bool = False,
+    writer_values: dict[str, Any] | None = None,
 ) -> LoadPlan:
     """Pure: which chunks to read into which destination regions; every mismatch at once."""
     problems: list[str] = []
@@ -153,7 +161,10 @@ def plan_load(
     values: dict[str, Any] = {}
     zero: list[ZeroRegion] = []
     seen: set[str] = set()
-    writer_values = manifest.values_by_writer.get(writer or "", {})
+    # This writer's own values: format 3 keeps them in its fragment (the caller read it),
+    # formats 1 and 2 in the commit point.
+    if writer_values is None:
+        writer_values = manifest.values_by_writer.get(writer or "", {})
     for path, leaf, is_tensor in flatten(state_dict):
         seen.add(path)
         if not is_tensor:
@@ -199,7 +210,7 @@ def plan_load(
             + "; ".join(problems[:20]) + more,
             problems,
         )
-    return LoadPlan(manifest.step, requests, values, manifest.arrays, zero)
+    return LoadPlan(manifest.step, requests, values, manifest.arrays, zero, ChunkLayout.of(manifest))
 
 
 def _padding(leaf: Sharded) -> ZeroRegion | None:
@@ -209,3 +220,38 @@ def _padding(leaf: Sharded) -> ZeroRegion | None:
     start = leaf.rank * local
     valid = max(0, min(leaf.logical_size or 0, start + local) - start)
     return ZeroRegion(leaf.tensor, d, valid, local - valid) if valid < local else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Packs
+
+
+@dataclass(frozen=True, slots=True)
+class PackSlot:
+    """Where one write request's chunk goes: pack number ``pack`` of its writer, at ``offset``."""
+
+    pack: int
+    offset: int
+
+
+def pack_slots(requests: Sequence[WriteRequest], *, threads: int = 1,
+               pack_bytes: int = DEFAULT_PACK_BYTES) -> tuple[list[PackSlot], list[int]]:
+    """Pure: a slot for every request, in order, and the size of every pack. A chunk takes its
+    stored bytes plus the checksum; a large chunk starts on a page boundary. A writer's part is
+    split into at most ``threads`` packs of at least ``pack_bytes`` / ``threads``... and no more
+    packs than its size needs at ``pack_bytes`` each."""
+    sizes = [request_nbytes(r, r.tensor.element_size()) + 4 for r in requests]
+    total = sum(sizes)
+    packs = max(1, min(threads, -(-total // pack_bytes))) if total else 1
+    target = -(-total // packs) if total else 0
+    slots, ends = [], [0]
+    for n in sizes:
+        off = ends[-1]
+        if off >= target and len(ends) < packs and off > 0:
+            ends.append(0)
+            off = 0
+        if n - 4 >= PACK_ALIGN_MIN and off % PACK_ALIGN:
+            off += PACK_ALIGN - off % PACK_ALIGN
+        slots.append(PackSlot(len(ends) - 1, off))
+        ends[-1] = off + n
+    return slots, ends

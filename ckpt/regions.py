@@ -21,17 +21,17 @@ from typing import Any
 
 import torch
 
-from . import format as fmt
 from .dtypes import info_by_name
 from .io import ChunkExpectation, read_chunks
 from .layout import Box, Piece
+from .layouts import Locator
 from .manifest import ArraySpec
 from .planning import plan_array_reads
 from .storage import Storage
 
 
 def read_region(
-    storage: Storage, step: int, spec: ArraySpec, box: Box, out: torch.Tensor, *, threads: int,
+    storage: Storage, locator: Locator, spec: ArraySpec, box: Box, out: torch.Tensor, *, threads: int,
     expected_crc: Callable[[str, tuple[int, ...]], int | None] | None = None,
 ) -> None:
     """Fill ``out`` (shaped like ``box``) with ``box`` of the stored array; every chunk checked."""
@@ -43,7 +43,7 @@ def read_region(
     else:
         def expectation(r: Any) -> ChunkExpectation:
             return ChunkExpectation(dtype, expected_crc(r.path, r.index))
-    read_chunks(storage, fmt.step_dir(step), requests, expectation, threads=threads)
+    read_chunks(storage, locator, requests, expectation, threads=threads)
 
 
 def row_major_blocks(spec: ArraySpec, itemsize: int, budget: int) -> Iterator[Box]:
@@ -75,14 +75,14 @@ def row_major_blocks(spec: ArraySpec, itemsize: int, budget: int) -> Iterator[Bo
 
 
 def iter_tensor_bytes(
-    storage: Storage, step: int, spec: ArraySpec, *, threads: int, buffer_bytes: int,
+    storage: Storage, locator: Locator, spec: ArraySpec, *, threads: int, buffer_bytes: int,
     cast: torch.dtype | None = None,
 ) -> Iterator[memoryview]:
     """The tensor's bytes in row-major order (cast to ``cast`` if given), one block at a time."""
     dtype = info_by_name(spec.dtype).torch_dtype
     for box in row_major_blocks(spec, dtype.itemsize, buffer_bytes):
         buf = torch.empty(box.sizes, dtype=dtype)
-        read_region(storage, step, spec, box, buf, threads=threads)
+        read_region(storage, locator, spec, box, buf, threads=threads)
         if cast is not None and cast != dtype:
             buf = buf.to(cast)
         yield memoryview(buf.reshape(-1).view(torch.uint8).numpy())

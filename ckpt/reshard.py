@@ -50,6 +50,7 @@ from .errors import CheckpointExistsError, FormatError
 from .format import CHUNK_SEPARATOR
 from .io import write_chunks
 from .layout import Box, chunk_range
+from .layouts import ChunkLayout, Locator
 from .manifest import ArraySpec, ChunkRecord, Fragment, Manifest
 from .plan import DEFAULT_MAX_CHUNK_BYTES
 from .planning import WriteRequest, choose_chunk_shape, chunk_box, chunks_overlapping
@@ -256,7 +257,9 @@ def reshard(
              for p, s in manifest.arrays.items()}
     if on_start is not None:
         on_start(sum(s.numel * info_by_name(s.dtype).itemsize for s in specs.values()))
-    crcs = _expected_crcs(src, step, manifest)
+    # Packs: the locator hands over each chunk's recorded crc as it finds the chunk.
+    crcs = _expected_crcs(src, step, manifest) if manifest.layout == "chunks" else {}
+    locator = Locator(src, step, ChunkLayout.of(manifest), manifest.arrays)
     records: dict[str, list[ChunkRecord]] = {}
     for path, new in specs.items():
         old = manifest.arrays[path]
@@ -265,7 +268,7 @@ def reshard(
         records[path] = []
         for block in target_blocks(new, dtype.itemsize, buffer_bytes):
             buf = torch.empty(block.sizes, dtype=dtype)
-            read_region(src, step, old, block, buf, threads=threads, expected_crc=lambda p, i: crcs.get((p, i)))
+            read_region(src, locator, old, block, buf, threads=threads, expected_crc=lambda p, i: crcs.get((p, i)))
             requests = []
             for index in chunks_overlapping(new, block):
                 cbox = chunk_box(new, index)
@@ -280,8 +283,9 @@ def reshard(
     # One fragment per source writer keeps per-writer values; the first carries every chunk.
     writers = list(manifest.writers) or [fmt.writer_name(0)]
     save_id = uuid.uuid4().hex
+    per_writer = fmt.values_by_writer(src, manifest)
     for i, w in enumerate(writers):
-        values = manifest.values if i == 0 else {**manifest.values, **manifest.values_by_writer.get(w, {})}
+        values = manifest.values if i == 0 else {**manifest.values, **per_writer.get(w, {})}
         fmt.write_fragment(dst, Fragment(
             step=step_out, save_id=save_id, writer=w, created_at=time.time(),
             arrays=specs if i == 0 else {},

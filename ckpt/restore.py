@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import enum
 import threading
+from collections.abc import Callable
 
 from . import chunks
+from .layouts import Location
 from .storage import Storage, StorageWrapper
 
 
@@ -46,9 +48,13 @@ class RestoreSource(StorageWrapper):
         self.served_by: dict[Tier, int] = {}
         self._count_lock = threading.Lock()
 
-    def read_chunk(self, key: str, data: memoryview) -> chunks.ChunkRead:
-        """Fill ``data`` with chunk ``key``'s bytes. The default reads the next tier."""
-        return read_chunk(self.inner, key, data)
+    def read_chunk(self, key: str, data: memoryview, location: Where = None) -> chunks.ChunkRead:
+        """Fill ``data`` with the bytes of the chunk whose logical (zarr) key is ``key``; in
+        storage it is at ``location`` (None: the object ``key`` itself), given as a Location or
+        as a function that finds it (called only by the tier that reads storage: a chunk held in
+        memory is served without reading the fragment that locates it). The default reads the
+        next tier."""
+        return read_chunk(self.inner, key, data, location)
 
     def read_threads(self, step: int, default: int) -> int:
         """How many threads should read ``step``'s chunks: ``default`` (the I/O threads asked
@@ -84,17 +90,24 @@ class StorageSource(RestoreSource):
 
     tier = Tier.STORAGE
 
-    def read_chunk(self, key: str, data: memoryview) -> chunks.ChunkRead:
-        read = chunks.read_chunk(self.inner, key, data)
+    def read_chunk(self, key: str, data: memoryview, location: Where = None) -> chunks.ChunkRead:
+        read = read_chunk(self.inner, key, data, location)
         self.count(read.total)
         return read
 
 
-def read_chunk(storage: Storage, key: str, data: memoryview) -> chunks.ChunkRead:
+Where = Location | Callable[[], Location | None] | None
+
+
+def read_chunk(storage: Storage, key: str, data: memoryview, location: Where = None) -> chunks.ChunkRead:
     """Read one chunk through ``storage``: its tiers when it is a :class:`RestoreSource`."""
     if isinstance(storage, RestoreSource):
-        return storage.read_chunk(key, data)
-    return chunks.read_chunk(storage, key, data)
+        return storage.read_chunk(key, data, location)
+    if callable(location):
+        location = location()
+    if location is None:
+        return chunks.read_chunk(storage, key, data)
+    return chunks.read_chunk(storage, location.path, data, offset=location.offset)
 
 
 def read_threads(storage: Storage, step: int, default: int) -> int:

@@ -197,6 +197,7 @@ class StepListing:
     created_at: float | None = None  # from the manifest (committed steps)
     tensors: int | None = None
     error: str | None = None  # a committed step whose manifest is unreadable
+    layout: str | None = None  # from the manifest: packs, shards or chunks
 
     def entry(self) -> StepEntry:
         return StepEntry(step=self.step, committed=self.committed, committed_at=self.created_at,
@@ -212,16 +213,17 @@ def list_run(
     def one(info: fmt.StepInfo) -> StepListing:
         want_usage = usage(info) if callable(usage) else usage
         u = tree_usage(storage, fmt.step_dir(info.step)) if want_usage else None
-        created = tensors = error = None
+        created = tensors = error = layout = None
         if info.committed and manifests:
             try:
                 m = fmt.read_manifest(storage, info.step)
-                created, tensors = m.created_at, len(m.arrays)
+                created, tensors, layout = m.created_at, len(m.arrays), m.layout
             except CkptError as e:  # corrupt, or deleted between listing and reading
                 error = str(e)
         return StepListing(
             step=info.step, committed=info.committed, files=u.files if u else None, nbytes=u.nbytes if u else None,
             modified_at=u.newest_mtime if u else None, created_at=created, tensors=tensors, error=error,
+            layout=layout,
         )
 
     if not infos:

@@ -114,6 +114,7 @@ def open_sink(kind: str, address: str, **kwargs: Any) -> Sink:
 class SinkConfig:
     io_threads: int = 8
     durable: bool = True
+    layout: str = "packs"  # how a writer lays out its chunks: "packs" or "chunks" (ckpt.io.write_plan)
     commit_timeout_s: float = 600.0
     poll_interval_s: float = 0.05
     library_versions: dict = field(default_factory=dict)
@@ -124,6 +125,8 @@ class SinkConfig:
     def __post_init__(self) -> None:
         if self.io_threads < 1:
             raise ValueError("SinkConfig.io_threads must be >= 1")
+        if self.layout not in ("packs", "chunks"):
+            raise ValueError(f"SinkConfig.layout must be 'packs' or 'chunks', got {self.layout!r}")
         if self.commit_timeout_s <= 0:
             raise ValueError("SinkConfig.commit_timeout_s must be > 0")
         if self.nice is not None and not 0 <= self.nice <= 19:
@@ -176,7 +179,7 @@ class InProcessSink(Sink):
         while (job := self._persist_q.get()) is not None:
             try:
                 frag = persist(self.storage, job.plan, step=job.step, writer=job.writer, save=job.save_id,
-                               threads=self.config.io_threads, durable=self.config.durable)
+                               threads=self.config.io_threads, durable=self.config.durable, layout=self.config.layout)
             except BaseException as e:  # noqa: BLE001 - reported through the futures
                 job.release()
                 job.persisted.set_exception(e)

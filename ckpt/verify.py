@@ -33,11 +33,12 @@ from typing import Any
 
 import torch
 
-from . import chunks
+from . import chunks, layouts
 from . import format as fmt
 from .chunks import CRC_BYTES
 from .dtypes import info_by_name
 from .errors import CkptError, FormatError, StorageError
+from .layouts import Location
 from .manifest import MANIFEST_KEY, ArraySpec, ChunkRecord, Manifest, ManifestError
 from .planning import chunk_key
 from .storage import Storage
@@ -74,17 +75,28 @@ class _ChunkCheck:
     nbytes: int  # data bytes, without the checksum
     record: ChunkRecord | None
     writer: str | None
+    location: Location | None = None  # inside a pack or a shard; None: the object at its key
 
 
 def _check_chunk(storage: Storage, prefix: str, c: _ChunkCheck) -> Problem | None:
     want = c.nbytes + CRC_BYTES
     key = f"{prefix}/{chunk_key(c.spec.path, c.index, c.spec.chunk_separator)}"
     buf = torch.empty(c.nbytes, dtype=torch.uint8)
+    loc = c.location
     try:
-        read = chunks.read_chunk(storage, key, memoryview(buf.numpy()))
+        if loc is None:
+            read = chunks.read_chunk(storage, key, memoryview(buf.numpy()))
+        else:
+            read = chunks.read_chunk(storage, loc.path, memoryview(buf.numpy()), offset=loc.offset)
     except FileNotFoundError:
-        return chunk_problem(MISSING, c.spec, c.index, "missing", c.writer)
+        where = "" if loc is None else f" ({loc.path.split('/', 1)[-1]} is missing)"
+        return chunk_problem(MISSING, c.spec, c.index, f"missing{where}", c.writer)
     except EOFError:
+        if loc is not None:
+            size = storage.size(loc.path)
+            return chunk_problem(TRUNCATED, c.spec, c.index,
+                                 f"truncated: {loc.path.split('/', 1)[-1]} has {size} bytes, the chunk ends at "
+                                 f"{(loc.offset or 0) + want}", c.writer)
         size = storage.size(key)
         got = f"{size} bytes" if size is not None else "shorter"
         return chunk_problem(TRUNCATED, c.spec, c.index, f"truncated: {got}, expected {want}", c.writer)
@@ -134,7 +146,7 @@ def bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], *, threads: int)
 
 def _chunk_checks(
     manifest: Manifest, owner: dict[tuple[str, tuple[int, ...]], tuple[str, ChunkRecord]],
-    problems: list[Problem], missing_writers: set[str],
+    problems: list[Problem], missing_writers: set[str], packs: dict[str, tuple[str, ...]] | None = None,
 ) -> Iterator[_ChunkCheck]:
     import itertools
 
@@ -154,7 +166,19 @@ def _chunk_checks(
                 problems.append(chunk_problem(
                     SIZE, spec, index, f"writer {writer} recorded {rec.nbytes} bytes, a full chunk is "
                     f"{nbytes + CRC_BYTES}", writer))
-            yield _ChunkCheck(spec, index, nbytes, rec, writer)
+            loc = None
+            if manifest.layout == layouts.SHARDS:
+                loc = Location(f"{fmt.step_dir(manifest.step)}/{layouts.shard_key(spec)}",
+                               layouts.linear_index(spec, index) * (nbytes + CRC_BYTES))
+            elif manifest.layout == layouts.PACKS:
+                names = (packs or {}).get(writer or "", ())
+                if rec is None or rec.pack is None or rec.pack >= len(names):
+                    if rec is not None:
+                        problems.append(chunk_problem(UNRECORDED, spec, index,
+                                                      f"writer {writer} recorded it in no pack", writer))
+                    continue
+                loc = Location(layouts.pack_path(manifest.step, names[rec.pack]), rec.offset)
+            yield _ChunkCheck(spec, index, nbytes, rec, writer, loc)
 
 
 def verify_manifest(
@@ -171,22 +195,25 @@ def verify_manifest(
     fragments, frag_problems = read_fragments(storage, step, manifest, threads)
     # An array's zarr.json is written by the writer of its first chunk (by the committer, from
     # the manifest, when it has none): its layout description is that writer's.
-    layouts: dict[str, Any] = {p: a.layout for p, a in manifest.arrays.items()}
+    array_layouts: dict[str, Any] = {p: a.layout for p, a in manifest.arrays.items()}
     for frag in fragments:
         for path, records in frag.chunks.items():
             spec = frag.arrays.get(path)
             if spec is not None and any(not any(r.index) for r in records):
-                layouts[path] = spec.layout
+                array_layouts[path] = spec.layout
     missing_writers = {p.writer for p in frag_problems if p.writer}
     if missing_writers:  # the writer of an array's metadata may be among them: do not guess
-        layouts = {}
-    problems = check_metadata(storage, step, manifest, root, layouts)
+        array_layouts = {}
+    problems = check_metadata(storage, step, manifest, root, array_layouts)
     problems += frag_problems
     owner, record_problems = recorded_chunks(manifest, fragments)
     problems += record_problems
     prefix = fmt.step_dir(step)
     chunk_problems: list[Problem] = []
-    checks = _chunk_checks(manifest, owner, chunk_problems, missing_writers)
+    packs = {f.writer: f.packs for f in fragments}
+    if manifest.layout == layouts.SHARDS:
+        problems += _check_shard_indexes(storage, manifest)
+    checks = _chunk_checks(manifest, owner, chunk_problems, missing_writers, packs)
 
     def run(c: _ChunkCheck) -> tuple[_ChunkCheck, Problem | None]:
         return c, _check_chunk(storage, prefix, c)
@@ -201,6 +228,44 @@ def verify_manifest(
     problems += chunk_problems
     report.problems = sorted(problems, key=lambda p: (p.path or "", p.index or (), p.kind, p.message))
     return report
+
+
+def _check_shard_indexes(storage: Storage, manifest: Manifest) -> list[Problem]:
+    """Each shard ends with the index zarr readers use: (offset, nbytes) of every chunk, in
+    row-major order, and the index's own crc32c."""
+    import struct
+
+    import crc32c
+
+    problems = []
+    for spec in manifest.arrays.values():
+        if not spec.num_chunks:
+            continue
+        try:
+            stride = layouts.shard_chunk_nbytes(spec, info_by_name(spec.dtype).itemsize)
+        except CkptError:
+            continue
+        key = f"{fmt.step_dir(manifest.step)}/{layouts.shard_key(spec)}"
+        size = storage.size(key)
+        n = spec.num_chunks
+        want_size = n * stride + layouts.shard_index_nbytes(spec)
+        if size is None:
+            problems.append(Problem(MISSING, f"tensor {spec.path!r}: shard {layouts.shard_key(spec)} is missing",
+                                    spec.path, key=layouts.shard_key(spec)))
+            continue
+        if size != want_size:
+            problems.append(Problem(SIZE, f"tensor {spec.path!r}: shard {layouts.shard_key(spec)} has {size} bytes, "
+                                    f"expected {want_size}", spec.path, key=layouts.shard_key(spec)))
+            continue
+        index = bytearray(layouts.shard_index_nbytes(spec))
+        storage.read_range_into(key, n * stride, [memoryview(index)])
+        body, crc = bytes(index[:-CRC_BYTES]), int.from_bytes(index[-CRC_BYTES:], "little")
+        want = b"".join(struct.pack("<QQ", i * stride, stride) for i in range(n))
+        if crc32c.crc32c(body) != crc or body != want:
+            problems.append(Problem(METADATA, f"tensor {spec.path!r}: the shard index of {layouts.shard_key(spec)} "
+                                    "is damaged (zarr readers would misplace chunks)", spec.path,
+                                    key=layouts.shard_key(spec)))
+    return problems
 
 
 def verify_step(

@@ -91,6 +91,13 @@ def check_metadata(storage: Storage, step: int, manifest: Manifest, root: dict,
                     layouts: dict[str, Any] | None = None) -> list[Problem]:
     sdir = fmt.step_dir(step)
     problems: list[Problem] = []
+    if manifest.layout == "packs":
+        # Chunks live in packs: no zarr documents are written (a zarr reader sees an empty group).
+        if root.get("consolidated_metadata") is not None:
+            problems.append(Problem(METADATA, f"{fmt.META}: a packs step lists arrays as consolidated metadata, "
+                                    "zarr readers would read fill values", key=fmt.META))
+        return problems
+    shards = manifest.layout == "shards"
     consolidated = root.get("consolidated_metadata")
     entries = consolidated.get("metadata") if isinstance(consolidated, dict) else None
     if not isinstance(entries, dict):
@@ -99,7 +106,7 @@ def check_metadata(storage: Storage, step: int, manifest: Manifest, root: dict,
     groups = sorted({"/".join(p.split("/")[:i]) for p in manifest.arrays for i in range(1, p.count("/") + 1)})
     for path, spec in manifest.arrays.items():
         try:
-            want = _normalized(fmt.zarr_array_document(spec))
+            want = _normalized(fmt.zarr_array_document(spec, shards=shards))
         except CkptError as e:  # unknown dtype name in the manifest
             problems.append(Problem(METADATA, f"tensor {path!r}: {e}", path))
             continue

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 import ckpt
+from ckpt.io import writer_values
 from ckpt.storage import Storage, StorageWrapper
 
 
@@ -30,7 +31,7 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def save_as_writers(
-    states: list[Any], storage: str | Storage, *, step: int, max_chunk_bytes: int = 8 << 20
+    states: list[Any], storage: str | Storage, *, step: int, max_chunk_bytes: int = 8 << 20, layout: str = "packs"
 ) -> ckpt.Manifest:
     """Save as if ``len(states)`` processes each called save with its own state (one process)."""
     st = ckpt.open_storage(storage)
@@ -38,15 +39,23 @@ def save_as_writers(
     writers = [ckpt.format.writer_name(r) for r in range(world)]
     for r, state in enumerate(states):
         plan = ckpt.plan_save(state, rank=r, world=world, max_chunk_bytes=max_chunk_bytes)
-        ckpt.write_plan(st, plan, step=step, writer=writers[r], save_id="test")
-    return ckpt.commit(st, step, writers, save_id="test")
+        ckpt.write_plan(st, plan, step=step, writer=writers[r], save_id="test",
+                        layout="chunks" if layout == "chunks" else "packs")
+    manifest = ckpt.commit(st, step, writers, save_id="test")
+    if layout == "shards":
+        from ckpt.consolidate import consolidate
+
+        manifest = consolidate(st, step)
+    return manifest
 
 
 def load_as_readers(states: list[Any], storage: str | Storage, *, step: int | None = None) -> None:
     st = ckpt.open_storage(storage)
     manifest = ckpt.read_manifest(st, step)
     for r, state in enumerate(states):
-        plan = ckpt.plan_load(state, manifest, rank=r, world=len(states), writer=ckpt.format.writer_name(r))
+        writer = ckpt.format.writer_name(r)
+        plan = ckpt.plan_load(state, manifest, rank=r, world=len(states), writer=writer,
+                              writer_values=writer_values(st, manifest, writer))
         ckpt.execute_load(st, state, plan)
 
 

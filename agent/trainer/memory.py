@@ -24,7 +24,7 @@ from ckpt.chunks import CRC_BYTES, ChunkRead, stored_nbytes
 from ckpt.chunks import payload as chunk_payload
 from ckpt.manifest import MANIFEST_KEY, Fragment
 from ckpt.planning import WriteRequest
-from ckpt.restore import RestoreSource, Tier
+from ckpt.restore import RestoreSource, Tier, Where
 from ckpt.storage import Storage
 
 from ..pb import pb
@@ -128,15 +128,19 @@ class AgentMemoryStorage(RestoreSource):
         if s.state == pb.SNAPSHOT_STATE_FAILED:
             return None
         sdir = fmt.step_dir(s.key.step)
-        commit_point = s.commit_point
+        # Storage's commit point first (a small read): it is the truth once a step was
+        # consolidated or saved again. The agent's copy serves when storage has none (retention
+        # removed the step) or cannot be read (an outage); a replica's or a peer's holder may have
+        # none (it learnt of the commit from the origin, or not yet).
+        try:
+            commit_point = self.inner.read(f"{sdir}/{fmt.META}")
+        except FileNotFoundError:
+            commit_point = s.commit_point
+        except Exception as e:  # noqa: BLE001 - storage failing: the agent's copy
+            log.warning("cannot read the commit point of step %d (%s): using the agent's copy", s.key.step, e)
+            commit_point = s.commit_point
         if not commit_point:
-            # A replica or a peer's snapshot: its holder learnt of the commit from the origin
-            # (or not yet); the commit point and the fragment (the chunks' crc32c) are small
-            # reads from storage.
-            try:
-                commit_point = self.inner.read(f"{sdir}/{fmt.META}")
-            except FileNotFoundError:
-                return None
+            return None
         root = json.loads(commit_point)
         if root["attributes"][MANIFEST_KEY]["save_id"] != s.save_id:
             return None
@@ -231,7 +235,7 @@ class AgentMemoryStorage(RestoreSource):
             return max(1, min(default, max(2, os.cpu_count() or 1)))
         return super().read_threads(step, default)
 
-    def read_chunk(self, key: str, data: memoryview) -> ChunkRead:
+    def read_chunk(self, key: str, data: memoryview, location: Where = None) -> ChunkRead:
         remote = self._remote.get(key)
         if remote is None and self._list_peers_fn is not None and key not in self._chunks:
             self._list_peers()
@@ -240,11 +244,11 @@ class AgentMemoryStorage(RestoreSource):
             self._fetch(remote)
         hit = self._chunks.get(key)
         if hit is None:
-            return super().read_chunk(key, data)
+            return super().read_chunk(key, data, location)
         req, crc, tier = hit
         nbytes = stored_nbytes(req.chunk_shape, req.tensor.element_size())
         if nbytes != data.nbytes:
-            return super().read_chunk(key, data)
+            return super().read_chunk(key, data, location)
         span = self._spans.get(key)
         if span is not None:
             actual = _pread_crc(span[0], span[1], data.cast("B"))

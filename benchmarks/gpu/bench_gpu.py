@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -56,9 +55,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [REPO, os.path.dirname(HERE)]
 
-import torch  # noqa: E402
-
 import bench_engine  # noqa: E402  (the model and the agent process of the CPU engine benchmark)
+import torch  # noqa: E402
 
 METHODS = ("none", "ckpt", "ckpt_agent", "dcp_async", "dcp_async_pinned", "torch_save")
 GB = 1e9
@@ -331,7 +329,6 @@ def bandwidth(job: Job, reps: int) -> dict[str, Any]:
            "d2h_pageable_one_buffer": timed(lambda: pageable.copy_(flat)),
            "h2d_pinned_one_buffer": timed(lambda: flat.copy_(pinned, non_blocking=cuda))}
     out["pinned"] = bool(cuda and pinned.is_pinned())
-    del flat, pinned, pageable, views
     return out
 
 
@@ -593,7 +590,6 @@ def restore(job: Job, ckpt: Any, root: str, agent: str | None, out: dict[str, An
     timed("torch_load", torch_load)
     for p in (run, drun, tpath, os.path.join(root, "restore-agent")):
         shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
-    del expected
 
 
 def targets(d: dict[str, Any]) -> dict[str, Any]:

@@ -55,7 +55,7 @@ from .common import (
     resolve_step,
 )
 from .prune import cmd_gc
-from .rewrite import cmd_export, cmd_reshard
+from .rewrite import cmd_consolidate, cmd_export, cmd_reshard
 
 
 class _Parser(argparse.ArgumentParser):
@@ -226,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     threads(p)
 
+    p = add("consolidate", "make a step readable by any zarr v3 reader", cmd_consolidate,
+            "Rewrite step N (default: the newest committed; --all: every committed step) from per-writer packs "
+            "into one zarr v3 array per tensor, each a single shard (zarr's sharding codec): tensorstore and "
+            "zarr-python then read it. Safe to interrupt: the commit point is switched in one atomic write, then "
+            "the packs are deleted. A step already zarr-readable is left as it is.")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--step", type=_nonneg_int, help="step to consolidate (default: newest committed)")
+    p.add_argument("--all", action="store_true", help="every committed step")
+    threads(p)
+
     p = add("gc", "delete old checkpoints and stale incomplete steps", cmd_gc,
             "Delete committed steps beyond the --keep-last newest (keeping multiples of --keep-every), and "
             "incomplete steps that are stale: untouched for --min-age, or preceding the newest committed step "
@@ -317,6 +327,7 @@ __all__ = [
     "cmd_inspect",
     "cmd_ls",
     "cmd_reshard",
+    "cmd_consolidate",
     "cmd_verify",
     "exit_code_for",
     "format_bytes",

@@ -49,6 +49,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
             "modified_at": s.modified_at,
             "age_s": None if when is None else max(0.0, now - when),
             "tensors": s.tensors,
+            "layout": s.layout,
+            "zarr_readable": None if s.layout is None else s.layout != "packs",
             "error": s.error,
         })
     if args.json:
@@ -56,8 +58,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     elif rows:
         print_table(
             [[str(r["step"]), r["status"], format_bytes(r["bytes"]), format_age(r["age_s"]),
-              "-" if r["tensors"] is None else str(r["tensors"])] for r in rows],
-            ["STEP", "STATUS", "SIZE", "AGE", "TENSORS"],
+              "-" if r["tensors"] is None else str(r["tensors"]),
+              "-" if r["zarr_readable"] is None else ("yes" if r["zarr_readable"] else "no")] for r in rows],
+            ["STEP", "STATUS", "SIZE", "AGE", "TENSORS", "ZARR"],
         )
         for r in rows:
             if r["error"]:
@@ -130,12 +133,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "created_at": m.created_at,
         "created": iso_time(m.created_at),
         "format_version": m.format_version,
+        "layout": m.layout,
+        "zarr_readable": m.layout != "packs",
         "library_versions": m.library_versions,
         "writers": list(m.writers),
         "tensors": tensors,
         "bytes": sum(t["bytes"] or 0 for t in tensors),
         "values": m.values,
-        "values_by_writer": m.values_by_writer,
+        "values_by_writer": fmt.values_by_writer(storage, m),
         "user_metadata": m.user_metadata,
     }
     if args.json:
@@ -150,6 +155,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"  libraries    {versions}")
     shown = ", ".join(m.writers[:8]) + (f", ... ({len(m.writers) - 8} more)" if len(m.writers) > 8 else "")
     print(f"  writers      {len(m.writers)}: {shown}")
+    readable = "yes" if m.layout != "packs" else "no (packs: `ckpt consolidate` makes it so)"
+    print(f"  layout       {m.layout}; zarr-readable: {readable}")
     print(f"\ntensors: {len(tensors)}, {format_bytes(info['bytes'])}")
     if tensors:
         print_table(
@@ -160,9 +167,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"\nvalues: {len(m.values)}")
     for k, v in m.values.items():
         print(f"  {k} = {short_json(v)}")
-    if m.values_by_writer:
+    if info["values_by_writer"]:
         print("\nvalues that differ by writer:")
-        for w, d in m.values_by_writer.items():
+        for w, d in info["values_by_writer"].items():
             for k, v in d.items():
                 print(f"  {w}: {k} = {short_json(v)}")
     if m.user_metadata:

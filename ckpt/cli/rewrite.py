@@ -25,6 +25,28 @@ from .common import (
 )
 
 
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from ..consolidate import consolidate
+
+    storage = open_url(args.run, args)
+    steps = [resolve_step(storage, args.step)] if args.step is not None or not args.all else fmt.committed_steps(storage)
+    done = []
+    for step in steps:
+        m = fmt.read_manifest(storage, step)
+        total = sum(s.num_chunks for s in m.arrays.values())
+        with progress_bar(args, None, f"consolidate step {step}") as bar:
+            new = consolidate(storage, step, threads=args.threads, progress=bar.update)
+        done.append({"step": step, "layout_before": m.layout, "layout": new.layout, "tensors": len(new.arrays),
+                     "chunks": total})
+    if args.json:
+        print_json(done)
+    else:
+        for d in done:
+            what = "already zarr-readable" if d["layout_before"] != "packs" else "consolidated: zarr-readable"
+            print(f"step {d['step']}: {what} ({d['tensors']} tensors, layout {d['layout']})")
+    return EXIT_OK
+
+
 def cmd_reshard(args: argparse.Namespace) -> int:
     from ..reshard import parse_layout, reshard
 

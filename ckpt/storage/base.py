@@ -14,7 +14,7 @@ anything that wraps another storage (retries, counting, fault injection, memory 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from ..errors import StorageError
 
@@ -47,8 +47,9 @@ class Storage(abc.ABC):
     url: str
 
     @abc.abstractmethod
-    def write(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> None:
-        """Write the concatenation of ``parts`` to ``path`` (replacing it), creating parents."""
+    def write(self, path: str, parts: Iterable[Buffer], *, durable: bool = True) -> None:
+        """Write the concatenation of ``parts`` to ``path`` (replacing it), creating parents.
+        ``parts`` may be any re-iterable: it is iterated once per attempt, a part at a time."""
 
     @property
     def can_sync(self) -> bool:
@@ -87,6 +88,24 @@ class Storage(abc.ABC):
                 on_piece(i, 0, view)
             pos += n
         return len(data)
+
+    def read_range_into(self, path: str, offset: int, buffers: Sequence[memoryview], *,
+                        on_piece: OnPiece | None = None) -> None:
+        """Fill ``buffers`` in order from byte ``offset`` of the object (a part of a pack).
+
+        Raises ``FileNotFoundError`` if absent, ``EOFError`` if the object ends before the
+        buffers are full. ``on_piece`` as for :meth:`read_into`."""
+        data = memoryview(self.read(path))
+        pos = offset
+        for i, b in enumerate(buffers):
+            n = b.nbytes
+            if pos + n > len(data):
+                raise EOFError(f"{path}: {len(data)} bytes, expected at least {pos + n}")
+            view = b.cast("B")
+            view[:] = data[pos : pos + n]
+            if on_piece is not None:
+                on_piece(i, 0, view)
+            pos += n
 
     @abc.abstractmethod
     def size(self, path: str) -> int | None:

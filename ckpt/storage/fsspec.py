@@ -5,10 +5,10 @@ from __future__ import annotations
 import datetime
 import posixpath
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .base import Buffer, Storage, check_relpath
+from .base import Buffer, OnPiece, Storage, check_relpath
 
 # Object stores whose single PUT is atomic: the commit point needs no rename there.
 _ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "oss", "r2"})
@@ -27,11 +27,11 @@ class FsspecStorage(Storage):
     def _abs(self, path: str) -> str:
         return f"{self.root}/{check_relpath(path)}" if self.root else check_relpath(path)
 
-    def write(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> None:
+    def write(self, path: str, parts: Iterable[Buffer], *, durable: bool = True) -> None:
         target = self._abs(path)
         if not self.atomic_put:
             self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-        if len(parts) == 1:
+        if isinstance(parts, (list, tuple)) and len(parts) == 1:
             self.fs.pipe_file(target, bytes(parts[0]))
             return
         with self.fs.open(target, "wb") as f:
@@ -50,6 +50,20 @@ class FsspecStorage(Storage):
 
     def read(self, path: str) -> bytes:
         return self.fs.cat_file(self._abs(path))
+
+    def read_range_into(self, path: str, offset: int, buffers: Sequence[memoryview], *,
+                        on_piece: OnPiece | None = None) -> None:
+        want = sum(memoryview(b).nbytes for b in buffers)
+        data = memoryview(self.fs.cat_file(self._abs(path), start=offset, end=offset + want))
+        if len(data) < want:
+            raise EOFError(f"{path}: ends before byte {offset + want}")
+        pos = 0
+        for i, b in enumerate(buffers):
+            view = memoryview(b).cast("B")
+            view[:] = data[pos : pos + view.nbytes]
+            if on_piece is not None:
+                on_piece(i, 0, view)
+            pos += view.nbytes
 
     def size(self, path: str) -> int | None:
         try:

@@ -12,7 +12,7 @@ import posixpath
 import subprocess
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .base import TRASH_PREFIX, Buffer, OnPiece, Storage, check_relpath
@@ -59,40 +59,47 @@ class LocalStorage(Storage):
     def _abs(self, path: str) -> str:
         return os.path.join(self.root, *check_relpath(path).split("/"))
 
-    def write(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> None:
+    def write(self, path: str, parts: Iterable[Buffer], *, durable: bool = True) -> None:
         target = self._abs(path)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        views = [memoryview(part).cast("B") for part in parts]
-        direct = self._direct_prefix(views[0]) if self.direct_io and views else 0
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        fd = -1
-        if direct:
-            try:
-                fd = os.open(target, flags | os.O_DIRECT, 0o644)
-            except OSError as e:  # this filesystem has no O_DIRECT (tmpfs, some FUSE): stop trying
-                if e.errno != errno.EINVAL:
-                    raise
-                self.direct_io, direct = False, 0
-        if fd < 0:
-            fd = os.open(target, flags, 0o644)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            if direct:
-                try:
-                    _write_all(fd, views[0][:direct])
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-                    self.direct_io, direct = False, 0  # alignment refused: rewrite buffered
-                    os.ftruncate(fd, 0)
-                    os.lseek(fd, 0, os.SEEK_SET)
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                views[0] = views[0][direct:]
-            for view in views:
+            pos = 0
+            for part in parts:  # one at a time: a re-iterable of parts is never held whole
+                view = memoryview(part).cast("B")
+                direct = self._direct_prefix(view) if self.direct_io and pos % DIRECT_ALIGN == 0 else 0
+                if direct and self._write_direct(fd, view[:direct]):
+                    view = view[direct:]
+                    pos += direct
                 _write_all(fd, view)
+                pos += view.nbytes
             if durable:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _write_direct(self, fd: int, view: memoryview) -> bool:
+        """Write ``view`` (page-aligned in memory, in the file and in length) bypassing the page
+        cache; False, and direct I/O off for this storage, where the filesystem refuses it."""
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+        except OSError:  # this filesystem has no O_DIRECT (tmpfs, some FUSE): stop trying
+            self.direct_io = False
+            return False
+        try:
+            start = os.lseek(fd, 0, os.SEEK_CUR)
+            try:
+                _write_all(fd, view)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.direct_io = False  # alignment refused: the caller writes it buffered
+                os.lseek(fd, start, os.SEEK_SET)
+                return False
+            return True
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
     def _direct_prefix(self, view: memoryview) -> int:
         """How many leading bytes of ``view`` can bypass the page cache (0: none)."""
@@ -142,25 +149,34 @@ class LocalStorage(Storage):
         fd = os.open(self._abs(path), os.O_RDONLY)
         try:
             total = os.fstat(fd).st_size
-            views = [memoryview(b).cast("B") for b in buffers]
-            want = sum(v.nbytes for v in views)
+            want = sum(memoryview(b).nbytes for b in buffers)
             if total < want:
                 raise EOFError(f"{path}: {total} bytes, expected at least {want}")
-            offset = 0
-            for i, view in enumerate(views):
-                done = 0
-                while done < view.nbytes:
-                    piece = view[done : done + self.PIECE] if on_piece is not None else view[done:]
-                    n = os.preadv(fd, [piece], offset)
-                    if n == 0:
-                        raise EOFError(f"{path}: short read at offset {offset}")
-                    if on_piece is not None:
-                        on_piece(i, done, piece[:n])
-                    done += n
-                    offset += n
+            self._pread(fd, path, 0, buffers, on_piece)
             return total
         finally:
             os.close(fd)
+
+    def read_range_into(self, path: str, offset: int, buffers: Sequence[memoryview], *,
+                        on_piece: OnPiece | None = None) -> None:
+        fd = os.open(self._abs(path), os.O_RDONLY)
+        try:
+            self._pread(fd, path, offset, buffers, on_piece)
+        finally:
+            os.close(fd)
+
+    def _pread(self, fd: int, path: str, offset: int, buffers: Sequence[memoryview], on_piece: OnPiece | None) -> None:
+        for i, view in enumerate(memoryview(b).cast("B") for b in buffers):
+            done = 0
+            while done < view.nbytes:
+                piece = view[done : done + self.PIECE] if on_piece is not None else view[done:]
+                n = os.preadv(fd, [piece], offset)
+                if n == 0:
+                    raise EOFError(f"{path}: short read at offset {offset}")
+                if on_piece is not None:
+                    on_piece(i, done, piece[:n])
+                done += n
+                offset += n
 
     def size(self, path: str) -> int | None:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -83,7 +83,7 @@ class RetryingStorage(StorageWrapper):
                 raise StorageError(f"storage {what} on {self.url} failed: {type(e).__name__}: {e}") from e
             raise
 
-    def write(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> None:
+    def write(self, path: str, parts: Iterable[Buffer], *, durable: bool = True) -> None:
         self._call(f"write {path}", lambda: self.inner.write(path, parts, durable=durable))
 
     def write_atomic(self, path: str, data: bytes) -> None:
@@ -100,6 +100,10 @@ class RetryingStorage(StorageWrapper):
 
     def read_into(self, path: str, buffers: Sequence[memoryview], *, on_piece: OnPiece | None = None) -> int:
         return self._call(f"read {path}", lambda: self.inner.read_into(path, buffers, on_piece=on_piece))
+
+    def read_range_into(self, path: str, offset: int, buffers: Sequence[memoryview], *,
+                        on_piece: OnPiece | None = None) -> None:
+        self._call(f"read {path}", lambda: self.inner.read_range_into(path, offset, buffers, on_piece=on_piece))
 
     def size(self, path: str) -> int | None:
         return self._call(f"stat {path}", lambda: self.inner.size(path))

@@ -9,7 +9,7 @@ fault injection and the memory tiers of a restore all derive from it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from .base import Buffer, OnPiece, Storage
 
@@ -21,7 +21,7 @@ class StorageWrapper(Storage):
         self.inner = inner
         self.url = inner.url
 
-    def write(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> None:
+    def write(self, path: str, parts: Iterable[Buffer], *, durable: bool = True) -> None:
         self.inner.write(path, parts, durable=durable)
 
     @property
@@ -39,6 +39,10 @@ class StorageWrapper(Storage):
 
     def read_into(self, path: str, buffers: Sequence[memoryview], *, on_piece: OnPiece | None = None) -> int:
         return self.inner.read_into(path, buffers, on_piece=on_piece)
+
+    def read_range_into(self, path: str, offset: int, buffers: Sequence[memoryview], *,
+                        on_piece: OnPiece | None = None) -> None:
+        self.inner.read_range_into(path, offset, buffers, on_piece=on_piece)
 
     def size(self, path: str) -> int | None:
         return self.inner.size(path)

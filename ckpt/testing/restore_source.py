@@ -21,6 +21,7 @@ import torch
 from ..commit import commit
 from ..format import META, read_manifest, step_dir, writer_name
 from ..io import load_step, write_plan
+from ..layouts import ChunkLayout, Location, Locator
 from ..plan import plan_save
 from ..restore import RestoreSource, StorageSource, Tier
 from ..storage import LocalStorage, Storage
@@ -65,14 +66,17 @@ class RestoreSourceTests:
     def test_read_chunk_gives_the_stored_checksum_and_the_data(self, tmp_path):
         storage = self.run(tmp_path)
         source = self.make(storage, STEP, tmp_path)
-        spec = read_manifest(storage, STEP).arrays["w"]
-        key = f"{step_dir(STEP)}/w/c{spec.chunk_separator}0{spec.chunk_separator}0"
+        manifest = read_manifest(storage, STEP)
+        spec = manifest.arrays["w"]
+        locator = Locator(storage, STEP, ChunkLayout.of(manifest), manifest.arrays)
+        key = locator.key("w", (0, 0))
+        location = None if manifest.layout == "chunks" else locator.locate("w", (0, 0))
         nbytes = 4 * spec.chunk_shape[0] * spec.chunk_shape[1]
         data = memoryview(bytearray(nbytes))
-        read = source.read_chunk(key, data)
+        read = source.read_chunk(key, data, location)
         assert read.total == nbytes + 4 and read.stored_crc == read.actual_crc
         direct = bytearray(nbytes)
-        StorageSource(storage).read_chunk(key, memoryview(direct))
+        StorageSource(storage).read_chunk(key, memoryview(direct), location)
         assert bytes(data) == bytes(direct)
 
     def test_a_missing_chunk_is_file_not_found(self, tmp_path):
@@ -80,6 +84,9 @@ class RestoreSourceTests:
         source = self.make(storage, STEP, tmp_path)
         with pytest.raises(FileNotFoundError):
             source.read_chunk(f"{step_dir(STEP)}/nope/c.0", memoryview(bytearray(8)))
+        with pytest.raises(FileNotFoundError):
+            source.read_chunk(f"{step_dir(STEP)}/nope/c.0", memoryview(bytearray(8)),
+                              Location(f"{step_dir(STEP)}/.packs/nobody.0", 0))
 
     def test_what_it_served_is_counted_per_tier(self, tmp_path):
         storage = self.run(tmp_path)

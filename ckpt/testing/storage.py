@@ -101,6 +101,21 @@ class StorageTests:
         assert s.read_into("p", [memoryview(a), memoryview(b)], on_piece=on_piece) == len(body)
         assert bytes(seen[0]) == body[:-4] == bytes(a) and bytes(seen[1]) == b"tail" == bytes(b)
 
+    def test_read_range_into_reads_a_part_of_an_object(self, tmp_path):
+        s = self.make(tmp_path)
+        body = bytes(range(256)) * 2048
+        s.write("r", [body])
+        a, b = bytearray(1000), bytearray(24)
+        s.read_range_into("r", 4096, [memoryview(a), memoryview(b)])
+        assert bytes(a) == body[4096:5096] and bytes(b) == body[5096:5120]
+        pieces: list[int] = []
+        s.read_range_into("r", 7, [memoryview(bytearray(300_000))], on_piece=lambda i, off, p: pieces.append(p.nbytes))
+        assert sum(pieces) == 300_000
+        with pytest.raises(EOFError):
+            s.read_range_into("r", len(body) - 10, [memoryview(bytearray(11))])
+        with pytest.raises(FileNotFoundError):
+            s.read_range_into("missing", 0, [memoryview(bytearray(1))])
+
     def test_detached_delete_is_gone_from_listings(self, tmp_path):
         s = self.make(tmp_path)
         for i in range(5):

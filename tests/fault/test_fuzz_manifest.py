@@ -96,7 +96,9 @@ def test_agent_plan_decoder_raises_only_plan_errors(data):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzzrun")
-    ckpt.save({"model": {"w": torch.arange(24.0).reshape(4, 6)}, "v": 1}, str(root), step=3, max_chunk_bytes=48)
+    # One file per chunk: the commit point then also holds the consolidated zarr metadata to mutate.
+    ckpt.save({"model": {"w": torch.arange(24.0).reshape(4, 6)}, "v": 1}, str(root), step=3, max_chunk_bytes=48,
+              layout="chunks")
     return root
 
 

@@ -30,7 +30,7 @@ def test_a_bit_flip_that_still_parses_is_caught_in_the_commit_point_fragments_an
     from ckpt.verify import verify_step
 
     state = {"model": {"w": torch.arange(6.0)}, "loader": {"position": 1234}}
-    ckpt.save(state, str(tmp_path), step=3)
+    ckpt.save(state, str(tmp_path), step=3, layout="chunks")  # with group and array documents
     sdir = tmp_path / "000000000003"
     storage = ckpt.open_storage(str(tmp_path))
     pristine = {p: p.read_bytes() for p in sdir.rglob("*.json")}

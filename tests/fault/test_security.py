@@ -117,7 +117,7 @@ def test_escaping_tensor_names_are_refused_on_save_and_load(tmp_path, key):
 
 def test_a_checkpoint_naming_tensors_outside_its_directory_is_refused_by_load_verify_and_cli(tmp_path):
     run = tmp_path / "inner" / "run"
-    ckpt.save({"model": {"w": torch.ones(4)}}, str(run), step=1)
+    ckpt.save({"model": {"w": torch.ones(4)}}, str(run), step=1, layout="chunks")
     outside = tmp_path / "inner" / "victim"
     outside.mkdir()
     (outside / "zarr.json").write_text("{}")

@@ -37,15 +37,23 @@ def assert_bitexact(actual: torch.Tensor, expected: torch.Tensor, what: str) -> 
 
 def chunk_writers(url: str, step: int) -> tuple[ckpt.Manifest, dict[tuple[str, tuple[int, ...]], list[str]]]:
     """The committed manifest, and for every chunk recorded in any writer's fragment, its writers."""
+    manifest, owners, _where = _recorded(url, step)
+    return manifest, owners
+
+
+def _recorded(url: str, step: int) -> tuple[ckpt.Manifest, dict, dict]:
     storage = ckpt.open_storage(url)
     manifest = ckpt.read_manifest(storage, step)
     owners: dict[tuple[str, tuple[int, ...]], list[str]] = defaultdict(list)
+    where: dict[tuple[str, tuple[int, ...]], tuple[str | None, int]] = {}  # (pack or None, end byte)
     for writer in manifest.writers:
         frag = fmt.read_fragment(storage, step, writer)
         for path, records in frag.chunks.items():
             for rec in records:
                 owners[(path, tuple(rec.index))].append(writer)
-    return manifest, dict(owners)
+                pack = frag.packs[rec.pack] if rec.pack is not None else None
+                where[(path, tuple(rec.index))] = (pack, (rec.offset or 0) + rec.nbytes)
+    return manifest, dict(owners), where
 
 
 def assert_each_chunk_written_once(url: str, step: int) -> tuple[ckpt.Manifest, dict[str, set[str]]]:
@@ -53,7 +61,7 @@ def assert_each_chunk_written_once(url: str, step: int) -> tuple[ckpt.Manifest, 
 
     Returns the manifest and, per array, the set of writers that wrote any of its chunks.
     """
-    manifest, owners = chunk_writers(url, step)
+    manifest, owners, where = _recorded(url, step)
     storage = ckpt.open_storage(url)
     files = storage.walk(fmt.step_dir(step))
     problems = []
@@ -67,6 +75,18 @@ def assert_each_chunk_written_once(url: str, step: int) -> tuple[ckpt.Manifest, 
             who = owners.get((path, index), [])
             if len(who) != 1:
                 problems.append(f"{path}: chunk {index} written by {who}, expected exactly one writer")
+            pack, end = where.get((path, index), (None, 0))
+            if manifest.layout == "shards":  # consolidated: every chunk in its array's shard
+                from ckpt.layouts import shard_key
+
+                if shard_key(spec) not in files:
+                    problems.append(f"{path}: shard {shard_key(spec)} missing from storage")
+                continue
+            if manifest.layout == "packs":  # in its writer's pack, which is long enough for it
+                size = files.get(f"{fmt.PACKS}/{pack}")
+                if size is None or size < end:
+                    problems.append(f"{path}: chunk {index} not in storage (pack {pack}: {size} bytes, needs {end})")
+                continue
             sep = spec.chunk_separator
             key = f"{path}/c{sep}" + sep.join(map(str, index)) if index else f"{path}/c"
             if key not in files:

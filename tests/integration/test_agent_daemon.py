@@ -455,7 +455,9 @@ def test_trainer_on_a_replacement_node_restores_from_the_peer_holding_its_snapsh
             time.sleep(0.05)
     nbytes = next(s.nbytes for s in b.client().list_snapshots(url) if s.replica)
     a.kill()  # node a is lost with everything in its memory
-    chunks = [p for p in (run / ckpt.format.step_dir(5)).rglob("c.*") if p.is_file()]
+    sdir = run / ckpt.format.step_dir(5)
+    # every file of tensor data: chunk files, packs, or (the trainer consolidated its last step) shards
+    chunks = [p for p in sdir.rglob("*") if p.is_file() and p.name != "zarr.json" and ".fragments" not in p.parts]
     assert chunks
     for p in chunks:
         p.unlink()

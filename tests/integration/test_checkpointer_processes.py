@@ -370,7 +370,7 @@ def test_fsdp2_checkpointer_resume_on_fewer_ranks(tmp_path) -> None:
     # Per-rank values: the data position differs on every rank, so ranks 1..3 have their own.
     assert m.values["data"] == refs[0]["data"]
     for r in range(1, 4):
-        assert m.values_by_writer[fmt.writer_name(r)]["data"] == refs[r]["data"]
+        assert fmt.values_by_writer(storage, m)[fmt.writer_name(r)]["data"] == refs[r]["data"]
     assert_each_chunk_written_once(url, 4)
 
     reference_file = tmp_path / "reference.pt"
@@ -495,7 +495,7 @@ def test_ddp_checkpointer_writes_each_chunk_once_without_collectives(tmp_path) -
         assert [g["lr"] for g in tree["optim"]["param_groups"]] == ref["lr"]
         assert tree["data"] == ref["data"] == {"rank": 0, "world": DDP_WORLD, "consumed": 2 * step}
         for r in range(1, DDP_WORLD):
-            assert manifest.values_by_writer[writers[r]] == {"data": results[r]["refs"][step]["data"]}
+            assert fmt.values_by_writer(storage, manifest)[writers[r]] == {"data": results[r]["refs"][step]["data"]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -248,7 +248,7 @@ class BrokenStorage(DelegatingStorage):
     """Chunk writes fail for good (a permission problem); everything else works."""
 
     def write(self, path, parts, *, durable=True):
-        if "/c/" in path or "/c." in path or path.endswith("/c"):
+        if "/c/" in path or "/c." in path or path.endswith("/c") or "/.packs/" in path:
             raise PermissionError(f"denied: {path}")
         self.inner.write(path, parts, durable=durable)
 

@@ -63,7 +63,7 @@ def small_state(seed=0):
 
 
 def save_small(root, step, **kw):
-    ckpt.save(small_state(step), str(root), step=step, max_chunk_bytes=32, **kw)
+    ckpt.save(small_state(step), str(root), step=step, max_chunk_bytes=32, **{"layout": "chunks", **kw})
 
 
 def make_incomplete(root, step, age_s=0.0):
@@ -115,7 +115,7 @@ def save_four_writers(url, step=7):
             "rng": {"rank": r},
         }
         plan = ckpt.plan_save(state, rank=r, world=WORLD, max_chunk_bytes=24)
-        ckpt.write_plan(st, plan, step=step, writer=writers[r], save_id="four")
+        ckpt.write_plan(st, plan, step=step, writer=writers[r], save_id="four", layout="chunks")
     ckpt.commit(st, step, writers, save_id="four", user_metadata={"run": "test"},
                 library_versions={"ckpt": ckpt.__version__, "torch": torch.__version__})
     return {f"model/{k}": v for k, v in g.items()}
@@ -572,7 +572,8 @@ def test_export_memory_run_to_safetensors(tmp_path, capsys):
 
 
 def test_export_errors(tmp_path, capsys):
-    ckpt.save({"c": torch.zeros(2, dtype=torch.complex128), "f": torch.ones(2)}, str(tmp_path / "run"), step=1)
+    ckpt.save({"c": torch.zeros(2, dtype=torch.complex128), "f": torch.ones(2)}, str(tmp_path / "run"), step=1,
+              layout="chunks")
     code, _, err = run(capsys, "export", tmp_path / "run", tmp_path / "x.safetensors")
     assert code == EXIT_USAGE and "safetensors cannot hold" in one_error_line(err)
     assert not (tmp_path / "x.safetensors").exists()

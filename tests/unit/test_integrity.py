@@ -15,7 +15,7 @@ from tests.helpers import save_as_writers
 
 def _saved(tmp_path, step=1):
     state = {"w": torch.randn(8, 4), "b": torch.randn(4)}
-    ckpt.save(state, tmp_path, step=step, max_chunk_bytes=32)  # w: 4 chunks of 2 rows
+    ckpt.save(state, tmp_path, step=step, max_chunk_bytes=32, layout="chunks")  # w: 4 chunk files of 2 rows
     return state
 
 
@@ -82,7 +82,7 @@ def _write_only(states, storage, step, skip=(), save_id="s"):
         if r in skip:
             continue
         plan = ckpt.plan_save(state, rank=r, world=len(states), max_chunk_bytes=16)
-        ckpt.write_plan(st, plan, step=step, writer=fmt.writer_name(r), save_id=save_id)
+        ckpt.write_plan(st, plan, step=step, writer=fmt.writer_name(r), save_id=save_id, layout="chunks")
     return st
 
 

@@ -32,27 +32,29 @@ def test_every_dtype_round_trips_bit_exactly(tmp_path, dtype):
         assert bits_equal(out[k], state[k]), k
 
 
+@pytest.mark.parametrize("layout", ["shards", "chunks"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_tensorstore_reads_every_array_with_global_shape(tmp_path, dtype):
+def test_tensorstore_reads_every_array_with_global_shape(tmp_path, dtype, layout):
     ts = pytest.importorskip("tensorstore")
     t = random_bits((6, 4), dtype, seed=4)
     # Padded to 8 rows over 4 ranks: the last shard holds only padding.
     padded = torch.cat([t, torch.zeros(2, 4, dtype=dtype)])
     states = [{"w": Sharded(s.clone(), dim=0, rank=r, world=4, logical_size=6)} for r, s in enumerate(padded.chunk(4))]
-    save_as_writers(states, tmp_path, step=3)
+    save_as_writers(states, tmp_path, step=3, layout=layout)  # packs consolidated, or one file per chunk
     arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "000000000003" / "w")}}).result()
     assert tuple(arr.shape) == (6, 4)
     got = arr.read().result()
     assert got.tobytes() == t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def test_zarr_python_opens_the_committed_group(tmp_path):
+@pytest.mark.parametrize("layout", ["shards", "chunks"])
+def test_zarr_python_opens_the_committed_group(tmp_path, layout):
     zarr = pytest.importorskip("zarr")
     from ckpt.zarr_compat import register_zarr_dtypes
 
     register_zarr_dtypes()
     state = {"model": {"w": torch.randn(5, 3), "b": torch.randn(3).bfloat16()}, "step": 7}
-    ckpt.save(state, tmp_path, step=7, max_chunk_bytes=24)
+    ckpt.save(state, tmp_path, step=7, max_chunk_bytes=24, layout=layout)
     g = zarr.open_group(str(tmp_path / "000000000007"), mode="r")
     assert g["model/w"].shape == (5, 3)
     assert (g["model/w"][:] == state["model"]["w"].numpy()).all()
@@ -61,7 +63,7 @@ def test_zarr_python_opens_the_committed_group(tmp_path):
 
 
 def test_format_on_storage(tmp_path):
-    ckpt.save({"a": {"w": torch.zeros(4, 2)}}, tmp_path, step=12, max_chunk_bytes=16)
+    ckpt.save({"a": {"w": torch.zeros(4, 2)}}, tmp_path, step=12, max_chunk_bytes=16, layout="chunks")
     d = tmp_path / "000000000012"
     root = json.loads((d / "zarr.json").read_text())
     assert root["zarr_format"] == 3 and root["node_type"] == "group"

@@ -26,7 +26,7 @@ def _save_single(root, step=STEP):
         "lr": 0.5,
     }
     # w: chunks of 2 rows (grid 4x1); b: chunks of 3 (grid 2); flag: one chunk.
-    ckpt.save(state, str(root), step=step, max_chunk_bytes=32)
+    ckpt.save(state, str(root), step=step, max_chunk_bytes=32, layout="chunks")  # chunk files to damage
     return state
 
 
@@ -41,7 +41,7 @@ def _save_writers(root, world=4, step=STEP):
             "rank_value": r,
         }
         plan = ckpt.plan_save(state, rank=r, world=world, max_chunk_bytes=1 << 20)
-        ckpt.write_plan(st, plan, step=step, writer=writers[r], save_id="sid")
+        ckpt.write_plan(st, plan, step=step, writer=writers[r], save_id="sid", layout="chunks")
     ckpt.commit(st, step, writers, save_id="sid")
     return full
 
