@@ -58,9 +58,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     elif rows:
         print_table(
             [[str(r["step"]), r["status"], format_bytes(r["bytes"]), format_age(r["age_s"]),
-              "-" if r["tensors"] is None else str(r["tensors"]),
-              "-" if r["zarr_readable"] is None else ("yes" if r["zarr_readable"] else "no")] for r in rows],
-            ["STEP", "STATUS", "SIZE", "AGE", "TENSORS", "ZARR"],
+              "-" if r["zarr_readable"] is None else ("yes" if r["zarr_readable"] else "no"),
+              "-" if r["tensors"] is None else str(r["tensors"])] for r in rows],
+            ["STEP", "STATUS", "SIZE", "AGE", "ZARR", "TENSORS"],
         )
         for r in rows:
             if r["error"]:

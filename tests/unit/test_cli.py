@@ -142,7 +142,7 @@ def test_ls_lists_committed_and_incomplete_steps(tmp_path, capsys):
     code, out, err = run(capsys, "ls", tmp_path)
     assert code == 0 and not err
     lines = out.strip().splitlines()
-    assert lines[0].split() == ["STEP", "STATUS", "SIZE", "AGE", "TENSORS"]
+    assert lines[0].split() == ["STEP", "STATUS", "SIZE", "AGE", "ZARR", "TENSORS"]
     assert lines[1].split()[:2] == ["1", "committed"] and lines[1].split()[-1] == "2"
     assert lines[3].split()[:2] == ["3", "incomplete"] and lines[3].split()[-1] == "-"
 
