@@ -23,7 +23,7 @@ import crc32c
 
 from .dtypes import codecs_for, info_by_name
 from .errors import CheckpointNotFoundError, FormatError
-from .manifest import MANIFEST_KEY, ArraySpec, Fragment, Manifest, ManifestError
+from .manifest import MANIFEST_KEY, ArraySpec, ChunkRecord, Fragment, Manifest, ManifestError, fragment_locations
 from .manifest import writer_name as writer_name  # where the layout of a run is, so is the writer naming
 from .storage import Storage
 
@@ -180,6 +180,19 @@ def read_fragment(storage: Storage, step: int, writer: str) -> Fragment:
     check_seal(doc, path, root=False)
     try:
         return Fragment.from_dict(doc)
+    except ManifestError as e:
+        raise FormatError(f"{path}: {e}") from None
+
+
+def read_fragment_locations(storage: Storage, step: int, writer: str
+                            ) -> tuple[str, tuple[str, ...], dict[str, tuple[ChunkRecord, ...]]]:
+    """(save id, packs, chunk records) of a writer's fragment: what a reader needs to find
+    its chunks (the fragment's checksum is checked as for :func:`read_fragment`)."""
+    path = fragment_path(step, writer)
+    doc = _loads(storage.read(path), path)
+    check_seal(doc, path, root=False)
+    try:
+        return fragment_locations(doc)
     except ManifestError as e:
         raise FormatError(f"{path}: {e}") from None
 

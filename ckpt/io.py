@@ -47,7 +47,32 @@ def write_chunk(storage: Storage, prefix: str, req: WriteRequest, *, durable: bo
     return ChunkRecord(index=req.index, nbytes=data.nbytes + CRC_BYTES, crc32c=crc)
 
 
+# Small items are handed to the threads in batches of about this many bytes (and at most
+# BATCH_ITEMS): thousands of tiny chunks cost a future, a lock and a GIL hand-over each otherwise.
+BATCH_BYTES = 4 << 20
+BATCH_ITEMS = 256
+# ... and no batch smaller than this: below it a second thread costs more (GIL hand-overs) than
+# the I/O it overlaps (a 0.5 MB state of 2,900 tensors loads 1.5x faster on one thread than on 8).
+MIN_BATCH_BYTES = 1 << 20
+
+
+def _batches(items: Sequence, weight: Callable, threads: int) -> list[list]:
+    total = sum(weight(it) for it in items)
+    # Enough batches to keep every thread busy, none much larger than BATCH_BYTES.
+    target = max(MIN_BATCH_BYTES, min(BATCH_BYTES, total // max(1, 4 * threads)))
+    out: list[list] = [[]]
+    size = 0
+    for it in items:
+        if out[-1] and (size >= target or len(out[-1]) >= BATCH_ITEMS):
+            out.append([])
+            size = 0
+        out[-1].append(it)
+        size += weight(it)
+    return out
+
+
 def _map(fn: Callable, items: Sequence, threads: int, progress: Progress | None, weight: Callable) -> list:
+    """``fn`` of every item, in order, on ``threads`` threads (small items in batches)."""
     if not items:
         return []
     if threads <= 1 or len(items) == 1:
@@ -57,14 +82,21 @@ def _map(fn: Callable, items: Sequence, threads: int, progress: Progress | None,
             if progress:
                 progress(weight(it))
         return out
-    with ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="ckpt-io") as pool:
-        futures = [pool.submit(fn, it) for it in items]
+    batches = _batches(items, weight, threads)
+    if len(batches) == 1:
+        return _map(fn, items, 1, progress, weight)
+
+    def run(batch: list) -> list:
+        return [fn(it) for it in batch]
+
+    with ThreadPoolExecutor(max_workers=min(threads, len(batches)), thread_name_prefix="ckpt-io") as pool:
+        futures = [pool.submit(run, b) for b in batches]
         out = []
         try:
-            for it, f in zip(items, futures):
-                out.append(f.result())
+            for batch, f in zip(batches, futures):
+                out.extend(f.result())
                 if progress:
-                    progress(weight(it))
+                    progress(sum(weight(it) for it in batch))
         except BaseException:
             for f in futures:
                 f.cancel()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from . import format as fmt
 from .chunks import CRC_BYTES
 from .errors import FormatError
-from .manifest import ArraySpec, Fragment, Manifest
+from .manifest import ArraySpec, Manifest
 from .storage import Storage
 
 CHUNKS, PACKS, SHARDS = "chunks", "packs", "shards"
@@ -150,7 +150,6 @@ class Locator:
         self.layout = layout
         self.arrays = arrays
         self.prefix = fmt.step_dir(step)
-        self._fragments: dict[str, Fragment] = {}
         self._records: dict[str, dict[tuple[str, tuple[int, ...]], Location]] = {}
         self._lock = threading.Lock()
         self._writer_locks: dict[str, threading.Lock] = {}
@@ -200,22 +199,18 @@ class Locator:
             records = self._records.get(writer)
             if records is None:
                 try:
-                    frag = fmt.read_fragment(self.storage, self.step, writer)
+                    _save, packs, chunks = fmt.read_fragment_locations(self.storage, self.step, writer)
                 except FileNotFoundError:
                     raise FormatError(f"the fragment of {writer}, which locates its chunks, is missing") from None
-                self._fragments[writer] = frag
+                paths = [pack_path(self.step, name) for name in packs]
                 records = {}
-                for path, recs in frag.chunks.items():
+                for path, recs in chunks.items():
                     for r in recs:
                         if r.pack is None or r.offset is None:
                             raise FormatError(f"step {self.step}: fragment of {writer} has a chunk without a pack")
-                        records[(path, r.index)] = Location(pack_path(self.step, frag.packs[r.pack]), r.offset, r.crc32c)
+                        records[(path, r.index)] = Location(paths[r.pack], r.offset, r.crc32c)
                 self._records[writer] = records
         return records
-
-    def fragment(self, writer: str) -> Fragment | None:
-        return self._fragments.get(writer)
-
 
 def _itemsize(spec: ArraySpec) -> int:
     from .dtypes import info_by_name

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import random
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -58,30 +60,41 @@ class RetryingStorage(StorageWrapper):
         self.policy = policy
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:  # the common case without building a retry loop (per call, it cost more than a read)
+            return fn()
+        except Exception as e:
+            if not is_transient(e) or self.policy.attempts <= 1:
+                return self._raise(what, e)
+            log.warning("storage %s failed (attempt 1/%d), retrying: %s", what, self.policy.attempts, e)
+        return self._retry(what, fn)
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.policy.attempts),
+            stop=tenacity.stop_after_attempt(self.policy.attempts - 1),
             wait=tenacity.wait_random_exponential(
                 multiplier=self.policy.initial_backoff_s, max=self.policy.max_backoff_s
             ),
             retry=tenacity.retry_if_exception(is_transient),
             before_sleep=lambda rs: log.warning(
                 "storage %s failed (attempt %d/%d), retrying: %s",
-                what, rs.attempt_number, self.policy.attempts, rs.outcome.exception() if rs.outcome else "",
+                what, rs.attempt_number + 1, self.policy.attempts, rs.outcome.exception() if rs.outcome else "",
             ),
             reraise=True,
         )
+        time.sleep(min(self.policy.max_backoff_s, self.policy.initial_backoff_s * random.random()))
         try:
             return retrying(fn)
         except Exception as e:
-            if is_transient(e):
-                raise StorageError(
-                    f"storage {what} on {self.url} failed after {self.policy.attempts} attempts: {e}"
-                ) from e
-            if not isinstance(e, (CkptError, OSError, EOFError, ValueError, TypeError)):
-                # A filesystem client's own error (botocore's NoCredentialsError, ...): callers
-                # catch StorageError, not every backend's exception hierarchy.
-                raise StorageError(f"storage {what} on {self.url} failed: {type(e).__name__}: {e}") from e
-            raise
+            return self._raise(what, e)
+
+    def _raise(self, what: str, e: Exception) -> T:
+        if is_transient(e):
+            raise StorageError(f"storage {what} on {self.url} failed after {self.policy.attempts} attempts: {e}") from e
+        if not isinstance(e, (CkptError, OSError, EOFError, ValueError, TypeError)):
+            # A filesystem client's own error (botocore's NoCredentialsError, ...): callers
+            # catch StorageError, not every backend's exception hierarchy.
+            raise StorageError(f"storage {what} on {self.url} failed: {type(e).__name__}: {e}") from e
+        raise e
 
     def write(self, path: str, parts: Iterable[Buffer], *, durable: bool = True) -> None:
         self._call(f"write {path}", lambda: self.inner.write(path, parts, durable=durable))
