@@ -23,7 +23,17 @@ import crc32c
 
 from .dtypes import codecs_for, info_by_name
 from .errors import CheckpointNotFoundError, FormatError
-from .manifest import MANIFEST_KEY, ArraySpec, ChunkRecord, Fragment, Manifest, ManifestError, fragment_locations
+from .manifest import (
+    MANIFEST_KEY,
+    ArraySpec,
+    ChunkRecord,
+    Fragment,
+    Manifest,
+    ManifestError,
+    check_tensor_path,
+    check_version,
+)
+from .manifest import _req as required
 from .manifest import writer_name as writer_name  # where the layout of a run is, so is the writer naming
 from .storage import Storage
 
@@ -182,6 +192,28 @@ def read_fragment(storage: Storage, step: int, writer: str) -> Fragment:
         return Fragment.from_dict(doc)
     except ManifestError as e:
         raise FormatError(f"{path}: {e}") from None
+
+
+def fragment_locations(d: Any) -> tuple[str, tuple[str, ...], dict[str, tuple[ChunkRecord, ...]]]:
+    """What a reader needs of a fragment to find its chunks (save id, packs, chunk records),
+    without parsing the array declarations (a reader of one writer's chunks at real shapes would
+    spend more on those than on the chunks)."""
+    where = "fragment"
+    check_version(d, where)
+    packs = d.get("packs", [])
+    if not isinstance(packs, list) or not all(isinstance(p, str) and p and "/" not in p and p not in (".", "..")
+                                               for p in packs):
+        raise ManifestError(f"{where}.packs: expected a list of file names")
+    chunks = {}
+    for p, cs in required(d, "chunks", dict, where).items():
+        check_tensor_path(p, f"{where}.chunks")
+        if not isinstance(cs, list):
+            raise ManifestError(f"{where}.chunks[{p!r}]: expected a list")
+        recs = tuple(ChunkRecord.from_list(c, f"{where}.chunks[{p!r}]") for c in cs)
+        if any(r.pack is not None and r.pack >= len(packs) for r in recs):
+            raise ManifestError(f"{where}.chunks[{p!r}]: a pack index beyond the fragment's packs")
+        chunks[p] = recs
+    return required(d, "save_id", str, where), tuple(packs), chunks
 
 
 def read_fragment_locations(storage: Storage, step: int, writer: str

@@ -255,28 +255,6 @@ class Fragment:
         )
 
 
-def fragment_locations(d: Any) -> tuple[str, tuple[str, ...], dict[str, tuple[ChunkRecord, ...]]]:
-    """What a reader needs of a fragment to find its chunks (save id, packs, chunk records),
-    without parsing the array declarations (a reader of one writer's chunks at real shapes would
-    spend more on those than on the chunks)."""
-    where = "fragment"
-    check_version(d, where)
-    packs = d.get("packs", [])
-    if not isinstance(packs, list) or not all(isinstance(p, str) and p and "/" not in p and p not in (".", "..")
-                                               for p in packs):
-        raise ManifestError(f"{where}.packs: expected a list of file names")
-    chunks = {}
-    for p, cs in _req(d, "chunks", dict, where).items():
-        check_tensor_path(p, f"{where}.chunks")
-        if not isinstance(cs, list):
-            raise ManifestError(f"{where}.chunks[{p!r}]: expected a list")
-        recs = tuple(ChunkRecord.from_list(c, f"{where}.chunks[{p!r}]") for c in cs)
-        if any(r.pack is not None and r.pack >= len(packs) for r in recs):
-            raise ManifestError(f"{where}.chunks[{p!r}]: a pack index beyond the fragment's packs")
-        chunks[p] = recs
-    return _req(d, "save_id", str, where), tuple(packs), chunks
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Manifest:
     """The committed checkpoint: written once, last, inside the root group's ``zarr.json``.
