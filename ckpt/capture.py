@@ -86,3 +86,36 @@ class CapturePlan:
             requests = [replace(r, tensor=views[n]) for r, n in zip(self.plan.requests, self.request_items)]
             memo = self._memo[id(slab)] = (slab, views, requests)
         return memo[1], memo[2]
+
+
+def prefault(pool: Any, plan: CapturePlan, *, slabs: int = 2) -> None:
+    """Take up to ``slabs`` slabs of ``plan``'s size from ``pool`` (allocating them), fault every
+    page in, carve the plan's views, and give them back: the first checkpoints then copy into
+    memory that is ready (a first touch costs a page fault per 4 KiB, in the middle of a step)."""
+    taken = []
+    try:
+        for _ in range(slabs):
+            slab = pool.acquire(plan.nbytes, block=False)
+            if slab is None:
+                break
+            taken.append(slab)
+            if not pool.pin_memory:  # pinned memory is faulted in by the pinning itself
+                slab.buffer.fill_(0)
+            plan.host_views(slab)
+    finally:
+        for slab in taken:
+            pool.release(slab)
+
+
+def lazy_owners(optimizers: list[torch.optim.Optimizer]) -> dict[int, int]:
+    """Storage of every tensor only an attached optimizer changes -> that optimizer's index."""
+    owners: dict[int, int] = {}
+    for index, opt in enumerate(optimizers):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                owners.setdefault(storage_ptr(p), index)
+                for v in opt.state.get(p, {}).values():
+                    if isinstance(v, torch.Tensor):
+                        owners.setdefault(storage_ptr(v), index)
+    owners.pop(0, None)
+    return owners

@@ -36,13 +36,13 @@ from typing import Any
 import torch
 
 from . import format as fmt
-from .capture import CapturePlan, leaf_key, local_tensor, storage_ptr
+from .capture import CapturePlan, lazy_owners, leaf_key, local_tensor, prefault, storage_ptr
 from .commit import save_id
 from .config import CheckpointerConfig
 from .consolidate import Consolidator
 from .dist import Group
 from .errors import CkptError
-from .handles import CheckpointerStatus, SnapshotHandle, SnapshotState, chain
+from .handles import CheckpointerStatus, SnapshotHandle, SnapshotState, chain, status_of
 from .hostpool import HostBufferPool
 from .io import load_step
 from .manifest import Manifest
@@ -101,6 +101,8 @@ class Checkpointer:
         self._skipped = 0
         self._closed = False
         self._warned_no_optimizer = False
+        self._capture_lock = threading.Lock()
+        self._preparing: threading.Thread | None = None
 
     # -- the four verbs ---------------------------------------------------------------------
 
@@ -127,6 +129,7 @@ class Checkpointer:
                   allow_pickle=self.config.allow_pickle, threads=storage.read_threads(chosen, self.config.io_threads))
         expanded.apply()
         log.info("restored step %d from %s in %.2f s", chosen, self.storage.url, time.perf_counter() - t0)
+        self.prepare(state)  # the state is complete now: the first checkpoint's work, in the background
         return int(chosen) + 1
 
     def _restore_source(self) -> RestoreSource:
@@ -184,6 +187,8 @@ class Checkpointer:
                 wait_futures(futures)
         finally:
             self._closed = True
+            if self._preparing is not None:  # it writes into host memory that close frees
+                self._preparing.join()
             for h in self._hooks:
                 h.remove()
             self.stager.close()
@@ -208,32 +213,33 @@ class Checkpointer:
         with self._lock:
             handles = list(self._handles)
             errors = tuple(self._errors)
-        rows = tuple(
-            {"step": h.step, "state": h.state.value, "bytes": h.nbytes, "stall_s": h.stall_s,
-             "hook_stall_s": h.hook_stall_s,
-             "error": None if h.error is None else f"{type(h.error).__name__}: {h.error}"}
-            for h in handles
-        )
-        committed = [h.step for h in handles if h.state is SnapshotState.COMMITTED]
-        pool = self.pool
-        return CheckpointerStatus(
-            checkpoints=rows,
-            last_committed=max(committed) if committed else None,
-            in_flight=sum(1 for h in handles if h.state in (SnapshotState.CAPTURED, SnapshotState.STAGED,
-                                                            SnapshotState.PERSISTED)),
-            skipped=self._skipped,
-            failed=sum(1 for h in handles if h.state is SnapshotState.FAILED),
-            errors=errors,
-            host_budget_bytes=pool.budget if pool else self.config.host_budget_bytes,
-            host_allocated_bytes=pool.allocated_bytes if pool else 0,
-            host_peak_bytes=pool.peak_bytes if pool else 0,
-            host_allocations=pool.allocations if pool else 0,
-            hook_stall_s=self._hook_stall_s,
-        )
+        return status_of(handles, errors, self.pool, budget=self.config.host_budget_bytes, skipped=self._skipped,
+                         hook_stall_s=self._hook_stall_s)
 
     # -- internals --------------------------------------------------------------------------
 
-    def _capture(self, step: int, state: dict[str, Any], handle: SnapshotHandle) -> None:
+    def prepare(self, state: dict[str, Any]) -> Future:
+        """Build, off the training thread, what the first checkpoint of ``state`` needs (the
+        state's expansion, the save plan, the host memory with every page faulted in), so that
+        it stalls the loop no more than later ones. ``restore`` calls it; call it yourself
+        before the loop when starting from scratch (after the optimizer has its state)."""
+        fut: Future = Future()
+
+        def work() -> None:
+            try:
+                with self._capture_lock:
+                    plan, _tensors, _values = self._plan_for(state)
+                    prefault(self._pool_for(plan.nbytes, plan.mine), plan)
+                fut.set_result(None)
+            except BaseException as e:  # noqa: BLE001 - the first save then does it, and says why
+                log.debug("preparing the first checkpoint failed: %s", e)
+                fut.set_exception(e)
+
+        self._preparing = threading.Thread(target=work, name="ckpt-prepare", daemon=True)
+        self._preparing.start()
+        return fut
+
+    def _plan_for(self, state: dict[str, Any]) -> tuple[CapturePlan, list[Any], dict[str, Any]]:
         cfg = self.config
         expanded = self._expander.expand(state)
         leaves = list(flatten(expanded.tree))
@@ -246,7 +252,13 @@ class Checkpointer:
         plan = self._plan
         if plan is None or plan.key != key:
             plan = self._plan = CapturePlan.build(key, leaves, values, rank=self.group.rank,
-                                                    world=self.group.world, max_chunk_bytes=cfg.max_chunk_bytes)
+                                                  world=self.group.world, max_chunk_bytes=cfg.max_chunk_bytes)
+        return plan, tensors, values
+
+    def _capture(self, step: int, state: dict[str, Any], handle: SnapshotHandle) -> None:
+        cfg = self.config
+        with self._capture_lock:  # a prepare() in flight finishes first
+            plan, tensors, values = self._plan_for(state)
         nbytes = plan.nbytes
         handle.nbytes = nbytes
         pool = self._pool_for(nbytes, plan.mine)
@@ -273,7 +285,7 @@ class Checkpointer:
             return
         views, host_requests = plan.host_views(slab)
 
-        owners = self._lazy_owners()
+        owners = lazy_owners(self._optimizers)
         if not self._optimizers and not self._warned_no_optimizer:
             self._warned_no_optimizer = True
             log.info("no optimizer attached: every tensor is copied during save(); "
@@ -332,18 +344,6 @@ class Checkpointer:
             log.info("host snapshot budget %.1f MiB (%s)", budget / 2**20, "pinned" if pin else "pageable")
         return self.pool
 
-    def _lazy_owners(self) -> dict[int, int]:
-        """Storage of every tensor only an attached optimizer changes -> that optimizer's index."""
-        owners: dict[int, int] = {}
-        for index, opt in enumerate(self._optimizers):
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    owners.setdefault(storage_ptr(p), index)
-                    for v in opt.state.get(p, {}).values():
-                        if isinstance(v, torch.Tensor):
-                            owners.setdefault(storage_ptr(v), index)
-        owners.pop(0, None)
-        return owners
 
     def _before_step(self, index: int) -> None:
         stage = self._latest_stage

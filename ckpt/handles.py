@@ -78,3 +78,29 @@ def chain(src: Future, dst: Future) -> None:
         dst.set_result(src.result())
     else:
         dst.set_exception(e)
+
+
+def status_of(handles: list[SnapshotHandle], errors: tuple[str, ...], pool: Any, *, budget: int | None, skipped: int,
+              hook_stall_s: float) -> CheckpointerStatus:
+    """The Checkpointer's status from its handles and its host pool."""
+    rows = tuple(
+        {"step": h.step, "state": h.state.value, "bytes": h.nbytes, "stall_s": h.stall_s,
+         "hook_stall_s": h.hook_stall_s,
+         "error": None if h.error is None else f"{type(h.error).__name__}: {h.error}"}
+        for h in handles
+    )
+    committed = [h.step for h in handles if h.state is SnapshotState.COMMITTED]
+    return CheckpointerStatus(
+        checkpoints=rows,
+        last_committed=max(committed) if committed else None,
+        in_flight=sum(1 for h in handles if h.state in (SnapshotState.CAPTURED, SnapshotState.STAGED,
+                                                        SnapshotState.PERSISTED)),
+        skipped=skipped,
+        failed=sum(1 for h in handles if h.state is SnapshotState.FAILED),
+        errors=errors,
+        host_budget_bytes=pool.budget if pool else budget,
+        host_allocated_bytes=pool.allocated_bytes if pool else 0,
+        host_peak_bytes=pool.peak_bytes if pool else 0,
+        host_allocations=pool.allocations if pool else 0,
+        hook_stall_s=hook_stall_s,
+    )

@@ -375,3 +375,23 @@ def test_optimizers_we_do_not_know_keep_the_helpers_init():
     for opt in (MyAdam(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)):
         _prefill_adam_state(opt)
         assert not opt.state
+
+
+def test_first_checkpoint_finds_its_plan_and_host_memory_ready(tmp_path):
+    """restore() (or prepare()) builds the first checkpoint's plan and host memory in the
+    background: the first save then allocates nothing and builds no plan on the training thread."""
+    model, opt, sched, loader, state = make_job()
+    with ckpt.Checkpointer(tmp_path, every_n_steps=1, keep_last=None, consolidate="never") as ck:
+        ck.attach(opt)
+        train(model, opt, sched, loader, [0])
+        ck.prepare(state).result(60)
+        plan, allocations = ck._plan, ck.status().host_allocations
+        assert plan is not None and allocations == 2  # both slabs of the default budget, faulted in
+        ck.save(1, state).result(60)
+        assert ck._plan is plan and ck.status().host_allocations == allocations
+    with ckpt.Checkpointer(tmp_path, every_n_steps=1, keep_last=None, consolidate="never") as ck2:
+        model2, opt2, _sched2, _loader2, state2 = make_job()
+        ck2.attach(opt2)
+        assert ck2.restore(state2) == 2
+        ck2._preparing.join(60)
+        assert ck2._plan is not None and ck2.status().host_allocations == 2
