@@ -14,6 +14,8 @@ state (exp_avg, exp_avg_sq, step per parameter): about 870 and 2,170 arrays. One
 3. **64 writers, simulated** in one process through ckpt's planning and write path (each
    simulated rank plans its Shard(0) slices and writes them, then one commit): files, commit
    point and fragment bytes, time. DCP writes one file per rank plus ``.metadata``: N + 1.
+   **Planning at world 4,096**: one rank plans a state of ~2,000 DTensors on a 512 x 8 mesh
+   (fake process group, meta tensors), in a process of its own.
 4. **CPU per checkpoint** in a ``Checkpointer`` loop against ``dcp.async_save`` (process CPU,
    user + system, from the save call until durable), one writer.
 
@@ -296,6 +298,51 @@ def sixty_four(shape: str, args: argparse.Namespace, root: str) -> dict[str, Any
 
 
 # ---------------------------------------------------------------------------------------------
+# 3b. Planning at world 4,096 (a fake process group, meta tensors)
+
+PLAN_WORLD = 4096
+
+
+def _plan_worker(world: int, layers: int) -> dict[str, Any]:
+    """One rank's planning of a Llama-shaped state of DTensors on a 2-D mesh (dp x tp = world),
+    in a fresh process: a fake process group and meta tensors, nothing allocated or sent."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from ckpt.plan import plan_save
+
+    rank = 1234 % world
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    tp = 8
+    mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp_shard", "tp"))
+    shape = (world * 2, 64)
+    state = {}
+    for layer in range(layers):
+        for w in WEIGHTS:
+            local = torch.empty((shape[0] // (world // tp), shape[1] // tp), device="meta")
+            state[f"layers.{layer}.{w}"] = DTensor.from_local(local, mesh, [Shard(0), Shard(1)], run_check=False,
+                                                              shape=torch.Size(shape), stride=(shape[1], 1))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        plan = plan_save(state, rank=rank, world=world)
+        times.append(time.perf_counter() - t0)
+    return {"world": world, "arrays": len(state), "plan_s": statistics.median(times), "requests": len(plan.requests)}
+
+
+def planning(shape: str, args: argparse.Namespace, root: str) -> dict[str, Any]:
+    import subprocess
+
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_shapes; "
+            f"print(json.dumps(bench_shapes._plan_worker({PLAN_WORLD}, {SHAPES[shape] * 25 // 9})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
 # 4. CPU per checkpoint
 
 
@@ -364,6 +411,10 @@ def report(results: dict[str, Any]) -> None:
         if sim:
             print(f"  64 writers (simulated) files ckpt {sim['ckpt_files']}, DCP {sim['dcp_files']}; metadata "
                   f"{sim['ckpt_metadata_bytes']}; save {sim['save_s']:.2f} s, planning {sim['plan_s_per_rank'] * 1e3:.1f} ms/rank")
+        plan = sec.get("planning")
+        if plan:
+            print(f"  planning one rank of {plan['world']} (DTensors, 2-D mesh): {plan['arrays']} arrays in "
+                  f"{plan['plan_s']:.3f} s")
         cpu = sec.get("cpu")
         if cpu:
             print(f"  CPU per checkpoint: Checkpointer {cpu['ckpt_cpu_s']:.3f} s, async_save {cpu['dcp_async_cpu_s']:.3f} s "
@@ -373,7 +424,7 @@ def report(results: dict[str, Any]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="7b,70b")
-    p.add_argument("--sections", default="one,eight,sixtyfour,cpu")
+    p.add_argument("--sections", default="one,eight,sixtyfour,planning,cpu")
     p.add_argument("--rows", type=int, default=48, help="rows of every tensor (divisible by 8 and 6)")
     p.add_argument("--cols", type=int, default=8)
     p.add_argument("--reps", type=int, default=3)
@@ -384,7 +435,8 @@ def main() -> int:
 
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
     root = args.root or tempfile.mkdtemp(prefix="bench-shapes-")
-    sections = {"one": one_writer, "eight": eight_writers, "sixtyfour": sixty_four, "cpu": cpu_per_checkpoint}
+    sections = {"one": one_writer, "eight": eight_writers, "sixtyfour": sixty_four, "planning": planning,
+                "cpu": cpu_per_checkpoint}
     results: dict[str, Any] = {}
     try:
         for shape in args.shapes.split(","):

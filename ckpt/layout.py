@@ -1,9 +1,9 @@
 """Where each local tensor sits in its global (logical) tensor.
 
-A :class:`TensorLayout` is the pure description that planning needs: the global shape, every
-box of the global tensor that any process holds (so that every process derives the same
-chunk grid without talking to the others), the pieces this process holds, and its position
-among the replicas of those pieces (so exactly one replica writes each piece, chosen locally
+A :class:`TensorLayout` is the pure description that planning needs: the global shape, the
+boundaries between the boxes that processes hold (as one gcd per dimension, so that every
+process derives the same chunk grid without talking to the others, in time independent of the
+world size), the pieces this process holds, and its position among the replicas of those pieces (so exactly one replica writes each piece, chosen locally
 and deterministically, spread over replicas).
 
 Three kinds of layout:
@@ -18,6 +18,7 @@ Three kinds of layout:
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 import zlib
 from collections.abc import Sequence
@@ -71,7 +72,10 @@ class Piece:
 @dataclass(frozen=True, slots=True)
 class TensorLayout:
     global_shape: tuple[int, ...]
-    all_boxes: tuple[Box, ...]
+    # Per dimension, the gcd of the boundaries between the boxes any process holds (0: none):
+    # all a chunk grid with one writer per chunk needs to know of the other processes. Computed
+    # arithmetically from the sharding, never by walking the mesh: O(dims), not O(world).
+    edges_gcd: tuple[int, ...]
     pieces: tuple[Piece, ...]
     replica_index: int = 0
     replica_count: int = 1
@@ -92,6 +96,30 @@ def chunk_range(size: int, parts: int, index: int) -> tuple[int, int]:
     return start, max(0, min(size, start + step) - start)
 
 
+def split_edges_gcd(start: int, length: int, splits: Sequence[int], total: int) -> int:
+    """The gcd of every interior boundary (0 < edge < ``total``) produced by splitting
+    ``[start, start + length)`` into ``splits[0]`` parts (torch.chunk semantics), each of those
+    into ``splits[1]``, and so on. Arithmetic: the parts of one split are multiples of one step
+    apart, so the first part, the second and the last (ragged) one stand for all of them."""
+    g0 = start if 0 < start < total else 0
+    if not splits or length <= 0:
+        return math.gcd(g0, start + length) if 0 < start + length < total else g0
+    n, rest = splits[0], splits[1:]
+    step = -(-length // n)
+    count = -(-length // step)  # parts that are not empty
+    g = 0
+    for k in (1, 2, count - 1, count):  # representative cut points (k * step, clipped) and the end
+        edge = start + min(k * step, length)
+        if 1 <= k <= count and 0 < edge < total:
+            g = math.gcd(g, edge)
+    if 0 < start < total:
+        g = math.gcd(g, start)
+    for k in {0, 1, count - 1} if count > 0 else ():  # the full parts are alike: the first two and the last
+        a, b = start + k * step, start + min((k + 1) * step, length)
+        g = math.gcd(g, split_edges_gcd(a, b - a, rest, total))
+    return g
+
+
 def whole(shape: Sequence[int]) -> Box:
     return Box(tuple(0 for _ in shape), tuple(shape))
 
@@ -101,7 +129,7 @@ def plain_layout(tensor: torch.Tensor, *, rank: int = 0, world: int = 1) -> Tens
     box = whole(shape)
     return TensorLayout(
         global_shape=shape,
-        all_boxes=(box,),
+        edges_gcd=tuple(0 for _ in shape),
         pieces=(Piece(box, tuple(0 for _ in shape)),),
         replica_index=rank,
         replica_count=world,
@@ -156,10 +184,9 @@ def dtensor_layout(dt: Any) -> TensorLayout:
     tags = [(k, (d + ndim if d is not None and d < 0 else d)) for k, d in tags]
     mesh_shape = tuple(mesh.shape)
     ranks = mesh.mesh
-    holders: dict[Box, list[int]] = {}
-    for coord in itertools.product(*(range(n) for n in mesh_shape)):
-        box = dtensor_box(shape, mesh_shape, coord, tags)
-        holders.setdefault(box, []).append(int(ranks[coord]))
+    # Boundaries per tensor dim: the mesh dims that shard it split it in mesh-dim order.
+    edges = tuple(split_edges_gcd(0, n, [mesh_shape[m] for m, (k, dim) in enumerate(tags) if k == "shard" and dim == d],
+                                  n) for d, n in enumerate(shape))
     my_coord = mesh.get_coordinate()
     description = {
         "kind": "dtensor",
@@ -167,9 +194,8 @@ def dtensor_layout(dt: Any) -> TensorLayout:
         "mesh_dim_names": list(mesh.mesh_dim_names or ()),
         "placements": [f"S({d})" if k == "shard" else "R" for k, d in tags],
     }
-    all_boxes = tuple(b for b in holders if not b.empty)
     if my_coord is None:
-        return TensorLayout(shape, all_boxes, (), 0, 1, description)
+        return TensorLayout(shape, edges, (), 0, 1, description)
     box = dtensor_box(shape, mesh_shape, my_coord, tags)
     local = dt.to_local()
     if tuple(local.shape) != box.sizes:
@@ -177,10 +203,19 @@ def dtensor_layout(dt: Any) -> TensorLayout:
             f"DTensor local shape {tuple(local.shape)} differs from the torch.chunk shard "
             f"{box.sizes} of global shape {shape} for placements {description['placements']}"
         )
-    replicas = sorted(holders[box])
+    # The replicas of this box: the coordinates that differ from ours on Replicate mesh dims
+    # only (a few, whatever the world size); one of them, chosen by rank, writes each piece.
+    replicate_dims = [m for m, (k, _d) in enumerate(tags) if k != "shard"]
+    replicas = []
+    for combo in itertools.product(*(range(mesh_shape[m]) for m in replicate_dims)):
+        coord = list(my_coord)
+        for m, c in zip(replicate_dims, combo):
+            coord[m] = c
+        replicas.append(int(ranks[tuple(coord)]))
+    replicas.sort()
     me = int(ranks[tuple(my_coord)])
     pieces = () if box.empty else (Piece(box, tuple(0 for _ in shape)),)
-    return TensorLayout(shape, all_boxes, pieces, replicas.index(me), len(replicas), description)
+    return TensorLayout(shape, edges, pieces, replicas.index(me), len(replicas), description)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +298,7 @@ class Sharded:
             desc["averaged"] = True
         if self.dim is None:
             box = whole(shape)
-            return TensorLayout(tuple(shape), (box,), (Piece(box, zeros),), idx, count, desc)
+            return TensorLayout(tuple(shape), tuple(0 for _ in shape), (Piece(box, zeros),), idx, count, desc)
         d = self.dim % t.dim()
         desc["dim"] = d
         local = shape[d]
@@ -296,13 +331,20 @@ class Sharded:
             global_d = local * self.world
         gshape = list(shape)
         gshape[d] = global_d
-        all_boxes = tuple(b for r in range(self.world) for b, _ in boxes_of(r) if not b.empty)
+        edges = [0] * len(shape)
+        if self.parts is not None:  # each part split over the world on its own
+            offset = 0
+            for w in self.parts:
+                edges[d] = math.gcd(edges[d], split_edges_gcd(offset, w, [self.world], global_d))
+                offset += w
+        else:  # shards of ``local`` rows, the last ones clipped by a logical size
+            edges[d] = local if 0 < local < global_d else 0
         pieces = tuple(
             Piece(b, tuple(off if i == d else 0 for i in range(len(shape))))
             for b, off in boxes_of(self.rank)
             if not b.empty
         )
-        return TensorLayout(tuple(gshape), all_boxes, pieces, idx, count, desc)
+        return TensorLayout(tuple(gshape), tuple(edges), pieces, idx, count, desc)
 
 
 def _along(shape: Sequence[int], dim: int, offset: int, length: int) -> Box:

@@ -21,7 +21,7 @@ from .format import CHUNK_SEPARATOR
 from .layout import Sharded, TensorLayout, layout_of
 from .layouts import ChunkLayout
 from .manifest import ArraySpec, Manifest
-from .planning import ReadRequest, WriteRequest, choose_chunk_shape, plan_array_reads, plan_array_writes
+from .planning import ReadRequest, WriteRequest, chunk_shape_for, plan_array_reads, plan_array_writes
 from .state import encode_value, flatten
 
 DEFAULT_MAX_CHUNK_BYTES = 16 << 20
@@ -89,7 +89,7 @@ def plan_items(
     for item in items:
         info = info_of(item.tensor.dtype)
         layout = item.layout
-        chunk = choose_chunk_shape(layout.global_shape, layout.all_boxes, info.itemsize, max_chunk_bytes)
+        chunk = chunk_shape_for(layout.global_shape, layout.edges_gcd, info.itemsize, max_chunk_bytes)
         spec = ArraySpec(
             path=item.path, shape=layout.global_shape, dtype=info.name, chunk_shape=chunk, layout=layout.description,
             chunk_separator=CHUNK_SEPARATOR,

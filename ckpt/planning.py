@@ -39,18 +39,32 @@ def _divisors_desc(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]), reverse=True)
 
 
-def choose_chunk_shape(
-    shape: Sequence[int], boxes: Sequence[Box], itemsize: int, max_chunk_bytes: int
-) -> tuple[int, ...]:
-    """A regular chunk grid that divides every interior boundary of ``boxes``, chunks bounded."""
-    chunk = []
+def boundaries_gcd(shape: Sequence[int], boxes: Sequence[Box]) -> tuple[int, ...]:
+    """Per dimension, the gcd of every interior boundary of ``boxes`` (0: none)."""
+    out = []
     for d, n in enumerate(shape):
         g = 0
         for b in boxes:
             for edge in (b.offsets[d], b.offsets[d] + b.sizes[d]):
                 if 0 < edge < n:
                     g = math.gcd(g, edge)
-        chunk.append(max(1, g if g else n))
+        out.append(g)
+    return tuple(out)
+
+
+def choose_chunk_shape(
+    shape: Sequence[int], boxes: Sequence[Box], itemsize: int, max_chunk_bytes: int
+) -> tuple[int, ...]:
+    """A regular chunk grid that divides every interior boundary of ``boxes``, chunks bounded."""
+    return chunk_shape_for(shape, boundaries_gcd(shape, boxes), itemsize, max_chunk_bytes)
+
+
+def chunk_shape_for(
+    shape: Sequence[int], edges_gcd: Sequence[int], itemsize: int, max_chunk_bytes: int
+) -> tuple[int, ...]:
+    """A regular chunk grid dividing, per dimension, the gcd of the shard boundaries there (0:
+    no interior boundary), chunks bounded: every chunk then has exactly one writer."""
+    chunk = [max(1, g if g else n) for g, n in zip(edges_gcd, shape)]
     shard_bytes = math.prod(chunk) * itemsize
     target = min(max_chunk_bytes, max(MIN_CHUNK_BYTES, shard_bytes // MIN_CHUNKS_PER_SHARD))
     budget = max(1, target // max(1, itemsize))
