@@ -39,6 +39,7 @@ class Failure:
     node: str | None = None
     last_progress_at: float | None = None  # the failed ranks' last sign of progress
     last_step: int | None = None  # the highest step any rank of the attempt reported
+    culprits: tuple[int, ...] = ()  # a hang: the ranks the others wait for
 
     def __post_init__(self) -> None:
         if self.kind not in FAILURE_KINDS:
@@ -52,7 +53,7 @@ class Failure:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "attempt": self.attempt, "detail": self.detail, "ranks": list(self.ranks),
                 "node": self.node, "detected_at": self.detected_at, "last_progress_at": self.last_progress_at,
-                "last_step": self.last_step, "detected_after_s": self.detected_after_s}
+                "last_step": self.last_step, "detected_after_s": self.detected_after_s, "culprits": list(self.culprits)}
 
 
 @dataclass(slots=True)
@@ -122,32 +123,26 @@ class Membership:
         return max(steps) if steps else None
 
     def check(self, now: float) -> list[Failure]:
-        """Hangs of this attempt's ranks and silent agents, each reported once."""
+        """Hangs of this attempt's ranks and silent agents, each reported once. O(ranks)."""
         out: list[Failure] = []
-        hung = []
-        for st in self.ranks.values():
-            if st.hung_reported:
-                continue
-            since = st.progress_at if st.progress_at is not None else st.started_at
-            limit = self.config.hang_timeout_s if st.progress_at is not None else self.config.startup_timeout_s
-            if now - since > limit:
-                hung.append(st)
+        hang, startup = self.config.hang_timeout_s, self.config.startup_timeout_s
+        hung = [st for st in self.ranks.values() if not st.hung_reported
+                and now - (st.progress_at if st.progress_at is not None else st.started_at)
+                > (hang if st.progress_at is not None else startup)]
         if hung:
-            # The peers of a hung rank wait for it in a collective: name every rank that has
-            # not progressed for half the timeout too, in the same report.
-            half = self.config.hang_timeout_s / 2
-            hung += [st for st in self.ranks.values() if st not in hung and not st.hung_reported
-                     and st.progress_at is not None and now - st.progress_at > half]
+            # The peers of a hung rank wait for it in a collective: every rank that has not
+            # progressed for half the timeout goes in the same report, as a rank waiting.
+            named = {st.rank for st in hung}
+            hung += [st for st in self.ranks.values() if st.rank not in named and not st.hung_reported
+                     and st.progress_at is not None and now - st.progress_at > hang / 2]
             hung.sort(key=lambda st: st.rank)
             for st in hung:
                 st.hung_reported = True
+            culprits = hang_culprits(hung)
             last = max(st.progress_at if st.progress_at is not None else st.started_at for st in hung)
-            what = ", ".join(
-                f"rank {st.rank} stuck at step {st.step} for {now - st.progress_at:.1f} s" if st.progress_at is not None
-                else f"rank {st.rank} without a first report for {now - st.started_at:.1f} s" for st in hung)
-            out.append(Failure(HANG, self.attempt, f"no progress (hang_timeout_s={self.config.hang_timeout_s:g}, "
-                               f"startup_timeout_s={self.config.startup_timeout_s:g}): {what}", now,
-                               ranks=tuple(st.rank for st in hung), last_progress_at=last, last_step=self.last_step))
+            out.append(Failure(HANG, self.attempt, _hang_detail(hung, culprits, now, self.config), now,
+                               ranks=tuple(st.rank for st in hung), last_progress_at=last, last_step=self.last_step,
+                               culprits=tuple(st.rank for st in culprits)))
         for node, seen in self.agents.items():
             if node not in self._agents_reported and now - seen > self.config.agent_timeout_s:
                 self._agents_reported.add(node)
@@ -160,3 +155,35 @@ class Membership:
         return {"attempt": self.attempt, "world_size": self.world_size, "last_step": self.last_step,
                 "ranks": {r: s.to_dict() for r, s in self.ranks.items()}, "agents": dict(self.agent_status),
                 "agents_seen_at": dict(self.agents)}
+
+
+def hang_culprits(hung: list[RankState]) -> list[RankState]:
+    """The ranks the others wait for: those that never reported, else those furthest behind
+    (the lowest step), and among them the first to stop progressing (within a second). A
+    collective hangs on its slowest member; its peers stop one step later or at the same step
+    but after it."""
+    never = [st for st in hung if st.progress_at is None]
+    if never:
+        return never
+    low = min(st.step for st in hung if st.step is not None)
+    behind = [st for st in hung if st.step == low]
+    first = min(st.progress_at for st in behind if st.progress_at is not None)
+    return [st for st in behind if st.progress_at is not None and st.progress_at - first <= 1.0]
+
+
+def _hang_detail(hung: list[RankState], culprits: list[RankState], now: float, config: DetectConfig) -> str:
+    def one(st: RankState) -> str:
+        if st.progress_at is None:
+            return f"rank {st.rank} without a first report for {now - st.started_at:.1f} s"
+        return f"rank {st.rank} stuck at step {st.step} for {now - st.progress_at:.1f} s"
+
+    head = (f"no progress (hang_timeout_s={config.hang_timeout_s:g}, startup_timeout_s={config.startup_timeout_s:g}): "
+            + ", ".join(one(st) for st in culprits[:8]) + (f" (+{len(culprits) - 8} more)" if len(culprits) > 8 else ""))
+    blamed = {st.rank for st in culprits}
+    waiting = [st for st in hung if st.rank not in blamed]
+    if not waiting:
+        return head
+    steps = sorted({st.step for st in waiting if st.step is not None})
+    shown = ", ".join(one(st) for st in waiting[:4]) + (", ..." if len(waiting) > 4 else "")
+    return (f"{head}; {len(waiting)} rank(s) waiting behind it (at step {steps[0] if len(steps) == 1 else steps}): "
+            f"{shown}")

@@ -360,3 +360,28 @@ def test_agent_drops_uncommitted_snapshots_a_rolled_back_trainer_left(tmp_path):
     finally:
         agent.close()
     assert list(shm.iterdir()) == []
+
+
+def test_a_hang_report_names_the_culprit_apart_from_the_ranks_waiting_on_it():
+    m = Membership(DetectConfig(hang_timeout_s=10, startup_timeout_s=100))
+    m.begin_attempt(0, 1000, now=0)
+    for r in range(1000):
+        m.heartbeat(0, r, 1000, 41, {}, now=1)
+    for r in range(1000):  # every rank but 637 reaches step 42, then all wait on it in a collective
+        if r != 637:
+            m.heartbeat(0, r, 1000, 42, {}, now=2 + r / 1000)
+    (f,) = m.check(now=13)
+    assert f.kind == HANG and f.culprits == (637,) and len(f.ranks) == 1000
+    assert f.detail.startswith("no progress") and "rank 637 stuck at step 41" in f.detail
+    assert "999 rank(s) waiting behind it (at step 42)" in f.detail
+    assert len(f.detail) < 1000  # a report names the culprit and a few waiters, not every rank
+    assert f.to_dict()["culprits"] == [637]
+
+
+def test_a_rank_that_never_reported_is_the_culprit():
+    m = Membership(DetectConfig(hang_timeout_s=5, startup_timeout_s=20))
+    m.begin_attempt(1, 4, now=0)
+    for r in (0, 1, 3):
+        m.heartbeat(1, r, 4, 0, {}, now=1)
+    (f,) = m.check(now=21)
+    assert f.culprits == (2,) and set(f.ranks) == {0, 1, 2, 3}
