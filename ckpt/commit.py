@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import format as fmt
-from .coverage import check_coverage, check_specs, intermediate_groups, writer_runs
+from .coverage import CommitBuilder, Outcome, intermediate_groups
 from .errors import CheckpointExistsError, CommitError, FormatError
 from .format import (
     META,
@@ -211,7 +211,6 @@ def commit(
     """
     if not writers:
         raise CommitError("commit needs at least one writer")
-    sdir = step_dir(step)
     known = dict(known or {})
     to_read = [w for w in writers if w not in known]
     with ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(to_read)))) as pool:
@@ -227,48 +226,48 @@ def commit(
             f"cannot commit step {step}: fragments come from different saves {sorted(ids)} "
             f"(expected {save_id}); a stale attempt left fragments behind, save the step again"
         )
-    if any(f.step != step for f in fragments):
-        raise CommitError(f"cannot commit step {step}: a fragment records another step")
-    arrays, problems = check_specs(fragments)
-    problems += check_coverage(arrays, fragments)
-    packed = [f for f in fragments if f.packs]
-    if packed and any(cs and not f.packs for f in fragments for cs in f.chunks.values()):
-        problems.append("some writers wrote packs, others one file per chunk: one save, one layout")
-    layout = PACKS if packed or not any(f.chunks for f in fragments) else CHUNKS
+    builder = CommitBuilder(step, writers, save_id)
+    for frag in fragments:
+        builder.add(frag)
+    outcome = builder.finish()
+    problems = outcome.problems
     if not problems and options.check_listing and to_read:
         rest = [f for f in fragments if f.writer not in known]
-        problems += (_check_packs(storage, step, rest) if layout == PACKS
-                     else _check_listing(storage, step, arrays, rest))
-    groups = intermediate_groups(arrays)
-    clash = [g for g in groups if g in arrays]
-    if clash:
-        problems.append(f"{clash[0]!r} is both a tensor and a group of tensors")
+        problems = (check_packs(storage, step, rest) if outcome.layout == PACKS
+                    else _check_listing(storage, step, outcome.arrays, rest))
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         raise CommitError(f"cannot commit step {step}: " + "; ".join(problems[:10]) + more)
+    return write_commit_point(storage, step, writers, outcome, save_id=fragments[0].save_id,
+                              library_versions=library_versions, user_metadata=user_metadata, threads=options.threads)
 
-    if layout == CHUNKS:
+
+def write_commit_point(storage: Storage, step: int, writers: Sequence[str], outcome: Outcome, *, save_id: str,
+                       library_versions: dict[str, str] | None = None, user_metadata: dict[str, Any] | None = None,
+                       threads: int = 16) -> Manifest:
+    """Write the commit point of a validated save (and, for a step of chunk files, the metadata
+    of arrays without chunks and of intermediate groups first)."""
+    sdir = step_dir(step)
+    arrays = outcome.arrays
+    if outcome.layout == CHUNKS:
         # Arrays without chunks (a zero-sized dim) have no first-chunk writer: their metadata is ours.
         empty = [a for a in arrays.values() if a.num_chunks == 0]
-        with ThreadPoolExecutor(max_workers=options.threads) as pool:
+        groups = intermediate_groups(arrays)
+        with ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(lambda a: write_array_metadata(storage, step, a), empty))
             list(pool.map(lambda g: storage.write(f"{sdir}/{g}/{META}", [dumps(group_document())]), groups))
-
-    first = fragments[0]
-    varying = sorted({k for frag in fragments[1:] for k, v in frag.values.items()
-                      if first.values.get(k, _MISSING) != v})
     manifest = Manifest(
         step=step,
-        save_id=first.save_id,
+        save_id=save_id,
         created_at=time.time(),
         writers=tuple(writers),
-        arrays=dict(sorted(arrays.items())),
-        values=first.values,
+        arrays=arrays,
+        values=outcome.values,
         library_versions=library_versions or {},
         user_metadata=user_metadata or {},
-        layout=layout,
-        writer_runs=writer_runs(arrays, fragments, writers) if layout == PACKS else {},
-        varying_values=tuple(varying),
+        layout=outcome.layout,
+        writer_runs=outcome.writer_runs,
+        varying_values=outcome.varying_values,
     )
     storage.write_atomic(f"{sdir}/{META}", dumps(seal_root(commit_document(manifest))))
     return manifest
@@ -288,9 +287,10 @@ def commit_document(manifest: Manifest) -> dict[str, Any]:
     return root
 
 
-def _check_packs(storage: Storage, step: int, fragments: Sequence[Fragment]) -> list[str]:
-    """Every pack a fragment names is in storage, long enough for the chunks it records."""
-    sizes = storage.walk(f"{step_dir(step)}/{fmt.PACKS}")
+def check_packs(storage: Storage, step: int, fragments: Sequence[Fragment]) -> list[str]:
+    """Every pack a fragment names is in storage, long enough for the chunks it records: one
+    listing of the step's packs for many fragments, one size query per pack for one or two."""
+    sizes = storage.walk(f"{step_dir(step)}/{fmt.PACKS}") if len(fragments) > 2 else None
     problems = []
     for frag in fragments:
         need: dict[int, int] = {}
@@ -299,14 +299,12 @@ def _check_packs(storage: Storage, step: int, fragments: Sequence[Fragment]) -> 
                 need[r.pack or 0] = max(need.get(r.pack or 0, 0), (r.offset or 0) + r.nbytes)
         for n, end in sorted(need.items()):
             name = frag.packs[n]
-            size = sizes.get(name)
+            size = sizes.get(name) if sizes is not None else storage.size(f"{step_dir(step)}/{fmt.PACKS}/{name}")
             if size is None or size < end:
                 what = "missing" if size is None else f"{size} bytes, its chunks need {end}"
                 problems.append(f"pack {name} of writer {frag.writer} is {what}")
     return problems
 
-
-_MISSING = object()
 
 
 def _try_read_fragment(storage: Storage, step: int, writer: str) -> Fragment | str:

@@ -1,67 +1,31 @@
 """What a committer checks of the fragments of a save before it writes the commit point, and
-what it derives from them: pure functions over fragments, no I/O.
+what it derives from them, fragment by fragment as they arrive: :class:`CommitBuilder`.
 
-- every writer agrees on each array's shape, dtype and chunk grid;
-- every chunk of every array is written exactly once, nothing outside the grid;
-- which writer holds which chunk, as the runs the commit point records for a packs step.
+Each fragment is validated once, when it is added, in time proportional to its own chunks:
+
+- every writer agrees on each array's shape, dtype and chunk grid (writers that declare the same
+  arrays, every writer of an FSDP job, are compared as a whole, not array by array);
+- every chunk of every array is written exactly once, nothing outside the grid (one int32 per
+  chunk: which writer holds it);
+- which writer holds which chunk, as the runs the commit point records for a packs step;
+- the values that differ between writers.
+
+Nothing here does I/O; :mod:`ckpt.commit` reads the fragments and writes the commit point, and
+the coordinator's registry feeds fragments as writers announce them.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from .layouts import Run, encode_runs, linear_index
+import numpy as np
+
+from .layouts import CHUNKS, PACKS, Run, encode_runs, linear_index
 from .manifest import ArraySpec, Fragment
 
-
-def check_specs(fragments: Sequence[Fragment]) -> tuple[dict[str, ArraySpec], list[str]]:
-    arrays: dict[str, ArraySpec] = {}
-    first_by: dict[str, str] = {}
-    problems = []
-    for frag in fragments:
-        for path, spec in frag.arrays.items():
-            have = arrays.get(path)
-            if have is None:
-                arrays[path] = spec
-                first_by[path] = frag.writer
-            elif (have.shape, have.dtype, have.chunk_shape) != (spec.shape, spec.dtype, spec.chunk_shape):
-                problems.append(
-                    f"{path!r}: writer {first_by[path]} declares shape {list(have.shape)} {have.dtype} "
-                    f"chunks {list(have.chunk_shape)}, writer {frag.writer} declares shape "
-                    f"{list(spec.shape)} {spec.dtype} chunks {list(spec.chunk_shape)} (if ranks hold "
-                    "different slices of this tensor, declare its layout with ckpt.Sharded or a DTensor)"
-                )
-    return arrays, problems
-
-
-def check_coverage(arrays: dict[str, ArraySpec], fragments: Sequence[Fragment]) -> list[str]:
-    """Every chunk of every array written exactly once, nothing outside the grid."""
-    problems = []
-    owner: dict[tuple[str, tuple[int, ...]], str] = {}
-    for frag in fragments:
-        for path, records in frag.chunks.items():
-            spec = arrays.get(path)
-            if spec is None:
-                problems.append(f"writer {frag.writer} wrote chunks of undeclared array {path!r}")
-                continue
-            grid = spec.grid_shape
-            for rec in records:
-                if len(rec.index) != len(grid) or any(not (0 <= i < g) for i, g in zip(rec.index, grid)):
-                    problems.append(f"{path!r}: chunk {list(rec.index)} outside the grid {list(grid)}")
-                    continue
-                key = (path, rec.index)
-                if key in owner:
-                    problems.append(
-                        f"{path!r}: chunk {list(rec.index)} written by both {owner[key]} and {frag.writer}"
-                    )
-                owner[key] = frag.writer
-    written = Counter(p for p, _i in owner)
-    for path, spec in arrays.items():
-        have = written[path] if spec.num_chunks else 0
-        if have != spec.num_chunks:
-            problems.append(f"{path!r}: {spec.num_chunks - have} of {spec.num_chunks} chunks not written by any writer")
-    return problems
+_MISSING = object()
 
 
 def intermediate_groups(paths: Iterable[str]) -> list[str]:
@@ -73,16 +37,136 @@ def intermediate_groups(paths: Iterable[str]) -> list[str]:
     return sorted(groups)
 
 
-def writer_runs(arrays: Mapping[str, ArraySpec], fragments: Sequence[Fragment],
-                writers: Sequence[str]) -> dict[str, tuple[Run, ...]]:
-    """Which writer holds which chunk of each array, as runs (see ``Manifest.writer_runs``)."""
-    index = {w: i for i, w in enumerate(writers)}
-    owners: dict[str, list[int]] = {p: [0] * a.num_chunks for p, a in arrays.items()}
-    for frag in fragments:
-        w = index[frag.writer]
-        for path, recs in frag.chunks.items():
-            own = owners[path]
-            spec = arrays[path]
-            for r in recs:
-                own[linear_index(spec, r.index)] = w
-    return {p: encode_runs(o) for p, o in owners.items() if o}
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the fragments of a save amount to, once all are in."""
+
+    arrays: dict[str, ArraySpec]
+    problems: list[str]
+    layout: str
+    writer_runs: dict[str, tuple[Run, ...]]
+    values: dict[str, Any]
+    varying_values: tuple[str, ...]
+
+
+class CommitBuilder:
+    """The fragments of one save, validated as they arrive (any order, duplicates ignored)."""
+
+    def __init__(self, step: int, writers: Sequence[str], save_id: str | None = None) -> None:
+        self.step = step
+        self.save_id = save_id
+        self.writers = tuple(writers)
+        self._index = {w: i for i, w in enumerate(self.writers)}
+        self.arrays: dict[str, ArraySpec] = {}
+        self._declared_by: dict[str, str] = {}
+        self._owners: dict[str, np.ndarray] = {}  # path -> writer index per chunk, -1: not written
+        self._counts: dict[str, int] = {}
+        self._seen_arrays: list[dict[str, ArraySpec]] = []  # declarations already checked, compared whole
+        self.added: set[str] = set()
+        self.problems: list[str] = []
+        self._values: dict[str, Any] | None = None
+        self._varying: set[str] = set()
+        self._packed = self._unpacked = False
+
+    @property
+    def complete(self) -> bool:
+        return len(self.added) == len(self.writers)
+
+    def missing(self) -> list[str]:
+        return [w for w in self.writers if w not in self.added]
+
+    def add(self, frag: Fragment) -> list[str]:
+        """Check one fragment against the ones before it; returns (and keeps) its problems."""
+        if frag.writer in self.added:
+            return []
+        problems: list[str] = []
+        if frag.writer not in self._index:
+            problems.append(f"writer {frag.writer} is not a writer of step {self.step}")
+        elif frag.step != self.step:
+            problems.append(f"writer {frag.writer}'s fragment records step {frag.step}")
+        elif self.save_id is not None and frag.save_id != self.save_id:
+            problems.append(f"fragments come from different saves ({frag.save_id} from {frag.writer}, expected "
+                            f"{self.save_id}); a stale attempt left fragments behind, save the step again")
+        if problems:
+            self.problems += problems
+            return problems
+        if self.save_id is None:
+            self.save_id = frag.save_id
+        self.added.add(frag.writer)
+        problems += self._declare(frag)
+        problems += self._cover(frag)
+        if frag.packs:
+            self._packed = True
+        elif any(frag.chunks.values()):
+            self._unpacked = True
+        if self._values is None:
+            self._values = frag.values
+        else:
+            self._varying.update(k for k, v in frag.values.items() if self._values.get(k, _MISSING) != v)
+            self._varying.update(k for k in self._values if k not in frag.values)
+        self.problems += problems
+        return problems
+
+    def _declare(self, frag: Fragment) -> list[str]:
+        if any(frag.arrays == seen for seen in self._seen_arrays):
+            return []  # the same declarations as a writer before it: already checked
+        self._seen_arrays.append(frag.arrays)
+        problems = []
+        for path, spec in frag.arrays.items():
+            have = self.arrays.get(path)
+            if have is None:
+                self.arrays[path] = spec
+                self._declared_by[path] = frag.writer
+                self._owners[path] = np.full(spec.num_chunks, -1, dtype=np.int32)
+                self._counts[path] = 0
+            elif (have.shape, have.dtype, have.chunk_shape) != (spec.shape, spec.dtype, spec.chunk_shape):
+                problems.append(
+                    f"{path!r}: writer {self._declared_by[path]} declares shape {list(have.shape)} {have.dtype} "
+                    f"chunks {list(have.chunk_shape)}, writer {frag.writer} declares shape "
+                    f"{list(spec.shape)} {spec.dtype} chunks {list(spec.chunk_shape)} (if ranks hold "
+                    "different slices of this tensor, declare its layout with ckpt.Sharded or a DTensor)"
+                )
+        return problems
+
+    def _cover(self, frag: Fragment) -> list[str]:
+        problems = []
+        w = self._index[frag.writer]
+        for path, records in frag.chunks.items():
+            spec = self.arrays.get(path)
+            if spec is None:
+                problems.append(f"writer {frag.writer} wrote chunks of undeclared array {path!r}")
+                continue
+            grid = spec.grid_shape
+            owners = self._owners[path]
+            for rec in records:
+                if len(rec.index) != len(grid) or any(not (0 <= i < g) for i, g in zip(rec.index, grid)):
+                    problems.append(f"{path!r}: chunk {list(rec.index)} outside the grid {list(grid)}")
+                    continue
+                at = linear_index(spec, rec.index)
+                held = int(owners[at])
+                if held >= 0:
+                    problems.append(f"{path!r}: chunk {list(rec.index)} written by both {self.writers[held]} and "
+                                    f"{frag.writer}")
+                    continue
+                owners[at] = w
+                self._counts[path] += 1
+        return problems
+
+    def finish(self) -> Outcome:
+        """The save as a whole (call once every writer is added): coverage, layout, runs."""
+        problems = list(self.problems)
+        for path, spec in self.arrays.items():
+            have = self._counts[path]
+            if have != spec.num_chunks:
+                problems.append(f"{path!r}: {spec.num_chunks - have} of {spec.num_chunks} chunks not written by "
+                                "any writer")
+        if self._packed and self._unpacked:
+            problems.append("some writers wrote packs, others one file per chunk: one save, one layout")
+        layout = PACKS if self._packed or not self._unpacked else CHUNKS
+        clash = [g for g in intermediate_groups(self.arrays) if g in self.arrays]
+        if clash:
+            problems.append(f"{clash[0]!r} is both a tensor and a group of tensors")
+        runs = ({p: encode_runs(o) for p, o in self._owners.items() if len(o)}
+                if layout == PACKS and not problems else {})
+        return Outcome(dict(sorted(self.arrays.items())), problems, layout, runs, self._values or {},
+                       tuple(sorted(self._varying)))

@@ -63,7 +63,20 @@ def grid_index(spec: ArraySpec, linear: int) -> tuple[int, ...]:
 
 def encode_runs(owners: Sequence[int]) -> tuple[Run, ...]:
     """Runs for ``owners`` (the writer index of every chunk, in linear order): greedy, each run
-    the longest arithmetic pattern ``w0 + stride * (k // per)`` from where the last ended."""
+    the longest arithmetic pattern ``w0 + stride * (k // per)`` from where the last ended. The
+    common case, one pattern over the whole array, is checked at once (millions of chunks at
+    thousands of writers)."""
+    import numpy as np
+
+    arr = np.asarray(owners, dtype=np.int64)
+    n = len(arr)
+    if n:
+        change = np.flatnonzero(arr != arr[0])
+        per = int(change[0]) if len(change) else n
+        stride = int(arr[per] - arr[0]) if per < n else 0
+        if stride >= 0 and np.array_equal(arr, arr[0] + stride * (np.arange(n) // per)):
+            return ((0, n, int(arr[0]), stride, per),)
+    owners = arr.tolist()
     runs: list[Run] = []
     n, i = len(owners), 0
     while i < n:
