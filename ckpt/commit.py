@@ -233,8 +233,8 @@ def commit(
     problems = outcome.problems
     if not problems and options.check_listing and to_read:
         rest = [f for f in fragments if f.writer not in known]
-        problems = (check_packs(storage, step, rest) if outcome.layout == PACKS
-                    else _check_listing(storage, step, outcome.arrays, rest))
+        problems = (check_packs(storage, step, {w: e for w, e in builder.pack_ends.items() if w not in known})
+                    if outcome.layout == PACKS else _check_listing(storage, step, outcome.arrays, rest))
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         raise CommitError(f"cannot commit step {step}: " + "; ".join(problems[:10]) + more)
@@ -287,22 +287,19 @@ def commit_document(manifest: Manifest) -> dict[str, Any]:
     return root
 
 
-def check_packs(storage: Storage, step: int, fragments: Sequence[Fragment]) -> list[str]:
-    """Every pack a fragment names is in storage, long enough for the chunks it records: one
-    listing of the step's packs for many fragments, one size query per pack for one or two."""
-    sizes = storage.walk(f"{step_dir(step)}/{fmt.PACKS}") if len(fragments) > 2 else None
+def check_packs(storage: Storage, step: int, pack_ends: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """Every pack the fragments name (``CommitBuilder.pack_ends``: writer -> pack -> the byte
+    its chunks need) is in storage, long enough: one listing of the step's packs for many
+    writers, one size query per pack for a few."""
+    prefix = f"{step_dir(step)}/{fmt.PACKS}"
+    sizes = storage.walk(prefix) if len(pack_ends) > 2 else None
     problems = []
-    for frag in fragments:
-        need: dict[int, int] = {}
-        for recs in frag.chunks.values():
-            for r in recs:
-                need[r.pack or 0] = max(need.get(r.pack or 0, 0), (r.offset or 0) + r.nbytes)
-        for n, end in sorted(need.items()):
-            name = frag.packs[n]
-            size = sizes.get(name) if sizes is not None else storage.size(f"{step_dir(step)}/{fmt.PACKS}/{name}")
+    for writer, ends in pack_ends.items():
+        for name, end in sorted(ends.items()):
+            size = sizes.get(name) if sizes is not None else storage.size(f"{prefix}/{name}")
             if size is None or size < end:
                 what = "missing" if size is None else f"{size} bytes, its chunks need {end}"
-                problems.append(f"pack {name} of writer {frag.writer} is {what}")
+                problems.append(f"pack {name} of writer {writer} is {what}")
     return problems
 
 

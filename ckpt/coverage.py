@@ -67,6 +67,8 @@ class CommitBuilder:
         self._values: dict[str, Any] | None = None
         self._varying: set[str] = set()
         self._packed = self._unpacked = False
+        # writer -> {pack name: the byte its chunks need the pack to reach}: checked against storage
+        self.pack_ends: dict[str, dict[str, int]] = {}
 
     @property
     def complete(self) -> bool:
@@ -97,6 +99,13 @@ class CommitBuilder:
         problems += self._cover(frag)
         if frag.packs:
             self._packed = True
+            ends: dict[str, int] = {}
+            for recs in frag.chunks.values():
+                for r in recs:
+                    if r.pack is not None and r.pack < len(frag.packs):
+                        name = frag.packs[r.pack]
+                        ends[name] = max(ends.get(name, 0), (r.offset or 0) + r.nbytes)
+            self.pack_ends[frag.writer] = ends
         elif any(frag.chunks.values()):
             self._unpacked = True
         if self._values is None:

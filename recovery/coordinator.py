@@ -34,7 +34,7 @@ class Coordinator:
     the actor's thread, commits and checks run on a background thread."""
 
     def __init__(self, storage_url: str, detect: DetectConfig, *, keep_last: int | None = None,
-                 keep_every: int | None = None, poll_s: float = 0.1, rescan_s: float = 2.0,
+                 keep_every: int | None = None, poll_s: float = 0.1,
                  clock: Any = time.time, start: bool = True) -> None:
         self.clock = clock
         self.storage = open_storage(storage_url)
@@ -45,7 +45,6 @@ class Coordinator:
         self.started_at = clock()
         self.run_id: str | None = None
         self.poll_s = poll_s
-        self.rescan_s = rescan_s
         self._lock = threading.Lock()
         self._inbox: queue.Queue[tuple[str, tuple, Future | None]] = queue.Queue()
         self._events: list[dict[str, Any]] = []
@@ -57,9 +56,11 @@ class Coordinator:
                    f"{len(self.registry.committed)} committed checkpoint(s), newest "
                    f"{self.registry.last_committed}", incarnation=self.incarnation,
                    committed=list(self.registry.committed))
-        self._thread = threading.Thread(target=self._loop, name="coordinator", daemon=True)
+        self._thread = threading.Thread(target=self._commit_loop, name="coordinator-commit", daemon=True)
+        self._detector = threading.Thread(target=self._detect_loop, name="coordinator-detect", daemon=True)
         if start:
             self._thread.start()
+            self._detector.start()
 
     # -- from workers and agents (fire-and-forget) --------------------------------------------
 
@@ -67,6 +68,8 @@ class Coordinator:
                   node: str | None = None, run_id: str | None = None) -> None:
         with self._lock:
             if self.membership.heartbeat(attempt, rank, world_size, step, metrics, self.clock(), node) and run_id:
+                if run_id != self.run_id:  # first heard of this run (or this coordinator restarted)
+                    self._inbox.put(("adopt", (), None))
                 self.run_id = run_id
 
     def agent_heartbeat(self, node: str, status: dict[str, Any]) -> None:
@@ -76,10 +79,15 @@ class Coordinator:
     def saving(self, attempt: int, step: int, save_id: str, writers: list[str]) -> None:
         self._inbox.put(("saving", (step, save_id, tuple(writers), attempt), None))
 
+    def fragment_ready(self, attempt: int, step: int, save_id: str, writer: str) -> None:
+        """``writer``'s fragment of the save is durable (read and checked once, on arrival)."""
+        self._inbox.put(("fragment", (step, save_id, writer), None))
+
     def snapshot_report(self, attempt: int, rank: int, step: int, save_id: str, stall_s: float, nbytes: int,
                         error: str | None = None) -> None:
         self._inbox.put(("report", (rank, step, save_id, stall_s, nbytes), None))
         if error:
+            self._inbox.put(("writer_failed", (step, save_id, f"rank{rank:05d}", error), None))
             with self._lock:
                 self._note(ev.CHECKPOINT_FAILED, f"rank {rank}: checkpoint of step {step} failed: {error}",
                            step=step, rank=rank, error=error)
@@ -139,25 +147,43 @@ class Coordinator:
     def stop(self) -> None:
         self._stop.set()
 
+    def join(self) -> None:
+        for t in (self._thread, self._detector):
+            if t.is_alive():
+                t.join()
+
     # -- the background thread ----------------------------------------------------------------
 
     def _note(self, kind: str, message: str, **fields: Any) -> None:
         # callers hold self._lock (or run before the thread starts)
         self._events.append({"kind": kind, "message": message, "fields": fields, "at": self.clock()})
 
-    def _loop(self) -> None:
-        last_scan = self.clock()
+    def _commit_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.step_once(rescan=self.clock() - last_scan > self.rescan_s)
+                self.commit_round()
             except Exception:  # noqa: BLE001 - the coordinator keeps going; the next round retries
-                log.exception("coordinator round failed")
-            if self.clock() - last_scan > self.rescan_s:
-                last_scan = self.clock()
+                log.exception("coordinator commit round failed")
+            self._stop.wait(self.poll_s)
+
+    def _detect_loop(self) -> None:
+        # Its own thread: a long commit or retention never delays seeing a hang or a dead agent.
+        while not self._stop.is_set():
+            try:
+                self.detect_round()
+            except Exception:  # noqa: BLE001
+                log.exception("coordinator detection round failed")
             self._stop.wait(self.poll_s)
 
     def step_once(self, *, rescan: bool = False) -> None:
-        """One round: apply what workers reported, commit what is complete, detect failures."""
+        """One round of both threads' work (for a coordinator built with ``start=False``)."""
+        self.commit_round(rescan=rescan)
+        self.detect_round()
+
+    def commit_round(self, *, rescan: bool = False) -> None:
+        """Apply what workers reported (a save began, a fragment is durable: read once, now),
+        commit the saves that are complete, run retention. No storage is read per round
+        unless a save went quiet (see ``CheckpointRegistry``)."""
         while True:
             try:
                 op, args, fut = self._inbox.get_nowait()
@@ -166,8 +192,14 @@ class Coordinator:
             try:
                 if op == "saving":
                     self.registry.saving(*args)
+                elif op == "fragment":
+                    self.registry.fragment_ready(*args)
+                elif op == "writer_failed":
+                    self.registry.writer_failed(*args)
                 elif op == "report":
                     self.registry.snapshot_report(*args)
+                elif op == "adopt":
+                    rescan = True
                 elif op == "settle":
                     with self._lock:
                         run_id, world = self.run_id, self.membership.world_size
@@ -185,22 +217,24 @@ class Coordinator:
                     fut.set_exception(e)
                 else:
                     raise
-        if rescan:
+        if rescan:  # this coordinator restarted: adopt the saves in flight of the current run
             with self._lock:
                 run_id, world = self.run_id, self.membership.world_size
             self.registry.rebuild(run_id, world)
         self._record(self.registry.poll())
+
+    def detect_round(self) -> None:
         now = self.clock()
         with self._lock:
             for f in self.membership.check(now):
                 self._failure(f)
+            failures = self.registry.consecutive_failures
             limit = self.membership.config.storage_failure_limit
-            if self.registry.consecutive_failures >= limit and not self._storage_reported:
+            if failures >= limit and not self._storage_reported:
                 self._storage_reported = True
-                self._failure(Failure(STORAGE, self.membership.attempt,
-                                      f"{self.registry.consecutive_failures} checkpoints in a row failed", now,
+                self._failure(Failure(STORAGE, self.membership.attempt, f"{failures} checkpoints in a row failed", now,
                                       last_step=self.membership.last_step))
-            elif self.registry.consecutive_failures == 0:
+            elif failures == 0:
                 self._storage_reported = False
 
     def _failure(self, f: Failure) -> None:

@@ -104,6 +104,9 @@ class Reporter:
     def saving(self, step: int, save_id: str, writers: Sequence[str]) -> None:
         self._send("saving", self.attempt, step, save_id, list(writers))
 
+    def fragment_ready(self, step: int, save_id: str, writer: str) -> None:
+        self._send("fragment_ready", self.attempt, step, save_id, writer)
+
     def snapshot(self, step: int, save_id: str, stall_s: float, nbytes: int, error: str | None) -> None:
         self._send("snapshot_report", self.attempt, self.rank, step, save_id, stall_s, nbytes, error)
 
@@ -132,6 +135,13 @@ class RecoveryCheckpointer(ckpt.Checkpointer):
         save_id = ckpt_save_id(self.run_id, step)
         if self.group.rank == 0:
             self.reporter.saving(step, save_id, self.writers)
+
+        def persisted(fut: Any) -> None:  # the coordinator reads this writer's fragment now, once
+            if fut.exception() is None:
+                self.reporter.fragment_ready(step, save_id, self.writer)
+
+        handle.persisted.add_done_callback(persisted)
+
         def done(fut: Any) -> None:
             err = fut.exception()
             self.reporter.snapshot(step, save_id, handle.stall_s + handle.hook_stall_s, handle.nbytes,

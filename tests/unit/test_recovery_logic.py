@@ -20,7 +20,7 @@ from recovery.detect import AGENT_DIED, HANG, STORAGE, WORKER_DIED, Failure, Mem
 from recovery.events import EventLog
 from recovery.policies import resolve_policy
 from recovery.policy import CONTINUED, RESTARTED, RecoveryOutcome, RecoveryPolicy, ReloadPolicy
-from recovery.registry import CheckpointRegistry
+from recovery.registry import CheckpointRegistry, PollResult
 from recovery.restore import RestorePoint
 
 
@@ -90,10 +90,15 @@ def test_failure_kinds_are_checked():
 # -- registry ---------------------------------------------------------------------------------------
 
 
-def _persist(storage, step, writer, save_id, world=2, rank=0):
+def _persist(storage, step, writer, save_id, world=2, rank=0, announce=None):
+    """A writer's part of a save, then (``announce``: the registry or a coordinator) its announcement."""
     state = {"w": ckpt.Sharded(torch.full((4,), float(rank + step)), dim=0, rank=rank, world=world)}
     plan = ckpt.plan_save(state, rank=rank, world=world)
     ckpt.write_plan(storage, plan, step=step, writer=writer, save_id=save_id)
+    if isinstance(announce, CheckpointRegistry):
+        announce.fragment_ready(step, save_id, writer)
+    elif announce is not None:
+        announce.fragment_ready(0, step, save_id, writer)
 
 
 def test_registry_commits_when_every_fragment_is_in_and_runs_retention(tmp_path):
@@ -102,9 +107,9 @@ def test_registry_commits_when_every_fragment_is_in_and_runs_retention(tmp_path)
     writers = [fmt.writer_name(0), fmt.writer_name(1)]
     for step in (0, 5, 10):
         reg.saving(step, f"run-{step}", writers, attempt=0)
-        _persist(st, step, writers[0], f"run-{step}", rank=0)
+        _persist(st, step, writers[0], f"run-{step}", rank=0, announce=reg)
         assert reg.poll().committed == ()  # one writer is missing
-        _persist(st, step, writers[1], f"run-{step}", rank=1)
+        _persist(st, step, writers[1], f"run-{step}", rank=1, announce=reg)
         result = reg.poll()
         assert [r.step for r in result.committed] == [step]
     assert fmt.committed_steps(st) == [5, 10] == reg.committed
@@ -120,9 +125,10 @@ def test_registry_counts_failed_saves_and_ignores_stale_fragments(tmp_path):
     writers = [fmt.writer_name(0), fmt.writer_name(1)]
     reg.saving(3, "new-3", writers, attempt=1)
     _persist(st, 3, writers[0], "old-3", rank=0)  # a stale attempt's fragment does not count
-    _persist(st, 3, writers[1], "new-3", rank=1)
+    _persist(st, 3, writers[1], "new-3", rank=1, announce=reg)
     assert reg.poll().committed == ()
     st.write_atomic(failed_marker(3, writers[0]), json.dumps({"save_id": "new-3", "error": "disk full"}).encode())
+    reg.rescan(3)  # what the registry does for a save that went quiet: finds the failure marker
     result = reg.poll()
     assert [r.step for r in result.failed] == [3] and "disk full" in result.failed[0].failed
     assert reg.consecutive_failures == 1 and fmt.committed_steps(st) == []
@@ -154,7 +160,7 @@ def test_coordinator_rounds_commit_detect_and_survive_a_restart(tmp_path):
         c.heartbeat(0, rank, 2, 0, {"loss": 2.0, "grad_norm": 1.0}, node="n", run_id="rid")
     c.saving(0, 0, "rid-0", writers)
     for rank in (0, 1):
-        _persist(st, 0, writers[rank], "rid-0", rank=rank)
+        _persist(st, 0, writers[rank], "rid-0", rank=rank, announce=c)
     c.step_once()
     snap = c.poll(0, attempt=0)
     assert [n["fields"].get("step") for n in snap["notes"] if n["kind"] == "checkpoint"] == [0]
@@ -162,7 +168,7 @@ def test_coordinator_rounds_commit_detect_and_survive_a_restart(tmp_path):
     c._thread.start()
     assert c.checkpoints()[0]["stall_s"] == pytest.approx(0.012)
     c.stop()
-    c._thread.join()
+    c.join()
 
     # A save in flight when the coordinator dies: the next one finds it from storage + heartbeats.
     _persist(st, 5, writers[0], "rid-5", rank=0)
@@ -179,6 +185,7 @@ def test_coordinator_rounds_commit_detect_and_survive_a_restart(tmp_path):
     for step in (10, 15):
         c2.saving(0, step, f"rid-{step}", writers)
         st.write_atomic(failed_marker(step, writers[0]), json.dumps({"save_id": f"rid-{step}", "error": "EIO"}).encode())
+        c2.snapshot_report(0, 0, step, f"rid-{step}", 0.0, 0, error="EIO")  # what the failing worker reports
     c2.step_once()
     c2.step_once()
     kinds = [n["fields"]["failure"]["kind"] for n in c2.poll(0)["notes"] if n["kind"] == "failure"]
@@ -385,3 +392,76 @@ def test_a_rank_that_never_reported_is_the_culprit():
         m.heartbeat(1, r, 4, 0, {}, now=1)
     (f,) = m.check(now=21)
     assert f.culprits == (2,) and set(f.ranks) == {0, 1, 2, 3}
+
+
+# -- incremental commit ------------------------------------------------------------------------------
+
+
+def test_fragments_in_any_order_with_duplicates_commit_once_reading_each_once(tmp_path):
+    import random
+
+    st = ckpt.open_storage(str(tmp_path))
+    clock = Clock()
+    reg = CheckpointRegistry(st, clock=clock)
+    writers = [fmt.writer_name(r) for r in range(8)]
+    order = [*range(8), 3, 5, 0]
+    random.Random(1).shuffle(order)
+    reg.fragment_ready(7, "s-7", writers[order[0]])  # before rank 0's "saving" arrived: kept for later
+    for r in range(8):
+        _persist(st, 7, writers[r], "s-7", world=8, rank=r)
+    reg.saving(7, "s-7", writers, attempt=0)
+    committed = []
+    for r in order[1:]:
+        assert not committed or reg.poll().committed == ()  # committed once, never again
+        reg.fragment_ready(7, "s-7", writers[r])
+        committed += [c.step for c in reg.poll().committed]
+    assert committed == [7] and fmt.committed_steps(st) == [7]
+    assert reg.fragment_reads == 8
+    assert reg.saves[7].to_dict()["commit_latency_s"] is not None
+    reg.fragment_ready(7, "s-7", writers[2])  # a late duplicate of a committed save: nothing happens
+    assert reg.poll() == PollResult() and reg.fragment_reads == 8
+
+
+def test_a_save_that_goes_quiet_is_looked_up_once_in_storage(tmp_path):
+    st = ckpt.open_storage(str(tmp_path))
+    clock = Clock()
+    reg = CheckpointRegistry(st, clock=clock, rescan_after_s=10)
+    writers = [fmt.writer_name(r) for r in range(2)]
+    reg.saving(2, "q-2", writers, attempt=0)
+    _persist(st, 2, writers[0], "q-2", rank=0, announce=reg)
+    _persist(st, 2, writers[1], "q-2", rank=1)  # its announcement was lost
+    assert reg.poll().committed == ()
+    clock.t += 11
+    assert [c.step for c in reg.poll().committed] == [2]
+
+
+def test_a_coordinator_restart_in_the_middle_of_a_save_commits_it_once(tmp_path):
+    st = ckpt.open_storage(str(tmp_path))
+    writers = [fmt.writer_name(r) for r in range(4)]
+    first = CheckpointRegistry(st)
+    first.saving(9, "run9-9", writers, attempt=0)
+    for r in range(2):
+        _persist(st, 9, writers[r], "run9-9", world=4, rank=r, announce=first)
+    assert first.poll().committed == ()
+    # the coordinator dies; a new one learns the run id from heartbeats and adopts the save
+    second = CheckpointRegistry(st)
+    assert second.rebuild("run9", 4) == [9]
+    assert second.fragment_reads == 2 and second.poll().committed == ()
+    for r in range(2, 4):
+        _persist(st, 9, writers[r], "run9-9", world=4, rank=r, announce=second)
+    assert [c.step for c in second.poll().committed] == [9]
+    assert second.fragment_reads == 4 and fmt.committed_steps(st) == [9]
+    assert CheckpointRegistry(st).rebuild("run9", 4) == []  # committed: nothing left to adopt
+
+
+def test_a_failed_writer_fails_the_save_without_a_commit(tmp_path):
+    st = ckpt.open_storage(str(tmp_path))
+    reg = CheckpointRegistry(st)
+    writers = [fmt.writer_name(r) for r in range(3)]
+    reg.saving(4, "f-4", writers, attempt=0)
+    _persist(st, 4, writers[0], "f-4", world=3, rank=0, announce=reg)
+    reg.writer_failed(4, "f-4", writers[1], "OSError: disk full")
+    result = reg.poll()
+    assert [r.step for r in result.failed] == [4] and "disk full" in result.failed[0].failed
+    _persist(st, 4, writers[2], "f-4", world=3, rank=2, announce=reg)
+    assert reg.poll().committed == () and fmt.committed_steps(st) == []
