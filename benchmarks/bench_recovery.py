@@ -267,7 +267,7 @@ def run_raytrain_kill(args: argparse.Namespace) -> dict[str, Any]:
                     mark("stalls", (json.loads(stalls.read_text()) if stalls.exists() else []) + [time.time() - t0])
 
     ncpu = os.cpu_count() or 2
-    ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=ncpu, include_dashboard=False, log_to_driver=False, configure_logging=False)
     t0 = time.perf_counter()
     try:
         TorchTrainer(

@@ -75,6 +75,8 @@ def run(train_fn: Callable[[TrainContext], Any], *, num_workers: int, storage: s
         if address is not None:
             init["address"] = address
         elif num_cpus is not None:
+            # num_cpus sizes a new local cluster: never attach to one that happens to run here
+            init.setdefault("address", "local")
             init["num_cpus"] = num_cpus
         ray.init(**init)
         started = True

@@ -33,7 +33,7 @@ FAST = {"heartbeat_interval_s": 0.1, "backoff_s": 0.0, "placement_timeout_s": 5.
 def cluster():
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, resources={"slot": 4}, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, resources={"slot": 4}, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     before = set(os.listdir("/dev/shm"))
     yield
