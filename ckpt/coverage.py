@@ -146,19 +146,31 @@ class CommitBuilder:
                 problems.append(f"writer {frag.writer} wrote chunks of undeclared array {path!r}")
                 continue
             grid = spec.grid_shape
+            ndim = len(grid)
             owners = self._owners[path]
+            added = 0
             for rec in records:
-                if len(rec.index) != len(grid) or any(not (0 <= i < g) for i, g in zip(rec.index, grid)):
-                    problems.append(f"{path!r}: chunk {list(rec.index)} outside the grid {list(grid)}")
+                index = rec.index
+                if len(index) != ndim:
+                    at = -1
+                elif ndim == 2:  # the common case, without a loop
+                    i, j = index
+                    at = i * grid[1] + j if 0 <= i < grid[0] and 0 <= j < grid[1] else -1
+                elif ndim == 1:
+                    at = index[0] if 0 <= index[0] < grid[0] else -1
+                else:
+                    at = linear_index(spec, index) if all(0 <= i < g for i, g in zip(index, grid)) else -1
+                if at < 0:
+                    problems.append(f"{path!r}: chunk {list(index)} outside the grid {list(grid)}")
                     continue
-                at = linear_index(spec, rec.index)
                 held = int(owners[at])
                 if held >= 0:
-                    problems.append(f"{path!r}: chunk {list(rec.index)} written by both {self.writers[held]} and "
+                    problems.append(f"{path!r}: chunk {list(index)} written by both {self.writers[held]} and "
                                     f"{frag.writer}")
                     continue
                 owners[at] = w
-                self._counts[path] += 1
+                added += 1
+            self._counts[path] += added
         return problems
 
     def finish(self) -> Outcome:

@@ -1,6 +1,6 @@
 """The checkpoint manifest and fragment records: the serialized contract of the format.
 
-This module imports nothing else of the package. Its ``to_dict`` forms are what lands in
+This module imports nothing else of the package but :mod:`ckpt.jsonfields`. Its ``to_dict`` forms are what lands in
 storage (inside the root group's ``zarr.json`` attributes and in ``.fragments/<writer>.json``);
 ``from_dict`` validates everything it reads, because it reads untrusted bytes.
 
@@ -25,6 +25,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .jsonfields import (  # noqa: F401 - ManifestError is part of this module's interface
+    ManifestError,
+    _float,
+    _int_tuple,
+    _nonnegative_ints,
+    _req,
+    _str_list,
+)
+
 FORMAT_NAME = "ckpt"
 FORMAT_VERSION = 3
 LAYOUTS = ("chunks", "packs", "shards")
@@ -32,45 +41,6 @@ LAYOUTS = ("chunks", "packs", "shards")
 MANIFEST_KEY = "ckpt"
 
 JSON = Any
-
-
-class ManifestError(ValueError):
-    """Raised by ``from_dict`` on malformed input; wrapped into ``FormatError`` by callers."""
-
-
-def _req(d: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if not isinstance(d, dict):
-        raise ManifestError(f"{where}: expected an object, got {type(d).__name__}")
-    if key not in d:
-        raise ManifestError(f"{where}: missing field {key!r}")
-    value = d[key]
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise ManifestError(f"{where}.{key}: expected {_kind_name(kind)}, got {type(value).__name__}")
-    return value
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    if isinstance(kind, tuple):
-        return " or ".join(k.__name__ for k in kind)
-    return kind.__name__
-
-
-def _int_tuple(value: Any, where: str, *, minimum: int = 0) -> tuple[int, ...]:
-    if not isinstance(value, list):
-        raise ManifestError(f"{where}: expected a list of integers")
-    out = []
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise ManifestError(f"{where}: expected integers >= {minimum}, got {v!r}")
-        out.append(v)
-    return tuple(out)
-
-
-def _float(value: Any, where: str) -> float:
-    try:
-        return float(value)
-    except OverflowError:  # an integer too large for a float: JSON allows it
-        raise ManifestError(f"{where}: number out of range") from None
 
 
 def check_tensor_path(path: str, where: str) -> str:
@@ -176,6 +146,12 @@ class ChunkRecord:
 
     @classmethod
     def from_list(cls, v: Any, where: str) -> ChunkRecord:
+        if type(v) is list and len(v) == 5:  # a pack's record, well-formed: the common case, checked fast
+            index, nbytes, crc, pack, offset = v
+            if (type(index) is list and type(nbytes) is int and type(crc) is int and type(pack) is int
+                    and type(offset) is int and nbytes >= 0 and 0 <= crc < 1 << 32 and pack >= 0 and offset >= 0
+                    and _nonnegative_ints(index)):
+                return cls(index=tuple(index), nbytes=nbytes, crc32c=crc, pack=pack, offset=offset)
         if not isinstance(v, list) or len(v) not in (3, 5):
             raise ManifestError(f"{where}: expected [index, nbytes, crc32c] or [index, nbytes, crc32c, pack, offset]")
         index = _int_tuple(v[0], f"{where}.index")
@@ -186,6 +162,10 @@ class ChunkRecord:
             raise ManifestError(f"{where}.crc32c: out of range")
         pack, offset = (v[3], v[4]) if len(v) == 5 else (None, None)
         return cls(index=index, nbytes=v[1], crc32c=v[2], pack=pack, offset=offset)
+
+
+# The array declarations of the fragment parsed last, as JSON and as specs (immutable, shared).
+_LAST_ARRAYS: tuple[list, dict[str, ArraySpec]] | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -226,10 +206,19 @@ class Fragment:
     def from_dict(cls, d: Any) -> Fragment:
         where = "fragment"
         version = check_version(d, where)
-        arrays = {}
-        for i, a in enumerate(_req(d, "arrays", list, where)):
-            spec = ArraySpec.from_dict(a, f"{where}.arrays[{i}]")
-            arrays[spec.path] = spec
+        raw = _req(d, "arrays", list, where)
+        global _LAST_ARRAYS
+        last = _LAST_ARRAYS
+        if last is not None and last[0] == raw:
+            # The same declarations as the fragment read before (every writer of an FSDP job
+            # declares the same arrays): compared as JSON, not parsed again.
+            arrays = dict(last[1])
+        else:
+            arrays = {}
+            for i, a in enumerate(raw):
+                spec = ArraySpec.from_dict(a, f"{where}.arrays[{i}]")
+                arrays[spec.path] = spec
+            _LAST_ARRAYS = (raw, dict(arrays))
         chunks = {}
         for p, cs in _req(d, "chunks", dict, where).items():
             if not isinstance(cs, list):
@@ -361,12 +350,6 @@ def _writers_from_json(v: Any, where: str) -> tuple[str, ...]:
     if not all(isinstance(w, str) for w in v):
         raise ManifestError(f"{where}: expected a list of strings")
     return tuple(v)
-
-
-def _str_list(v: Any, where: str) -> list[str]:
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise ManifestError(f"{where}: expected a list of strings")
-    return v
 
 
 def _runs_from_json(v: Any, where: str, writers: int) -> dict[str, tuple[tuple[int, int, int, int, int], ...]]:

@@ -31,6 +31,7 @@ CKPT_LAYERS: list[tuple[str, ...]] = [
     ("ckpt.format", "ckpt.chunks"),
     ("ckpt.state", "ckpt.layout", "ckpt.manifest", "ckpt.dtypes", "ckpt.hostpool", "ckpt.pinning", "ckpt.dist",
      "ckpt.version", "ckpt.zarr_compat"),
+    ("ckpt.jsonfields",),
     ("ckpt.storage", "ckpt.storage.*"),
     ("ckpt.errors",),
 ]

@@ -1,0 +1,58 @@
+"""Typed fields of the format's JSON documents, read from untrusted bytes: every helper raises
+:class:`ManifestError` with where the bad value sits. Imports nothing of the package."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ManifestError(ValueError):
+    """Raised by ``from_dict`` on malformed input; wrapped into ``FormatError`` by callers."""
+
+
+def _req(d: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ManifestError(f"{where}: expected an object, got {type(d).__name__}")
+    if key not in d:
+        raise ManifestError(f"{where}: missing field {key!r}")
+    value = d[key]
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ManifestError(f"{where}.{key}: expected {_kind_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return kind.__name__
+
+
+def _int_tuple(value: Any, where: str, *, minimum: int = 0) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise ManifestError(f"{where}: expected a list of integers")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise ManifestError(f"{where}: expected integers >= {minimum}, got {v!r}")
+        out.append(v)
+    return tuple(out)
+
+
+def _nonnegative_ints(values: list) -> bool:
+    if len(values) == 2:  # a chunk index of a matrix: the common case, without a generator
+        a, b = values
+        return type(a) is int and type(b) is int and a >= 0 and b >= 0
+    return all(type(v) is int and v >= 0 for v in values)
+
+
+def _float(value: Any, where: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer too large for a float: JSON allows it
+        raise ManifestError(f"{where}: number out of range") from None
+
+
+def _str_list(v: Any, where: str) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ManifestError(f"{where}: expected a list of strings")
+    return v
