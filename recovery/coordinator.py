@@ -76,6 +76,17 @@ class Coordinator:
         with self._lock:
             self.membership.agent_heartbeat(node, status, self.clock())
 
+    # What a node agent relays for the ranks of its node, batched: one call per node and interval
+    # instead of one per rank and event (the coordinator's load is O(nodes)).
+    _RELAYED = frozenset({"heartbeat", "saving", "fragment_ready", "snapshot_report", "restored"})
+
+    def relayed(self, node: str, status: dict[str, Any] | None, calls: list[tuple[str, tuple]]) -> None:
+        if status is not None:
+            self.agent_heartbeat(node, status)
+        for method, args in calls:
+            if method in self._RELAYED:
+                getattr(self, method)(*args)
+
     def saving(self, attempt: int, step: int, save_id: str, writers: list[str]) -> None:
         self._inbox.put(("saving", (step, save_id, tuple(writers), attempt), None))
 

@@ -51,7 +51,7 @@ class NodeAgent:
     """Plain class; :class:`AgentFleet` wraps it with ``ray.remote`` (threaded: ``wait_stopped``
     blocks while other calls are served)."""
 
-    def __init__(self, job_id: str, memory_bytes: int, coordinator: Any = None, heartbeat_s: float = 1.0,
+    def __init__(self, job_id: str, memory_bytes: int, coordinator: Any = None, relay_s: float = 0.25,
                  log_level: str = "WARNING", *, replicas: int = 0, token: str | None = None,
                  peer_dead_after_s: float = 3.0) -> None:
         from agent.config import LOOPBACK_HOSTS, AgentConfig
@@ -75,9 +75,12 @@ class NodeAgent:
         self.daemon = AgentDaemon(self.config)
         self.daemon.start()
         self.coordinator = coordinator
+        self._relay: list[tuple[str, tuple]] = []  # checkpoint events of this node's ranks
+        self._beats: dict[tuple, tuple] = {}  # (attempt, rank) -> its latest heartbeat's arguments
+        self._relay_lock = threading.Lock()
+        self._relay_s = relay_s
         self._stop = threading.Event()
-        self._beat = threading.Thread(target=self._heartbeats, args=(heartbeat_s,), name="agent-heartbeat",
-                                      daemon=True)
+        self._beat = threading.Thread(target=self._heartbeats, name="agent-relay", daemon=True)
         self._beat.start()
 
     @property
@@ -99,13 +102,38 @@ class NodeAgent:
         return {"used_bytes": st.used_bytes, "budget_bytes": st.budget_bytes, "snapshots": st.snapshots,
                 "sessions": st.sessions, "persist_queue": st.persist_queue, "state": st.state}
 
-    def _heartbeats(self, every_s: float) -> None:
-        while not self._stop.wait(every_s):
+    def relay(self, method: str, args: tuple) -> None:
+        """A call of one of this node's ranks to the coordinator, sent on with the others in the
+        next batch (a rank's heartbeats: only its latest)."""
+        with self._relay_lock:
+            if method == "heartbeat":
+                self._beats[(args[0], args[1])] = args
+            else:
+                self._relay.append((method, args))
+
+    # Checkpoint events wait at most this long for others of the node to join them.
+    EVENT_DELAY_S = 0.05
+
+    def _heartbeats(self) -> None:
+        """One call to the coordinator per relay interval with the latest heartbeat of each rank
+        and this agent's status; checkpoint events within EVENT_DELAY_S, with what else is due."""
+        last = 0.0
+        while not self._stop.wait(self.EVENT_DELAY_S):
             if self.coordinator is None:
                 continue
+            now = time.monotonic()
+            due = now - last >= self._relay_s
+            with self._relay_lock:
+                if not due and not self._relay:
+                    continue
+                calls = [("heartbeat", a) for a in self._beats.values()] + self._relay
+                self._beats, self._relay = {}, []
+            status = None
+            if due:
+                status, last = self.status(), now
             try:
-                self.coordinator.agent_heartbeat.remote(self.node, self.status())
-            except Exception:  # noqa: BLE001 - the coordinator may be restarting
+                self.coordinator.relayed.remote(self.node, status, calls)
+            except Exception:  # noqa: BLE001 - the coordinator may be restarting: these are lost
                 pass
 
     def wait_stopped(self) -> None:
@@ -149,6 +177,10 @@ class AgentFleet:
         self.watch: dict[Any, str] = {}  # wait_stopped ref -> node
         self._token = secrets.token_urlsafe(24)  # between this job's agents
 
+    def relay_for(self, node: str) -> Any:
+        """The agent actor of ``node`` (it relays its ranks' calls to the coordinator), or None."""
+        return self.agents.get(node)
+
     def address_for(self, node: str) -> str | None:
         """The address a worker on ``node`` gives its Checkpointer (None: persist in-process)."""
         return self.address.get(node) if self.config.agent == "actor" else self.config.agent
@@ -158,12 +190,17 @@ class AgentFleet:
         if self.config.agent != "actor":
             return
         remote = ray.remote(NodeAgent)
+        detect = self.config.detect
+        relay_s = detect.relay_interval(len(set(self.agents) | nodes))
+        if 3 * relay_s > min(detect.hang_timeout_s, detect.agent_timeout_s):
+            log.warning("node agents relay heartbeats every %.1f s: hang_timeout_s (%g) and agent_timeout_s (%g) "
+                        "should be at least three times that", relay_s, detect.hang_timeout_s, detect.agent_timeout_s)
         new = {}
         for node in nodes - set(self.agents):
             new[node] = remote.options(
                 name=agent_actor_name(self.coordinator_name, node), num_cpus=0, max_concurrency=8, max_restarts=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-            ).remote(self.job_id, self.config.agent_memory_bytes, self.coordinator,
+            ).remote(self.job_id, self.config.agent_memory_bytes, self.coordinator, relay_s,
                      replicas=self.config.agent_replicas, token=self._token)
         for node, actor in new.items():
             info = ray.get(actor.info.remote(), timeout=120)

@@ -64,7 +64,9 @@ class WorkerJob(DataParallelJob):
         here = self.placement.driver_node
         on_node = any(n["NodeID"] == here and n.get("Alive") for n in ray.nodes())
         self.coordinator = ray.remote(Coordinator).options(
+            # threaded: settle() and checkpoints() wait on the commit thread while heartbeats go on
             name=self.coordinator_name, num_cpus=0, max_restarts=cfg.coordinator_max_restarts, max_task_retries=0,
+            max_concurrency=8,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False) if on_node else None,
         ).remote(cfg.storage, cfg.detect, keep_last=ck.keep_last, keep_every=ck.keep_every)
         self.fleet.coordinator = self.coordinator
@@ -162,7 +164,7 @@ class WorkerJob(DataParallelJob):
                           num_threads=max(1, math.floor(self.placement.bundle.get("CPU", 1) or 1)))
         self.run_refs = {}
         for rank, (w, node) in enumerate(zip(self.workers, nodes)):
-            spec = dataclasses.replace(base, node=node, agent=self.fleet.address_for(node))
+            spec = dataclasses.replace(base, node=node, agent=self.fleet.address_for(node), relay=self.fleet.relay_for(node))
             self.run_refs[w.run.remote(self.train_fn_ref, spec)] = rank
         self.returns = {}
         self.log(ev.WORKERS_STARTED, f"attempt {attempt}: {world_size} workers on {len(set(nodes))} node(s)"

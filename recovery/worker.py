@@ -40,6 +40,7 @@ class WorkerSpec:
     num_threads: int
     node: str | None = None
     agent: str | None = None  # the node agent's address; None: persist in-process
+    relay: Any = None  # the node agent's actor: it batches this node's calls to the coordinator
 
     def __post_init__(self) -> None:
         if self.backend not in ("gloo", "nccl"):
@@ -60,8 +61,9 @@ class Reporter:
     whose step stops increasing."""
 
     def __init__(self, coordinator: Any, attempt: int, rank: int, world_size: int, node: str | None,
-                 interval_s: float) -> None:
+                 interval_s: float, relay: Any = None) -> None:
         self.coordinator = coordinator
+        self.relay = relay
         self.attempt = attempt
         self.rank = rank
         self.world_size = world_size
@@ -80,7 +82,10 @@ class Reporter:
         if self.coordinator is None:
             return
         try:
-            getattr(self.coordinator, method).remote(*args)
+            if self.relay is not None:  # through this node's agent, batched with the node's other ranks
+                self.relay.relay.remote(method, args)
+            else:
+                getattr(self.coordinator, method).remote(*args)
         except Exception:  # noqa: BLE001 - never fail training over a lost heartbeat
             log.debug("coordinator call %s failed", method, exc_info=True)
 
@@ -225,7 +230,7 @@ class Worker:
                                 rank=self.rank, world_size=self.world_size,
                                 timeout=datetime.timedelta(seconds=spec.collective_timeout_s))
         reporter = Reporter(spec.coordinator, self.attempt, self.rank, self.world_size, spec.node,
-                            spec.heartbeat_interval_s)
+                            spec.heartbeat_interval_s, relay=spec.relay)
         ck = spec.checkpoint
         options = dict(ck.options)
         options.setdefault("commit_timeout_s", ck.commit_timeout_s)

@@ -465,3 +465,83 @@ def test_a_failed_writer_fails_the_save_without_a_commit(tmp_path):
     assert [r.step for r in result.failed] == [4] and "disk full" in result.failed[0].failed
     _persist(st, 4, writers[2], "f-4", world=3, rank=2, announce=reg)
     assert reg.poll().committed == () and fmt.committed_steps(st) == []
+
+
+# -- per-node relay --------------------------------------------------------------------------------
+
+
+def _relay_coordinator(clock: Clock) -> Coordinator:
+    return Coordinator("memory://relay-unit", DetectConfig(hang_timeout_s=10, startup_timeout_s=20,
+                                                           agent_timeout_s=5), clock=clock, start=False)
+
+
+def test_a_dead_rank_behind_a_live_agent_is_named_alone():
+    clock = Clock(0.0)
+    c = _relay_coordinator(clock)
+    c.begin_attempt(0, 16)
+    for t in range(1, 14):  # two nodes of 8 ranks, one relayed call per node and interval
+        clock.t = float(t)
+        for node in (0, 1):
+            beats = [("heartbeat", (0, node * 8 + k, 16, t if node * 8 + k != 11 or t < 2 else 1, {}, f"n{node}",
+                                    "run")) for k in range(8)]
+            c.relayed(f"n{node}", {"state": "ok"}, beats)
+        c.detect_round()
+    notes = [n for n in c.poll()["notes"] if n["kind"] == "failure"]
+    (note,) = notes
+    failure = note["fields"]["failure"]
+    assert failure["kind"] == HANG and failure["culprits"] == [11]  # rank 11 stopped at step 1; its agent did not
+
+
+def test_a_dead_agent_is_reported_while_its_ranks_heartbeats_stop_with_it():
+    clock = Clock(0.0)
+    c = _relay_coordinator(clock)
+    c.begin_attempt(0, 16)
+    for t in range(1, 10):
+        clock.t = float(t)
+        for node in (0, 1):
+            if node == 1 and t > 2:
+                continue  # node 1's agent died at t=2: nothing of its node comes any more
+            c.relayed(f"n{node}", {"state": "ok"}, [("heartbeat", (0, node * 8 + k, 16, t, {}, f"n{node}", "run"))
+                                                    for k in range(8)])
+        c.detect_round()
+    kinds = [(n["fields"]["failure"]["kind"], n["fields"]["failure"]["node"]) for n in c.poll()["notes"]
+             if n["kind"] == "failure"]
+    assert kinds == [(AGENT_DIED, "n1")]
+
+
+def test_relayed_checkpoint_events_reach_the_registry_and_unknown_methods_are_ignored(tmp_path):
+    clock = Clock()
+    c = Coordinator(str(tmp_path), DetectConfig(), clock=clock, start=False)
+    writers = [fmt.writer_name(r) for r in range(2)]
+    for r in range(2):
+        _persist(c.storage, 3, writers[r], "r-3", world=2, rank=r)
+    c.relayed("n0", None, [("saving", (0, 3, "r-3", writers)), ("begin_attempt", (5, 1)),
+                           ("fragment_ready", (0, 3, "r-3", writers[0]))])
+    c.relayed("n1", None, [("fragment_ready", (0, 3, "r-3", writers[1]))])
+    c.step_once()
+    assert c.registry.committed == [3] and c.membership.attempt != 5
+
+
+def test_a_fragment_checksum_is_checked_on_its_bytes_and_on_a_reserialized_copy(tmp_path):
+    st = ckpt.open_storage(str(tmp_path))
+    _persist(st, 1, fmt.writer_name(0), "s-1", world=1, rank=0)
+    path = fmt.fragment_path(1, fmt.writer_name(0))
+    data = st.read(path)
+    assert fmt._fragment_seal_matches(data, json.loads(data))
+    # Re-serialized with other spacing: the byte check declines, the canonical check accepts.
+    st.write_atomic(path, json.dumps(json.loads(data), indent=1).encode())
+    assert fmt.read_fragment(st, 1, fmt.writer_name(0)).save_id == "s-1"
+    # One digit changed that still parses: refused.
+    bad = data.replace(b'"save_id":"s-1"', b'"save_id":"s-2"')
+    st.write_atomic(path, bad)
+    with pytest.raises(ckpt.errors.FormatError, match="checksum"):
+        fmt.read_fragment(st, 1, fmt.writer_name(0))
+
+
+@pytest.mark.parametrize("record", [[[True, 0], 8, 1, 0, 0], [[1.0, 0], 8, 1, 0, 0], [[1, -1], 8, 1, 0, 0],
+                                    [[1, 0], 8, 1 << 32, 0, 0], [[1, 0], False, 1, 0, 0]])
+def test_chunk_records_that_are_not_plain_non_negative_integers_are_refused(record):
+    from ckpt.manifest import ChunkRecord, ManifestError
+
+    with pytest.raises(ManifestError):
+        ChunkRecord.from_list(record, "r")
