@@ -46,6 +46,8 @@ class Agent(Holding):
         self._stop = threading.Event()
         self._commit_pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="agent-commit")
         self._retention_lock = threading.Lock()  # one retention pass at a time: two would delete the same steps
+        self._commit_points: dict[tuple[str, int], tuple[str, bytes, str]] = {}
+        self._commit_locks: dict[tuple[str, int], threading.Lock] = {}
         # (run, step) -> saves being persisted or committed here. Kept apart from the snapshots:
         # a persisted snapshot may be evicted (a newer one committed) while its commit is still
         # in flight, and retention must not delete that step under the commit.
@@ -145,15 +147,41 @@ class Agent(Holding):
             if self._in_flight[key] <= 0:
                 del self._in_flight[key]
 
+    # The commit points this agent read lately, by (run, step): its node's writers of a step wait
+    # for one commit and read its commit point once, not once each.
+    COMMIT_POINTS_KEPT = 8
+
+    def _commit_point(self, storage: Storage, snap: Snapshot) -> tuple[bytes, str]:
+        """Commit (the committer) or wait for the commit of ``snap``'s save; its commit point's
+        bytes and document."""
+        cfg = snap.settings
+        key = (snap.run_url, snap.step)
+        with self._lock:
+            lock = self._commit_locks.setdefault(key, threading.Lock())
+        # A committer never waits behind a writer that waits for it.
+        with threading.Lock() if snap.committer else lock:
+            hit = self._commit_points.get(key)
+            if hit is not None and hit[0] == snap.save_id and not snap.committer:
+                return hit[1], hit[2]
+            manifest = complete(storage, snap.step, snap.save_id, snap.writers, committer=snap.committer,
+                                timeout_s=cfg.commit_timeout_s, poll_s=0.05, stop=self._stop,
+                                library_versions=dict(cfg.library_versions))
+            root = storage.read(f"{fmt.step_dir(snap.step)}/{fmt.META}")
+            document = json.dumps(manifest.to_dict())
+            with self._lock:
+                self._commit_points[key] = (snap.save_id, root, document)
+                while len(self._commit_points) > self.COMMIT_POINTS_KEPT:
+                    old = next(iter(self._commit_points))
+                    del self._commit_points[old]
+                    self._commit_locks.pop(old, None)
+            return root, document
+
     def _commit(self, snap: Snapshot) -> None:
         storage = self.storage(snap.run_url)
         cfg = snap.settings
         t0 = time.perf_counter()
         try:
-            manifest = complete(storage, snap.step, snap.save_id, snap.writers, committer=snap.committer,
-                                timeout_s=cfg.commit_timeout_s, poll_s=0.05, stop=self._stop,
-                                library_versions=dict(cfg.library_versions))
-            root = storage.read(f"{fmt.step_dir(snap.step)}/{fmt.META}")
+            root, document = self._commit_point(storage, snap)
         except BaseException as e:  # noqa: BLE001
             self._landed(snap)
             self.metrics.failures.labels("commit").inc()
@@ -163,7 +191,7 @@ class Agent(Holding):
             return
         self._landed(snap)  # committed: from here on retention judges the step by the rules
         self.metrics.commit_seconds.observe(time.perf_counter() - t0)
-        self._set_state(snap, SnapshotState.COMMITTED, commit_point=root, document=json.dumps(manifest.to_dict()))
+        self._set_state(snap, SnapshotState.COMMITTED, commit_point=root, document=document)
         if snap.committer and cfg.keep_last:
             # Steps of this run still being persisted or committed here are never retired:
             # commits run in parallel and may finish out of step order, so an incomplete step

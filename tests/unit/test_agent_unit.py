@@ -306,6 +306,34 @@ def test_retention_keeps_a_step_whose_commit_is_in_flight_after_its_snapshot_was
     assert dict(agent._in_flight) == {(run, 4): 1}
 
 
+def test_the_writers_of_a_step_on_one_node_read_its_commit_point_once(servicer, monkeypatch):
+    # Eight writers of a node wait for the same commit: one waits (and reads the commit point),
+    # the others take what it read; the committer never waits behind them.
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    import agent.daemon.core as core
+
+    _, agent = servicer
+    run, reads, waits = "file:///r", [], []
+    monkeypatch.setattr(core, "complete", lambda storage, step, save, writers, **kw: waits.append(kw["committer"])
+                        or SimpleNamespace(to_dict=lambda: {"step": step}))
+    monkeypatch.setattr(agent, "storage", lambda url: SimpleNamespace(read=lambda path: reads.append(path) or b"{}"))
+    settings = SimpleNamespace(keep_last=0, keep_every=0, commit_timeout_s=5, library_versions={})
+    states = []
+    monkeypatch.setattr(agent, "_set_state", lambda snap, state, **kw: states.append((snap.writer, state, kw)))
+    snaps = [SimpleNamespace(run_url=run, writer=f"rank{r:05d}", step=9, save_id="s9", committer=r == 0,
+                             writers=tuple(f"rank{i:05d}" for i in range(8)), settings=settings, replica=False)
+             for r in range(8)]
+    agent._in_flight.update({(run, 9): 8})
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(agent._commit, snaps[1:] + snaps[:1]))
+    assert waits.count(True) == 1 and waits.count(False) <= 1  # the committer, and at most one waiter
+    assert len(reads) == len(waits) <= 2
+    assert sorted(w for w, st, kw in states) == [s.writer for s in snaps]
+    assert all(st == ckpt.SnapshotState.COMMITTED and kw["commit_point"] == b"{}" for _, st, kw in states)
+
+
 def test_port_zero_is_advertised_as_bound_and_the_ring_changes_while_serving(tmp_path):
     from agent.daemon import AgentDaemon
 
