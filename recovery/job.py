@@ -101,8 +101,11 @@ class WorkerJob(DataParallelJob):
         cfg = self.config
         rows = self.fleet.settled_rows(cfg.settle_timeout_s)
         before = set(fmt.committed_steps(self.storage))
+        # Settling reads the fragments not announced yet (tens of ms each at thousands of arrays):
+        # its time grows with the writers.
+        settle_s = 60.0 + 0.05 * cfg.num_workers
         try:
-            ray.get(self.coordinator.settle.remote(), timeout=60)
+            ray.get(self.coordinator.settle.remote(settle_s), timeout=settle_s + 5)
         except (RayError, GetTimeoutError) as e:
             self.log(ev.COORDINATOR, f"coordinator unavailable while settling ({type(e).__name__}): restoring "
                      "from what is committed")
