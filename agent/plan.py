@@ -1,7 +1,8 @@
 """A save plan as it crosses the wire: JSON, with tensors named by byte offsets in a segment.
 
 The trainer's plan holds views of a slab (one shared-memory segment). ``encode_plan`` writes
-each distinct view as ``[offset, dtype, shape]`` and each chunk request against it;
+each distinct view as ``[offset, dtype, shape]`` and each chunk request against it
+(``encode_chunk_index``: the same cut down to what a restore reads, with each chunk's crc32c);
 ``decode_plan`` rebuilds a :class:`ckpt.SavePlan` whose tensors are views of the agent's own
 mapping of the segment, checking everything (the JSON comes from another process: every
 offset, dtype, shape and slice is validated against the segment; nothing is unpickled).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +39,7 @@ def dtype_of(name: Any) -> torch.dtype:
     return dt
 
 
-def encode_plan(plan: SavePlan, base: torch.Tensor) -> str:
-    """JSON of ``plan``; every request's tensor must be a contiguous view inside ``base``."""
+def _plan_doc(plan: SavePlan, base: torch.Tensor) -> dict[str, Any]:
     start, end = base.data_ptr(), base.data_ptr() + base.numel()
     tensors: list[list[Any]] = []
     index: dict[tuple, int] = {}
@@ -56,7 +57,7 @@ def encode_plan(plan: SavePlan, base: torch.Tensor) -> str:
             tensors.append([ptr - start, dtype_name(t.dtype), list(t.shape)])
         requests.append([r.path, list(r.index), index[key], [[s.start, s.stop] for s in r.slices],
                          list(r.chunk_shape)])
-    doc = {
+    return {
         "version": PLAN_VERSION,
         "arrays": [a.to_dict() for a in plan.arrays.values()],
         "metadata": [a.path for a in plan.metadata],
@@ -64,6 +65,23 @@ def encode_plan(plan: SavePlan, base: torch.Tensor) -> str:
         "tensors": tensors,
         "requests": requests,
     }
+
+
+def encode_plan(plan: SavePlan, base: torch.Tensor) -> str:
+    """JSON of ``plan``; every request's tensor must be a contiguous view inside ``base``."""
+    return json.dumps(_plan_doc(plan, base), separators=(",", ":"), allow_nan=False)
+
+
+def encode_chunk_index(plan: SavePlan, base: torch.Tensor,
+                       crcs: Mapping[tuple[str, tuple[int, ...]], int] | None = None) -> str:
+    """What a restore reads of a snapshot, and no more: ``plan`` cut down to its chunk requests
+    and the arrays they belong to (no values, no array this writer holds no chunk of: the
+    plan declares every array of the save, O(arrays), where a writer's chunks are
+    O(arrays / writers)), with the crc32c of each chunk where ``crcs`` has it (else null)."""
+    used = {r.path for r in plan.requests}
+    doc = _plan_doc(SavePlan({p: a for p, a in plan.arrays.items() if p in used}, plan.requests, [], {}), base)
+    crcs = crcs or {}
+    doc["crc32c"] = [crcs.get((r.path, tuple(r.index))) for r in plan.requests]
     return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
@@ -84,12 +102,31 @@ def _ints(v: Any, what: str, *, minimum: int = 0, max_len: int = _MAX_DIMS) -> l
     return v
 
 
-def decode_plan(text: str | bytes, buffer: torch.Tensor) -> DecodedPlan:
-    """Rebuild the plan against ``buffer`` (the uint8 mapping of the segment); raises PlanError."""
+def _load(text: str | bytes) -> Any:
     try:
-        doc = json.loads(text)
+        return json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise PlanError(f"plan is not valid JSON: {e}") from None
+
+
+def decode_plan(text: str | bytes, buffer: torch.Tensor) -> DecodedPlan:
+    """Rebuild the plan against ``buffer`` (the uint8 mapping of the segment); raises PlanError."""
+    return _decode(_load(text), buffer)
+
+
+def decode_chunk_index(text: str | bytes, buffer: torch.Tensor) -> tuple[DecodedPlan, list[int | None]]:
+    """A chunk index (:func:`encode_chunk_index`) against ``buffer``: its plan, checked as
+    :func:`decode_plan` checks one, and the crc32c of each request (None: not known)."""
+    doc = _load(text)
+    crcs = doc.get("crc32c") if isinstance(doc, dict) else None
+    decoded = _decode(doc, buffer)
+    if not isinstance(crcs, list) or len(crcs) != len(decoded.plan.requests) or any(
+            c is not None and (isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < 1 << 32) for c in crcs):
+        raise PlanError("chunk index: expected a crc32c (or null) per request")
+    return decoded, crcs
+
+
+def _decode(doc: Any, buffer: torch.Tensor) -> DecodedPlan:
     if not isinstance(doc, dict) or doc.get("version") != PLAN_VERSION:
         raise PlanError(f"plan: expected an object of version {PLAN_VERSION}")
     for key, kind in (("arrays", list), ("metadata", list), ("values", dict), ("tensors", list), ("requests", list)):
