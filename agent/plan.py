@@ -25,6 +25,7 @@ from ckpt.planning import WriteRequest
 from .errors import PlanError
 
 PLAN_VERSION = 1
+INDEX_VERSION = 1
 _MAX_DIMS = 32
 
 
@@ -74,14 +75,25 @@ def encode_plan(plan: SavePlan, base: torch.Tensor) -> str:
 
 def encode_chunk_index(plan: SavePlan, base: torch.Tensor,
                        crcs: Mapping[tuple[str, tuple[int, ...]], int] | None = None) -> str:
-    """What a restore reads of a snapshot, and no more: ``plan`` cut down to its chunk requests
-    and the arrays they belong to (no values, no array this writer holds no chunk of: the
-    plan declares every array of the save, O(arrays), where a writer's chunks are
-    O(arrays / writers)), with the crc32c of each chunk where ``crcs`` has it (else null)."""
-    used = {r.path for r in plan.requests}
-    doc = _plan_doc(SavePlan({p: a for p, a in plan.arrays.items() if p in used}, plan.requests, [], {}), base)
+    """What a restore reads of a snapshot, and no more (see :class:`ChunkIndex`): the chunks of
+    ``plan`` that lie whole and contiguous in ``base`` as ``[key, offset, nbytes, crc32c]``, the
+    others as a plan of only them and the arrays they belong to (no values, no array without a
+    chunk here: the plan declares every array of the save, O(arrays), where a writer's chunks are
+    O(arrays / writers)). A crc32c ``crcs`` does not have is null."""
     crcs = crcs or {}
-    doc["crc32c"] = [crcs.get((r.path, tuple(r.index))) for r in plan.requests]
+    start = base.data_ptr()
+    spans, others = [], []
+    for r in plan.requests:
+        region = r.tensor.detach()[r.slices]
+        if not r.ragged and region.is_contiguous() and region.device.type == "cpu":
+            spans.append([r.key, region.data_ptr() - start, region.numel() * region.element_size(),
+                          crcs.get((r.path, tuple(r.index)))])
+        else:
+            others.append(r)
+    used = {r.path for r in others}
+    rest = _plan_doc(SavePlan({p: a for p, a in plan.arrays.items() if p in used}, others, [], {}), base)
+    doc = {"version": INDEX_VERSION, "spans": spans, "plan": rest,
+           "crc32c": [crcs.get((r.path, tuple(r.index))) for r in others]}
     return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
@@ -114,16 +126,42 @@ def decode_plan(text: str | bytes, buffer: torch.Tensor) -> DecodedPlan:
     return _decode(_load(text), buffer)
 
 
-def decode_chunk_index(text: str | bytes, buffer: torch.Tensor) -> tuple[DecodedPlan, list[int | None]]:
-    """A chunk index (:func:`encode_chunk_index`) against ``buffer``: its plan, checked as
-    :func:`decode_plan` checks one, and the crc32c of each request (None: not known)."""
+@dataclass(frozen=True, slots=True)
+class ChunkIndex:
+    """A snapshot's chunks as a restore reads them: ``spans`` (storage key within the step,
+    offset and bytes in the segment, crc32c or None) for those stored whole and contiguously,
+    which a reader copies with one ``pread``; ``plan`` and ``crcs`` (per request) for the others
+    (a ragged edge chunk, a chunk strided in its tensor)."""
+
+    spans: list[tuple[str, int, int, int | None]]
+    plan: DecodedPlan
+    crcs: list[int | None]
+
+    def keys(self, step_prefix: str) -> list[str]:
+        return [f"{step_prefix}/{k}" for k, *_ in self.spans] + list(self.plan.chunk_requests(step_prefix))
+
+
+def _crc(c: Any) -> bool:
+    return c is None or (not isinstance(c, bool) and isinstance(c, int) and 0 <= c < 1 << 32)
+
+
+def decode_chunk_index(text: str | bytes, buffer: torch.Tensor) -> ChunkIndex:
+    """A chunk index (:func:`encode_chunk_index`) against ``buffer``: every span checked to lie in
+    it, the plan of the other chunks checked as :func:`decode_plan` checks one."""
     doc = _load(text)
-    crcs = doc.get("crc32c") if isinstance(doc, dict) else None
-    decoded = _decode(doc, buffer)
-    if not isinstance(crcs, list) or len(crcs) != len(decoded.plan.requests) or any(
-            c is not None and (isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < 1 << 32) for c in crcs):
-        raise PlanError("chunk index: expected a crc32c (or null) per request")
-    return decoded, crcs
+    if not isinstance(doc, dict) or doc.get("version") != INDEX_VERSION or not isinstance(doc.get("spans"), list):
+        raise PlanError(f"chunk index: expected an object of version {INDEX_VERSION} with spans")
+    size = buffer.numel()
+    spans = doc["spans"]
+    for i, sp in enumerate(spans):
+        if not (isinstance(sp, list) and len(sp) == 4 and isinstance(sp[0], str) and _crc(sp[3])
+                and all(type(x) is int for x in sp[1:3]) and sp[1] >= 0 and 0 < sp[2] <= size - sp[1]):
+            raise PlanError(f"chunk index: span {i} is not [key, offset, nbytes, crc32c] inside the {size}-byte segment")
+    plan = _decode(doc.get("plan"), buffer)
+    crcs = doc.get("crc32c")
+    if not isinstance(crcs, list) or len(crcs) != len(plan.plan.requests) or not all(_crc(c) for c in crcs):
+        raise PlanError("chunk index: expected a crc32c (or null) per request of its plan")
+    return ChunkIndex([tuple(sp) for sp in spans], plan, crcs)
 
 
 def _decode(doc: Any, buffer: torch.Tensor) -> DecodedPlan:

@@ -54,7 +54,7 @@ class SnapshotReads:
         kinds = documents_asked(request, DEFAULT_DOCUMENTS) if request.with_plans or request.documents else []
         limit = self.inline_limit if streamed or request.by_reference else None
         for s in self.agent.snapshots(request.run_url):
-            yield snapshot_info(s, kinds, limit=limit)
+            yield snapshot_info(s, kinds, limit=limit, storage=self.agent.storage)
 
     def answer(self, request: pb.ListSnapshotsRequest, infos: Sequence[pb.SnapshotInfo]) -> pb.ListSnapshotsResponse:
         resp = pb.ListSnapshotsResponse(snapshots=infos)
@@ -81,7 +81,7 @@ class SnapshotReads:
 
     def held_info(self, s: Snapshot, request: pb.GetSnapshotRequest | pb.FetchSnapshotRequest) -> pb.SnapshotInfo:
         return snapshot_info(s, documents_asked(request, DEFAULT_DOCUMENTS),
-                             limit=self.inline_limit if request.by_reference else None)
+                             limit=self.inline_limit if request.by_reference else None, storage=self.agent.storage)
 
     def find_save(self, key: pb.SnapshotKey, save_id: str) -> Snapshot:
         s = self.agent.find(*check_key(key))
@@ -102,7 +102,7 @@ class SnapshotReads:
         except AgentNotFoundError:  # evicted, or replaced by another save, since it was listed
             self.agent.metrics.restore_fallbacks.labels(DOCUMENT_UNAVAILABLE).inc()
             raise
-        data = held_document(snap, request.kind)
+        data = held_document(snap, request.kind, self.agent.storage)
         yield from pieces(request.kind, data, self.agent.config.stream_chunk_bytes)
 
     @stream_errors

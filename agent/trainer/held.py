@@ -1,6 +1,6 @@
 """What a snapshot the agent holds offers a restore, worked out from its listing: which chunks
-it holds and where in its segment (its chunk index, or an older agent's plan), their crc32c
-(from the index, else the writer's fragment), and whether storage committed its step from the
+it holds and where in its segment, with their crc32c (its chunk index; from an older agent,
+its plan and its writer's fragment), and whether storage committed its step from the
 very save it holds (storage's commit point, read and parsed once per step, is the truth; the
 agent's copy serves where storage has none). Documents left out of the listing by reference
 are read back only when needed, through ``document(info, kind)``.
@@ -21,7 +21,7 @@ from ckpt.storage import Storage
 
 from ..documents import inline_document
 from ..pb import pb
-from ..plan import DecodedPlan, decode_chunk_index, decode_plan
+from ..plan import ChunkIndex, decode_chunk_index, decode_plan
 
 log = logging.getLogger(__name__)
 
@@ -87,24 +87,25 @@ class HeldSnapshot:
             return None, f"{self.describe()} is from save {s.save_id}, but the step was committed from save {committed}"
         return data, ""
 
-    def requests(self, buffer: torch.Tensor) -> tuple[DecodedPlan, list[int | None]]:
-        """Its chunk requests as views of ``buffer`` (the mapped segment; a meta tensor for the
-        keys alone), with the crc32c the index knows (None where it does not)."""
+    def index(self, buffer: torch.Tensor) -> ChunkIndex:
+        """Its chunks, over ``buffer`` (the mapped segment; a meta tensor for the keys alone):
+        the agent's chunk index, or (an agent that serves none) its plan, with the crc32c from
+        the writer's fragment."""
         index = self._document(self.info, pb.DOCUMENT_KIND_CHUNK_INDEX)
         if index is not None:
             return decode_chunk_index(index, buffer)
-        plan = self._document(self.info, pb.DOCUMENT_KIND_PLAN)  # an agent that serves no chunk index
+        plan = self._document(self.info, pb.DOCUMENT_KIND_PLAN)
         if plan is None:
             raise ValueError("listed without its chunk index or its plan")
         decoded = decode_plan(plan, buffer)
-        return decoded, [None] * len(decoded.plan.requests)
+        return ChunkIndex([], decoded, [None] * len(decoded.plan.requests))
 
     def chunk_keys(self) -> list[str]:
         """The storage keys of its chunks (nothing mapped)."""
-        plan, _ = self.requests(torch.empty(self.info.nbytes, dtype=torch.uint8, device="meta"))
-        return list(plan.chunk_requests(fmt.step_dir(self.step)))
+        meta = torch.empty(self.info.nbytes, dtype=torch.uint8, device="meta")
+        return self.index(meta).keys(fmt.step_dir(self.step))
 
-    def crcs(self, storage: Storage) -> dict[tuple[str, tuple[int, ...]], int] | None:
+    def fragment_crcs(self, storage: Storage) -> dict[tuple[str, tuple[int, ...]], int] | None:
         """The crc32c of its writer's chunks from the fragment (the agent's copy, else storage's);
         None if that fragment is of another save."""
         s = self.info

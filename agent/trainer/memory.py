@@ -114,7 +114,8 @@ class AgentMemoryStorage(RestoreSource):
         self._commits = CommitPoints(inner)
         self._list_lock = threading.Lock()
         self._roots: dict[str, bytes] = {}
-        self._chunks: dict[str, tuple[WriteRequest, int, Tier]] = {}  # key -> (request, crc, tier serving it)
+        # key -> (bytes, crc32c, tier serving it, its request: None for a span, read with pread alone)
+        self._chunks: dict[str, tuple[int, int, Tier, WriteRequest | None]] = {}
         self._remote: dict[str, _Remote] = {}  # chunk key -> the peer-held snapshot serving it
         # path -> (segment fd, offset) of chunks stored contiguously in a segment: read with
         # pread, which copies in the kernel; a fresh mapping of the segment would take a page
@@ -226,22 +227,36 @@ class AgentMemoryStorage(RestoreSource):
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self._fds.append(fd)
         base = tensor.data_ptr()
-        plan, crcs = held.requests(tensor)
-        if any(c is None for c in crcs):  # an agent without the fragment (a replica), or without an index
-            known = held.crcs(self.inner)
+        index = held.index(tensor)
+        requests, crcs = index.plan.plan.requests, index.crcs
+        if not index.spans and any(c is None for c in crcs):  # an older agent's plan: the fragment's crc32c
+            known = held.fragment_crcs(self.inner)
             if known is None:
                 self._unusable(held, tier, f"{held.describe()}: its writer's fragment is of another save")
                 return
-            crcs = [known.get((r.path, tuple(r.index))) for r in plan.plan.requests]
-        for req, crc in zip(plan.plan.requests, crcs):
+            crcs = [known.get((r.path, tuple(r.index))) for r in requests]
+        missing = []
+        for rel, offset, nbytes, crc in index.spans:
+            key = f"{sdir}/{rel}"
             if crc is None:
+                missing.append(key)
                 continue
+            self._chunks[key] = (nbytes, crc, tier, None)
+            self._spans[key] = (fd, offset)
+            self._why.pop(key, None)
+        for req, crc in zip(requests, crcs):
             key = f"{sdir}/{req.key}"
-            self._chunks[key] = (req, crc, tier)
+            if crc is None:
+                missing.append(key)
+                continue
+            self._chunks[key] = (stored_nbytes(req.chunk_shape, req.tensor.element_size()), crc, tier, req)
             self._why.pop(key, None)
             region = req.tensor.detach()[req.slices]
             if not req.ragged and region.is_contiguous() and region.device.type == "cpu":
                 self._spans[key] = (fd, region.data_ptr() - base)
+        for key in missing:
+            self._why.setdefault(key, (tier, FallbackReason.UNUSABLE,
+                                       f"{held.describe()}: the agent knows no crc32c of some of its chunks"))
         self._roots[f"{sdir}/{fmt.META}"] = commit_point
 
     @property
@@ -276,8 +291,7 @@ class AgentMemoryStorage(RestoreSource):
         hit = self._chunks.get(key)
         if hit is None:
             return self._below(key, data, location)
-        req, crc, tier = hit
-        nbytes = stored_nbytes(req.chunk_shape, req.tensor.element_size())
+        nbytes, crc, tier, req = hit
         if nbytes != data.nbytes:
             self._why.setdefault(key, (tier, FallbackReason.UNUSABLE,
                                        f"chunk {key} is held as {nbytes} bytes, the restore reads {data.nbytes}"))
@@ -288,27 +302,43 @@ class AgentMemoryStorage(RestoreSource):
             if actual is not None:
                 self.count(nbytes, tier)
                 return ChunkRead(nbytes + CRC_BYTES, crc, actual)
+        if req is None:  # the segment is shorter than its index says
+            self._why.setdefault(key, (tier, FallbackReason.UNUSABLE, f"chunk {key} lies beyond its segment's end"))
+            return self._below(key, data, location)
         payload_bytes, _keep = _payload(req)
         # torch copies without the GIL, so the reader's threads copy in parallel.
         torch.frombuffer(data, dtype=torch.uint8).copy_(torch.frombuffer(payload_bytes, dtype=torch.uint8))
         self.count(nbytes, tier)
         return ChunkRead(nbytes + CRC_BYTES, crc, crc32c.crc32c(data))
 
+    def _held_bytes(self, path: str) -> bytes | None:
+        """A chunk held here as stored (data, then crc32c), or None."""
+        hit = self._chunks.get(path)
+        if hit is None:
+            return None
+        nbytes, crc, _tier, req = hit
+        span = self._spans.get(path)
+        if span is not None:
+            data = bytearray(nbytes)
+            if os.preadv(span[0], [data], span[1]) == nbytes:
+                return bytes(data) + crc.to_bytes(CRC_BYTES, "little")
+        if req is None:
+            return None
+        payload_bytes, _keep = _payload(req)
+        return bytes(payload_bytes) + crc.to_bytes(CRC_BYTES, "little")
+
     def read(self, path: str) -> bytes:
         if path in self._roots:
             return self._roots[path]
-        hit = self._chunks.get(path)
-        if hit is not None:
-            data, _keep = _payload(hit[0])
-            return bytes(data) + hit[1].to_bytes(CRC_BYTES, "little")
-        return self.inner.read(path)
+        held = self._held_bytes(path)
+        return held if held is not None else self.inner.read(path)
 
     def size(self, path: str) -> int | None:
         if path in self._roots:
             return len(self._roots[path])
         hit = self._chunks.get(path)
         if hit is not None:
-            return stored_nbytes(hit[0].chunk_shape, hit[0].tensor.element_size()) + CRC_BYTES
+            return hit[0] + CRC_BYTES
         return self.inner.size(path)
 
     def list_dir(self, path: str) -> list[str]:
