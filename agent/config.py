@@ -55,9 +55,12 @@ class AgentConfig:
     shm_mode: int = 0o600
     persist_workers: int = 2
     io_threads: int = 8  # per persist, when the trainer does not say
-    max_message_bytes: int = 16 << 20
-    stream_chunk_bytes: int = 4 << 20
-    max_plan_bytes: int = 64 << 20
+    max_message_bytes: int = 16 << 20  # one gRPC message, either way
+    stream_chunk_bytes: int = 4 << 20  # bytes of a snapshot, or of a document, per streamed message
+    # A document (plan, fragment, commit point, manifest, chunk index) up to this size travels
+    # inline; a larger one in pieces or by reference. Four fit in one message with room to spare.
+    inline_document_bytes: int = 1 << 20
+    max_plan_bytes: int = 64 << 20  # the largest plan accepted (it may span many messages)
     max_sessions: int = 256
     drain_timeout_s: float = 300.0
     # Peers: nothing listens on TCP unless peer_listen is set.
@@ -87,14 +90,15 @@ class AgentConfig:
         if len(os.fsencode(self.socket_path)) > 100:
             raise AgentConfigError(f"socket_path: {self.socket_path!r} is too long for a Unix socket (max ~100 bytes)")
         for name in ("memory_budget_bytes", "persist_workers", "io_threads", "max_message_bytes",
-                     "stream_chunk_bytes", "max_plan_bytes", "max_sessions"):
+                     "stream_chunk_bytes", "inline_document_bytes", "max_plan_bytes", "max_sessions"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise AgentConfigError(f"{name}: expected a positive integer, got {v!r}")
         if self.stream_chunk_bytes + 4096 > self.max_message_bytes:
             raise AgentConfigError("stream_chunk_bytes must be smaller than max_message_bytes (minus 4 KiB)")
-        if self.max_plan_bytes + 4096 > self.max_message_bytes:
-            object.__setattr__(self, "max_plan_bytes", self.max_message_bytes - 4096)
+        if 4 * self.inline_document_bytes + (64 << 10) > self.max_message_bytes:
+            raise AgentConfigError("inline_document_bytes must be at most a quarter of max_message_bytes (minus 64 KiB): "
+                                   "a snapshot's listing carries up to four documents inline")
         if not _PREFIX_RE.match(self.shm_prefix):
             raise AgentConfigError(f"shm_prefix: letters, digits and _ (<= 32), got {self.shm_prefix!r}")
         for name in ("socket_mode", "shm_mode"):

@@ -52,3 +52,12 @@ class AgentDrainingError(AgentUnavailableError):
 
 class PeerError(AgentError, ConnectionError):
     """A peer agent could not be reached or sent something unusable."""
+
+
+class DocumentError(AgentError, ValueError):
+    """A document sent in pieces that do not fit together (out of order, short, over the limit)."""
+
+
+class AnswerTooLargeError(AgentError, OverflowError):
+    """An answer that would not fit one gRPC message: stream it (StreamSnapshots) or ask for
+    its documents by reference."""

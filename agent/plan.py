@@ -1,7 +1,8 @@
 """A save plan as it crosses the wire: JSON, with tensors named by byte offsets in a segment.
 
 The trainer's plan holds views of a slab (one shared-memory segment). ``encode_plan`` writes
-each distinct view as ``[offset, dtype, shape]`` and each chunk request against it;
+each distinct view as ``[offset, dtype, shape]`` and each chunk request against it
+(``encode_chunk_index``: the same cut down to what a restore reads, with each chunk's crc32c);
 ``decode_plan`` rebuilds a :class:`ckpt.SavePlan` whose tensors are views of the agent's own
 mapping of the segment, checking everything (the JSON comes from another process: every
 offset, dtype, shape and slice is validated against the segment; nothing is unpickled).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,7 @@ from ckpt.planning import WriteRequest
 from .errors import PlanError
 
 PLAN_VERSION = 1
+INDEX_VERSION = 1
 _MAX_DIMS = 32
 
 
@@ -37,8 +40,7 @@ def dtype_of(name: Any) -> torch.dtype:
     return dt
 
 
-def encode_plan(plan: SavePlan, base: torch.Tensor) -> str:
-    """JSON of ``plan``; every request's tensor must be a contiguous view inside ``base``."""
+def _plan_doc(plan: SavePlan, base: torch.Tensor) -> dict[str, Any]:
     start, end = base.data_ptr(), base.data_ptr() + base.numel()
     tensors: list[list[Any]] = []
     index: dict[tuple, int] = {}
@@ -56,7 +58,7 @@ def encode_plan(plan: SavePlan, base: torch.Tensor) -> str:
             tensors.append([ptr - start, dtype_name(t.dtype), list(t.shape)])
         requests.append([r.path, list(r.index), index[key], [[s.start, s.stop] for s in r.slices],
                          list(r.chunk_shape)])
-    doc = {
+    return {
         "version": PLAN_VERSION,
         "arrays": [a.to_dict() for a in plan.arrays.values()],
         "metadata": [a.path for a in plan.metadata],
@@ -64,6 +66,34 @@ def encode_plan(plan: SavePlan, base: torch.Tensor) -> str:
         "tensors": tensors,
         "requests": requests,
     }
+
+
+def encode_plan(plan: SavePlan, base: torch.Tensor) -> str:
+    """JSON of ``plan``; every request's tensor must be a contiguous view inside ``base``."""
+    return json.dumps(_plan_doc(plan, base), separators=(",", ":"), allow_nan=False)
+
+
+def encode_chunk_index(plan: SavePlan, base: torch.Tensor,
+                       crcs: Mapping[tuple[str, tuple[int, ...]], int] | None = None) -> str:
+    """What a restore reads of a snapshot, and no more (see :class:`ChunkIndex`): the chunks of
+    ``plan`` that lie whole and contiguous in ``base`` as ``[key, offset, nbytes, crc32c]``, the
+    others as a plan of only them and the arrays they belong to (no values, no array without a
+    chunk here: the plan declares every array of the save, O(arrays), where a writer's chunks are
+    O(arrays / writers)). A crc32c ``crcs`` does not have is null."""
+    crcs = crcs or {}
+    start = base.data_ptr()
+    spans, others = [], []
+    for r in plan.requests:
+        region = r.tensor.detach()[r.slices]
+        if not r.ragged and region.is_contiguous() and region.device.type == "cpu":
+            spans.append([r.key, region.data_ptr() - start, region.numel() * region.element_size(),
+                          crcs.get((r.path, tuple(r.index)))])
+        else:
+            others.append(r)
+    used = {r.path for r in others}
+    rest = _plan_doc(SavePlan({p: a for p, a in plan.arrays.items() if p in used}, others, [], {}), base)
+    doc = {"version": INDEX_VERSION, "spans": spans, "plan": rest,
+           "crc32c": [crcs.get((r.path, tuple(r.index))) for r in others]}
     return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
@@ -84,12 +114,57 @@ def _ints(v: Any, what: str, *, minimum: int = 0, max_len: int = _MAX_DIMS) -> l
     return v
 
 
-def decode_plan(text: str | bytes, buffer: torch.Tensor) -> DecodedPlan:
-    """Rebuild the plan against ``buffer`` (the uint8 mapping of the segment); raises PlanError."""
+def _load(text: str | bytes) -> Any:
     try:
-        doc = json.loads(text)
+        return json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise PlanError(f"plan is not valid JSON: {e}") from None
+
+
+def decode_plan(text: str | bytes, buffer: torch.Tensor) -> DecodedPlan:
+    """Rebuild the plan against ``buffer`` (the uint8 mapping of the segment); raises PlanError."""
+    return _decode(_load(text), buffer)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkIndex:
+    """A snapshot's chunks as a restore reads them: ``spans`` (storage key within the step,
+    offset and bytes in the segment, crc32c or None) for those stored whole and contiguously,
+    which a reader copies with one ``pread``; ``plan`` and ``crcs`` (per request) for the others
+    (a ragged edge chunk, a chunk strided in its tensor)."""
+
+    spans: list[tuple[str, int, int, int | None]]
+    plan: DecodedPlan
+    crcs: list[int | None]
+
+    def keys(self, step_prefix: str) -> list[str]:
+        return [f"{step_prefix}/{k}" for k, *_ in self.spans] + list(self.plan.chunk_requests(step_prefix))
+
+
+def _crc(c: Any) -> bool:
+    return c is None or (not isinstance(c, bool) and isinstance(c, int) and 0 <= c < 1 << 32)
+
+
+def decode_chunk_index(text: str | bytes, buffer: torch.Tensor) -> ChunkIndex:
+    """A chunk index (:func:`encode_chunk_index`) against ``buffer``: every span checked to lie in
+    it, the plan of the other chunks checked as :func:`decode_plan` checks one."""
+    doc = _load(text)
+    if not isinstance(doc, dict) or doc.get("version") != INDEX_VERSION or not isinstance(doc.get("spans"), list):
+        raise PlanError(f"chunk index: expected an object of version {INDEX_VERSION} with spans")
+    size = buffer.numel()
+    spans = doc["spans"]
+    for i, sp in enumerate(spans):
+        if not (isinstance(sp, list) and len(sp) == 4 and isinstance(sp[0], str) and _crc(sp[3])
+                and all(type(x) is int for x in sp[1:3]) and sp[1] >= 0 and 0 < sp[2] <= size - sp[1]):
+            raise PlanError(f"chunk index: span {i} is not [key, offset, nbytes, crc32c] inside the {size}-byte segment")
+    plan = _decode(doc.get("plan"), buffer)
+    crcs = doc.get("crc32c")
+    if not isinstance(crcs, list) or len(crcs) != len(plan.plan.requests) or not all(_crc(c) for c in crcs):
+        raise PlanError("chunk index: expected a crc32c (or null) per request of its plan")
+    return ChunkIndex([tuple(sp) for sp in spans], plan, crcs)
+
+
+def _decode(doc: Any, buffer: torch.Tensor) -> DecodedPlan:
     if not isinstance(doc, dict) or doc.get("version") != PLAN_VERSION:
         raise PlanError(f"plan: expected an object of version {PLAN_VERSION}")
     for key, kind in (("arrays", list), ("metadata", list), ("values", dict), ("tensors", list), ("requests", list)):

@@ -22,6 +22,7 @@ from .errors import (
     AgentNotFoundError,
     AgentStateError,
     AgentUnavailableError,
+    AnswerTooLargeError,
     PeerError,
     SnapshotExistsError,
 )
@@ -43,6 +44,7 @@ _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AgentUnavailableError, grpc.StatusCode.UNAVAILABLE),  # draining
     (PeerError, grpc.StatusCode.UNAVAILABLE),
     (AgentBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (AnswerTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # PlanError, InvalidRequestError, a malformed field
 )
 

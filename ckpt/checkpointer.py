@@ -47,7 +47,7 @@ from .hostpool import HostBufferPool
 from .io import load_step
 from .manifest import Manifest
 from .plan import SavePlan, TensorItem
-from .restore import RestoreSource
+from .restore import RestoreReport, RestoreSource, restore_report
 from .retention import RetentionPolicy, run_gc
 from .sink import InProcessSink, PersistJob, Sink, SinkConfig, open_sink
 from .staging import StageJob, Stager
@@ -103,6 +103,7 @@ class Checkpointer:
         self._warned_no_optimizer = False
         self._capture_lock = threading.Lock()
         self._preparing: threading.Thread | None = None
+        self.last_restore: RestoreReport | None = None
 
     # -- the four verbs ---------------------------------------------------------------------
 
@@ -111,30 +112,29 @@ class Checkpointer:
         current layout. Returns the step to resume from (the saved step + 1), or ``None`` when
         the run has no committed checkpoint (and then changes nothing). ``strict=False``
         skips entries found on one side only (a model restored without its optimizer, say);
-        shape and dtype mismatches are errors always."""
+        shape and dtype mismatches are errors always. ``last_restore`` then says what each tier
+        served and which fell back, and why."""
+        t0 = time.perf_counter()
         storage = self._restore_source()
         chosen: Any = step
         if step is None:
-            chosen = None
-            if self.group.rank == 0:
-                steps = fmt.committed_steps(storage)
-                chosen = steps[-1] if steps else None
-            chosen = self.group.broadcast(chosen)
+            steps = fmt.committed_steps(storage) if self.group.rank == 0 else None
+            chosen = self.group.broadcast(steps[-1] if steps else None)
         if chosen is None:
             log.info("no committed checkpoint in %s: starting from scratch", self.storage.url)
+            self.last_restore = restore_report(storage, None, time.perf_counter() - t0)
             return None
         expanded = expand(state)  # after the check: building optimizer state has side effects
-        t0 = time.perf_counter()
         load_step(storage, expanded.tree, int(chosen), rank=self.group.rank, writer=self.writer, strict=strict,
                   allow_pickle=self.config.allow_pickle, threads=storage.read_threads(chosen, self.config.io_threads))
         expanded.apply()
-        log.info("restored step %d from %s in %.2f s", chosen, self.storage.url, time.perf_counter() - t0)
+        self.last_restore = report = restore_report(storage, int(chosen), time.perf_counter() - t0)
+        log.info("restored step %d from %s in %.2f s", chosen, self.storage.url, report.seconds)
         self.prepare(state)  # the state is complete now: the first checkpoint's work, in the background
         return int(chosen) + 1
 
     def _restore_source(self) -> RestoreSource:
-        """Where ``restore`` reads from: the sink's tiers (a node agent's memory and peers), then
-        storage. The chain reports what each tier served (``RestoreSource.served``)."""
+        """Where ``restore`` reads from: the sink's tiers (a node agent's memory, peers), storage."""
         source = self.sink.restore_source(self.storage)
         self.last_restore_source = source
         return source

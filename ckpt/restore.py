@@ -5,7 +5,10 @@ commit points, fragments) that its tier holds, and hands every other read to the
 it, down to storage. Tiers, freshest first: the node agent's memory, a peer agent (replicas, or
 snapshots fetched over the ring), storage. The engine reads through whatever chain the sink
 gives it (``Sink.restore_source``) and reads back how many bytes each tier served, so that a
-restore that fell back is visible, never silent.
+restore that fell back is visible, never silent: a tier that could not serve what it was asked
+for (its service unreachable, its listing failed, a copy unusable, a fetch failed, nothing held)
+notes a :class:`Fallback` with the reason and the bytes then read from the tiers below, and the
+engine returns them in its :class:`RestoreReport` (``Checkpointer.last_restore``).
 
 Implementations: :class:`StorageSource` (the bottom: storage itself) here; the agent's memory
 and peer tiers in ``agent``. ``ckpt.testing.restore_source`` is their conformance suite.
@@ -14,12 +17,17 @@ and peer tiers in ``agent``. ``ckpt.testing.restore_source`` is their conformanc
 from __future__ import annotations
 
 import enum
+import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from . import chunks
 from .layouts import Location
 from .storage import Storage, StorageWrapper
+
+log = logging.getLogger(__name__)
 
 
 class Tier(str, enum.Enum):
@@ -31,13 +39,54 @@ class Tier(str, enum.Enum):
     STORAGE = "storage"
 
 
+class FallbackReason(str, enum.Enum):
+    """Why a tier did not serve reads it was asked for."""
+
+    UNREACHABLE = "unreachable"  # its service did not answer (the node agent is down)
+    LISTING_FAILED = "listing failed"  # it answered, but could not say what it holds
+    UNUSABLE = "unusable"  # a copy was held but could not be used (another save, its documents, its memory)
+    FETCH_FAILED = "fetch failed"  # a copy held elsewhere could not be brought here
+    NOT_HELD = "not held"  # no copy of what the restore read was held
+
+
+@dataclass(slots=True)
+class Fallback:
+    """A tier that sent reads below it, why, and what was read instead (chunk bytes per tier)."""
+
+    tier: Tier
+    reason: FallbackReason
+    detail: str  # the first cause seen, for people
+    chunks: int = 0  # chunks then read from the tiers below
+    read_instead: dict[Tier, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tier": self.tier.value, "reason": self.reason.value, "detail": self.detail, "chunks": self.chunks,
+                "bytes": {t.value: n for t, n in self.read_instead.items()}}
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreReport:
+    """One restore: the step loaded, its time, the chunk bytes each tier served, the fallbacks."""
+
+    step: int | None
+    seconds: float
+    served: dict[Tier, int]
+    fallbacks: tuple[Fallback, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "seconds": self.seconds, "bytes": {t.value: n for t, n in self.served.items()},
+                "fallbacks": [f.to_dict() for f in self.fallbacks]}
+
+
 class RestoreSource(StorageWrapper):
     """A tier of a restore over ``inner`` (the next tier, or storage).
 
     Order of calls in a restore: ``list_dir``/``read`` (steps, commit point, fragments), then
     ``read_threads`` once, then ``read_chunk`` from many threads at once. ``served_bytes``
     counts the chunk bytes this source served itself, ``served_by`` the same per tier (a memory
-    tier that also holds replicas counts those as ``Tier.PEER``); both thread-safe."""
+    tier that also holds replicas counts those as ``Tier.PEER``); ``fall_back`` notes why reads
+    went below and ``read_below`` what they cost; ``fallbacks`` gathers the chain's. All
+    thread-safe."""
 
     tier: Tier = Tier.STORAGE
 
@@ -47,6 +96,7 @@ class RestoreSource(StorageWrapper):
         self.served_chunks = 0
         self.served_by: dict[Tier, int] = {}
         self._count_lock = threading.Lock()
+        self._fallbacks: dict[tuple[Tier, FallbackReason], Fallback] = {}
 
     def read_chunk(self, key: str, data: memoryview, location: Where = None) -> chunks.ChunkRead:
         """Fill ``data`` with the bytes of the chunk whose logical (zarr) key is ``key``; in
@@ -67,6 +117,32 @@ class RestoreSource(StorageWrapper):
             self.served_bytes += nbytes
             self.served_chunks += 1
             self.served_by[tier] = self.served_by.get(tier, 0) + nbytes
+
+    def fall_back(self, tier: Tier, reason: FallbackReason, detail: str) -> Fallback:
+        """Note that ``tier`` sends reads below for ``reason`` (one record per tier and reason,
+        with the first detail)."""
+        with self._count_lock:
+            fb = self._fallbacks.get((tier, reason))
+            if fb is None:
+                fb = self._fallbacks[(tier, reason)] = Fallback(tier, reason, detail)
+                log.info("restore: the %s tier falls back (%s): %s", tier.value, reason.value, detail)
+            return fb
+
+    def read_below(self, fallback: Fallback, nbytes: int) -> None:
+        """A chunk of ``nbytes`` was read from the tiers below for ``fallback``'s reason."""
+        tier = self.inner.tier if isinstance(self.inner, RestoreSource) else Tier.STORAGE
+        with self._count_lock:
+            fallback.chunks += 1
+            fallback.read_instead[tier] = fallback.read_instead.get(tier, 0) + nbytes
+
+    def fallbacks(self) -> list[Fallback]:
+        """Every fallback of this chain, top tier first."""
+        out: list[Fallback] = []
+        for source in self.tiers():
+            with source._count_lock:
+                out.extend(Fallback(f.tier, f.reason, f.detail, f.chunks, dict(f.read_instead))
+                           for f in source._fallbacks.values())
+        return out
 
     def tiers(self) -> list[RestoreSource]:
         """This source and every source below it, top first."""
@@ -97,6 +173,19 @@ class StorageSource(RestoreSource):
 
 
 Where = Location | Callable[[], Location | None] | None
+
+
+def restore_report(source: Storage, step: int | None, seconds: float) -> RestoreReport:
+    """What a restore through ``source`` read from where, with its fallbacks (each logged as a
+    warning: a restore that fell back is never silent)."""
+    if not isinstance(source, RestoreSource):
+        return RestoreReport(step, seconds, {})
+    fallbacks = tuple(source.fallbacks())
+    for f in fallbacks:
+        instead = ", ".join(f"{n / 1e6:.1f} MB from {t.value}" for t, n in f.read_instead.items()) or "nothing"
+        log.warning("restore of step %s: the %s tier fell back (%s: %s); read instead: %s in %d chunk(s)",
+                    step, f.tier.value, f.reason.value, f.detail, instead, f.chunks)
+    return RestoreReport(step, seconds, source.served(), fallbacks)
 
 
 def read_chunk(storage: Storage, key: str, data: memoryview, location: Where = None) -> chunks.ChunkRead:

@@ -115,7 +115,8 @@ class DemoTrainer:
         ctx.checkpointer.wait()
         out: dict[str, Any] = {"rank": ctx.rank, "world_size": world, "attempt": ctx.attempt, "start": start,
                                "loss": loss, "restore_step": ctx.restore_step,
-                               "restored": ctx.checkpointer.last_restore}
+                               "restored": None if ctx.checkpointer.last_restore is None
+                               else ctx.checkpointer.last_restore.to_dict()}
         if self.return_state and ctx.rank == 0:
             out["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return out

@@ -22,6 +22,7 @@ FAILURE = "failure"
 STOPPING = "stopping"
 RESTORE_PLAN = "restore_plan"
 RESTORED = "restored"
+RESTORE_FALLBACK = "restore_fallback"  # a tier of a restore fell back (why, which ranks, what was read instead)
 RESUMED = "resumed"
 RESIZED = "resized"
 COORDINATOR = "coordinator"

@@ -29,7 +29,7 @@ from .job import WorkerJob
 from .policies import resolve_policy
 from .policy import CONTINUED, RESTARTED, JobKind, RecoveryPolicy
 from .restore import RestorePoint
-from .result import RecoveryRecord, RunResult
+from .result import RecoveryRecord, RunResult, describe_fallback, restore_fallbacks
 from .worker import TrainContext
 
 
@@ -106,6 +106,7 @@ class Supervisor:
         self._coordinator_down_since: float | None = None
         self._pending_restore: RecoveryRecord | None = None
         self._restore_reported: int | None = None  # the attempt whose restore was reported
+        self.fallbacks: list[dict[str, Any]] = []  # every attempt's restore fallbacks
         self._t0 = time.time()
 
     def log(self, kind: str, message: str, **fields: Any) -> None:
@@ -302,24 +303,19 @@ class Supervisor:
         return failure
 
     def _track_restore(self, snap: dict[str, Any]) -> None:
+        restores = snap["restores"]
+        if self._restore_reported != self.job.attempt and len(restores) >= self.job.world_size:
+            self._restore_reported = self.job.attempt
+            fallbacks = restore_fallbacks(restores, self.job.attempt)
+            self.fallbacks += fallbacks
+            for fb in fallbacks:
+                self.log(ev.RESTORE_FALLBACK, describe_fallback(fb), **fb)
+            rec = self._pending_restore
+            if rec is not None:
+                self._restored(rec, restores, fallbacks)
         rec = self._pending_restore
         if rec is None:
             return
-        restores = snap["restores"]
-        if self._restore_reported != self.job.attempt and len(restores) >= self.job.world_size:
-            by_tier: dict[str, int] = {}
-            for info in restores.values():
-                for tier, n in info["bytes"].items():
-                    by_tier[tier] = by_tier.get(tier, 0) + int(n)
-            rec.restore_bytes = by_tier
-            rec.restore_s = max(info["seconds"] for info in restores.values())
-            rec.restored_from = max(by_tier, key=by_tier.get) if any(by_tier.values()) else rec.expected_tier
-            steps = {info["step"] for info in restores.values()}
-            self._restore_reported = self.job.attempt
-            mb = ", ".join(f"{k}: {v / 1e6:.1f} MB" for k, v in by_tier.items() if v) or "nothing read"
-            self.log(ev.RESTORED, f"{len(restores)} workers restored step {sorted(steps, key=str)[-1]} in "
-                     f"{rec.restore_s:.2f} s (slowest rank) from {mb}", step=list(steps), seconds=rec.restore_s,
-                     bytes=by_tier)
         prog = snap["progress"]
         if prog.get("attempt") == self.job.attempt and prog.get("last_step") is not None:
             base = rec.restore_step if rec.restore_step is not None else -1
@@ -329,6 +325,22 @@ class Supervisor:
                          f"{rec.resumed_after_s:.1f} s after the failure was detected", step=prog["last_step"],
                          seconds=rec.resumed_after_s)
                 self._pending_restore = None
+
+    def _restored(self, rec: RecoveryRecord, restores: dict[int, dict[str, Any]],
+                  fallbacks: list[dict[str, Any]]) -> None:
+        by_tier: dict[str, int] = {}
+        for info in restores.values():
+            for tier, n in info["bytes"].items():
+                by_tier[tier] = by_tier.get(tier, 0) + int(n)
+        rec.restore_bytes = by_tier
+        rec.restore_s = max(info["seconds"] for info in restores.values())
+        rec.restored_from = max(by_tier, key=by_tier.get) if any(by_tier.values()) else rec.expected_tier
+        rec.fallbacks = fallbacks
+        steps = {info["step"] for info in restores.values()}
+        mb = ", ".join(f"{k}: {v / 1e6:.1f} MB" for k, v in by_tier.items() if v) or "nothing read"
+        self.log(ev.RESTORED, f"{len(restores)} workers restored step {max(steps, key=str)} in "
+                 f"{rec.restore_s:.2f} s (slowest rank) from {mb}", step=list(steps), seconds=rec.restore_s,
+                 bytes=by_tier, fallbacks=len(fallbacks))
 
     def _result(self) -> RunResult:
         job = self.job
@@ -340,7 +352,7 @@ class Supervisor:
         returns = [job.returns.get(r) for r in range(job.world_size)]
         return RunResult(returns, job.world_size, job.attempt + 1, self.config.storage, list(self.records),
                          [self.checkpoints[s] for s in sorted(self.checkpoints)], job.events.events,
-                         time.time() - self._t0)
+                         time.time() - self._t0, list(self.fallbacks))
 
     def shutdown(self) -> None:
         self.job.shutdown()

@@ -4,6 +4,7 @@ the committed checkpoints and the events (:class:`RunResult`)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ class RecoveryRecord:
     restored_from: str | None = None  # the tier that served most bytes
     restore_bytes: dict[str, int] = field(default_factory=dict)  # per tier
     restore_s: float | None = None  # the slowest rank's restore
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)  # see restore_fallbacks
     resumed_after_s: float | None = None  # detection -> first step of the new attempt
     steps_lost: int | None = None
 
@@ -47,6 +49,7 @@ class RunResult:
     checkpoints: list[dict[str, Any]]  # committed checkpoints: step, stall_s (slowest rank), bytes, ...
     events: list[Event]
     elapsed_s: float
+    restore_fallbacks: list[dict[str, Any]] = field(default_factory=list)  # of every attempt's restore
 
     def summary(self) -> str:
         """A few lines for people: checkpoints, stalls, failures and their recovery."""
@@ -70,6 +73,7 @@ class RunResult:
                 lines.append(f"  restored step {r.restore_step} from {src}{f' ({mb})' if mb else ''} in {rs}; "
                              f"workers {r.world_before} -> {r.world_after}; training resumed {resumed} after "
                              f"detection; steps lost: {r.steps_lost if r.steps_lost is not None else '?'}")
+                lines += [f"  {describe_fallback(fb)}" for fb in r.fallbacks]
             else:
                 lines.append(f"  {r.action}")
         lines.append(f"finished: {self.world_size} workers, {self.attempts} attempt(s), {self.elapsed_s:.1f} s")
@@ -80,3 +84,26 @@ def _ranges(steps: list[int]) -> str:
     if not steps:
         return "none"
     return ", ".join(str(s) for s in steps) if len(steps) <= 12 else f"{steps[0]} … {steps[-1]}"
+
+
+def restore_fallbacks(reports: Mapping[int, Mapping[str, Any]], attempt: int) -> list[dict[str, Any]]:
+    """The fallbacks the ranks' restore reports name (``ckpt.restore.Fallback.to_dict``), one per
+    tier and reason: the attempt, the ranks, the first detail, and the chunks and bytes (per
+    tier) then read instead, summed over the ranks."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for rank in sorted(reports):
+        for f in reports[rank].get("fallbacks") or ():
+            agg = out.setdefault((f["tier"], f["reason"]), {
+                "attempt": attempt, "tier": f["tier"], "reason": f["reason"], "detail": f["detail"], "ranks": [],
+                "chunks": 0, "bytes": {}})
+            agg["ranks"].append(rank)
+            agg["chunks"] += int(f.get("chunks", 0))
+            for tier, n in (f.get("bytes") or {}).items():
+                agg["bytes"][tier] = agg["bytes"].get(tier, 0) + int(n)
+    return list(out.values())
+
+
+def describe_fallback(fb: Mapping[str, Any]) -> str:
+    instead = ", ".join(f"{v / 1e6:.1f} MB from {k}" for k, v in fb["bytes"].items() if v) or "nothing"
+    return (f"{fb['tier']} fell back ({fb['reason']}) on rank(s) {_ranges(fb['ranks'])}: {fb['detail']}; "
+            f"read instead: {instead}")

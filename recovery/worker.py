@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,7 +130,6 @@ class RecoveryCheckpointer(ckpt.Checkpointer):
         super().__init__(url, commit_by="external", **options)
         self.reporter = reporter
         reporter.run_id = self.run_id
-        self.last_restore: dict[str, Any] | None = None
 
     def save(self, step: int, state: dict[str, Any], *, force: bool = False) -> ckpt.SnapshotHandle | None:
         handle = super().save(step, state, force=force)
@@ -156,15 +154,11 @@ class RecoveryCheckpointer(ckpt.Checkpointer):
         return handle
 
     def restore(self, state: dict[str, Any], *, step: int | None = None, strict: bool = True) -> int | None:
-        t0 = time.perf_counter()
-        self.last_restore_source = None
+        """``ckpt.Checkpointer.restore``, and its report (``last_restore``: step, seconds, bytes
+        per tier, fallbacks) to the coordinator."""
         resumed = super().restore(state, step=step, strict=strict)
-        seconds = time.perf_counter() - t0
-        source = self.last_restore_source
-        served = {} if source is None else {tier.value: n for tier, n in source.served().items()}
-        self.last_restore = {"step": None if resumed is None else resumed - 1, "seconds": seconds,
-                             "bytes": served}
-        self.reporter.restored(self.last_restore)
+        if self.last_restore is not None:
+            self.reporter.restored(self.last_restore.to_dict())
         return resumed
 
 

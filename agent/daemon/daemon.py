@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ..config import AgentConfig
+from ..documents import MAX_LISTED_SEGMENTS
 from ..errors import AgentConfigError
 from ..pb import pb, rpc
 from .core import Agent
@@ -144,11 +145,13 @@ class AgentDaemon:
 
     def status(self) -> pb.AgentStatus:
         a = self.agent
+        names = a.segments.names()
         return pb.AgentStatus(
             agent_id=self.config.agent_id, state=a.state, budget_bytes=self.config.memory_budget_bytes,
             used_bytes=a.used_bytes(), sessions=a.session_count(), snapshots=len(a.snapshots()),
             persist_queue=a.persist_queue_depth(), socket_path=self.config.socket_path,
-            peer_address=self.config.self_address or "", segments=a.segments.names())
+            peer_address=self.config.self_address or "", segments=names[:MAX_LISTED_SEGMENTS],
+            segments_total=len(names))
 
     def drain(self, timeout_s: float | None = None, *, shutdown: bool = False) -> bool:
         for h in self._health:

@@ -54,6 +54,9 @@ class Holding:
         self._sessions: dict[str, Session] = {}
         self._snapshots: dict[tuple[str, str, int], Snapshot] = {}
         self._orphans: dict[str, Segment] = {}  # segments of gone sessions, holding a snapshot
+        # Segments whose announce is being decoded (outside the lock): held like a snapshot's, so
+        # a trainer that goes away meanwhile does not take the memory from under its snapshot.
+        self._announcing: dict[str, Segment] = {}
         self.draining = False
         self.state = "serving"
 
@@ -165,7 +168,7 @@ class Holding:
             if sess is None:
                 return
             sess.alive = False
-            held = {s.segment.name for s in self._snapshots.values() if s.session is sess}
+            held = {s.segment.name for s in self._snapshots.values() if s.session is sess} | set(self._announcing)
             for name, seg in list(sess.segments.items()):
                 if name in held:
                     self._orphans[name] = seg
@@ -200,7 +203,7 @@ class Holding:
             seg = sess.segments.get(name)
             if seg is None:
                 raise AgentNotFoundError(f"segment {name!r} is not leased to this session")
-            if any(s.segment is seg for s in self._snapshots.values()):
+            if name in self._announcing or any(s.segment is seg for s in self._snapshots.values()):
                 # The trainer's pool let go of it, but a snapshot lives in it: free on eviction.
                 del sess.segments[name]
                 self._orphans[name] = seg
@@ -227,9 +230,10 @@ class Holding:
             if seg is None:
                 raise AgentStateError(f"segment {segment!r} is not leased to this session: lease it, stage into "
                                       "it, then announce")
-            busy = [s for s in self._snapshots.values() if s.segment is seg]
-            if busy:
-                raise AgentStateError(f"segment {segment!r} still holds step {busy[0].step}: wait for its release")
+            busy = [s.step for s in self._snapshots.values() if s.segment is seg]
+            if busy or seg.name in self._announcing:
+                raise AgentStateError(f"segment {segment!r} still holds step {busy[0] if busy else step}: wait for "
+                                      "its release")
             if sess.writer not in writers:
                 raise PlanError(f"writer {sess.writer!r} is not among the save's writers")
             key = (sess.run_url, sess.writer, step)
@@ -244,12 +248,25 @@ class Holding:
                                       f"{sess.writer}: snapshots must be announced in step order")
             if old is not None:
                 self._evict(old)
-        plan = decode_plan(plan_json, seg.tensor)  # outside the lock: parsing may take a while
-        snap = Snapshot(sess.run_url, sess.writer, step, save_id, writers, committer, plan_json, plan, seg,
-                        sess.settings, session=sess, replicas_wanted=len(self.config.ring_successors()))
+            self._announcing[seg.name] = seg
+        try:
+            plan = decode_plan(plan_json, seg.tensor)  # outside the lock: parsing may take a while
+        except BaseException:
+            with self._lock:
+                del self._announcing[seg.name]
+                if self._orphans.pop(seg.name, None) is not None:  # its trainer went away meanwhile
+                    self.segments.destroy(seg)
+            raise
         with self._lock:
+            del self._announcing[seg.name]
             if self._snapshots.get(key) is not None:
+                if self._orphans.pop(seg.name, None) is not None:
+                    self.segments.destroy(seg)
                 raise SnapshotExistsError(f"step {step} of {sess.writer} is already held")
+            # A trainer that went away meanwhile left the segment to the agent (an orphan).
+            snap = Snapshot(sess.run_url, sess.writer, step, save_id, writers, committer, plan_json, plan, seg,
+                            sess.settings, session=sess if sess.alive and seg.name in sess.segments else None,
+                            replicas_wanted=len(self.config.ring_successors()))
             self._snapshots[key] = snap
             self._update_gauges()
         return snap

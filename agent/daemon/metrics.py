@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+# ckpt_agent_restore_fallbacks_total{reason}
+PEER_UNREACHABLE = "peer_unreachable"
+PEER_FETCH_FAILED = "peer_fetch_failed"
+PEER_DOCUMENT_FAILED = "peer_document_failed"
+DOCUMENT_UNAVAILABLE = "document_unavailable"
+ANSWER_TOO_LARGE = "answer_too_large"
+FALLBACK_REASONS = (PEER_UNREACHABLE, PEER_FETCH_FAILED, PEER_DOCUMENT_FAILED, DOCUMENT_UNAVAILABLE, ANSWER_TOO_LARGE)
+
 _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -34,8 +42,15 @@ class AgentMetrics:
         self.sessions = Gauge("ckpt_agent_sessions", "Connected trainer sessions", registry=r)
         self.takeovers = Counter("ckpt_agent_replica_takeovers",
                                  "Replicas persisted/committed here because their origin agent was lost", registry=r)
+        self.restore_fallbacks = Counter(
+            "ckpt_agent_restore_fallbacks",
+            "Reads for a restore this agent could not serve, by reason: a peer that did not list what it holds, "
+            "a fetch from a peer or a document read through a peer that failed, a document of a snapshot no "
+            "longer held, an answer refused as larger than a message", ["reason"], registry=r)
         for kind in ("persist", "commit", "replicate", "retention", "takeover"):
             self.failures.labels(kind)
+        for reason in FALLBACK_REASONS:
+            self.restore_fallbacks.labels(reason)
 
     def serve(self, hostport: str) -> tuple[object, int]:
         """Start the HTTP endpoint; returns (server, port)."""

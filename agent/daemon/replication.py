@@ -7,10 +7,11 @@ was the committer). Takeover is idempotent: a fragment or commit point already i
 the same save is kept, never rewritten.
 
 Restore from a peer: a trainer restarted on a node whose agent holds nothing of its run (a
-replacement node) asks its agent to list what the ring's other agents hold
-(``list_peer_snapshots``), and the snapshots it then reads are copied once into this agent's
-memory (``fetch``) and served from there, like a replica received the usual way. Only agents of
-the ring are ever dialled, with the ring's token; a trainer cannot point its agent elsewhere.
+replacement node) asks its agent to list what the ring's other agents hold (``peer_snapshots``,
+streamed; documents over the inline limit by reference, read through this agent with
+``peer_document``), and the snapshots it then reads are copied once into this agent's memory
+(``fetch``) and served from there, like a replica received the usual way. Only agents of the
+ring are ever dialled, with the ring's token; a trainer cannot point its agent elsewhere.
 """
 
 from __future__ import annotations
@@ -30,15 +31,27 @@ from ckpt import format as fmt
 from ckpt.manifest import MANIFEST_KEY
 
 from ..config import AgentConfig
-from ..errors import AgentNotFoundError, AgentStateError, InvalidRequestError, PeerError
+from ..documents import (
+    INFO_FIELDS,
+    MAX_DOCUMENT_BYTES,
+    assemble,
+    inline_document,
+    kind_name,
+    pieces,
+    set_document,
+    writers_from_wire,
+    writers_to_wire,
+)
+from ..errors import AgentError, AgentNotFoundError, AgentStateError, InvalidRequestError, PeerError
 from ..pb import pb, rpc
 from ..plan import decode_plan
 from ..wire import STATE_TO_PB
 from .core import Agent
+from .metrics import PEER_DOCUMENT_FAILED, PEER_FETCH_FAILED, PEER_UNREACHABLE
 from .segments import Segment
 from .snapshot import PersistSettings, Snapshot
 
-_LIST_TIMEOUT_S = 2.0  # a peer that does not answer a listing this fast is skipped (a lost node)
+_CONNECT_TIMEOUT_S = 2.0  # a peer not reachable this fast is skipped from a listing (a lost node)
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +94,18 @@ class Replicator:
 
     def _parts(self, snap: Snapshot, rank: int) -> Iterator[pb.ReplicaPart]:
         s = snap.settings
+        names, count = writers_to_wire(snap.writers)
+        in_pieces = len(snap.plan_json) > self.config.inline_document_bytes
         yield pb.ReplicaPart(header=pb.ReplicaHeader(
             key=pb.SnapshotKey(run_url=snap.run_url, writer=snap.writer, step=snap.step), save_id=snap.save_id,
-            writers=snap.writers, committer=snap.committer, plan_json=snap.plan_json, nbytes=snap.nbytes,
-            origin_agent=self.config.agent_id, origin_address=self.config.self_address or "",
+            writers=names, writer_count=count, committer=snap.committer,
+            plan_json="" if in_pieces else snap.plan_json, plan_bytes=len(snap.plan_json) if in_pieces else 0,
+            nbytes=snap.nbytes, origin_agent=self.config.agent_id, origin_address=self.config.self_address or "",
             retention=pb.Retention(keep_last=s.keep_last, keep_every=s.keep_every), durable=s.durable,
             commit_timeout_s=s.commit_timeout_s, library_versions=dict(s.library_versions), rank_in_ring=rank))
+        if in_pieces:
+            for piece in pieces(pb.DOCUMENT_KIND_PLAN, snap.plan_json, self.config.stream_chunk_bytes):
+                yield pb.ReplicaPart(plan=piece)
         buf = snap.segment.tensor
         step = self.config.stream_chunk_bytes
         for a in range(0, snap.nbytes, step):
@@ -159,40 +178,86 @@ class Replicator:
 
     # -- restore from a peer ----------------------------------------------------------------------
 
-    def list_peer_snapshots(self, run_url: str, held: set[tuple[str, str, int, str]]) -> list[pb.SnapshotInfo]:
-        """What the ring's other agents hold of ``run_url`` (plans included) that is not in
-        ``held`` (``(run, writer, step, save_id)`` of this agent's snapshots); one entry per
-        snapshot, from the first agent of the ring that lists it. Unreachable agents are skipped."""
+    def _ring_peer(self, peer: str) -> str:
+        if not peer or peer == self.config.self_address or peer not in self.config.peers:
+            raise InvalidRequestError(f"peer_address: {peer!r} is not another agent of this agent's ring")
+        return peer
+
+    def peer_snapshots(self, run_url: str, held: set[tuple[str, str, int, str]],
+                       kinds: list[int]) -> Iterator[pb.SnapshotInfo]:
+        """What the ring's other agents hold of ``run_url`` (with the documents ``kinds``, those
+        over the inline limit by reference) that is not in ``held`` (``(run, writer, step,
+        save_id)`` of this agent's snapshots); one entry per snapshot, from the first agent of the
+        ring that lists it. An agent that cannot be listed (not reachable within 2 s, or failing)
+        is one entry with only ``peer_address`` and ``error`` set, and counted."""
         me = self.config.self_address
         peers = [p for p in self.config.peers if p != me]
-        calls = [(p, rpc.PeerServiceStub(self.channel(p)).ListSnapshots.future(
-            pb.ListSnapshotsRequest(run_url=run_url, with_plans=True), metadata=self._auth,
-            timeout=_LIST_TIMEOUT_S)) for p in peers]
-        out: list[pb.SnapshotInfo] = []
+        ready = [(p, grpc.channel_ready_future(self.channel(p))) for p in peers]
+        deadline = time.monotonic() + _CONNECT_TIMEOUT_S
+        request = pb.ListSnapshotsRequest(run_url=run_url, with_plans=bool(kinds), documents=kinds, by_reference=True)
+        calls: list[tuple[str, object]] = []
+        for peer, fut in ready:
+            try:
+                fut.result(timeout=max(0.0, deadline - time.monotonic()))
+                calls.append((peer, rpc.PeerServiceStub(self.channel(peer)).StreamSnapshots(
+                    request, metadata=self._auth, timeout=self.config.peer_timeout_s)))
+            except grpc.FutureTimeoutError:
+                fut.cancel()
+                calls.append((peer, f"not reachable within {_CONNECT_TIMEOUT_S:.0f} s"))
         seen = set(held)
         for peer, call in calls:
             try:
-                resp = call.result()
-            except grpc.RpcError as e:
-                log.info("peer did not list its snapshots", extra={"fields": {"peer": peer, "code": str(e.code())}})
+                if isinstance(call, str):
+                    raise PeerError(call)
+                infos = list(call)
+            except (grpc.RpcError, PeerError) as e:
+                why = f"{e.code()}: {e.details()}" if isinstance(e, grpc.Call) else str(e)
+                self.agent.metrics.restore_fallbacks.labels(PEER_UNREACHABLE).inc()
+                log.warning("peer did not list its snapshots", extra={"fields": {"peer": peer, "error": why}})
+                yield pb.SnapshotInfo(peer_address=peer, error=f"peer agent {peer} did not list its snapshots: {why}")
                 continue
-            for info in resp.snapshots:
+            for info in infos:
                 k = (info.key.run_url, info.key.writer, info.key.step, info.save_id)
                 if info.state == pb.SNAPSHOT_STATE_FAILED or info.key.run_url != run_url or k in seen:
                     continue
                 seen.add(k)
                 info.peer_address = peer
                 info.segment = ""  # a name on the peer's node, meaningless here
-                out.append(info)
-        return out
+                yield info
+
+    def peer_document(self, peer: str, key: tuple[str, str, int], save_id: str,
+                      kind: int) -> Iterator[pb.DocumentPiece]:
+        """The pieces of a document of a snapshot the ring's agent ``peer`` holds."""
+        run_url, writer, step = key
+        stream = rpc.PeerServiceStub(self.channel(self._ring_peer(peer))).ReadDocument(
+            pb.ReadDocumentRequest(key=pb.SnapshotKey(run_url=run_url, writer=writer, step=step), save_id=save_id,
+                                   kind=kind), metadata=self._auth, timeout=self.config.peer_timeout_s)
+        try:
+            yield from stream
+        except grpc.RpcError as e:
+            self.agent.metrics.restore_fallbacks.labels(PEER_DOCUMENT_FAILED).inc()
+            raise PeerError(f"reading the {kind_name(kind)} of step {step} of {writer} from peer {peer} failed: "
+                            f"{e.code()} {e.details()}") from None
+
+    def resolve(self, info: pb.SnapshotInfo) -> None:
+        """Read what a peer's listing ``info`` left out by reference into it."""
+        key = (info.key.run_url, info.key.writer, info.key.step)
+        for ref in list(info.by_reference):
+            if ref.kind in INFO_FIELDS:
+                data = assemble(self.peer_document(info.peer_address, key, info.save_id, ref.kind), ref.kind,
+                                MAX_DOCUMENT_BYTES)
+                set_document(info, ref.kind, data)
+        del info.by_reference[:]
+        if info.writer_count:
+            info.writers[:] = writers_from_wire([], info.writer_count)
+            info.writer_count = 0
 
     def fetch(self, run_url: str, writer: str, step: int, save_id: str, peer: str) -> Snapshot:
         """Copy the snapshot ``(run_url, writer, step)`` of save ``save_id`` from the ring's agent
         ``peer`` into this agent's memory; returns it (already held: at once). Only a snapshot
         whose step storage has committed from that very save is fetched: it is then final and
         is served like a committed replica, never persisted again from here."""
-        if not peer or peer == self.config.self_address or peer not in self.config.peers:
-            raise InvalidRequestError(f"peer_address: {peer!r} is not another agent of this agent's ring")
+        self._ring_peer(peer)
         key = (run_url, writer, step)
         with self._lock:
             lock = self._fetching.setdefault(key, threading.Lock())
@@ -225,16 +290,25 @@ class Replicator:
             stub = rpc.PeerServiceStub(self.channel(peer))
             t0 = time.monotonic()
             try:
-                listing = stub.ListSnapshots(pb.ListSnapshotsRequest(run_url=run_url, with_plans=True),
-                                             metadata=self._auth, timeout=self.config.peer_timeout_s)
+                listing = stub.StreamSnapshots(pb.ListSnapshotsRequest(
+                    run_url=run_url, with_plans=True, by_reference=True,
+                    documents=[pb.DOCUMENT_KIND_PLAN, pb.DOCUMENT_KIND_FRAGMENT]),
+                    metadata=self._auth, timeout=self.config.peer_timeout_s)
+                info = next((i for i in listing if (i.key.run_url, i.key.writer, i.key.step) == key
+                             and i.save_id == save_id), None)
+                listing.cancel()
             except grpc.RpcError as e:
+                self.agent.metrics.restore_fallbacks.labels(PEER_FETCH_FAILED).inc()
                 raise PeerError(f"peer {peer} did not list its snapshots: {e.code()} {e.details()}") from None
-            info = next((i for i in listing.snapshots if (i.key.run_url, i.key.writer, i.key.step) == key
-                         and i.save_id == save_id), None)
             if info is None:
+                self.agent.metrics.restore_fallbacks.labels(PEER_FETCH_FAILED).inc()
                 raise AgentNotFoundError(f"peer {peer} no longer holds step {step} of {writer} (save {save_id})")
             if not 0 < info.nbytes <= self.config.memory_budget_bytes:
                 raise PeerError(f"peer {peer} lists a snapshot of {info.nbytes} bytes")
+            info.peer_address = peer
+            self.resolve(info)
+            if inline_document(info, pb.DOCUMENT_KIND_PLAN) is None:
+                raise PeerError(f"peer {peer} lists step {step} of {writer} without its plan")
 
             def fill(seg: Segment) -> Snapshot:
                 buf = seg.tensor.numpy()
@@ -258,7 +332,11 @@ class Replicator:
                                 state=SnapshotState.COMMITTED, fragment_json=info.fragment_json,
                                 commit_point=commit_point)
 
-            snap = self.agent.receive_replica(info.nbytes, fill)
+            try:
+                snap = self.agent.receive_replica(info.nbytes, fill)
+            except AgentError:
+                self.agent.metrics.restore_fallbacks.labels(PEER_FETCH_FAILED).inc()
+                raise
         self.agent.metrics.bytes_fetched.inc(info.nbytes)
         log.info("snapshot fetched from a peer", extra={"fields": {
             "run": run_url, "writer": writer, "step": step, "peer": peer, "bytes": info.nbytes,

@@ -67,6 +67,9 @@ class Snapshot:
     taken_over: bool = False
     origin_lost_since: float | None = None
     created: float = field(default_factory=time.monotonic)
+    # The chunk index served to restores, built once (again once the fragment's crc32c are known).
+    chunk_index: str = ""
+    chunk_index_crcs: bool = False
 
     @property
     def key(self) -> tuple[str, str, int]:

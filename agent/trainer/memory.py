@@ -3,11 +3,14 @@ chunks of committed snapshots the node's agent holds (its own: agent memory; rep
 snapshots fetched from the ring's other agents: peer) straight from shared memory, and hands
 every other read to the tier below (storage). :meth:`agent.trainer.sink.AgentSink.restore_source`
 builds it from the agent's listing.
+
+Never silently: every chunk read below is charged to a :class:`ckpt.restore.Fallback` (the
+agent unreachable or its listing failed, a held snapshot unusable, a fetch from a peer failed,
+or nothing held), which the restore's report returns with the bytes then read from storage.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -22,18 +25,18 @@ import torch
 from ckpt import format as fmt
 from ckpt.chunks import CRC_BYTES, ChunkRead, stored_nbytes
 from ckpt.chunks import payload as chunk_payload
-from ckpt.manifest import MANIFEST_KEY, Fragment
 from ckpt.planning import WriteRequest
-from ckpt.restore import RestoreSource, Tier, Where
+from ckpt.restore import FallbackReason, RestoreSource, Tier, Where
 from ckpt.storage import Storage
 
 from ..pb import pb
-from ..plan import decode_plan
 from ..shm import map_file
+from .held import CommitPoints, HeldSnapshot, ReadDocument, inline_only
 
 log = logging.getLogger(__name__)
 
 _BLOCK = 1 << 20  # pread + crc32c per block: the crc reads the block while it is in cache
+Why = tuple[Tier, FallbackReason, str]
 
 
 def _pread_crc(fd: int, offset: int, dest: memoryview) -> int | None:
@@ -65,11 +68,16 @@ def _close_fds(fds: list[int]) -> None:
     fds.clear()
 
 
+def _error(e: BaseException) -> str:
+    return f"{e.code()}: {e.details()}" if isinstance(e, grpc.Call) else f"{type(e).__name__}: {e}"
+
+
 class _Remote:
     """A snapshot held by a peer agent, fetched on first use."""
 
-    def __init__(self, info: pb.SnapshotInfo) -> None:
-        self.info = info
+    def __init__(self, held: HeldSnapshot, keys: list[str]) -> None:
+        self.held = held
+        self.keys = keys
         self.lock = threading.Lock()
         self.done = False  # fetched (its chunks are then local), or failed (read from storage)
 
@@ -87,20 +95,27 @@ class AgentMemoryStorage(RestoreSource):
     network. If the fetch fails, those chunks are read from ``inner``. With ``list_peers``, the
     ring is asked what it holds only when a chunk is read that no snapshot given here holds: a
     restore on a node that holds its own snapshot never dials a peer (nor waits on a lost one).
+    ``document`` reads back what a listing left out by reference; ``unavailable`` (a reason and
+    a detail) says why there is no listing at all (every read then goes below, charged to it).
     """
 
     tier = Tier.AGENT_MEMORY
 
     def __init__(self, inner: Storage, snapshots: Sequence[pb.SnapshotInfo], shm_dir: str, *,
                  fetch: Callable[[pb.SnapshotInfo], pb.SnapshotInfo] | None = None,
-                 list_peers: Callable[[], Sequence[pb.SnapshotInfo]] | None = None) -> None:
+                 list_peers: Callable[[], Sequence[pb.SnapshotInfo]] | None = None,
+                 document: ReadDocument | None = None,
+                 unavailable: tuple[FallbackReason, str] | None = None) -> None:
         super().__init__(inner)
         self.shm_dir = shm_dir
         self._fetch_fn = fetch
         self._list_peers_fn = list_peers if fetch is not None else None
+        self._document = document or inline_only
+        self._commits = CommitPoints(inner)
         self._list_lock = threading.Lock()
         self._roots: dict[str, bytes] = {}
-        self._chunks: dict[str, tuple[WriteRequest, int, Tier]] = {}  # key -> (request, crc, tier serving it)
+        # key -> (bytes, crc32c, tier serving it, its request: None for a span, read with pread alone)
+        self._chunks: dict[str, tuple[int, int, Tier, WriteRequest | None]] = {}
         self._remote: dict[str, _Remote] = {}  # chunk key -> the peer-held snapshot serving it
         # path -> (segment fd, offset) of chunks stored contiguously in a segment: read with
         # pread, which copies in the kernel; a fresh mapping of the segment would take a page
@@ -111,46 +126,41 @@ class AgentMemoryStorage(RestoreSource):
         weakref.finalize(self, _close_fds, self._fds)
         self.fetched_bytes = 0
         self.served_by = {Tier.AGENT_MEMORY: 0, Tier.PEER: 0}  # both tiers are reported, also when 0
+        # Why a chunk is read below: by its key where known, else the first reason of _why_any.
+        self._why: dict[str, Why] = {}
+        self._why_any: list[Why] = [(Tier.AGENT_MEMORY, *unavailable)] if unavailable else []
+        self._peers_listed = False
         # Local snapshots first: a chunk the local agent holds is never fetched from a peer.
-        for s in sorted(snapshots, key=lambda s: bool(s.peer_address)):
+        self._take(sorted(snapshots, key=lambda s: bool(s.peer_address)))
+
+    def _take(self, infos: Sequence[pb.SnapshotInfo]) -> None:
+        for s in infos:
+            if not s.key.run_url:  # an agent of the ring that could not be listed
+                self._why_any.append((Tier.PEER, FallbackReason.LISTING_FAILED,
+                                      s.error or f"peer agent {s.peer_address} could not be listed"))
+                continue
+            held = HeldSnapshot(s, self._document, self._commits)
+            tier = Tier.PEER if s.peer_address or s.replica else Tier.AGENT_MEMORY
             try:
                 if s.peer_address:
-                    self._add_remote(s)
+                    self._add_remote(held)
                 else:
-                    self._add(s, Tier.PEER if s.replica else Tier.AGENT_MEMORY)
+                    self._add(held, tier)
             except Exception as e:  # noqa: BLE001 - that snapshot is then read from storage
-                log.warning("snapshot of step %d (%s) held by %s is unusable here: %s", s.key.step,
-                            s.key.writer, f"peer agent {s.peer_address}" if s.peer_address else "the agent", e)
+                self._unusable(held, tier, f"{held.describe()} is unusable here: {_error(e)}")
 
-    def _committed(self, s: pb.SnapshotInfo) -> tuple[bytes, Fragment] | None:
-        """The step's commit point and the writer's fragment, if storage committed the step from
-        the very save ``s`` holds (else None: another save, or retention removed it)."""
-        if s.state == pb.SNAPSHOT_STATE_FAILED:
-            return None
-        sdir = fmt.step_dir(s.key.step)
-        # Storage's commit point first (a small read): it is the truth once a step was
-        # consolidated or saved again. The agent's copy serves when storage has none (retention
-        # removed the step) or cannot be read (an outage); a replica's or a peer's holder may have
-        # none (it learnt of the commit from the origin, or not yet).
+    def _unusable(self, held: HeldSnapshot, tier: Tier, detail: str,
+                  reason: FallbackReason = FallbackReason.UNUSABLE) -> None:
+        """Reads of ``held``'s chunks go below, for ``reason``."""
+        log.info("%s", detail)
         try:
-            commit_point = self.inner.read(f"{sdir}/{fmt.META}")
-        except FileNotFoundError:
-            commit_point = s.commit_point
-        except Exception as e:  # noqa: BLE001 - storage failing: the agent's copy
-            log.warning("cannot read the commit point of step %d (%s): using the agent's copy", s.key.step, e)
-            commit_point = s.commit_point
-        if not commit_point:
-            return None
-        root = json.loads(commit_point)
-        if root["attributes"][MANIFEST_KEY]["save_id"] != s.save_id:
-            return None
-        if s.fragment_json:
-            frag = Fragment.from_dict(json.loads(s.fragment_json))
-        else:
-            frag = fmt.read_fragment(self.inner, s.key.step, s.key.writer)
-            if frag.save_id != s.save_id:
-                return None
-        return commit_point, frag
+            keys = held.chunk_keys()
+        except Exception:  # noqa: BLE001 - its chunks are not known: charge any read below to it
+            self._why_any.append((tier, reason, detail))
+            return
+        for key in keys:
+            if key not in self._chunks:
+                self._why.setdefault(key, (tier, reason, detail))
 
     def _list_peers(self) -> None:
         """Once: add what the ring's other agents hold (after a chunk no local snapshot holds)."""
@@ -160,69 +170,93 @@ class AgentMemoryStorage(RestoreSource):
             try:
                 infos = [s for s in self._list_peers_fn() if s.peer_address]
             except Exception as e:  # noqa: BLE001 - storage then
-                log.warning("cannot list what the peer agents hold (%s): reading from storage", e)
                 infos = []
+                self._why_any.append((Tier.PEER, FallbackReason.LISTING_FAILED,
+                                      f"the agent could not list what the ring's agents hold: {_error(e)}"))
             self._list_peers_fn = None
-            for s in infos:
-                try:
-                    self._add_remote(s)
-                except Exception as e:  # noqa: BLE001
-                    log.warning("snapshot of step %d (%s) held by peer agent %s is unusable here: %s",
-                                s.key.step, s.key.writer, s.peer_address, e)
+            self._peers_listed = True
+            self._take(infos)
 
-    def _add_remote(self, s: pb.SnapshotInfo) -> None:
-        if self._fetch_fn is None or self._committed(s) is None:
+    def _add_remote(self, held: HeldSnapshot) -> None:
+        if self._fetch_fn is None:
             return
-        # The chunk keys only: the plan's views are laid over a meta tensor (no bytes here yet).
-        plan = decode_plan(s.plan_json, torch.empty(s.nbytes, dtype=torch.uint8, device="meta"))
-        remote = _Remote(s)
-        for key in plan.chunk_requests(fmt.step_dir(s.key.step)):
-            if key not in self._chunks and key not in self._remote:
-                self._remote[key] = remote
+        commit_point, why = held.commit_point()
+        if commit_point is None:
+            if why:
+                self._unusable(held, Tier.PEER, why)
+            return
+        remote = _Remote(held, [k for k in held.chunk_keys() if k not in self._chunks and k not in self._remote])
+        for key in remote.keys:
+            self._remote[key] = remote
 
     def _fetch(self, remote: _Remote) -> None:
         """Bring a peer-held snapshot into the local agent's memory (once; other readers wait)."""
         with remote.lock:
             if remote.done:
                 return
-            s = remote.info
+            s = remote.held.info
             try:
                 held = self._fetch_fn(s)  # type: ignore[misc]
-                self._add(held, Tier.PEER)
+                self._add(HeldSnapshot(held, self._document, self._commits), Tier.PEER)
                 with self._count_lock:
                     self.fetched_bytes += held.nbytes
                 log.info("fetched step %d of %s (%.1f MB) from peer agent %s", s.key.step, s.key.writer,
                          held.nbytes / 1e6, s.peer_address)
             except Exception as e:  # noqa: BLE001 - read from storage instead
-                log.warning("cannot fetch step %d of %s from peer agent %s (%s): reading it from storage",
-                            s.key.step, s.key.writer, s.peer_address,
-                            f"{e.code()}: {e.details()}" if isinstance(e, grpc.Call) else e)
+                detail = f"cannot fetch {remote.held.describe()}: {_error(e)}"
+                log.warning("%s: reading it from storage", detail)
+                for key in remote.keys:
+                    if key not in self._chunks:
+                        self._why[key] = (Tier.PEER, FallbackReason.FETCH_FAILED, detail)
             finally:
                 remote.done = True  # its keys stay: a failed snapshot is neither listed nor fetched again
 
-    def _add(self, s: pb.SnapshotInfo, tier: Tier) -> None:
+    def _add(self, held: HeldSnapshot, tier: Tier) -> None:
+        s = held.info
         if not s.segment:
             return
-        found = self._committed(s)
-        if found is None:
+        commit_point, why = held.commit_point()
+        if commit_point is None:
+            if why:
+                self._unusable(held, tier, why)
             return
-        commit_point, frag = found
         sdir = fmt.step_dir(s.key.step)
-        shm_dir = self.shm_dir
-        mm, tensor = map_file(f"{shm_dir}/{s.segment}", s.nbytes, writable=False)
+        path = f"{self.shm_dir}/{s.segment}"
+        mm, tensor = map_file(path, s.nbytes, writable=False)
         self._maps.append(mm)
-        fd = os.open(f"{shm_dir}/{s.segment}", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self._fds.append(fd)
         base = tensor.data_ptr()
-        plan = decode_plan(s.plan_json, tensor)
-        crcs = {(p, r.index): r.crc32c for p, recs in frag.chunks.items() for r in recs}
-        for key, req in plan.chunk_requests(sdir).items():
-            crc = crcs.get((req.path, req.index))
-            if crc is not None:
-                self._chunks[key] = (req, crc, tier)
-                region = req.tensor.detach()[req.slices]
-                if not req.ragged and region.is_contiguous() and region.device.type == "cpu":
-                    self._spans[key] = (fd, region.data_ptr() - base)
+        index = held.index(tensor)
+        requests, crcs = index.plan.plan.requests, index.crcs
+        if not index.spans and any(c is None for c in crcs):  # an older agent's plan: the fragment's crc32c
+            known = held.fragment_crcs(self.inner)
+            if known is None:
+                self._unusable(held, tier, f"{held.describe()}: its writer's fragment is of another save")
+                return
+            crcs = [known.get((r.path, tuple(r.index))) for r in requests]
+        missing = []
+        for rel, offset, nbytes, crc in index.spans:
+            key = f"{sdir}/{rel}"
+            if crc is None:
+                missing.append(key)
+                continue
+            self._chunks[key] = (nbytes, crc, tier, None)
+            self._spans[key] = (fd, offset)
+            self._why.pop(key, None)
+        for req, crc in zip(requests, crcs):
+            key = f"{sdir}/{req.key}"
+            if crc is None:
+                missing.append(key)
+                continue
+            self._chunks[key] = (stored_nbytes(req.chunk_shape, req.tensor.element_size()), crc, tier, req)
+            self._why.pop(key, None)
+            region = req.tensor.detach()[req.slices]
+            if not req.ragged and region.is_contiguous() and region.device.type == "cpu":
+                self._spans[key] = (fd, region.data_ptr() - base)
+        for key in missing:
+            self._why.setdefault(key, (tier, FallbackReason.UNUSABLE,
+                                       f"{held.describe()}: the agent knows no crc32c of some of its chunks"))
         self._roots[f"{sdir}/{fmt.META}"] = commit_point
 
     @property
@@ -235,6 +269,18 @@ class AgentMemoryStorage(RestoreSource):
             return max(1, min(default, max(2, os.cpu_count() or 1)))
         return super().read_threads(step, default)
 
+    def _below(self, key: str, data: memoryview, location: Where) -> ChunkRead:
+        """Read ``key`` from the tier below, charged to the reason it is not served here."""
+        read = super().read_chunk(key, data, location)
+        why = self._why.get(key) or (self._why_any[0] if self._why_any else None)
+        if why is None:
+            ring = " nor do the ring's agents" if self._peers_listed else ""
+            step = key.split("/", 1)[0].lstrip("0") or "0"
+            why = (Tier.AGENT_MEMORY, FallbackReason.NOT_HELD,
+                   f"the agent holds no committed snapshot of step {step} with chunks the restore reads{ring}")
+        self.read_below(self.fall_back(*why), read.total)
+        return read
+
     def read_chunk(self, key: str, data: memoryview, location: Where = None) -> ChunkRead:
         remote = self._remote.get(key)
         if remote is None and self._list_peers_fn is not None and key not in self._chunks:
@@ -244,38 +290,55 @@ class AgentMemoryStorage(RestoreSource):
             self._fetch(remote)
         hit = self._chunks.get(key)
         if hit is None:
-            return super().read_chunk(key, data, location)
-        req, crc, tier = hit
-        nbytes = stored_nbytes(req.chunk_shape, req.tensor.element_size())
+            return self._below(key, data, location)
+        nbytes, crc, tier, req = hit
         if nbytes != data.nbytes:
-            return super().read_chunk(key, data, location)
+            self._why.setdefault(key, (tier, FallbackReason.UNUSABLE,
+                                       f"chunk {key} is held as {nbytes} bytes, the restore reads {data.nbytes}"))
+            return self._below(key, data, location)
         span = self._spans.get(key)
         if span is not None:
             actual = _pread_crc(span[0], span[1], data.cast("B"))
             if actual is not None:
                 self.count(nbytes, tier)
                 return ChunkRead(nbytes + CRC_BYTES, crc, actual)
+        if req is None:  # the segment is shorter than its index says
+            self._why.setdefault(key, (tier, FallbackReason.UNUSABLE, f"chunk {key} lies beyond its segment's end"))
+            return self._below(key, data, location)
         payload_bytes, _keep = _payload(req)
         # torch copies without the GIL, so the reader's threads copy in parallel.
         torch.frombuffer(data, dtype=torch.uint8).copy_(torch.frombuffer(payload_bytes, dtype=torch.uint8))
         self.count(nbytes, tier)
         return ChunkRead(nbytes + CRC_BYTES, crc, crc32c.crc32c(data))
 
+    def _held_bytes(self, path: str) -> bytes | None:
+        """A chunk held here as stored (data, then crc32c), or None."""
+        hit = self._chunks.get(path)
+        if hit is None:
+            return None
+        nbytes, crc, _tier, req = hit
+        span = self._spans.get(path)
+        if span is not None:
+            data = bytearray(nbytes)
+            if os.preadv(span[0], [data], span[1]) == nbytes:
+                return bytes(data) + crc.to_bytes(CRC_BYTES, "little")
+        if req is None:
+            return None
+        payload_bytes, _keep = _payload(req)
+        return bytes(payload_bytes) + crc.to_bytes(CRC_BYTES, "little")
+
     def read(self, path: str) -> bytes:
         if path in self._roots:
             return self._roots[path]
-        hit = self._chunks.get(path)
-        if hit is not None:
-            data, _keep = _payload(hit[0])
-            return bytes(data) + hit[1].to_bytes(CRC_BYTES, "little")
-        return self.inner.read(path)
+        held = self._held_bytes(path)
+        return held if held is not None else self.inner.read(path)
 
     def size(self, path: str) -> int | None:
         if path in self._roots:
             return len(self._roots[path])
         hit = self._chunks.get(path)
         if hit is not None:
-            return stored_nbytes(hit[0].chunk_shape, hit[0].tensor.element_size()) + CRC_BYTES
+            return hit[0] + CRC_BYTES
         return self.inner.size(path)
 
     def list_dir(self, path: str) -> list[str]:

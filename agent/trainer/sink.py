@@ -29,11 +29,13 @@ from ckpt import SnapshotState, pinning
 from ckpt.errors import CkptError
 from ckpt.hostpool import HostBufferPool
 from ckpt.manifest import Fragment, Manifest
-from ckpt.restore import RestoreSource, StorageSource
+from ckpt.restore import FallbackReason, RestoreSource, StorageSource
 from ckpt.retention import RetentionPolicy
 from ckpt.sink import PersistJob, Sink, SinkConfig
 from ckpt.storage import Storage
 
+from ..documents import MAX_DOCUMENT_BYTES, Assembly
+from ..errors import DocumentError
 from ..pb import pb
 from ..plan import encode_plan
 from ..shm import map_file, unmap
@@ -44,6 +46,7 @@ from .memory import AgentMemoryStorage
 log = logging.getLogger(__name__)
 
 _REGISTER_TIMEOUT_S = 30.0
+_RESTORE_DOCUMENTS = (pb.DOCUMENT_KIND_CHUNK_INDEX,)
 
 
 class ShmAllocator:
@@ -125,7 +128,7 @@ class AgentSink(Sink):
         self._call = self.client.register(pb.RegisterRequest(
             run_url=self.run_url, writer=writer, pid=os.getpid(), retention=ret, durable=config.durable,
             io_threads=config.io_threads, commit_timeout_s=config.commit_timeout_s,
-            library_versions={k: str(v) for k, v in config.library_versions.items()}))
+            library_versions={k: str(v) for k, v in config.library_versions.items()}, document_pieces=True))
         first: Future = Future()
         self._events = threading.Thread(target=self._event_loop, args=(first,), name="ckpt-agent-events",
                                         daemon=True)
@@ -134,6 +137,7 @@ class AgentSink(Sink):
         self.session_id: str = registered.session_id
         self.agent_id: str = registered.agent_id
         self.shm_dir: str = registered.shm_dir or "/dev/shm"
+        self.inline_limit: int = registered.inline_limit_bytes  # 0: an agent that takes every plan inline
         self.allocator = ShmAllocator(self)
 
     # -- the Sink interface --------------------------------------------------------------------
@@ -154,7 +158,8 @@ class AgentSink(Sink):
                 self._held[segment] = job
             self.client.announce(pb.AnnounceStagedRequest(
                 session_id=self.session_id, segment=segment, step=job.step, save_id=job.save_id,
-                writers=list(job.writers), committer=job.committer, plan_json=plan_json))
+                writers=list(job.writers), committer=job.committer, plan_json=plan_json),
+                inline_limit=self.inline_limit)
         except BaseException as e:  # noqa: BLE001 - reported through the futures
             err = error_from_rpc(e, f"announcing step {job.step}") if isinstance(e, grpc.RpcError) else e
             with self._lock:
@@ -165,16 +170,25 @@ class AgentSink(Sink):
 
     def restore_source(self, storage: Storage) -> RestoreSource:
         """Agent memory (this node's snapshots; replicas and snapshots fetched from the ring's
-        other agents count as the peer tier) above storage."""
+        other agents count as the peer tier) above storage. The listing streams, with each
+        snapshot's chunk index (what a restore reads of it; by reference if large); an agent
+        that cannot be listed makes a restore from storage that says why."""
         bottom = StorageSource(storage)
+        c = self.client
         try:
-            snaps = self.client.list_snapshots(self.run_url, with_plans=True)
+            snaps = list(c.stream_snapshots(self.run_url, documents=_RESTORE_DOCUMENTS))
         except grpc.RpcError as e:
-            log.warning("cannot list the agent's snapshots (%s): restoring from storage", e.code())
-            return bottom
-        return AgentMemoryStorage(bottom, snaps, self.shm_dir, fetch=self.client.fetch_snapshot,
-                                  list_peers=lambda: self.client.list_snapshots(self.run_url, with_plans=True,
-                                                                                include_peers=True))
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                reason = (FallbackReason.UNREACHABLE if e.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                                     grpc.StatusCode.DEADLINE_EXCEEDED)
+                          else FallbackReason.LISTING_FAILED)
+                return AgentMemoryStorage(bottom, [], self.shm_dir, unavailable=(
+                    reason, f"cannot list the node agent's snapshots: {e.code()}: {e.details()}"))
+            snaps = c.list_snapshots(self.run_url, with_plans=True)  # an agent older than the stream
+        return AgentMemoryStorage(
+            bottom, snaps, self.shm_dir, document=c.document,
+            fetch=lambda info: c.fetch_snapshot(info, documents=_RESTORE_DOCUMENTS),
+            list_peers=lambda: list(c.stream_snapshots(self.run_url, documents=_RESTORE_DOCUMENTS, include_peers=True)))
 
     def close(self, *, wait: bool = True) -> None:
         if self.closed:
@@ -206,13 +220,23 @@ class AgentSink(Sink):
     # -- events --------------------------------------------------------------------------------
 
     def _event_loop(self, first: Future) -> None:
+        doc: Assembly | None = None  # a document arriving in pieces, for the next snapshot event
         try:
             for ev in self._call:
                 kind = ev.WhichOneof("event")
                 if kind == "registered":
                     first.set_result(ev.registered)
+                elif kind == "piece":
+                    try:
+                        if doc is None or doc.done:
+                            doc = Assembly(ev.piece.kind, MAX_DOCUMENT_BYTES)
+                        doc.add(ev.piece)
+                    except DocumentError as e:  # the event it belongs to fails its job
+                        log.error("a document from the node agent is malformed: %s", e)
+                        doc = None
                 elif kind == "snapshot":
-                    self._on_snapshot(ev.snapshot)
+                    self._on_snapshot(ev.snapshot, doc)
+                    doc = None
                 elif kind == "released":
                     with self._lock:
                         job = self._held.pop(ev.released.segment, None)
@@ -241,19 +265,25 @@ class AgentSink(Sink):
                 first.set_exception(e)
             log.exception("agent event loop failed")
 
-    def _on_snapshot(self, ev: pb.SnapshotEvent) -> None:
+    def _on_snapshot(self, ev: pb.SnapshotEvent, pieces: Assembly | None) -> None:
         with self._lock:
             job = self._jobs.get((ev.step, ev.save_id))
         if job is None:
             return
         state = PB_TO_STATE.get(ev.state)
         try:
+            document = ev.document_json
+            if ev.document_bytes:  # it came in the pieces before the event
+                data = pieces.data() if pieces is not None and pieces.done else b""
+                if len(data) != ev.document_bytes:
+                    raise CkptError(f"step {ev.step}: the node agent's {state} event lacks its document")
+                document = data.decode()
             if state == SnapshotState.PERSISTED:
-                frag = Fragment.from_dict(json.loads(ev.document_json)) if ev.document_json else None
+                frag = Fragment.from_dict(json.loads(document)) if document else None
                 if not job.persisted.done():
                     job.persisted.set_result(frag)
             elif state == SnapshotState.COMMITTED:
-                manifest = Manifest.from_dict(json.loads(ev.document_json))
+                manifest = Manifest.from_dict(json.loads(document))
                 if not job.persisted.done():
                     job.persisted.set_result(None)
                 with self._lock:

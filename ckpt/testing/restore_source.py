@@ -98,3 +98,14 @@ class RestoreSourceTests:
         total = sum(v.numel() * v.element_size() for v in state().values() if isinstance(v, torch.Tensor))
         assert sum(served.values()) >= total  # every chunk counted once, by the tier that served it
         assert source.tiers()[0] is source and source.read_threads(STEP, 3) >= 1
+
+    def test_every_chunk_it_sends_below_is_charged_to_a_fallback(self, tmp_path):
+        storage = self.run(tmp_path)
+        source = self.make(storage, STEP, tmp_path)
+        out = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else "" for k, v in state().items()}
+        load_step(source, out, STEP)
+        fallbacks = source.fallbacks()
+        assert all(isinstance(f.tier, Tier) and f.tier is not Tier.STORAGE and f.detail for f in fallbacks)
+        below = sum(n for f in fallbacks for n in f.read_instead.values())
+        # a tier above storage never sends a read down silently; storage itself has nothing below
+        assert below == (0 if source.tier is Tier.STORAGE else source.served().get(Tier.STORAGE, 0))

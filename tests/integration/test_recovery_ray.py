@@ -143,8 +143,13 @@ def test_killed_agent_restarts_it_and_restores_from_storage(cluster, tmp_path):
     result = _run(trainer, tmp_path, num_workers=2)
     (rec,) = result.failures
     assert rec.failure.kind == AGENT_DIED and rec.restore_step == 10, rec
-    # the snapshots in the dead agent's memory are gone: storage serves the restore
+    # the snapshots in the dead agent's memory are gone: storage serves the restore, and says why
     assert rec.restore_bytes.get("storage", 0) > 0 and rec.restore_bytes.get("agent memory", 0) == 0, rec
+    (fb,) = rec.fallbacks
+    assert (fb["tier"], fb["reason"], fb["ranks"], fb["attempt"]) == ("agent memory", "not held", [0, 1], 1), fb
+    assert fb["bytes"] == {"storage": rec.restore_bytes["storage"]} and result.restore_fallbacks == [fb]
+    (event,) = [e for e in result.events if e.kind == "restore_fallback"]
+    assert event.fields["reason"] == "not held" and event.fields["bytes"] == fb["bytes"]
     assert [r["start"] for r in result.returns] == [11, 11]
     assert _equal(result.returns[0]["state"], trainer.reference(world=2))
 

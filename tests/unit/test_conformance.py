@@ -93,6 +93,16 @@ class TestAgentMemoryTier(RestoreSourceTests):
             stack.close()
 
 
+class TestAgentMemoryTierHoldingNothing(RestoreSourceTests):
+    """The agent's memory tier of an agent that holds nothing of the run: every read goes to
+    storage, charged to a 'not held' fallback."""
+
+    def make(self, storage, step, tmp_path):
+        from agent.trainer.memory import AgentMemoryStorage
+
+        return AgentMemoryStorage(ckpt.StorageSource(storage), [], str(tmp_path))
+
+
 def test_the_memory_tier_serves_its_own_chunks_and_storage_nothing(tmp_path):
     t = TestAgentMemoryTier()
     try:

@@ -15,11 +15,46 @@ class SnapshotState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SNAPSHOT_STATE_PERSISTED: _ClassVar[SnapshotState]
     SNAPSHOT_STATE_COMMITTED: _ClassVar[SnapshotState]
     SNAPSHOT_STATE_FAILED: _ClassVar[SnapshotState]
+
+class DocumentKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DOCUMENT_KIND_UNSPECIFIED: _ClassVar[DocumentKind]
+    DOCUMENT_KIND_PLAN: _ClassVar[DocumentKind]
+    DOCUMENT_KIND_FRAGMENT: _ClassVar[DocumentKind]
+    DOCUMENT_KIND_COMMIT_POINT: _ClassVar[DocumentKind]
+    DOCUMENT_KIND_MANIFEST: _ClassVar[DocumentKind]
+    DOCUMENT_KIND_CHUNK_INDEX: _ClassVar[DocumentKind]
 SNAPSHOT_STATE_UNSPECIFIED: SnapshotState
 SNAPSHOT_STATE_STAGED: SnapshotState
 SNAPSHOT_STATE_PERSISTED: SnapshotState
 SNAPSHOT_STATE_COMMITTED: SnapshotState
 SNAPSHOT_STATE_FAILED: SnapshotState
+DOCUMENT_KIND_UNSPECIFIED: DocumentKind
+DOCUMENT_KIND_PLAN: DocumentKind
+DOCUMENT_KIND_FRAGMENT: DocumentKind
+DOCUMENT_KIND_COMMIT_POINT: DocumentKind
+DOCUMENT_KIND_MANIFEST: DocumentKind
+DOCUMENT_KIND_CHUNK_INDEX: DocumentKind
+
+class DocumentRef(_message.Message):
+    __slots__ = ("kind", "nbytes")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    kind: DocumentKind
+    nbytes: int
+    def __init__(self, kind: _Optional[_Union[DocumentKind, str]] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class DocumentPiece(_message.Message):
+    __slots__ = ("kind", "offset", "data", "total_bytes")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    kind: DocumentKind
+    offset: int
+    data: bytes
+    total_bytes: int
+    def __init__(self, kind: _Optional[_Union[DocumentKind, str]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class Retention(_message.Message):
     __slots__ = ("keep_last", "keep_every")
@@ -30,7 +65,7 @@ class Retention(_message.Message):
     def __init__(self, keep_last: _Optional[int] = ..., keep_every: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("run_url", "writer", "pid", "retention", "durable", "io_threads", "commit_timeout_s", "library_versions")
+    __slots__ = ("run_url", "writer", "pid", "retention", "durable", "io_threads", "commit_timeout_s", "library_versions", "document_pieces")
     class LibraryVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +81,7 @@ class RegisterRequest(_message.Message):
     IO_THREADS_FIELD_NUMBER: _ClassVar[int]
     COMMIT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     LIBRARY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_PIECES_FIELD_NUMBER: _ClassVar[int]
     run_url: str
     writer: str
     pid: int
@@ -54,33 +90,38 @@ class RegisterRequest(_message.Message):
     io_threads: int
     commit_timeout_s: float
     library_versions: _containers.ScalarMap[str, str]
-    def __init__(self, run_url: _Optional[str] = ..., writer: _Optional[str] = ..., pid: _Optional[int] = ..., retention: _Optional[_Union[Retention, _Mapping]] = ..., durable: _Optional[bool] = ..., io_threads: _Optional[int] = ..., commit_timeout_s: _Optional[float] = ..., library_versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    document_pieces: bool
+    def __init__(self, run_url: _Optional[str] = ..., writer: _Optional[str] = ..., pid: _Optional[int] = ..., retention: _Optional[_Union[Retention, _Mapping]] = ..., durable: _Optional[bool] = ..., io_threads: _Optional[int] = ..., commit_timeout_s: _Optional[float] = ..., library_versions: _Optional[_Mapping[str, str]] = ..., document_pieces: _Optional[bool] = ...) -> None: ...
 
 class Registered(_message.Message):
-    __slots__ = ("session_id", "agent_id", "budget_bytes", "shm_dir")
+    __slots__ = ("session_id", "agent_id", "budget_bytes", "shm_dir", "inline_limit_bytes")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHM_DIR_FIELD_NUMBER: _ClassVar[int]
+    INLINE_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     agent_id: str
     budget_bytes: int
     shm_dir: str
-    def __init__(self, session_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., shm_dir: _Optional[str] = ...) -> None: ...
+    inline_limit_bytes: int
+    def __init__(self, session_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., shm_dir: _Optional[str] = ..., inline_limit_bytes: _Optional[int] = ...) -> None: ...
 
 class SnapshotEvent(_message.Message):
-    __slots__ = ("step", "save_id", "state", "error", "document_json")
+    __slots__ = ("step", "save_id", "state", "error", "document_json", "document_bytes")
     STEP_FIELD_NUMBER: _ClassVar[int]
     SAVE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_JSON_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     step: int
     save_id: str
     state: SnapshotState
     error: str
     document_json: str
-    def __init__(self, step: _Optional[int] = ..., save_id: _Optional[str] = ..., state: _Optional[_Union[SnapshotState, str]] = ..., error: _Optional[str] = ..., document_json: _Optional[str] = ...) -> None: ...
+    document_bytes: int
+    def __init__(self, step: _Optional[int] = ..., save_id: _Optional[str] = ..., state: _Optional[_Union[SnapshotState, str]] = ..., error: _Optional[str] = ..., document_json: _Optional[str] = ..., document_bytes: _Optional[int] = ...) -> None: ...
 
 class BufferReleased(_message.Message):
     __slots__ = ("segment",)
@@ -89,14 +130,16 @@ class BufferReleased(_message.Message):
     def __init__(self, segment: _Optional[str] = ...) -> None: ...
 
 class SessionEvent(_message.Message):
-    __slots__ = ("registered", "snapshot", "released")
+    __slots__ = ("registered", "snapshot", "released", "piece")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     RELEASED_FIELD_NUMBER: _ClassVar[int]
+    PIECE_FIELD_NUMBER: _ClassVar[int]
     registered: Registered
     snapshot: SnapshotEvent
     released: BufferReleased
-    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., snapshot: _Optional[_Union[SnapshotEvent, _Mapping]] = ..., released: _Optional[_Union[BufferReleased, _Mapping]] = ...) -> None: ...
+    piece: DocumentPiece
+    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., snapshot: _Optional[_Union[SnapshotEvent, _Mapping]] = ..., released: _Optional[_Union[BufferReleased, _Mapping]] = ..., piece: _Optional[_Union[DocumentPiece, _Mapping]] = ...) -> None: ...
 
 class LeaseBufferRequest(_message.Message):
     __slots__ = ("session_id", "nbytes")
@@ -129,7 +172,7 @@ class ReleaseBufferResponse(_message.Message):
     def __init__(self, freed: _Optional[bool] = ...) -> None: ...
 
 class AnnounceStagedRequest(_message.Message):
-    __slots__ = ("session_id", "segment", "step", "save_id", "writers", "committer", "plan_json")
+    __slots__ = ("session_id", "segment", "step", "save_id", "writers", "committer", "plan_json", "plan_bytes", "writer_count")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +180,8 @@ class AnnounceStagedRequest(_message.Message):
     WRITERS_FIELD_NUMBER: _ClassVar[int]
     COMMITTER_FIELD_NUMBER: _ClassVar[int]
     PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
+    PLAN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WRITER_COUNT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     segment: str
     step: int
@@ -144,7 +189,17 @@ class AnnounceStagedRequest(_message.Message):
     writers: _containers.RepeatedScalarFieldContainer[str]
     committer: bool
     plan_json: str
-    def __init__(self, session_id: _Optional[str] = ..., segment: _Optional[str] = ..., step: _Optional[int] = ..., save_id: _Optional[str] = ..., writers: _Optional[_Iterable[str]] = ..., committer: _Optional[bool] = ..., plan_json: _Optional[str] = ...) -> None: ...
+    plan_bytes: int
+    writer_count: int
+    def __init__(self, session_id: _Optional[str] = ..., segment: _Optional[str] = ..., step: _Optional[int] = ..., save_id: _Optional[str] = ..., writers: _Optional[_Iterable[str]] = ..., committer: _Optional[bool] = ..., plan_json: _Optional[str] = ..., plan_bytes: _Optional[int] = ..., writer_count: _Optional[int] = ...) -> None: ...
+
+class AnnouncePart(_message.Message):
+    __slots__ = ("request", "plan")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    request: AnnounceStagedRequest
+    plan: DocumentPiece
+    def __init__(self, request: _Optional[_Union[AnnounceStagedRequest, _Mapping]] = ..., plan: _Optional[_Union[DocumentPiece, _Mapping]] = ...) -> None: ...
 
 class AnnounceStagedResponse(_message.Message):
     __slots__ = ("replicas",)
@@ -163,13 +218,17 @@ class SnapshotKey(_message.Message):
     def __init__(self, run_url: _Optional[str] = ..., writer: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class GetSnapshotRequest(_message.Message):
-    __slots__ = ("key",)
+    __slots__ = ("key", "documents", "by_reference")
     KEY_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    BY_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     key: SnapshotKey
-    def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ...) -> None: ...
+    documents: _containers.RepeatedScalarFieldContainer[DocumentKind]
+    by_reference: bool
+    def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ..., documents: _Optional[_Iterable[_Union[DocumentKind, str]]] = ..., by_reference: _Optional[bool] = ...) -> None: ...
 
 class SnapshotInfo(_message.Message):
-    __slots__ = ("key", "save_id", "state", "error", "segment", "nbytes", "plan_json", "fragment_json", "commit_point", "replica", "origin_agent", "writers", "committer", "peer_address")
+    __slots__ = ("key", "save_id", "state", "error", "segment", "nbytes", "plan_json", "fragment_json", "commit_point", "replica", "origin_agent", "writers", "committer", "peer_address", "by_reference", "chunk_index_json", "writer_count")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SAVE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +243,9 @@ class SnapshotInfo(_message.Message):
     WRITERS_FIELD_NUMBER: _ClassVar[int]
     COMMITTER_FIELD_NUMBER: _ClassVar[int]
     PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BY_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_INDEX_JSON_FIELD_NUMBER: _ClassVar[int]
+    WRITER_COUNT_FIELD_NUMBER: _ClassVar[int]
     key: SnapshotKey
     save_id: str
     state: SnapshotState
@@ -198,17 +260,24 @@ class SnapshotInfo(_message.Message):
     writers: _containers.RepeatedScalarFieldContainer[str]
     committer: bool
     peer_address: str
-    def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ..., save_id: _Optional[str] = ..., state: _Optional[_Union[SnapshotState, str]] = ..., error: _Optional[str] = ..., segment: _Optional[str] = ..., nbytes: _Optional[int] = ..., plan_json: _Optional[str] = ..., fragment_json: _Optional[str] = ..., commit_point: _Optional[bytes] = ..., replica: _Optional[bool] = ..., origin_agent: _Optional[str] = ..., writers: _Optional[_Iterable[str]] = ..., committer: _Optional[bool] = ..., peer_address: _Optional[str] = ...) -> None: ...
+    by_reference: _containers.RepeatedCompositeFieldContainer[DocumentRef]
+    chunk_index_json: str
+    writer_count: int
+    def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ..., save_id: _Optional[str] = ..., state: _Optional[_Union[SnapshotState, str]] = ..., error: _Optional[str] = ..., segment: _Optional[str] = ..., nbytes: _Optional[int] = ..., plan_json: _Optional[str] = ..., fragment_json: _Optional[str] = ..., commit_point: _Optional[bytes] = ..., replica: _Optional[bool] = ..., origin_agent: _Optional[str] = ..., writers: _Optional[_Iterable[str]] = ..., committer: _Optional[bool] = ..., peer_address: _Optional[str] = ..., by_reference: _Optional[_Iterable[_Union[DocumentRef, _Mapping]]] = ..., chunk_index_json: _Optional[str] = ..., writer_count: _Optional[int] = ...) -> None: ...
 
 class ListSnapshotsRequest(_message.Message):
-    __slots__ = ("run_url", "with_plans", "include_peers")
+    __slots__ = ("run_url", "with_plans", "include_peers", "documents", "by_reference")
     RUN_URL_FIELD_NUMBER: _ClassVar[int]
     WITH_PLANS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PEERS_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    BY_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     run_url: str
     with_plans: bool
     include_peers: bool
-    def __init__(self, run_url: _Optional[str] = ..., with_plans: _Optional[bool] = ..., include_peers: _Optional[bool] = ...) -> None: ...
+    documents: _containers.RepeatedScalarFieldContainer[DocumentKind]
+    by_reference: bool
+    def __init__(self, run_url: _Optional[str] = ..., with_plans: _Optional[bool] = ..., include_peers: _Optional[bool] = ..., documents: _Optional[_Iterable[_Union[DocumentKind, str]]] = ..., by_reference: _Optional[bool] = ...) -> None: ...
 
 class ListSnapshotsResponse(_message.Message):
     __slots__ = ("snapshots",)
@@ -229,14 +298,30 @@ class ReadSnapshotRequest(_message.Message):
     def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ..., save_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class FetchSnapshotRequest(_message.Message):
-    __slots__ = ("key", "save_id", "peer_address")
+    __slots__ = ("key", "save_id", "peer_address", "documents", "by_reference")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SAVE_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    BY_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     key: SnapshotKey
     save_id: str
     peer_address: str
-    def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ..., save_id: _Optional[str] = ..., peer_address: _Optional[str] = ...) -> None: ...
+    documents: _containers.RepeatedScalarFieldContainer[DocumentKind]
+    by_reference: bool
+    def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ..., save_id: _Optional[str] = ..., peer_address: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[DocumentKind, str]]] = ..., by_reference: _Optional[bool] = ...) -> None: ...
+
+class ReadDocumentRequest(_message.Message):
+    __slots__ = ("key", "save_id", "kind", "peer_address")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SAVE_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    key: SnapshotKey
+    save_id: str
+    kind: DocumentKind
+    peer_address: str
+    def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ..., save_id: _Optional[str] = ..., kind: _Optional[_Union[DocumentKind, str]] = ..., peer_address: _Optional[str] = ...) -> None: ...
 
 class SnapshotData(_message.Message):
     __slots__ = ("offset", "data")
@@ -247,7 +332,7 @@ class SnapshotData(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ReplicaHeader(_message.Message):
-    __slots__ = ("key", "save_id", "writers", "committer", "plan_json", "nbytes", "origin_agent", "origin_address", "retention", "durable", "commit_timeout_s", "library_versions", "rank_in_ring")
+    __slots__ = ("key", "save_id", "writers", "committer", "plan_json", "nbytes", "origin_agent", "origin_address", "retention", "durable", "commit_timeout_s", "library_versions", "rank_in_ring", "plan_bytes", "writer_count")
     class LibraryVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +353,8 @@ class ReplicaHeader(_message.Message):
     COMMIT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     LIBRARY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     RANK_IN_RING_FIELD_NUMBER: _ClassVar[int]
+    PLAN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WRITER_COUNT_FIELD_NUMBER: _ClassVar[int]
     key: SnapshotKey
     save_id: str
     writers: _containers.RepeatedScalarFieldContainer[str]
@@ -281,15 +368,19 @@ class ReplicaHeader(_message.Message):
     commit_timeout_s: float
     library_versions: _containers.ScalarMap[str, str]
     rank_in_ring: int
-    def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ..., save_id: _Optional[str] = ..., writers: _Optional[_Iterable[str]] = ..., committer: _Optional[bool] = ..., plan_json: _Optional[str] = ..., nbytes: _Optional[int] = ..., origin_agent: _Optional[str] = ..., origin_address: _Optional[str] = ..., retention: _Optional[_Union[Retention, _Mapping]] = ..., durable: _Optional[bool] = ..., commit_timeout_s: _Optional[float] = ..., library_versions: _Optional[_Mapping[str, str]] = ..., rank_in_ring: _Optional[int] = ...) -> None: ...
+    plan_bytes: int
+    writer_count: int
+    def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ..., save_id: _Optional[str] = ..., writers: _Optional[_Iterable[str]] = ..., committer: _Optional[bool] = ..., plan_json: _Optional[str] = ..., nbytes: _Optional[int] = ..., origin_agent: _Optional[str] = ..., origin_address: _Optional[str] = ..., retention: _Optional[_Union[Retention, _Mapping]] = ..., durable: _Optional[bool] = ..., commit_timeout_s: _Optional[float] = ..., library_versions: _Optional[_Mapping[str, str]] = ..., rank_in_ring: _Optional[int] = ..., plan_bytes: _Optional[int] = ..., writer_count: _Optional[int] = ...) -> None: ...
 
 class ReplicaPart(_message.Message):
-    __slots__ = ("header", "data")
+    __slots__ = ("header", "data", "plan")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     header: ReplicaHeader
     data: SnapshotData
-    def __init__(self, header: _Optional[_Union[ReplicaHeader, _Mapping]] = ..., data: _Optional[_Union[SnapshotData, _Mapping]] = ...) -> None: ...
+    plan: DocumentPiece
+    def __init__(self, header: _Optional[_Union[ReplicaHeader, _Mapping]] = ..., data: _Optional[_Union[SnapshotData, _Mapping]] = ..., plan: _Optional[_Union[DocumentPiece, _Mapping]] = ...) -> None: ...
 
 class ReplicateResponse(_message.Message):
     __slots__ = ("received_bytes",)
@@ -316,7 +407,7 @@ class GetAgentStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("agent_id", "state", "budget_bytes", "used_bytes", "sessions", "snapshots", "persist_queue", "socket_path", "peer_address", "segments")
+    __slots__ = ("agent_id", "state", "budget_bytes", "used_bytes", "sessions", "snapshots", "persist_queue", "socket_path", "peer_address", "segments", "segments_total")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +418,7 @@ class AgentStatus(_message.Message):
     SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
     PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     state: str
     budget_bytes: int
@@ -337,7 +429,8 @@ class AgentStatus(_message.Message):
     socket_path: str
     peer_address: str
     segments: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, agent_id: _Optional[str] = ..., state: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., snapshots: _Optional[int] = ..., persist_queue: _Optional[int] = ..., socket_path: _Optional[str] = ..., peer_address: _Optional[str] = ..., segments: _Optional[_Iterable[str]] = ...) -> None: ...
+    segments_total: int
+    def __init__(self, agent_id: _Optional[str] = ..., state: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., snapshots: _Optional[int] = ..., persist_queue: _Optional[int] = ..., socket_path: _Optional[str] = ..., peer_address: _Optional[str] = ..., segments: _Optional[_Iterable[str]] = ..., segments_total: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("shutdown", "timeout_s")

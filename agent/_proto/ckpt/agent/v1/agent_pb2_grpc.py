@@ -75,6 +75,21 @@ class TrainerServiceStub:
                 request_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.FetchSnapshotRequest.SerializeToString,
                 response_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.SnapshotInfo.FromString,
                 _registered_method=True)
+        self.AnnounceStagedStream = channel.stream_unary(
+                '/ckpt.agent.v1.TrainerService/AnnounceStagedStream',
+                request_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.AnnouncePart.SerializeToString,
+                response_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.AnnounceStagedResponse.FromString,
+                _registered_method=True)
+        self.StreamSnapshots = channel.unary_stream(
+                '/ckpt.agent.v1.TrainerService/StreamSnapshots',
+                request_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.SnapshotInfo.FromString,
+                _registered_method=True)
+        self.ReadDocument = channel.unary_stream(
+                '/ckpt.agent.v1.TrainerService/ReadDocument',
+                request_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ReadDocumentRequest.SerializeToString,
+                response_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.DocumentPiece.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -133,6 +148,30 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AnnounceStagedStream(self, request_iterator, context):
+        """AnnounceStaged with a plan over the inline limit: the request first (plan_json empty,
+        plan_bytes set), then the plan in pieces, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamSnapshots(self, request, context):
+        """The answer of ListSnapshots, one snapshot per message, documents over the inline limit by
+        reference (whatever by_reference says).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadDocument(self, request, context):
+        """One document of a held snapshot, in pieces. With peer_address: of a snapshot that agent of
+        the ring holds (as StreamSnapshots with include_peers listed it); this agent asks it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -175,6 +214,21 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.FetchSnapshot,
                     request_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.FetchSnapshotRequest.FromString,
                     response_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.SnapshotInfo.SerializeToString,
+            ),
+            'AnnounceStagedStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.AnnounceStagedStream,
+                    request_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.AnnouncePart.FromString,
+                    response_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.AnnounceStagedResponse.SerializeToString,
+            ),
+            'StreamSnapshots': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamSnapshots,
+                    request_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.SnapshotInfo.SerializeToString,
+            ),
+            'ReadDocument': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadDocument,
+                    request_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ReadDocumentRequest.FromString,
+                    response_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.DocumentPiece.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -403,6 +457,87 @@ class TrainerService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def AnnounceStagedStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/ckpt.agent.v1.TrainerService/AnnounceStagedStream',
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.AnnouncePart.SerializeToString,
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.AnnounceStagedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ckpt.agent.v1.TrainerService/StreamSnapshots',
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ListSnapshotsRequest.SerializeToString,
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.SnapshotInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ckpt.agent.v1.TrainerService/ReadDocument',
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ReadDocumentRequest.SerializeToString,
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.DocumentPiece.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class PeerServiceStub:
     """Missing associated documentation comment in .proto file."""
@@ -432,6 +567,16 @@ class PeerServiceStub:
                 '/ckpt.agent.v1.PeerService/ReadSnapshot',
                 request_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ReadSnapshotRequest.SerializeToString,
                 response_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.SnapshotData.FromString,
+                _registered_method=True)
+        self.StreamSnapshots = channel.unary_stream(
+                '/ckpt.agent.v1.PeerService/StreamSnapshots',
+                request_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.SnapshotInfo.FromString,
+                _registered_method=True)
+        self.ReadDocument = channel.unary_stream(
+                '/ckpt.agent.v1.PeerService/ReadDocument',
+                request_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ReadDocumentRequest.SerializeToString,
+                response_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.DocumentPiece.FromString,
                 _registered_method=True)
 
 
@@ -463,6 +608,18 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamSnapshots(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadDocument(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -485,6 +642,16 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.ReadSnapshot,
                     request_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ReadSnapshotRequest.FromString,
                     response_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.SnapshotData.SerializeToString,
+            ),
+            'StreamSnapshots': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamSnapshots,
+                    request_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.SnapshotInfo.SerializeToString,
+            ),
+            'ReadDocument': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadDocument,
+                    request_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ReadDocumentRequest.FromString,
+                    response_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.DocumentPiece.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -595,6 +762,60 @@ class PeerService:
             '/ckpt.agent.v1.PeerService/ReadSnapshot',
             agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ReadSnapshotRequest.SerializeToString,
             agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.SnapshotData.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ckpt.agent.v1.PeerService/StreamSnapshots',
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ListSnapshotsRequest.SerializeToString,
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.SnapshotInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ckpt.agent.v1.PeerService/ReadDocument',
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ReadDocumentRequest.SerializeToString,
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.DocumentPiece.FromString,
             options,
             channel_credentials,
             insecure,
