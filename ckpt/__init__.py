@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .api import load, save
+from .api import load, read, save
 from .checkpointer import Checkpointer, CheckpointerConfig, CheckpointerStatus, SnapshotHandle, SnapshotState
 from .commit import commit
 from .errors import (
@@ -33,6 +33,7 @@ __all__ = [
     "__version__",
     "save",
     "load",
+    "read",
     "Sharded",
     "Checkpointer",
     "CheckpointerConfig",

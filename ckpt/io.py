@@ -178,6 +178,7 @@ def write_plan(
         chunks={p: tuple(r) for p, r in records.items()},
         values=plan.values,
         packs=packs,
+        containers=getattr(plan, "containers", {}),
     )
     fmt.write_fragment(storage, fragment)
     return fragment

@@ -16,7 +16,9 @@ chunks in a few pack files; each chunk's pack and offset in its writer's fragmen
 holds which chunk in ``writer_runs``) or ``shards`` (one zarr shard per array, consolidated);
 per-writer values move from the commit point to the writers' fragments (``varying_values``
 names them), and the writer list of ranks 0..N-1 is stored as its count: the commit point is
-O(arrays) whatever the number of writers.
+O(arrays) whatever the number of writers. Within version 3, ``containers`` (optional; older
+readers ignore it) records the containers the tensors sit in that are not dicts with str keys
+(lists, tuples, int keys), so a reader without a template rebuilds the tree as it was saved.
 """
 
 from __future__ import annotations
@@ -50,20 +52,16 @@ def _req(d: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
-    if isinstance(kind, tuple):
-        return " or ".join(k.__name__ for k in kind)
-    return kind.__name__
+    return " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
 
 
 def _int_tuple(value: Any, where: str, *, minimum: int = 0) -> tuple[int, ...]:
     if not isinstance(value, list):
         raise ManifestError(f"{where}: expected a list of integers")
-    out = []
     for v in value:
         if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
             raise ManifestError(f"{where}: expected integers >= {minimum}, got {v!r}")
-        out.append(v)
-    return tuple(out)
+    return tuple(value)
 
 
 def _float(value: Any, where: str) -> float:
@@ -71,6 +69,13 @@ def _float(value: Any, where: str) -> float:
         return float(value)
     except OverflowError:  # an integer too large for a float: JSON allows it
         raise ManifestError(f"{where}: number out of range") from None
+
+
+def _containers(v: Any, where: str) -> dict[str, JSON]:  # {path: "list" | "tuple" | "int" | [int keys]}
+    if not isinstance(v, dict) or not all(x in ("list", "tuple", "int") or isinstance(x, list) and all(
+            isinstance(k, str) for k in x) for x in v.values()):
+        raise ManifestError(f"{where}: expected an object of 'list', 'tuple', 'int' or lists of keys")
+    return v
 
 
 def check_tensor_path(path: str, where: str) -> str:
@@ -89,10 +94,8 @@ def check_version(d: Any, where: str) -> int:
     if version < 1:
         raise ManifestError(f"{where}: invalid format_version {version}")
     if version > FORMAT_VERSION:
-        raise ManifestError(
-            f"{where}: written with format version {version}, this library reads up to "
-            f"{FORMAT_VERSION}; upgrade the ckpt package to read it"
-        )
+        raise ManifestError(f"{where}: written with format version {version}, this library reads up to "
+                            f"{FORMAT_VERSION}; upgrade the ckpt package to read it")
     return version
 
 
@@ -205,6 +208,7 @@ class Fragment:
     values: dict[str, JSON] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     packs: tuple[str, ...] = ()  # layout "packs": this writer's pack files, by the records' pack index
+    containers: dict[str, JSON] = field(default_factory=dict)  # see Manifest.containers
 
     def to_dict(self) -> dict[str, JSON]:
         out = {
@@ -220,16 +224,16 @@ class Fragment:
         }
         if self.packs:
             out["packs"] = list(self.packs)
+        if self.containers:
+            out["containers"] = self.containers
         return out
 
     @classmethod
     def from_dict(cls, d: Any) -> Fragment:
         where = "fragment"
         version = check_version(d, where)
-        arrays = {}
-        for i, a in enumerate(_req(d, "arrays", list, where)):
-            spec = ArraySpec.from_dict(a, f"{where}.arrays[{i}]")
-            arrays[spec.path] = spec
+        specs = (ArraySpec.from_dict(a, f"{where}.arrays[{i}]") for i, a in enumerate(_req(d, "arrays", list, where)))
+        arrays = {spec.path: spec for spec in specs}
         chunks = {}
         for p, cs in _req(d, "chunks", dict, where).items():
             if not isinstance(cs, list):
@@ -252,6 +256,7 @@ class Fragment:
             values=_req(d, "values", dict, where),
             format_version=version,
             packs=tuple(packs),
+            containers=_containers(d.get("containers", {}), f"{where}.containers"),
         )
 
 
@@ -281,6 +286,9 @@ class Manifest:
     # common layouts (FSDP's Shard(0), a tensor written whole by one replica).
     writer_runs: dict[str, tuple[tuple[int, int, int, int, int], ...]] = field(default_factory=dict)
     varying_values: tuple[str, ...] = ()  # values whose per-writer copy is in the writer's fragment
+    # Containers of tensors that are not dicts with str keys, by path ("" the root): "list",
+    # "tuple", "int" (all keys ints) or the int keys of a mixed dict (ckpt.state.container_kinds).
+    containers: dict[str, JSON] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -306,6 +314,8 @@ class Manifest:
                 out["writer_runs"] = {p: [list(r) for r in runs] for p, runs in self.writer_runs.items()}
             if self.varying_values:
                 out["varying_values"] = list(self.varying_values)
+            if self.containers:
+                out["containers"] = self.containers
         return out
 
     @classmethod
@@ -338,6 +348,7 @@ class Manifest:
             layout=_req(d, "layout", str, where) if version >= 3 else "chunks",
             writer_runs=_runs_from_json(d.get("writer_runs", {}), f"{where}.writer_runs", len(writers)),
             varying_values=tuple(_str_list(d.get("varying_values", []), f"{where}.varying_values")),
+            containers=_containers(d.get("containers", {}), f"{where}.containers"),
         )
 
 
