@@ -81,3 +81,13 @@ __all__ = [
     "StorageError",
     "UnsupportedValueError",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``ckpt.dcp`` and ``ckpt.hf`` (the bridges) are imported on first use: ``import ckpt``
+    stays free of torch.distributed.checkpoint and transformers."""
+    if name in ("dcp", "hf"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ckpt' has no attribute {name!r}")
