@@ -53,7 +53,11 @@ def read_source(source: Storage) -> Metadata:
                 if names else "")
         raise CheckpointNotFoundError(f"{source.url} is not a DCP checkpoint: it has no {METADATA_FILE}{hint}; "
                                       "a DCP checkpoint folder holds .metadata and __R_N.distcp files") from None
-    return load_metadata(data, f"{source.url}/{METADATA_FILE}")
+    md = load_metadata(data, f"{source.url}/{METADATA_FILE}")
+    if not isinstance(md.storage_data, dict):
+        raise FormatError(f"{source.url}/{METADATA_FILE} records no file locations (storage data of type "
+                          f"{type(md.storage_data).__name__}): it was not written by DCP's FileSystemWriter")
+    return md
 
 
 def _location(md: Metadata, index: Any, sizes: dict[str, int | None], source: Storage) -> tuple[str, int, int]:

@@ -95,6 +95,15 @@ def test_planted_malicious_metadata_is_refused(capsys, tmp_path, dcp_folder, mon
         ckpt.dcp.load_metadata(pickle.dumps({"a": print}))  # any global outside the allow-list
 
 
+def test_metadata_without_file_locations_is_refused(capsys, tmp_path, dcp_folder):
+    md = ckpt.dcp.load_metadata((dcp_folder / ".metadata").read_bytes())
+    md.storage_data = None  # what a writer other than FileSystemWriter may leave
+    (dcp_folder / ".metadata").write_bytes(pickle.dumps(md))
+    code, _, err = run(capsys, "import", "dcp", dcp_folder, tmp_path / "run", "--step", "1")
+    assert code == EXIT_CORRUPT and "no file locations" in one_error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
 def test_truncated_dcp_data_leaves_nothing(capsys, tmp_path, dcp_folder):
     data = dcp_folder / "__0_0.distcp"
     data.write_bytes(data.read_bytes()[:100])
