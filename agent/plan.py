@@ -61,6 +61,7 @@ def encode_plan(plan: SavePlan, base: torch.Tensor) -> str:
         "arrays": [a.to_dict() for a in plan.arrays.values()],
         "metadata": [a.path for a in plan.metadata],
         "values": plan.values,
+        "containers": plan.containers,
         "tensors": tensors,
         "requests": requests,
     }
@@ -156,4 +157,7 @@ def decode_plan(text: str | bytes, buffer: torch.Tensor) -> DecodedPlan:
     keys = [(r.path, r.index) for r in requests]
     if len(set(keys)) != len(keys):
         raise PlanError("plan.requests: a chunk appears twice")
-    return DecodedPlan(SavePlan(arrays, requests, metadata, doc["values"]), end)
+    containers = doc.get("containers", {})  # absent from a trainer older than container records
+    if not isinstance(containers, dict):
+        raise PlanError("plan.containers: expected an object")
+    return DecodedPlan(SavePlan(arrays, requests, metadata, doc["values"], containers), end)

@@ -44,6 +44,13 @@ def test_read_returns_the_tree_as_saved(tmp_path, layout):
     assert _same(ckpt.read(str(tmp_path)), state)
 
 
+def test_read_of_a_checkpointer_step_keeps_the_containers(tmp_path):
+    state = _state()
+    with ckpt.Checkpointer(str(tmp_path)) as c:
+        c.save(3, state, force=True).result(60)
+    assert _same(ckpt.read(str(tmp_path)), state)
+
+
 def test_container_kinds_recorded_once_and_compact():
     kinds = container_kinds(_state())
     assert kinds == {"model/layers": "list", "pair": "tuple", "optim/state": "int", "mixed": ["1"]}
