@@ -51,6 +51,14 @@ def test_version(capsys):
     assert code == 0 and out.strip() == f"ckpt {ckpt.__version__}"
 
 
+def test_agent_version(capsys):
+    from agent.cli import main as agent_main
+
+    with pytest.raises(SystemExit) as e:
+        agent_main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"ckpt-agent {ckpt.__version__}"
+
+
 def test_import_dcp_round_trip_and_existing_step(capsys, tmp_path, dcp_folder):
     code, out, err = run(capsys, "import", "dcp", dcp_folder, tmp_path / "run", "--step", "3", "--json")
     assert code == 0, err
