@@ -103,6 +103,9 @@ def _drain(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ckpt-agent", description="Node agent of ckpt: holds snapshots in shared "
                                 "memory, persists and replicates them, serves them back for restore.")
+    from ckpt.version import __version__
+
+    p.add_argument("--version", action="version", version=f"ckpt-agent {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the agent (SIGTERM drains, then stops)")
     s.add_argument("--config", help="TOML or JSON config file (flags override it)")

@@ -63,6 +63,7 @@ def _plan_doc(plan: SavePlan, base: torch.Tensor) -> dict[str, Any]:
         "arrays": [a.to_dict() for a in plan.arrays.values()],
         "metadata": [a.path for a in plan.metadata],
         "values": plan.values,
+        "containers": plan.containers,
         "tensors": tensors,
         "requests": requests,
     }
@@ -231,4 +232,7 @@ def _decode(doc: Any, buffer: torch.Tensor) -> DecodedPlan:
     keys = [(r.path, r.index) for r in requests]
     if len(set(keys)) != len(keys):
         raise PlanError("plan.requests: a chunk appears twice")
-    return DecodedPlan(SavePlan(arrays, requests, metadata, doc["values"]), end)
+    containers = doc.get("containers", {})  # absent from a trainer older than container records
+    if not isinstance(containers, dict):
+        raise PlanError("plan.containers: expected an object")
+    return DecodedPlan(SavePlan(arrays, requests, metadata, doc["values"], containers), end)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .api import load, save
+from .api import load, read, save
 from .checkpointer import Checkpointer, CheckpointerConfig, CheckpointerStatus, SnapshotHandle, SnapshotState
 from .commit import commit
 from .errors import (
@@ -33,6 +33,7 @@ __all__ = [
     "__version__",
     "save",
     "load",
+    "read",
     "Sharded",
     "Checkpointer",
     "CheckpointerConfig",
@@ -80,3 +81,13 @@ __all__ = [
     "StorageError",
     "UnsupportedValueError",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``ckpt.dcp`` and ``ckpt.hf`` (the bridges) are imported on first use: ``import ckpt``
+    stays free of torch.distributed.checkpoint and transformers."""
+    if name in ("dcp", "hf"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ckpt' has no attribute {name!r}")

@@ -1,16 +1,20 @@
-"""``ckpt.save`` and ``ckpt.load``: the public, collective entry points, and nothing else.
+"""``ckpt.save``, ``ckpt.load`` and ``ckpt.read``: the public entry points, and nothing else.
 
 Save:  ``ckpt.plan.plan_save`` (pure) -> ``ckpt.commit.persist`` (every rank: chunks, then its
 fragment) -> ``ckpt.commit.commit`` (rank 0 validates coverage and writes the commit point).
 Load:  ``ckpt.plan.plan_load`` (pure: which chunks overlap each destination shard) ->
 ``ckpt.io.execute_load``.
+Read:  every (selected) array read whole into a new tensor by the same executor, the values
+decoded, and the tree rebuilt with the containers the manifest records (``ckpt.state.unflatten``).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,11 +23,15 @@ from . import format as fmt
 from .commit import commit
 from .consolidate import consolidate
 from .dist import Group
-from .errors import CheckpointExistsError, CkptError
-from .io import DEFAULT_IO_THREADS, execute_load, write_plan, writer_values
-from .layout import Sharded
+from .dtypes import info_by_name
+from .errors import CheckpointExistsError, CheckpointNotFoundError, CkptError
+from .io import DEFAULT_IO_THREADS, ChunkExpectation, execute_load, read_chunks, write_plan, writer_values
+from .layout import Piece, Sharded, whole
+from .layouts import ChunkLayout, Locator
 from .manifest import Manifest
 from .plan import DEFAULT_MAX_CHUNK_BYTES, plan_load, plan_save
+from .planning import plan_array_reads
+from .state import decode_value, unflatten
 from .storage import RetryPolicy, Storage, open_storage
 from .version import library_versions
 
@@ -55,7 +63,9 @@ def _average_replicas(state_dict: Any) -> Any:
             return items if any(items[k] is not v for k, v in x.items()) else x
         if isinstance(x, (list, tuple)):
             seq = [visit(v) for v in x]
-            return seq if any(a is not b for a, b in zip(seq, x)) else x
+            if not any(a is not b for a, b in zip(seq, x)):
+                return x
+            return tuple(seq) if isinstance(x, tuple) else seq
         return x
 
     return visit(state_dict)
@@ -202,3 +212,53 @@ def load(
     with _progress_bar(progress and group.rank == 0, plan.nbytes, f"load step {step}") as bar:
         execute_load(storage, state_dict, plan, allow_pickle=allow_pickle, threads=io_threads, progress=bar.update)
     return step
+
+
+# ---------------------------------------------------------------------------------------------
+# Read
+
+
+def read(
+    url: str | os.PathLike[str] | Storage,
+    *,
+    step: int | None = None,
+    include: str | Sequence[str] | None = None,
+    allow_pickle: bool = False,
+    io_threads: int = DEFAULT_IO_THREADS,
+    storage_options: dict[str, Any] | None = None,
+    retry: RetryPolicy | None = None,
+    progress: bool = False,
+) -> Any:
+    """Read checkpoint ``step`` (default: newest committed) without a template: the nested dict
+    of tensors (global shapes, on CPU) and values as they were saved. Lists, tuples and int keys
+    come back as such where the checkpoint records them (older checkpoints: dicts with str keys).
+
+    ``include``: globs on the paths (``"model/*"``; ``fnmatch``, so ``*`` also matches ``/``);
+    a list or tuple some of whose elements are left out comes back as a dict with int keys.
+    Every chunk is checked as by :func:`load`; values that would run code to decode need
+    ``allow_pickle``. Per-writer values come back as the first writer saved them.
+    """
+    storage = open_storage(url, storage_options=storage_options, retry=retry)
+    manifest = fmt.read_manifest(storage, step)
+    globs = [include] if isinstance(include, str) else list(include or ())
+
+    def wanted(path: str) -> bool:
+        return not globs or any(fnmatch.fnmatchcase(path, g) for g in globs)
+
+    arrays = {p: a for p, a in manifest.arrays.items() if wanted(p)}
+    values = {p: v for p, v in manifest.values.items() if wanted(p)}
+    if globs and not arrays and not values:
+        raise CheckpointNotFoundError(f"nothing in step {manifest.step} of {storage.url} matches include={globs}; "
+                                      "`ckpt inspect` lists the paths")
+    dtypes = {p: info_by_name(a.dtype).torch_dtype for p, a in arrays.items()}
+    tensors = {p: torch.empty(a.shape, dtype=dtypes[p]) for p, a in arrays.items()}
+    requests = [r for p, a in arrays.items()
+                for r in plan_array_reads(p, a, tensors[p], [Piece(whole(a.shape), (0,) * len(a.shape))])]
+    locator = Locator(storage, manifest.step, ChunkLayout.of(manifest), manifest.arrays)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with _progress_bar(progress, total, f"read step {manifest.step}") as bar:
+        read_chunks(storage, locator, requests, lambda r: ChunkExpectation(dtypes[r.path]), threads=io_threads,
+                    progress=bar.update)
+    leaves: dict[str, Any] = dict(tensors)
+    leaves.update({p: decode_value(v, allow_pickle=allow_pickle, where=p) for p, v in values.items()})
+    return unflatten(dict(sorted(leaves.items())), manifest.containers)

@@ -61,10 +61,10 @@ class CapturePlan:
 
     @classmethod
     def build(cls, key: tuple, leaves: list[tuple[str, Any, bool]], values: dict[str, Any], *,
-              rank: int, world: int, max_chunk_bytes: int) -> CapturePlan:
+              rank: int, world: int, max_chunk_bytes: int, containers: dict[str, Any] | None = None) -> CapturePlan:
         items = [TensorItem(path, *layout_of(leaf, rank=rank, world=world)) for path, leaf, is_tensor in leaves
                  if is_tensor]
-        plan = plan_items(items, values, max_chunk_bytes=max_chunk_bytes)
+        plan = replace(plan_items(items, values, max_chunk_bytes=max_chunk_bytes), containers=containers or {})
         written = {id(r.tensor) for r in plan.requests}
         mine_idx = [i for i, it in enumerate(items) if id(it.tensor) in written]
         position = {id(items[i].tensor): n for n, i in enumerate(mine_idx)}

@@ -51,7 +51,7 @@ from .restore import RestoreReport, RestoreSource, restore_report
 from .retention import RetentionPolicy, run_gc
 from .sink import InProcessSink, PersistJob, Sink, SinkConfig, open_sink
 from .staging import StageJob, Stager
-from .state import encode_value, flatten
+from .state import container_kinds, encode_value, flatten
 from .stateful import CachedExpander, expand
 from .storage import open_storage
 from .version import library_versions
@@ -251,8 +251,9 @@ class Checkpointer:
         # slab, its host views and write requests; only the values and the sources are new.
         plan = self._plan
         if plan is None or plan.key != key:
-            plan = self._plan = CapturePlan.build(key, leaves, values, rank=self.group.rank,
-                                                  world=self.group.world, max_chunk_bytes=cfg.max_chunk_bytes)
+            plan = self._plan = CapturePlan.build(key, leaves, values, rank=self.group.rank, world=self.group.world,
+                                                  max_chunk_bytes=cfg.max_chunk_bytes,
+                                                  containers=container_kinds(expanded.tree))
         return plan, tensors, values
 
     def _capture(self, step: int, state: dict[str, Any], handle: SnapshotHandle) -> None:
@@ -301,7 +302,7 @@ class Checkpointer:
                 groups[owner].append((src, dst))
                 if src.device.type == "cuda" and ready is None:
                     ready = torch.cuda.current_stream(src.device).record_event()
-        host_plan = SavePlan(plan.plan.arrays, host_requests, plan.plan.metadata, values)
+        host_plan = SavePlan(plan.plan.arrays, host_requests, plan.plan.metadata, values, plan.plan.containers)
         job = PersistJob(step=step, save_id=save_id(self.run_id, step), writer=self.writer, writers=self.writers,
                          plan=host_plan, committer=self.group.rank == 0 and cfg.commit_by == "rank0", release=lambda: pool.release(slab), slab=slab)
         job.persisted.add_done_callback(lambda f: chain(f, handle.persisted))

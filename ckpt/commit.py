@@ -268,6 +268,7 @@ def write_commit_point(storage: Storage, step: int, writers: Sequence[str], outc
         layout=outcome.layout,
         writer_runs=outcome.writer_runs,
         varying_values=outcome.varying_values,
+        containers=outcome.containers,
     )
     storage.write_atomic(f"{sdir}/{META}", dumps(seal_root(commit_document(manifest))))
     return manifest

@@ -95,17 +95,26 @@ def consolidate(storage: Storage, step: int, *, threads: int = 8, durable: bool 
         return manifest
     locator = Locator(storage, step, ChunkLayout.of(manifest), manifest.arrays)
     sdir = fmt.step_dir(step)
+    # Durable before the commit point switches: one barrier for every file where the storage
+    # has one (a syncfs), else an fsync per file.
+    defer = durable and storage.can_sync
+    per_file = durable and not defer
 
-    def write_array(spec: ArraySpec) -> None:
+    def write_array(spec: ArraySpec) -> list[str]:
+        paths = [fmt.array_metadata_path(step, spec)]
         if spec.num_chunks:
             parts = _ShardParts(storage, locator, spec, info_by_name(spec.dtype).itemsize, progress)
-            storage.write(f"{sdir}/{shard_key(spec)}", parts, durable=durable)
-        storage.write(fmt.array_metadata_path(step, spec), [fmt.dumps(fmt.zarr_array_document(spec, shards=True))],
-                      durable=durable)
+            paths.append(f"{sdir}/{shard_key(spec)}")
+            storage.write(paths[-1], parts, durable=per_file)
+        storage.write(paths[0], [fmt.dumps(fmt.zarr_array_document(spec, shards=True))], durable=per_file)
+        return paths
 
-    _map(write_array, list(manifest.arrays.values()), threads, None, lambda _s: 0)
+    written = [p for ps in _map(write_array, list(manifest.arrays.values()), threads, None, lambda _s: 0) for p in ps]
     for g in intermediate_groups(manifest.arrays):
-        storage.write(f"{sdir}/{g}/{fmt.META}", [fmt.dumps(fmt.group_document())], durable=durable)
+        written.append(f"{sdir}/{g}/{fmt.META}")
+        storage.write(written[-1], [fmt.dumps(fmt.group_document())], durable=per_file)
+    if defer and written:
+        storage.sync(written)
     new = replace(manifest, layout=SHARDS, writer_runs={})
     storage.write_atomic(f"{sdir}/{fmt.META}", fmt.dumps(fmt.seal_root(commit_document(new))))
     storage.delete(f"{sdir}/{fmt.PACKS}", recursive=True)

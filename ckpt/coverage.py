@@ -17,7 +17,7 @@ the coordinator's registry feeds fragments as writers announce them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,7 @@ class Outcome:
     writer_runs: dict[str, tuple[Run, ...]]
     values: dict[str, Any]
     varying_values: tuple[str, ...]
+    containers: dict[str, Any] = field(default_factory=dict)  # the first fragment's (see Manifest.containers)
 
 
 class CommitBuilder:
@@ -65,6 +66,7 @@ class CommitBuilder:
         self.added: set[str] = set()
         self.problems: list[str] = []
         self._values: dict[str, Any] | None = None
+        self._containers: dict[str, Any] = {}
         self._varying: set[str] = set()
         self._packed = self._unpacked = False
         # writer -> {pack name: the byte its chunks need the pack to reach}: checked against storage
@@ -110,6 +112,7 @@ class CommitBuilder:
             self._unpacked = True
         if self._values is None:
             self._values = frag.values
+            self._containers = frag.containers
         else:
             self._varying.update(k for k, v in frag.values.items() if self._values.get(k, _MISSING) != v)
             self._varying.update(k for k in self._values if k not in frag.values)
@@ -190,4 +193,4 @@ class CommitBuilder:
         runs = ({p: encode_runs(o) for p, o in self._owners.items() if len(o)}
                 if layout == PACKS and not problems else {})
         return Outcome(dict(sorted(self.arrays.items())), problems, layout, runs, self._values or {},
-                       tuple(sorted(self._varying)))
+                       tuple(sorted(self._varying)), self._containers)

@@ -59,3 +59,8 @@ class StorageError(CkptError, OSError):
 
 class UnsupportedValueError(CkptError, TypeError):
     """A non-tensor value cannot be stored as JSON and pickling was not allowed."""
+
+
+class UnsafeCheckpointError(FormatError):
+    """A checkpoint from elsewhere asks to run code to be read (a pickle naming a global outside
+    the allow-list); refused before any of it is used."""

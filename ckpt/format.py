@@ -173,7 +173,10 @@ def zarr_array_document(spec: ArraySpec, *, shards: bool = False) -> dict:
     attrs = {MANIFEST_KEY: {"dtype": spec.dtype, "layout": spec.layout}}
     doc = array_metadata(spec, info.zarr_name, info.fill_value, codecs_for(info), attrs)
     if shards:
-        doc["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": [max(1, s) for s in spec.shape]}}
+        # The shard covers whole inner chunks (zarr's sharding codec requires it): at a ragged
+        # array edge it extends past the array, as the last chunk of a regular grid does.
+        outer = [max(1, g) * c for g, c in zip(spec.grid_shape, spec.chunk_shape)]
+        doc["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": outer}}
         doc["chunk_key_encoding"] = {"name": "default", "configuration": {"separator": "/"}}
         doc["codecs"] = [{"name": "sharding_indexed", "configuration": {
             "chunk_shape": list(spec.chunk_shape), "codecs": codecs_for(info),

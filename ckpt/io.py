@@ -26,7 +26,7 @@ from .chunks import CRC_BYTES, as_bytes
 from .errors import CorruptCheckpointError, FormatError
 from .layouts import Location, Locator
 from .manifest import ChunkRecord, Fragment, Manifest
-from .plan import LoadPlan, pack_slots, plan_load, request_nbytes
+from .plan import LoadPlan, SavePlan, pack_slots, plan_load, request_nbytes
 from .planning import ReadRequest, WriteRequest
 from .restore import read_chunk as read_stored_chunk
 from .state import decode_value, set_leaf
@@ -132,7 +132,7 @@ DEFAULT_IO_THREADS = 8
 
 def write_plan(
     storage: Storage,
-    plan: Any,  # a ckpt.plan.SavePlan (arrays, requests, metadata, values)
+    plan: SavePlan,
     *,
     step: int,
     writer: str,
@@ -178,6 +178,7 @@ def write_plan(
         chunks={p: tuple(r) for p, r in records.items()},
         values=plan.values,
         packs=packs,
+        containers=plan.containers,
     )
     fmt.write_fragment(storage, fragment)
     return fragment

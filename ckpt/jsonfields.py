@@ -56,3 +56,10 @@ def _str_list(v: Any, where: str) -> list[str]:
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise ManifestError(f"{where}: expected a list of strings")
     return v
+
+
+def _containers(v: Any, where: str) -> dict[str, Any]:  # {path: "list" | "tuple" | "int" | [int keys]}
+    if not isinstance(v, dict) or not all(x in ("list", "tuple", "int") or isinstance(x, list) and all(
+            isinstance(k, str) for k in x) for x in v.values()):
+        raise ManifestError(f"{where}: expected an object of 'list', 'tuple', 'int' or lists of keys")
+    return v

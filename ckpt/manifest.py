@@ -16,7 +16,9 @@ chunks in a few pack files; each chunk's pack and offset in its writer's fragmen
 holds which chunk in ``writer_runs``) or ``shards`` (one zarr shard per array, consolidated);
 per-writer values move from the commit point to the writers' fragments (``varying_values``
 names them), and the writer list of ranks 0..N-1 is stored as its count: the commit point is
-O(arrays) whatever the number of writers.
+O(arrays) whatever the number of writers. Within version 3, ``containers`` (optional; older
+readers ignore it) records the containers the tensors sit in that are not dicts with str keys
+(lists, tuples, int keys), so a reader without a template rebuilds the tree as it was saved.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .jsonfields import (  # noqa: F401 - ManifestError is part of this module's
     _float,
     _int_tuple,
     _nonnegative_ints,
+    _containers,
     _req,
     _str_list,
 )
@@ -59,10 +62,8 @@ def check_version(d: Any, where: str) -> int:
     if version < 1:
         raise ManifestError(f"{where}: invalid format_version {version}")
     if version > FORMAT_VERSION:
-        raise ManifestError(
-            f"{where}: written with format version {version}, this library reads up to "
-            f"{FORMAT_VERSION}; upgrade the ckpt package to read it"
-        )
+        raise ManifestError(f"{where}: written with format version {version}, this library reads up to "
+                            f"{FORMAT_VERSION}; upgrade the ckpt package to read it")
     return version
 
 
@@ -185,6 +186,7 @@ class Fragment:
     values: dict[str, JSON] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     packs: tuple[str, ...] = ()  # layout "packs": this writer's pack files, by the records' pack index
+    containers: dict[str, JSON] = field(default_factory=dict)  # see Manifest.containers
 
     def to_dict(self) -> dict[str, JSON]:
         out = {
@@ -200,6 +202,8 @@ class Fragment:
         }
         if self.packs:
             out["packs"] = list(self.packs)
+        if self.containers:
+            out["containers"] = self.containers
         return out
 
     @classmethod
@@ -241,6 +245,7 @@ class Fragment:
             values=_req(d, "values", dict, where),
             format_version=version,
             packs=tuple(packs),
+            containers=_containers(d.get("containers", {}), f"{where}.containers"),
         )
 
 
@@ -270,6 +275,9 @@ class Manifest:
     # common layouts (FSDP's Shard(0), a tensor written whole by one replica).
     writer_runs: dict[str, tuple[tuple[int, int, int, int, int], ...]] = field(default_factory=dict)
     varying_values: tuple[str, ...] = ()  # values whose per-writer copy is in the writer's fragment
+    # Containers of tensors that are not dicts with str keys, by path ("" the root): "list",
+    # "tuple", "int" (all keys ints) or the int keys of a mixed dict (ckpt.state.container_kinds).
+    containers: dict[str, JSON] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -295,6 +303,8 @@ class Manifest:
                 out["writer_runs"] = {p: [list(r) for r in runs] for p, runs in self.writer_runs.items()}
             if self.varying_values:
                 out["varying_values"] = list(self.varying_values)
+            if self.containers:
+                out["containers"] = self.containers
         return out
 
     @classmethod
@@ -327,6 +337,7 @@ class Manifest:
             layout=_req(d, "layout", str, where) if version >= 3 else "chunks",
             writer_runs=_runs_from_json(d.get("writer_runs", {}), f"{where}.writer_runs", len(writers)),
             varying_values=tuple(_str_list(d.get("varying_values", []), f"{where}.varying_values")),
+            containers=_containers(d.get("containers", {}), f"{where}.containers"),
         )
 
 

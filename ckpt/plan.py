@@ -10,7 +10,7 @@ Array-level geometry (chunk grids, requests) is in ``ckpt.planning``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from .layout import Sharded, TensorLayout, layout_of
 from .layouts import ChunkLayout
 from .manifest import ArraySpec, Manifest
 from .planning import ReadRequest, WriteRequest, chunk_shape_for, plan_array_reads, plan_array_writes
-from .state import encode_value, flatten
+from .state import container_kinds, encode_value, flatten
 
 DEFAULT_MAX_CHUNK_BYTES = 16 << 20
 # A writer's chunks go into packs of about this size (more than one only for a large part, so
@@ -47,6 +47,7 @@ class SavePlan:
     requests: list[WriteRequest]
     metadata: list[ArraySpec]  # arrays whose zarr.json this process writes (it owns chunk 0)
     values: dict[str, Any] = field(default_factory=dict)
+    containers: dict[str, Any] = field(default_factory=dict)  # ckpt.state.container_kinds of the state
 
     @property
     def nbytes(self) -> int:
@@ -112,7 +113,8 @@ def plan_save(
 ) -> SavePlan:
     """Pure: from a state dict and its layout to write requests. No I/O, no collectives."""
     items, values = split_state(state_dict, rank=rank, world=world, allow_pickle=allow_pickle)
-    return plan_items(items, values, max_chunk_bytes=max_chunk_bytes)
+    plan = plan_items(items, values, max_chunk_bytes=max_chunk_bytes)
+    return replace(plan, containers=container_kinds(state_dict))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -290,7 +290,7 @@ def reshard(
             step=step_out, save_id=save_id, writer=w, created_at=time.time(),
             arrays=specs if i == 0 else {},
             chunks={p: tuple(r) for p, r in records.items() if r} if i == 0 else {},
-            values=values,
+            values=values, containers=manifest.containers,
         ))
     from .version import library_versions
 

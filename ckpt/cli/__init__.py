@@ -1,4 +1,5 @@
-"""The ``ckpt`` command: list, inspect, verify, reshard, export and garbage-collect checkpoints.
+"""The ``ckpt`` command: list, inspect, verify, reshard, export, import and garbage-collect
+checkpoints.
 
 Exit codes (also in ``ckpt --help`` and docs/cli.md):
 
@@ -15,8 +16,9 @@ stderr is a terminal or with ``--progress``.
 
 The package: :mod:`ckpt.cli.common` (exit codes, output helpers, opening a run), one module
 per group of commands (:mod:`~ckpt.cli.browse`: ls, inspect; :mod:`~ckpt.cli.check`: verify;
-:mod:`~ckpt.cli.rewrite`: reshard, export; :mod:`~ckpt.cli.prune`: gc), and here the parser,
-the mapping of exceptions to exit codes, and :func:`main`.
+:mod:`~ckpt.cli.rewrite`: reshard, export; :mod:`~ckpt.cli.bridge`: import, export to DCP and
+Hugging Face folders; :mod:`~ckpt.cli.prune`: gc), and here the parser, the mapping of
+exceptions to exit codes, and :func:`main`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from ..errors import (
     UnsupportedValueError,
 )
 from ..manifest import ManifestError
+from ..version import __version__
+from .bridge import cmd_import
 from .browse import cmd_inspect, cmd_ls, layout_summary
 from .check import cmd_verify
 from .common import (
@@ -149,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[_common(json_flag=False)],
     )
+    parser.add_argument("--version", action="version", version=f"ckpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -204,27 +209,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a committed step of the same number in OUT")
     threads(p)
 
-    p = add("export", "export consolidated tensors to safetensors or torch.save", cmd_export,
-            "Write every tensor of step N with its global shape, keyed by its path, to one file. safetensors is "
-            "streamed block by block. torch: torch.save needs every tensor at once, so tensors are staged in a "
+    p = add("export", "export tensors to safetensors, torch.save, a DCP or a Hugging Face folder", cmd_export,
+            "Write every tensor of step N with its global shape. safetensors: one file, keyed by path, streamed "
+            "block by block. torch: torch.save needs every tensor at once, so tensors are staged in a "
             "memory-mapped temp file beside OUT (needs free disk for twice the output while running; anonymous "
             "memory stays about one block, the mapped pages are reclaimable page cache). Non-tensor values go "
-            "into __ckpt_values__ (safetensors metadata, as a JSON string; a dict entry for torch).")
+            "into __ckpt_values__ (safetensors metadata, as a JSON string; a dict entry for torch). dcp: a folder "
+            "stock dcp.load reads (values included). hf: a Hugging Face folder (model.safetensors, or shards and "
+            "model.safetensors.index.json) of the tensors under model/, tied weights once.")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--step", type=_nonneg_int, help="step to export (default: newest committed)")
-    p.add_argument("--format", choices=["safetensors", "torch"],
+    p.add_argument("--format", choices=["safetensors", "torch", "dcp", "hf"],
                    help="output format (default: from OUT's extension: .safetensors, or .pt/.pth/.bin)")
-    p.add_argument("out", metavar="OUT", help="output file (local path or fsspec URL)")
+    p.add_argument("out", metavar="OUT", help="output file, or folder for dcp and hf (local path; a file may be an "
+                                              "fsspec URL)")
     p.add_argument("--include", action="append", metavar="GLOB",
-                   help="only tensors (and values) whose path matches, repeatable (e.g. 'model/*')")
+                   help="only tensors (and values) whose path matches, repeatable (e.g. 'model/*'; hf: default "
+                        "PREFIX*)")
     p.add_argument("--dtype", help="convert floating-point tensors to this dtype (bfloat16, float16, float32, ...)")
-    p.add_argument("--strip-prefix", default="", metavar="PREFIX",
-                   help="remove PREFIX from the keys (e.g. 'model/' for a plain model state dict)")
+    p.add_argument("--strip-prefix", default=None, metavar="PREFIX",
+                   help="remove PREFIX from the keys (e.g. 'model/' for a plain model state dict; hf: default "
+                        "'model/', '' keeps the paths)")
     p.add_argument("--no-values", action="store_true", help="tensors only: leave out non-tensor values")
+    p.add_argument("--max-shard-size", type=_bytes_arg, metavar="SIZE",
+                   help="hf: the largest safetensors file (default 5GB; a larger tensor gets a file of its own)")
+    p.add_argument("--config", metavar="FILE",
+                   help="hf: the model's config.json, copied into the folder (tied weights are found from it; "
+                        "default: OUT/config.json, or the config an hf import kept)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="dcp: also write values that ckpt stored pickled (decoding them runs their code)")
     p.add_argument("--buffer-bytes", type=_bytes_arg, default=256 << 20, metavar="BYTES",
                    help="host buffer for one block of one tensor (default 256MiB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     threads(p)
+
+    p = add("import", "import a DCP or Hugging Face checkpoint as a step of a run", cmd_import,
+            "Write the checkpoint SRC (a folder or URL) as committed step N of RUN, bit for bit, then consolidate "
+            "it (--layout shards; packs: ckpt-readable only, half the I/O). dcp: a dcp.save folder (.metadata + "
+            "__R_N.distcp); its .metadata is unpickled with an allow-list of the globals such a file uses, any "
+            "other is refused; tensors are read with torch.load(weights_only=True); values become JSON, or stay "
+            "opaque bytes that need allow_pickle to read. hf: a save_pretrained folder (model.safetensors, or "
+            "shards named by model.safetensors.index.json); tensors become PREFIX<name>, tied weights are written "
+            "under every name model.state_dict() has. A failure leaves nothing behind.", json_flag=False)
+    isub = p.add_subparsers(dest="source_format", metavar="FORMAT", parser_class=_Parser)
+    isub.required = True
+    for form, text in (("dcp", "a torch.distributed.checkpoint folder"), ("hf", "a Hugging Face save_pretrained folder")):
+        q = isub.add_parser(form, help=text, description=p.description, parents=[_common(True)],
+                            epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        q.set_defaults(func=cmd_import)
+        q.add_argument("src", metavar="SRC", help=f"{text} (local path or fsspec URL)")
+        q.add_argument("run", metavar="RUN")
+        q.add_argument("--step", type=_nonneg_int, required=True, help="the step number to write")
+        q.add_argument("--layout", choices=["shards", "packs"], default="shards",
+                       help="shards (default): consolidated, any zarr v3 reader opens it; packs: read by ckpt")
+        q.add_argument("--overwrite", action="store_true", help="replace a committed step of the same number")
+        q.add_argument("--max-chunk-bytes", type=_bytes_arg, metavar="BYTES", help="largest chunk (default 16MiB)")
+        q.add_argument("--buffer-bytes", type=_bytes_arg, default=256 << 20, metavar="BYTES",
+                       help="host buffer for one block of one tensor (default 256MiB)")
+        threads(q)
+        if form == "hf":
+            q.add_argument("--prefix", default="model/", help="prefix of the array paths (default 'model/')")
+            q.add_argument("--no-tied", action="store_true",
+                           help="write only the tensors the folder holds (not the tied names it left out)")
 
     p = add("consolidate", "make a step readable by any zarr v3 reader", cmd_consolidate,
             "Rewrite step N (default: the newest committed; --all: every committed step) from per-writer packs "
@@ -324,6 +370,7 @@ __all__ = [
     "build_parser",
     "cmd_export",
     "cmd_gc",
+    "cmd_import",
     "cmd_inspect",
     "cmd_ls",
     "cmd_reshard",

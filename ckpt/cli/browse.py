@@ -96,6 +96,11 @@ def layout_summary(layout: dict[str, Any]) -> str:
         if layout.get("averaged"):
             text += " averaged"
         return text
+    if kind == "imported":
+        tied = f" (tied to {layout['tied_to']})" if layout.get("tied_to") else ""
+        return f"imported from {layout.get('from', '?')}{tied}"
+    if kind == "dcp":
+        return "dcp.save"
     if kind == "resharded":
         return f"resharded {layout.get('target')}" + (" (replicated)" if layout.get("replicated") else "")
     return short_json(layout, 60)

@@ -1,5 +1,5 @@
 """``ckpt reshard`` and ``ckpt export``: a committed step written anew, as another checkpoint
-or as one file of consolidated tensors.
+or as one file of consolidated tensors (folders for DCP and Hugging Face: ``ckpt.cli.bridge``).
 
 Both check what they can before reading any tensor (the target layout, the output format,
 the output path, the selection of tensors), so that bad input is a usage error at once and
@@ -87,7 +87,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     if form is None:
         form = _EXTENSIONS.get(os.path.splitext(args.out)[1].lower())
         if form is None:
-            raise UsageError("cannot tell the format from OUT's extension; pass --format safetensors or --format torch")
+            raise UsageError("cannot tell the format from OUT's extension; pass --format safetensors, torch, dcp or hf")
+    if form in ("dcp", "hf"):
+        from .bridge import cmd_export_folder
+
+        return cmd_export_folder(args, form)
+    if args.max_shard_size or args.config or args.allow_pickle:
+        raise UsageError("--max-shard-size and --config are for --format hf, --allow-pickle for --format dcp")
+    args.strip_prefix = args.strip_prefix or ""
     cast = None
     if args.dtype is not None:
         try:

@@ -16,7 +16,7 @@ PACKAGES = ("ckpt", "agent", "recovery")
 CKPT_LAYERS: list[tuple[str, ...]] = [
     ("ckpt", "ckpt.cli", "ckpt.cli.*", "ckpt.demo", "ckpt.testing", "ckpt.testing.*", "ckpt.integrations",
      "ckpt.integrations.*", "ckpt.dcp", "ckpt.dcp.*", "ckpt.hf", "ckpt.hf.*"),  # entry points, suites, bridges
-    ("ckpt.api", "ckpt.reshard", "ckpt.export", "ckpt.verify", "ckpt.verify.*", "ckpt.verify_metadata", "ckpt.verify_report"),
+    ("ckpt.api", "ckpt.reshard", "ckpt.export", "ckpt.ingest", "ckpt.verify", "ckpt.verify.*", "ckpt.verify_metadata", "ckpt.verify_report"),
     ("ckpt.checkpointer",),
     ("ckpt.capture", "ckpt.config", "ckpt.handles", "ckpt.staging", "ckpt.stateful", "ckpt.retention",
      "ckpt.consolidate"),
