@@ -407,12 +407,13 @@ def restore_planning(n: int, st: Any, sim: SimulatedWriters) -> None:
 
 
 def commit_point_reads(n: int, cp_bytes: int, per_node: int = 8) -> None:
-    # Every writer waits for its save's commit by reading the commit point (ckpt.commit.wait_for_commit;
-    # an agent reads it once more to serve restores from memory): counted from the protocol.
+    # Counted from the protocol: a node agent waits for a step's commit once for all its writers
+    # and reads the commit point once more to serve restores from memory (agent.daemon.core);
+    # without agents, each writer's in-process sink reads it once (ckpt.commit.wait_for_commit).
     nodes = max(1, n // per_node)
-    figure("commit_point_bytes_read_per_checkpoint", n, n * cp_bytes, "bytes", nodes * cp_bytes,
-           False, readers=n, target_readers=nodes,
-           how="derived: each writer reads the commit point at least once per checkpoint; target: once per node")
+    figure("commit_point_bytes_read_per_checkpoint", n, 2 * nodes * cp_bytes, "bytes", 2 * nodes * cp_bytes, True,
+           readers=2 * nodes, without_agents=n * cp_bytes,
+           how="derived: two reads per node with node agents; one per writer without")
 
 
 # -- main ----------------------------------------------------------------------------------------
