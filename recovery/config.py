@@ -25,12 +25,14 @@ class DetectConfig:
     agent_timeout_s: float = 30.0  # an agent silent this long: an agent failure
     # How often a node agent sends its ranks' heartbeats (and its own status) on to the
     # coordinator, in one call per node. None: 0.25 s, longer with many nodes so that the
-    # coordinator takes at most RELAY_CALLS_PER_S calls a second (10,000 ranks on 1,250 nodes:
-    # every 6.25 s; one relayed call costs the coordinator's process 0.3-1 ms of CPU).
+    # coordinator takes at most RELAY_CALLS_PER_S calls a second, and at most 1/2.5 of the hang
+    # and agent timeouts (10,000 ranks on 1,250 nodes at the default timeouts: every 12 s).
+    # One call costs the coordinator's process about 1 ms of CPU, most of it Ray's delivery of
+    # a call to an actor (0.56 ms for an empty call at this rate).
     # Checkpoint events (a save began, a fragment is durable) go on within 50 ms.
     relay_interval_s: float | None = None
 
-    RELAY_CALLS_PER_S = 200.0
+    RELAY_CALLS_PER_S = 100.0
 
     def __post_init__(self) -> None:
         for name in ("hang_timeout_s", "startup_timeout_s", "heartbeat_interval_s", "agent_timeout_s"):
@@ -45,7 +47,9 @@ class DetectConfig:
         """The node agents' relay interval for a job on ``nodes`` nodes."""
         if self.relay_interval_s is not None:
             return self.relay_interval_s
-        return max(0.25, nodes / self.RELAY_CALLS_PER_S)
+        # never so long that a hang or a silent agent is seen late or wrongly
+        cap = min(self.hang_timeout_s, self.agent_timeout_s) / 2.5
+        return max(0.25, min(cap, nodes / self.RELAY_CALLS_PER_S))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -192,9 +192,9 @@ class AgentFleet:
         remote = ray.remote(NodeAgent)
         detect = self.config.detect
         relay_s = detect.relay_interval(len(set(self.agents) | nodes))
-        if 3 * relay_s > min(detect.hang_timeout_s, detect.agent_timeout_s):
+        if 2 * relay_s > min(detect.hang_timeout_s, detect.agent_timeout_s):  # relay_interval_s set by hand
             log.warning("node agents relay heartbeats every %.1f s: hang_timeout_s (%g) and agent_timeout_s (%g) "
-                        "should be at least three times that", relay_s, detect.hang_timeout_s, detect.agent_timeout_s)
+                        "should be at least twice that", relay_s, detect.hang_timeout_s, detect.agent_timeout_s)
         new = {}
         for node in nodes - set(self.agents):
             new[node] = remote.options(
