@@ -266,6 +266,7 @@ def liveness(ranks_list: Sequence[int], window_s: float, per_node: int = 8) -> N
 
     from recovery.config import DetectConfig
     from recovery.coordinator import Coordinator
+    from recovery.fleet import RELAY_GROUP
 
     class Measured(Coordinator):
         def cpu(self) -> float:
@@ -278,22 +279,25 @@ def liveness(ranks_list: Sequence[int], window_s: float, per_node: int = 8) -> N
         ray.get(actor.ping.remote())
         for n in ranks_list:
             nodes = max(1, n // per_node)
-            interval = detect.relay_interval(nodes)
-            rate = nodes / interval  # calls a second reaching the coordinator
+            leaders = -(-nodes // RELAY_GROUP)
+            interval = detect.relay_interval(nodes, RELAY_GROUP)
+            rate = leaders / interval  # calls a second reaching the coordinator
             ray.get(actor.begin_attempt.remote(0, n))
             status = {"used_bytes": 1 << 30, "budget_bytes": 4 << 30, "snapshots": 16, "sessions": per_node,
                       "persist_queue": 0, "state": "ok"}
-            calls = int(rate * window_s)
+            calls = max(leaders, int(rate * window_s))
             step = 0
             c0, w0 = ray.get(actor.cpu.remote()), time.perf_counter()
             refs = []
             for i in range(calls):
-                node = i % nodes
-                if node == 0:
+                leader = i % leaders
+                if leader == 0:
                     step += 1
-                beats = [("heartbeat", (0, node * per_node + k, n, step, {"loss": 1.0}, f"node{node}", "run"))
-                         for k in range(per_node)]
-                refs.append(actor.relayed.remote(f"node{node}", status, beats))
+                group = range(leader * RELAY_GROUP, min(nodes, (leader + 1) * RELAY_GROUP))
+                batches = [(f"node{node}", status,
+                            [("heartbeat", (0, node * per_node + k, n, step, {"loss": 1.0}, f"node{node}", "run"))
+                             for k in range(per_node)]) for node in group]
+                refs.append(actor.relayed_many.remote(batches))
                 # pace the calls at the relay's rate
                 ahead = (i + 1) / rate - (time.perf_counter() - w0)
                 if ahead > 0:
@@ -306,8 +310,8 @@ def liveness(ranks_list: Sequence[int], window_s: float, per_node: int = 8) -> N
             cpu = ray.get(actor.cpu.remote()) - c0
             frac = cpu / wall
             figure("coordinator_cpu_liveness", n, round(frac, 4), "fraction of one core", 0.10, frac <= 0.10,
-                   nodes=nodes, relay_interval_s=round(interval, 3), calls_per_s=round(calls / wall, 1),
-                   heartbeats_per_s=round(calls * per_node / wall, 1),
+                   nodes=nodes, relay_groups=leaders, relay_interval_s=round(interval, 3),
+                   calls_per_s=round(calls / wall, 1), heartbeats_per_s=round(calls * nodes / leaders * per_node / wall, 1),
                    cpu_per_call_us=round(cpu / max(1, calls) * 1e6, 1))
         # The former design, for comparison: every rank calls the actor at 5 Hz on its own.
         n = ranks_list[0]

@@ -23,16 +23,16 @@ class DetectConfig:
     heartbeat_interval_s: float = 0.2  # ctx.report sends at most this often (and on a new checkpoint)
     storage_failure_limit: int = 3  # this many checkpoints failing in a row: a storage failure
     agent_timeout_s: float = 30.0  # an agent silent this long: an agent failure
-    # How often a node agent sends its ranks' heartbeats (and its own status) on to the
-    # coordinator, in one call per node. None: 0.25 s, longer with many nodes so that the
-    # coordinator takes at most RELAY_CALLS_PER_S calls a second, and at most 1/2.5 of the hang
-    # and agent timeouts (10,000 ranks on 1,250 nodes at the default timeouts: every 12 s).
-    # One call costs the coordinator's process about 1 ms of CPU, most of it Ray's delivery of
-    # a call to an actor (0.56 ms for an empty call at this rate).
-    # Checkpoint events (a save began, a fragment is durable) go on within 50 ms.
+    # How often a node agent sends its ranks' heartbeats (and its own status) on, in one call per
+    # node to the leader agent of its relay group, which sends its group's in one call to the
+    # coordinator. None: 0.25 s, longer with many groups so that the coordinator takes at most
+    # RELAY_CALLS_PER_S calls a second, and at most 1/5 of the hang and agent timeouts (two hops).
+    # 10,000 ranks on 1,250 nodes, 40 groups: every 2 s. One call costs the coordinator's process
+    # about 1 ms of CPU, most of it Ray's delivery of a call to an actor (0.56 ms for an empty
+    # call), plus a few microseconds per heartbeat. Checkpoint events go on within 50 ms a hop.
     relay_interval_s: float | None = None
 
-    RELAY_CALLS_PER_S = 100.0
+    RELAY_CALLS_PER_S = 20.0
 
     def __post_init__(self) -> None:
         for name in ("hang_timeout_s", "startup_timeout_s", "heartbeat_interval_s", "agent_timeout_s"):
@@ -43,13 +43,13 @@ class DetectConfig:
             raise ValueError(f"DetectConfig.storage_failure_limit must be an integer >= 1, "
                              f"got {self.storage_failure_limit!r}")
 
-    def relay_interval(self, nodes: int) -> float:
-        """The node agents' relay interval for a job on ``nodes`` nodes."""
+    def relay_interval(self, nodes: int, group: int = 1) -> float:
+        """The node agents' relay interval for a job on ``nodes`` nodes in relay groups of ``group``."""
         if self.relay_interval_s is not None:
             return self.relay_interval_s
-        # never so long that a hang or a silent agent is seen late or wrongly
-        cap = min(self.hang_timeout_s, self.agent_timeout_s) / 2.5
-        return max(0.25, min(cap, nodes / self.RELAY_CALLS_PER_S))
+        # never so long that a hang or a silent agent is seen late or wrongly (two hops)
+        cap = min(self.hang_timeout_s, self.agent_timeout_s) / 5
+        return max(0.25, min(cap, -(-nodes // group) / self.RELAY_CALLS_PER_S))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

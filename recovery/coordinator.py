@@ -77,7 +77,8 @@ class Coordinator:
             self.membership.agent_heartbeat(node, status, self.clock())
 
     # What a node agent relays for the ranks of its node, batched: one call per node and interval
-    # instead of one per rank and event (the coordinator's load is O(nodes)).
+    # instead of one per rank and event; the leader of a relay group sends its group's batches in
+    # one call (the coordinator's load is O(nodes / group)).
     _RELAYED = frozenset({"heartbeat", "saving", "fragment_ready", "snapshot_report", "restored"})
 
     def relayed(self, node: str, status: dict[str, Any] | None, calls: list[tuple[str, tuple]]) -> None:
@@ -86,6 +87,11 @@ class Coordinator:
         for method, args in calls:
             if method in self._RELAYED:
                 getattr(self, method)(*args)
+
+    def relayed_many(self, batches: list[tuple[str, dict[str, Any] | None, list[tuple[str, tuple]]]]) -> None:
+        """The batches of a relay group's agents, sent by its leader: one call per group."""
+        for node, status, calls in batches:
+            self.relayed(node, status, calls)
 
     def saving(self, attempt: int, step: int, save_id: str, writers: list[str]) -> None:
         self._inbox.put(("saving", (step, save_id, tuple(writers), attempt), None))

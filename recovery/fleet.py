@@ -47,6 +47,10 @@ def snapshot_rows(address: str, run_url: str) -> list[dict[str, Any]]:
              "replica": s.replica, "nbytes": s.nbytes} for s in snaps]
 
 
+# Node agents per relay group: one call into the coordinator per group and interval.
+RELAY_GROUP = 32
+
+
 class NodeAgent:
     """Plain class; :class:`AgentFleet` wraps it with ``ray.remote`` (threaded: ``wait_stopped``
     blocks while other calls are served)."""
@@ -79,6 +83,9 @@ class NodeAgent:
         self._beats: dict[tuple, tuple] = {}  # (attempt, rank) -> its latest heartbeat's arguments
         self._relay_lock = threading.Lock()
         self._relay_s = relay_s
+        self._upstream: Any = None  # the leader agent of this relay group; None: the coordinator
+        self._forwarded: list[tuple[str, dict[str, Any] | None, list[tuple[str, tuple]]]] = []
+        self._urgent = False  # a forwarded batch holds checkpoint events
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeats, name="agent-relay", daemon=True)
         self._beat.start()
@@ -111,12 +118,25 @@ class NodeAgent:
             else:
                 self._relay.append((method, args))
 
+    def set_upstream(self, leader: Any) -> None:
+        """Where this agent sends its node's batch: the leader agent of its relay group, or None
+        (this agent leads its group: it sends its group's batches to the coordinator)."""
+        with self._relay_lock:
+            self._upstream = leader
+
+    def forward(self, batches: list[tuple[str, dict[str, Any] | None, list[tuple[str, tuple]]]]) -> None:
+        """The batches of this group's other agents, sent on with this agent's next one."""
+        with self._relay_lock:
+            self._forwarded.extend(batches)
+            self._urgent = self._urgent or any(m != "heartbeat" for _n, _s, calls in batches for m, _a in calls)
+
     # Checkpoint events wait at most this long for others of the node to join them.
     EVENT_DELAY_S = 0.05
 
     def _heartbeats(self) -> None:
-        """One call to the coordinator per relay interval with the latest heartbeat of each rank
-        and this agent's status; checkpoint events within EVENT_DELAY_S, with what else is due."""
+        """One call per relay interval with the latest heartbeat of each rank and this agent's
+        status, to the group's leader agent or, from the leader, to the coordinator with the
+        group's batches; checkpoint events within EVENT_DELAY_S, with what else is due."""
         last = 0.0
         while not self._stop.wait(self.EVENT_DELAY_S):
             if self.coordinator is None:
@@ -124,17 +144,32 @@ class NodeAgent:
             now = time.monotonic()
             due = now - last >= self._relay_s
             with self._relay_lock:
-                if not due and not self._relay:
+                if not due and not self._relay and not self._urgent:
                     continue
-                calls = [("heartbeat", a) for a in self._beats.values()] + self._relay
-                self._beats, self._relay = {}, []
-            status = None
             if due:
-                status, last = self.status(), now
+                last = now
             try:
-                self.coordinator.relayed.remote(self.node, status, calls)
+                self._send(status=due)
             except Exception:  # noqa: BLE001 - the coordinator may be restarting: these are lost
                 pass
+
+    def _send(self, *, status: bool) -> Any:
+        """Send what is pending, with this agent's status if asked; the call's reference."""
+        with self._relay_lock:
+            calls = [("heartbeat", a) for a in self._beats.values()] + self._relay
+            self._beats, self._relay = {}, []
+            forwarded, self._forwarded, self._urgent = self._forwarded, [], False
+            upstream = self._upstream
+        batches = [(self.node, self.status() if status else None, calls), *forwarded]
+        if upstream is not None:
+            return upstream.forward.remote(batches)
+        return self.coordinator.relayed_many.remote(batches)
+
+    def flush(self) -> None:
+        """Send what is pending now and return once it arrived (at the group's leader, or applied
+        by the coordinator): what the job's ranks reported before is then known."""
+        if self.coordinator is not None:
+            ray.get(self._send(status=False), timeout=30)
 
     def wait_stopped(self) -> None:
         """Returns when the daemon stops; the launcher watches this call to see the agent die."""
@@ -191,10 +226,11 @@ class AgentFleet:
             return
         remote = ray.remote(NodeAgent)
         detect = self.config.detect
-        relay_s = detect.relay_interval(len(set(self.agents) | nodes))
-        if 2 * relay_s > min(detect.hang_timeout_s, detect.agent_timeout_s):  # relay_interval_s set by hand
-            log.warning("node agents relay heartbeats every %.1f s: hang_timeout_s (%g) and agent_timeout_s (%g) "
-                        "should be at least twice that", relay_s, detect.hang_timeout_s, detect.agent_timeout_s)
+        relay_s = detect.relay_interval(len(set(self.agents) | nodes), RELAY_GROUP)
+        if 4 * relay_s > min(detect.hang_timeout_s, detect.agent_timeout_s):  # relay_interval_s set by hand
+            log.warning("node agents relay heartbeats every %.1f s in two hops: hang_timeout_s (%g) and "
+                        "agent_timeout_s (%g) should be at least four times that", relay_s, detect.hang_timeout_s,
+                        detect.agent_timeout_s)
         new = {}
         for node in nodes - set(self.agents):
             new[node] = remote.options(
@@ -214,6 +250,7 @@ class AgentFleet:
                       node=node, address=info["address"], peer_address=info.get("peer_address"))
         if new:
             self._update_ring()
+            self._update_relay()
 
     def stopped(self, ref: Any) -> str | None:
         """The node whose agent's ``wait_stopped`` call ``ref`` is (that agent is forgotten);
@@ -239,6 +276,31 @@ class AgentFleet:
             pass
         if self.peer.pop(node, None) is not None:
             self._update_ring()
+        self._update_relay()
+
+    def flush(self) -> None:
+        """Every agent's pending relay calls delivered (the members' to their leaders first, then
+        the leaders' to the coordinator), so that the coordinator knows what the ranks reported."""
+        nodes = sorted(self.agents)
+        for leaders in (False, True):
+            refs = {self.agents[n].flush.remote(): n for i, n in enumerate(nodes) if (i % RELAY_GROUP == 0) == leaders}
+            for ref, n in refs.items():
+                try:
+                    ray.get(ref, timeout=60)
+                except (RayError, GetTimeoutError) as e:
+                    log.debug("cannot flush the relay of the agent on node %s: %s", n[:12], first_line(e))
+
+    def _update_relay(self) -> None:
+        """Relay groups of RELAY_GROUP agents (nodes in a fixed order): the first of each sends
+        its group's batches to the coordinator, the others send theirs to it. Called whenever an
+        agent comes or goes (a lost leader's group is led by the next agent at once)."""
+        nodes = sorted(self.agents)
+        for i, node in enumerate(nodes):
+            leader = nodes[i - i % RELAY_GROUP]
+            try:
+                self.agents[node].set_upstream.remote(None if leader == node else self.agents[leader])
+            except Exception:  # noqa: BLE001 - a dying agent: the next update leaves it out
+                log.debug("cannot set the relay upstream of node %s", node[:12], exc_info=True)
 
     def _update_ring(self) -> None:
         """Every live agent replicates to the next ``agent_replicas`` agents of the ring (nodes in

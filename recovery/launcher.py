@@ -344,6 +344,7 @@ class Supervisor:
 
     def _result(self) -> RunResult:
         job = self.job
+        job.fleet.flush()  # the ranks' last reports may still be on their way through the agents
         try:
             for c in ray.get(job.coordinator.checkpoints.remote(), timeout=10):
                 self.checkpoints[c["step"]] = c

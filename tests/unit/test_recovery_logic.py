@@ -545,3 +545,98 @@ def test_chunk_records_that_are_not_plain_non_negative_integers_are_refused(reco
 
     with pytest.raises(ManifestError):
         ChunkRecord.from_list(record, "r")
+
+
+def test_relay_groups_lead_by_the_first_agent_and_a_lost_leader_is_replaced_at_once(monkeypatch):
+    import recovery.fleet as fleet_mod
+
+    class FakeAgent:
+        def __init__(self, name):
+            self.name, self.upstream = name, "unset"
+            outer = self
+
+            class Call:
+                @staticmethod
+                def remote(leader):
+                    outer.upstream = None if leader is None else leader.name
+
+            self.set_upstream = Call
+
+    monkeypatch.setattr(fleet_mod, "RELAY_GROUP", 3)
+    fleet = fleet_mod.AgentFleet(RunConfig(num_workers=7, storage="memory://g"), "job", "coord", "memory://g",
+                                 lambda *a, **k: None)
+    fleet.agents = {f"n{i}": FakeAgent(f"n{i}") for i in range(7)}
+    fleet._update_relay()
+    assert {n: a.upstream for n, a in fleet.agents.items()} == {
+        "n0": None, "n1": "n0", "n2": "n0", "n3": None, "n4": "n3", "n5": "n3", "n6": None}
+    fleet.coordinator = type("C", (), {"forget_agent": type("F", (), {"remote": staticmethod(lambda n: None)})})()
+    fleet.forget("n0")  # the leader's node was lost: n1 leads what is left of its group
+    assert {n: a.upstream for n, a in fleet.agents.items()} == {
+        "n1": None, "n2": "n1", "n3": "n1", "n4": None, "n5": "n4", "n6": "n4"}
+
+
+def test_a_relay_leaders_call_carries_its_groups_batches():
+    clock = Clock(0.0)
+    c = _relay_coordinator(clock)
+    c.begin_attempt(0, 4)
+    c.relayed_many([(f"n{node}", {"state": "ok"}, [("heartbeat", (0, node * 2 + k, 4, 3, {}, f"n{node}", "run"))
+                                                    for k in range(2)]) for node in range(2)])
+    progress = c.poll()["progress"]
+    assert {r: v["step"] for r, v in progress["ranks"].items()} == {0: 3, 1: 3, 2: 3, 3: 3}
+    assert set(progress["agents"]) == {"n0", "n1"}
+
+
+def test_the_relay_interval_grows_with_groups_and_stays_within_the_timeouts():
+    d = DetectConfig()
+    assert d.relay_interval(2, 32) == 0.25
+    assert d.relay_interval(1250, 32) == 40 / d.RELAY_CALLS_PER_S  # 40 groups
+    assert d.relay_interval(100_000, 32) == min(d.hang_timeout_s, d.agent_timeout_s) / 5
+    assert DetectConfig(relay_interval_s=1.5).relay_interval(10_000, 32) == 1.5
+
+
+def test_a_member_agent_sends_to_its_leader_which_sends_its_group_on_in_one_call():
+    import threading
+
+    from recovery.fleet import NodeAgent
+
+    sent = {"coordinator": [], "leader": []}
+
+    class Remote:
+        def __init__(self, key):
+            self.key = key
+
+        def remote(self, batches):
+            sent[self.key].append(batches)
+
+    def agent(node, upstream):
+        a = object.__new__(NodeAgent)  # the relay part alone: no daemon
+        a.node, a._relay_s, a._stop = node, 0.2, threading.Event()
+        a._relay, a._beats, a._forwarded, a._urgent = [], {}, [], False
+        a._relay_lock, a._upstream = threading.Lock(), upstream
+        a.coordinator = type("C", (), {"relayed_many": Remote("coordinator")})()
+        a.status = lambda: {"state": "ok"}
+        return a
+
+    leader = agent("n0", None)
+    member = agent("n1", type("L", (), {"forward": Remote("leader")})())
+    member.relay("heartbeat", (0, 8, 16, 4, {}, "n1", "run"))
+    member.relay("heartbeat", (0, 8, 16, 5, {}, "n1", "run"))  # only a rank's latest goes on
+    member.relay("fragment_ready", (0, 5, "s-5", "rank00008"))
+    threads = [threading.Thread(target=a._heartbeats) for a in (leader, member)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while not sent["leader"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    leader.forward(sent["leader"][0])
+    while not any(len(b) == 2 for b in sent["coordinator"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for a in (leader, member):
+        a._stop.set()
+    for t in threads:
+        t.join()
+    (node, status, calls), = sent["leader"][0]
+    assert node == "n1" and calls == [("heartbeat", (0, 8, 16, 5, {}, "n1", "run")),
+                                      ("fragment_ready", (0, 5, "s-5", "rank00008"))]
+    group = next(b for b in sent["coordinator"] if len(b) == 2)
+    assert [n for n, _s, _c in group] == ["n0", "n1"]
