@@ -128,13 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=LAYERS)
     parser.add_argument("--kill-at", type=int, default=8, help="step before which the last rank is killed (-1: never)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
+    parser.add_argument("--packed", action="store_true", help="the same bytes in 8 tensors (the per-array cost's baseline)")
     args = parser.parse_args(argv)
 
     import recovery
 
     run_dir = args.run or tempfile.mkdtemp(prefix="llama-shaped-")
     trainer = LlamaShapedTrainer(layers=args.layers, kill_at=None if args.kill_at < 0 else args.kill_at,
-                                 kill_rank=args.workers - 1)
+                                 kill_rank=args.workers - 1, packed=args.packed)
     ncpu = args.num_cpus or os.cpu_count() or 2
     print(f"run: {run_dir}; {args.workers} workers x {3 * len(WEIGHTS) * args.layers} arrays")
     result = recovery.run(trainer, num_workers=args.workers, storage=run_dir, num_cpus=ncpu,
@@ -147,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     for rec in result.failures:
         at = digest(trainer.reference(rec.restore_step + 1, args.workers))
         ok = ok and all(r["restored_digest"] == at for r in returns) and not rec.fallbacks
-        print(f"restored step {rec.restore_step} from {rec.restored_from}: {rec.restore_bytes}; "
-              f"fallbacks: {rec.fallbacks or 'none'}")
+        print(f"restored step {rec.restore_step} from {rec.restored_from} in {rec.restore_s:.2f} s (slowest rank): "
+              f"{rec.restore_bytes}; fallbacks: {rec.fallbacks or 'none'}")
     print("bit-exact, no fallback" if ok else "MISMATCH")
     return 0 if ok else 1
 
