@@ -211,8 +211,7 @@ class Checkpointer:
 
     def status(self) -> CheckpointerStatus:
         with self._lock:
-            handles = list(self._handles)
-            errors = tuple(self._errors)
+            handles, errors = list(self._handles), tuple(self._errors)
         return status_of(handles, errors, self.pool, budget=self.config.host_budget_bytes, skipped=self._skipped,
                          hook_stall_s=self._hook_stall_s)
 
@@ -343,8 +342,9 @@ class Checkpointer:
                 pin = torch.cuda.is_available() and any(it.tensor.device.type == "cuda" for it in items)
             self.pool = self.sink.host_pool(budget, pin_memory=pin)
             log.info("host snapshot budget %.1f MiB (%s)", budget / 2**20, "pinned" if pin else "pageable")
+        if self.config.host_budget_bytes is None:
+            self.pool.follow(nbytes)  # the automatic budget grows with the state
         return self.pool
-
 
     def _before_step(self, index: int) -> None:
         stage = self._latest_stage

@@ -395,3 +395,17 @@ def test_first_checkpoint_finds_its_plan_and_host_memory_ready(tmp_path):
         assert ck2.restore(state2) == 2
         ck2._preparing.join(60)
         assert ck2._plan is not None and ck2.status().host_allocations == 2
+
+
+def test_the_automatic_host_budget_grows_with_the_state(tmp_path):
+    # A state that grows after the first save (a rank with nothing to write at first, new
+    # entries): the automatic budget, twice the largest snapshot, follows instead of refusing.
+    with ckpt.Checkpointer(str(tmp_path), every_n_steps=1, keep_last=None) as ck:
+        ck.save(0, {"a": torch.zeros(4)})
+        ck.wait()
+        first = ck.pool.budget
+        ck.save(1, {"a": torch.zeros(4), "b": torch.ones(256, 1024)})
+        ck.wait()
+        assert ck.pool.budget >= 2 * 256 * 1024 * 4 > first and ck.status().errors == ()
+    out = {"a": torch.empty(4), "b": torch.empty(256, 1024)}
+    assert ckpt.load(out, str(tmp_path)) == 1 and bool(out["b"].eq(1).all())
