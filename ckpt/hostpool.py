@@ -98,14 +98,15 @@ class HostBufferPool:
         self._cond = threading.Condition()
         self.peak_bytes = 0
         self.allocations = 0
-        self._largest = 0  # the largest snapshot asked for (follow)
+        self._largest = 0  # twice the largest snapshot asked for (follow)
 
     def follow(self, nbytes: int) -> None:
         """An automatic budget: at least twice the largest snapshot asked for so far (an
         optimizer's state that appears after the first save, a rank with nothing to write at first)."""
-        if nbytes > self._largest:
-            self._largest = nbytes
-            self.budget = max(self.budget, 2 * aligned(nbytes))
+        want = 2 * aligned(max(nbytes, 1))
+        if want > self._largest:
+            self._largest = want
+            self.budget = max(self.budget, want)
 
     @property
     def allocated_bytes(self) -> int:

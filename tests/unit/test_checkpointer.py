@@ -409,3 +409,14 @@ def test_the_automatic_host_budget_grows_with_the_state(tmp_path):
         assert ck.pool.budget >= 2 * 256 * 1024 * 4 > first and ck.status().errors == ()
     out = {"a": torch.empty(4), "b": torch.empty(256, 1024)}
     assert ckpt.load(out, str(tmp_path)) == 1 and bool(out["b"].eq(1).all())
+
+
+def test_a_snapshot_with_no_tensor_bytes_fits_the_automatic_budget():
+    # A data-parallel rank whose arrays other replicas write stages nothing: its slab is empty.
+    from ckpt.hostpool import HostBufferPool
+
+    pool = HostBufferPool(max(2 * 0, 1))  # as the Checkpointer sizes it from a first snapshot of 0 bytes
+    pool.follow(0)
+    assert pool.acquire(0) is not None
+    pool.follow(1 << 20)
+    assert pool.budget >= 2 << 20 and pool.acquire(1 << 20) is not None
