@@ -37,7 +37,7 @@ import torch
 
 from . import format as fmt
 from .dtypes import info_by_name
-from .errors import LayoutError
+from .errors import FormatError, LayoutError
 from .layouts import ChunkLayout, Locator
 from .manifest import ArraySpec, Manifest
 from .regions import iter_tensor_bytes
@@ -199,6 +199,21 @@ def safetensors_header(items: Sequence[ExportItem], metadata: dict[str, str]) ->
     return len(body).to_bytes(8, "little") + body, ordered
 
 
+def write_safetensors_data(f: IO[bytes], storage: Storage, locator: Locator, ordered: Sequence[ExportItem], *,
+                           threads: int, buffer_bytes: int, progress: Progress | None) -> None:
+    """The tensors' bytes after a :func:`safetensors_header`, streamed block by block, in its order."""
+    for it in ordered:
+        written = 0
+        for block in iter_tensor_bytes(storage, locator, it.spec, threads=threads, buffer_bytes=buffer_bytes,
+                                       cast=it.dtype):
+            f.write(block)
+            written += block.nbytes
+            if progress is not None:
+                progress(block.nbytes)
+        if written != it.nbytes:  # the header promised it.nbytes
+            raise FormatError(f"{it.spec.path}: wrote {written} bytes, the header says {it.nbytes}")
+
+
 def _open_output(out: str, storage_options: dict[str, Any] | None) -> tuple[IO[bytes], Callable[[bool], None]]:
     """A writable file for ``out`` and a finisher (``ok`` → publish; else discard).
 
@@ -291,16 +306,8 @@ def _export_safetensors(
     ok = False
     try:
         f.write(header)
-        for it in ordered:
-            written = 0
-            for block in iter_tensor_bytes(storage, locator, it.spec, threads=threads, buffer_bytes=buffer_bytes,
-                                           cast=it.dtype):
-                f.write(block)
-                written += block.nbytes
-                if progress is not None:
-                    progress(block.nbytes)
-            if written != it.nbytes:  # the header promised it.nbytes
-                raise AssertionError(f"{it.spec.path}: wrote {written} bytes, expected {it.nbytes}")
+        write_safetensors_data(f, storage, locator, ordered, threads=threads, buffer_bytes=buffer_bytes,
+                               progress=progress)
         ok = True
     finally:
         finish(ok)

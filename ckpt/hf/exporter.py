@@ -27,11 +27,10 @@ import torch
 
 from .. import format as fmt
 from ..dtypes import info_by_name
-from ..errors import FormatError
-from ..export import DEFAULT_BUFFER_BYTES, ExportItem, safetensors_header, select
+from ..export import DEFAULT_BUFFER_BYTES, ExportItem, safetensors_header, select, write_safetensors_data
 from ..layouts import ChunkLayout, Locator
 from ..manifest import Manifest
-from ..regions import iter_tensor_bytes, read_region, row_major_blocks
+from ..regions import read_region, row_major_blocks
 from ..storage import Storage
 from .importer import CONFIG, INDEX, SINGLE
 from .tied import tied_pairs
@@ -157,15 +156,7 @@ def _write_file(storage: Storage, locator: Locator, path: str, items: list[Expor
     header, ordered = safetensors_header(items, {"format": "pt"})
     with open(path, "wb") as f:
         f.write(header)
-        for it in ordered:
-            written = 0
-            for block in iter_tensor_bytes(storage, locator, it.spec, threads=threads, buffer_bytes=buffer_bytes,
-                                           cast=it.dtype):
-                f.write(block)
-                written += block.nbytes
-                if progress is not None:
-                    progress(block.nbytes)
-            if written != it.nbytes:
-                raise FormatError(f"{it.spec.path}: wrote {written} bytes, the header says {it.nbytes}")
+        write_safetensors_data(f, storage, locator, ordered, threads=threads, buffer_bytes=buffer_bytes,
+                               progress=progress)
         f.flush()
         os.fsync(f.fileno())
