@@ -54,6 +54,7 @@ from .staging import StageJob, Stager
 from .state import container_kinds, encode_value, flatten
 from .stateful import CachedExpander, expand
 from .storage import open_storage
+from .telemetry import Telemetry
 from .version import library_versions
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class Checkpointer:
                              after_commit=after_commit, retention=retention)
         self.sink = sink or InProcessSink(self.storage, sink_config, after_commit=after_commit)
         self.stager = Stager()
+        self.telemetry = Telemetry(cfg.metrics)
         self.pool: HostBufferPool | None = None
         self._optimizers: list[torch.optim.Optimizer] = []
         self._hooks: list[Any] = []
@@ -129,6 +131,7 @@ class Checkpointer:
                   allow_pickle=self.config.allow_pickle, threads=storage.read_threads(chosen, self.config.io_threads))
         expanded.apply()
         self.last_restore = report = restore_report(storage, int(chosen), time.perf_counter() - t0)
+        self.telemetry.restored(report)
         log.info("restored step %d from %s in %.2f s", chosen, self.storage.url, report.seconds)
         self.prepare(state)  # the state is complete now: the first checkpoint's work, in the background
         return int(chosen) + 1
@@ -166,6 +169,7 @@ class Checkpointer:
             handle.stall_s = time.perf_counter() - t0
             with self._lock:
                 self._handles.append(handle)
+            self.telemetry.saved(handle)
         return handle
 
     def wait(self, timeout: float | None = None) -> None:
@@ -195,9 +199,7 @@ class Checkpointer:
             self.sink.close(wait=wait)
             if self.consolidator is not None and wait:
                 done = [h.step for h in self._handles if h.state is SnapshotState.COMMITTED]
-                if done and not (self.config.keep_every and max(done) % self.config.keep_every == 0):
-                    self.consolidator.submit(max(done))  # the last step of the job: zarr-readable
-                self.consolidator.close()
+                self.consolidator.close(last=max(done, default=None), keep_every=self.config.keep_every)
             self._plan = None  # it holds views of the slabs
             if self.pool is not None:
                 self.pool.clear()
@@ -206,7 +208,7 @@ class Checkpointer:
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close(wait=exc[0] is None)
 
     def status(self) -> CheckpointerStatus:
@@ -354,15 +356,13 @@ class Checkpointer:
         stage.events[index].wait()
         dt = time.perf_counter() - t0
         self._hook_stall_s += dt
-        handle = self._latest_handle
-        if handle is not None:
+        self.telemetry.hook_stalled(dt)
+        if (handle := self._latest_handle) is not None:
             handle.hook_stall_s += dt
 
     def _committed(self, step: int, fut: Future) -> None:
-        if fut.exception() is not None or self.consolidator is None:
-            return
         every = self.config.keep_every
-        if every and step % every == 0:
+        if fut.exception() is None and self.consolidator is not None and every and step % every == 0:
             self.consolidator.submit(step)
 
     def _retention(self, manifest: Manifest) -> None:

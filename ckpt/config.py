@@ -47,6 +47,9 @@ class CheckpointerConfig:
     # ckpt.commit, and runs retention). The handles' ``committed`` futures resolve when the
     # commit point appears either way.
     commit_by: Literal["rank0", "external"] = "rank0"
+    # Prometheus metrics (docs/metrics.md): True (the process-wide default registry), False (none),
+    # or a prometheus_client CollectorRegistry. OpenTelemetry spans follow the application's tracer.
+    metrics: Any = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, (str, os.PathLike, Storage)) or not str(self.url):
@@ -74,5 +77,8 @@ class CheckpointerConfig:
             raise ValueError(f"CheckpointerConfig.commit_by must be 'rank0' or 'external', got {self.commit_by!r}")
         if self.agent is not None and (not isinstance(self.agent, str) or "://" not in self.agent):
             raise ValueError(f"CheckpointerConfig.agent must be an address like 'unix:///path/agent.sock', got {self.agent!r}")
+        if not (isinstance(self.metrics, bool) or hasattr(self.metrics, "register")):
+            raise ValueError(f"CheckpointerConfig.metrics must be True, False or a prometheus_client registry, "
+                             f"got {self.metrics!r}")
         if self.io_threads < 1 or self.max_chunk_bytes < 1 or self.commit_timeout_s <= 0:
             raise ValueError("CheckpointerConfig: io_threads, max_chunk_bytes, commit_timeout_s must be positive")

@@ -160,7 +160,10 @@ class Consolidator:
                 self.errors.append(f"consolidating step {step}: {type(e).__name__}: {e}")
                 log.warning("consolidating step %d failed (it stays readable by ckpt): %s", step, e)
 
-    def close(self) -> None:
-        """Finish what was submitted, then stop."""
+    def close(self, *, last: int | None = None, keep_every: int | None = None) -> None:
+        """Consolidate ``last`` (the last committed step of the job) too unless ``keep_every``
+        already kept it; finish what was submitted, then stop."""
+        if last is not None and not (keep_every and last % keep_every == 0):
+            self._q.put(last)  # the last step of the job: zarr-readable
         self._q.put(None)
         self._thread.join()

@@ -100,6 +100,9 @@ class RunConfig:
     agent_replicas: int = 0
     coordinator_max_restarts: int = 10
     poll_interval_s: float = 0.2
+    # The job's metrics (recovery.metrics, docs/metrics.md): "ray" (Ray's metrics, exported at the
+    # nodes' Ray Prometheus endpoints), a prometheus_client CollectorRegistry, or None (none).
+    metrics: Any = "ray"
     detect: DetectConfig = field(default_factory=DetectConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -137,6 +140,9 @@ class RunConfig:
         if self.agent_replicas and self.agent != "actor":
             raise ValueError("RunConfig.agent_replicas needs agent='actor'; an external agent replicates by its own "
                              "configuration (peers, replicas)")
+        if not (self.metrics is None or self.metrics == "ray" or hasattr(self.metrics, "register")):
+            raise ValueError(f"RunConfig.metrics must be 'ray', a prometheus_client CollectorRegistry or None, "
+                             f"got {self.metrics!r}")
         if not isinstance(self.coordinator_max_restarts, int) or self.coordinator_max_restarts < -1:
             raise ValueError("RunConfig.coordinator_max_restarts must be an integer >= -1 (-1: no limit)")
 

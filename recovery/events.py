@@ -4,6 +4,7 @@ happens and returned in the result."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -61,6 +62,8 @@ class EventLog:
         self._lock = threading.Lock()
         self.echo = echo
         self.json_lines = json_lines
+        # Called with each event as it is emitted (metrics); an observer's error never stops the job.
+        self.observers: list[Callable[[Event], None]] = []
 
     def now(self) -> float:
         return self._clock() - self.t0
@@ -72,6 +75,11 @@ class EventLog:
         if self.echo is not None:
             line = json.dumps(ev.to_dict(), default=str) if self.json_lines else ev.format()
             print(line, file=self.echo, flush=True)
+        for observe in self.observers:
+            try:
+                observe(ev)
+            except Exception:
+                logging.getLogger(__name__).debug("event observer failed", exc_info=True)
         return ev
 
     @property

@@ -26,6 +26,7 @@ from .detect import AGENT_DIED, NODE_DIED, STORAGE, WORKER_DIED, WORKER_ERROR, F
 from .errors import NoRoomError, RecoveryError, TooManyFailuresError, first_line
 from .events import EventLog
 from .job import WorkerJob
+from .metrics import attach as attach_metrics
 from .policies import resolve_policy
 from .policy import CONTINUED, RESTARTED, JobKind, RecoveryPolicy
 from .restore import RestorePoint
@@ -80,7 +81,9 @@ def run(train_fn: Callable[[TrainContext], Any], *, num_workers: int, storage: s
             init["num_cpus"] = num_cpus
         ray.init(**init)
         started = True
-    sup = Supervisor(WorkerJob(train_fn, config, EventLog(echo=echo, json_lines=json_events)), the_policy)
+    events = EventLog(echo=echo, json_lines=json_events)
+    attach_metrics(events, config.metrics)
+    sup = Supervisor(WorkerJob(train_fn, config, events), the_policy)
     try:
         return sup.run()
     finally:
@@ -340,7 +343,7 @@ class Supervisor:
         mb = ", ".join(f"{k}: {v / 1e6:.1f} MB" for k, v in by_tier.items() if v) or "nothing read"
         self.log(ev.RESTORED, f"{len(restores)} workers restored step {max(steps, key=str)} in "
                  f"{rec.restore_s:.2f} s (slowest rank) from {mb}", step=list(steps), seconds=rec.restore_s,
-                 bytes=by_tier, fallbacks=len(fallbacks))
+                 bytes=by_tier, fallbacks=len(fallbacks), tier=rec.restored_from, steps_lost=rec.steps_lost)
 
     def _result(self) -> RunResult:
         job = self.job

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 import ckpt
 from ckpt import format as fmt
@@ -59,7 +60,8 @@ def test_killed_worker_resumes_from_the_newest_checkpoint_bit_exact(cluster, tmp
     kill_at = random.Random(os.environ.get("RECOVERY_TEST_SEED", "5")).choice([13, 14, 18, 19, 23, 24])
     trainer = DemoTrainer(steps=30, width=64, depth=2, global_batch=16, step_sleep_s=0.02, return_state=True,
                           faults=(Fault(KILL, kill_at, rank=1),))
-    result = _run(trainer, tmp_path, num_workers=2, max_failures=2)
+    metrics = CollectorRegistry()
+    result = _run(trainer, tmp_path, num_workers=2, max_failures=2, metrics=metrics)
     expected = 5 * ((kill_at - 1) // 5)
     assert len(result.failures) == 1, [(e.kind, e.message) for e in result.events]  # what else failed
     (rec,) = result.failures
@@ -78,6 +80,16 @@ def test_killed_worker_resumes_from_the_newest_checkpoint_bit_exact(cluster, tmp
     kinds = [e.kind for e in result.events]
     for kind in ("failure", "stopping", "restore_plan", "workers_started", "restored", "resumed", "finished"):
         assert kind in kinds
+    # the same facts as Prometheus series
+    sample = metrics.get_sample_value
+    assert sample("ckpt_recovery_failures_detected_total", {"kind": WORKER_DIED}) == 1
+    assert sample("ckpt_recovery_restore_seconds_count", {"tier": "agent memory"}) == 1
+    assert sample("ckpt_recovery_restore_bytes_total", {"tier": "agent memory"}) == rec.restore_bytes["agent memory"]
+    assert sample("ckpt_recovery_resume_seconds_count") == 1
+    assert sample("ckpt_recovery_steps_lost_total") == rec.steps_lost
+    assert sample("ckpt_recovery_checkpoints_total", {"outcome": "committed"}) == 6
+    assert sample("ckpt_recovery_last_committed_step") == 25
+    assert sample("ckpt_recovery_world_size") == 2
 
 
 def test_hung_worker_is_detected_and_the_job_recovers(cluster, tmp_path):

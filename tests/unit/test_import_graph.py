@@ -19,7 +19,7 @@ CKPT_LAYERS: list[tuple[str, ...]] = [
     ("ckpt.api", "ckpt.reshard", "ckpt.export", "ckpt.ingest", "ckpt.verify", "ckpt.verify.*", "ckpt.verify_metadata", "ckpt.verify_report"),
     ("ckpt.checkpointer",),
     ("ckpt.capture", "ckpt.config", "ckpt.handles", "ckpt.staging", "ckpt.stateful", "ckpt.retention",
-     "ckpt.consolidate"),
+     "ckpt.consolidate", "ckpt.telemetry"),
     ("ckpt.sink",),
     ("ckpt.commit",),
     ("ckpt.coverage",),
