@@ -99,6 +99,11 @@ class RunConfig:
     # no snapshot it staged and the restore reads the lost node's part from a peer's memory.
     agent_replicas: int = 0
     coordinator_max_restarts: int = 10
+    # Restart in place: on a failure only the lost workers (or a hang's culprits) are replaced; the
+    # others keep their processes (imports, CUDA context, memory) and re-enter train_fn in the next
+    # attempt. A survivor that does not stop within interrupt_timeout_s is replaced too.
+    in_place: bool = True
+    interrupt_timeout_s: float = 5.0
     poll_interval_s: float = 0.2
     # The job's metrics (recovery.metrics, docs/metrics.md): "ray" (Ray's metrics, exported at the
     # nodes' Ray Prometheus endpoints), a prometheus_client CollectorRegistry, or None (none).
@@ -127,7 +132,7 @@ class RunConfig:
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"RunConfig.backend must be 'auto', 'gloo' or 'nccl', got {self.backend!r}")
         for name in ("placement_timeout_s", "collective_timeout_s", "backoff_max_s", "settle_timeout_s",
-                     "poll_interval_s"):
+                     "poll_interval_s", "interrupt_timeout_s"):
             _positive("RunConfig", name, getattr(self, name))
         _positive("RunConfig", "backoff_s", self.backoff_s, allow_zero=True)
         if self.agent is not None and self.agent != "actor" and not str(self.agent).startswith("unix://"):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ckpt import format as fmt
@@ -25,6 +25,7 @@ from ckpt.storage import open_storage
 from . import events as ev
 from .config import RunConfig
 from .coordinator import Coordinator
+from .detect import Failure
 from .events import EventLog
 from .fleet import AgentFleet
 from .placement import Placement
@@ -53,6 +54,11 @@ class WorkerJob(DataParallelJob):
         self.run_refs: dict[Any, int] = {}  # run ref -> rank
         self.returns: dict[int, Any] = {}
         self.in_a_row = 0
+        self.failure: Failure | None = None  # the failure being recovered (set by the run loop)
+        self.kept: dict[int, Any] = {}  # rank -> worker kept in place (or booted ahead) for the next attempt
+        self.fresh: set[int] = set()  # the ranks of ``kept`` that are replacements booted ahead
+        self.stuck: dict[int, str] = {}  # survivors of the last stop that did not stop: rank -> their stack
+        self.pids: list[int | None] = []
         self._attempt = -1
         self._world = 0
 
@@ -90,12 +96,25 @@ class WorkerJob(DataParallelJob):
         self.events.emit(kind, message, **fields)
 
     def stop_workers(self, reason: str) -> None:
+        """Stop the attempt. In place (``RunConfig.in_place``, the default): the processes the
+        failure took (or the culprits of a hang) are killed, every other worker is interrupted
+        and kept, with its bundle, for the next attempt of the same size; a worker that does not
+        stop within ``interrupt_timeout_s`` is killed too. Otherwise every worker is killed."""
         n = len(self.workers)
-        self._kill_workers()
-        self.run_refs = {}
-        self.placement.release()
-        self.log(ev.STOPPING, f"stopped {n} workers of attempt {self._attempt} ({reason})", workers=n,
-                 attempt=self._attempt)
+        t0 = time.monotonic()
+        kept = survivors(self) if self.config.in_place else {}
+        for rank, w in enumerate(self.workers):
+            if rank not in kept:
+                _kill(w)
+        self.workers, self.run_refs, self.kept = [], {}, kept
+        if not kept:
+            self.placement.release()
+        stayed = sorted(set(kept) - self.fresh)
+        how = (f"kept {len(stayed)} workers in place, replacing {n - len(stayed)}" if kept else f"stopped {n} workers")
+        stuck = (f"; ranks {sorted(self.stuck)} did not stop within interrupt_timeout_s="
+                 f"{self.config.interrupt_timeout_s:g} s" if self.stuck else "")
+        self.log(ev.STOPPING, f"{how} of attempt {self._attempt} ({reason}) in {time.monotonic() - t0:.2f} s{stuck}",
+                 workers=n, kept=stayed, stuck=self.stuck, attempt=self._attempt)
 
     def find_restore_point(self) -> RestorePoint:
         cfg = self.config
@@ -133,7 +152,16 @@ class WorkerJob(DataParallelJob):
         return self.placement.room_for(n)
 
     def fit_world(self, want: int, minimum: int) -> int:
+        if self.kept and self.placement.pg is not None and self.placement.world == want:
+            return want  # the same bundles: the kept workers stay where they are
+        self._drop_kept()
+        self.placement.release()
         return self.placement.fit(want, minimum)
+
+    def _drop_kept(self) -> None:
+        for w in self.kept.values():
+            _kill(w)
+        self.kept, self.fresh = {}, set()
 
     def start_workers(self, world_size: int, restore: RestorePoint | None) -> None:
         cfg = self.config
@@ -143,6 +171,8 @@ class WorkerJob(DataParallelJob):
                 self.log(ev.BACKOFF, f"waiting {delay:.1f} s before restarting ({self.in_a_row} failure(s) in a row)",
                          seconds=delay)
                 time.sleep(delay)
+        if self.kept and (self.placement.pg is None or self.placement.world != world_size):
+            self._drop_kept()
         self.placement.ensure(world_size)
         self._attempt += 1
         self._world = world_size
@@ -152,9 +182,17 @@ class WorkerJob(DataParallelJob):
         except (RayError, GetTimeoutError):
             pass
         remote = ray.remote(Worker)
-        self.workers = [remote.options(**self.placement.worker_options(i)).remote(i, world_size, attempt)
-                        for i in range(world_size)]
-        infos = ray.get([w.node_info.remote() for w in self.workers])
+        kept, self.kept = self.kept, {}
+        stayed = sorted(set(kept) - self.fresh)
+        self.fresh = set()
+        # Threaded: interrupt() must run while run() does.
+        self.workers = [kept.get(i) or remote.options(**self.placement.worker_options(i), max_concurrency=4)
+                        .remote(i, world_size, attempt) for i in range(world_size)]
+        try:
+            infos = ray.get([w.node_info.remote() for w in self.workers])
+        except RayError:
+            # a kept worker died meanwhile: this attempt fails like any other start (detected by the run loop)
+            infos = [{"node": self.rank_node.get(i), "ip": "127.0.0.1", "pid": None} for i in range(world_size)]
         nodes = [i["node"] for i in infos]
         self.rank_node = dict(enumerate(nodes))
         self.fleet.ensure(set(nodes))
@@ -168,22 +206,22 @@ class WorkerJob(DataParallelJob):
         self.run_refs = {}
         for rank, (w, node) in enumerate(zip(self.workers, nodes)):
             spec = dataclasses.replace(base, node=node, agent=self.fleet.address_for(node), relay=self.fleet.relay_for(node))
-            self.run_refs[w.run.remote(self.train_fn_ref, spec)] = rank
+            self.run_refs[w.run.remote(self.train_fn_ref, spec, attempt)] = rank
         self.returns = {}
+        self.pids = [i["pid"] for i in infos]
         self.log(ev.WORKERS_STARTED, f"attempt {attempt}: {world_size} workers on {len(set(nodes))} node(s)"
+                 + (f" ({len(stayed)} kept in place)" if stayed else "")
                  + ("" if restore is None or restore.step is None else f", resuming from step {restore.step}"),
                  attempt=attempt, world_size=world_size, nodes=len(set(nodes)),
-                 restore_step=None if restore is None else restore.step)
+                 restore_step=None if restore is None else restore.step, kept=stayed, pids=self.pids)
 
     # -- end -------------------------------------------------------------------------------------
 
     def _kill_workers(self) -> None:
         for w in self.workers:
-            try:
-                ray.kill(w, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+            _kill(w)
         self.workers = []
+        self._drop_kept()
 
     def shutdown(self) -> None:
         self._kill_workers()
@@ -197,3 +235,71 @@ class WorkerJob(DataParallelJob):
                 ray.kill(self.coordinator, no_restart=True)
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _kill(worker: Any) -> None:
+    try:
+        ray.kill(worker, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
+# Failures whose ranks' processes are gone or must go (a hang: the culprits); for the other kinds
+# (a train_fn that raised, an agent that died, storage) every worker process is still sound.
+_REPLACE = {"worker_died", "node_died", "hang", "straggler"}
+
+
+def survivors(job: WorkerJob) -> dict[int, Any]:
+    """Stop ``job``'s attempt in place: kill what the failure took, interrupt the others; the
+    workers (rank -> actor) whose ``run`` ended and whose process lives on."""
+    f, workers = job.failure, job.workers
+    if f is None or not workers or f.kind == "node_died" or job.placement.lost_nodes & set(job.rank_node.values()):
+        return {}  # a grown or lost node: new bundles, new workers
+    if f.kind == "hang":
+        # The culprits, when the others can be told from them; else every stalled rank is asked to
+        # stop: those waiting in a collective are freed by the interrupt, the stuck are replaced.
+        replace = set(f.culprits) if len(f.culprits) < len(workers) else set()
+    else:
+        replace = set(f.ranks) if f.kind in _REPLACE else set()
+    job.stuck = {}
+    if len(replace) >= len(workers):
+        return {}
+    for r in replace:  # first: their peers blocked in a collective with them fail at once
+        _kill(workers[r])
+    # Their replacements boot (a process, imports) while the others stop and the agents settle.
+    remote = ray.remote(Worker)
+    fresh = {r: remote.options(**job.placement.worker_options(r), max_concurrency=4).remote(r, len(workers), job.attempt + 1)
+             for r in replace}
+    alive = {r: w for r, w in enumerate(workers) if r not in replace}
+    calls = {w.interrupt.remote(job.attempt): r for r, w in alive.items()}
+    runs = {ref: r for ref, r in job.run_refs.items() if r in alive}
+    timeout = job.config.interrupt_timeout_s
+    ready, _ = ray.wait(list(runs), num_returns=len(runs), timeout=timeout) if runs else ([], [])
+    done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=1.0)
+    kept: dict[int, Any] = {}
+    for ref in done:
+        try:
+            ray.get(ref)
+            kept[calls[ref]] = alive[calls[ref]]
+        except RayError:
+            pass  # its process died too
+    for ref in set(runs) - set(ready):
+        r = runs[ref]  # still running after the interrupt (stuck outside Python): replaced
+        try:
+            job.stuck[r] = ray.get(alive[r].stack.remote(), timeout=2)
+        except (RayError, GetTimeoutError):
+            job.stuck[r] = "(no answer)"
+
+        if kept.pop(r, None) is not None:
+            _kill(alive[r])
+            fresh[r] = remote.options(**job.placement.worker_options(r), max_concurrency=4).remote(
+                r, len(workers), job.attempt + 1)
+    for ref in ready:
+        try:
+            ray.get(ref)  # INTERRUPTED, or what a rank that had finished returned: it trains again
+        except RayActorError:
+            kept.pop(runs[ref], None)
+        except RayError:
+            pass  # train_fn failed (a collective with a lost peer): the process is sound
+    job.fresh = set(fresh)
+    return kept | fresh

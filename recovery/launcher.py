@@ -231,6 +231,7 @@ class Supervisor:
             self.log(ev.ABORTED, f"giving up after {self._failures} failures (max_failures={cfg.max_failures})")
             raise TooManyFailuresError(f"the job failed {self._failures} times (max_failures={cfg.max_failures}); "
                                        f"last: {failure.kind}: {failure.detail}", self._result())
+        self.job.failure = failure
         try:
             outcome = self.policy.on_failure(failure, self.job)
         except NoRoomError as e:
@@ -299,6 +300,7 @@ class Supervisor:
                 self.job.in_a_row = 0  # progress since the last restart: the backoff starts over
             self.log(kind, msg, **fields)
             if kind == ev.CHECKPOINT and not final and failure is None:
+                self.job.failure = None
                 outcome = self.policy.on_checkpoint(fields["step"], self.job)
                 if outcome is not None and outcome.action == RESTARTED:
                     return None

@@ -56,7 +56,9 @@ class DataParallelJob(Protocol):
         """Record an event (printed as it happens, returned in the result)."""
 
     def stop_workers(self, reason: str) -> None:
-        """Kill every worker now (no collective timeout is waited for)."""
+        """Stop every worker's attempt now (no collective timeout is waited for): the processes
+        the failure took are killed; the others are killed too, or kept for the next attempt of
+        the same size when the job restarts in place."""
 
     def find_restore_point(self) -> RestorePoint:
         """Let the agents persist what they hold, commit every save that can be completed,

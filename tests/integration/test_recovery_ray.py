@@ -192,3 +192,48 @@ def test_grows_back_when_room_returns(cluster, tmp_path):
     t.join(5)
     sizes = [e.fields["world_size"] for e in result.events if e.kind == "workers_started"]
     assert sizes[:2] == [4, 3] and sizes[-1] == 4 and result.world_size == 4, sizes
+
+
+def _started(result) -> list[dict]:
+    return [e.fields for e in result.events if e.kind == "workers_started"]
+
+
+def test_survivors_keep_their_processes_across_a_reload_in_place(cluster, tmp_path):
+    trainer = DemoTrainer(steps=24, width=32, depth=2, global_batch=8, step_sleep_s=0.02, return_state=True,
+                          faults=(Fault(KILL, 13, rank=1),))
+    result = _run(trainer, tmp_path, num_workers=2, max_failures=1)
+    (rec,) = result.failures
+    assert rec.failure.kind == WORKER_DIED and rec.restore_step == 10
+    first, second = _started(result)
+    assert second["kept"] == [0] and second["pids"][0] == first["pids"][0]  # the survivor's process
+    assert second["pids"][1] != first["pids"][1]  # the lost rank's replacement
+    (stop,) = [e.fields for e in result.events if e.kind == "stopping"]
+    assert stop["kept"] == [0] and stop["stuck"] == {}
+    assert [r["attempt"] for r in result.returns] == [1, 1] and [r["start"] for r in result.returns] == [11, 11]
+    assert _equal(result.returns[0]["state"], trainer.reference(world=2))
+
+
+def test_a_hang_frees_the_rank_waiting_in_a_collective_and_replaces_the_stuck_one(cluster, tmp_path):
+    # rank 1 stops in Python (a sleep no interrupt reaches); rank 0 waits for it inside the
+    # gradient all-reduce (C++): rank 0 is freed by the interrupt (its group's sockets shut, no
+    # collective timeout waited for) and kept; rank 1 does not stop and is replaced
+    trainer = DemoTrainer(steps=20, width=32, depth=2, global_batch=8, step_sleep_s=0.02, return_state=True,
+                          faults=(Fault(HANG, 13, rank=1),))
+    result = _run(trainer, tmp_path, num_workers=2, hang_timeout_s=2.0, interrupt_timeout_s=3.0)
+    (rec,) = result.failures
+    assert rec.failure.kind == HANG_FAILURE and rec.restore_step == 10
+    (stop,) = [e.fields for e in result.events if e.kind == "stopping"]
+    assert stop["kept"] == [0] and set(stop["stuck"]) <= {1}  # named the culprit, or found it stuck
+    assert all("sleep" in stack for stack in stop["stuck"].values())  # where it was stuck
+    first, second = _started(result)
+    assert second["kept"] == [0] and second["pids"][0] == first["pids"][0] and second["pids"][1] != first["pids"][1]
+    assert _equal(result.returns[0]["state"], trainer.reference(world=2))
+
+
+def test_restart_everything_when_asked(cluster, tmp_path):
+    trainer = DemoTrainer(steps=16, width=32, depth=2, global_batch=8, step_sleep_s=0.02, return_state=True,
+                          faults=(Fault(KILL, 8, rank=0),))
+    result = _run(trainer, tmp_path, num_workers=2, max_failures=1, in_place=False)
+    first, second = _started(result)
+    assert second["kept"] == [] and not set(first["pids"]) & set(second["pids"])
+    assert _equal(result.returns[0]["state"], trainer.reference(world=2))
