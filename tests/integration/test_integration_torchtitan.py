@@ -19,9 +19,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import ckpt
+from ckpt.restore import Tier
 from tests.unit.test_integration_torchtitan import assert_same, build, ours, snapshot, theirs
 
 from ._multiproc import run_distributed
+from .test_agent_daemon import agents  # noqa: F401 - the fixture that starts and stops node agents
+from .test_agent_daemon import pytestmark as needs_shared_memory
 
 SAVED_STEP = 2
 
@@ -92,3 +95,27 @@ def test_two_fsdp2_ranks_save_one_process_loads_bitexact_with_dcp_manager(tmp_pa
         {k: v for k, v in loaded["dcp"].items() if k != "dataloader"},
         "ours vs dcp",
     )
+
+
+@needs_shared_memory
+def test_node_agent_from_the_config_takes_the_snapshots_and_serves_the_restore(agents, tmp_path):  # noqa: F811
+    """``checkpoint.agent``: the node agent persists and commits the snapshots, and a restart on
+    the node loads from the agent's memory."""
+    agent = agents.start("titan")
+    url = str(tmp_path / "run")
+    job = build(seed=0)
+    manager = job.build_manager(ours(url, agent=agent.address, interval=2, keep_latest_k=2))
+    for step in range(1, 5):
+        job.train_step(manager)
+        manager.save(step)
+    saved = snapshot(job)
+    manager.close()
+    assert ckpt.committed_steps(ckpt.open_storage(url)) == [2, 4]
+
+    fresh = build(seed=3)
+    manager = fresh.build_manager(ours(url, agent=agent.address))
+    assert manager.load()
+    assert_same(snapshot(fresh), saved, "restored through the agent")
+    report = manager.checkpointer.last_restore
+    assert report.step == 4 and report.served.get(Tier.AGENT_MEMORY, 0) > 0, report.to_dict()
+    manager.close()
