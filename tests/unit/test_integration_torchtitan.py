@@ -99,7 +99,9 @@ class Components:
     train_state: TrainState = field(default_factory=TrainState)
     batches: Any = None
 
-    def build_manager(self, config: BaseCheckpointManager.Config, base_folder: str = "") -> BaseCheckpointManager:
+    def build_manager(
+        self, config: BaseCheckpointManager.Config, base_folder: str = "", sd_adapter: Any = None
+    ) -> BaseCheckpointManager:
         """As torchtitan's Trainer builds its checkpointer."""
         return config.build(
             dataloader=self.dataloader,
@@ -107,7 +109,7 @@ class Components:
             optimizers=self.optimizers,
             lr_schedulers=self.lr_schedulers,
             states={"train_state": self.train_state},
-            sd_adapter=None,
+            sd_adapter=sd_adapter,
             base_folder=base_folder,
         )
 
@@ -360,6 +362,58 @@ def test_initial_load_from_a_dcp_checkpoint_of_torchtitans_manager(tmp_path):
     nothing.close()
 
 
+class PrefixAdapter:
+    """A model's state-dict adapter, small: the Hugging Face names are torchtitan's under
+    ``model.``, in one safetensors file. Floating-point tensors only, as torchtitan's models
+    (torch's safetensors consolidation takes no integer tensors, such as BatchNorm's count)."""
+
+    fqn_to_index_mapping = None
+    hf_assets_path = None
+
+    def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return {f"model.{k}": v for k, v in state_dict.items() if v.is_floating_point()}
+
+    def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
+        return {k.removeprefix("model."): v for k, v in hf_state_dict.items()}
+
+    def get_hf_storage_reader(self, path: str, from_quantized: bool = False) -> Any:
+        from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+        return HuggingFaceStorageReader(path)
+
+
+def test_last_step_in_hugging_face_format_and_initial_load_from_it(tmp_path):
+    """``last_save_in_hf`` writes the model in ``export_dtype`` under Hugging Face names beside
+    the run's steps; ``initial_load_in_hf`` of a new run loads it."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    job = build(seed=8)
+    config = ours(tmp_path / "run", last_save_in_hf=True, last_save_model_only=True, export_dtype="bfloat16")
+    manager = job.build_manager(config, sd_adapter=PrefixAdapter())
+    job.train_step(manager)
+    assert manager.save(1)
+    job.train_step(manager)
+    saved = snapshot(job)["model"]
+    assert manager.save(2, last_step=True)
+    manager.close()
+    assert ckpt.committed_steps(ckpt.open_storage(str(tmp_path / "run"))) == [1]  # the export is no step
+    files = sorted((tmp_path / "run" / "hf" / "step-2").glob("model*.safetensors"))  # as torch's HF writer names them
+    assert files and (tmp_path / "run" / "hf" / "step-2" / "model.safetensors.index.json").is_file()
+    exported = {k: v for f in files for k, v in safetensors.load_file(str(f)).items()}
+    want = {f"model.{k}": v.to(torch.bfloat16) for k, v in saved.items() if v.is_floating_point()}
+    assert_same(exported, want, "exported")
+
+    fresh = build(seed=9)
+    manager = fresh.build_manager(
+        ours(tmp_path / "next", initial_load_in_hf=True, initial_load_path=str(tmp_path / "run" / "hf" / "step-2")),
+        sd_adapter=PrefixAdapter(),
+    )
+    before = snapshot(fresh)["model"]
+    assert manager.load()
+    rounded = {k: v.to(torch.bfloat16).to(v.dtype) if v.is_floating_point() else before[k] for k, v in saved.items()}
+    assert_same(snapshot(fresh)["model"], rounded, "loaded from Hugging Face safetensors")
+    manager.close()
+
+
 # -- selecting the manager from torchtitan's config --------------------------------------------------
 
 
@@ -410,7 +464,6 @@ def test_command_line_sets_our_fields():
         ("host_budget_bytes", 0),
         ("when_busy", "drop"),
         ("on_error", "ignore"),
-        ("last_save_in_hf", True),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(field_name, value):

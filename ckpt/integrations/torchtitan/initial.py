@@ -24,6 +24,7 @@ from torchtitan.tools import filesystem
 import ckpt
 from ckpt.stateful import expand
 
+from .hf import load_hf
 from .selection import RNG, StateDictOf, check_present
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def load_initial(config: Any, states: dict[str, Any], sd_adapter: Any, *, load_s
     start. ``load_state``: the entries a full (not model-only) load takes."""
     path = config.initial_load_path
     if config.initial_load_in_hf:
-        _load_hf(states, sd_adapter, path, quantized=config.initial_load_in_hf_quantized)
+        load_hf(states[MODEL], sd_adapter, path, quantized=config.initial_load_in_hf_quantized)
         return True
     if not path:
         log.info("no checkpoint in the folder and no checkpoint.initial_load_path: a fresh start")
@@ -78,21 +79,3 @@ def _load_dcp(states: dict[str, Any], path: str, *, model_only: bool, exclude: l
         sd.update(model.state_dict())
     dcp.load(sd, checkpoint_id=path)
     model.load_state_dict(sd)
-
-
-def _load_hf(states: dict[str, Any], sd_adapter: Any, path: str | None, *, quantized: bool) -> None:
-    import torch.distributed.checkpoint as dcp
-
-    if sd_adapter is None:
-        raise ValueError("checkpoint.initial_load_in_hf needs the model's state-dict adapter, and this model has none")
-    path = path or sd_adapter.hf_assets_path
-    if not path or not filesystem.isdir(path):
-        raise ValueError(
-            f"checkpoint.initial_load_in_hf: no Hugging Face checkpoint at {path!r}; set "
-            "checkpoint.initial_load_path or model.hf_assets_path to a folder of safetensors"
-        )
-    log.info("loading Hugging Face safetensors from %s", path)
-    model = states[MODEL]
-    hf_state = sd_adapter.to_hf(model.state_dict())
-    dcp.load(hf_state, storage_reader=sd_adapter.get_hf_storage_reader(path, quantized))
-    model.load_state_dict(sd_adapter.from_hf(hf_state))

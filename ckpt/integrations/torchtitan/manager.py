@@ -44,6 +44,7 @@ from torchtitan.tools import filesystem
 import ckpt
 from ckpt.stateful import expand
 
+from .hf import save_hf
 from .initial import load_initial
 from .selection import RNG, StateDictOf, check_present, export_model, model_only_checkpoint, saved_entries
 
@@ -104,11 +105,6 @@ class CkptCheckpointManager(BaseCheckpointManager):
                 raise ValueError(f"checkpoint.when_busy must be 'block' or 'skip', got {self.when_busy!r}")
             if self.on_error not in ("warn", "raise"):
                 raise ValueError(f"checkpoint.on_error must be 'warn' or 'raise', got {self.on_error!r}")
-            if self.last_save_in_hf:
-                raise ValueError(
-                    "checkpoint.last_save_in_hf is not supported by CkptCheckpointManager: save the last "
-                    "step in ckpt's format and convert it with `ckpt export --format hf`"
-                )
 
     def __init__(
         self,
@@ -141,6 +137,8 @@ class CkptCheckpointManager(BaseCheckpointManager):
         if config.save_rng:
             self.states.setdefault(RNG, ckpt.RNGState())
         self.sd_adapter = sd_adapter
+        if config.last_save_in_hf and sd_adapter is None:
+            raise ValueError("checkpoint.last_save_in_hf needs the model's state-dict adapter, and this model has none")
         self.export_dtype = TORCH_DTYPE_MAP[config.export_dtype]
         self.checkpointer = ckpt.Checkpointer(
             self.folder,
@@ -182,6 +180,8 @@ class CkptCheckpointManager(BaseCheckpointManager):
     def _save(self, curr_step: int, last_step: bool = False) -> bool:
         if not self._should_save(curr_step, last_step):
             return False
+        if last_step and self.config.last_save_in_hf:
+            return self._save_last_in_hf(curr_step)
         if last_step and self.config.last_save_model_only:
             log.info("saving a model-only checkpoint in %s at the last step, step %d", self.export_dtype, curr_step)
             state: dict[str, Any] = {MODEL: export_model(self.states[MODEL].state_dict(), self.export_dtype)}
@@ -196,6 +196,22 @@ class CkptCheckpointManager(BaseCheckpointManager):
             self._wait_for_saving()
             log.info("last checkpoint, step %d, committed in %.2f s", curr_step, time.monotonic() - t0)
         return handle is not None and not handle.skipped
+
+    def _save_last_in_hf(self, step: int) -> bool:
+        """The last step as Hugging Face safetensors (the model in ``export_dtype``, HF names),
+        in ``<folder>/hf/step-<step>``: beside the run's steps, never taken for one, never
+        removed by retention. Written synchronously, after the checkpoints in flight."""
+        self._wait_for_saving()
+        path = filesystem.join(self.folder, f"hf/step-{step}")
+        t0 = time.monotonic()
+        save_hf(export_model(self.states[MODEL].state_dict(), self.export_dtype), self.sd_adapter, path)
+        log.info(
+            "saved the last step, step %d, as Hugging Face safetensors in %s in %.2f s",
+            step,
+            path,
+            time.monotonic() - t0,
+        )
+        return True
 
     def _maybe_wait_for_staging(self) -> None:
         handle = self._handle
