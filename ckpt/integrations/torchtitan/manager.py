@@ -165,7 +165,10 @@ class CkptCheckpointManager(BaseCheckpointManager):
         )
 
     def __del__(self) -> None:
-        self.close()
+        # Not close(): at interpreter exit the writer threads are gone and waiting for the
+        # checkpoints in flight would never end. The trainer calls close(), which waits.
+        if getattr(self, "enable", False) and hasattr(self, "checkpointer"):
+            self.checkpointer.close(wait=False)
 
     # -- save ---------------------------------------------------------------------------------
 
