@@ -99,6 +99,14 @@ class CkptCheckpointManager(BaseCheckpointManager):
                 )
             if isinstance(self.keep_every, bool) or not isinstance(self.keep_every, int) or self.keep_every < 0:
                 raise ValueError(f"checkpoint.keep_every must be an integer >= 0 (0: none), got {self.keep_every!r}")
+            if self.keep_every and self.keep_every % self.interval:
+                log.warning(
+                    "checkpoint.keep_every=%d is not a multiple of checkpoint.interval=%d: only the steps that are both "
+                    "checkpoints and multiples of %d are kept for good",
+                    self.keep_every,
+                    self.interval,
+                    self.keep_every,
+                )
             if self.host_budget_bytes is not None and self.host_budget_bytes < 1:
                 raise ValueError(f"checkpoint.host_budget_bytes must be >= 1 or None, got {self.host_budget_bytes!r}")
             if self.when_busy not in ("block", "skip"):
