@@ -4,7 +4,7 @@
 accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
 model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 ckptr = AcceleratorCheckpointer(accelerator, "s3://bucket/run1", every_n_steps=100, keep_last=3)
-start = ckptr.load_state() or 0                       # newest committed step + 1; 0: from scratch
+start = step = ckptr.load_state() or 0                # newest committed step + 1; 0: from scratch
 for epoch in range(start // len(loader), num_epochs):
     for batch in ckptr.batches(loader, epoch, skip=start - epoch * len(loader)):
         ...forward, accelerator.backward(loss), optimizer.step(), scheduler.step(), optimizer.zero_grad()

@@ -13,8 +13,8 @@ safetensors index. A pointer folder holds, written only once ckpt step N is comm
 
 The Trainer's loader thus reads no tensor (no missing key either, so it warns of nothing);
 :class:`~ckpt.integrations.hf.CkptCallback` restores everything from ckpt step N in
-``on_train_begin``. The folder has no ``config.json``: ``from_pretrained`` refuses it rather than
-load random weights; ``ckpt export --format hf URL --step N`` gives a model folder.
+``on_train_begin``. The folder is no model folder (no ``config.json``, no tensor):
+``from_pretrained`` fails on it; ``ckpt export`` with ``--format hf`` gives one.
 
 A folder is written under a temporary name and renamed, so a reader sees it whole or not at all.
 """
@@ -74,7 +74,8 @@ def write_pointer(
     output_dir: str | os.PathLike[str], pointer: Pointer, trainer_state_json: str, weight_names: Iterable[str]
 ) -> Path:
     """Write ``output_dir/checkpoint-N`` for ``pointer`` (atomically: temporary name, rename);
-    an existing folder of that name is replaced. Returns its path."""
+    a folder of that name pointing elsewhere (or written by the Trainer) is replaced, one with
+    the same pointer is kept. Returns its path."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     final = out / folder_name(pointer.step)
@@ -88,18 +89,28 @@ def write_pointer(
         index = {"metadata": {"total_size": 0, **meta}, "weight_map": {k: EMPTY_SHARD_NAME for k in weight_names}}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         if final.exists():
+            if _same(final, pointer):  # written already (by another process resuming from it, say)
+                shutil.rmtree(tmp, ignore_errors=True)
+                return final
             shutil.rmtree(final, ignore_errors=True)
         try:
             os.replace(tmp, final)
         except OSError:
             # Another process (every rank may write the folder it resumes from) was first.
-            if read_pointer(final) != pointer:
+            if not _same(final, pointer):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _same(folder: Path, pointer: Pointer) -> bool:
+    try:
+        return read_pointer(folder) == pointer and (folder / TRAINER_STATE_NAME).is_file()
+    except FormatError:
+        return False
 
 
 def read_pointer(folder: str | os.PathLike[str]) -> Pointer | None:
