@@ -103,33 +103,36 @@ def _assert_same(a, b, where="") -> None:
         assert a == b, where
 
 
-_REFERENCE: dict[int, dict] = {}
+_REFERENCE: dict[tuple, dict] = {}
 
 
-def _reference(tmp_path_factory, gas: int) -> dict:
+def _reference(tmp_path_factory, gas: int, **kw) -> dict:
     """The uninterrupted run, without any callback."""
-    if gas not in _REFERENCE:
+    key = (gas, *sorted(kw.items()))
+    if key not in _REFERENCE:
         out = tmp_path_factory.mktemp("ref")
-        trainer = Trainer(
-            _model(), _args(out, save_strategy="no", gradient_accumulation_steps=gas), train_dataset=_Data()
-        )
+        args = _args(out, save_strategy="no", gradient_accumulation_steps=gas, **kw)
+        trainer = Trainer(_model(), args, train_dataset=_Data(), eval_dataset=_Data(4))
         trainer.train()
-        _REFERENCE[gas] = _outcome(trainer)
-    return _REFERENCE[gas]
+        _REFERENCE[key] = _outcome(trainer)
+    return _REFERENCE[key]
 
 
+# 5 batches an epoch. With evaluation every 3 steps, the evaluation loader draws a seed from the
+# generators after step 3, before the step-4 forward: the snapshot of step 3 must see that draw.
 @pytest.mark.parametrize(
-    "save_steps, crash_at, gas",
-    [(3, 4, 1), (5, 6, 1), (2, 3, 2)],
-    ids=["mid-epoch", "epoch-boundary", "grad-accumulation"],
+    "save_steps, crash_at, gas, extra",
+    [(3, 4, 1, {}), (5, 6, 1, {}), (2, 3, 2, {}), (3, 4, 1, {"eval_strategy": "steps", "eval_steps": 3})],
+    ids=["mid-epoch", "epoch-boundary", "grad-accumulation", "with-evaluation"],
 )
-def test_trainer_resumes_bit_exactly(tmp_path, tmp_path_factory, save_steps, crash_at, gas):
+def test_trainer_resumes_bit_exactly(tmp_path, tmp_path_factory, save_steps, crash_at, gas, extra):
     url, out = tmp_path / "run", tmp_path / "out"
     first = CkptCallback(str(url))
     trainer = Trainer(
         _model(),
-        _args(out, save_steps=save_steps, gradient_accumulation_steps=gas),
+        _args(out, save_steps=save_steps, gradient_accumulation_steps=gas, **extra),
         train_dataset=_Data(),
+        eval_dataset=_Data(4),
         callbacks=[_Crash(crash_at), first],
     )
     with pytest.raises(KeyboardInterrupt):
@@ -142,13 +145,14 @@ def test_trainer_resumes_bit_exactly(tmp_path, tmp_path_factory, save_steps, cra
     assert resume == str(out / f"checkpoint-{save_steps}")
     trainer = Trainer(
         _model(),
-        _args(out, save_steps=save_steps, gradient_accumulation_steps=gas),
+        _args(out, save_steps=save_steps, gradient_accumulation_steps=gas, **extra),
         train_dataset=_Data(),
+        eval_dataset=_Data(4),
         callbacks=[second],
     )
     trainer.train(resume_from_checkpoint=resume)
 
-    ref = _reference(tmp_path_factory, gas)
+    ref = _reference(tmp_path_factory, gas, **extra)
     got = _outcome(trainer)
     assert got["step"] == ref["step"] == 8
     _assert_same(got["model"], ref["model"], "model")
@@ -156,6 +160,15 @@ def test_trainer_resumes_bit_exactly(tmp_path, tmp_path_factory, save_steps, cra
     _assert_same(got["sched"], ref["sched"], "sched")
     # the resumed Trainer's log history: the first run's losses up to the checkpoint, then its own
     assert got["losses"] == ref["losses"]
+
+
+def test_save_strategy_epoch(tmp_path):
+    url = tmp_path / "run"
+    args = _args(tmp_path / "out", save_strategy="epoch")
+    Trainer(_model(), args, train_dataset=_Data(), callbacks=[CkptCallback(str(url))]).train()
+    # 5 steps an epoch: the end of epoch 0, and the end of training (max_steps 8, inside epoch 1)
+    assert ckpt.committed_steps(ckpt.open_storage(str(url))) == [5, 8]
+    assert ckpt.read(str(url), step=5, include="trainer")["trainer"]["rng_at"] == "epoch_begin"
 
 
 def test_checkpoints_follow_save_strategy_and_total_limit(tmp_path, tmp_path_factory):
