@@ -21,7 +21,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 import ckpt
-from ckpt.integrations.hf import AcceleratorCheckpointer, CkptCallback, read_pointer
+from ckpt.integrations.hf import AcceleratorCheckpointer, CkptCallback, Pointer, read_pointer, write_pointer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -173,6 +173,8 @@ def test_save_strategy_epoch(tmp_path):
 
 def test_checkpoints_follow_save_strategy_and_total_limit(tmp_path, tmp_path_factory):
     url, out = tmp_path / "run", tmp_path / "out"
+    # a pointer folder into another run: retention of this one leaves it alone
+    write_pointer(out, Pointer("file:///elsewhere", 7), "{}", [])
     callback = CkptCallback(str(url))
     trainer = Trainer(
         _model(), _args(out, save_steps=2, save_total_limit=2), train_dataset=_Data(), callbacks=[callback]
@@ -180,7 +182,7 @@ def test_checkpoints_follow_save_strategy_and_total_limit(tmp_path, tmp_path_fac
     trainer.train()
     # steps 2, 4, 6, 8 taken; save_total_limit=2 -> keep_last=2
     assert ckpt.committed_steps(ckpt.open_storage(str(url))) == [6, 8]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-6", "checkpoint-8"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-6", "checkpoint-7", "checkpoint-8"]
     folder = out / "checkpoint-8"
     assert sorted(p.name for p in folder.iterdir()) == [
         "ckpt-pointer.safetensors",
@@ -188,7 +190,7 @@ def test_checkpoints_follow_save_strategy_and_total_limit(tmp_path, tmp_path_fac
         "model.safetensors.index.json",
         "trainer_state.json",
     ]
-    assert read_pointer(folder) == ckpt.integrations.hf.Pointer(ckpt.open_storage(str(url)).url, 8)
+    assert read_pointer(folder) == Pointer(ckpt.open_storage(str(url)).url, 8)
     state = json.loads((folder / "trainer_state.json").read_text())
     assert state["global_step"] == 8 and [h["step"] for h in state["log_history"] if "loss" in h] == list(range(1, 9))
     # The checkpoint taken is the state of the run: weights bit-exact with the reference, which
@@ -214,6 +216,7 @@ def test_latest_checkpoint_rebuilds_a_lost_folder_and_fresh_start_is_refused(tmp
     trainer = Trainer(_model(), _args(out, max_steps=3), train_dataset=_Data(), callbacks=[CkptCallback(str(url))])
     with pytest.raises(ckpt.CheckpointExistsError, match="resume_from_checkpoint"):
         trainer.train()
+    assert (out / "checkpoint-3" / "trainer_state.json").read_text() == written  # nothing lost
 
 
 @pytest.mark.parametrize(

@@ -139,13 +139,19 @@ def pointer_folders(output_dir: str | os.PathLike[str]) -> dict[int, Path]:
     return out
 
 
-def prune_pointers(output_dir: str | os.PathLike[str], keep: Iterable[int]) -> list[int]:
-    """Remove the pointer folders whose step is not in ``keep`` (the steps the ckpt run still
-    has); returns the steps removed."""
+def prune_pointers(output_dir: str | os.PathLike[str], url: str, keep: Iterable[int]) -> list[int]:
+    """Remove the pointer folders into the run at ``url`` whose step is not in ``keep`` (the
+    steps the run still has); returns the steps removed. Folders pointing elsewhere stay."""
     keep = set(keep)
     removed = []
     for step, path in sorted(pointer_folders(output_dir).items()):
-        if step not in keep:
+        if step in keep:
+            continue
+        try:
+            pointer = read_pointer(path)
+        except FormatError:
+            continue
+        if pointer is not None and pointer.url == url:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(step)
     return removed

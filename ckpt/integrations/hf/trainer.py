@@ -181,6 +181,13 @@ class CkptCallback(TrainerCallback):
         self._pointer_pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-hf-pointer")
         self._pointers_written = set()
         marker = (state.stateful_callbacks or {}).get(MARKER)
+        try:
+            self._resume(ckptr, marker, state)
+        except BaseException:
+            self.close()  # no threads left behind by a refused start
+            raise
+
+    def _resume(self, ckptr: Checkpointer, marker: Any, state: TrainerState) -> None:
         if state.global_step == 0:
             steps = ckptr.group.broadcast(fmt.committed_steps(ckptr.storage) if ckptr.group.rank == 0 else None)
             if steps:
@@ -309,7 +316,7 @@ class CkptCallback(TrainerCallback):
             try:
                 write_pointer(out, Pointer(ckptr.storage.url, step), text, self._weight_names)
                 self._pointers_written.add(step)
-                prune_pointers(out, fmt.committed_steps(ckptr.storage))
+                prune_pointers(out, ckptr.storage.url, fmt.committed_steps(ckptr.storage))
             except Exception as e:  # noqa: BLE001 - the checkpoint itself is committed; say what is missing
                 log.error(
                     "step %d is committed in %s but its folder %s could not be written: %s; "
@@ -329,7 +336,7 @@ class CkptCallback(TrainerCallback):
             if newest is not None and newest in committed and newest not in self._pointers_written:
                 saved = read(ckptr.storage, step=newest, include="trainer")["trainer"]
                 write_pointer(self._output_dir, Pointer(ckptr.storage.url, newest), saved["state"], self._weight_names)
-            prune_pointers(self._output_dir, committed)
+            prune_pointers(self._output_dir, ckptr.storage.url, committed)
         except Exception as e:  # noqa: BLE001 - as in _write_one
             log.error(
                 "pointer folders in %s could not be brought up to date with %s: %s",
