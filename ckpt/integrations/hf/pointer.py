@@ -22,16 +22,23 @@ A folder is written under a temporary name and renamed, so a reader sees it whol
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from ... import format as fmt
 from ...errors import FormatError
+from ...storage import Storage
+
+log = logging.getLogger(__name__)
 
 POINTER_NAME = "ckpt.json"
 POINTER_FORMAT = "ckpt-pointer"
@@ -155,3 +162,68 @@ def prune_pointers(output_dir: str | os.PathLike[str], url: str, keep: Iterable[
             shutil.rmtree(path, ignore_errors=True)
             removed.append(step)
     return removed
+
+
+class PointerKeeper:
+    """Keeps ``output_dir``'s pointer folders in step with a ckpt run while a Trainer trains.
+
+    :meth:`expect` is told each checkpoint's TrainerState when it is taken; :meth:`committed`,
+    called when it is committed (from the sink's thread), writes its folder on a thread of its
+    own and removes the folders of steps retention removed; :meth:`close` writes what is still
+    missing for the newest committed step and tidies up once more. A folder that cannot be
+    written is an error in the log, never a failed checkpoint: the step is committed, and
+    ``CkptCallback.latest_checkpoint`` writes its folder again from the step.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike[str], storage: Storage, weight_names: list[str]) -> None:
+        self.output_dir = Path(output_dir)
+        self.storage = storage
+        self.weight_names = weight_names
+        self._texts: dict[int, str] = {}
+        self._written: set[int] = set()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="ckpt-hf-pointer")
+
+    def expect(self, step: int, trainer_state_json: str) -> None:
+        with self._lock:
+            self._texts[step] = trainer_state_json
+
+    def committed(self, step: int) -> None:
+        pool = self._pool
+        if pool is None:
+            return
+        try:
+            pool.submit(self._write, step)
+        except RuntimeError:  # shut down meanwhile: close() writes the newest
+            pass
+
+    def close(self, newest: int | None) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        if newest is not None:
+            self._write(newest)
+        try:
+            prune_pointers(self.output_dir, self.storage.url, fmt.committed_steps(self.storage))
+        except Exception as e:  # noqa: BLE001 - see the class docstring
+            log.error("pointer folders in %s could not be pruned against %s: %s", self.output_dir, self.storage.url, e)
+
+    def _write(self, step: int) -> None:
+        with self._lock:
+            if step in self._written or step not in self._texts:
+                return
+            try:
+                write_pointer(self.output_dir, Pointer(self.storage.url, step), self._texts[step], self.weight_names)
+                self._written.add(step)
+                for old in [s for s in self._texts if s <= step]:
+                    del self._texts[old]
+                prune_pointers(self.output_dir, self.storage.url, fmt.committed_steps(self.storage))
+            except Exception as e:  # noqa: BLE001 - see the class docstring
+                log.error(
+                    "step %d is committed in %s but its folder %s could not be written: %s; "
+                    "callback.latest_checkpoint(output_dir) writes it again",
+                    step,
+                    self.storage.url,
+                    self.output_dir / folder_name(step),
+                    e,
+                )

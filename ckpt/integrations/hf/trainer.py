@@ -34,8 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +50,7 @@ from ...handles import SnapshotHandle
 from ...stateful import OptimizerState
 from ...storage import open_storage
 from .common import DeferredRNG, grad_scaler, torch_optimizer
-from .pointer import Pointer, folder_name, prune_pointers, read_pointer, write_pointer
+from .pointer import Pointer, PointerKeeper, folder_name, read_pointer, write_pointer
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +98,8 @@ class CkptCallback(TrainerCallback):
         self._due: int | None = None
         self._latest: SnapshotHandle | None = None
         self._prepared = False
-        self._output_dir: str | None = None
-        self._writes_pointers = False
         self._weight_names: list[str] = []
-        self._pointer_pool: ThreadPoolExecutor | None = None
-        self._pointer_lock = threading.Lock()
-        self._pointers_written: set[int] = set()
+        self._pointers: PointerKeeper | None = None
 
     # -- resuming ---------------------------------------------------------------------------
 
@@ -124,11 +119,14 @@ class CkptCallback(TrainerCallback):
         pointer = Pointer(storage.url, step)
         if folder.is_dir() and read_pointer(folder) == pointer:
             return str(folder)
-        saved = read(storage, step=step, include="trainer").get("trainer", {})
-        if "state" not in saved:
+        try:
+            saved = read(storage, step=step, include="trainer")["trainer"]
+        except CheckpointNotFoundError:
+            saved = {}
+        if not isinstance(saved, dict) or "state" not in saved:
             raise FormatError(
-                f"step {step} of {storage.url} was not written by CkptCallback (no trainer/state): "
-                "resume it with ckpt.Checkpointer.restore"
+                f"step {step} of {storage.url} was not written by CkptCallback (it has no trainer state): "
+                "restore it with ckpt.Checkpointer.restore, or give CkptCallback a new url"
             )
         write_pointer(output_dir, pointer, saved["state"], saved.get("weights", []))
         log.info("wrote %s for step %d of %s", folder, step, storage.url)
@@ -176,10 +174,11 @@ class CkptCallback(TrainerCallback):
         if scaler is not None:
             self._state["scaler"] = scaler
         ckptr.attach(inner)
-        self._output_dir = args.output_dir
-        self._writes_pointers = self.write_pointers and args.should_save
-        self._pointer_pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-hf-pointer")
-        self._pointers_written = set()
+        self._pointers = (
+            PointerKeeper(args.output_dir, ckptr.storage, self._weight_names)
+            if self.write_pointers and args.should_save
+            else None
+        )
         marker = (state.stateful_callbacks or {}).get(MARKER)
         try:
             self._resume(ckptr, marker, state)
@@ -255,11 +254,9 @@ class CkptCallback(TrainerCallback):
         try:
             ckptr.close(wait=True)
         finally:
-            pool, self._pointer_pool = self._pointer_pool, None
-            if pool is not None:
-                pool.shutdown(wait=True)
-            if self._writes_pointers and self._output_dir is not None:
-                self._sync_pointers(ckptr)
+            pointers, self._pointers = self._pointers, None
+            if pointers is not None:
+                pointers.close(ckptr.status().last_committed)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -283,10 +280,15 @@ class CkptCallback(TrainerCallback):
         if handle is None:
             return
         self._latest = handle
-        if self._writes_pointers:
-            text = self._state["trainer"]["state"]
-            ckptr = self.checkpointer
-            handle.committed.add_done_callback(lambda f, s=step, t=text: self._on_committed(f, ckptr, s, t))
+        pointers = self._pointers
+        if pointers is not None:
+            pointers.expect(step, self._state["trainer"]["state"])
+
+            def committed(fut: Future) -> None:
+                if fut.exception() is None:
+                    pointers.committed(step)
+
+            handle.committed.add_done_callback(committed)
 
     def _trainer_state_json(self, state: TrainerState, step: int) -> str:
         doc = dataclasses.asdict(state)
@@ -296,54 +298,6 @@ class CkptCallback(TrainerCallback):
             MARKER: Pointer(self.checkpointer.storage.url, step).to_dict(),
         }
         return json.dumps(doc, indent=2, sort_keys=True) + "\n"
-
-    def _on_committed(self, fut: Future, ckptr: Checkpointer, step: int, text: str) -> None:
-        pool = self._pointer_pool
-        if fut.exception() is not None or pool is None:
-            return
-        try:
-            pool.submit(self._write_one, ckptr, step, text)
-        except RuntimeError:  # shut down meanwhile: close() writes the newest
-            pass
-
-    def _write_one(self, ckptr: Checkpointer, step: int, text: str) -> None:
-        out = self._output_dir
-        if out is None:
-            return
-        with self._pointer_lock:
-            if step in self._pointers_written:
-                return
-            try:
-                write_pointer(out, Pointer(ckptr.storage.url, step), text, self._weight_names)
-                self._pointers_written.add(step)
-                prune_pointers(out, ckptr.storage.url, fmt.committed_steps(ckptr.storage))
-            except Exception as e:  # noqa: BLE001 - the checkpoint itself is committed; say what is missing
-                log.error(
-                    "step %d is committed in %s but its folder %s could not be written: %s; "
-                    "callback.latest_checkpoint(output_dir) writes it again",
-                    step,
-                    ckptr.storage.url,
-                    Path(out) / folder_name(step),
-                    e,
-                )
-
-    def _sync_pointers(self, ckptr: Checkpointer) -> None:
-        """After close: a pointer folder for the newest committed step, none for steps retention removed."""
-        assert self._output_dir is not None
-        try:
-            committed = fmt.committed_steps(ckptr.storage)
-            newest = ckptr.status().last_committed
-            if newest is not None and newest in committed and newest not in self._pointers_written:
-                saved = read(ckptr.storage, step=newest, include="trainer")["trainer"]
-                write_pointer(self._output_dir, Pointer(ckptr.storage.url, newest), saved["state"], self._weight_names)
-            prune_pointers(self._output_dir, ckptr.storage.url, committed)
-        except Exception as e:  # noqa: BLE001 - as in _write_one
-            log.error(
-                "pointer folders in %s could not be brought up to date with %s: %s",
-                self._output_dir,
-                ckptr.storage.url,
-                e,
-            )
 
     def _restore(self, pointer: Pointer, state: TrainerState) -> None:
         ckptr = self.checkpointer
