@@ -6,7 +6,9 @@ Each scenario is one ``recovery.run`` of :class:`recovery.demo.DemoTrainer` (an 
 data-parallel on ``--workers`` Ray workers with gloo) on a local Ray cluster, with the node
 agent run by recovery, checkpoints every ``--every`` steps, and one injected fault:
 
-- ``kill``: SIGKILL of a worker process -> restore from agent memory;
+- ``kill``: SIGKILL of a worker process -> restore from agent memory; the other workers keep
+  their processes and only the lost one is replaced (reload in place);
+- ``kill_restart_all``: the same with ``in_place=False``: every worker is replaced (the old way);
 - ``hang``: a worker stops making progress -> detected after ``--hang-timeout`` s of silence;
 - ``kill_agent``: the node agent dies, then a worker -> the agent's memory is gone, restore
   from storage;
@@ -49,7 +51,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-SCENARIOS = ("kill", "hang", "kill_agent", "kill_coordinator", "node_loss", "storage_down")
+SCENARIOS = ("kill", "kill_restart_all", "hang", "kill_agent", "kill_coordinator", "node_loss", "storage_down")
 PEERS = ("raytrain_kill",)
 
 
@@ -64,6 +66,8 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     at = args.fault_at
     every = args.every
     faults: list[Fault] = []
+    in_place = not kind.endswith("_restart_all")  # the old way: every worker restarted
+    kind = kind.removesuffix("_restart_all")
     if kind == "kill":
         faults = [Fault(KILL, at, rank=args.workers - 1)]
     elif kind == "hang":
@@ -86,14 +90,17 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             num_cpus=ncpu, ray_init_options={"log_to_driver": False}, echo=sys.stderr if args.verbose else None,
             resources_per_worker={"CPU": min(1.0, ncpu / (args.workers + 1))},
             every_n_steps=every, keep_last=2, hang_timeout_s=args.hang_timeout, startup_timeout_s=300,
-            backoff_s=0.5, placement_timeout_s=60, agent_memory_bytes=args.agent_memory_gib << 30)
+            backoff_s=0.5, placement_timeout_s=60, agent_memory_bytes=args.agent_memory_gib << 30, in_place=in_place,
+            metrics=None)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    row: dict[str, Any] = {"scenario": kind, "wall_s": time.perf_counter() - t0, "attempts": result.attempts,
+    row: dict[str, Any] = {"scenario": kind if in_place else f"{kind}_restart_all", "wall_s": time.perf_counter() - t0, "attempts": result.attempts,
                            "checkpoints": len(result.checkpoints),
                            "stall_s": statistics.median([c["stall_s"] for c in result.checkpoints
                                                          if c.get("stall_s") is not None] or [float("nan")])}
     add_failure(row, result)
+    starts = [e.fields for e in result.events if e.kind == "workers_started"]
+    row["kept_in_place"] = len(starts[-1].get("kept", [])) if len(starts) > 1 else 0
     if kind == "storage_down" and result.failures:
         # From the outage (the fault's timestamp, next to the run directory) to the detection.
         down_at = float(Path(run_dir + ".down-at").read_text())
@@ -355,6 +362,7 @@ def main() -> int:
               f"{', '.join(tiers) or '-'} | {f(med(kind, 'restore_s'))} | {f(med(kind, 'resumed_after_s'))} | "
               f"{f(med(kind, 'steps_lost'), '')} | {f(med(kind, 'stall_s') and 1e3 * med(kind, 'stall_s'), ' ms')} |")
     ours, peer = [r for r in rows if r["scenario"] == "kill"], [r for r in rows if r["scenario"] == "raytrain_kill"]
+    old = [r for r in rows if r["scenario"] == "kill_restart_all"]
     if any(r.get("skipped") for r in peer):
         print(f"\nraytrain_kill skipped: {peer[0]['skipped']}")
     elif ours and peer:
@@ -363,24 +371,32 @@ def main() -> int:
             xs = [x for x in xs if x is not None]
             return statistics.median(xs) if xs else None
 
-        k2r = m(ours, lambda r: (r.get("detected_after_s") or 0) + r["resumed_after_s"]
-                if r.get("resumed_after_s") is not None else None)
-        rows_side = [("worker SIGKILLed -> first resumed step", k2r, m(peer, lambda r: r.get("kill_to_resumed_s"))),
+        def k2r(rs: list[dict[str, Any]]) -> float | None:
+            return m(rs, lambda r: (r.get("detected_after_s") or 0) + r["resumed_after_s"]
+                     if r.get("resumed_after_s") is not None else None)
+
+        rows_side = [("worker SIGKILLed -> first resumed step", k2r(ours), k2r(old),
+                      m(peer, lambda r: r.get("kill_to_resumed_s"))),
+                     ("detection -> first resumed step", m(ours, lambda r: r.get("resumed_after_s")),
+                      m(old, lambda r: r.get("resumed_after_s")), None),
                      ("restore time (slowest rank)", m(ours, lambda r: r.get("restore_s")),
-                      m(peer, lambda r: r.get("restore_s"))),
+                      m(old, lambda r: r.get("restore_s")), m(peer, lambda r: r.get("restore_s"))),
                      ("training stall per checkpoint", m(ours, lambda r: r.get("stall_s")),
-                      m(peer, lambda r: r.get("stall_s"))),
+                      m(old, lambda r: r.get("stall_s")), m(peer, lambda r: r.get("stall_s"))),
                      # From the fault step for both (ours counts from heartbeats otherwise).
                      ("steps redone (fault step - restored step - 1)",
                       m(ours, lambda r: args.fault_at - r["restore_step"] - 1),
+                      m(old, lambda r: args.fault_at - r["restore_step"] - 1),
                       m(peer, lambda r: args.fault_at - r["restore_step"] - 1))]
         print("\nside by side with Ray Train (same model, workers, checkpoint interval and fault step)")
-        print("| figure | recovery.run (reload) | Ray Train (TorchTrainer) | Ray Train / ours |")
-        print("|---|---:|---:|---:|")
-        for name, a, b in rows_side:
-            ratio = f"{b / a:.1f}x" if a and b else "-"
+        print("| figure | recovery.run (reload in place) | recovery.run (restart all) | Ray Train (TorchTrainer) | "
+              "restart all / in place | Ray Train / in place |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, a, b, c in rows_side:
             unit = "" if name.startswith("steps") else " s"
-            print(f"| {name} | {f(a, unit)} | {f(b, unit)} | {ratio} |")
+            r1 = f"{b / a:.1f}x" if a and b else "-"
+            r2 = f"{c / a:.1f}x" if a and c else "-"
+            print(f"| {name} | {f(a, unit)} | {f(b, unit)} | {f(c, unit)} | {r1} | {r2} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "rows": rows}, fh, indent=1, default=str)

@@ -86,7 +86,7 @@ def test_killed_worker_resumes_from_the_newest_checkpoint_bit_exact(cluster, tmp
     assert sample("ckpt_recovery_restore_seconds_count", {"tier": "agent memory"}) == 1
     assert sample("ckpt_recovery_restore_bytes_total", {"tier": "agent memory"}) == rec.restore_bytes["agent memory"]
     assert sample("ckpt_recovery_resume_seconds_count") == 1
-    assert sample("ckpt_recovery_steps_lost_total") == rec.steps_lost
+    assert sample("ckpt_recovery_steps_lost_total") == max(0, rec.steps_lost)  # (from the last heartbeat seen)
     assert sample("ckpt_recovery_checkpoints_total", {"outcome": "committed"}) == 6
     assert sample("ckpt_recovery_last_committed_step") == 25
     assert sample("ckpt_recovery_world_size") == 2
@@ -123,7 +123,9 @@ def test_lost_worker_without_room_continues_on_three_workers_resharded(cluster, 
     trainer = DemoTrainer(steps=24, width=48, depth=2, global_batch=12, step_sleep_s=0.02, return_state=True,
                           faults=(Fault(TAKE_SLOT, 13, rank=3, resources={"slot": 1}), Fault(KILL, 14, rank=3)))
     try:
-        result = _run(trainer, tmp_path, num_workers=4, min_workers=2, placement_timeout_s=3.0)
+        # Restarting everything: in place, the lost worker's bundle stays reserved for its
+        # replacement, so a process death never loses room (a node loss does, in place too).
+        result = _run(trainer, tmp_path, num_workers=4, min_workers=2, placement_timeout_s=3.0, in_place=False)
     finally:
         try:
             ray.kill(ray.get_actor("slot_taker"))
@@ -188,7 +190,8 @@ def test_grows_back_when_room_returns(cluster, tmp_path):
 
     t = threading.Thread(target=free_the_slot, daemon=True)
     t.start()
-    result = _run(trainer, tmp_path, num_workers=4, min_workers=2, placement_timeout_s=3.0, allow_grow=True)
+    result = _run(trainer, tmp_path, num_workers=4, min_workers=2, placement_timeout_s=3.0, allow_grow=True,
+                  in_place=False)  # the room is lost by restarting everything (see above)
     t.join(5)
     sizes = [e.fields["world_size"] for e in result.events if e.kind == "workers_started"]
     assert sizes[:2] == [4, 3] and sizes[-1] == 4 and result.world_size == 4, sizes
