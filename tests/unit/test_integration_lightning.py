@@ -222,19 +222,34 @@ def test_model_checkpoint_top_k_and_last_are_folders_and_removal_deletes_them(tm
     assert set(state["best_k_models"]) == {str(dirpath / "epoch=1-step=8.ckpt"), str(dirpath / "epoch=3-step=16.ckpt")}
 
 
+def test_save_last_link_is_a_symlink_to_the_folder_and_removing_it_keeps_the_target(tmp_path):
+    io = CkptCheckpointIO()
+    dirpath = tmp_path / "ckpts"
+    mc = ModelCheckpoint(dirpath=dirpath, save_top_k=1, save_last="link", filename="{epoch}-{step}")
+    trainer = _trainer(tmp_path, io, [mc], max_epochs=2, limit_val_batches=0)
+    trainer.fit(Net(), _data())
+    assert sorted(os.listdir(dirpath)) == ["epoch=1-step=8.ckpt", "last.ckpt"]
+    assert os.readlink(dirpath / "last.ckpt") == "epoch=1-step=8.ckpt"
+    assert io.load_checkpoint(dirpath / "last.ckpt")["global_step"] == 8
+    io.remove_checkpoint(dirpath / "last.ckpt")
+    assert sorted(os.listdir(dirpath)) == ["epoch=1-step=8.ckpt"]
+    assert _steps(dirpath / "epoch=1-step=8.ckpt") == [8]
+
+
 def test_resume_through_fit_ckpt_path_is_bit_exact(tmp_path):
     def run(max_epochs: int, root: Path, ckpt_path: str | None = None) -> tuple[Net, pl.Trainer]:
         torch.manual_seed(1)
         model = Net()
         io = CkptCheckpointIO()
-        mc = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)
+        mc = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)  # "last" finds root/last.ckpt
         trainer = _trainer(root, io, [mc], max_epochs=max_epochs, limit_val_batches=0)
         trainer.fit(model, _data(), ckpt_path=ckpt_path)
         return model, trainer
 
     whole, t_whole = run(4, tmp_path / "whole")
     run(2, tmp_path / "part")  # the interrupted run: stops after 2 epochs, last.ckpt at step 8
-    resumed, t_resumed = run(4, tmp_path / "resumed", ckpt_path=str(tmp_path / "part" / "last.ckpt"))
+    assert _steps(tmp_path / "part" / "last.ckpt") == [8]
+    resumed, t_resumed = run(4, tmp_path / "part", ckpt_path="last")
     assert t_resumed.global_step == t_whole.global_step == 16
     _same(whole.state_dict(), resumed.state_dict())
     _same(t_whole.optimizers[0].state_dict(), t_resumed.optimizers[0].state_dict())

@@ -116,6 +116,10 @@ class CkptCheckpointIO(CheckpointIO):
                 "CkptCheckpointIO stores a checkpoint as that step of the folder"
             )
         tree = to_ckpt(checkpoint, allow_pickle=self.allow_pickle)
+        if "://" not in url:
+            # The folder exists when the call returns, as Lightning's file would: ModelCheckpoint
+            # checks names with exists() and links last.ckpt to it (save_last="link").
+            os.makedirs(url, exist_ok=True)
         engine, sink = self._started(url)
         self._report(sink)
         with self._lock:

@@ -17,6 +17,7 @@ staged runs after its write, so the write cannot bring the folder back.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import uuid
@@ -47,7 +48,11 @@ class Target:
 
 def remove_folder(url: str, *, storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None) -> None:
     """Delete the checkpoint folder ``url``: every step's commit point first (readers stop seeing
-    it at once), then the files, then the folder. A path that does not exist is left alone."""
+    it at once), then the files, then the folder. A path that does not exist is left alone; a
+    symbolic link (``ModelCheckpoint(save_last="link")``) is removed, not what it points to."""
+    if os.path.islink(url):
+        os.unlink(url)
+        return
     storage = open_storage(url, storage_options=storage_options, retry=retry)
     for info in fmt.list_steps(storage):
         delete_step(storage, info.step)
