@@ -275,3 +275,44 @@ def test_importing_without_lightning_names_the_extra_and_ckpt_never_imports_it()
     )
     assert out.returncode == 0, out.stderr
     assert "pip install 'ckpt[lightning]'" in out.stdout
+
+
+def test_a_removal_right_after_the_save_of_the_same_path_runs_after_its_write(tmp_path):
+    io = CkptCheckpointIO()
+    checkpoint = {"global_step": 5, "state_dict": {"w": torch.randn(64, 64)}}
+    io.save_checkpoint(checkpoint, tmp_path / "gone.ckpt")
+    io.remove_checkpoint(tmp_path / "gone.ckpt")  # the write may still be staging or in flight
+    io.save_checkpoint(checkpoint, tmp_path / "kept.ckpt")
+    io.teardown()
+    assert sorted(os.listdir(tmp_path)) == ["kept.ckpt"]
+    _same(checkpoint, io.load_checkpoint(tmp_path / "kept.ckpt"))
+
+
+def test_the_step_pre_hook_waits_after_a_closure_and_at_once_without_one():
+    from ckpt.staging import step_pre_hook
+
+    order: list[str] = []
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.register_step_pre_hook(step_pre_hook(lambda: order.append(f"wait, p={p.detach().tolist()}")))
+
+    def closure():
+        order.append("forward+backward")
+        p.grad = torch.ones(3)
+        return torch.zeros(())
+
+    opt.step(closure)
+    opt.step()
+    assert order[:2] == ["forward+backward", "wait, p=[1.0, 1.0, 1.0]"]  # after the closure, before the update
+    assert len(order) == 3 and order[2].startswith("wait, p=[0.89")  # no closure: at once, before its update
+    opt.step(closure=closure)  # Lightning's form
+    assert len(order) == 5 and order[3] == "forward+backward" and order[4].startswith("wait, p=[0.79")
+
+
+def test_a_file_written_by_torch_save_is_read_weights_only(tmp_path):
+    checkpoint = {"global_step": 2, "state_dict": {"w": torch.arange(3.0)}, "loops": {"a": 1}}
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    _same(checkpoint, CkptCheckpointIO().load_checkpoint(tmp_path / "old.ckpt"))
+    torch.save({"global_step": 2, "hp": Path("/x")}, tmp_path / "unsafe.ckpt")
+    with pytest.raises(UnsupportedValueError, match="weights_only=True"):
+        CkptCheckpointIO().load_checkpoint(tmp_path / "unsafe.ckpt")
