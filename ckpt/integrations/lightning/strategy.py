@@ -22,6 +22,7 @@ Lightning's ``ModelParallelStrategy``) is loaded by Lightning's own code.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ from ._tree import MARKER, from_ckpt, to_ckpt
 from .sink import remove_folder
 
 _TENSOR_KEYS = ("state_dict", "optimizer_states")
+
+log = logging.getLogger(__name__)
 
 
 class CkptModelParallelStrategy(ModelParallelStrategy):
@@ -85,10 +88,13 @@ class CkptModelParallelStrategy(ModelParallelStrategy):
         )
         dcp.save(tree, storage_writer=writer)
         if self.global_rank == 0:  # one path, one checkpoint: the older steps go once this one is committed
-            storage = open_storage(url, storage_options=self.storage_options, retry=self.retry)
-            for info in fmt.list_steps(storage):
-                if info.step != step:
-                    delete_step(storage, info.step)
+            try:
+                storage = open_storage(url, storage_options=self.storage_options, retry=self.retry)
+                for info in fmt.list_steps(storage):
+                    if info.step != step:
+                        delete_step(storage, info.step)
+            except Exception as e:  # noqa: BLE001 - the new step is committed; the others wait at the barrier
+                log.warning("%s: the steps before %d could not be deleted: %s", url, step, e)
         self.barrier("CkptModelParallelStrategy.save_checkpoint")
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -104,7 +110,15 @@ class CkptModelParallelStrategy(ModelParallelStrategy):
         url = _url(self.broadcast(checkpoint_path))
         if os.path.isfile(url):
             return super().load_checkpoint(Path(url), weights_only=weights_only)
-        step = self.broadcast(_newest_step(url, self.storage_options, self.retry) if self.global_rank == 0 else None)
+        step: Any = None
+        if self.global_rank == 0:
+            try:
+                step = _newest_step(url, self.storage_options, self.retry)
+            except Exception as e:  # noqa: BLE001 - raised on every rank below, not only here
+                step = e
+        step = self.broadcast(step)
+        if isinstance(step, BaseException):
+            raise step
         assert self.model is not None and self.lightning_module is not None
         strict = self.lightning_module.strict_loading
         state = {
