@@ -50,7 +50,7 @@ from .plan import SavePlan, TensorItem
 from .restore import RestoreReport, RestoreSource, restore_report
 from .retention import RetentionPolicy, run_gc
 from .sink import InProcessSink, PersistJob, Sink, SinkConfig, open_sink
-from .staging import StageJob, Stager
+from .staging import StageJob, Stager, step_pre_hook
 from .state import container_kinds, encode_value, flatten
 from .stateful import CachedExpander, expand
 from .storage import open_storage
@@ -149,7 +149,7 @@ class Checkpointer:
             return
         index = len(self._optimizers)
         self._optimizers.append(optimizer)
-        self._hooks.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step(index)))
+        self._hooks.append(optimizer.register_step_pre_hook(step_pre_hook(lambda: self._before_step(index))))
 
     def save(self, step: int, state: dict[str, Any], *, force: bool = False) -> SnapshotHandle | None:
         """Snapshot ``state`` as checkpoint ``step`` if it is a checkpoint step (every

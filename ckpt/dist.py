@@ -20,6 +20,8 @@ class Group:
 
     @classmethod
     def resolve(cls, process_group: Any = None) -> Group:
+        if isinstance(process_group, Group):  # a group described by hand (a rank saving alone)
+            return process_group
         if not (dist.is_available() and dist.is_initialized()):
             if process_group is not None:
                 raise ValueError("process_group given but torch.distributed is not initialized")

@@ -35,6 +35,33 @@ class StageJob:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+def step_pre_hook(wait: Callable[[], None]) -> Callable[[Any, tuple, dict[str, Any]], tuple[tuple, dict] | None]:
+    """An optimizer step pre-hook that runs ``wait`` just before the update.
+
+    A closure passed to ``step`` (Lightning's automatic optimization, LBFGS) runs forward and
+    backward inside ``step``, before any parameter changes: the wait then moves after the
+    closure, so that the host copy still overlaps forward and backward. Without a closure the
+    wait runs at once."""
+
+    def hook(optimizer: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        # torch passes step's own arguments: ``args[0]`` is the optimizer, a closure follows it.
+        closure = kwargs["closure"] if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+        if not callable(closure):
+            wait()
+            return None
+
+        def closure_then_wait() -> Any:
+            out = closure()
+            wait()
+            return out
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_wait}
+        return (args[0], closure_then_wait, *args[2:]), kwargs
+
+    return hook
+
+
 class Stager:
     """One background thread running stage jobs in order."""
 
