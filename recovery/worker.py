@@ -3,12 +3,15 @@ and the node agent, and the worker actor that sets up torch.distributed and runs
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import datetime
 import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +60,17 @@ class Reporter:
     Heartbeats go from a background thread every ``interval_s`` with the latest step and
     metrics, whether or not training progressed: a coordinator that restarted relearns the
     attempt, the world and the run id from them at once, and a hang shows as heartbeats
-    whose step stops increasing."""
+    whose step stops increasing.
+
+    Each heartbeat also carries this rank's step timing as running totals, ``(sections,
+    seconds, measured)``: compute sections done and their seconds (``ctx.timed()`` blocks,
+    ``ctx.compute_time(s)`` calls; ``measured`` True), or, while the rank measures none, its
+    reported steps and the time between its reports. Totals, not samples: a node agent that
+    relays only a rank's latest heartbeat, or a coordinator that restarted, loses nothing but
+    resolution. The coordinator finds stragglers from them, and a hang's culprit: a rank that
+    waits in a collective has finished a compute section the rank it waits for has not."""
+
+    MAX_PENDING_EVENTS = 256  # CUDA timings not finished yet; older ones are dropped beyond this
 
     def __init__(self, coordinator: Any, attempt: int, rank: int, world_size: int, node: str | None,
                  interval_s: float, relay: Any = None) -> None:
@@ -71,6 +84,12 @@ class Reporter:
         self.run_id: str | None = None
         self._step: int | None = None
         self._metrics: dict[str, float] = {}
+        self._sections = 0
+        self._seconds = 0.0
+        self._measured = False  # compute time is measured (else: time between reports)
+        self._last_report: float | None = None  # perf_counter of the last report with a step
+        self._depth = 0  # nested ctx.timed() blocks: only the outermost counts
+        self._pending: collections.deque[tuple[Any, Any]] = collections.deque()  # CUDA (start, end) events
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="recovery-heartbeat", daemon=True)
@@ -95,15 +114,82 @@ class Reporter:
     def flush(self) -> None:
         with self._lock:
             step, metrics = self._step, dict(self._metrics)
-        self._send("heartbeat", self.attempt, self.rank, self.world_size, step, metrics, self.node, self.run_id)
+            timing = (self._sections, self._seconds, self._measured) if self._sections else None
+        self._send("heartbeat", self.attempt, self.rank, self.world_size, step, metrics, self.node, self.run_id,
+                   timing)
 
     def heartbeat(self, step: int | None, metrics: dict[str, float], *, force: bool = False) -> None:
+        self._resolve()
+        now = time.perf_counter()
         with self._lock:
             if step is not None:
                 self._step = step
+                if not self._measured and self._last_report is not None:
+                    self._sections += 1
+                    self._seconds += now - self._last_report
+                self._last_report = now
             self._metrics.update(metrics)
         if force:
             self.flush()
+
+    # -- compute time --------------------------------------------------------------------------------
+
+    @property
+    def timing(self) -> tuple[int, float, bool]:
+        """``(sections, seconds, measured)``: what the next heartbeat carries."""
+        self._resolve()
+        with self._lock:
+            return self._sections, self._seconds, self._measured
+
+    def compute_time(self, seconds: float) -> None:
+        """One compute section of ``seconds`` (measured by the caller)."""
+        seconds = float(seconds)
+        if not seconds >= 0 or seconds == float("inf"):
+            raise ValueError(f"compute_time takes a finite number of seconds >= 0, got {seconds!r}")
+        with self._lock:
+            if not self._measured:  # from now on compute time, not the time between reports
+                self._measured, self._sections, self._seconds = True, 0, 0.0
+            self._sections += 1
+            self._seconds += seconds
+
+    @contextlib.contextmanager
+    def timed(self, device: torch.device | None = None) -> Iterator[None]:
+        """Time the block as compute (nested blocks count once). On a CUDA device the time is the
+        GPU's, between two events on the current stream, read once the GPU passed them (never
+        waited for); elsewhere the wall time of the block."""
+        self._depth += 1
+        if self._depth > 1:
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        cuda = device is not None and device.type == "cuda"
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if cuda:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self._pending.append((start, end))
+                while len(self._pending) > self.MAX_PENDING_EVENTS:
+                    self._pending.popleft()
+                self._resolve()
+            else:
+                self.compute_time(time.perf_counter() - t0)
+
+    def _resolve(self) -> None:
+        # CUDA timings whose end event the GPU passed, in order (the training thread only)
+        while self._pending and self._pending[0][1].query():
+            start, end = self._pending.popleft()
+            self.compute_time(start.elapsed_time(end) / 1000.0)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
 
     def saving(self, step: int, save_id: str, writers: Sequence[str]) -> None:
         self._send("saving", self.attempt, step, save_id, list(writers))
@@ -182,6 +268,18 @@ class TrainContext:
         declared hung. Metrics (loss, grad_norm, ...) are shown by the coordinator."""
         if self._reporter is not None:
             self._reporter.heartbeat(int(step), {k: float(v) for k, v in metrics.items()})
+
+    def timed(self) -> contextlib.AbstractContextManager[None]:
+        """``with ctx.timed(): ...`` around this rank's compute that waits for no other rank (the
+        forward and backward of a model whose gradients are averaged after; with DDP, whose
+        backward waits for the gradient all-reduce, the forward): the coordinator compares the
+        ranks' compute times to find stragglers and a hang's culprit (docs/recovery.md)."""
+        return self._reporter.timed(self.device) if self._reporter is not None else contextlib.nullcontext()
+
+    def compute_time(self, seconds: float) -> None:
+        """Report ``seconds`` of compute measured by the caller, as one ``timed()`` block would."""
+        if self._reporter is not None:
+            self._reporter.compute_time(seconds)
 
 
 def free_port(host: str = "") -> int:
