@@ -53,6 +53,8 @@ class Failure:
     def __post_init__(self) -> None:
         if self.kind not in FAILURE_KINDS:
             raise ValueError(f"unknown failure kind {self.kind!r}; known: {FAILURE_KINDS}")
+        for name in ("ranks", "culprits"):  # rebuilt from to_dict() (lists): tuples again
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def detected_after_s(self) -> float | None:
