@@ -879,3 +879,24 @@ def test_straggler_config_is_validated():
     d = DetectConfig()
     assert (d.straggler_factor, d.straggler_window_s, d.straggler_min_steps, d.replace_stragglers_after_s) == \
         (1.5, 30.0, 5, None)
+
+
+def test_reporter_reads_cuda_timings_once_the_gpu_passed_them_in_order():
+    from recovery.worker import Reporter
+
+    class Event:  # what Reporter uses of torch.cuda.Event
+        def __init__(self, at_ms: float, done: bool = True) -> None:
+            self.at_ms, self.done = at_ms, done
+
+        def query(self) -> bool:
+            return self.done
+
+        def elapsed_time(self, end: Event) -> float:
+            return end.at_ms - self.at_ms
+
+    rep = Reporter(None, 0, 0, 1, None, 0.2)
+    late = Event(300.0, done=False)
+    rep._pending.extend([(Event(0.0), Event(40.0)), (Event(100.0), late), (Event(400.0), Event(450.0))])
+    assert rep.timing == (1, pytest.approx(0.04), True)  # the second is not done: it and the third wait
+    late.done = True
+    assert rep.timing == (3, pytest.approx(0.04 + 0.2 + 0.05), True) and not rep._pending
