@@ -177,7 +177,7 @@ class Membership:
     def check_stragglers(self, now: float) -> tuple[list[StragglerChange], list[Failure]]:
         """Ranks that became stragglers or recovered, and the stragglers to replace. O(ranks)."""
         changes, replace = self.stragglers.check(now, lambda r: self.ranks[r].node if r in self.ranks else None)
-        failures = [Failure(STRAGGLER, self.attempt, f"rank {c.rank} on node {(c.node or '?')[:12]} a straggler for "
+        failures = [Failure(STRAGGLER, self.attempt, f"rank {c.rank} on node {(c.node or '?')[:12]} has been a straggler for "
                             f"{now - (c.since or now):.1f} s (replace_stragglers_after_s="
                             f"{self.config.replace_stragglers_after_s:g}): {c.describe()}", now, ranks=(c.rank,),
                             node=c.node, last_progress_at=self.ranks[c.rank].progress_at, last_step=self.last_step,

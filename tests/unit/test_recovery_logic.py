@@ -760,7 +760,7 @@ def test_a_persistent_straggler_becomes_a_failure_once_when_replacement_is_on():
     feed.run_until(30.0)
     (f,) = feed.failures
     assert (f.kind, f.ranks, f.culprits, f.node) == (STRAGGLER, (6,), (6,), "node1")
-    assert f.detected_at == pytest.approx(feed.changes[0].at + 5.0) and "straggler for 5.0 s" in f.detail
+    assert f.detected_at == pytest.approx(feed.changes[0].at + 5.0) and "has been a straggler for 5.0 s" in f.detail
     assert "2.50x its peers" in f.detail
 
 
