@@ -16,13 +16,12 @@ the section counts to tell the rank the others wait for from the ranks waiting f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from .config import DetectConfig
+from .stragglers import StragglerChange, StragglerDetector
 
 # Failure kinds.
 WORKER_DIED = "worker_died"  # the worker's process exited (Ray reports the actor dead)
@@ -95,13 +94,18 @@ class Membership:
         self.agents: dict[str, float] = {}  # node -> last heartbeat
         self.agent_status: dict[str, dict[str, Any]] = {}
         self._agents_reported: set[str] = set()
-        self.stragglers = StragglerDetector(config, 0)
+        self.stragglers = self._straggler_detector(0)
 
     def begin_attempt(self, attempt: int, world_size: int, now: float) -> None:
         self.attempt = attempt
         self.world_size = world_size
         self.ranks = {r: RankState(r, now) for r in range(world_size)}
-        self.stragglers = StragglerDetector(self.config, world_size)
+        self.stragglers = self._straggler_detector(world_size)
+
+    def _straggler_detector(self, world_size: int) -> StragglerDetector:
+        c = self.config
+        return StragglerDetector(world_size, factor=c.straggler_factor, window_s=c.straggler_window_s,
+                                 min_steps=c.straggler_min_steps, replace_after_s=c.replace_stragglers_after_s)
 
     def heartbeat(self, attempt: int, rank: int, world_size: int, step: int | None, metrics: Mapping[str, float],
                   now: float, node: str | None = None, timing: Sequence[Any] | None = None) -> bool:
@@ -123,7 +127,7 @@ class Membership:
         if timing is not None:
             sections, seconds, measured = int(timing[0]), float(timing[1]), bool(timing[2])
             st.sections = sections if measured else None
-            self.stragglers.observe(rank, sections, seconds, measured, now)
+            self.stragglers.observe(rank, sections, seconds, measured)
         return True
 
     def agent_heartbeat(self, node: str, status: Mapping[str, Any], now: float) -> None:
@@ -226,168 +230,3 @@ def _hang_detail(hung: list[RankState], culprits: list[RankState], now: float, c
     shown = ", ".join(one(st) for st in waiting[:4]) + (", ..." if len(waiting) > 4 else "")
     return (f"{head}; {len(waiting)} rank(s) waiting behind it (at step {steps[0] if len(steps) == 1 else steps}): "
             f"{shown}")
-
-
-# -- stragglers -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StragglerChange:
-    """A rank became a straggler (``slow``) or stopped being one. Times: the coordinator's clock."""
-
-    rank: int
-    node: str | None
-    slow: bool
-    step_time_s: float  # the rank's median compute time per section over the window
-    peers_s: float  # the median of the other ranks' medians
-    factor: float  # step_time_s / peers_s
-    steps: int  # sections measured in the window
-    measured: bool  # compute time (ctx.timed / ctx.compute_time), else the time between reports
-    at: float
-    since: float | None = None  # when it became a straggler
-
-    def describe(self) -> str:
-        what = "compute time" if self.measured else "time between reports"
-        return (f"{what} {self.step_time_s * 1e3:.1f} ms per step, {self.factor:.2f}x its peers' median "
-                f"{self.peers_s * 1e3:.1f} ms ({self.steps} steps in the window)")
-
-    def to_fields(self) -> dict[str, Any]:
-        return {"rank": self.rank, "node": self.node, "state": "slow" if self.slow else "recovered",
-                "step_time_s": round(self.step_time_s, 6), "peers_s": round(self.peers_s, 6),
-                "factor": round(self.factor, 3), "steps": self.steps,
-                "signal": "compute" if self.measured else "step", "detected_at": self.at, "since": self.since}
-
-
-class StragglerDetector:
-    """Each rank's median compute time per section over the window against its peers'.
-
-    A heartbeat's running totals become a sample (sections and seconds since the rank's previous
-    heartbeat that arrived), added to the current time bucket: the window is ``BUCKETS`` buckets
-    of ``straggler_window_s / BUCKETS``, one row per rank, so memory and a round's work are
-    O(ranks x BUCKETS) whatever the heartbeat rate. A round takes each rank's median over its
-    buckets' means (a bucket that held a pause, a checkpoint or a collection does not move it),
-    the median of the OTHER ranks' medians for each rank (one sort: O(N log N)), and reports a
-    rank whose ratio reaches ``straggler_factor``, once it was measured for a whole window with
-    ``straggler_min_steps`` sections in it; it recovers below ``factor - (factor - 1) / 4`` (a
-    rank at the edge does not flap). Ranks measured differently (compute sections vs the time
-    between reports) are compared as they are: a job measures one way everywhere.
-    ``work`` counts the cells a round touched: the test of O(N) rounds reads it."""
-
-    BUCKETS = 16
-
-    def __init__(self, config: DetectConfig, world_size: int) -> None:
-        self.config = config
-        n, b = world_size, self.BUCKETS
-        self.span = config.straggler_window_s / b
-        self.count = np.zeros((n, b))
-        self.seconds = np.zeros((n, b))
-        self.bucket = np.full(b, -(2**62), dtype=np.int64)  # the bucket number each column holds now
-        self.total = np.full((n, 2), np.nan)  # the rank's last running totals: sections, seconds
-        self.measured = np.zeros(n, dtype=bool)
-        self.first_at = np.full(n, np.inf)  # when its totals were first seen (its window fills from then)
-        self.slow_since = np.full(n, np.nan)  # NaN: not a straggler
-        self.ratio = np.full(n, np.nan)
-        self.replaced = np.zeros(n, dtype=bool)
-        self.work = 0
-
-    def observe(self, rank: int, sections: int, seconds: float, measured: bool, now: float) -> None:
-        """A heartbeat's totals. O(1), and O(ranks) once per bucket (a column reused)."""
-        if not 0 <= rank < len(self.total):
-            return
-        last_sections, last_seconds = self.total[rank]
-        self.total[rank] = (sections, seconds)
-        if np.isnan(last_sections) or sections < last_sections or measured != self.measured[rank]:
-            # first seen, a new process, or compute time from now on: measuring starts over
-            self.measured[rank] = measured
-            self.count[rank] = 0.0
-            self.seconds[rank] = 0.0
-            self.first_at[rank] = now
-            return
-        done = sections - last_sections
-        if done <= 0:
-            return
-        b = int(now // self.span)
-        col = b % self.BUCKETS
-        if self.bucket[col] != b:
-            self.count[:, col] = 0.0
-            self.seconds[:, col] = 0.0
-            self.bucket[col] = b
-        self.count[rank, col] += done
-        self.seconds[rank, col] += max(0.0, seconds - last_seconds)
-
-    def check(self, now: float, node_of: Callable[[int], str | None]) -> tuple[list[StragglerChange],
-                                                                             list[StragglerChange]]:
-        """The ranks that became stragglers or recovered since the last round, and the stragglers
-        due for replacement (each once)."""
-        n = len(self.total)
-        if n < 2:
-            return [], []
-        cfg = self.config
-        b = int(now // self.span)
-        live = (self.bucket > b - self.BUCKETS) & (self.bucket <= b)
-        count, seconds = self.count[:, live], self.seconds[:, live]
-        if count.shape[1] == 0:
-            return [], []
-        steps = count.sum(axis=1)
-        filled = (count > 0).sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = np.sort(np.where(count > 0, seconds / count, np.nan), axis=1)  # no sample: NaN, sorted last
-        rows, lo, hi = np.arange(n), np.maximum(filled - 1, 0) // 2, filled // 2
-        median = np.where(filled > 0, (means[rows, lo] + means[rows, np.minimum(hi, count.shape[1] - 1)]) / 2, np.nan)
-        eligible = (steps >= cfg.straggler_min_steps) & (self.first_at <= now - cfg.straggler_window_s) \
-            & ~np.isnan(median)
-        idx = np.flatnonzero(eligible)
-        self.work = 3 * n * int(live.sum()) + n + len(idx)
-        k = len(idx)
-        if k < 2:
-            return [], []
-        values = median[idx]
-        order = np.argsort(values, kind="stable")
-        srt = values[order]
-        pos = np.empty(k, dtype=np.int64)
-        pos[order] = np.arange(k)
-
-        def other(j: int) -> np.ndarray:  # the j-th smallest of the other ranks' medians, per rank
-            return np.where(j < pos, srt[j], srt[min(j + 1, k - 1)])
-
-        m = k - 1
-        peers = other(m // 2) if m % 2 else (other(m // 2 - 1) + other(m // 2)) / 2
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = np.where(peers > 0, values / peers, np.nan)
-        self.ratio[idx] = ratio  # the last known ratio of the others stays
-        was = ~np.isnan(self.slow_since[idx])
-        factor = cfg.straggler_factor
-        became = ~was & (ratio >= factor)
-        recovered = was & (ratio < factor - (factor - 1) / 4)
-        changes = []
-        for i in np.flatnonzero(became | recovered):
-            r = int(idx[i])
-            slow = bool(became[i])
-            since = now if slow else float(self.slow_since[r])
-            self.slow_since[r] = now if slow else np.nan
-            changes.append(StragglerChange(r, node_of(r), slow, float(values[i]), float(peers[i]), float(ratio[i]),
-                                           int(steps[r]), bool(self.measured[r]), now, since))
-        replace = []
-        after = cfg.replace_stragglers_after_s
-        if after is not None:
-            due = np.flatnonzero(~np.isnan(self.slow_since) & (now - self.slow_since >= after) & ~self.replaced)
-            for r in due:
-                self.replaced[r] = True
-                i = int(np.searchsorted(idx, r))
-                known = i < k and idx[i] == r
-                replace.append(StragglerChange(int(r), node_of(int(r)), True,
-                                               float(values[i]) if known else float("nan"),
-                                               float(peers[i]) if known else float("nan"),
-                                               float(self.ratio[r]), int(steps[r]), bool(self.measured[r]), now,
-                                               float(self.slow_since[r])))
-        return changes, replace
-
-    def is_straggler(self, rank: int) -> bool:
-        return 0 <= rank < len(self.slow_since) and not np.isnan(self.slow_since[rank])
-
-    def ratio_of(self, rank: int) -> float:
-        return float(self.ratio[rank]) if 0 <= rank < len(self.ratio) else float("nan")
-
-    def current(self) -> dict[int, float]:
-        """The stragglers now: rank -> its ratio to its peers."""
-        return {int(r): round(float(self.ratio[r]), 3) for r in np.flatnonzero(~np.isnan(self.slow_since))}

@@ -14,8 +14,8 @@ ROOT = Path(recovery.__file__).parent
 # Lowest first: a module imports only modules of lower layers (a package's __init__ also its
 # own submodules). "" is the package itself, the public facade.
 LAYERS = [
-    {"errors", "events", "config", "restore", "registry", "checkfree.rule", "checkfree.plan"},
-    {"detect", "worker", "placement", "fleet", "pipeline.spec"},
+    {"errors", "events", "config", "restore", "registry", "checkfree.rule", "checkfree.plan", "stragglers"},
+    {"detect", "worker", "placement", "fleet", "pipeline.spec", "metrics"},
     {"policy", "coordinator", "pipeline.stage"},
     {"checkfree.policy", "result"},
     {"checkfree"},
