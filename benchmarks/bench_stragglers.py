@@ -11,7 +11,8 @@
    Wrong reports (another rank, or none) are counted. Medians over ``--runs`` runs.
 2. Cost (simulated ranks): one detection round of :class:`recovery.detect.Membership` with
    1,000 and 10,000 ranks whose heartbeats filled a window, the straggler round side by side
-   with the hang round of the same membership (the baseline: the detection that was there).
+   with the hang round of the same membership (the baseline: the detection that was there),
+   and a heartbeat's cost with its timing against one without.
 
     python benchmarks/bench_stragglers.py                  # 3 runs, 3 workers, 5 s window
     python benchmarks/bench_stragglers.py --runs 1 --window 3 --skip-cost   # smoke test
@@ -89,10 +90,11 @@ def cost(n: int, repeat: int = 5) -> dict[str, Any]:
         for r in range(n):
             m.heartbeat(0, r, n, t, {}, now=float(t), timing=(10 * t, t * (2.0 if r == slow else 1.0), True))
         m.check_stragglers(float(t))  # the coordinator's rounds fold what arrived
+    assert m.progress()["stragglers"] == {slow: 2.0}
     straggler, hang = [], []
     for i in range(repeat):
         t0 = time.process_time()
-        changes, _ = m.check_stragglers(12.5 + i * 0.01)
+        m.check_stragglers(12.5 + i * 0.01)
         straggler.append(time.process_time() - t0)
         for st in m.ranks.values():  # judge the same stalled membership again each time
             st.hung_reported = False
@@ -101,8 +103,17 @@ def cost(n: int, repeat: int = 5) -> dict[str, Any]:
         hang.append(time.process_time() - t0)
         assert hangs
     s, h = statistics.median(straggler), statistics.median(hang)
+    beat = {}
+    for with_timing in (False, True):  # a heartbeat's cost at the coordinator, with and without timing
+        m.begin_attempt(1, n, now=0)
+        t0 = time.process_time()
+        for t in range(1, 4):
+            for r in range(n):
+                m.heartbeat(1, r, n, t, {}, now=float(t), timing=(10 * t, float(t), True) if with_timing else None)
+        beat[with_timing] = (time.process_time() - t0) / (3 * n)
     return {"ranks": n, "straggler_round_ms": round(s * 1e3, 3), "hang_round_ms": round(h * 1e3, 3),
-            "straggler_over_hang": round(s / h, 3) if h else None, "cells_touched": m.stragglers.work}
+            "straggler_over_hang": round(s / h, 3) if h else None, "cells_touched": m.stragglers.work,
+            "heartbeat_us": round(beat[True] * 1e6, 2), "heartbeat_without_timing_us": round(beat[False] * 1e6, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for c in out.get("cost", []):
         print(f"detection round, {c['ranks']:>6,} ranks: stragglers {c['straggler_round_ms']:8.3f} ms CPU, "
-              f"hangs (baseline) {c['hang_round_ms']:8.3f} ms, ratio {c['straggler_over_hang']}")
+              f"hangs (baseline) {c['hang_round_ms']:8.3f} ms, ratio {c['straggler_over_hang']}; a heartbeat "
+              f"{c['heartbeat_us']} us with timing, {c['heartbeat_without_timing_us']} us without")
     lat = out.get("latency")
     if lat:
         print(f"straggler {lat['factor']:g}x slower, window {lat['window_s']:g} s, {lat['workers']} workers: "

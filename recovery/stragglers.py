@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 
-
 @dataclass(frozen=True, slots=True)
 class StragglerChange:
     """A rank became a straggler (``slow``) or stopped being one. Times: the coordinator's clock."""
