@@ -103,6 +103,7 @@ def cost(n: int, repeat: int = 5) -> dict[str, Any]:
         hang.append(time.process_time() - t0)
         assert hangs
     s, h = statistics.median(straggler), statistics.median(hang)
+    cells = m.stragglers.work
     beat = {}
     for with_timing in (False, True):  # a heartbeat's cost at the coordinator, with and without timing
         m.begin_attempt(1, n, now=0)
@@ -112,7 +113,7 @@ def cost(n: int, repeat: int = 5) -> dict[str, Any]:
                 m.heartbeat(1, r, n, t, {}, now=float(t), timing=(10 * t, float(t), True) if with_timing else None)
         beat[with_timing] = (time.process_time() - t0) / (3 * n)
     return {"ranks": n, "straggler_round_ms": round(s * 1e3, 3), "hang_round_ms": round(h * 1e3, 3),
-            "straggler_over_hang": round(s / h, 3) if h else None, "cells_touched": m.stragglers.work,
+            "straggler_over_hang": round(s / h, 3) if h else None, "cells_touched": cells,
             "heartbeat_us": round(beat[True] * 1e6, 2), "heartbeat_without_timing_us": round(beat[False] * 1e6, 2)}
 
 
