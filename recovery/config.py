@@ -31,6 +31,16 @@ class DetectConfig:
     # about 1 ms of CPU, most of it Ray's delivery of a call to an actor (0.56 ms for an empty
     # call), plus a few microseconds per heartbeat. Checkpoint events go on within 50 ms a hop.
     relay_interval_s: float | None = None
+    # Stragglers (docs/recovery.md, "Stragglers"): a rank whose median compute time per step over
+    # the last straggler_window_s (ctx.timed / ctx.compute_time; without them, the time between
+    # its reports) is at least straggler_factor times its peers' median is reported (an event and
+    # a metric), once it was measured for a whole window and over straggler_min_steps steps in it.
+    straggler_factor: float = 1.5
+    straggler_window_s: float = 30.0
+    straggler_min_steps: int = 5
+    # A rank reported as a straggler for this long is a failure of kind "straggler", which the
+    # policy answers like any other (reload: every worker restarted). None: only reported.
+    replace_stragglers_after_s: float | None = None
 
     RELAY_CALLS_PER_S = 20.0
 
@@ -39,6 +49,17 @@ class DetectConfig:
             _positive("DetectConfig", name, getattr(self, name))
         if self.relay_interval_s is not None:
             _positive("DetectConfig", "relay_interval_s", self.relay_interval_s)
+        _positive("DetectConfig", "straggler_window_s", self.straggler_window_s)
+        _positive("DetectConfig", "straggler_factor", self.straggler_factor)
+        if self.straggler_factor <= 1:
+            raise ValueError(f"DetectConfig.straggler_factor must be above 1 (a rank this many times slower than its "
+                             f"peers is a straggler), got {self.straggler_factor!r}")
+        if isinstance(self.straggler_min_steps, bool) or not isinstance(self.straggler_min_steps, int) \
+                or self.straggler_min_steps < 1:
+            raise ValueError(f"DetectConfig.straggler_min_steps must be an integer >= 1, "
+                             f"got {self.straggler_min_steps!r}")
+        if self.replace_stragglers_after_s is not None:
+            _positive("DetectConfig", "replace_stragglers_after_s", self.replace_stragglers_after_s)
         if not isinstance(self.storage_failure_limit, int) or self.storage_failure_limit < 1:
             raise ValueError(f"DetectConfig.storage_failure_limit must be an integer >= 1, "
                              f"got {self.storage_failure_limit!r}")

@@ -1,5 +1,6 @@
 """The coordinator: one Ray actor per job holding membership, heartbeats, the checkpoint
-registry and the commit role, and detecting hangs, silent agents and failing storage.
+registry and the commit role, and detecting hangs, silent agents, failing storage and
+stragglers.
 
 Workers and agents talk to it fire-and-forget, so a coordinator that is down (Ray restarts it,
 ``max_restarts``) never stops training: checkpoints wait for their commit, heartbeats are
@@ -65,9 +66,11 @@ class Coordinator:
     # -- from workers and agents (fire-and-forget) --------------------------------------------
 
     def heartbeat(self, attempt: int, rank: int, world_size: int, step: int | None, metrics: dict[str, float],
-                  node: str | None = None, run_id: str | None = None) -> None:
+                  node: str | None = None, run_id: str | None = None, timing: tuple | None = None) -> None:
+        """A worker's heartbeat; ``timing``: its compute timing totals (``recovery.worker.Reporter``)."""
         with self._lock:
-            if self.membership.heartbeat(attempt, rank, world_size, step, metrics, self.clock(), node) and run_id:
+            if self.membership.heartbeat(attempt, rank, world_size, step, metrics, self.clock(), node,
+                                         timing) and run_id:
                 if run_id != self.run_id:  # first heard of this run (or this coordinator restarted)
                     self._inbox.put(("adopt", (), None))
                 self.run_id = run_id
@@ -246,6 +249,14 @@ class Coordinator:
         now = self.clock()
         with self._lock:
             for f in self.membership.check(now):
+                self._failure(f)
+            changes, replace = self.membership.check_stragglers(now)
+            for c in changes:
+                where = f" on node {c.node[:12]}" if c.node else ""
+                self._note(ev.STRAGGLER, f"rank {c.rank}{where} is a straggler: {c.describe()}" if c.slow else
+                           f"rank {c.rank}{where} is no straggler any more after {now - (c.since or now):.1f} s: "
+                           f"{c.describe()}", attempt=self.membership.attempt, **c.to_fields())
+            for f in replace:
                 self._failure(f)
             failures = self.registry.consecutive_failures
             limit = self.membership.config.storage_failure_limit

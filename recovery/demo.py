@@ -17,6 +17,7 @@ notices after ``--hang-timeout`` seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -30,8 +31,8 @@ import torch.distributed as dist
 
 from .worker import TrainContext
 
-KILL, HANG, KILL_COORDINATOR, KILL_AGENT, TAKE_SLOT, RAISE, STORAGE_DOWN, STORAGE_UP = (
-    "kill", "hang", "kill_coordinator", "kill_agent", "take_slot", "raise", "storage_down", "storage_up")
+KILL, HANG, KILL_COORDINATOR, KILL_AGENT, TAKE_SLOT, RAISE, STORAGE_DOWN, STORAGE_UP, SLOW = (
+    "kill", "hang", "kill_coordinator", "kill_agent", "take_slot", "raise", "storage_down", "storage_up", "slow")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +45,9 @@ class Fault:
     detached actor named ``slot_taker`` holding ``resources`` (it waits for them), so that a
     restart finds less room. ``storage_down`` / ``storage_up`` (local storage only): move the
     run directory away and put a file in its place (every read and write of the run fails;
-    the time is written to ``<run>.down-at``), and undo it.
+    the time is written to ``<run>.down-at``), and undo it. ``slow``: from this step on (to
+    ``until``, exclusive; None: to the end of the attempt) its compute takes ``factor`` times as
+    long (a degraded GPU, a throttled host); the time it began is in its return, ``slowed_at``.
     """
 
     kind: str
@@ -52,6 +55,8 @@ class Fault:
     rank: int = 0
     attempt: int = 0
     resources: dict[str, float] = field(default_factory=dict)
+    factor: float = 2.0
+    until: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,9 @@ class DemoTrainer:
     lr: float = 1e-3
     seed: int = 0
     step_sleep_s: float = 0.0
+    # Seconds of compute each step simulates on top of the model's (a sleep inside ctx.timed(),
+    # standing in for the forward and backward of a larger model; a SLOW fault stretches it too).
+    compute_s: float = 0.0
     faults: tuple[Fault, ...] = ()
     return_state: bool = False
 
@@ -84,10 +92,18 @@ class DemoTrainer:
         return torch.tensor_split(x, world)[rank], torch.tensor_split(y, world)[rank]
 
     def train_step(self, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, rank: int, world: int,
-                   reduce: Any) -> tuple[float, float]:
-        x, y = self.batch(step, rank, world)
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
+                   reduce: Any, ctx: TrainContext | None = None, slow: float = 1.0) -> tuple[float, float]:
+        # The rank's own compute, timed (ctx.timed): what the coordinator compares between ranks
+        # to find stragglers; the gradient all-reduce after it waits for the slowest rank.
+        with ctx.timed() if ctx is not None else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            x, y = self.batch(step, rank, world)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            if self.compute_s:
+                time.sleep(self.compute_s)
+            if slow > 1:
+                time.sleep((slow - 1) * (time.perf_counter() - t0))
         reduce([p.grad for p in model.parameters()])
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -105,26 +121,41 @@ class DemoTrainer:
             average_gradients(grads, world)
 
         loss = norm = float("nan")
+        slowed_at = None
         for step in range(start, self.steps):
             self._inject(ctx, step)
-            loss, norm = self.train_step(model, opt, step, ctx.rank, world, reduce)
+            slow = self.slowdown(ctx.rank, ctx.attempt, step)
+            if slow > 1 and slowed_at is None:
+                slowed_at = time.time()
+            loss, norm = self.train_step(model, opt, step, ctx.rank, world, reduce, ctx, slow)
             ctx.checkpointer.save(step, state)
             ctx.report(step, loss=loss, grad_norm=norm)
             if self.step_sleep_s:
                 time.sleep(self.step_sleep_s)
         ctx.checkpointer.wait()
         out: dict[str, Any] = {"rank": ctx.rank, "world_size": world, "attempt": ctx.attempt, "start": start,
-                               "loss": loss, "restore_step": ctx.restore_step,
+                               "loss": loss, "restore_step": ctx.restore_step, "slowed_at": slowed_at,
                                "restored": None if ctx.checkpointer.last_restore is None
                                else ctx.checkpointer.last_restore.to_dict()}
         if self.return_state and ctx.rank == 0:
             out["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return out
 
+    def slowdown(self, rank: int, attempt: int, step: int) -> float:
+        """How many times slower than normal this rank computes ``step`` (SLOW faults)."""
+        out = 1.0
+        for f in self.faults:
+            if f.kind == SLOW and (f.rank, f.attempt) == (rank, attempt) and f.step <= step \
+                    and (f.until is None or step < f.until):
+                out *= f.factor
+        return out
+
     def _inject(self, ctx: TrainContext, step: int) -> None:
         for f in self.faults:
             if (f.step, f.rank, f.attempt) != (step, ctx.rank, ctx.attempt):
                 continue
+            if f.kind == SLOW:
+                continue  # applied by train_step (slowdown)
             if f.kind == KILL:
                 os.kill(os.getpid(), signal.SIGKILL)
             elif f.kind == HANG:

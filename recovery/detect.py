@@ -6,15 +6,22 @@ than before. A rank with no progress for ``hang_timeout_s`` (``startup_timeout_s
 first report: process group set-up and restore) is hung. Process, node and agent deaths are
 seen by the launcher from Ray at once; an agent that stops sending heartbeats for
 ``agent_timeout_s`` is reported here.
+
+A heartbeat also carries the rank's compute timing (``recovery.worker.Reporter``): running
+totals of compute sections and their seconds. :class:`StragglerDetector` turns them into each
+rank's median compute time per section over ``straggler_window_s`` and reports the ranks at
+least ``straggler_factor`` times slower than the median of their peers; the hang report uses
+the section counts to tell the rank the others wait for from the ranks waiting for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import DetectConfig
+from .stragglers import StragglerChange, StragglerDetector
 
 # Failure kinds.
 WORKER_DIED = "worker_died"  # the worker's process exited (Ray reports the actor dead)
@@ -23,7 +30,8 @@ NODE_DIED = "node_died"
 AGENT_DIED = "agent_died"
 HANG = "hang"
 STORAGE = "storage"
-FAILURE_KINDS = (WORKER_DIED, WORKER_ERROR, NODE_DIED, AGENT_DIED, HANG, STORAGE)
+STRAGGLER = "straggler"  # a straggler for DetectConfig.replace_stragglers_after_s
+FAILURE_KINDS = (WORKER_DIED, WORKER_ERROR, NODE_DIED, AGENT_DIED, HANG, STORAGE, STRAGGLER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +52,8 @@ class Failure:
     def __post_init__(self) -> None:
         if self.kind not in FAILURE_KINDS:
             raise ValueError(f"unknown failure kind {self.kind!r}; known: {FAILURE_KINDS}")
+        for name in ("ranks", "culprits"):  # rebuilt from to_dict() (lists): tuples again
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def detected_after_s(self) -> float | None:
@@ -66,10 +76,11 @@ class RankState:
     metrics: dict[str, float] = field(default_factory=dict)
     node: str | None = None
     hung_reported: bool = False
+    sections: int | None = None  # compute sections done (ctx.timed / ctx.compute_time), if measured
 
     def to_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "step": self.step, "progress_at": self.progress_at, "seen_at": self.seen_at,
-                "metrics": dict(self.metrics), "node": self.node}
+                "metrics": dict(self.metrics), "node": self.node, "sections": self.sections}
 
 
 class Membership:
@@ -83,14 +94,21 @@ class Membership:
         self.agents: dict[str, float] = {}  # node -> last heartbeat
         self.agent_status: dict[str, dict[str, Any]] = {}
         self._agents_reported: set[str] = set()
+        self.stragglers = self._straggler_detector(0)
 
     def begin_attempt(self, attempt: int, world_size: int, now: float) -> None:
         self.attempt = attempt
         self.world_size = world_size
         self.ranks = {r: RankState(r, now) for r in range(world_size)}
+        self.stragglers = self._straggler_detector(world_size)
+
+    def _straggler_detector(self, world_size: int) -> StragglerDetector:
+        c = self.config
+        return StragglerDetector(world_size, factor=c.straggler_factor, window_s=c.straggler_window_s,
+                                 min_steps=c.straggler_min_steps, replace_after_s=c.replace_stragglers_after_s)
 
     def heartbeat(self, attempt: int, rank: int, world_size: int, step: int | None, metrics: Mapping[str, float],
-                  now: float, node: str | None = None) -> bool:
+                  now: float, node: str | None = None, timing: Sequence[Any] | None = None) -> bool:
         """Record a worker's heartbeat; False if it belongs to an older attempt. A heartbeat of a
         newer attempt than known (this coordinator restarted) adopts that attempt."""
         if attempt < self.attempt:
@@ -106,6 +124,10 @@ class Membership:
             st.step = step
             st.progress_at = now
         st.metrics.update({k: float(v) for k, v in metrics.items()})
+        if timing is not None:
+            sections, seconds, measured = int(timing[0]), float(timing[1]), bool(timing[2])
+            st.sections = sections if measured else None
+            self.stragglers.observe(rank, sections, seconds, measured)
         return True
 
     def agent_heartbeat(self, node: str, status: Mapping[str, Any], now: float) -> None:
@@ -140,7 +162,12 @@ class Membership:
                 st.hung_reported = True
             culprits = hang_culprits(hung)
             last = max(st.progress_at if st.progress_at is not None else st.started_at for st in hung)
-            out.append(Failure(HANG, self.attempt, _hang_detail(hung, culprits, now, self.config), now,
+            detail = _hang_detail(hung, culprits, now, self.config)
+            slow = [f"rank {st.rank} ({self.stragglers.ratio_of(st.rank):.1f}x its peers' compute time)"
+                    for st in culprits[:8] if self.stragglers.is_straggler(st.rank)]
+            if slow:
+                detail += "; reported a straggler before: " + ", ".join(slow)
+            out.append(Failure(HANG, self.attempt, detail, now,
                                ranks=tuple(st.rank for st in hung), last_progress_at=last, last_step=self.last_step,
                                culprits=tuple(st.rank for st in culprits)))
         for node, seen in self.agents.items():
@@ -151,22 +178,38 @@ class Membership:
                                    last_step=self.last_step))
         return out
 
+    def check_stragglers(self, now: float) -> tuple[list[StragglerChange], list[Failure]]:
+        """Ranks that became stragglers or recovered, and the stragglers to replace. O(ranks)."""
+        changes, replace = self.stragglers.check(now, lambda r: self.ranks[r].node if r in self.ranks else None)
+        failures = [Failure(STRAGGLER, self.attempt, f"rank {c.rank} on node {(c.node or '?')[:12]} has been a straggler for "
+                            f"{now - (c.since or now):.1f} s (replace_stragglers_after_s="
+                            f"{self.config.replace_stragglers_after_s:g}): {c.describe()}", now, ranks=(c.rank,),
+                            node=c.node, last_progress_at=self.ranks[c.rank].progress_at, last_step=self.last_step,
+                            culprits=(c.rank,)) for c in replace]
+        return changes, failures
+
     def progress(self) -> dict[str, Any]:
         return {"attempt": self.attempt, "world_size": self.world_size, "last_step": self.last_step,
                 "ranks": {r: s.to_dict() for r, s in self.ranks.items()}, "agents": dict(self.agent_status),
-                "agents_seen_at": dict(self.agents)}
+                "agents_seen_at": dict(self.agents), "stragglers": self.stragglers.current()}
 
 
 def hang_culprits(hung: list[RankState]) -> list[RankState]:
     """The ranks the others wait for: those that never reported, else those furthest behind
-    (the lowest step), and among them the first to stop progressing (within a second). A
-    collective hangs on its slowest member; its peers stop one step later or at the same step
-    but after it."""
+    (the lowest step), among them those with the fewest compute sections done (where every one
+    measures them), and among those the first to stop progressing (within a second). A
+    collective hangs on its slowest member; its peers stop one step later, or at the same step
+    with that step's compute done, or after it."""
     never = [st for st in hung if st.progress_at is None]
     if never:
         return never
     low = min(st.step for st in hung if st.step is not None)
     behind = [st for st in hung if st.step == low]
+    if len(behind) > 1 and all(st.sections is not None for st in behind):
+        # Compute sections (ctx.timed): a rank waiting in the step's collective has finished the
+        # step's compute; the rank it waits for has not.
+        least = min(st.sections for st in behind if st.sections is not None)
+        behind = [st for st in behind if st.sections == least]
     first = min(st.progress_at for st in behind if st.progress_at is not None)
     return [st for st in behind if st.progress_at is not None and st.progress_at - first <= 1.0]
 

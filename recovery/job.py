@@ -31,7 +31,8 @@ from .fleet import AgentFleet
 from .placement import Placement
 from .policy import DataParallelJob
 from .restore import RestorePoint, writer_tiers
-from .worker import TrainContext, Worker, WorkerSpec
+from .worker import TrainContext, WorkerSpec
+from .worker_process import Worker
 
 
 class WorkerJob(DataParallelJob):

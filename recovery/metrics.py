@@ -39,6 +39,10 @@ SERIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ckpt_recovery_commit_seconds": (HISTOGRAM, "Time from the first fragment of a checkpoint to its commit", ()),
     "ckpt_recovery_last_committed_step": (GAUGE, "The newest committed step", ()),
     "ckpt_recovery_world_size": (GAUGE, "Workers the job runs with now", ()),
+    "ckpt_recovery_stragglers": (
+        COUNTER, "Ranks reported as stragglers (slower than their peers by straggler_factor over straggler_window_s)",
+        ()),
+    "ckpt_recovery_stragglers_current": (GAUGE, "Ranks that are stragglers now", ()),
 }
 
 
@@ -91,6 +95,7 @@ class RecoveryMetrics:
         else:
             raise ValueError(f"metrics must be 'ray', a prometheus_client CollectorRegistry or None, got {backend!r}")
         self._failed: set[Any] = set()
+        self._stragglers: set[tuple[Any, Any]] = set()  # (attempt, rank) reported slow, not recovered
 
     def observe(self, event: ev.Event) -> None:
         f, rec = event.fields, self.backend.record
@@ -117,6 +122,17 @@ class RecoveryMetrics:
             rec("ckpt_recovery_checkpoints", 1, {"outcome": "failed"})
         elif event.kind in (ev.WORKERS_STARTED, ev.RESIZED) and f.get("world_size") is not None:
             rec("ckpt_recovery_world_size", int(f["world_size"]), {})
+            if event.kind == ev.WORKERS_STARTED and self._stragglers:  # a new attempt: measured anew
+                self._stragglers.clear()
+                rec("ckpt_recovery_stragglers_current", 0, {})
+        elif event.kind == ev.STRAGGLER and "rank" in f:
+            key = (f.get("attempt"), f["rank"])
+            if f.get("state") == "slow" and key not in self._stragglers:
+                self._stragglers.add(key)
+                rec("ckpt_recovery_stragglers", 1, {})
+            elif f.get("state") == "recovered":
+                self._stragglers.discard(key)
+            rec("ckpt_recovery_stragglers_current", len(self._stragglers), {})
 
 
 def attach(events: ev.EventLog, metrics: Any) -> RecoveryMetrics | None:

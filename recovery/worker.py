@@ -3,15 +3,12 @@ and the node agent, and the worker actor that sets up torch.distributed and runs
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import gc
+import collections
+import contextlib
 import logging
-import os
-import socket
 import threading
-import traceback
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +57,17 @@ class Reporter:
     Heartbeats go from a background thread every ``interval_s`` with the latest step and
     metrics, whether or not training progressed: a coordinator that restarted relearns the
     attempt, the world and the run id from them at once, and a hang shows as heartbeats
-    whose step stops increasing."""
+    whose step stops increasing.
+
+    Each heartbeat also carries this rank's step timing as running totals, ``(sections,
+    seconds, measured)``: compute sections done and their seconds (``ctx.timed()`` blocks,
+    ``ctx.compute_time(s)`` calls; ``measured`` True), or, while the rank measures none, its
+    reported steps and the time between its reports. Totals, not samples: a node agent that
+    relays only a rank's latest heartbeat, or a coordinator that restarted, loses nothing but
+    resolution. The coordinator finds stragglers from them, and a hang's culprit: a rank that
+    waits in a collective has finished a compute section the rank it waits for has not."""
+
+    MAX_PENDING_EVENTS = 256  # CUDA timings not finished yet; older ones are dropped beyond this
 
     def __init__(self, coordinator: Any, attempt: int, rank: int, world_size: int, node: str | None,
                  interval_s: float, relay: Any = None) -> None:
@@ -74,6 +81,12 @@ class Reporter:
         self.run_id: str | None = None
         self._step: int | None = None
         self._metrics: dict[str, float] = {}
+        self._sections = 0
+        self._seconds = 0.0
+        self._measured = False  # compute time is measured (else: time between reports)
+        self._last_report: float | None = None  # perf_counter of the last report with a step
+        self._depth = 0  # nested ctx.timed() blocks: only the outermost counts
+        self._pending: collections.deque[tuple[Any, Any]] = collections.deque()  # CUDA (start, end) events
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._closed = False  # nothing is sent any more (an attempt stopped in place says nothing after)
@@ -89,7 +102,7 @@ class Reporter:
                 self.relay.relay.remote(method, args)
             else:
                 getattr(self.coordinator, method).remote(*args)
-        except Exception:  # noqa: BLE001 - never fail training over a lost heartbeat
+        except Exception:
             log.debug("coordinator call %s failed", method, exc_info=True)
 
     def _beat(self) -> None:
@@ -99,15 +112,82 @@ class Reporter:
     def flush(self) -> None:
         with self._lock:
             step, metrics = self._step, dict(self._metrics)
-        self._send("heartbeat", self.attempt, self.rank, self.world_size, step, metrics, self.node, self.run_id)
+            timing = (self._sections, self._seconds, self._measured) if self._sections else None
+        self._send("heartbeat", self.attempt, self.rank, self.world_size, step, metrics, self.node, self.run_id,
+                   timing)
 
     def heartbeat(self, step: int | None, metrics: dict[str, float], *, force: bool = False) -> None:
+        self._resolve()
+        now = time.perf_counter()
         with self._lock:
             if step is not None:
                 self._step = step
+                if not self._measured and self._last_report is not None:
+                    self._sections += 1
+                    self._seconds += now - self._last_report
+                self._last_report = now
             self._metrics.update(metrics)
         if force:
             self.flush()
+
+    # -- compute time --------------------------------------------------------------------------------
+
+    @property
+    def timing(self) -> tuple[int, float, bool]:
+        """``(sections, seconds, measured)``: what the next heartbeat carries."""
+        self._resolve()
+        with self._lock:
+            return self._sections, self._seconds, self._measured
+
+    def compute_time(self, seconds: float) -> None:
+        """One compute section of ``seconds`` (measured by the caller)."""
+        seconds = float(seconds)
+        if not seconds >= 0 or seconds == float("inf"):
+            raise ValueError(f"compute_time takes a finite number of seconds >= 0, got {seconds!r}")
+        with self._lock:
+            if not self._measured:  # from now on compute time, not the time between reports
+                self._measured, self._sections, self._seconds = True, 0, 0.0
+            self._sections += 1
+            self._seconds += seconds
+
+    @contextlib.contextmanager
+    def timed(self, device: torch.device | None = None) -> Iterator[None]:
+        """Time the block as compute (nested blocks count once). On a CUDA device the time is the
+        GPU's, between two events on the current stream, read once the GPU passed them (never
+        waited for); elsewhere the wall time of the block."""
+        self._depth += 1
+        if self._depth > 1:
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        cuda = device is not None and device.type == "cuda"
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if cuda:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self._pending.append((start, end))
+                while len(self._pending) > self.MAX_PENDING_EVENTS:
+                    self._pending.popleft()
+                self._resolve()
+            else:
+                self.compute_time(time.perf_counter() - t0)
+
+    def _resolve(self) -> None:
+        # CUDA timings whose end event the GPU passed, in order (the training thread only)
+        while self._pending and self._pending[0][1].query():
+            start, end = self._pending.popleft()
+            self.compute_time(start.elapsed_time(end) / 1000.0)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
 
     def saving(self, step: int, save_id: str, writers: Sequence[str]) -> None:
         self._send("saving", self.attempt, step, save_id, list(writers))
@@ -190,216 +270,14 @@ class TrainContext:
         if self._reporter is not None:
             self._reporter.heartbeat(int(step), {k: float(v) for k, v in metrics.items()})
 
+    def timed(self) -> contextlib.AbstractContextManager[None]:
+        """``with ctx.timed(): ...`` around this rank's compute that waits for no other rank (the
+        forward and backward of a model whose gradients are averaged after; with DDP, whose
+        backward waits for the gradient all-reduce, the forward): the coordinator compares the
+        ranks' compute times to find stragglers and a hang's culprit (docs/recovery.md)."""
+        return self._reporter.timed(self.device) if self._reporter is not None else contextlib.nullcontext()
 
-def free_port(host: str = "") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-class Interrupted(BaseException):
-    """Raised in a worker's training thread when recovery stops its attempt in place (a
-    ``BaseException``, so that ``except Exception`` in ``train_fn`` does not swallow it)."""
-
-
-INTERRUPTED = "__recovery_interrupted__"  # what ``Worker.run`` returns for an attempt stopped in place
-
-
-def _raise_in(thread_id: int, exc: type[BaseException] | None) -> None:
-    """Raise ``exc`` in the thread ``thread_id`` at its next Python instruction (None: cancel)."""
-    import ctypes
-
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc else None)
-
-
-class Worker:
-    """Plain class; :class:`recovery.job.WorkerJob` wraps it with ``ray.remote`` (a threaded actor:
-    ``interrupt`` runs beside ``run``) and places one per bundle. One process serves attempt after
-    attempt: a restart in place interrupts ``run`` and calls it again with the next attempt."""
-
-    def __init__(self, rank: int, world_size: int, attempt: int) -> None:
-        self.rank = rank
-        self.world_size = world_size
-        self.attempt = attempt
-        self.ctx: TrainContext | None = None
-        self._lock = threading.Lock()
-        self._running: int | None = None  # the attempt whose train_fn runs now
-        self._thread: int | None = None
-        self._stopping: int | None = None
-        self._backend: str | None = None
-        self._group_fds: set[tuple[int, str]] = set()  # the sockets the current group opened
-
-    def node_info(self) -> dict[str, Any]:
-        import ray
-
-        ctx = ray.get_runtime_context()
-        return {"node": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
-                "gpus": ray.get_gpu_ids()}
-
-    def free_port(self) -> int:
-        import ray
-
-        return free_port(ray.util.get_node_ip_address())
-
-    def interrupt(self, attempt: int) -> str:
-        """Stop ``attempt``'s ``train_fn`` now, keeping the process (and its CUDA context): raise
-        :class:`Interrupted` in it and, on NCCL, abort the process group so that a collective
-        waiting for a lost peer returns (on gloo it fails as soon as a peer closes). ``run`` then
-        leaves the process group and returns :data:`INTERRUPTED`."""
-        with self._lock:
-            if self._running != attempt or self._thread is None:
-                return "idle"
-            self._stopping = attempt
-            self._cut_group()
-            _raise_in(self._thread, Interrupted)
-        return "interrupted"
-
-    def _cut_group(self) -> None:
-        """Make every collective of this process's group fail now, here and in its peers: NCCL
-        aborts; gloo has no abort that reaches its peers (its sockets close only when the group
-        is freed, and the C++ side may hold it), so the sockets the group opened are shut down."""
-        if self._backend == "nccl":
-            try:
-                import torch.distributed.distributed_c10d as c10d
-
-                c10d._abort_process_group()
-            except Exception:  # noqa: BLE001 - the interrupt still ends the attempt
-                log.debug("aborting the process group failed", exc_info=True)
-        fds, self._group_fds = self._group_fds, set()
-        for fd, inode in fds:
-            try:
-                if os.readlink(f"/proc/self/fd/{fd}") != inode:
-                    continue  # closed and reused meanwhile: not the group's any more
-                sock = socket.socket(fileno=fd)
-                try:
-                    # Connections only (a pair of the group, the store): a listening socket shut
-                    # under gloo's event loop makes it throw and terminate the process.
-                    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.getpeername():
-                        sock.shutdown(socket.SHUT_RDWR)
-                finally:
-                    sock.detach()  # the group still owns the descriptor
-            except OSError:
-                pass
-
-    def stack(self) -> str:
-        """Where the training thread is now (its Python stack), for a worker that would not stop."""
-        import sys
-
-        with self._lock:
-            tid = self._thread
-        frame = sys._current_frames().get(tid) if tid is not None else None
-        return "".join(traceback.format_stack(frame)[-12:]) if frame is not None else "(not training)"
-
-    def run(self, train_fn: Callable[[TrainContext], Any], spec: WorkerSpec, attempt: int | None = None) -> Any:
-        import torch.distributed as dist
-
-        if attempt is not None:
-            self.attempt = attempt
-        _leave_group()  # the broken group of an attempt stopped in place
-        if spec.backend == "nccl" and torch.cuda.is_available():
-            torch.cuda.set_device(0)  # Ray makes the worker's GPU the only visible one
-            device = torch.device("cuda", 0)
-        else:
-            device = torch.device("cpu")
-        torch.set_num_threads(spec.num_threads)
-        reporter: Reporter | None = None
-        ckptr: RecoveryCheckpointer | None = None
-        with self._lock:
-            self._running, self._thread, self._stopping, self._backend = self.attempt, threading.get_ident(), None, \
-                spec.backend
-        try:
-            try:
-                before = _sockets()
-                dist.init_process_group(spec.backend, init_method=f"tcp://{spec.master_addr}:{spec.master_port}",
-                                        rank=self.rank, world_size=self.world_size,
-                                        timeout=datetime.timedelta(seconds=spec.collective_timeout_s))
-                with self._lock:
-                    self._group_fds = _sockets() - before
-                reporter = Reporter(spec.coordinator, self.attempt, self.rank, self.world_size, spec.node,
-                                    spec.heartbeat_interval_s, relay=spec.relay)
-                ck = spec.checkpoint
-                options = dict(ck.options)
-                options.setdefault("commit_timeout_s", ck.commit_timeout_s)
-                ckptr = RecoveryCheckpointer(spec.storage, reporter=reporter, agent=spec.agent,
-                                             every_n_steps=ck.every_n_steps, keep_last=None, **options)
-                reporter.heartbeat(None, {}, force=True)
-                self.ctx = TrainContext(self.rank, self.world_size, self.attempt, spec.restore_step, ckptr, device,
-                                        node=spec.node, coordinator_name=spec.coordinator_name, _reporter=reporter)
-                result = train_fn(self.ctx)
-                ckptr.close(wait=True)
-            finally:
-                with self._lock:
-                    stopped = self._stopping == self.attempt
-                    self._running = self._thread = None
-                    _raise_in(threading.get_ident(), None)  # an interrupt not delivered yet is void now
-        except BaseException as e:
-            # Peers still blocked in a collective with this process fail as soon as its sockets
-            # close, which is when the last reference to the process group goes: the frames of
-            # the traceback (a DDP model, a collective's arguments) and the Checkpointer hold it.
-            traceback.clear_frames(e.__traceback__)
-            with self._lock:
-                self._cut_group()
-            self.ctx = None
-            if reporter is not None:
-                # First: the abandoned checkpointer's handles fail, but what they staged is the
-                # node agent's now and may still be committed; nothing of it is reported.
-                reporter.close()
-            _abandon(ckptr)
-            ckptr = None
-            _leave_group()
-            if stopped or isinstance(e, Interrupted):
-                return INTERRUPTED
-            raise
-        finally:
-            if reporter is not None:
-                reporter.close()
-        self.ctx = None
-        dist.destroy_process_group()
-        return result
-
-
-def _sockets() -> set[tuple[int, str]]:
-    """(descriptor, socket inode) of every socket this process has open (Linux; else none)."""
-    out: set[tuple[int, str]] = set()
-    try:
-        fds = os.listdir("/proc/self/fd")
-    except OSError:
-        return out
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            out.add((int(fd), target))
-    return out
-
-
-def _abandon(ckptr: RecoveryCheckpointer | None) -> None:
-    """An attempt that ends by an error or an interrupt: what it staged stays with the node agent
-    (or is lost with an in-process sink, as when the process dies); its threads stop."""
-    if ckptr is None:
-        return
-    ckptr.group = dataclasses.replace(ckptr.group, pg=None)  # it must not keep the process group alive
-
-    def close() -> None:  # off the worker's thread: a node agent's session may take seconds to end
-        try:
-            ckptr.close(wait=False)
-        except BaseException:  # noqa: BLE001 - the failure itself is what gets reported
-            log.debug("closing the checkpointer of an ended attempt failed", exc_info=True)
-
-    threading.Thread(target=close, name="recovery-abandon", daemon=True).start()
-
-
-def _leave_group() -> None:
-    """Destroy this process's default process group, if any (broken or not): its sockets close,
-    so peers still blocked in a collective with this process fail at once instead of waiting for
-    the collective timeout."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - an aborted group may refuse; it is gone either way
-            log.debug("destroying the process group failed", exc_info=True)
-    gc.collect()  # references in cycles (a model, the traceback) go now, and the sockets with them
+    def compute_time(self, seconds: float) -> None:
+        """Report ``seconds`` of compute measured by the caller, as one ``timed()`` block would."""
+        if self._reporter is not None:
+            self._reporter.compute_time(seconds)

@@ -14,9 +14,9 @@ ROOT = Path(recovery.__file__).parent
 # Lowest first: a module imports only modules of lower layers (a package's __init__ also its
 # own submodules). "" is the package itself, the public facade.
 LAYERS = [
-    {"errors", "events", "config", "restore", "registry", "checkfree.rule", "checkfree.plan"},
-    {"detect", "worker", "placement", "fleet", "pipeline.spec"},
-    {"policy", "coordinator", "pipeline.stage"},
+    {"errors", "events", "config", "restore", "registry", "checkfree.rule", "checkfree.plan", "stragglers"},
+    {"detect", "worker", "placement", "fleet", "pipeline.spec", "metrics"},
+    {"policy", "coordinator", "pipeline.stage", "worker_process"},
     {"checkfree.policy", "result"},
     {"checkfree"},
     {"policies", "job", "pipeline.runtime"},

@@ -58,3 +58,19 @@ def test_metrics_settings():
         RunConfig(num_workers=1, storage="/x", metrics="statsd")
     assert RunConfig(num_workers=1, storage="/x").metrics == "ray"
     assert all(name.startswith("ckpt_recovery_") for name in SERIES)
+
+
+def test_straggler_events_count_once_and_the_gauge_follows_them():
+    reg = CollectorRegistry()
+    log = EventLog(echo=None)
+    attach(log, reg)
+    v = reg.get_sample_value
+    log.emit(ev.WORKERS_STARTED, "attempt 0: 8 workers", attempt=0, world_size=8, nodes=2)
+    for rank in (3, 5):
+        log.emit(ev.STRAGGLER, f"rank {rank} is a straggler", attempt=0, rank=rank, state="slow", factor=2.0)
+    log.emit(ev.STRAGGLER, "rank 3 is a straggler", attempt=0, rank=3, state="slow", factor=2.0)  # a repeat
+    assert v("ckpt_recovery_stragglers_total") == 2 and v("ckpt_recovery_stragglers_current") == 2
+    log.emit(ev.STRAGGLER, "rank 3 is no straggler any more", attempt=0, rank=3, state="recovered", factor=1.1)
+    assert v("ckpt_recovery_stragglers_total") == 2 and v("ckpt_recovery_stragglers_current") == 1
+    log.emit(ev.WORKERS_STARTED, "attempt 1: 8 workers", attempt=1, world_size=8, nodes=2)  # measured anew
+    assert v("ckpt_recovery_stragglers_current") == 0
