@@ -86,10 +86,16 @@ class RayTrainReporter:
             raise ValueError(f"RayTrainReporter.upload_mode must be one of {_UPLOAD_MODES}, got {upload_mode!r}")
         if not listing_timeout_s > 0:
             raise ValueError(f"RayTrainReporter.listing_timeout_s must be > 0, got {listing_timeout_s!r}")
+        context = ray.train.get_context()
+        if checkpointer.group.world != context.get_world_size() or checkpointer.group.rank != context.get_world_rank():
+            raise ValueError(
+                f"the Checkpointer's process group (rank {checkpointer.group.rank} of {checkpointer.group.world}) is "
+                f"not Ray Train's worker group (rank {context.get_world_rank()} of {context.get_world_size()}): "
+                "create it after TorchTrainer set up torch.distributed, without process_group="
+            )
         self.checkpointer = checkpointer
         self.upload_mode = upload_mode
         self.listing_timeout_s = float(listing_timeout_s)
-        context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.experiment = context.get_experiment_name()
@@ -98,6 +104,7 @@ class RayTrainReporter:
         self.restored_from: Pointer | None = None
         self._metrics: dict[int, dict[str, Any]] = {}
         self._sweep_due = False
+        self._restored = False
 
     # -- restore ------------------------------------------------------------------------------
 
@@ -126,6 +133,7 @@ class RayTrainReporter:
         if error is not None:
             raise CkptError(f"ckpt root {self.url} cannot be resumed into: {error}")
         self.restored_from = pointer
+        self._restored = True
         if pointer is None:
             return None
         log.info(
@@ -171,7 +179,13 @@ class RayTrainReporter:
     def report(self, step: int, metrics: dict[str, Any] | None = None) -> int | None:
         """Report ``metrics`` of ``step`` to Ray Train, with the pointer of the newest step
         committed since the last one (rank 0). Every worker calls it, the same number of
-        times. Returns the step whose pointer this call reported (rank 0), else ``None``."""
+        times. Returns the step whose pointer this call reported (rank 0), else ``None``.
+
+        Call it at every checkpoint step at least (and as often as you like between): the
+        pointer of a step carries the metrics given with that step, which is what Ray's
+        ``checkpoint_score_attribute`` ranks it by, and a committed step whose pointer is
+        superseded before it was reported is never reported, so Ray's retention drops it."""
+        self._check_restored()
         metrics = dict(metrics or {})
         if self.rank == 0:
             saved = {row["step"] for row in self.checkpointer.status().checkpoints}
@@ -179,15 +193,29 @@ class RayTrainReporter:
                 self._metrics[step] = metrics
         return self._report(metrics)
 
-    def finish(self, timeout: float | None = None) -> int | None:
+    def finish(self, metrics: dict[str, Any] | None = None, *, timeout: float | None = None) -> int | None:
         """Wait until every checkpoint taken so far is committed (or failed), report the
         newest one and apply Ray's retention once more. Every worker calls it once, after
-        the loop and before ``Checkpointer.close``. Returns the step reported (rank 0)."""
+        the loop and before ``Checkpointer.close``. It reports (one ``ray.train.report`` on
+        every worker) only when there is a pointer to report or ``metrics`` are given.
+        Returns the step reported (rank 0)."""
+        self._check_restored()
         self.checkpointer.wait(timeout)
-        reported = self._report({})
+        pending = self._newest_unreported() is not None if self.rank == 0 else None
+        # Every worker makes the same decision: ray.train.report is a collective.
+        reported = None
+        if self.checkpointer.group.broadcast(pending) or metrics is not None:
+            reported = self._report(dict(metrics or {}))
         if self.rank == 0 and self._sweep_due:
             self._sweep()
         return reported
+
+    def _check_restored(self) -> None:
+        if not self._restored:
+            raise CkptError(
+                "call RayTrainReporter.restore(state) on every worker before the training loop: it "
+                "resumes from Ray Train's checkpoint and claims the ckpt root for this run"
+            )
 
     def _report(self, metrics: dict[str, Any]) -> int | None:
         import ray.train
