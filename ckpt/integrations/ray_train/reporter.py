@@ -20,9 +20,10 @@ The order of a report (``report`` on every worker, the same number of times: Ray
 1. Rank 0 remembers the metrics of a step it saved, for that step's pointer.
 2. Rank 0 deletes the steps Ray no longer lists (see :mod:`.retention`), once per pointer it
    reported earlier: by then Ray has registered that report and applied ``num_to_keep``.
-3. Every worker calls ``ray.train.report``; rank 0 attaches the pointer of the newest step
-   committed since the last pointer (a lazy save commits some steps later, so its pointer
-   goes with a later report), with the metrics of that step and ``ckpt_step``.
+3. Every worker calls ``ray.train.report``; rank 0 attaches the pointer of the oldest step
+   committed and not reported yet (a lazy save commits some steps later, so its pointer goes
+   with a later report), with the metrics of that step and ``ckpt_step``. Steps are reported
+   in order, each once; ``finish`` reports what is left.
 """
 
 from __future__ import annotations
@@ -177,14 +178,13 @@ class RayTrainReporter:
     # -- report -------------------------------------------------------------------------------
 
     def report(self, step: int, metrics: dict[str, Any] | None = None) -> int | None:
-        """Report ``metrics`` of ``step`` to Ray Train, with the pointer of the newest step
-        committed since the last one (rank 0). Every worker calls it, the same number of
+        """Report ``metrics`` of ``step`` to Ray Train, with the pointer of the oldest step
+        committed and not reported yet (rank 0). Every worker calls it, the same number of
         times. Returns the step whose pointer this call reported (rank 0), else ``None``.
 
-        Call it at every checkpoint step at least (and as often as you like between): the
-        pointer of a step carries the metrics given with that step, which is what Ray's
-        ``checkpoint_score_attribute`` ranks it by, and a committed step whose pointer is
-        superseded before it was reported is never reported, so Ray's retention drops it."""
+        Call it at every checkpoint step at least (and as often as you like between): one
+        call reports at most one pointer, and the pointer of a step carries the metrics given
+        with that step, which is what Ray's ``checkpoint_score_attribute`` ranks it by."""
         self._check_restored()
         metrics = dict(metrics or {})
         if self.rank == 0:
@@ -195,17 +195,21 @@ class RayTrainReporter:
 
     def finish(self, metrics: dict[str, Any] | None = None, *, timeout: float | None = None) -> int | None:
         """Wait until every checkpoint taken so far is committed (or failed), report the
-        newest one and apply Ray's retention once more. Every worker calls it once, after
-        the loop and before ``Checkpointer.close``. It reports (one ``ray.train.report`` on
-        every worker) only when there is a pointer to report or ``metrics`` are given.
-        Returns the step reported (rank 0)."""
+        pointers not reported yet and apply Ray's retention once more. Every worker calls it
+        once, after the loop and before ``Checkpointer.close``. It makes one
+        ``ray.train.report`` per pointer left on every worker (one, with ``metrics``, when
+        none is left and ``metrics`` are given). Returns the last step reported (rank 0)."""
         self._check_restored()
         self.checkpointer.wait(timeout)
-        pending = self._newest_unreported() is not None if self.rank == 0 else None
-        # Every worker makes the same decision: ray.train.report is a collective.
+        pending = len(self._unreported()) if self.rank == 0 else None
+        # Every worker makes the same number of calls: ray.train.report is a collective.
+        count = self.checkpointer.group.broadcast(pending)
+        if metrics is not None:
+            count = max(count, 1)
         reported = None
-        if self.checkpointer.group.broadcast(pending) or metrics is not None:
-            reported = self._report(dict(metrics or {}))
+        for _ in range(count):
+            step = self._report(dict(metrics or {}))
+            reported = reported if step is None else step
         if self.rank == 0 and self._sweep_due:
             self._sweep()
         return reported
@@ -225,7 +229,8 @@ class RayTrainReporter:
             return None
         if self._sweep_due:
             self._sweep()
-        step = self._newest_unreported()
+        unreported = self._unreported()
+        step = unreported[0] if unreported else None
         if step is None:
             ray.train.report(metrics)
             return None
@@ -253,14 +258,15 @@ class RayTrainReporter:
         self._sweep_due = True
         return step
 
-    def _newest_unreported(self) -> int | None:
-        done = [
+    def _unreported(self) -> list[int]:
+        """The committed steps newer than the last pointer, oldest first. (A step that commits
+        after a newer one was reported is left out: it is deleted as Ray never lists it.)"""
+        return sorted(
             row["step"]
             for row in self.checkpointer.status().checkpoints
             if row["state"] == SnapshotState.COMMITTED.value
-        ]
-        newer = [s for s in done if self.last_reported is None or s > self.last_reported]
-        return max(newer) if newer else None
+            and (self.last_reported is None or row["step"] > self.last_reported)
+        )
 
     # -- retention ------------------------------------------------------------------------------
 
