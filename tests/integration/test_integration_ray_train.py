@@ -100,7 +100,7 @@ def train_fn(config: dict) -> None:
     job = _Job(context.get_world_rank(), context.get_world_size())
     ckptr = ckpt.Checkpointer(config["url"], every_n_steps=EVERY, keep_last=None, on_error="raise")
     reporter = RayTrainReporter(ckptr, upload_mode=config.get("upload_mode", "sync"))
-    resumed = reporter.restore(job.state)
+    resumed = reporter.restore(job.state, start_from=config.get("start_from"))
     out = Path(config["out"])
     if job.rank == 0:
         with open(out / "starts.jsonl", "a") as f:
@@ -151,7 +151,6 @@ def _fit(
     workers: int = 2,
     name: str | None = None,
     num_to_keep: int | None = 2,
-    resume_from=None,
     **config,
 ):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -164,7 +163,6 @@ def _fit(
         train_fn,
         train_loop_config={"url": url, "out": str(out), "steps": steps, **config},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
-        resume_from_checkpoint=resume_from,
         run_config=RunConfig(
             name=name or tag,
             storage_path=str(tmp_path / "ray"),
@@ -287,9 +285,9 @@ def test_another_run_is_refused_the_root_and_resumes_from_its_pointer_into_its_o
     first, out = _fit(tmp_path, "first", url=first_url, steps=3, report_every=EVERY)  # steps 0..2: ends at 2
     assert read_pointer(first.checkpoint).step == 2
     with pytest.raises(Exception, match="belongs to the Ray Train run 'first'"):
-        _fit(tmp_path, "second", url=first_url, steps=5, report_every=EVERY, resume_from=first.checkpoint)
+        _fit(tmp_path, "second", url=first_url, steps=5, report_every=EVERY, start_from=first.checkpoint)
     result, out3 = _fit(
-        tmp_path, "third", url=own_url, steps=5, report_every=EVERY, resume_from=first.checkpoint, dump_restored=True
+        tmp_path, "third", url=own_url, steps=5, report_every=EVERY, start_from=first.checkpoint, dump_restored=True
     )
     assert _starts(out3) == [{"start": 3, "world": 2}]
     _assert_same(torch.load(out3 / "restored.pt", weights_only=True)["model"], _final(out)["model"])

@@ -109,20 +109,29 @@ class RayTrainReporter:
 
     # -- restore ------------------------------------------------------------------------------
 
-    def restore(self, state: dict[str, Any], *, strict: bool = True) -> int | None:
+    def restore(self, state: dict[str, Any], *, start_from: Any = None, strict: bool = True) -> int | None:
         """Load the step that ``ray.train.get_checkpoint()`` points to into ``state``,
         resharded to this job's layout (any number of workers). Returns the step to resume
-        from, or ``None`` when Ray has no checkpoint for this run. Every worker calls it.
+        from, or ``None`` when there is nothing to resume from. Every worker calls it.
+
+        ``start_from``: where a new run starts when Ray has no checkpoint of its own yet: a
+        pointer checkpoint of an earlier run (a Ray ``Checkpoint``, e.g. its
+        ``Result.checkpoint`` passed in ``train_loop_config``, or a :class:`Pointer`). Ray
+        Train v2 deprecates ``TorchTrainer(resume_from_checkpoint=...)`` in favour of this.
+        The earlier run's step is read from its root; this run writes into its own.
 
         Before anything loads, rank 0 claims the ckpt root for this Ray Train run and deletes
         the steps Ray does not list: those of an attempt that died before reporting them,
-        which this attempt saves again. A pointer into another root (a run started with
-        ``TorchTrainer(resume_from_checkpoint=...)`` from an earlier run) is read from there;
-        this run writes into its own root."""
+        which this attempt saves again."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        pointer = read_pointer(checkpoint) if checkpoint is not None else None
+        if checkpoint is not None:
+            pointer: Pointer | None = read_pointer(checkpoint)
+        elif start_from is None or isinstance(start_from, Pointer):
+            pointer = start_from
+        else:
+            pointer = read_pointer(start_from)
         group = self.checkpointer.group
         error = None
         if group.rank == 0:
