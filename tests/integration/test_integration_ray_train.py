@@ -210,45 +210,56 @@ def cluster():
 # -- on a Ray cluster -----------------------------------------------------------------------------
 
 
-def _check_killed_run(tmp_path: Path, *, steps: int, wait_at: int, kill_at: int, report_every: int, **config) -> None:
+def _check_run(
+    tmp_path: Path, *, steps: int, report_every: int, wait_at: int | None = None, kill_at: int | None = None, **config
+) -> None:
     url = str(tmp_path / "ckpt")
     result, out = _fit(
-        tmp_path, "killed", url=url, steps=steps, wait_at=wait_at, kill_at=kill_at, report_every=report_every, **config
+        tmp_path, "run", url=url, steps=steps, wait_at=wait_at, kill_at=kill_at, report_every=report_every, **config
     )
-    assert (out / "killed").exists(), "the worker was not killed"
     starts = _starts(out)
-    assert len(starts) == 2 and starts[0]["start"] is None, starts
-    resumed = starts[1]["start"]
-    # Resumed from a reported pointer: a checkpoint step committed before the kill.
-    # (Pointers are reported oldest first, one per report: which one is the newest at the kill
-    # depends on how fast the steps commit; wait_at makes sure there is one.)
-    assert resumed in range(1, kill_at + 1, EVERY), starts
+    if kill_at is None:
+        assert starts == [{"start": None, "world": 2}]
+    else:
+        assert (out / "killed").exists(), "the worker was not killed"
+        assert len(starts) == 2 and starts[0]["start"] is None, starts
+        # Resumed from a reported pointer: a checkpoint step committed before the kill.
+        # (Pointers are reported oldest first, one per report: which one is the newest at the
+        # kill depends on how fast the steps commit; wait_at makes sure there is one.)
+        assert starts[1]["start"] in range(1, kill_at + 1, EVERY), starts
     _assert_same(_final(out), _baseline(tmp_path, steps))  # weights, Adam state, sharded table: bit-exact
 
     # Ray ends with the pointer of the last step, and the ckpt run holds exactly what Ray lists.
     last = (steps - 1) // EVERY * EVERY
     storage = ckpt.open_storage(url)
     pointer = read_pointer(result.checkpoint)
-    assert pointer == Pointer(url=storage.url, step=last, world_size=2, experiment="killed")
+    assert pointer == Pointer(url=storage.url, step=last, world_size=2, experiment="run")
     listed = sorted(read_pointer(c).step for c, _ in result.best_checkpoints)
     assert listed == [last - EVERY, last]  # num_to_keep=2
     assert sorted(m[STEP_METRIC] for _, m in result.best_checkpoints) == listed
     assert all(m["step"] == m[STEP_METRIC] for _, m in result.best_checkpoints)  # each with its own metrics
     assert [s.step for s in fmt.list_steps(storage)] == listed  # all committed, nothing else left
-    pointer_dirs = sorted(p.name for p in (tmp_path / "ray" / "killed").iterdir() if p.name.startswith("ckpt_step_"))
+    pointer_dirs = sorted(p.name for p in (tmp_path / "ray" / "run").iterdir() if p.name.startswith("ckpt_step_"))
     assert pointer_dirs == [f"ckpt_step_{fmt.step_dir(s)}" for s in listed]
-    assert json.loads((tmp_path / "ckpt" / OWNER_FILE).read_text())["experiment"] == "killed"
+    assert json.loads((tmp_path / "ckpt" / OWNER_FILE).read_text())["experiment"] == "run"
 
 
+def test_pointers_of_committed_steps_and_ray_owned_retention(cluster, tmp_path):
+    # The short version of the test below (one worker group start instead of two): 6 steps,
+    # checkpoints 0, 2, 4, Ray keeps 2 of them, and the ckpt run ends holding exactly those.
+    _check_run(tmp_path, steps=6, report_every=EVERY)
+
+
+@pytest.mark.slow
 def test_killed_worker_resumes_from_the_pointer_bit_exact(cluster, tmp_path):
     # Reports at checkpoint steps only (each report is a Ray collective): 0, 2, 4 (all saves
     # committed by then: a pointer goes with it) | killed at 5 | resumed after a pointer: ..., finish.
-    _check_killed_run(tmp_path, steps=8, wait_at=4, kill_at=5, report_every=EVERY)
+    _check_run(tmp_path, steps=8, wait_at=4, kill_at=5, report_every=EVERY)
 
 
 @pytest.mark.slow
 def test_killed_worker_resumes_bit_exact_reporting_every_step_with_async_upload(cluster, tmp_path):
-    _check_killed_run(tmp_path, steps=14, wait_at=4, kill_at=9, report_every=1, upload_mode="async")
+    _check_run(tmp_path, steps=14, wait_at=4, kill_at=9, report_every=1, upload_mode="async")
 
 
 @pytest.mark.slow
