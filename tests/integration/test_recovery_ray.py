@@ -240,3 +240,17 @@ def test_restart_everything_when_asked(cluster, tmp_path):
     first, second = _started(result)
     assert second["kept"] == [] and not set(first["pids"]) & set(second["pids"])
     assert _equal(result.returns[0]["state"], trainer.reference(world=2))
+
+
+def test_a_second_failure_right_after_a_reload_in_place(cluster, tmp_path):
+    # rank 1 dies; in the next attempt the kept rank 0 dies as soon as it resumes: both are
+    # replaced in turn, and the job still ends bit-exact
+    trainer = DemoTrainer(steps=24, width=32, depth=2, global_batch=8, step_sleep_s=0.02, return_state=True,
+                          faults=(Fault(KILL, 13, rank=1), Fault(KILL, 11, rank=0, attempt=1)))
+    result = _run(trainer, tmp_path, num_workers=2, max_failures=2)
+    assert [(r.failure.kind, r.failure.ranks, r.failure.attempt) for r in result.failures] == [
+        (WORKER_DIED, (1,), 0), (WORKER_DIED, (0,), 1)]
+    _first, second, third = _started(result)
+    assert second["kept"] == [0] and third["kept"] == [1] and third["pids"][1] == second["pids"][1]
+    assert [r["attempt"] for r in result.returns] == [2, 2]
+    assert _equal(result.returns[0]["state"], trainer.reference(world=2))
