@@ -15,7 +15,7 @@ ROOT = Path(recovery.__file__).parent
 # own submodules). "" is the package itself, the public facade.
 LAYERS = [
     {"errors", "events", "config", "restore", "registry", "checkfree.rule", "checkfree.plan"},
-    {"detect", "worker", "placement", "fleet", "pipeline.spec"},
+    {"detect", "worker", "placement", "fleet", "pipeline.spec", "pipeline.schedule"},
     {"policy", "coordinator", "pipeline.stage"},
     {"checkfree.policy", "result"},
     {"checkfree"},
