@@ -116,6 +116,7 @@ class AutoInputs:
     expected_loss_bump: float | None = None
     loss_slope_per_step: float | None = None  # recent loss decrease per step, > 0 while learning
     recovery_steps: float | None = None
+    recovery_steps_measured: bool = True  # False: recovery_steps is a prior, no event measured yet
 
     def __post_init__(self) -> None:
         if not (self.step_seconds > 0 and math.isfinite(self.step_seconds)):
@@ -174,7 +175,8 @@ def decide_auto(plans: Iterable[StageRecovery], inputs: AutoInputs) -> AutoDecis
     forced = [p for p in plans if p.action is RecoveryAction.RELOAD]
     redo = "no snapshot" if steps is None else f"redo {steps} step(s) since the freshest snapshot + {inputs.reload_seconds:.1f} s restore = {reload_cost:.1f} s"
     if inputs.recovery_steps is not None:
-        bump = f"~{avg_steps:.0f} step(s) to recover from averaging (measured on earlier events)"
+        source = "measured on earlier events" if inputs.recovery_steps_measured else "the prior: none measured yet"
+        bump = f"~{avg_steps:.0f} step(s) to recover from averaging ({source})"
     else:
         slope = inputs.loss_slope_per_step
         bump = f"a loss bump of {inputs.expected_loss_bump or 0.0:.3f} at {slope if slope is not None else 0.0:.2g}/step = ~{avg_steps:.0f} step(s)"

@@ -268,7 +268,7 @@ class RayPipeline(PipelineJob):
             steps_since_snapshot=None if self.last_checkpoint is None else self.step - self.last_checkpoint,
             reload_seconds=self._recover_seconds.get("reload", 0.0),
             rebuild_seconds=self._recover_seconds.get("rebuild", 0.0),
-            recovery_steps=self.tracker.recovery_steps)
+            recovery_steps=self.tracker.recovery_steps, recovery_steps_measured=self.tracker.events > 0)
 
     def _survivor(self, stage: int, lost: list[int]) -> int:
         """A surviving process of ``stage`` (its replicas are identical, so any will do)."""
