@@ -71,16 +71,27 @@ class RayPipeline(PipelineJob):
         self.tracker = cf.LossBumpTracker(prior_steps=cfg.auto_prior_steps, window=5)
         self._step_seconds: list[float] = []
         self._recover_seconds: dict[str, float] = {}
+        self._spares: list[Any] = []
+        self._roles: list[Any] = []  # spares' become() calls not yet checked
         self.workers = [self._new_worker(i) for i in range(self.num_stages * self.replicas)]
+        self._spares = [self._actor_cls.remote(cfg, model, None) for _ in range(cfg.spares)]
         self._join_all()
 
     # -- plumbing ---------------------------------------------------------------------------
     def _new_worker(self, rank: int, **kw: Any) -> Any:
-        return self._actor_cls.remote(self.cfg, self.model, rank, step=kw.pop("step", self.step), **kw)
+        step = kw.pop("step", self.step)
+        if self._spares:  # a process started ahead takes the role; another spare starts in the background
+            worker = self._spares.pop(0)
+            self._roles.append(worker.become.remote(rank, step=step, **kw))
+            self._spares.append(self._actor_cls.remote(self.cfg, self.model, None))
+            return worker
+        return self._actor_cls.remote(self.cfg, self.model, rank, step=step, **kw)
 
     def _join_all(self) -> None:
         self.generation += 1
         port = self._store.port
+        roles, self._roles = self._roles, []
+        ray.get(roles, timeout=self.cfg.step_timeout_s)
         # New actors first start (a process that imports torch) so that none waits out the
         # rendezvous timeout on a slow peer.
         ray.get([w.pid.remote() for w in self.workers], timeout=self.cfg.step_timeout_s)
@@ -93,6 +104,10 @@ class RayPipeline(PipelineJob):
 
     def pids(self) -> list[int]:
         return ray.get([w.pid.remote() for w in self.workers])
+
+    def spare_pids(self) -> list[int]:
+        """The processes started ahead that the next failures will take, in the order they will."""
+        return ray.get([w.pid.remote() for w in self._spares])
 
     def snapshot(self, rank: int) -> dict[str, Any]:
         return ray.get(self.workers[rank].snapshot.remote())
@@ -243,6 +258,7 @@ class RayPipeline(PipelineJob):
             self.step = self.last_checkpoint
         else:
             inits = self._inits(plans, lost, chosen, event)
+            event["spares_used"] = min(len(inits), len(self._spares))
             for r, init in inits.items():
                 self.workers[r] = self._new_worker(r, init=init)
             if loss_before is not None and any(p.action is not cf.RecoveryAction.COPY_REPLICA for p in plans):
@@ -323,10 +339,10 @@ class RayPipeline(PipelineJob):
                 for r in lost for w in [wanted[stage_of(r, n)[0]]]}
 
     def shutdown(self) -> None:
-        for w in self.workers:
+        for w in self.workers + self._spares:
             with contextlib.suppress(Exception):  # already dead
                 ray.kill(w)
-        self.workers = []
+        self.workers, self._spares = [], []
 
 
 def _single_node() -> bool:

@@ -30,12 +30,15 @@ class PipelineConfig:
     actor_num_cpus: float = 0.25
     pg_timeout_s: float = 60.0
     step_timeout_s: float = 300.0
+    spares: int = 0  # stage processes started ahead, idle: a failure takes one instead of starting a process
 
     def __post_init__(self) -> None:
         if self.checkpoint_every and not self.checkpoint_url:
             raise ValueError("checkpoint_every needs checkpoint_url")
         if self.replicate_every < 0 or self.checkpoint_every < 0:
             raise ValueError("replicate_every and checkpoint_every must be >= 0")
+        if not (isinstance(self.spares, int) and self.spares >= 0):
+            raise ValueError(f"PipelineConfig.spares must be an int >= 0, got {self.spares!r}")
         if not (isinstance(self.replicas, int) and self.replicas >= 1):
             raise ValueError(f"PipelineConfig.replicas must be an int >= 1, got {self.replicas!r}")
         if not (self.auto_prior_steps >= 0 and math.isfinite(self.auto_prior_steps)):

@@ -53,10 +53,20 @@ class StageWorker:
     ``init`` says where a replacement gets its state (:class:`StageInit`), else the stage
     starts from ``seed``."""
 
-    def __init__(self, cfg: PipelineConfig, model: PipelineModel, rank: int, *, step: int = 0,
+    def __init__(self, cfg: PipelineConfig, model: PipelineModel, rank: int | None, *, step: int = 0,
                  seed: int | None = None, init: StageInit | None = None) -> None:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.cfg, self.model, self.rank = cfg, model, rank
+        self.cfg, self.model = cfg, model
+        self.rank: int | None = None  # None: a spare, started ahead, waiting for a role
+        if rank is not None:
+            self.become(rank, step=step, seed=seed, init=init)
+
+    def become(self, rank: int, *, step: int = 0, seed: int | None = None, init: StageInit | None = None) -> int:
+        """Take the role of process ``rank`` at ``step``: what the constructor does, for a spare
+        process started ahead of a failure (so the failure does not wait for a process start)."""
+        if self.rank is not None:
+            raise RuntimeError(f"this process already is rank {self.rank}")
+        cfg, model, self.rank = self.cfg, self.model, rank
         self.num_stages, self.replicas = model.num_stages, cfg.replicas
         self.index, self.replica_index = stage_of(rank, self.num_stages)
         self.world = self.num_stages * self.replicas
@@ -75,6 +85,7 @@ class StageWorker:
             t0 = time.perf_counter()
             self._init_from(init)
             self.init_seconds = time.perf_counter() - t0
+        return os.getpid()
 
     def _init_from(self, init: StageInit) -> None:
         """Fetch the state ``init`` names from the processes that hold it, and take it."""
