@@ -63,3 +63,13 @@ class TextPipeline:
 
     def edge_layers(self, stage: nn.Module) -> dict[str, torch.Tensor]:
         return stage.edge_layers()
+
+    # The stage's forward in parts, for CheckFree+'s swapped order (a SwappablePipelineModel).
+    def embed(self, stage: Stage, inputs: torch.Tensor) -> torch.Tensor:
+        return stage.embed_tokens(inputs)
+
+    def blocks(self, stage: Stage, h: torch.Tensor) -> torch.Tensor:
+        return stage.run_blocks(h)
+
+    def head(self, stage: Stage, h: torch.Tensor) -> torch.Tensor:
+        return stage.logits(h)

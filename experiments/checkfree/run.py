@@ -1,11 +1,14 @@
 """CheckFree / CheckFree+ against reload, copy and random re-initialisation, at small scale.
 
     python -m experiments.checkfree.run --quick      # one seed, 16%/h, a few minutes on 2 cores
-    python -m experiments.checkfree.run              # 3 seeds x 5/10/16 %/h (about half an hour on 2 cores)
+    python -m experiments.checkfree.run              # 3 seeds x 5/10/16 %/h (see docs/checkfree.md for its time)
 
 Prints a markdown table and writes ``results.json``, ``table.md`` and the plot (``--out``, by
-default ``docs/``). The pipeline is simulated in one process (see ``sim.py``); the real
-multi-process path is ``recovery.pipeline.RayPipeline`` (with ``examples.pipeline_demo.TextPipeline``).
+default ``docs/``). The pipeline is simulated in one process (see ``sim.py``), except for the
+rows of CheckFree+ on the real pipeline, ``recovery.pipeline.RayPipeline(swap=True)`` with one
+process per stage (``real.py``; ``--skip-real`` leaves them out). ``auto`` is the library's
+policy (:class:`recovery.checkfree.AutoPolicy`) deciding per failure between reload and
+neighbour averaging.
 
 Failure rates: the paper's per-stage, per-iteration probabilities for 5 / 10 / 16 % per hour
 (0.0009 / 0.002 / 0.004; ``p_iter = 1 - (1 - p_hour) ** (T / 3600)`` with an iteration time T of
@@ -30,10 +33,13 @@ from pathlib import Path
 from typing import Any
 
 RATES = {"5%/h": 0.0009, "10%/h": 0.002, "16%/h": 0.004}
-FAILING = ("reload", "average_swap", "average", "average_sq", "copy", "random")
+FAILING = ("reload", "auto", "average_swap", "average_swap_real", "average", "average_sq", "copy", "random")
 LABELS = {
     "none": "no failure", "none_swap": "no failure, swapped micro-batches", "reload": "reload (ckpt every K)",
-    "average_swap": "neighbour average + swap (CheckFree+)", "average": "neighbour average (CheckFree)",
+    "auto": "auto (reload or neighbour average, per failure)",
+    "average_swap": "neighbour average + swap (CheckFree+)",
+    "average_swap_real": "CheckFree+ on the real pipeline (RayPipeline, swap=True)",
+    "average": "neighbour average (CheckFree)",
     "average_sq": "neighbour average, squared norms",
     "copy": "copy one neighbour", "random": "random re-init",
 }
@@ -63,6 +69,13 @@ def _one(job: Job) -> list[dict[str, Any]]:
     cfg, tcfg = ModelConfig(**cfg_d), TrainConfig(**tcfg_d)
     specs = [RunSpec(**d) for d in spec_ds]
     data = _data(corpus_bytes)
+    if specs[0].real:
+        from .real import run_real
+
+        t0 = time.perf_counter()
+        out = [asdict(run_real(specs[0], cfg, tcfg, data, corpus_bytes))]
+        out[0]["elapsed_s"] = time.perf_counter() - t0
+        return out
     first = {}
     for sp in specs[1:]:
         sched = failure_schedule(sp.seed, sp.p_iter, 4 * sp.steps, cfg.num_stages)
@@ -106,22 +119,25 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
     tcfg = TrainConfig(total_steps=args.steps, warmup_steps=max(1, args.steps // 20), batch_size=16, micro_batches=2)
     families: list[list[RunSpec]] = []
     for seed in range(args.seeds):
-        def spec(strategy: str, rate: str, swap: bool) -> RunSpec:
+        def spec(strategy: str, rate: str, swap: bool, real: bool = False, seed: int = seed) -> RunSpec:
             return RunSpec(strategy=strategy, rate=rate, p_iter=RATES.get(rate, 0.0), seed=seed, steps=args.steps, swap=swap,
-                           ckpt_every=args.ckpt_every)
+                           ckpt_every=args.ckpt_every, real=real)
 
         # Only CheckFree+ trains with swapped micro-batches; every other strategy restores a lost
         # edge stage the same way (copy its neighbour + the edge-layer replica) without them.
         families.append([spec("none", "-", False)] + [spec(s, r, False) for r in args.rates for s in ("average", "average_sq", "copy", "random")])
         families.append([spec("none", "swap", True)] + [spec("average", r, True) for r in args.rates])
         families += [[spec("reload", r, False)] for r in args.rates]
+        families += [[spec("auto", r, False)] for r in args.rates]  # checkpoints of its own, like reload
+        if not args.skip_real:
+            families += [[spec("average", r, True, real=True)] for r in args.rates]
     families.sort(key=lambda f: (f[0].seed, -len(f)))  # seed by seed, so a cut-short run has whole seeds
     return [([asdict(s) for s in f], asdict(cfg), asdict(tcfg), args.corpus_bytes) for f in families]
 
 
 def _key(r: dict[str, Any]) -> tuple[str, str]:
     s = r["spec"]
-    return (s["rate"], s["strategy"] + ("_swap" if s["swap"] else ""))
+    return (s["rate"], s["strategy"] + ("_swap" if s["swap"] else "") + ("_real" if s.get("real") else ""))
 
 
 def _fmt(xs: list[float], digits: int = 3) -> str:
@@ -136,25 +152,48 @@ def _fmt(xs: list[float], digits: int = 3) -> str:
 def costs(results: list[dict[str, Any]]) -> dict[str, float]:
     """Median seconds of a training iteration, a checkpoint save, and a recovery of each strategy."""
     med = statistics.median
-    out = {"step": med(t for r in results for t in r["step_times"])}
+    # The real pipeline's rows are modelled at the simulated runs' times too (same arithmetic);
+    # what its own processes took is in real_costs.
+    sim = [r for r in results if not r["spec"].get("real")] or results
+    out = {"step": med(t for r in sim for t in r["step_times"])}
     saves = [t for r in results for t in r["save_times"]]
     out["save"] = med(saves) if saves else 0.0
     for strategy in FAILING:
         ts = [t for r in results if _key(r)[1] == strategy for t in r["recover_times"]]
         out[f"recover {strategy}"] = med(ts) if ts else 0.0
+    if out.get("recover average_swap_real"):
+        out["real recover"], out["recover average_swap_real"] = out["recover average_swap_real"], out["recover average_swap"]
+        out["real step"] = med(t for r in results if r["spec"].get("real") for t in r["step_times"])
     return out
+
+
+def _auto_per_recovery(r: dict[str, Any], c: dict[str, float]) -> float:
+    """auto's mean recovery cost: each recovery at the cost of what it was, a reload or a rebuild."""
+    n = len(r["recover_times"])
+    reloads = sum(e.get("how") == "reload" for e in r["events"])
+    return (reloads * c["recover reload"] + (n - reloads) * c["recover average"]) / max(1, n)
 
 
 def wall(r: dict[str, Any], e: list[float], c: dict[str, float]) -> float:
     """Modelled wall-clock at eval point ``e``: iterations, saves and recoveries at their median times."""
+    if _key(r)[1] == "auto":
+        per = _auto_per_recovery(r, c)
+        return e[0] * c["step"] + e[2] * c["save"] + e[3] * per
     return e[0] * c["step"] + e[2] * c["save"] + e[3] * c.get(f"recover {_key(r)[1]}", 0.0)
 
 
 def _reach(r: dict[str, Any], target: float, c: dict[str, float] | None) -> float:
-    """Iterations (or modelled seconds, given costs ``c``) until the validation loss first reached ``target``."""
+    """Iterations (or modelled seconds, given costs ``c``) until the validation loss first reached
+    ``target``, interpolated between the two evaluations around the crossing (evaluations are 25
+    steps apart: without it, a loss a hair above the target at one of them costs 25 steps)."""
+    prev = None
     for e in r["evals"]:
+        x = wall(r, e, c) if c else e[0]
         if e[4] <= target:
-            return wall(r, e, c) if c else e[0]
+            if prev is None or prev[1] <= e[4]:
+                return x
+            return prev[0] + (prev[1] - target) / (prev[1] - e[4]) * (x - prev[0])
+        prev = (x, e[4])
     return math.nan
 
 
@@ -205,6 +244,16 @@ def summarize(results: list[dict[str, Any]], steps: int) -> tuple[str, dict[str,
                 clipped[s] += all(n >= 1.0 for n in e["norms"])
     lines += ["", "Modelled wall-clock: iterations x {:.3f} s + saves x {:.3f} s + recoveries x (reload {:.3f} s, rebuild {:.3f} s), medians measured in these runs."
               .format(c["step"], c["save"], c["recover reload"], c["recover average"])]
+    if "real recover" in c:
+        lines += ["", "The real pipeline's own times (4 processes on the same loaded 2 cores): a step {:.3f} s, a recovery {:.1f} s "
+                  "(a new stage process started, the state fetched from its sources, the group re-formed); its row is modelled "
+                  "at the simulated times above, like the others.".format(c["real step"], c["real recover"])]
+    autos = [e for r in results if _key(r)[1] == "auto" for e in r["events"]]
+    if autos:
+        reloads = sum(e.get("how") == "reload" for e in autos)
+        said = [next((e["reason"] for e in autos if (e.get("how") == "reload") == want), "") for want in (True, False)]
+        lines += ["", (f"auto chose reload {reloads} time(s) and neighbour averaging {len(autos) - reloads} time(s); "
+                  f"for example \"{said[0]}\" and \"{said[1]}\".")]
     lines += ["", "| strategy | recovery events | mean validation-loss bump right after recovery | averaging events with both norms clipped | mean abs(w_prev - 0.5) |",
               "| --- | ---: | ---: | ---: | ---: |"]
     for s in FAILING:
@@ -229,7 +278,8 @@ def plot(results: list[dict[str, Any]], rates: list[str], path: Path) -> None:
         by[_key(r)].append(r)
     c = costs(results)
     fig, axes = plt.subplots(len(rates), 2, figsize=(12, 3.6 * len(rates)), squeeze=False)
-    colors = {"none": "black", "none_swap": "grey", "reload": "tab:red", "average_swap": "tab:purple", "average": "tab:blue",
+    colors = {"none": "black", "none_swap": "grey", "reload": "tab:red", "auto": "tab:brown", "average_swap": "tab:purple",
+              "average_swap_real": "magenta", "average": "tab:blue",
               "average_sq": "tab:cyan",
               "copy": "tab:green", "random": "tab:orange"}
     for row, rate in enumerate(rates):
@@ -239,7 +289,7 @@ def plot(results: list[dict[str, Any]], rates: list[str], path: Path) -> None:
                 rs = by.get(key)
                 if not rs:
                     continue
-                def xs(r: dict[str, Any]) -> list[float]:
+                def xs(r: dict[str, Any], use_wall: bool = use_wall) -> list[float]:
                     return [wall(r, e, c) if use_wall else e[0] for e in r["evals"]]
 
                 xmax = max(xs(r)[-1] for r in rs)
@@ -258,6 +308,14 @@ def plot(results: list[dict[str, Any]], rates: list[str], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _spec_id(spec: dict[str, Any]) -> str:
+    """A run's identity, with the fields added since it was written at their defaults."""
+    from .sim import RunSpec
+
+    known = {k: v for k, v in spec.items() if k in RunSpec.__dataclass_fields__}
+    return json.dumps(asdict(RunSpec(**known)), sort_keys=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one seed, 16%%/h only, 200 steps")
@@ -272,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("docs"), help="where the plot, table.md and results.json go")
     p.add_argument("--plot-name", default="checkfree_loss.png")
     p.add_argument("--resume", action="store_true", help="keep the runs already in the .jsonl of --out, run the rest")
+    p.add_argument("--skip-real", action="store_true", help="leave out the runs on the real pipeline (Ray, one process per stage)")
+    p.add_argument("--only-real", action="store_true", help="only the runs on the real pipeline (e.g. in a second --out, "
+                   "merged into the first's .jsonl after)")
     p.add_argument("--from-results", type=Path, help="skip training: table and plot from a runs .jsonl written earlier")
     args = p.parse_args(argv)
     if args.quick:
@@ -287,11 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         args.rates = [r for r in RATES if any(x["spec"]["rate"] == r for x in results)]
     else:
         jobs = build_jobs(args)
+        if args.only_real:  # the most failures first: the rows that say the most if the run is cut short
+            jobs = sorted((j for j in jobs if j[0][0].get("real")), key=lambda j: (-j[0][0]["p_iter"], j[0][0]["seed"]))
         runs_path = args.out / f"checkfree_runs_{name}.jsonl"
         if args.resume and runs_path.exists():
             results = [json.loads(line) for line in runs_path.read_text().splitlines() if line.strip()]
-            done = {json.dumps(r["spec"] | {"reinit_fallbacks": 0}, sort_keys=True) for r in results}
-            jobs = [j for j in jobs if not all(json.dumps(sp | {"reinit_fallbacks": 0}, sort_keys=True) in done for sp in j[0])]
+            done = {_spec_id(r["spec"]) for r in results}
+            jobs = [j for j in jobs if not all(_spec_id(sp) in done for sp in j[0])]
         else:
             runs_path.write_text("")
         n = len(results) + sum(len(j[0]) for j in jobs)
@@ -308,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                     s = r["spec"]
                     print(f"[{len(results)}/{n} {time.perf_counter() - t0:.0f}s] seed {s['seed']} {s['rate']} {_key(r)[1]}: "
                           f"val {r['final_val']:.3f}, {len(r['events'])} event(s), {r['iterations']} iterations", file=sys.stderr)
-    table, summary = summarize(results, args.steps)
+    table, _ = summarize(results, args.steps)
     (args.out / f"checkfree_table_{name}.md").write_text(table + "\n")
     plot(results, args.rates, args.out / args.plot_name)
     print(table)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,8 @@ from examples.pipeline_demo import (
 )
 from recovery import checkfree as cf
 
-STRATEGIES = ("none", "reload", "average", "average_sq", "copy", "random")
+STRATEGIES = ("none", "reload", "auto", "average", "average_sq", "copy", "random")
+AUTO_PRIOR_STEPS = 10.0  # policy auto's steps to win back an averaging bump before one is measured (PipelineConfig's default)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -42,6 +44,7 @@ class RunSpec:
     seed: int
     steps: int
     swap: bool  # CheckFree+ out-of-order micro-batches
+    real: bool = False  # run on recovery.pipeline.RayPipeline (one process per stage), not in one process
     ckpt_every: int = 50
     lr_scale: float = 1.1
     eval_every: int = 25
@@ -68,7 +71,7 @@ class RunResult:
 
 def failure_schedule(seed: int, p_iter: float, iterations: int, num_stages: int) -> dict[int, list[int]]:
     """Iteration -> stages that fail before it; the same for every strategy of a (seed, rate)."""
-    g = torch.Generator().manual_seed(10_007 * seed + int(round(p_iter * 1e6)))
+    g = torch.Generator().manual_seed(10_007 * seed + round(p_iter * 1e6))
     hits = torch.rand(iterations, num_stages, generator=g) < p_iter
     return {int(i): [int(s) for s in hits[i].nonzero().flatten()] for i in hits.any(dim=1).nonzero().flatten()}
 
@@ -211,12 +214,15 @@ def run(
         res = RunResult(spec=asdict(spec))
         sim = SimPipeline(cfg, tcfg, spec)
     else:
-        if spec.strategy == "reload":
-            raise ValueError("a reload run cannot start from a fork: it needs its own checkpoints")
+        if spec.strategy in ("reload", "auto"):
+            raise ValueError(f"a {spec.strategy} run cannot start from a fork: it needs its own checkpoints")
         sim, res = copy.deepcopy(start)
         sim.spec, res.spec = spec, asdict(spec)
     it = res.iterations
     saves = recoveries = 0
+    tracker = cf.LossBumpTracker(prior_steps=AUTO_PRIOR_STEPS, window=5)
+    last_save: int | None = None
+    took: dict[str, list[float]] = {"reload": [], "average": []}  # auto's measured recovery times
     with tempfile.TemporaryDirectory(prefix="checkfree-") as tmp:
         url = os.path.join(tmp, "run")
         while sim.step < spec.steps and it < 4 * spec.steps:
@@ -227,12 +233,20 @@ def run(
             if lost:
                 before = sim.val_loss(data, 2)
                 t0 = time.perf_counter()
-                if spec.strategy == "reload":
+                choice, reason = spec.strategy, ""
+                if spec.strategy == "auto":
+                    choice, reason = auto_choice(sim, lost, res.step_times, took, last_save, tracker)
+                if choice == "reload":
                     frm = sim.step
                     to = sim.reload(url)
                     events = [{"stages": lost, "how": "reload", "from_step": frm, "to_step": to}]
                 else:
+                    if spec.strategy == "auto" and res.train:
+                        tracker.start(res.train[-1][2])
                     events = sim.rebuild(lost)
+                took["reload" if choice == "reload" else "average"].append(time.perf_counter() - t0)
+                for e in events:
+                    e.update(chosen=choice, reason=reason)
                 res.recover_times.append(time.perf_counter() - t0)
                 recoveries += 1
                 after = sim.val_loss(data, 2)
@@ -242,11 +256,13 @@ def run(
             t0 = time.perf_counter()
             loss = sim.train_step(data)
             res.step_times.append(time.perf_counter() - t0)
-            if spec.strategy == "reload" and sim.step % spec.ckpt_every == 0:
+            tracker.observe(loss)
+            if spec.strategy in ("reload", "auto") and sim.step % spec.ckpt_every == 0:
                 t0 = time.perf_counter()
                 sim.save(url)
                 res.save_times.append(time.perf_counter() - t0)
                 saves += 1
+                last_save = sim.step
             it += 1
             res.train.append((it, sim.step, loss))
             if sim.step % spec.eval_every == 0 or sim.step == spec.steps:
@@ -255,3 +271,19 @@ def run(
     res.final_val = sim.val_loss(data, spec.final_eval_batches)
     res.spec["reinit_fallbacks"] = sim.reinits
     return res, forks
+
+
+def auto_choice(sim: SimPipeline, lost: list[int], step_times: list[float], took: dict[str, list[float]],
+                last_save: int | None, tracker: cf.LossBumpTracker) -> tuple[str, str]:
+    """Policy ``auto`` (:class:`recovery.checkfree.AutoPolicy`, as ``RayPipeline`` runs it): reload
+    or rebuild, by :func:`recovery.checkfree.decide_auto` on what this run measured so far."""
+    med = statistics.median
+    reloads, rebuilds = took["reload"], took["average"]
+    inputs = cf.AutoInputs(
+        step_seconds=med(step_times[-20:]) if step_times else 1.0,
+        steps_since_snapshot=None if last_save is None else sim.step - last_save,
+        reload_seconds=med(reloads) if reloads else 0.0, rebuild_seconds=med(rebuilds) if rebuilds else 0.0,
+        recovery_steps=tracker.recovery_steps, recovery_steps_measured=tracker.events > 0)
+    plans = cf.plan_recovery({s: 1 for s in lost}, num_stages=sim.cfg.num_stages)
+    chosen, reason = cf.AutoPolicy().choose(plans, inputs)
+    return ("reload" if chosen == "reload" else "average"), reason

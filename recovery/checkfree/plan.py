@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -115,6 +116,7 @@ class AutoInputs:
     expected_loss_bump: float | None = None
     loss_slope_per_step: float | None = None  # recent loss decrease per step, > 0 while learning
     recovery_steps: float | None = None
+    recovery_steps_measured: bool = True  # False: recovery_steps is a prior, no event measured yet
 
     def __post_init__(self) -> None:
         if not (self.step_seconds > 0 and math.isfinite(self.step_seconds)):
@@ -173,7 +175,8 @@ def decide_auto(plans: Iterable[StageRecovery], inputs: AutoInputs) -> AutoDecis
     forced = [p for p in plans if p.action is RecoveryAction.RELOAD]
     redo = "no snapshot" if steps is None else f"redo {steps} step(s) since the freshest snapshot + {inputs.reload_seconds:.1f} s restore = {reload_cost:.1f} s"
     if inputs.recovery_steps is not None:
-        bump = f"~{avg_steps:.0f} step(s) to recover from averaging (measured on earlier events)"
+        source = "measured on earlier events" if inputs.recovery_steps_measured else "the prior: none measured yet"
+        bump = f"~{avg_steps:.0f} step(s) to recover from averaging ({source})"
     else:
         slope = inputs.loss_slope_per_step
         bump = f"a loss bump of {inputs.expected_loss_bump or 0.0:.3f} at {slope if slope is not None else 0.0:.2g}/step = ~{avg_steps:.0f} step(s)"
@@ -198,24 +201,43 @@ class LossBumpTracker:
     After a rebuild, call :meth:`start` with the loss before the failure, then :meth:`observe`
     with each step's loss: the event closes when the loss is back at the level before the
     failure (or after ``horizon`` steps). ``recovery_steps`` then feeds :class:`AutoInputs`.
+
+    One step's loss is noisy (each step sees another batch); with ``window`` > 1 the level
+    before the failure is the mean of the last ``window`` losses observed before :meth:`start`
+    (``loss_before`` is then only used when none were), and the level after is the mean of the
+    losses since the rebuild, the last ``window`` of them.
     """
 
-    def __init__(self, *, prior_steps: float = 50.0, alpha: float = 0.5, horizon: int = 1000) -> None:
+    def __init__(self, *, prior_steps: float = 50.0, alpha: float = 0.5, horizon: int = 1000, window: int = 1) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
         self.recovery_steps = float(prior_steps)
         self.alpha = alpha
         self.horizon = horizon
+        self.window = window
         self.events = 0
         self._target: float | None = None
         self._since = 0
+        self._recent: deque[float] = deque(maxlen=window)
+        self._after: deque[float] = deque(maxlen=window)
 
-    def start(self, loss_before: float) -> None:
-        self._target, self._since = float(loss_before), 0
+    def start(self, loss_before: float | None = None) -> None:
+        if self.window > 1 and self._recent:
+            target = sum(self._recent) / len(self._recent)
+        elif loss_before is None:
+            raise ValueError("LossBumpTracker.start needs loss_before when no loss was observed yet")
+        else:
+            target = float(loss_before)
+        self._target, self._since = target, 0
+        self._after.clear()
 
     def observe(self, loss: float) -> None:
+        self._recent.append(float(loss))
         if self._target is None:
             return
         self._since += 1
-        if loss <= self._target or self._since >= self.horizon:
+        self._after.append(float(loss))
+        if sum(self._after) / len(self._after) <= self._target or self._since >= self.horizon:
             self.recovery_steps = (1 - self.alpha) * self.recovery_steps + self.alpha * self._since if self.events else float(self._since)
             self.events += 1
             self._target = None

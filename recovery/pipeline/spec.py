@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -22,17 +22,27 @@ class PipelineConfig:
     checkpoint_url: str | None = None  # with checkpoint_every: what the reload policy rolls back to
     checkpoint_every: int = 0
     replicate_every: int = 1  # CheckFree+: edge layers copied to the neighbouring stage every N steps
+    swap: bool = False  # CheckFree+: odd micro-batches run the edge stages' blocks in swapped order
+    replicas: int = 1  # data-parallel replicas of every stage (the batch is split between them)
+    auto_prior_steps: float = 10.0  # policy auto: steps to win back an averaging bump, until one is measured
     lr_scale: float = 1.1  # a rebuilt stage's learning rate, times its base
     norm: Literal["l2", "l2_squared"] = "l2"  # how neighbour averaging weighs the gradient norms
     actor_num_cpus: float = 0.25
     pg_timeout_s: float = 60.0
     step_timeout_s: float = 300.0
+    spares: int = 0  # stage processes started ahead, idle: a failure takes one instead of starting a process
 
     def __post_init__(self) -> None:
         if self.checkpoint_every and not self.checkpoint_url:
             raise ValueError("checkpoint_every needs checkpoint_url")
         if self.replicate_every < 0 or self.checkpoint_every < 0:
             raise ValueError("replicate_every and checkpoint_every must be >= 0")
+        if not (isinstance(self.spares, int) and self.spares >= 0):
+            raise ValueError(f"PipelineConfig.spares must be an int >= 0, got {self.spares!r}")
+        if not (isinstance(self.replicas, int) and self.replicas >= 1):
+            raise ValueError(f"PipelineConfig.replicas must be an int >= 1, got {self.replicas!r}")
+        if not (self.auto_prior_steps >= 0 and math.isfinite(self.auto_prior_steps)):
+            raise ValueError(f"PipelineConfig.auto_prior_steps must be a finite number >= 0, got {self.auto_prior_steps!r}")
         if self.norm not in ("l2", "l2_squared"):
             raise ValueError(f"PipelineConfig.norm must be 'l2' or 'l2_squared', got {self.norm!r}")
         for name in ("lr_scale", "actor_num_cpus", "pg_timeout_s", "step_timeout_s"):
@@ -90,9 +100,56 @@ class PipelineModel(Protocol):
         neighbour for CheckFree+; detached copies."""
 
 
-class StageLostError(RecoveryError, RuntimeError):
-    """Stages of the pipeline died; ``stages`` says which. Call :meth:`RayPipeline.recover`."""
+@runtime_checkable
+class SwappablePipelineModel(PipelineModel, Protocol):
+    """A :class:`PipelineModel` whose stages can run in CheckFree+'s swapped order
+    (``PipelineConfig(swap=True)``): a stage's forward cut into its three parts, so that the
+    first stage can embed, hand the activations to its partner's blocks, and run its own
+    blocks after them (and the last stage likewise around its output layer). For every stage,
+    ``head(s, blocks(s, embed(s, x)))`` (the parts it has) must equal ``s(x)``."""
 
-    def __init__(self, stages: list[int], step: int) -> None:
-        super().__init__(f"stage(s) {stages} lost during step {step}; recover them with RayPipeline.recover")
-        self.stages, self.step = stages, step
+    def embed(self, stage: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """The first stage's input layers (the embedding): inputs -> activations."""
+
+    def blocks(self, stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """Any stage's blocks: activations -> activations."""
+
+    def head(self, stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """The last stage's output layers: activations -> the output :meth:`loss` takes."""
+
+
+@dataclass(frozen=True, slots=True)
+class StageInit:
+    """How a new stage process gets its state, fetched by itself from the processes that hold
+    it (``ray.put`` there, ``ray.get`` here; the driver passes only the references).
+
+    ``how``: ``"replica"`` (a surviving data-parallel replica's full state: weights, optimizer,
+    schedule, step; bit for bit), ``"average"`` (CheckFree: ``sources`` are the previous and
+    the next stage, weighed by ``grad_norms``), ``"copy"`` (one neighbour's blocks, and the
+    lost edge stage's own layers from ``edge`` when given: CheckFree+), ``"random"``.
+    """
+
+    how: Literal["replica", "average", "copy", "random"]
+    sources: tuple[Any, ...] = ()  # ray.ObjectRef of each source's state
+    edge: Any = None  # ray.ObjectRef of the edge-layer replica the swap partner holds
+    grad_norms: tuple[float, float] = (0.0, 0.0)
+    seed: int = 0  # "random": the fresh weights' seed
+
+    def __post_init__(self) -> None:
+        need = {"replica": 1, "average": 2, "copy": 1, "random": 0}
+        if self.how not in need:
+            raise ValueError(f"StageInit.how must be one of {sorted(need)}, got {self.how!r}")
+        if len(self.sources) != need[self.how]:
+            raise ValueError(f"StageInit({self.how!r}) needs {need[self.how]} source(s), got {len(self.sources)}")
+
+
+class StageLostError(RecoveryError, RuntimeError):
+    """Stage processes of the pipeline died; ``ranks`` says which processes (rank
+    ``replica * num_stages + stage``; the stage's index with one replica per stage) and
+    ``stages`` which stages they belonged to. Call :meth:`RayPipeline.recover` with ``ranks``."""
+
+    def __init__(self, stages: list[int], step: int, ranks: list[int] | None = None) -> None:
+        ranks = list(stages) if ranks is None else list(ranks)
+        super().__init__(f"stage(s) {stages} lost during step {step} (process rank(s) {ranks}); "
+                         "recover them with RayPipeline.recover")
+        self.stages, self.step, self.ranks = stages, step, ranks

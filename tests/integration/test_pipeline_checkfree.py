@@ -29,7 +29,7 @@ def ray_local():
 
 
 def _cfg(tmp_path, **kw) -> PipelineConfig:
-    return PipelineConfig(actor_num_cpus=0.25, pg_timeout_s=30, **kw)
+    return PipelineConfig(actor_num_cpus=0.25, pg_timeout_s=120, **kw)
 
 
 def _model() -> TextPipeline:
@@ -159,5 +159,129 @@ def test_reload_and_auto_on_the_real_pipeline(ray_local, tmp_path):
         event = pipe.recover([1, 2], policy="neighbor_average")
         assert event["chosen"] == "reload" and "nothing to average" in event["reason"]
         assert all(math.isfinite(r["loss"]) for r in pipe.train(2))
+    finally:
+        pipe.shutdown()
+
+
+# --- CheckFree+'s swapped order across the processes, replicas, auto ---------------------------
+
+
+def _reference(model: TextPipeline, steps: int, *, swap: bool):
+    """The same training in one process (the experiment's simulation): what the processes must match."""
+    from experiments.checkfree.sim import RunSpec, SimPipeline
+
+    sim = SimPipeline(model.model, model.train, RunSpec(strategy="none", rate="-", p_iter=0.0, seed=0, steps=steps,
+                                                         swap=swap))
+    for _ in range(steps):
+        sim.train_step(model.data)
+    return sim
+
+
+def _states_close(a: dict, b: dict, atol: float = 2e-5) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=atol, rtol=1e-4) for k in a)
+
+
+@pytest.mark.parametrize("stages", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_swapped_order_runs_across_processes_and_a_lost_edge_stage_comes_back_from_its_partner(
+    ray_local, tmp_path, stages
+):
+    model = TextPipeline(
+        model=ModelConfig(dim=32, heads=2, num_stages=stages, blocks_per_stage=1, seq_len=32),
+        train=TrainConfig(lr=3e-3, warmup_steps=2, total_steps=60, batch_size=8, micro_batches=2),
+        corpus_bytes=256 << 10,
+    )
+    pipe = RayPipeline(_cfg(tmp_path, swap=True), model)
+    try:
+        pipe.train(6)
+        live = {i: pipe.snapshot(i)["model"] for i in range(stages)}
+        swapped, fixed = _reference(model, 6, swap=True), _reference(model, 6, swap=False)
+        for i in range(stages):
+            # The processes ran CheckFree+'s order: they match the one-process swapped training...
+            assert _states_close(live[i], swapped.stages[i].state_dict()), i
+        # ...and the swap partners learned something else than in fixed order.
+        for i in (1, stages - 2):
+            assert not _states_close(live[i], fixed.stages[i].state_dict(), atol=1e-4), i
+
+        held = [model.batch(1000 + b) for b in range(2)]  # batches training never sees
+        loss_before = pipe.evaluate(held)
+        assert _lose(pipe, [0]) == [0]
+        event = pipe.recover([0], policy="neighbor_average")
+        assert event["plans"][0]["action"] == "copy_neighbor" and event["how"][0] == "copy stage 1 + edge replica"
+        assert event["sources"][0] == [1]  # stage 1's process put its blocks and the replica; the new one fetched them
+        rebuilt = pipe.snapshot(0)["model"]
+        for k, v in rebuilt.items():  # blocks from the partner, the embedding from its replica
+            assert torch.equal(v, live[1][k] if k.startswith("blocks.") else live[0][k]), k
+        loss_after = pipe.evaluate(held)
+        assert abs(loss_after - loss_before) < 0.05 * loss_before, (loss_before, loss_after)
+        assert all(math.isfinite(r["loss"]) for r in pipe.train(2))
+    finally:
+        pipe.shutdown()
+
+
+def test_a_lost_replica_is_copied_bit_for_bit_from_a_survivor(ray_local, tmp_path):
+    model = TextPipeline(model=ModelConfig(dim=32, heads=2, num_stages=2, blocks_per_stage=1, seq_len=32),
+                         train=TrainConfig(lr=3e-3, warmup_steps=2, total_steps=60, batch_size=8, micro_batches=2),
+                         corpus_bytes=256 << 10)
+    pipe = RayPipeline(_cfg(tmp_path, replicas=2, spares=1), model)
+    try:
+        assert len(pipe.workers) == 4 and pipe.rank(1, replica=1) == 3
+        pipe.train(3)
+        # Data parallel for real: each replica took half the batch, and the averaged gradients
+        # give the training of the whole batch in one process.
+        reference = _reference(model, 3, swap=False)
+        for s in range(2):
+            assert _states_close(pipe.snapshot(s)["model"], reference.stages[s].state_dict()), s
+        before = {r: pipe.snapshot(r) for r in range(4)}
+        pids, (spare,) = pipe.pids(), pipe.spare_pids()
+        pipe.kill_stage(3)  # stage 1's second replica
+        with pytest.raises(StageLostError) as e:
+            pipe.train(1)
+        assert e.value.ranks == [3] and e.value.stages == [1]
+        event = pipe.recover(e.value.ranks, policy="neighbor_average")
+        assert [p["action"] for p in event["plans"]] == ["copy_replica"] and event["chosen"] == "neighbor_average"
+        assert event["step"] == 3 and "rolled_back_steps" not in event  # nobody went back
+        after = {r: pipe.snapshot(r) for r in range(4)}
+        new_pids = pipe.pids()
+        # The spare process, started ahead, took the role (no process start on the way), and
+        # another spare is started for the next failure.
+        assert new_pids[3] == spare and new_pids[:3] == pids[:3] and event["spares_used"] == 1
+        assert len(pipe.spare_pids()) == 1 and pipe.spare_pids()[0] not in new_pids
+        # The new process holds its surviving replica's state bit for bit: weights, Adam's
+        # moments and step counts, learning rates, step.
+        copy, source = after[3], before[1]
+        assert all(torch.equal(copy["model"][k], v) for k, v in source["model"].items())
+        assert _same_optimizer_state(copy["optim"], source["optim"]) and copy["optim"]["state"]
+        assert copy["step"] == 3 and copy["lrs"] == source["lrs"]
+        for r in range(3):  # survivors untouched
+            assert all(torch.equal(after[r]["model"][k], v) for k, v in before[r]["model"].items())
+            assert _same_optimizer_state(after[r]["optim"], before[r]["optim"])
+        pipe.train(2)
+        a, b = pipe.snapshot(1), pipe.snapshot(3)  # and the replicas stay one
+        assert all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
+    finally:
+        pipe.shutdown()
+
+
+@pytest.mark.slow
+def test_auto_in_the_run_loop_says_why(ray_local, tmp_path):
+    """policy="auto" in RayPipeline.run: reload right after a checkpoint, neighbour averaging
+    when many steps would be redone; the reason is in the event log."""
+    pipe = RayPipeline(_cfg(tmp_path, checkpoint_url=str(tmp_path / "ckpt"), checkpoint_every=4,
+                            auto_prior_steps=2.5), _model())
+    killed: set[int] = set()
+
+    def kill(p, step):
+        if step in (5, 7) and step not in killed:  # 1 and 3 steps after the checkpoint at step 4
+            killed.add(step)
+            p.kill_stage(2)
+
+    try:
+        pipe.run(10, "auto", before_step=kill)
+        first, second = pipe.events[-2:]
+        assert first["chosen"] == "reload" and "redo 1 step(s)" in first["reason"]
+        assert second["chosen"] == "neighbor_average" and "redo 3 step(s)" in second["reason"]
+        plans = [e for e in pipe.event_log.events if e.kind == "restore_plan"]
+        assert [e.fields["reason"] for e in plans[-2:]] == [first["reason"], second["reason"]]
+        assert pipe.step == 10
     finally:
         pipe.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -364,3 +365,83 @@ def test_data_parallel_run_refuses_stage_policies():
 
     with pytest.raises(ValueError, match="data-parallel"):
         recovery.run(lambda ctx: None, num_workers=2, storage="memory://x", policy="neighbor_average")
+
+
+def test_loss_bump_tracker_window_compares_mean_losses():
+    t = cf.LossBumpTracker(prior_steps=10, window=3)
+    for loss in (2.2, 2.0, 1.8):  # the level before the failure: their mean, 2.0
+        t.observe(loss)
+    t.start(loss_before=1.8)  # the last step's loss alone would be a lucky batch
+    for loss in (2.6, 1.7, 1.9):  # means 2.6, 2.15, 2.067: not back yet
+        t.observe(loss)
+    assert t.events == 0
+    t.observe(1.8)  # mean of the last three: 1.8
+    assert t.events == 1 and t.recovery_steps == 4
+    with pytest.raises(ValueError, match="window"):
+        cf.LossBumpTracker(window=0)
+    with pytest.raises(ValueError, match="loss_before"):
+        cf.LossBumpTracker().start()
+
+
+# --- the real pipeline's schedule: routes, ranks, how a new stage gets its state ---------------
+
+
+def test_routes_fixed_and_swapped():
+    from recovery.pipeline.schedule import check_swap, rank_of, route, stage_of
+
+    assert route(4, 1, swap=False) == [(0, ("embed", "blocks")), (1, ("blocks",)), (2, ("blocks",)),
+                                       (3, ("blocks", "head"))]
+    assert route(4, 0, swap=True) == route(4, 0, swap=False)
+    # Odd micro-batches: the first stage embeds, its partner's blocks run before its own; the last
+    # stage's blocks run before its partner's, and its output layer last.
+    assert route(4, 1, swap=True) == [(0, ("embed",)), (1, ("blocks",)), (0, ("blocks",)), (3, ("blocks",)),
+                                      (2, ("blocks",)), (3, ("head",))]
+    for n in (2, 3, 4, 6):
+        for m in range(4):
+            hops = route(n, m, swap=True)
+            blocks = [s for s, parts in hops if "blocks" in parts]
+            assert blocks == cf.execution_order(n, m)  # the simulation's order, hop by hop
+            assert hops[0][1][0] == "embed" and hops[0][0] == 0 and hops[-1] == (n - 1, hops[-1][1])
+            assert hops[-1][1][-1] == "head"
+            assert all(a[0] != b[0] for a, b in itertools.pairwise(hops))  # never a message to oneself
+    assert route(1, 1, swap=True) == [(0, ("embed", "blocks", "head"))]
+    with pytest.raises(ValueError, match="at least 4 micro-batches"):
+        check_swap(3, 2)
+    with pytest.raises(ValueError, match="at least 2 stages"):
+        check_swap(1, 2)
+    check_swap(4, 2)
+    assert [rank_of(s, r, 3) for r in range(2) for s in range(3)] == list(range(6))
+    assert stage_of(4, 3) == (1, 1)
+
+
+def test_stage_init_and_pipeline_config_are_validated():
+    from recovery.pipeline import PipelineConfig, StageInit
+
+    assert StageInit("average", (1, 2), grad_norms=(0.5, 0.25)).sources == (1, 2)
+    with pytest.raises(ValueError, match="needs 2 source"):
+        StageInit("average", (1,))
+    with pytest.raises(ValueError, match="how must be one of"):
+        StageInit("clone", (1,))
+    assert PipelineConfig(replicas=2, swap=True).replicas == 2
+    for bad in ({"replicas": 0}, {"auto_prior_steps": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            PipelineConfig(**bad)
+
+
+def test_the_experiments_auto_is_the_librarys_policy():
+    """The experiment's ``auto`` runs decide_auto on what its run measured: reload right after a
+    checkpoint, rebuild when many steps would be redone, and the reason is the policy's."""
+    from experiments.checkfree.sim import RunSpec, SimPipeline, auto_choice
+
+    cfg = ModelConfig(dim=16, heads=2, num_stages=4, blocks_per_stage=1, seq_len=8)
+    sim = SimPipeline(cfg, TrainConfig(total_steps=10, warmup_steps=1), RunSpec(strategy="auto", rate="-", p_iter=0.0,
+                                                                                seed=0, steps=10, swap=False))
+    tracker = cf.LossBumpTracker(prior_steps=10)
+    took = {"reload": [], "average": []}
+    sim.step = 52
+    assert auto_choice(sim, [2], [1.0], took, 50, tracker)[0] == "reload"  # 2 steps to redo < 10 to win back
+    chosen, reason = auto_choice(sim, [2], [1.0], took, 20, tracker)  # 32 steps to redo
+    assert chosen == "average" and reason.startswith("neighbor_average:") and "redo 32 step(s)" in reason
+    assert "the prior: none measured yet" in reason
+    assert auto_choice(sim, [2], [1.0], took, None, tracker)[0] == "average"  # nothing to reload
+    assert auto_choice(sim, [1, 2], [1.0], took, None, tracker)[0] == "reload"  # no rule applies
