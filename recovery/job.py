@@ -182,18 +182,30 @@ class WorkerJob(DataParallelJob):
             ray.get(self.coordinator.begin_attempt.remote(attempt, world_size), timeout=30)
         except (RayError, GetTimeoutError):
             pass
-        remote = ray.remote(Worker)
         kept, self.kept = self.kept, {}
         stayed = sorted(set(kept) - self.fresh)
         self.fresh = set()
-        # Threaded: interrupt() must run while run() does.
-        self.workers = [kept.get(i) or remote.options(**self.placement.worker_options(i), max_concurrency=4)
-                        .remote(i, world_size, attempt) for i in range(world_size)]
+        self.workers = self._spawn(world_size, attempt, kept)
         try:
+            # In place, a replacement may never start (its bundle's node is gone, its process
+            # fails): after placement_timeout_s every worker is replaced, on as many as fit.
+            infos = ray.get([w.node_info.remote() for w in self.workers],
+                            timeout=cfg.placement_timeout_s if kept else None)
+        except (RayError, GetTimeoutError) as e:
+            if not kept:
+                raise
+            self.log(ev.RESIZED, f"a worker of attempt {attempt} did not start ({type(e).__name__}): replacing "
+                     "every worker, on as many as fit", world_size=world_size)
+            for w in self.workers:
+                _kill(w)
+            self.placement.release()
+            world_size = self._world = self.placement.fit(world_size, cfg.min_workers)
+            try:
+                ray.get(self.coordinator.begin_attempt.remote(attempt, world_size), timeout=30)
+            except (RayError, GetTimeoutError):
+                pass
+            stayed, self.workers = [], self._spawn(world_size, attempt, {})
             infos = ray.get([w.node_info.remote() for w in self.workers])
-        except RayError:
-            # a kept worker died meanwhile: this attempt fails like any other start (detected by the run loop)
-            infos = [{"node": self.rank_node.get(i), "ip": "127.0.0.1", "pid": None} for i in range(world_size)]
         nodes = [i["node"] for i in infos]
         self.rank_node = dict(enumerate(nodes))
         self.fleet.ensure(set(nodes))
@@ -215,6 +227,13 @@ class WorkerJob(DataParallelJob):
                  + ("" if restore is None or restore.step is None else f", resuming from step {restore.step}"),
                  attempt=attempt, world_size=world_size, nodes=len(set(nodes)),
                  restore_step=None if restore is None else restore.step, kept=stayed, pids=self.pids)
+
+    def _spawn(self, world_size: int, attempt: int, kept: dict[int, Any]) -> list[Any]:
+        """The workers of an attempt: those kept in place, new ones in the other bundles."""
+        remote = ray.remote(Worker)
+        # Threaded: interrupt() must run while run() does.
+        return [kept.get(i) or remote.options(**self.placement.worker_options(i), max_concurrency=4)
+                .remote(i, world_size, attempt) for i in range(world_size)]
 
     # -- end -------------------------------------------------------------------------------------
 
@@ -265,6 +284,8 @@ def survivors(job: WorkerJob) -> dict[int, Any]:
     job.stuck = {}
     if len(replace) >= len(workers):
         return {}
+    if any(job.placement.node_lost(n) for n in {job.rank_node.get(r) for r in replace} if n is not None):
+        return {}  # a process died with its node (seen before Ray or the launcher called it a node loss)
     for r in replace:  # first: their peers blocked in a collective with them fail at once
         _kill(workers[r])
     # Their replacements boot (a process, imports) while the others stop and the agents settle.

@@ -244,15 +244,15 @@ class Supervisor:
         if outcome.action != RESTARTED:
             self.job.stop_workers(f"policy {self.policy.name} gave up")
             raise RecoveryError(f"policy {self.policy.name} gave up on {failure.kind}: {outcome.detail}")
-        rec.world_after = outcome.world_size
+        rec.world_after = self.job.world_size  # what the job runs with (its start may have placed fewer)
         if outcome.restore is not None:
             rec.restore_step = outcome.restore.step
             rec.expected_tier = outcome.restore.expected_tier
             if failure.last_step is not None:
                 rec.steps_lost = failure.last_step - (rec.restore_step if rec.restore_step is not None else -1)
-        if outcome.world_size is not None and outcome.world_size != rec.world_before:
-            self.log(ev.RESIZED, f"continuing with {outcome.world_size} of {cfg.num_workers} workers "
-                     "(checkpoint resharded on restore)", world_size=outcome.world_size)
+        if rec.world_after != rec.world_before:
+            self.log(ev.RESIZED, f"continuing with {rec.world_after} of {cfg.num_workers} workers "
+                     "(checkpoint resharded on restore)", world_size=rec.world_after)
         self._pending_restore = rec
 
     # -- coordinator -----------------------------------------------------------------------------

@@ -79,6 +79,7 @@ def test_lost_node_is_detected_and_its_part_restored_from_a_peer_replica(two_nod
     assert killed.is_set()
     # One failure: the lost agent is part of it, not another one, neither at once nor when its
     # heartbeats stay away for agent_timeout_s.
+    assert len(result.failures) == 1, "\n".join(e.format() for e in result.events)
     (rec,) = result.failures
     assert rec.failure.kind == NODE_DIED, rec
     assert (rec.world_before, rec.world_after, result.world_size) == (2, 1, 1)
