@@ -111,6 +111,10 @@ class CheckpointRegistry:
         except FormatError as e:
             rec.failed = f"{type(e).__name__}: {e}"
             return
+        if frag.save_id != save:
+            # A stale attempt's fragment (its agent persisted it after the job rolled back):
+            # this save's own replaces it, and is announced or found by the next rescan.
+            return
         rec.builder.add(frag)
         rec.last_news_at = self.clock()
         if rec.builder.complete:

@@ -134,6 +134,19 @@ def test_registry_counts_failed_saves_and_ignores_stale_fragments(tmp_path):
     assert reg.consecutive_failures == 1 and fmt.committed_steps(st) == []
 
 
+def test_a_stale_fragment_read_first_does_not_fail_the_save_its_replacement_commits(tmp_path):
+    st = ckpt.open_storage(str(tmp_path))
+    reg = CheckpointRegistry(st)
+    writers = [fmt.writer_name(0), fmt.writer_name(1)]
+    reg.saving(3, "new-3", writers, attempt=1)
+    _persist(st, 3, writers[0], "old-3", rank=0)  # persisted late by the agent of a rolled-back attempt
+    reg.rescan(3)
+    _persist(st, 3, writers[1], "new-3", rank=1, announce=reg)
+    assert reg.poll().committed == () and reg.pending[3].failed is None
+    _persist(st, 3, writers[0], "new-3", rank=0, announce=reg)  # this save's own fragment replaces it
+    assert [r.step for r in reg.poll().committed] == [3]
+
+
 def test_rebuild_adopts_the_saves_of_the_current_run_id(tmp_path):
     st = ckpt.open_storage(str(tmp_path))
     writers = [fmt.writer_name(0), fmt.writer_name(1)]
