@@ -6,9 +6,8 @@ Each scenario is one ``recovery.run`` of :class:`recovery.demo.DemoTrainer` (an 
 data-parallel on ``--workers`` Ray workers with gloo) on a local Ray cluster, with the node
 agent run by recovery, checkpoints every ``--every`` steps, and one injected fault:
 
-- ``kill``: SIGKILL of a worker process -> restore from agent memory; the other workers keep
-  their processes and only the lost one is replaced (reload in place);
-- ``kill_restart_all``: the same with ``in_place=False``: every worker is replaced (the old way);
+- ``kill``: SIGKILL of a worker process -> restore from agent memory, in place (only the lost
+  worker is replaced); ``kill_restart_all``: the same with every worker replaced (the old way);
 - ``hang``: a worker stops making progress -> detected after ``--hang-timeout`` s of silence;
 - ``kill_agent``: the node agent dies, then a worker -> the agent's memory is gone, restore
   from storage;
@@ -99,8 +98,7 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                            "stall_s": statistics.median([c["stall_s"] for c in result.checkpoints
                                                          if c.get("stall_s") is not None] or [float("nan")])}
     add_failure(row, result)
-    starts = [e.fields for e in result.events if e.kind == "workers_started"]
-    row["kept_in_place"] = len(starts[-1].get("kept", [])) if len(starts) > 1 else 0
+    row["kept_in_place"] = len([e for e in result.events if e.kind == "workers_started"][-1].fields.get("kept", []))
     if kind == "storage_down" and result.failures:
         # From the outage (the fault's timestamp, next to the run directory) to the detection.
         down_at = float(Path(run_dir + ".down-at").read_text())
@@ -349,11 +347,8 @@ def main() -> int:
     def f(x: float | None, unit: str = " s") -> str:
         return "-" if x is None else f"{x:.2f}{unit}"
 
-    print()
-    print(f"medians over {args.repeat} run(s)")
-    print("| fault | detected | detection latency | restored from | restore time | failure -> first resumed step | "
-          "steps lost | stall / checkpoint |")
-    print("|---|---|---:|---|---:|---:|---:|---:|")
+    print(f"\nmedians over {args.repeat} run(s)\n| fault | detected | detection latency | restored from | restore time | "
+          "failure -> first resumed step | steps lost | stall / checkpoint |\n|---|---|---:|---|---:|---:|---:|---:|")
     for kind in args.scenarios.split(","):
         mine = [r for r in rows if r["scenario"] == kind]
         tiers = sorted({str(r.get("restored_from")) for r in mine if r.get("restored_from")})
@@ -375,19 +370,17 @@ def main() -> int:
             return m(rs, lambda r: (r.get("detected_after_s") or 0) + r["resumed_after_s"]
                      if r.get("resumed_after_s") is not None else None)
 
+        def three(get: Any) -> tuple[float | None, float | None, float | None]:
+            return m(ours, get), m(old, get), m(peer, get)
+
         rows_side = [("worker SIGKILLed -> first resumed step", k2r(ours), k2r(old),
                       m(peer, lambda r: r.get("kill_to_resumed_s"))),
-                     ("detection -> first resumed step", m(ours, lambda r: r.get("resumed_after_s")),
-                      m(old, lambda r: r.get("resumed_after_s")), None),
-                     ("restore time (slowest rank)", m(ours, lambda r: r.get("restore_s")),
-                      m(old, lambda r: r.get("restore_s")), m(peer, lambda r: r.get("restore_s"))),
-                     ("training stall per checkpoint", m(ours, lambda r: r.get("stall_s")),
-                      m(old, lambda r: r.get("stall_s")), m(peer, lambda r: r.get("stall_s"))),
-                     # From the fault step for both (ours counts from heartbeats otherwise).
+                     ("detection -> first resumed step", *three(lambda r: r.get("resumed_after_s"))),
+                     ("restore time (slowest rank)", *three(lambda r: r.get("restore_s"))),
+                     ("training stall per checkpoint", *three(lambda r: r.get("stall_s"))),
+                     # From the fault step for all (ours counts from heartbeats otherwise).
                      ("steps redone (fault step - restored step - 1)",
-                      m(ours, lambda r: args.fault_at - r["restore_step"] - 1),
-                      m(old, lambda r: args.fault_at - r["restore_step"] - 1),
-                      m(peer, lambda r: args.fault_at - r["restore_step"] - 1))]
+                      *three(lambda r: args.fault_at - r["restore_step"] - 1))]
         print("\nside by side with Ray Train (same model, workers, checkpoint interval and fault step)")
         print("| figure | recovery.run (reload in place) | recovery.run (restart all) | Ray Train (TorchTrainer) | "
               "restart all / in place | Ray Train / in place |")
