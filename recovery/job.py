@@ -230,10 +230,12 @@ class WorkerJob(DataParallelJob):
 
     def _spawn(self, world_size: int, attempt: int, kept: dict[int, Any]) -> list[Any]:
         """The workers of an attempt: those kept in place, new ones in the other bundles."""
-        remote = ray.remote(Worker)
-        # Threaded: interrupt() must run while run() does.
-        return [kept.get(i) or remote.options(**self.placement.worker_options(i), max_concurrency=4)
-                .remote(i, world_size, attempt) for i in range(world_size)]
+        return [kept.get(i) or self.new_worker(i, world_size, attempt) for i in range(world_size)]
+
+    def new_worker(self, rank: int, world_size: int, attempt: int) -> Any:
+        """A worker actor in bundle ``rank`` (threaded: ``interrupt`` must run while ``run`` does)."""
+        return ray.remote(Worker).options(**self.placement.worker_options(rank), max_concurrency=4).remote(
+            rank, world_size, attempt)
 
     # -- end -------------------------------------------------------------------------------------
 
@@ -289,9 +291,7 @@ def survivors(job: WorkerJob) -> dict[int, Any]:
     for r in replace:  # first: their peers blocked in a collective with them fail at once
         _kill(workers[r])
     # Their replacements boot (a process, imports) while the others stop and the agents settle.
-    remote = ray.remote(Worker)
-    fresh = {r: remote.options(**job.placement.worker_options(r), max_concurrency=4).remote(r, len(workers), job.attempt + 1)
-             for r in replace}
+    fresh = {r: job.new_worker(r, len(workers), job.attempt + 1) for r in replace}
     alive = {r: w for r, w in enumerate(workers) if r not in replace}
     calls = {w.interrupt.remote(job.attempt): r for r, w in alive.items()}
     runs = {ref: r for ref, r in job.run_refs.items() if r in alive}
@@ -314,8 +314,7 @@ def survivors(job: WorkerJob) -> dict[int, Any]:
 
         if kept.pop(r, None) is not None:
             _kill(alive[r])
-            fresh[r] = remote.options(**job.placement.worker_options(r), max_concurrency=4).remote(
-                r, len(workers), job.attempt + 1)
+            fresh[r] = job.new_worker(r, len(workers), job.attempt + 1)
     for ref in ready:
         try:
             ray.get(ref)  # INTERRUPTED, or what a rank that had finished returned: it trains again

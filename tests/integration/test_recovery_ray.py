@@ -21,6 +21,7 @@ from ckpt import format as fmt
 from recovery.demo import HANG, KILL, KILL_AGENT, KILL_COORDINATOR, TAKE_SLOT, DemoTrainer, Fault
 from recovery.detect import AGENT_DIED, WORKER_DIED
 from recovery.detect import HANG as HANG_FAILURE
+from tests.integration._ray import run_job
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.isdir("/dev/shm"),
@@ -30,25 +31,8 @@ FAST = {"heartbeat_interval_s": 0.1, "backoff_s": 0.0, "placement_timeout_s": 5.
         "startup_timeout_s": 120.0, "agent_memory_bytes": 256 << 20, "echo": None}
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, resources={"slot": 4}, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    before = set(os.listdir("/dev/shm"))
-    yield
-    ray.shutdown()
-    leaked = sorted(n for n in set(os.listdir("/dev/shm")) - before if n.startswith("ckrec"))
-    assert not leaked, f"agent segments left behind: {leaked}"
-
-
 def _run(trainer, tmp_path, **kw):
-    import recovery
-
-    opts = dict(FAST, resources_per_worker={"CPU": 0.25, "slot": 1}, every_n_steps=5, keep_last=None)
-    opts.update(kw)
-    return recovery.run(trainer, storage=str(tmp_path / "run"), **opts)
+    return run_job(trainer, tmp_path, FAST, **kw)
 
 
 def _equal(a: dict, b: dict) -> bool:

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from recovery.demo import HANG, SLOW, DemoTrainer, Fault
 from recovery.detect import HANG as HANG_FAILURE
 from recovery.detect import STRAGGLER
+from tests.integration._ray import run_job
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.isdir("/dev/shm"),
@@ -32,25 +33,8 @@ FAST = {"heartbeat_interval_s": 0.1, "backoff_s": 0.0, "placement_timeout_s": 5.
         "straggler_window_s": 2.0, "straggler_min_steps": 5}
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, resources={"slot": 4}, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    before = set(os.listdir("/dev/shm"))
-    yield
-    ray.shutdown()
-    leaked = sorted(n for n in set(os.listdir("/dev/shm")) - before if n.startswith("ckrec"))
-    assert not leaked, f"agent segments left behind: {leaked}"
-
-
 def _run(trainer, tmp_path, **kw):
-    import recovery
-
-    opts = dict(FAST, resources_per_worker={"CPU": 0.25, "slot": 1}, every_n_steps=5, keep_last=None)
-    opts.update(kw)
-    return recovery.run(trainer, storage=str(tmp_path / "run"), **opts)
+    return run_job(trainer, tmp_path, FAST, **kw)
 
 
 def _stragglers(result):
