@@ -4,6 +4,7 @@ the host views of each slab and the write requests that read them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -88,13 +89,16 @@ class CapturePlan:
         return memo[1], memo[2]
 
 
-def prefault(pool: Any, plan: CapturePlan, *, slabs: int = 2) -> None:
+def prefault(pool: Any, plan: CapturePlan, *, slabs: int = 2, stop: Callable[[], bool] = lambda: False) -> None:
     """Take up to ``slabs`` slabs of ``plan``'s size from ``pool`` (allocating them), fault every
     page in, carve the plan's views, and give them back: the first checkpoints then copy into
-    memory that is ready (a first touch costs a page fault per 4 KiB, in the middle of a step)."""
+    memory that is ready (a first touch costs a page fault per 4 KiB, in the middle of a step).
+    ``stop`` is asked before each slab (a closing Checkpointer needs none)."""
     taken = []
     try:
         for _ in range(slabs):
+            if stop():
+                break
             slab = pool.acquire(plan.nbytes, block=False)
             if slab is None:
                 break

@@ -228,9 +228,9 @@ class Checkpointer:
 
         def work() -> None:
             try:
-                with self._capture_lock:
+                with self._capture_lock:  # close() stops it between slabs: nothing would use them
                     plan, _tensors, _values = self._plan_for(state)
-                    prefault(self._pool_for(plan.nbytes, plan.mine), plan)
+                    prefault(self._pool_for(plan.nbytes, plan.mine), plan, stop=lambda: self._closed)
                 fut.set_result(None)
             except BaseException as e:  # noqa: BLE001 - the first save then does it, and says why
                 log.debug("preparing the first checkpoint failed: %s", e)

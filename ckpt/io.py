@@ -266,7 +266,10 @@ def read_chunk(storage: Storage, locator: Locator, req: ReadRequest, exp: ChunkE
         data = as_bytes(fast)
         chunk = None
     else:
-        chunk = torch.empty(nbytes, dtype=torch.uint8)
+        # Into a GPU: through pinned memory (torch's caching host allocator keeps each block
+        # until its copy is done), so the host-to-device copies run asynchronously on the copy engine.
+        to_cuda = any(t.tensor.device.type == "cuda" for t in req.targets)
+        chunk = torch.empty(nbytes, dtype=torch.uint8, pin_memory=to_cuda)
         data = memoryview(chunk.numpy())
     try:
         read = read_stored_chunk(storage, key, data, None if locator.layout.kind == layouts.CHUNKS else locate)
@@ -283,7 +286,7 @@ def read_chunk(storage: Storage, locator: Locator, req: ReadRequest, exp: ChunkE
     if chunk is not None:
         values = chunk.view(exp.dtype).reshape(req.chunk_shape)
         for t in req.targets:
-            t.tensor.detach()[t.dst].copy_(values[t.src])
+            t.tensor.detach()[t.dst].copy_(values[t.src], non_blocking=t.tensor.device.type == "cuda")
     return None
 
 
@@ -329,8 +332,12 @@ def execute_load(
         z.tensor.detach().narrow(z.dim, z.start, z.length).zero_()
     dtypes = {p: getattr(torch, a.dtype) for p, a in plan.arrays.items()}
     locator = Locator(storage, plan.step, plan.layout, plan.arrays)
-    read_chunks(storage, locator, plan.requests, lambda r: ChunkExpectation(dtypes[r.path]),
-                threads=threads, progress=progress)
+    try:
+        read_chunks(storage, locator, plan.requests, lambda r: ChunkExpectation(dtypes[r.path]),
+                    threads=threads, progress=progress)
+    finally:  # the host-to-device copies were queued without waiting
+        for device in {t.tensor.device for r in plan.requests for t in r.targets if t.tensor.device.type == "cuda"}:
+            torch.cuda.synchronize(device)
     for path, encoded in plan.values.items():
         set_leaf(state_dict, path, decode_value(encoded, allow_pickle=allow_pickle, where=path))
 

@@ -420,3 +420,20 @@ def test_a_snapshot_with_no_tensor_bytes_fits_the_automatic_budget():
     assert pool.acquire(0) is not None
     pool.follow(1 << 20)
     assert pool.budget >= 2 << 20 and pool.acquire(1 << 20) is not None
+
+
+def test_prefault_stops_between_slabs_when_asked(tmp_path):
+    """A Checkpointer closed while it prepares its first checkpoint stops allocating host memory
+    nobody will use (a restore then close no longer waits for two slabs of pinned memory)."""
+    from ckpt.capture import prefault
+
+    state = {"w": torch.randn(1024), "b": torch.randn(16)}
+    with ckpt.Checkpointer(str(tmp_path / "run"), pin_memory=False) as ck:
+        plan, _, _ = ck._plan_for(state)
+        pool = ck._pool_for(plan.nbytes, plan.mine)
+        asked = []
+        prefault(pool, plan, stop=lambda: asked.append(1) or len(asked) > 1)
+        assert len(asked) == 2
+        assert pool.allocated_bytes >= plan.nbytes and pool.allocated_bytes < 2 * plan.nbytes
+        prefault(pool, plan)  # not stopped: both slabs
+        assert pool.allocated_bytes >= 2 * plan.nbytes
