@@ -153,6 +153,11 @@ def markdown(d: dict[str, Any]) -> str:
         lines += ["## Bandwidth limits (GB/s)", "", "| copy | GB/s |", "| --- | --- |"]
         for k in ("d2h_pinned_per_tensor", "d2h_pinned_one_buffer", "d2h_pageable_one_buffer", "h2d_pinned_one_buffer"):
             lines.append(f"| {k} | {_fmt(bw.get(k), '.1f')} |")
+        for k, v in (bw.get("registered") or {}).items():
+            if isinstance(v, dict):
+                lines.append(f"| d2h_registered_{k} | {_fmt(v.get('gbps'), '.1f')} {v.get('error', '')} |")
+            else:
+                lines.append(f"| {k} | {v} |")
         lines.append("")
     st = d.get("staging", {})
     if st:
@@ -183,10 +188,12 @@ def markdown(d: dict[str, Any]) -> str:
         lines.append("")
     rs = d.get("restore", {})
     if rs:
-        lines += ["## Restore host → device", "", "| from | seconds | GB/s | bit-exact |", "| --- | --- | --- | --- |"]
+        lines += ["## Restore host → device", "",
+                  "| from | seconds | GB/s | restore call alone s | its GB/s | bit-exact |", "| --- | --- | --- | --- | --- | --- |"]
         for k, v in rs.items():
             if isinstance(v, dict):
-                lines.append(f"| {k} | {_fmt(v.get('s'), '.3f')} | {_fmt(v.get('gbps'), '.2f')} | {v.get('bit_exact')} |")
+                lines.append(f"| {k} | {_fmt(v.get('s'), '.3f')} | {_fmt(v.get('gbps'), '.2f')} | {_fmt(v.get('restore_s'), '.3f')} | "
+                             f"{_fmt(v.get('restore_gbps'), '.2f')} | {v.get('bit_exact')} |")
         lines.append("")
     tg = d.get("targets", {})
     if tg:
@@ -329,6 +336,57 @@ def bandwidth(job: Job, reps: int) -> dict[str, Any]:
            "d2h_pageable_one_buffer": timed(lambda: pageable.copy_(flat)),
            "h2d_pinned_one_buffer": timed(lambda: flat.copy_(pinned, non_blocking=cuda))}
     out["pinned"] = bool(cuda and pinned.is_pinned())
+    if cuda:
+        out["registered"] = _registered_copies(flat, total, timed)
+    return out
+
+
+def _registered_copies(flat: torch.Tensor, total: int, timed: Callable[[Callable[[], None]], float]) -> dict[str, Any]:
+    """Device -> host into memory pinned with ``cudaHostRegister`` (as the agent's segments are),
+    by kind of mapping: a tmpfs file (the agent's), anonymous memory, and each with transparent
+    huge pages asked for, to tell the page size from the file mapping as the cause of a slow copy."""
+    import mmap
+
+    from agent.shm import map_file, unmap
+    from ckpt import pinning
+
+    out: dict[str, Any] = {}
+    for knob in ("enabled", "shmem_enabled"):
+        with contextlib.suppress(OSError), open(f"/sys/kernel/mm/transparent_hugepage/{knob}") as f:
+            out[f"thp_{knob}"] = f.read().strip()
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and _disk_free("/dev/shm") > 2 * total else None
+    for name, huge in (("shm_file", False), ("shm_file_huge", True), ("anon", False), ("anon_huge", True)):
+        if name.startswith("shm") and shm is None:
+            continue
+        path = None
+        try:
+            if name.startswith("shm"):
+                path = os.path.join(shm, f"ckpt-gpu-kit-reg-{os.getpid()}")
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                os.posix_fallocate(fd, 0, total)
+                os.close(fd)
+                mm, buf = map_file(path, total, writable=True)
+            else:
+                mm = mmap.mmap(-1, total)
+                buf = torch.frombuffer(mm, dtype=torch.uint8)
+            if huge and hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_HUGEPAGE)
+            buf.fill_(0)  # fault the pages in (as a leased slab is by the time it is staged into)
+            ptr = buf.data_ptr()
+            ok = pinning.register(ptr, total)
+            try:
+                out[name] = {"gbps": timed(lambda dst=buf: dst.copy_(flat, non_blocking=True)), "registered": ok}
+            finally:
+                if ok:
+                    pinning.unregister(ptr)
+                del buf
+                unmap(mm)
+        except Exception as e:  # noqa: BLE001 - a diagnostic; the section goes on
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            if path:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
     return out
 
 
@@ -537,10 +595,12 @@ def restore(job: Job, ckpt: Any, root: str, agent: str | None, out: dict[str, An
         job.sync()
         t0 = time.perf_counter()
         try:
-            fn()
+            inner = fn()
             job.sync()
             dt = time.perf_counter() - t0
             out[name] = {"s": dt, "gbps": nbytes / GB / dt, "bit_exact": job.equal(expected)}
+            if inner is not None:  # the restore call alone, without opening and closing the Checkpointer
+                out[name].update(restore_s=inner, restore_gbps=nbytes / GB / inner)
         except Exception as e:  # noqa: BLE001 - one reader failing does not hide the others
             out[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         job.put(expected)  # back to the expected state for the next reader
@@ -549,9 +609,12 @@ def restore(job: Job, ckpt: Any, root: str, agent: str | None, out: dict[str, An
     with ckpt.Checkpointer(run, keep_last=1) as ck:
         ck.save(1, job.state(), force=True)
         ck.wait()
-    def from_storage() -> None:
+    def from_storage() -> float:
         with ckpt.Checkpointer(run) as ck:
+            t0 = time.perf_counter()
             ck.restore(job.state())
+            job.sync()
+            return time.perf_counter() - t0
 
     timed("ckpt_storage", from_storage)
     if agent:
@@ -560,9 +623,12 @@ def restore(job: Job, ckpt: Any, root: str, agent: str | None, out: dict[str, An
             ck.save(1, job.state(), force=True)
             ck.wait()
 
-        def from_agent() -> None:
+        def from_agent() -> float:
             with ckpt.Checkpointer(arun, agent=agent) as ck:
+                t0 = time.perf_counter()
                 ck.restore(job.state())
+                job.sync()
+                return time.perf_counter() - t0
 
         timed("ckpt_agent_memory", from_agent)
     import torch.distributed.checkpoint as dcp
