@@ -28,6 +28,8 @@ from .layouts import Location, Locator
 from .manifest import ChunkRecord, Fragment, Manifest
 from .plan import LoadPlan, SavePlan, pack_slots, plan_load, request_nbytes
 from .planning import ReadRequest, WriteRequest
+from .readahead import ReadAhead
+from .restore import RestoreSource
 from .restore import read_chunk as read_stored_chunk
 from .state import decode_value, set_leaf
 from .storage import Storage
@@ -300,6 +302,8 @@ def read_chunks(
     progress: Progress | None = None,
 ) -> None:
     """Read every chunk into its destinations; raises one error listing every bad chunk."""
+    if not isinstance(storage, RestoreSource):  # (a restore source's bottom tier reads ahead itself)
+        storage = ReadAhead(storage)
     problems = _map(
         lambda r: read_chunk(storage, locator, r, expectation(r)),
         requests,

@@ -25,6 +25,7 @@ from typing import Any
 
 from . import chunks
 from .layouts import Location
+from .readahead import ReadAhead
 from .storage import Storage, StorageWrapper
 
 log = logging.getLogger(__name__)
@@ -166,8 +167,12 @@ class StorageSource(RestoreSource):
 
     tier = Tier.STORAGE
 
+    def __init__(self, inner: Storage) -> None:
+        super().__init__(inner)
+        self.chunk_reader = ReadAhead(inner)  # small chunks side by side in a pack: a few large reads
+
     def read_chunk(self, key: str, data: memoryview, location: Where = None) -> chunks.ChunkRead:
-        read = read_chunk(self.inner, key, data, location)
+        read = read_chunk(self.chunk_reader, key, data, location)
         self.count(read.total)
         return read
 

@@ -32,6 +32,7 @@ CKPT_LAYERS: list[tuple[str, ...]] = [
     ("ckpt.state", "ckpt.layout", "ckpt.manifest", "ckpt.dtypes", "ckpt.hostpool", "ckpt.pinning", "ckpt.dist",
      "ckpt.version", "ckpt.zarr_compat"),
     ("ckpt.jsonfields",),
+    ("ckpt.readahead",),
     ("ckpt.storage", "ckpt.storage.*"),
     ("ckpt.errors",),
 ]
