@@ -142,21 +142,32 @@ def check_seal(doc: Any, where: str, *, root: bool) -> None:
 
 
 _FRAGMENT_SEAL_TAIL = re.compile(rb',"' + SEAL_KEY.encode() + rb'":(\d{1,10})\}\s*$')
+_ROOT_SEAL_TAIL = re.compile(rb',"' + SEAL_KEY.encode() + rb'":(\d{1,10})\}\}\s*$')
+
+
+def _seal_tail_matches(data: bytes, holder: Any, pattern: re.Pattern, closing: bytes) -> bool:
+    tail = data[-48:]
+    m = pattern.search(tail)
+    if m is None or not isinstance(holder, dict):
+        return False
+    stored = int(m.group(1))
+    if holder.get(SEAL_KEY) != stored:
+        return False
+    cut = len(data) - len(tail) + m.start()
+    return crc32c.crc32c(data[:cut] + closing) == stored
 
 
 def _fragment_seal_matches(data: bytes, doc: Any) -> bool:
     """The fragment's checksum checked on its bytes as written (the seal is its last field, so the
     sealed serialization is the bytes before it, closed): no second serialization. False when
     the bytes are not laid out so; then :func:`check_seal` decides."""
-    tail = data[-48:]
-    m = _FRAGMENT_SEAL_TAIL.search(tail)
-    if m is None or not isinstance(doc, dict):
-        return False
-    stored = int(m.group(1))
-    if doc.get(SEAL_KEY) != stored:
-        return False
-    cut = len(data) - len(tail) + m.start()
-    return crc32c.crc32c(data[:cut] + b"}") == stored
+    return _seal_tail_matches(data, doc, _FRAGMENT_SEAL_TAIL, b"}")
+
+
+def _root_seal_matches(data: bytes, doc: Any) -> bool:
+    """The same for a commit point: the seal is the last attribute, the attributes the root's
+    last member (a commit point of 2,000 arrays is checked in 1 ms instead of re-serialized)."""
+    return isinstance(doc, dict) and _seal_tail_matches(data, doc.get("attributes"), _ROOT_SEAL_TAIL, b"}}")
 
 
 def _loads(data: bytes, what: str) -> Any:
@@ -290,7 +301,8 @@ def read_root(storage: Storage, step: int) -> dict:
             f"no committed checkpoint at step {step} in {storage.url}; `ckpt ls {storage.url}` lists them"
         ) from None
     doc = _loads(data, path)
-    check_seal(doc, path, root=True)
+    if not _root_seal_matches(data, doc):
+        check_seal(doc, path, root=True)
     if not isinstance(doc, dict) or doc.get("node_type") != "group" or doc.get("zarr_format") != 3:
         raise FormatError(f"{path} is not a zarr v3 group")
     return doc

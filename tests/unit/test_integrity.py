@@ -143,3 +143,22 @@ def test_multi_writer_helper_round_trip(tmp_path):
     out = {"w": torch.zeros(10, 2)}
     ckpt.load(out, tmp_path)
     assert torch.equal(out["w"], full)
+
+
+def test_commit_point_seal_checked_on_its_bytes_and_a_flipped_digit_still_caught(tmp_path):
+    """The commit point's checksum is checked on the bytes as written (no re-serialization of a
+    document of thousands of arrays); a change that still parses falls to the full check, which
+    refuses it."""
+    from ckpt import format as fmt
+    from ckpt.errors import FormatError
+    from ckpt.storage import LocalStorage
+
+    state = {f"t{i}": torch.randn(7) for i in range(50)}
+    ckpt.save(state, str(tmp_path / "run"), step=1)
+    storage = LocalStorage(str(tmp_path / "run"))
+    path = f"{fmt.step_dir(1)}/{fmt.META}"
+    raw = storage.read(path)
+    assert fmt._root_seal_matches(raw, fmt._loads(raw, path))
+    storage.write_atomic(path, raw.replace(b'"shape":[7]', b'"shape":[8]', 1))
+    with pytest.raises(FormatError, match="checksum mismatch"):
+        fmt.read_root(storage, 1)
