@@ -110,19 +110,24 @@ def complete(storage: Storage, step: int, save: str, writers: Sequence[str], *, 
             raise CommitError(f"step {step} was committed by another save ({manifest.save_id})")
         return manifest
     known = dict(known or {})
-    wait_for_fragments(storage, step, save, [w for w in writers if w not in known], timeout_s=timeout_s,
-                       poll_s=poll_s, stop=stop)
-    return commit(storage, step, writers, save_id=save, library_versions=library_versions, known=known)
+    # Each fragment is read once: those found while waiting are the ones the commit validates.
+    found = wait_for_fragments(storage, step, save, [w for w in writers if w not in known], timeout_s=timeout_s,
+                               poll_s=poll_s, stop=stop)
+    return commit(storage, step, writers, save_id=save, library_versions=library_versions, known=known, found=found)
 
 
-def fragment_status(storage: Storage, step: int, save_id: str, writers: Sequence[str]) -> tuple[list[str], list[str]]:
+def fragment_status(storage: Storage, step: int, save_id: str, writers: Sequence[str],
+                    found: dict[str, Fragment] | None = None) -> tuple[list[str], list[str]]:
     """One look at storage: (writers whose fragment of this save is not there yet, the errors
     of writers that left a failure marker for it). A fragment of another save (a stale
-    attempt) does not count."""
+    attempt) does not count. The fragments of this save are put in ``found`` if given."""
     missing, errors = [], []
     for w in writers:
         try:
-            if read_fragment(storage, step, w).save_id == save_id:
+            frag = read_fragment(storage, step, w)
+            if frag.save_id == save_id:
+                if found is not None:
+                    found[w] = frag
                 continue
         except FileNotFoundError:
             pass
@@ -140,18 +145,20 @@ def fragment_status(storage: Storage, step: int, save_id: str, writers: Sequence
 def wait_for_fragments(
     storage: Storage, step: int, save_id: str, writers: Sequence[str], *, timeout_s: float, poll_s: float,
     stop: threading.Event | None = None,
-) -> None:
-    """Block until every writer's fragment of this save is in storage; raise if one failed."""
+) -> dict[str, Fragment]:
+    """Block until every writer's fragment of this save is in storage; raise if one failed.
+    Returns the fragments read (each once), for the commit to validate without reading again."""
     pending = list(writers)
+    found: dict[str, Fragment] = {}
     deadline = time.monotonic() + timeout_s
     delay = poll_s
     while pending:
-        pending, errors = fragment_status(storage, step, save_id, pending)
+        pending, errors = fragment_status(storage, step, save_id, pending, found)
         if errors:
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             raise CommitError(f"step {step}: a writer failed: {errors[0]}{more}")
         if not pending:
-            return
+            return found
         if time.monotonic() > deadline:
             raise CommitError(
                 f"step {step}: no fragment from {', '.join(pending[:8])}{' …' if len(pending) > 8 else ''} "
@@ -162,6 +169,7 @@ def wait_for_fragments(
         if stop is None:
             time.sleep(delay)
         delay = min(delay * 2, 1.0)
+    return found
 
 
 def wait_for_commit(storage: Storage, step: int, save_id: str, *, timeout_s: float, poll_s: float,
@@ -200,6 +208,7 @@ def commit(
     user_metadata: dict[str, Any] | None = None,
     options: CommitOptions = CommitOptions(),
     known: Mapping[str, Fragment] | None = None,
+    found: Mapping[str, Fragment] | None = None,
 ) -> Manifest:
     """Validate the fragments of ``writers`` and write the commit point.
 
@@ -207,14 +216,18 @@ def commit(
     inconsistent; in that case nothing becomes visible.
 
     ``known``: fragments the caller wrote itself in this process (after making their chunks
-    durable); they are not read back, and their chunks are not listed again.
+    durable); they are not read back, and their chunks are not listed again. ``found``: fragments
+    the caller read from storage already (waiting for them): not read again, checked like the
+    ones read here.
     """
     if not writers:
         raise CommitError("commit needs at least one writer")
     known = dict(known or {})
-    to_read = [w for w in writers if w not in known]
+    to_read = [w for w in writers if w not in known and w not in (found or {})]
     with ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(to_read)))) as pool:
-        read = dict(zip(to_read, pool.map(lambda w: _try_read_fragment(storage, step, w), to_read)))
+        read: dict[str, Fragment | str] = dict(zip(to_read, pool.map(lambda w: _try_read_fragment(storage, step, w),
+                                                                     to_read)))
+    read.update({w: f for w, f in (found or {}).items() if w not in known})
     results = [known[w] if w in known else read[w] for w in writers]
     problems = [r for r in results if isinstance(r, str)]
     fragments = [r for r in results if isinstance(r, Fragment)]
@@ -231,7 +244,7 @@ def commit(
         builder.add(frag)
     outcome = builder.finish()
     problems = outcome.problems
-    if not problems and options.check_listing and to_read:
+    if not problems and options.check_listing and read:
         rest = [f for f in fragments if f.writer not in known]
         problems = (check_packs(storage, step, {w: e for w, e in builder.pack_ends.items() if w not in known})
                     if outcome.layout == PACKS else _check_listing(storage, step, outcome.arrays, rest))
