@@ -173,6 +173,14 @@ class ReadRequest:
 
 def plan_array_reads(path: str, spec: ArraySpec, tensor: torch.Tensor, pieces: Sequence[Piece]) -> list[ReadRequest]:
     """Every chunk that overlaps the destination pieces, each read once, with its copies."""
+    shape = spec.shape
+    if (len(pieces) == 1 and shape and all(shape) and spec.chunk_shape == shape and pieces[0].box.sizes == shape
+            and not any(pieces[0].box.offsets)):
+        # The common case at thousands of arrays: the whole array, one chunk (what the loop below
+        # computes, without the box arithmetic).
+        whole = tuple(slice(0, n) for n in shape)
+        target = ReadTarget(tensor, pieces[0].local_slices(), whole)
+        return [ReadRequest(path, (0,) * len(shape), spec.chunk_shape, (target,), spec.chunk_separator)]
     targets: dict[tuple[int, ...], list[ReadTarget]] = {}
     for piece in pieces:
         for index in chunks_overlapping(spec, piece.box):
