@@ -174,13 +174,19 @@ def wait_for_fragments(
 
 def wait_for_commit(storage: Storage, step: int, save_id: str, *, timeout_s: float, poll_s: float,
                     stop: threading.Event | None = None) -> Manifest:
+    return wait_for_commit_point(storage, step, save_id, timeout_s=timeout_s, poll_s=poll_s, stop=stop)[0]
+
+
+def wait_for_commit_point(storage: Storage, step: int, save_id: str, *, timeout_s: float, poll_s: float,
+                          stop: threading.Event | None = None) -> tuple[Manifest, bytes]:
+    """Block until ``save_id`` committed ``step``: its manifest and the commit point's bytes."""
     deadline = time.monotonic() + timeout_s
     delay = poll_s
     while True:
         try:
-            m = fmt.read_manifest(storage, step)
+            m, data = fmt.read_manifest_bytes(storage, step)
             if m.save_id == save_id:
-                return m
+                return m, data
             raise CommitError(f"step {step} was committed by another save ({m.save_id})")
         except FileNotFoundError:
             pass

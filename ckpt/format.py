@@ -300,6 +300,11 @@ def read_root(storage: Storage, step: int) -> dict:
         raise CheckpointNotFoundError(
             f"no committed checkpoint at step {step} in {storage.url}; `ckpt ls {storage.url}` lists them"
         ) from None
+    return parse_root(data, path)
+
+
+def parse_root(data: bytes, path: str) -> dict:
+    """A commit point's document from its bytes, its seal checked."""
     doc = _loads(data, path)
     if not _root_seal_matches(data, doc):
         check_seal(doc, path, root=True)
@@ -315,14 +320,24 @@ def read_manifest(storage: Storage, step: int | None = None) -> Manifest:
         if not steps:
             raise CheckpointNotFoundError(f"no committed checkpoint in {storage.url}")
         step = steps[-1]
-    doc = read_root(storage, step)
+    return manifest_of_root(read_root(storage, step), step, storage.url)
+
+
+def read_manifest_bytes(storage: Storage, step: int) -> tuple[Manifest, bytes]:
+    """The manifest of committed ``step`` and its commit point's bytes as stored (one read)."""
+    path = f"{step_dir(step)}/{META}"
+    data = storage.read(path)  # FileNotFoundError: not committed (yet)
+    return manifest_of_root(parse_root(data, path), step, storage.url), data
+
+
+def manifest_of_root(doc: dict, step: int, url: str) -> Manifest:
     attrs = doc.get("attributes")
     if not isinstance(attrs, dict) or MANIFEST_KEY not in attrs:
-        raise FormatError(f"step {step} in {storage.url} has no {MANIFEST_KEY!r} manifest")
+        raise FormatError(f"step {step} in {url} has no {MANIFEST_KEY!r} manifest")
     try:
         manifest = Manifest.from_dict(attrs[MANIFEST_KEY])
     except ManifestError as e:
-        raise FormatError(f"step {step} in {storage.url}: {e}") from None
+        raise FormatError(f"step {step} in {url}: {e}") from None
     if manifest.step != step:
         raise FormatError(f"step directory {step} holds the manifest of step {manifest.step}")
     return manifest

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ckpt import SnapshotState
 from ckpt import format as fmt
-from ckpt.commit import complete, ensure_not_committed, mark_failed
+from ckpt.commit import complete, ensure_not_committed, mark_failed, wait_for_commit_point
 from ckpt.io import write_plan
 from ckpt.retention import RetentionPolicy, run_gc
 from ckpt.storage import Storage, open_storage
@@ -163,10 +163,14 @@ class Agent(Holding):
             hit = self._commit_points.get(key)
             if hit is not None and hit[0] == snap.save_id and not snap.committer:
                 return hit[1], hit[2]
-            manifest = complete(storage, snap.step, snap.save_id, snap.writers, committer=snap.committer,
-                                timeout_s=cfg.commit_timeout_s, poll_s=0.05, stop=self._stop,
-                                library_versions=dict(cfg.library_versions))
-            root = storage.read(f"{fmt.step_dir(snap.step)}/{fmt.META}")
+            if snap.committer:
+                manifest = complete(storage, snap.step, snap.save_id, snap.writers, committer=True,
+                                    timeout_s=cfg.commit_timeout_s, poll_s=0.05, stop=self._stop,
+                                    library_versions=dict(cfg.library_versions))
+                root = storage.read(f"{fmt.step_dir(snap.step)}/{fmt.META}")
+            else:  # the commit point read once, as it is found
+                manifest, root = wait_for_commit_point(storage, snap.step, snap.save_id, timeout_s=cfg.commit_timeout_s,
+                                                       poll_s=0.05, stop=self._stop)
             document = json.dumps(manifest.to_dict())
             with self._lock:
                 self._commit_points[key] = (snap.save_id, root, document)

@@ -318,6 +318,12 @@ def test_the_writers_of_a_step_on_one_node_read_its_commit_point_once(servicer, 
     run, reads, waits = "file:///r", [], []
     monkeypatch.setattr(core, "complete", lambda storage, step, save, writers, **kw: waits.append(kw["committer"])
                         or SimpleNamespace(to_dict=lambda: {"step": step}))
+
+    def wait_for_commit_point(storage, step, save, **kw):  # the waiter reads the commit point as it finds it
+        waits.append(False)
+        return SimpleNamespace(to_dict=lambda: {"step": step}), storage.read("root")
+
+    monkeypatch.setattr(core, "wait_for_commit_point", wait_for_commit_point)
     monkeypatch.setattr(agent, "storage", lambda url: SimpleNamespace(read=lambda path: reads.append(path) or b"{}"))
     settings = SimpleNamespace(keep_last=0, keep_every=0, commit_timeout_s=5, library_versions={})
     states = []
