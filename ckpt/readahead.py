@@ -4,7 +4,7 @@ A restore of a model with thousands of small arrays reads thousands of chunks th
 side in a few pack files: one ranged read each is one request each to an object store (2,160
 GETs for Llama-70B's shape with tiny tensors, each a round trip), and an open, a read and a
 close each on a file system. :class:`ReadAhead` serves a small ranged read from a block of the
-object read once (``window`` bytes from the first chunk asked for, cut at the object's end);
+object read once (``window`` bytes on a multiple of ``window``, cut at the object's end);
 the next chunks asked for are then copies out of that block. Large chunks are read directly.
 
 Blocks are shared by the reading threads (a thread that needs a block being read waits for it)
@@ -39,6 +39,7 @@ class ReadAhead(StorageWrapper):
         self._lock = threading.Lock()
         self._blocks: collections.OrderedDict[tuple[str, int], tuple[int, Future]] = collections.OrderedDict()
         self._sizes: dict[str, int | None] = {}
+        self._size_lock = threading.Lock()
         self.block_reads = 0  # ranged reads sent to ``inner`` for blocks
         self.served = 0  # ranged reads served from blocks
 
@@ -59,13 +60,10 @@ class ReadAhead(StorageWrapper):
             pos += n
 
     def _size(self, path: str) -> int | None:
-        with self._lock:
-            if path in self._sizes:
-                return self._sizes[path]
-        size = self.inner.size(path)
-        with self._lock:
-            self._sizes[path] = size
-        return size
+        with self._size_lock:  # one HEAD per object, not one per thread that starts on it
+            if path not in self._sizes:
+                self._sizes[path] = self.inner.size(path)
+            return self._sizes[path]
 
     def _block(self, path: str, offset: int, nbytes: int) -> tuple[int, memoryview]:
         """The block of ``path`` holding ``[offset, offset + nbytes)``: found, being read by
@@ -84,7 +82,12 @@ class ReadAhead(StorageWrapper):
                 start, fut = found
                 mine = False
             else:
-                start, length = offset, min(self.window, size - offset)
+                # Blocks on window boundaries: threads starting anywhere in one share it. A read
+                # across a boundary gets a block of its own from its offset.
+                start = offset - offset % self.window
+                if offset + nbytes > start + self.window:
+                    start = offset
+                length = min(self.window, size - start)
                 fut = Future()
                 fut.set_running_or_notify_cancel()
                 self._blocks[(path, start)] = (length, fut)

@@ -63,7 +63,10 @@ def test_blocks_stop_at_the_end_large_reads_pass_through_and_errors_are_the_same
     ra = ReadAhead(counted, window=512 << 10, small=64 << 10)
     end = len(data)
     got, _ = _read(ra, "p/pack.0", end - 1000, 1000)
-    assert got == data[-1000:] and counted.ranged[-1] == ("p/pack.0", end - 1000, 1000)  # cut at the end
+    assert got == data[-1000:] and counted.ranged[-1] == ("p/pack.0", 512 << 10, 512 << 10)  # on its boundary
+    got, _ = _read(ra, "p/pack.0", (512 << 10) - 100, 300)  # across a boundary: a block from its offset
+    assert got == data[(512 << 10) - 100: (512 << 10) + 200]
+    assert counted.ranged[-1] == ("p/pack.0", (512 << 10) - 100, 512 << 10)
     got, _ = _read(ra, "p/pack.0", 10, 100 << 10)  # large: read as asked
     assert got == data[10: 10 + (100 << 10)] and counted.ranged[-1] == ("p/pack.0", 10, 100 << 10)
     with pytest.raises(EOFError):
@@ -88,3 +91,17 @@ def test_threads_share_blocks_and_memory_stays_bounded(pack):
         assert all(pool.map(read, offsets))
     assert len(ra._blocks) <= 4
     assert len(counted.ranged) < 40  # about 1 MiB / 64 KiB blocks, not one read per chunk
+
+
+def test_threads_starting_anywhere_in_a_window_share_its_one_block(pack):
+    storage, data = pack
+    counted = _Counting(storage)
+    ra = ReadAhead(counted, window=1 << 20, small=64 << 10)
+    offsets = [((i * 7919) % 250) * 4000 for i in range(64)]  # all over the object, in no order
+
+    def read(off):
+        return _read(ra, "p/pack.0", off, 3000)[0] == data[off: off + 3000]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(read, offsets))
+    assert counted.sizes == 1 and len(counted.ranged) == 1
