@@ -44,7 +44,7 @@ from .dist import Group
 from .errors import CkptError
 from .handles import CheckpointerStatus, SnapshotHandle, SnapshotState, chain, status_of
 from .hostpool import HostBufferPool
-from .io import load_step
+from .replicated import load_step as shared_load
 from .manifest import Manifest
 from .plan import SavePlan, TensorItem
 from .restore import RestoreReport, RestoreSource, restore_report
@@ -127,8 +127,8 @@ class Checkpointer:
             self.last_restore = restore_report(storage, None, time.perf_counter() - t0)
             return None
         expanded = expand(state)  # after the check: building optimizer state has side effects
-        load_step(storage, expanded.tree, int(chosen), rank=self.group.rank, writer=self.writer, strict=strict,
-                  allow_pickle=self.config.allow_pickle, threads=storage.read_threads(chosen, self.config.io_threads))
+        shared_load(storage, expanded.tree, int(chosen), group=self.group, writer=self.writer, strict=strict, allow_pickle=
+                    self.config.allow_pickle, threads=storage.read_threads(chosen, self.config.io_threads), mode=self.config.replicated_reads)
         expanded.apply()
         self.last_restore = report = restore_report(storage, int(chosen), time.perf_counter() - t0)
         self.telemetry.restored(report)

@@ -50,6 +50,10 @@ class CheckpointerConfig:
     # Prometheus metrics (docs/metrics.md): True (the process-wide default registry), False (none),
     # or a prometheus_client CollectorRegistry. OpenTelemetry spans follow the application's tracer.
     metrics: Any = True
+    # Arrays every rank holds whole (data-parallel replicas) on restore: "once" (one rank reads
+    # each, broadcast to the others), "each" (every rank reads all), "auto" (once from storage,
+    # each from a node agent's memory). See ckpt.replicated.
+    replicated_reads: Literal["auto", "once", "each"] = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, (str, os.PathLike, Storage)) or not str(self.url):
@@ -73,6 +77,9 @@ class CheckpointerConfig:
             raise ValueError(f"CheckpointerConfig.layout must be 'packs' or 'chunks', got {self.layout!r}")
         if self.consolidate not in ("kept", "never"):
             raise ValueError(f"CheckpointerConfig.consolidate must be 'kept' or 'never', got {self.consolidate!r}")
+        if self.replicated_reads not in ("auto", "once", "each"):
+            raise ValueError(f"CheckpointerConfig.replicated_reads must be 'auto', 'once' or 'each', got "
+                             f"{self.replicated_reads!r}")
         if self.commit_by not in ("rank0", "external"):
             raise ValueError(f"CheckpointerConfig.commit_by must be 'rank0' or 'external', got {self.commit_by!r}")
         if self.agent is not None and (not isinstance(self.agent, str) or "://" not in self.agent):

@@ -20,7 +20,7 @@ CKPT_LAYERS: list[tuple[str, ...]] = [
     ("ckpt.checkpointer",),
     ("ckpt.capture", "ckpt.config", "ckpt.handles", "ckpt.staging", "ckpt.stateful", "ckpt.retention",
      "ckpt.consolidate", "ckpt.telemetry"),
-    ("ckpt.sink",),
+    ("ckpt.sink", "ckpt.replicated"),
     ("ckpt.commit",),
     ("ckpt.coverage",),
     ("ckpt.io", "ckpt.regions"),
