@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -78,6 +78,7 @@ class Replicator:
         self._monitor = threading.Thread(target=self._monitor_loop, name="agent-peer-monitor", daemon=True)
         self._monitor.start()
         self._fetching: dict[tuple[str, str, int], threading.Lock] = {}
+        self._listings: dict[tuple[str, tuple[int, ...]], tuple[float, Future]] = {}  # run, kinds -> (when, listing)
 
     def channel(self, address: str) -> grpc.Channel:
         with self._lock:
@@ -189,7 +190,52 @@ class Replicator:
         over the inline limit by reference) that is not in ``held`` (``(run, writer, step,
         save_id)`` of this agent's snapshots); one entry per snapshot, from the first agent of the
         ring that lists it. An agent that cannot be listed (not reachable within 2 s, or failing)
-        is one entry with only ``peer_address`` and ``error`` set, and counted."""
+        is one entry with only ``peer_address`` and ``error`` set, and counted.
+
+        The ring is asked once for all the trainers of this node that restore together: a
+        listing is shared for ``RING_LISTING_TTL_S`` (a node's 8 or 16 ranks restoring after a
+        failure make one fan-out, not one each)."""
+        seen = set(held)
+        for peer, listed in self._ring_listing(run_url, tuple(kinds)):
+            if isinstance(listed, str):
+                yield pb.SnapshotInfo(peer_address=peer, error=listed)
+                continue
+            for shared in listed:
+                k = (shared.key.run_url, shared.key.writer, shared.key.step, shared.save_id)
+                if shared.state == pb.SNAPSHOT_STATE_FAILED or shared.key.run_url != run_url or k in seen:
+                    continue
+                seen.add(k)
+                info = pb.SnapshotInfo()
+                info.CopyFrom(shared)
+                info.peer_address = peer
+                info.segment = ""  # a name on the peer's node, meaningless here
+                yield info
+
+    RING_LISTING_TTL_S = 2.0
+
+    def _ring_listing(self, run_url: str, kinds: tuple[int, ...]) -> list[tuple[str, list[pb.SnapshotInfo] | str]]:
+        """Every other agent's listing of ``run_url`` (or why it could not be listed), fetched
+        once per ``RING_LISTING_TTL_S`` whoever asks; callers that ask while it is fetched wait for it."""
+        key = (run_url, kinds)
+        with self._lock:
+            cached = self._listings.get(key)
+            if cached is not None and time.monotonic() - cached[0] < self.RING_LISTING_TTL_S:
+                fut, mine = cached[1], False
+            else:
+                fut, mine = Future(), True
+                now = time.monotonic()
+                self._listings = {k: v for k, v in self._listings.items() if now - v[0] < self.RING_LISTING_TTL_S}
+                self._listings[key] = (now, fut)
+        if mine:
+            try:
+                fut.set_result(self._list_ring(run_url, list(kinds)))
+            except BaseException as e:  # noqa: BLE001 - every waiter gets it
+                with self._lock:
+                    self._listings.pop(key, None)
+                fut.set_exception(e)
+        return fut.result()
+
+    def _list_ring(self, run_url: str, kinds: list[int]) -> list[tuple[str, list[pb.SnapshotInfo] | str]]:
         me = self.config.self_address
         peers = [p for p in self.config.peers if p != me]
         ready = [(p, grpc.channel_ready_future(self.channel(p))) for p in peers]
@@ -204,26 +250,18 @@ class Replicator:
             except grpc.FutureTimeoutError:
                 fut.cancel()
                 calls.append((peer, f"not reachable within {_CONNECT_TIMEOUT_S:.0f} s"))
-        seen = set(held)
+        out: list[tuple[str, list[pb.SnapshotInfo] | str]] = []
         for peer, call in calls:
             try:
                 if isinstance(call, str):
                     raise PeerError(call)
-                infos = list(call)
+                out.append((peer, list(call)))
             except (grpc.RpcError, PeerError) as e:
                 why = f"{e.code()}: {e.details()}" if isinstance(e, grpc.Call) else str(e)
                 self.agent.metrics.restore_fallbacks.labels(PEER_UNREACHABLE).inc()
                 log.warning("peer did not list its snapshots", extra={"fields": {"peer": peer, "error": why}})
-                yield pb.SnapshotInfo(peer_address=peer, error=f"peer agent {peer} did not list its snapshots: {why}")
-                continue
-            for info in infos:
-                k = (info.key.run_url, info.key.writer, info.key.step, info.save_id)
-                if info.state == pb.SNAPSHOT_STATE_FAILED or info.key.run_url != run_url or k in seen:
-                    continue
-                seen.add(k)
-                info.peer_address = peer
-                info.segment = ""  # a name on the peer's node, meaningless here
-                yield info
+                out.append((peer, f"peer agent {peer} did not list its snapshots: {why}"))
+        return out
 
     def peer_document(self, peer: str, key: tuple[str, str, int], save_id: str,
                       kind: int) -> Iterator[pb.DocumentPiece]:

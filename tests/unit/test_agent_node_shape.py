@@ -3,7 +3,8 @@
 limit at 64 KiB (a rank's plan is several times the inline limit, the node's listing many times
 a message). Every rank then restores from its node agent's memory, and every rank of a node
 whose agent holds nothing restores from the ring's peer: nothing from storage, no fallback,
-every value bit for bit, and no message over the limit. Ranks are threads sharing a broadcast
+every value bit for bit, no message over the limit, and the ring listed once for the node's
+ranks that restore together, not once per rank. Ranks are threads sharing a broadcast
 (the Checkpointer's only collective), so the test needs no process group. Asserts counts and
 values, never times.
 """
@@ -120,6 +121,9 @@ def test_sixteen_ranks_of_a_node_restore_from_agent_memory_and_from_the_peer(tmp
             return exact, dict(report.served), report.fallbacks
 
         per_rank = arrays * 2 * 3 * 4
+        ring_listings = []
+        list_ring = b.replicator._list_ring
+        b.replicator._list_ring = lambda *a: ring_listings.append(a) or list_ring(*a)
         for node, tier in (("a", Tier.AGENT_MEMORY), ("b", Tier.PEER)):
             groups = _groups()
             with ThreadPoolExecutor(RANKS) as pool:
@@ -128,6 +132,8 @@ def test_sixteen_ranks_of_a_node_restore_from_agent_memory_and_from_the_peer(tmp
                 assert exact, (node, rank)
                 assert served[Tier.STORAGE] == 0 and served[tier] == per_rank, (node, rank, served)
                 assert fallbacks == (), (node, rank, fallbacks)
+        # node b's 16 ranks restoring together asked the ring once (or a few times), not once each
+        assert 1 <= len(ring_listings) < RANKS // 2, len(ring_listings)
         answered_too_large = sum(d.agent.metrics.restore_fallbacks.labels(r)._value.get()
                                  for d in (a, b) for r in ("answer_too_large", "peer_unreachable", "peer_fetch_failed"))
         assert answered_too_large == 0
