@@ -19,7 +19,10 @@ class DetectConfig:
     """When the coordinator calls something a failure."""
 
     hang_timeout_s: float = 30.0  # no heartbeat progress (a higher step) for this long: a hang
-    startup_timeout_s: float = 300.0  # before a rank's first report (process group, restore)
+    startup_timeout_s: float = 300.0  # before a rank's first report (process group, restore)...
+    # ... plus this much per rank of the attempt: process-group (NCCL communicator) set-up grows
+    # with the world (10,000 ranks: 300 + 300 s). startup_timeout_for(world) is what applies.
+    startup_timeout_per_rank_s: float = 0.03
     heartbeat_interval_s: float = 0.2  # ctx.report sends at most this often (and on a new checkpoint)
     storage_failure_limit: int = 3  # this many checkpoints failing in a row: a storage failure
     agent_timeout_s: float = 30.0  # an agent silent this long: an agent failure
@@ -44,9 +47,15 @@ class DetectConfig:
 
     RELAY_CALLS_PER_S = 20.0
 
+    def startup_timeout_for(self, world_size: int) -> float:
+        """The time a rank of an attempt of ``world_size`` ranks gets before its first report."""
+        return self.startup_timeout_s + self.startup_timeout_per_rank_s * max(0, world_size)
+
     def __post_init__(self) -> None:
         for name in ("hang_timeout_s", "startup_timeout_s", "heartbeat_interval_s", "agent_timeout_s"):
             _positive("DetectConfig", name, getattr(self, name))
+        if self.startup_timeout_per_rank_s < 0:
+            raise ValueError(f"DetectConfig.startup_timeout_per_rank_s must be >= 0, got {self.startup_timeout_per_rank_s!r}")
         if self.relay_interval_s is not None:
             _positive("DetectConfig", "relay_interval_s", self.relay_interval_s)
         _positive("DetectConfig", "straggler_window_s", self.straggler_window_s)

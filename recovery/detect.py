@@ -147,7 +147,7 @@ class Membership:
     def check(self, now: float) -> list[Failure]:
         """Hangs of this attempt's ranks and silent agents, each reported once. O(ranks)."""
         out: list[Failure] = []
-        hang, startup = self.config.hang_timeout_s, self.config.startup_timeout_s
+        hang, startup = self.config.hang_timeout_s, self.config.startup_timeout_for(self.world_size)
         hung = [st for st in self.ranks.values() if not st.hung_reported
                 and now - (st.progress_at if st.progress_at is not None else st.started_at)
                 > (hang if st.progress_at is not None else startup)]
@@ -162,7 +162,7 @@ class Membership:
                 st.hung_reported = True
             culprits = hang_culprits(hung)
             last = max(st.progress_at if st.progress_at is not None else st.started_at for st in hung)
-            detail = _hang_detail(hung, culprits, now, self.config)
+            detail = _hang_detail(hung, culprits, now, self.config, startup)
             slow = [f"rank {st.rank} ({self.stragglers.ratio_of(st.rank):.1f}x its peers' compute time)"
                     for st in culprits[:8] if self.stragglers.is_straggler(st.rank)]
             if slow:
@@ -214,13 +214,15 @@ def hang_culprits(hung: list[RankState]) -> list[RankState]:
     return [st for st in behind if st.progress_at is not None and st.progress_at - first <= 1.0]
 
 
-def _hang_detail(hung: list[RankState], culprits: list[RankState], now: float, config: DetectConfig) -> str:
+def _hang_detail(hung: list[RankState], culprits: list[RankState], now: float, config: DetectConfig,
+                 startup_s: float) -> str:
     def one(st: RankState) -> str:
         if st.progress_at is None:
             return f"rank {st.rank} without a first report for {now - st.started_at:.1f} s"
         return f"rank {st.rank} stuck at step {st.step} for {now - st.progress_at:.1f} s"
 
-    head = (f"no progress (hang_timeout_s={config.hang_timeout_s:g}, startup_timeout_s={config.startup_timeout_s:g}): "
+    head = (f"no progress (hang_timeout_s={config.hang_timeout_s:g}, startup_timeout_s={startup_s:g} at this "
+            "world size): "
             + ", ".join(one(st) for st in culprits[:8]) + (f" (+{len(culprits) - 8} more)" if len(culprits) > 8 else ""))
     blamed = {st.rank for st in culprits}
     waiting = [st for st in hung if st.rank not in blamed]

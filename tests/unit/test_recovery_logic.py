@@ -61,6 +61,18 @@ def test_startup_timeout_applies_before_the_first_report():
     assert f.kind == HANG and f.ranks == (0, 1) and "without a first report" in f.detail and f.attempt == 3
 
 
+def test_the_startup_timeout_grows_with_the_world():
+    config = DetectConfig(startup_timeout_s=300)
+    assert config.startup_timeout_for(10_000) == 600 and config.startup_timeout_for(4) == 300.12
+    m = Membership(DetectConfig(hang_timeout_s=1, startup_timeout_s=10, startup_timeout_per_rank_s=0.01))
+    m.begin_attempt(1, 1000, now=0)  # 10 s + 1,000 x 0.01 s
+    assert m.check(now=19.5) == []
+    (f,) = m.check(now=20.5)
+    assert len(f.ranks) == 1000 and "startup_timeout_s=20 at this world size" in f.detail
+    with pytest.raises(ValueError, match="startup_timeout_per_rank_s"):
+        DetectConfig(startup_timeout_per_rank_s=-1)
+
+
 def test_heartbeats_of_an_old_attempt_are_ignored_and_a_newer_one_is_adopted():
     m = Membership(DetectConfig())
     m.begin_attempt(2, 4, now=0)
