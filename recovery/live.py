@@ -155,6 +155,24 @@ def _from_collective(exc: BaseException) -> bool:
     return last is not None and "torch/distributed/" in last.tb_frame.f_code.co_filename.replace("\\", "/")
 
 
+def clear_gradients(state: dict[str, Any]) -> None:
+    """Zero the gradients of every module and optimizer of ``state``: a survivor's hold the
+    step in flight when its attempt stopped, which is redone (or dropped) from the live state."""
+    params: list[torch.Tensor] = []
+    for v in state.values():
+        if isinstance(v, torch.nn.Module):
+            params += list(v.parameters())
+        elif isinstance(v, OptimizerState):
+            params += list(v.model.parameters())
+        opt = _optimizer(v)
+        if opt is not None:
+            params += [p for g in opt.param_groups for p in g["params"]]
+    for p in params:
+        if p.grad is not None:
+            p.grad.detach_()
+            p.grad.zero_()
+
+
 def adopt(kept: dict[str, Any], state: dict[str, Any]) -> None:
     """Load the live state ``kept`` (the objects of the attempt before) into ``state`` (built
     anew by ``train_fn``): a copy in this process's memory."""

@@ -18,7 +18,7 @@ import ckpt
 from ckpt.commit import save_id as ckpt_save_id
 
 from .config import CheckpointConfig
-from .live import HealSpec, LiveSlot, adopt, share_live_state
+from .live import HealSpec, LiveSlot, adopt, clear_gradients, share_live_state
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +302,7 @@ class TrainContext:
                 self._live.receiving = True
             nbytes, seconds = share_live_state(state, self.heal, rank=self.rank, world_size=self.world_size,
                                                device=self.device)
+            clear_gradients(state)  # of the step in flight: it is trained again from the live state
             start = self.heal.step + 1
             if self._reporter is not None:
                 self._reporter.restored({"step": self.heal.step, "seconds": seconds, "bytes": {"live": nbytes},

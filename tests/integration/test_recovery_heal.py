@@ -1,0 +1,160 @@
+"""Policy heal (no rollback) and auto on a real local Ray cluster: a worker SIGKILLed, the
+survivors keep their processes and live state, the replacement copies it, nothing is redone;
+a replacement that cannot start, and the survivors continue without it.
+
+Asserts what the job ended with (steps, losses per step, parameters, pids, world size), never
+how long anything took.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from recovery.demo import HANG, KILL, RAISE, DemoTrainer, Fault
+from recovery.detect import HANG as HANG_FAILURE
+from recovery.detect import NODE_DIED, WORKER_DIED, WORKER_ERROR
+from tests.integration._ray import run_job
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.isdir("/dev/shm"),
+                                reason="node agents need Linux POSIX shared memory")
+
+FAST = {"heartbeat_interval_s": 0.1, "backoff_s": 0.0, "placement_timeout_s": 5.0, "settle_timeout_s": 20.0,
+        "startup_timeout_s": 120.0, "agent_memory_bytes": 256 << 20, "echo": None}
+
+
+def _started(result) -> list[dict]:
+    return [e.fields for e in result.events if e.kind == "workers_started"]
+
+
+def _plans(result) -> list[dict]:
+    """The policies' choices (the restore plans of a reload say which checkpoint and tiers)."""
+    return [e.fields for e in result.events if e.kind == "restore_plan" and "chosen" in e.fields]
+
+
+def _assert_replicas_equal(result) -> None:
+    first = result.returns[0]["state"]
+    for r in result.returns[1:]:
+        assert r["state"].keys() == first.keys() and all(torch.equal(r["state"][k], first[k]) for k in first)
+
+
+def _assert_every_step_once(result, steps: int) -> list[int]:
+    """Every rank's loss log holds every step once, each trained by the same attempt on every
+    rank (the losses are each rank's own: its slice of the batch); the attempt per step."""
+    logs = [r["losses"] for r in result.returns]
+    assert all((log["steps"], log["attempts"]) == (logs[0]["steps"], logs[0]["attempts"]) for log in logs)
+    assert logs[0]["steps"] == list(range(steps)), logs[0]["steps"]
+    return logs[0]["attempts"]
+
+
+def test_heal_a_killed_worker_loses_no_step_and_keeps_the_survivors(cluster, tmp_path):
+    trainer = DemoTrainer(steps=24, width=32, depth=2, global_batch=8, step_sleep_s=0.02, return_state=True,
+                          log_losses=True, faults=(Fault(KILL, 13, rank=1),))
+    result = run_job(trainer, tmp_path, FAST, num_workers=2, max_failures=1, policy="heal")
+    (rec,) = result.failures
+    assert rec.failure.kind == WORKER_DIED and rec.failure.ranks == (1,)
+    assert (rec.policy, rec.restore_step, rec.steps_lost, rec.expected_tier) == ("heal", 12, 0, "live")
+    assert rec.restore_bytes.get("live", 0) > 0 and rec.restored_from == "live"
+    first, second = _started(result)
+    assert second["kept"] == [0] and second["pids"][0] == first["pids"][0] and second["pids"][1] != first["pids"][1]
+    assert second["heal"] == {"source": 0, "step": 12, "receivers": [1]}
+    assert [(r["attempt"], r["start"], r["heal_step"]) for r in result.returns] == [(1, 13, 12)] * 2
+    attempts = _assert_every_step_once(result, 24)
+    assert attempts == [0] * 13 + [1] * 11  # steps 0-12 trained once before the kill, 13-23 after: none redone
+    _assert_replicas_equal(result)
+    # a run that never failed ends with the same parameters (the same world size throughout)
+    ref = trainer.reference(world=2)
+    assert all(torch.equal(result.returns[0]["state"][k], v) for k, v in ref.items())
+    (plan,) = _plans(result)
+    assert plan["chosen"] == "heal" and plan["policy"] == "heal" and plan["source"] == 0
+
+
+def test_auto_heals_a_lost_process_and_reloads_when_train_fn_raised(cluster, tmp_path):
+    trainer = DemoTrainer(steps=24, width=32, depth=2, global_batch=8, step_sleep_s=0.02, return_state=True,
+                          log_losses=True, faults=(Fault(KILL, 9, rank=0), Fault(RAISE, 17, rank=1, attempt=1)))
+    result = run_job(trainer, tmp_path, FAST, num_workers=2, max_failures=2, policy="auto")
+    first, second = result.failures
+    assert (first.failure.kind, first.policy, first.restore_step, first.steps_lost) == (WORKER_DIED, "heal", 8, 0)
+    assert (second.failure.kind, second.policy, second.restore_step) == (WORKER_ERROR, "reload", 15)
+    plans = _plans(result)
+    assert [p["chosen"] for p in plans] == ["heal", "reload"] and "train_fn raised" in plans[1]["reason"]
+    attempts = _assert_every_step_once(result, 24)  # the log is restored with the checkpoint on reload
+    assert attempts == [0] * 9 + [1] * 7 + [2] * 8  # 0-8, then healed 9-15 (16 redone after the reload), 16-23
+    _assert_replicas_equal(result)
+
+
+def test_heal_after_a_hang_frees_the_waiting_rank_and_continues_from_its_state(cluster, tmp_path):
+    trainer = DemoTrainer(steps=20, width=32, depth=2, global_batch=8, step_sleep_s=0.02, return_state=True,
+                          log_losses=True, faults=(Fault(HANG, 13, rank=1),))
+    result = run_job(trainer, tmp_path, FAST, num_workers=2, hang_timeout_s=2.0, interrupt_timeout_s=3.0,
+                     policy="heal")
+    (rec,) = result.failures
+    assert rec.failure.kind == HANG_FAILURE and rec.policy == "heal" and rec.restore_step == 12 and rec.steps_lost == 0
+    attempts = _assert_every_step_once(result, 20)
+    assert attempts == [0] * 13 + [1] * 7
+    _assert_replicas_equal(result)
+    assert all(torch.equal(result.returns[0]["state"][k], v) for k, v in trainer.reference(world=2).items())
+
+
+@pytest.fixture
+def two_nodes():
+    """The head node (1 CPU, 1 "slot") and a second node (1 CPU, 1 "slot"): losing the second
+    leaves no room for a replacement of its worker."""
+    cluster_utils = pytest.importorskip("ray.cluster_utils")
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, "resources": {"slot": 1}})
+    second = cluster.add_node(num_cpus=1, resources={"slot": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    try:
+        yield cluster, second
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_a_replacement_that_cannot_start_leaves_the_survivors_going_without_rollback(two_nodes, tmp_path):
+    import threading
+
+    import ckpt
+    from ckpt import format as fmt
+
+    cluster, second = two_nodes
+    run = str(tmp_path / "run")
+    trainer = DemoTrainer(steps=60, width=32, depth=2, global_batch=8, step_sleep_s=0.05, return_state=True,
+                          log_losses=True)
+    stop = threading.Event()
+
+    def kill_the_second_node() -> None:
+        while not stop.wait(0.05):
+            steps = fmt.committed_steps(ckpt.open_storage(run)) if os.path.isdir(run) else []
+            if steps and steps[-1] >= 10:
+                cluster.remove_node(second, allow_graceful=False)
+                return
+
+    killer = threading.Thread(target=kill_the_second_node, daemon=True)
+    killer.start()
+    try:
+        result = run_job(trainer, tmp_path, FAST, num_workers=2, min_workers=1, policy="heal",
+                         resources_per_worker={"CPU": 1.0, "slot": 1}, placement_strategy="SPREAD",
+                         placement_timeout_s=4.0, agent_timeout_s=4.0)
+    finally:
+        stop.set()
+        killer.join()
+    (rec,) = result.failures
+    assert rec.failure.kind in (NODE_DIED, WORKER_DIED) and rec.policy == "heal" and rec.steps_lost == 0
+    assert (rec.world_before, rec.world_after, result.world_size) == (2, 1, 1)
+    resized = [e.fields for e in result.events if e.kind == "resized" and e.fields.get("policy") == "heal"]
+    assert resized and resized[0]["world_size"] == 1
+    first, second_start = _started(result)
+    assert second_start["pids"][0] == first["pids"][0] and second_start["heal"]["receivers"] == []
+    attempts = _assert_every_step_once(result, 60)
+    healed_at = rec.restore_step
+    assert attempts == [0] * (healed_at + 1) + [1] * (59 - healed_at)  # nothing rolled back
+    assert [(r["world_size"], r["start"]) for r in result.returns] == [(1, healed_at + 1)]
