@@ -203,6 +203,9 @@ class WorkerJob(DataParallelJob):
             self.kept = {new[old]: self.kept[old] for old in stay}
             self.bundles = {new[old]: self.bundles.get(old, old) for old in stay}
             source, current = new[source], tuple(new[r] for r in current if r in new)
+            # The group keeps its bundles (removing it would kill the survivors); count only those
+            # in use, so that the room for more is the cluster's free room (allow_grow), not theirs.
+            self.placement.world = len(stay)
             self.log(ev.RESIZED, f"the replacement(s) of rank(s) {gone} did not start within placement_timeout_s="
                      f"{cfg.placement_timeout_s:g} s: continuing with the {len(stay)} survivors, no rollback "
                      f"(ranks renumbered {dict(new)})", world_size=len(stay), wanted=self._world, renumbered=new,
