@@ -242,6 +242,16 @@ class RecoveryCheckpointer(ckpt.Checkpointer):
         handle.committed.add_done_callback(done)
         return handle
 
+    def wait_staged(self, timeout_s: float) -> None:
+        """Wait (up to ``timeout_s``) until every snapshot taken is staged: its host copy done,
+        so that training may change the tensors it references (an abandoned checkpointer whose
+        state lives on, policy heal, no longer holds ``optimizer.step()`` back)."""
+        import concurrent.futures
+
+        with self._lock:
+            pending = [h.staged for h in self._handles if not h.skipped]
+        concurrent.futures.wait(pending, timeout=timeout_s)
+
     def restore(self, state: dict[str, Any], *, step: int | None = None, strict: bool = True) -> int | None:
         """``ckpt.Checkpointer.restore``, and its report (``last_restore``: step, seconds, bytes
         per tier, fallbacks) to the coordinator."""

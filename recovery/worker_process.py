@@ -204,6 +204,8 @@ class Worker:
                 # First: the abandoned checkpointer's handles fail, but what they staged is the
                 # node agent's now and may still be committed; nothing of it is reported.
                 reporter.close()
+            if ckptr is not None and self.live.state is not None:
+                ckptr.wait_staged(30.0)  # the live state goes on training: its snapshots copied first
             _abandon(ckptr)
             ckptr = None
             _leave_group()
