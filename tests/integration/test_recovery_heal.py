@@ -1,6 +1,6 @@
 """Policy heal (no rollback) and auto on a real local Ray cluster: a worker SIGKILLed, the
-survivors keep their processes and live state, the replacement copies it, nothing is redone;
-a replacement that cannot start, and the survivors continue without it.
+survivors keep their processes and live state, the replacement copies it, nothing is redone.
+(A replacement that cannot start: tests/integration/test_recovery_nodes.py, on two nodes.)
 
 Asserts what the job ended with (steps, losses per step, parameters, pids, world size), never
 how long anything took.
@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from recovery.demo import HANG, KILL, RAISE, DemoTrainer, Fault
 from recovery.detect import HANG as HANG_FAILURE
-from recovery.detect import NODE_DIED, WORKER_DIED, WORKER_ERROR
+from recovery.detect import WORKER_DIED, WORKER_ERROR
 from tests.integration._ray import run_job
 
 ray = pytest.importorskip("ray")
@@ -108,64 +108,3 @@ def test_heal_after_a_hang_frees_the_waiting_rank_and_continues_from_its_state(c
     assert attempts == [0] * 13 + [1] * 7
     _assert_replicas_equal(result)
     assert all(torch.equal(result.returns[0]["state"][k], v) for k, v in trainer.reference(world=2).items())
-
-
-@pytest.fixture
-def two_nodes():
-    """The head node (1 CPU, 1 "slot") and a second node (1 CPU, 1 "slot"): losing the second
-    leaves no room for a replacement of its worker."""
-    cluster_utils = pytest.importorskip("ray.cluster_utils")
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "resources": {"slot": 1}})
-    second = cluster.add_node(num_cpus=1, resources={"slot": 1})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-    try:
-        yield cluster, second
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
-def test_a_replacement_that_cannot_start_leaves_the_survivors_going_without_rollback(two_nodes, tmp_path):
-    import threading
-
-    import ckpt
-    from ckpt import format as fmt
-
-    cluster, second = two_nodes
-    run = str(tmp_path / "run")
-    trainer = DemoTrainer(steps=60, width=32, depth=2, global_batch=8, step_sleep_s=0.05, return_state=True,
-                          log_losses=True)
-    stop = threading.Event()
-
-    def kill_the_second_node() -> None:
-        while not stop.wait(0.05):
-            steps = fmt.committed_steps(ckpt.open_storage(run)) if os.path.isdir(run) else []
-            if steps and steps[-1] >= 10:
-                cluster.remove_node(second, allow_graceful=False)
-                return
-
-    killer = threading.Thread(target=kill_the_second_node, daemon=True)
-    killer.start()
-    try:
-        result = run_job(trainer, tmp_path, FAST, num_workers=2, min_workers=1, policy="heal",
-                         resources_per_worker={"CPU": 1.0, "slot": 1}, placement_strategy="SPREAD",
-                         placement_timeout_s=4.0, agent_timeout_s=4.0)
-    finally:
-        stop.set()
-        killer.join()
-    (rec,) = result.failures
-    assert rec.failure.kind in (NODE_DIED, WORKER_DIED) and rec.policy == "heal" and rec.steps_lost == 0
-    assert (rec.world_before, rec.world_after, result.world_size) == (2, 1, 1)
-    resized = [e.fields for e in result.events if e.kind == "resized" and e.fields.get("policy") == "heal"]
-    assert resized and resized[0]["world_size"] == 1
-    first, second_start = _started(result)
-    # the survivor's own process (its rank renumbered 0 if it was rank 1, on the head node)
-    assert second_start["pids"][0] in first["pids"] and second_start["heal"]["receivers"] == []
-    attempts = _assert_every_step_once(result, 60)
-    healed_at = rec.restore_step
-    assert attempts == [0] * (healed_at + 1) + [1] * (59 - healed_at)  # nothing rolled back
-    assert [(r["world_size"], r["start"]) for r in result.returns] == [(1, healed_at + 1)]
