@@ -74,7 +74,9 @@ def survivors(job: WorkerJob) -> dict[int, Any]:
     runs = {ref: r for ref, r in job.run_refs.items() if r in alive}
     timeout = job.config.interrupt_timeout_s
     ready, _ = ray.wait(list(runs), num_returns=len(runs), timeout=timeout) if runs else ([], [])
-    done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=1.0)
+    # (these return at once, unless the machine is loaded: a survivor whose answer is late would
+    # be taken for one whose process died with the others)
+    done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=max(1.0, timeout))
     if job.keep_state and len(ready) < len(runs):
         # not at a step boundary within the timeout: interrupted anywhere now (state doubtful)
         late = [runs[ref] for ref in set(runs) - set(ready)]
