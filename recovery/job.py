@@ -248,8 +248,12 @@ class WorkerJob(DataParallelJob):
         except (RayError, GetTimeoutError) as e:
             if not kept:
                 raise
+            if heal is not None:  # its live state went with it: every worker from the newest checkpoint
+                committed = fmt.committed_steps(self.storage)
+                restore, heal = RestorePoint(committed[-1] if committed else None), None
             self.log(ev.RESIZED, f"a worker of attempt {attempt} did not start ({type(e).__name__}): replacing "
-                     "every worker, on as many as fit", world_size=world_size)
+                     "every worker, on as many as fit" + ("" if restore is None or restore.step is None else
+                                                          f", from step {restore.step}"), world_size=world_size)
             for w in self.workers:
                 kill(w)
             self.placement.release()
