@@ -7,6 +7,7 @@ The functions act on a :class:`recovery.job.WorkerJob` (its workers, placement, 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import ray
@@ -15,6 +16,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from .detect import HANG, NODE_DIED
 from .live import LiveState
 
+log = logging.getLogger(__name__)
 WorkerJob = Any  # recovery.job.WorkerJob, a layer above this module
 
 
@@ -22,7 +24,7 @@ def kill(worker: Any) -> None:
     try:
         ray.kill(worker, no_restart=True)
     except Exception:  # noqa: BLE001 - already gone
-        pass
+        log.debug("killing a worker that is already gone", exc_info=True)
 
 
 # Failures whose ranks' processes are gone or must go (a hang: the culprits); for the other kinds

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from recovery.checkfree import AutoPolicy, NeighborAveragePolicy
-from recovery.heal import AutoHealPolicy, HealPolicy
 from recovery.detect import FAILURE_KINDS
+from recovery.heal import AutoHealPolicy, HealPolicy
 from recovery.policy import ABORT, RecoveryOutcome, ReloadPolicy
 from recovery.testing import RecoveryPolicyTests
 
