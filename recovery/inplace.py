@@ -23,7 +23,7 @@ WorkerJob = Any  # recovery.job.WorkerJob, a layer above this module
 def kill(worker: Any) -> None:
     try:
         ray.kill(worker, no_restart=True)
-    except Exception:  # noqa: BLE001 - already gone
+    except Exception:  # already gone
         log.debug("killing a worker that is already gone", exc_info=True)
 
 
