@@ -5,9 +5,13 @@ import recovery
 result = recovery.run(train_fn, num_workers=4, storage="s3://bucket/run", policy="reload", max_failures=3)
 ```
 
+Policies: ``"reload"`` (roll back to the newest checkpoint), ``"heal"`` (no rollback: the
+survivors' live state, see ``ctx.resume``), ``"auto"`` (heal or reload, per failure).
+
 ``train_fn(ctx)`` runs on every worker with ``ctx.rank``, ``ctx.world_size``, ``ctx.attempt``,
 ``ctx.checkpointer`` (a ``ckpt.Checkpointer`` wired to the node agent, committed by the
-coordinator) and ``ctx.report(step, **metrics)`` (heartbeat with progress). See
+coordinator), ``ctx.resume(state)`` (restore, or heal from live state) and
+``ctx.report(step, **metrics)`` (heartbeat with progress). See
 docs/recovery.md.
 """
 
@@ -15,7 +19,9 @@ from .config import CheckpointConfig, DetectConfig, RunConfig
 from .detect import Failure
 from .errors import NoRoomError, RecoveryError, TooManyFailuresError
 from .events import Event, EventLog
+from .heal import AutoHealPolicy, HealableJob, HealPolicy
 from .launcher import run
+from .live import LiveState
 from .policies import resolve_policy
 from .policy import DataParallelJob, JobControl, JobKind, RecoveryOutcome, RecoveryPolicy, ReloadPolicy
 from .restore import RestorePoint
@@ -23,7 +29,8 @@ from .result import RecoveryRecord, RunResult
 from .worker import TrainContext
 
 __all__ = [
-    "CheckpointConfig", "DataParallelJob", "DetectConfig", "Event", "EventLog", "Failure", "JobControl", "JobKind",
-    "NoRoomError", "RecoveryError", "RecoveryOutcome", "RecoveryPolicy", "RecoveryRecord", "ReloadPolicy",
-    "RestorePoint", "RunConfig", "RunResult", "TooManyFailuresError", "TrainContext", "resolve_policy", "run",
+    "AutoHealPolicy", "CheckpointConfig", "DataParallelJob", "DetectConfig", "Event", "EventLog", "Failure",
+    "HealPolicy", "HealableJob", "JobControl", "JobKind", "LiveState", "NoRoomError", "RecoveryError",
+    "RecoveryOutcome", "RecoveryPolicy", "RecoveryRecord", "ReloadPolicy", "RestorePoint", "RunConfig", "RunResult",
+    "TooManyFailuresError", "TrainContext", "resolve_policy", "run",
 ]

@@ -75,7 +75,8 @@ class DemoTrainer:
     # standing in for the forward and backward of a larger model; a SLOW fault stretches it too).
     compute_s: float = 0.0
     faults: tuple[Fault, ...] = ()
-    return_state: bool = False
+    return_state: bool = False  # every rank returns its parameters ("state")
+    log_losses: bool = False  # the state holds a LossLog of every step trained; every rank returns it ("losses")
 
     def build(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(self.seed)
@@ -111,9 +112,10 @@ class DemoTrainer:
         return float(loss), float(norm)
 
     def __call__(self, ctx: TrainContext) -> dict[str, Any]:
-        model, opt = self.build()
-        state = {"model": model, "optim": opt}
-        start = ctx.checkpointer.restore(state) or 0
+        # A heal hands back the objects this process trained in the attempt before (no copy).
+        state = ctx.live_state or self.build_state()
+        model, opt = state["model"], state["optim"]
+        start = ctx.resume(state)  # a checkpoint (reload), or a survivor's live state (heal)
         ctx.checkpointer.attach(opt)
         world = ctx.world_size
 
@@ -128,8 +130,10 @@ class DemoTrainer:
             if slow > 1 and slowed_at is None:
                 slowed_at = time.time()
             loss, norm = self.train_step(model, opt, step, ctx.rank, world, reduce, ctx, slow)
+            if self.log_losses:
+                state["losses"].add(step, ctx.attempt, loss)
             ctx.checkpointer.save(step, state)
-            ctx.report(step, loss=loss, grad_norm=norm)
+            ctx.report(step, loss=loss, grad_norm=norm)  # after the optimizer step: step is applied
             if self.step_sleep_s:
                 time.sleep(self.step_sleep_s)
         ctx.checkpointer.wait()
@@ -137,9 +141,19 @@ class DemoTrainer:
                                "loss": loss, "restore_step": ctx.restore_step, "slowed_at": slowed_at,
                                "restored": None if ctx.checkpointer.last_restore is None
                                else ctx.checkpointer.last_restore.to_dict()}
-        if self.return_state and ctx.rank == 0:
+        if self.return_state:
             out["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.log_losses:
+            out["losses"] = state["losses"].state_dict()
+        out["heal_step"] = ctx.heal_step
         return out
+
+    def build_state(self) -> dict[str, Any]:
+        model, opt = self.build()
+        state: dict[str, Any] = {"model": model, "optim": opt}
+        if self.log_losses:
+            state["losses"] = LossLog()
+        return state
 
     def slowdown(self, rank: int, attempt: int, step: int) -> float:
         """How many times slower than normal this rank computes ``step`` (SLOW faults)."""
@@ -219,6 +233,28 @@ class DemoTrainer:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+class LossLog:
+    """Every step trained, with the attempt that trained it and its loss (a stateful part of the
+    training state: checkpointed, restored, and copied by a heal like the model)."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.attempts: list[int] = []
+        self.losses: list[float] = []
+
+    def add(self, step: int, attempt: int, loss: float) -> None:
+        self.steps.append(step)
+        self.attempts.append(attempt)
+        self.losses.append(loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": list(self.steps), "attempts": list(self.attempts), "losses": list(self.losses)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self.attempts = [int(s) for s in state["steps"]], [int(a) for a in state["attempts"]]
+        self.losses = [float(v) for v in state["losses"]]
+
+
 def average_gradients(grads: list[torch.Tensor], world: int) -> None:
     """All-reduce ``grads`` (one flat buffer) over the default process group and average."""
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -280,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.hang_at >= 0:
         faults.append(Fault(HANG, args.hang_at, rank=min(1, args.workers - 1), attempt=1 if faults else 0))
     trainer = DemoTrainer(steps=args.steps, width=args.width, step_sleep_s=args.step_sleep, faults=tuple(faults))
-    model, opt = trainer.build()
+    model, _opt = trainer.build()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"run: {run_dir}")
     print(f"model: MLP {trainer.depth}x{trainer.width}, {params / 1e6:.1f} MB of parameters (+ Adam moments, "

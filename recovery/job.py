@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import GetTimeoutError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ckpt import format as fmt
@@ -26,8 +26,11 @@ from . import events as ev
 from .config import RunConfig
 from .coordinator import Coordinator
 from .detect import Failure
+from .errors import NoRoomError
 from .events import EventLog
 from .fleet import AgentFleet
+from .inplace import kill, live_states, replacements_started, survivors
+from .live import HealSpec, LiveState, receivers_of
 from .placement import Placement
 from .policy import DataParallelJob
 from .restore import RestorePoint, writer_tiers
@@ -59,6 +62,8 @@ class WorkerJob(DataParallelJob):
         self.kept: dict[int, Any] = {}  # rank -> worker kept in place (or booted ahead) for the next attempt
         self.fresh: set[int] = set()  # the ranks of ``kept`` that are replacements booted ahead
         self.stuck: dict[int, str] = {}  # survivors of the last stop that did not stop: rank -> their stack
+        self.keep_state = False  # this stop keeps the survivors' live training state (policy heal)
+        self.bundles: dict[int, int] = {}  # rank -> its placement-group bundle, where not the same number
         self.pids: list[int | None] = []
         self._attempt = -1
         self._world = 0
@@ -106,10 +111,11 @@ class WorkerJob(DataParallelJob):
         kept = survivors(self) if self.config.in_place else {}
         for rank, w in enumerate(self.workers):
             if rank not in kept:
-                _kill(w)
+                kill(w)
         self.workers, self.run_refs, self.kept = [], {}, kept
         if not kept:
             self.placement.release()
+            self.bundles = {}
         stayed = sorted(set(kept) - self.fresh)
         how = (f"kept {len(stayed)} workers in place, replacing {n - len(stayed)}" if kept else f"stopped {n} workers")
         stuck = (f"; ranks {sorted(self.stuck)} did not stop within interrupt_timeout_s="
@@ -161,10 +167,54 @@ class WorkerJob(DataParallelJob):
 
     def _drop_kept(self) -> None:
         for w in self.kept.values():
-            _kill(w)
-        self.kept, self.fresh = {}, set()
+            kill(w)
+        self.kept, self.fresh, self.bundles = {}, set(), {}
 
-    def start_workers(self, world_size: int, restore: RestorePoint | None) -> None:
+    # -- HealableJob -----------------------------------------------------------------------------
+
+    def stop_keeping_state(self, reason: str) -> dict[int, LiveState]:
+        """Stop the attempt in place keeping every survivor's process and live training state
+        (a lost node's ranks are replaced, the others kept); each survivor's :class:`LiveState`."""
+        self.keep_state = True
+        try:
+            self.stop_workers(reason)
+            return live_states(self) if self.kept else {}
+        finally:
+            self.keep_state = False
+
+    def heal_workers(self, source: int, step: int, current: tuple[int, ...]) -> int:
+        """Start the next attempt from live state: rank ``source``'s state at ``step`` goes to
+        every rank but ``current`` (survivors whose own state is at ``step``). A replacement
+        that does not start within ``placement_timeout_s`` is given up: the survivors continue
+        without it, renumbered, if they are at least ``min_workers`` (else ``NoRoomError``).
+        Returns the world size."""
+        cfg = self.config
+        if not replacements_started(self, cfg.placement_timeout_s):
+            gone = sorted(self.fresh)
+            for r in gone:
+                kill(self.kept.pop(r))
+            stay = sorted(self.kept)
+            self.fresh = set()
+            if len(stay) < cfg.min_workers:
+                raise NoRoomError(f"the replacement(s) of rank(s) {gone} did not start within placement_timeout_s="
+                                  f"{cfg.placement_timeout_s:g} s and {len(stay)} survivor(s) are fewer than "
+                                  f"min_workers={cfg.min_workers}")
+            new = {old: i for i, old in enumerate(stay)}
+            self.kept = {new[old]: self.kept[old] for old in stay}
+            self.bundles = {new[old]: self.bundles.get(old, old) for old in stay}
+            source, current = new[source], tuple(new[r] for r in current if r in new)
+            # The group keeps its bundles (removing it would kill the survivors); count only those
+            # in use, so that the room for more is the cluster's free room (allow_grow), not theirs.
+            self.placement.world = len(stay)
+            self.log(ev.RESIZED, f"the replacement(s) of rank(s) {gone} did not start within placement_timeout_s="
+                     f"{cfg.placement_timeout_s:g} s: continuing with the {len(stay)} survivors, no rollback "
+                     f"(ranks renumbered {dict(new)})", world_size=len(stay), wanted=self._world, renumbered=new,
+                     policy="heal")
+        world = len(self.kept)
+        self.start_workers(world, None, heal=HealSpec(source, step, receivers_of(world, current)))
+        return world
+
+    def start_workers(self, world_size: int, restore: RestorePoint | None, *, heal: HealSpec | None = None) -> None:
         cfg = self.config
         if self.in_a_row:
             delay = cfg.backoff_for(self.in_a_row)
@@ -172,9 +222,13 @@ class WorkerJob(DataParallelJob):
                 self.log(ev.BACKOFF, f"waiting {delay:.1f} s before restarting ({self.in_a_row} failure(s) in a row)",
                          seconds=delay)
                 time.sleep(delay)
-        if self.kept and (self.placement.pg is None or self.placement.world != world_size):
-            self._drop_kept()
-        self.placement.ensure(world_size)
+        healing_shrunk = heal is not None and len(self.kept) == world_size and self.placement.pg is not None
+        if not healing_shrunk:  # (a heal without a replacement keeps the bundles it has, some now empty)
+            if self.kept and (self.placement.pg is None or self.placement.world != world_size):
+                self._drop_kept()
+            if self.placement.pg is None or self.placement.world != world_size:
+                self.bundles = {}
+            self.placement.ensure(world_size)
         self._attempt += 1
         self._world = world_size
         attempt = self._attempt
@@ -194,11 +248,16 @@ class WorkerJob(DataParallelJob):
         except (RayError, GetTimeoutError) as e:
             if not kept:
                 raise
+            if heal is not None:  # its live state went with it: every worker from the newest checkpoint
+                committed = fmt.committed_steps(self.storage)
+                restore, heal = RestorePoint(committed[-1] if committed else None), None
             self.log(ev.RESIZED, f"a worker of attempt {attempt} did not start ({type(e).__name__}): replacing "
-                     "every worker, on as many as fit", world_size=world_size)
+                     "every worker, on as many as fit" + ("" if restore is None or restore.step is None else
+                                                          f", from step {restore.step}"), world_size=world_size)
             for w in self.workers:
-                _kill(w)
+                kill(w)
             self.placement.release()
+            self.bundles = {}
             world_size = self._world = self.placement.fit(world_size, cfg.min_workers)
             try:
                 ray.get(self.coordinator.begin_attempt.remote(attempt, world_size), timeout=30)
@@ -214,19 +273,23 @@ class WorkerJob(DataParallelJob):
                           collective_timeout_s=cfg.collective_timeout_s, coordinator=self.coordinator,
                           coordinator_name=self.coordinator_name, heartbeat_interval_s=cfg.detect.heartbeat_interval_s,
                           storage=cfg.storage, restore_step=None if restore is None else restore.step,
-                          checkpoint=cfg.checkpoint,
+                          checkpoint=cfg.checkpoint, heal=heal,
                           num_threads=max(1, math.floor(self.placement.bundle.get("CPU", 1) or 1)))
         self.run_refs = {}
         for rank, (w, node) in enumerate(zip(self.workers, nodes)):
             spec = dataclasses.replace(base, node=node, agent=self.fleet.address_for(node), relay=self.fleet.relay_for(node))
-            self.run_refs[w.run.remote(self.train_fn_ref, spec, attempt)] = rank
+            self.run_refs[w.run.remote(self.train_fn_ref, spec, attempt, rank, world_size)] = rank
         self.returns = {}
         self.pids = [i["pid"] for i in infos]
         self.log(ev.WORKERS_STARTED, f"attempt {attempt}: {world_size} workers on {len(set(nodes))} node(s)"
                  + (f" ({len(stayed)} kept in place)" if stayed else "")
-                 + ("" if restore is None or restore.step is None else f", resuming from step {restore.step}"),
+                 + ("" if restore is None or restore.step is None else f", resuming from step {restore.step}")
+                 + ("" if heal is None else f", continuing after step {heal.step} from the live state of rank "
+                    f"{heal.source} (sent to ranks {list(heal.receivers)})"),
                  attempt=attempt, world_size=world_size, nodes=len(set(nodes)),
-                 restore_step=None if restore is None else restore.step, kept=stayed, pids=self.pids)
+                 restore_step=None if restore is None else restore.step, kept=stayed, pids=self.pids,
+                 heal=None if heal is None else {"source": heal.source, "step": heal.step,
+                                                 "receivers": list(heal.receivers)})
 
     def _spawn(self, world_size: int, attempt: int, kept: dict[int, Any]) -> list[Any]:
         """The workers of an attempt: those kept in place, new ones in the other bundles."""
@@ -234,14 +297,25 @@ class WorkerJob(DataParallelJob):
 
     def new_worker(self, rank: int, world_size: int, attempt: int) -> Any:
         """A worker actor in bundle ``rank`` (threaded: ``interrupt`` must run while ``run`` does)."""
-        return ray.remote(Worker).options(**self.placement.worker_options(rank), max_concurrency=4).remote(
+        bundle = self._bundle_for(rank)
+        return ray.remote(Worker).options(**self.placement.worker_options(bundle), max_concurrency=4).remote(
             rank, world_size, attempt)
+
+    def _bundle_for(self, rank: int) -> int:
+        """Rank ``rank``'s bundle: its own number, unless a heal that shrank the job renumbered
+        the ranks (then the bundle it had, or the first one no other rank holds)."""
+        if not self.bundles or rank in self.bundles:
+            return self.bundles.get(rank, rank)
+        used = {b for r, b in self.bundles.items() if r != rank}
+        free = [b for b in range(max(self.placement.world, rank + 1)) if b not in used]
+        self.bundles[rank] = rank if rank not in used else free[0]
+        return self.bundles[rank]
 
     # -- end -------------------------------------------------------------------------------------
 
     def _kill_workers(self) -> None:
         for w in self.workers:
-            _kill(w)
+            kill(w)
         self.workers = []
         self._drop_kept()
 
@@ -257,70 +331,3 @@ class WorkerJob(DataParallelJob):
                 ray.kill(self.coordinator, no_restart=True)
             except Exception:  # noqa: BLE001
                 pass
-
-
-def _kill(worker: Any) -> None:
-    try:
-        ray.kill(worker, no_restart=True)
-    except Exception:  # noqa: BLE001 - already gone
-        pass
-
-
-# Failures whose ranks' processes are gone or must go (a hang: the culprits); for the other kinds
-# (a train_fn that raised, an agent that died, storage) every worker process is still sound.
-_REPLACE = {"worker_died", "node_died", "hang", "straggler"}
-
-
-def survivors(job: WorkerJob) -> dict[int, Any]:
-    """Stop ``job``'s attempt in place: kill what the failure took, interrupt the others; the
-    workers (rank -> actor) whose ``run`` ended and whose process lives on."""
-    f, workers = job.failure, job.workers
-    if f is None or not workers or f.kind == "node_died" or job.placement.lost_nodes & set(job.rank_node.values()):
-        return {}  # a grown or lost node: new bundles, new workers
-    if f.kind == "hang":
-        # The culprits, when the others can be told from them; else every stalled rank is asked to
-        # stop: those waiting in a collective are freed by the interrupt, the stuck are replaced.
-        replace = set(f.culprits) if len(f.culprits) < len(workers) else set()
-    else:
-        replace = set(f.ranks) if f.kind in _REPLACE else set()
-    job.stuck = {}
-    if len(replace) >= len(workers):
-        return {}
-    if any(job.placement.node_lost(n) for n in {job.rank_node.get(r) for r in replace} if n is not None):
-        return {}  # a process died with its node (seen before Ray or the launcher called it a node loss)
-    for r in replace:  # first: their peers blocked in a collective with them fail at once
-        _kill(workers[r])
-    # Their replacements boot (a process, imports) while the others stop and the agents settle.
-    fresh = {r: job.new_worker(r, len(workers), job.attempt + 1) for r in replace}
-    alive = {r: w for r, w in enumerate(workers) if r not in replace}
-    calls = {w.interrupt.remote(job.attempt): r for r, w in alive.items()}
-    runs = {ref: r for ref, r in job.run_refs.items() if r in alive}
-    timeout = job.config.interrupt_timeout_s
-    ready, _ = ray.wait(list(runs), num_returns=len(runs), timeout=timeout) if runs else ([], [])
-    done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=1.0)
-    kept: dict[int, Any] = {}
-    for ref in done:
-        try:
-            ray.get(ref)
-            kept[calls[ref]] = alive[calls[ref]]
-        except RayError:
-            pass  # its process died too
-    for ref in set(runs) - set(ready):
-        r = runs[ref]  # still running after the interrupt (stuck outside Python): replaced
-        try:
-            job.stuck[r] = ray.get(alive[r].stack.remote(), timeout=2)
-        except (RayError, GetTimeoutError):
-            job.stuck[r] = "(no answer)"
-
-        if kept.pop(r, None) is not None:
-            _kill(alive[r])
-            fresh[r] = job.new_worker(r, len(workers), job.attempt + 1)
-    for ref in ready:
-        try:
-            ray.get(ref)  # INTERRUPTED, or what a rank that had finished returned: it trains again
-        except RayActorError:
-            kept.pop(runs[ref], None)
-        except RayError:
-            pass  # train_fn failed (a collective with a lost peer): the process is sound
-    job.fresh = set(fresh)
-    return kept | fresh

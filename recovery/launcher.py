@@ -29,7 +29,7 @@ from .job import WorkerJob
 from .metrics import attach as attach_metrics
 from .policies import resolve_policy
 from .policy import CONTINUED, RESTARTED, JobKind, RecoveryPolicy
-from .restore import RestorePoint
+from .restore import LIVE, RestorePoint
 from .result import RecoveryRecord, RunResult, describe_fallback, restore_fallbacks
 from .worker import TrainContext
 
@@ -65,10 +65,11 @@ def run(train_fn: Callable[[TrainContext], Any], *, num_workers: int, storage: s
         ck["keep_last"] = keep_last
     config = RunConfig(num_workers=num_workers, storage=str(storage), max_failures=max_failures,
                        detect=DetectConfig(**detect), checkpoint=CheckpointConfig(**ck), **options)
-    the_policy = resolve_policy(policy)
+    the_policy = resolve_policy(policy, JobKind.DATA_PARALLEL)
     if the_policy.job_kind is not JobKind.DATA_PARALLEL:
         raise ValueError(f"policy {the_policy.name!r} rebuilds lost pipeline stages from their neighbours; the workers "
-                         "of recovery.run are data-parallel replicas with no stages: use policy='reload' here, or run "
+                         "of recovery.run are data-parallel replicas with no stages: use policy 'reload', 'heal' or "
+                         "'auto' here, or run "
                          "the pipeline with recovery.pipeline.RayPipeline(...).run(steps, policy=...)")
     started = False
     if not ray.is_initialized():
@@ -239,13 +240,17 @@ class Supervisor:
             self.log(ev.ABORTED, str(e))
             raise TooManyFailuresError(str(e), self._result()) from e
         rec.action = outcome.action
+        rec.policy = outcome.policy or self.policy.name
         if outcome.action == CONTINUED:
             return
         if outcome.action != RESTARTED:
             self.job.stop_workers(f"policy {self.policy.name} gave up")
             raise RecoveryError(f"policy {self.policy.name} gave up on {failure.kind}: {outcome.detail}")
         rec.world_after = self.job.world_size  # what the job runs with (its start may have placed fewer)
-        if outcome.restore is not None:
+        if outcome.live_step is not None:  # healed: no rollback, every rank continues after live_step
+            rec.restore_step, rec.expected_tier = outcome.live_step, LIVE
+            rec.steps_lost = 0 if failure.last_step is None else max(0, failure.last_step - outcome.live_step)
+        elif outcome.restore is not None:
             rec.restore_step = outcome.restore.step
             rec.expected_tier = outcome.restore.expected_tier
             if failure.last_step is not None:

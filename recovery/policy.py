@@ -24,13 +24,18 @@ RESTARTED = "restarted"  # workers were replaced; the job resumes from ``restore
 CONTINUED = "continued"  # nothing was restarted (the failure needs no restart)
 ABORT = "abort"  # give up: the job's driver stops the job and raises
 
+# The data-parallel policies by name, as outcomes and records report which one acted.
+RELOAD, HEAL = "reload", "heal"
+
 
 @dataclass(frozen=True, slots=True)
 class RecoveryOutcome:
     action: str
     world_size: int | None = None
-    restore: RestorePoint | None = None
+    restore: RestorePoint | None = None  # a reload: the checkpoint every rank resumes from
     detail: str = ""
+    policy: str | None = None  # the policy that acted, where a policy chooses (auto: "heal" or "reload")
+    live_step: int | None = None  # a heal: the step every rank continues after, from live state
 
 
 class JobKind(enum.Enum):
@@ -112,7 +117,7 @@ class ReloadPolicy(RecoveryPolicy[DataParallelJob]):
     checkpoint once room returns, if ``allow_grow``. A storage failure restarts nothing:
     training goes on and the failing checkpoints are reported."""
 
-    name = "reload"
+    name = RELOAD
 
     def on_failure(self, failure: Failure, job: DataParallelJob) -> RecoveryOutcome:
         if not isinstance(job, DataParallelJob):
@@ -123,17 +128,18 @@ class ReloadPolicy(RecoveryPolicy[DataParallelJob]):
             job.log(ev.STORAGE, f"checkpoints keep failing ({failure.detail}); training goes on without them: "
                     "check the storage", detail=failure.detail)
             return RecoveryOutcome(CONTINUED, detail="storage failure: nothing to restart")
-        return self._reload(job, job.config.num_workers, reason=f"{failure.kind}: {failure.detail}")
+        return self.reload(job, job.config.num_workers, reason=f"{failure.kind}: {failure.detail}")
 
     def on_checkpoint(self, step: int, job: DataParallelJob) -> RecoveryOutcome | None:
         cfg = job.config
         if not cfg.allow_grow or job.world_size >= cfg.num_workers or not job.room_for(cfg.num_workers):
             return None
-        return self._reload(job, cfg.num_workers, reason=f"room for {cfg.num_workers} workers again (grow back "
+        return self.reload(job, cfg.num_workers, reason=f"room for {cfg.num_workers} workers again (grow back "
                             f"from {job.world_size} after step {step})")
 
     @staticmethod
-    def _reload(job: DataParallelJob, want: int, *, reason: str) -> RecoveryOutcome:
+    def reload(job: DataParallelJob, want: int, *, reason: str) -> RecoveryOutcome:
+        """Stop every worker, restore the freshest point on as many as fit (``want`` at most)."""
         job.stop_workers(reason)
         point = job.find_restore_point()
         world = job.fit_world(want, job.config.min_workers)

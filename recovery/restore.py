@@ -14,6 +14,7 @@ from ckpt.restore import Tier
 
 MIXED = "mixed"  # writers' bytes expected from more than one tier
 NONE = "none"  # nothing to restore: the job starts from scratch
+LIVE = "live"  # policy heal: no checkpoint read, the ranks copied a survivor's live state
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 from .detect import Failure
 from .events import Event
-from .policy import RESTARTED
+from .policy import HEAL, RESTARTED
 
 
 @dataclass
@@ -20,18 +20,20 @@ class RecoveryRecord:
     failure: Failure
     at_s: float  # seconds since the job started, when it was detected
     action: str = ""
+    policy: str | None = None  # the policy that acted: "reload", "heal" (auto says which it chose), ...
     world_before: int = 0
     world_after: int | None = None
-    restore_step: int | None = None
+    restore_step: int | None = None  # reload: the checkpoint's step; heal: the live step continued after
     # Tiers by their ckpt.restore.Tier value ("agent memory", "peer", "storage"), plain strings
-    # because the result is printed and serialized; expected_tier may also be "mixed" or "none".
+    # because the result is printed and serialized; expected_tier may also be "mixed" or "none",
+    # and "live" (recovery.restore.LIVE) for a heal: the bytes the ranks copied from a survivor.
     expected_tier: str | None = None
     restored_from: str | None = None  # the tier that served most bytes
     restore_bytes: dict[str, int] = field(default_factory=dict)  # per tier
     restore_s: float | None = None  # the slowest rank's restore
     fallbacks: list[dict[str, Any]] = field(default_factory=list)  # see restore_fallbacks
     resumed_after_s: float | None = None  # detection -> first step of the new attempt
-    steps_lost: int | None = None
+    steps_lost: int | None = None  # steps rolled back (0 for a heal, up to a step reported by a lost rank only)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -65,12 +67,18 @@ class RunResult:
             det = f"{f.detected_after_s:.2f} s" if f.detected_after_s is not None else "?"
             lines.append(f"failure {i}: {f.kind} ({f.detail}) at {r.at_s:.1f} s, detected {det} after the last "
                          "sign of progress")
-            if r.action == RESTARTED:
+            if r.action == RESTARTED and r.policy == HEAL:
+                mb = sum(r.restore_bytes.values()) / 1e6
+                resumed = f"{r.resumed_after_s:.1f} s" if r.resumed_after_s is not None else "?"
+                lines.append(f"  healed: continued after step {r.restore_step} from a survivor's live state "
+                             f"({mb:.1f} MB copied); workers {r.world_before} -> {r.world_after}; training resumed "
+                             f"{resumed} after detection; steps lost: {r.steps_lost}")
+            elif r.action == RESTARTED:
                 src = r.restored_from or r.expected_tier or "?"
                 mb = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r.restore_bytes.items() if v)
                 rs = f"{r.restore_s:.2f} s" if r.restore_s is not None else "?"
                 resumed = f"{r.resumed_after_s:.1f} s" if r.resumed_after_s is not None else "?"
-                lines.append(f"  restored step {r.restore_step} from {src}{f' ({mb})' if mb else ''} in {rs}; "
+                lines.append(f"  {r.policy or 'reload'}: restored step {r.restore_step} from {src}{f' ({mb})' if mb else ''} in {rs}; "
                              f"workers {r.world_before} -> {r.world_after}; training resumed {resumed} after "
                              f"detection; steps lost: {r.steps_lost if r.steps_lost is not None else '?'}")
                 lines += [f"  {describe_fallback(fb)}" for fb in r.fallbacks]

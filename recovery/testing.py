@@ -35,6 +35,7 @@ from .config import RunConfig
 from .detect import FAILURE_KINDS, NODE_DIED, WORKER_DIED, Failure
 from .errors import NoRoomError
 from .events import EventLog
+from .live import LiveState
 from .policy import ABORT, CONTINUED, RESTARTED, DataParallelJob, JobKind, RecoveryOutcome, RecoveryPolicy
 from .restore import MIXED, NONE, RestorePoint
 
@@ -43,7 +44,8 @@ ACTIONS = (RESTARTED, CONTINUED, ABORT)
 
 class FakeDataParallelJob(DataParallelJob):
     """A data-parallel job with room for ``room`` workers, whose restore point is ``point``;
-    ``calls`` records each verb. ``fit_world`` raises ``NoRoomError`` below ``minimum``, as
+    ``calls`` records each verb. It can heal (:class:`recovery.heal.HealableJob`): a stop keeps
+    every rank but the last, each at step ``live_step``. ``fit_world`` raises ``NoRoomError`` below ``minimum``, as
     the real one does."""
 
     def __init__(self, config: RunConfig, *, room: int | None = None, point: RestorePoint | None = None,
@@ -91,6 +93,26 @@ class FakeDataParallelJob(DataParallelJob):
         self._world = world_size
         self._attempt += 1
         self.running = True
+
+    # -- recovery.heal.HealableJob: the last rank lost, the others kept, clean, at ``live_step`` ------
+
+    live_step = 44
+
+    def stop_keeping_state(self, reason: str) -> dict[int, LiveState]:
+        self.calls.append(("stop", reason))
+        self.running = False
+        return {r: LiveState(r, self.live_step, True, "its collective failed") for r in range(self._world - 1)}
+
+    def heal_workers(self, source: int, step: int, current: tuple[int, ...]) -> int:
+        world = min(self._world, self.room)
+        if world < self.config.min_workers:
+            raise NoRoomError(f"room for {self.room} workers, fewer than {self.config.min_workers}")
+        self.calls.append(("start", world, None))
+        self.calls.append(("heal", world, source, step))
+        self._world = world
+        self._attempt += 1
+        self.running = True
+        return world
 
 
 class FakePipelineJob(PipelineJob):
@@ -156,6 +178,9 @@ class RecoveryPolicyTests:
                 assert outcome.world_size in (None, world)
                 if outcome.restore is not None:
                     assert restore is outcome.restore, "the workers resume from another point than the one reported"
+                if outcome.live_step is not None:
+                    heals = [c for c in job.calls if c[0] == "heal"]
+                    assert heals and heals[-1][3] == outcome.live_step, "healed at another step than the one reported"
             if outcome.action != ABORT:
                 assert job.running, f"{policy.name}: {outcome.action} but left the job without workers"
 
@@ -212,7 +237,8 @@ class RecoveryPolicyTests:
         out = policy.on_failure(failure(), job)
         self.check_outcome(policy, job, out)
         if isinstance(job, FakeDataParallelJob) and out.action == RESTARTED:
-            assert out.restore is not None, f"{policy.name}: restarted without saying from where"
+            assert out.restore is not None or out.live_step is not None, \
+                f"{policy.name}: restarted without saying from where (a checkpoint, or live state)"
 
     def test_no_room_is_a_no_room_error_or_abort(self):
         policy = self.make_policy()

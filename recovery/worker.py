@@ -18,6 +18,7 @@ import ckpt
 from ckpt.commit import save_id as ckpt_save_id
 
 from .config import CheckpointConfig
+from .live import HealSpec, LiveSlot, adopt, clear_gradients, share_live_state
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class WorkerSpec:
     node: str | None = None
     agent: str | None = None  # the node agent's address; None: persist in-process
     relay: Any = None  # the node agent's actor: it batches this node's calls to the coordinator
+    heal: HealSpec | None = None  # policy heal: continue from a survivor's live state, not a checkpoint
 
     def __post_init__(self) -> None:
         if self.backend not in ("gloo", "nccl"):
@@ -240,6 +242,16 @@ class RecoveryCheckpointer(ckpt.Checkpointer):
         handle.committed.add_done_callback(done)
         return handle
 
+    def wait_staged(self, timeout_s: float) -> None:
+        """Wait (up to ``timeout_s``) until every snapshot taken is staged: its host copy done,
+        so that training may change the tensors it references (an abandoned checkpointer whose
+        state lives on, policy heal, no longer holds ``optimizer.step()`` back)."""
+        import concurrent.futures
+
+        with self._lock:
+            pending = [h.staged for h in self._handles if not h.skipped]
+        concurrent.futures.wait(pending, timeout=timeout_s)
+
     def restore(self, state: dict[str, Any], *, step: int | None = None, strict: bool = True) -> int | None:
         """``ckpt.Checkpointer.restore``, and its report (``last_restore``: step, seconds, bytes
         per tier, fallbacks) to the coordinator."""
@@ -261,14 +273,64 @@ class TrainContext:
     device: torch.device
     node: str | None = None
     coordinator_name: str | None = None
+    heal: HealSpec | None = None  # this attempt continues from live state (policy heal)
     _reporter: Reporter | None = field(default=None, repr=False)
+    _live: LiveSlot | None = field(default=None, repr=False)
+
+    @property
+    def heal_step(self) -> int | None:
+        """The step this attempt continues after without rollback (policy heal), else None."""
+        return None if self.heal is None else self.heal.step
+
+    @property
+    def live_state(self) -> dict[str, Any] | None:
+        """When this attempt heals: the state this process registered with :meth:`resume` in
+        the attempt before, kept alive (model, optimizer, ... as they were), so that ``train_fn``
+        can reuse the objects (``state = ctx.live_state or build()``) instead of building and
+        copying them. None otherwise (a new process, a reload, a first start)."""
+        return self._live.state if self.heal is not None and self._live is not None else None
+
+    def resume(self, state: dict[str, Any]) -> int:
+        """Bring ``state`` to where the job continues and return the first step to train; call it
+        once, before the loop, with the whole training state (what you checkpoint, plus anything
+        that must survive a heal). Reload and first start: restore the newest committed
+        checkpoint into it (``checkpointer.restore``; 0 when there is none). Heal: every rank
+        gets the live state of the survivor the policy chose (its own, kept by this process, or
+        copied over the new process group) at :attr:`heal_step`, and continues at the next step.
+        ``state`` is then this process's live state: call :meth:`report` once per step, after
+        the optimizer step."""
+        if self.heal is None:
+            start = self.checkpointer.restore(state) or 0
+        else:
+            kept = self._live.state if self._live is not None else None
+            if self.rank not in self.heal.receivers:
+                if kept is None:
+                    raise RuntimeError(f"policy heal: rank {self.rank} was to continue from its own live state, "
+                                       "but this process holds none")
+                adopt(kept, state)  # its own live state, at the step healed at (or the source's)
+            elif self._live is not None:
+                self._live.receiving = True
+            nbytes, seconds = share_live_state(state, self.heal, rank=self.rank, world_size=self.world_size,
+                                               device=self.device)
+            clear_gradients(state)  # of the step in flight: it is trained again from the live state
+            start = self.heal.step + 1
+            if self._reporter is not None:
+                self._reporter.restored({"step": self.heal.step, "seconds": seconds, "bytes": {"live": nbytes},
+                                         "fallbacks": [], "source": self.heal.source})
+        if self._live is not None:
+            self._live.register(state, start - 1)
+        return start
 
     def report(self, step: int, **metrics: float) -> None:
         """Heartbeat with progress: call it every step (the latest is sent every
         ``heartbeat_interval_s``). A rank whose step stops increasing for ``hang_timeout_s`` is
-        declared hung. Metrics (loss, grad_norm, ...) are shown by the coordinator."""
+        declared hung. Metrics (loss, grad_norm, ...) are shown by the coordinator. With a state
+        registered by :meth:`resume`, it also says that ``step`` is applied to it (policy heal
+        continues from there), and it is where a stop asked by recovery is taken."""
         if self._reporter is not None:
             self._reporter.heartbeat(int(step), {k: float(v) for k, v in metrics.items()})
+        if self._live is not None:
+            self._live.reported(int(step))
 
     def timed(self) -> contextlib.AbstractContextManager[None]:
         """``with ctx.timed(): ...`` around this rank's compute that waits for no other rank (the

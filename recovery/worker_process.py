@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .live import Interrupted, LiveSlot
 from .worker import RecoveryCheckpointer, Reporter, TrainContext, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,7 @@ def free_port(host: str = "") -> int:
         return s.getsockname()[1]
 
 
-class Interrupted(BaseException):
-    """Raised in a worker's training thread when recovery stops its attempt in place (a
-    ``BaseException``, so that ``except Exception`` in ``train_fn`` does not swallow it)."""
-
+__all__ = ["INTERRUPTED", "Interrupted", "Worker", "free_port"]
 
 INTERRUPTED = "__recovery_interrupted__"  # what ``Worker.run`` returns for an attempt stopped in place
 
@@ -59,6 +57,7 @@ class Worker:
         self._stopping: int | None = None
         self._backend: str | None = None
         self._group_fds: set[tuple[int, str]] = set()  # the sockets the current group opened
+        self.live = LiveSlot()  # train_fn's live state, kept across attempts for policy heal
 
     def node_info(self) -> dict[str, Any]:
         import ray
@@ -72,18 +71,40 @@ class Worker:
 
         return free_port(ray.util.get_node_ip_address())
 
-    def interrupt(self, attempt: int) -> str:
+    def interrupt(self, attempt: int, keep_state: bool = False) -> str:
         """Stop ``attempt``'s ``train_fn`` now, keeping the process (and its CUDA context): raise
         :class:`Interrupted` in it and, on NCCL, abort the process group so that a collective
         waiting for a lost peer returns (on gloo it fails as soon as a peer closes). ``run`` then
-        leaves the process group and returns :data:`INTERRUPTED`."""
+        leaves the process group and returns :data:`INTERRUPTED`. ``keep_state`` (policy heal):
+        no exception is raised at an arbitrary instruction, which could land inside an optimizer
+        step; the group is cut (a collective fails) and ``ctx.report`` raises it, between steps."""
         with self._lock:
             if self._running != attempt or self._thread is None:
                 return "idle"
             self._stopping = attempt
             self._cut_group()
+            if keep_state:
+                self.live.stop.set()
+                return "stopping"
             _raise_in(self._thread, Interrupted)
         return "interrupted"
+
+    def force_interrupt(self, attempt: int) -> str:
+        """Raise :class:`Interrupted` in ``attempt``'s training thread at once (after a stop with
+        ``keep_state`` that did not end it): its live state is doubtful from then on."""
+        with self._lock:
+            if self._running != attempt or self._thread is None:
+                return "idle"
+            self.live.forced = True
+            _raise_in(self._thread, Interrupted)
+        return "interrupted"
+
+    def live_report(self) -> dict[str, Any]:
+        """:class:`recovery.live.LiveState` of the attempt that ended (as a dict)."""
+        ended = self.live.ended
+        if ended is None:  # never ran, or still running: nothing to heal from here
+            return {"rank": self.rank, "step": None, "clean": False, "why": "no attempt ended in this process"}
+        return ended.to_dict()
 
     def _cut_group(self) -> None:
         """Make every collective of this process's group fail now, here and in its peers: NCCL
@@ -121,11 +142,15 @@ class Worker:
         frame = sys._current_frames().get(tid) if tid is not None else None
         return "".join(traceback.format_stack(frame)[-12:]) if frame is not None else "(not training)"
 
-    def run(self, train_fn: Callable[[TrainContext], Any], spec: WorkerSpec, attempt: int | None = None) -> Any:
+    def run(self, train_fn: Callable[[TrainContext], Any], spec: WorkerSpec, attempt: int | None = None,
+            rank: int | None = None, world_size: int | None = None) -> Any:
         import torch.distributed as dist
 
         if attempt is not None:
             self.attempt = attempt
+        if rank is not None and world_size is not None:  # a heal that shrank the job renumbers the ranks
+            self.rank, self.world_size = rank, world_size
+        self.live.begin(keep=spec.heal is not None)
         _leave_group()  # the broken group of an attempt stopped in place
         if spec.backend == "nccl" and torch.cuda.is_available():
             torch.cuda.set_device(0)  # Ray makes the worker's GPU the only visible one
@@ -155,8 +180,10 @@ class Worker:
                                              every_n_steps=ck.every_n_steps, keep_last=None, **options)
                 reporter.heartbeat(None, {}, force=True)
                 self.ctx = TrainContext(self.rank, self.world_size, self.attempt, spec.restore_step, ckptr, device,
-                                        node=spec.node, coordinator_name=spec.coordinator_name, _reporter=reporter)
+                                        node=spec.node, coordinator_name=spec.coordinator_name, heal=spec.heal,
+                                        _reporter=reporter, _live=self.live)
                 result = train_fn(self.ctx)
+                self.live.finish(self.rank, None)
                 ckptr.close(wait=True)
             finally:
                 with self._lock:
@@ -164,6 +191,8 @@ class Worker:
                     self._running = self._thread = None
                     _raise_in(threading.get_ident(), None)  # an interrupt not delivered yet is void now
         except BaseException as e:
+            if self.live.ended is None:
+                self.live.finish(self.rank, e)  # before the frames go: where it was raised tells
             # Peers still blocked in a collective with this process fail as soon as its sockets
             # close, which is when the last reference to the process group goes: the frames of
             # the traceback (a DDP model, a collective's arguments) and the Checkpointer hold it.
@@ -175,6 +204,8 @@ class Worker:
                 # First: the abandoned checkpointer's handles fail, but what they staged is the
                 # node agent's now and may still be committed; nothing of it is reported.
                 reporter.close()
+            if ckptr is not None and self.live.state is not None:
+                ckptr.wait_staged(30.0)  # the live state goes on training: its snapshots copied first
             _abandon(ckptr)
             ckptr = None
             _leave_group()

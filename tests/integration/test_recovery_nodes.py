@@ -2,7 +2,9 @@
 raylets), one worker and one node agent per node, agents replicating to each other. The second
 node's raylet and every process on it are SIGKILLed mid-run; the job must see a node loss (not a
 worker crash, not a second failure for the agent), shrink to the surviving node, and restore the
-lost node's part of the checkpoint from the replica the surviving agent holds.
+lost node's part of the checkpoint from the replica the surviving agent holds. With policy heal
+the survivor keeps its live state instead, its lost peer's replacement cannot be placed (no
+room left), and it continues alone without rollback.
 
 Asserts what the job ended with (failure kind, tiers that served the restore, parameters), never
 how long anything took.
@@ -20,7 +22,7 @@ import torch
 import ckpt
 from ckpt import format as fmt
 from recovery.demo import DemoTrainer
-from recovery.detect import NODE_DIED
+from recovery.detect import NODE_DIED, WORKER_DIED
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
@@ -100,3 +102,52 @@ def test_lost_node_is_detected_and_its_part_restored_from_a_peer_replica(two_nod
     # The checkpoints after the loss have one writer, and the job committed to the end.
     last = fmt.committed_steps(storage)[-1]
     assert last == 75 and fmt.read_manifest(storage, last).writers == (fmt.writer_name(0),)
+
+
+def _every_step_once(result, steps: int) -> list[int]:
+    """Every rank's loss log holds every step once; the attempt that trained each."""
+    logs = [r["losses"] for r in result.returns]
+    assert all(log["steps"] == list(range(steps)) for log in logs), [log["steps"] for log in logs]
+    return logs[0]["attempts"]
+
+
+def test_a_replacement_that_cannot_start_leaves_the_survivors_going_without_rollback(two_nodes, tmp_path):
+    import recovery
+
+    cluster, second = two_nodes
+    run = str(tmp_path / "run")
+    trainer = DemoTrainer(steps=60, width=32, depth=2, global_batch=8, step_sleep_s=0.05, return_state=True,
+                          log_losses=True)
+    stop = threading.Event()
+
+    def kill_the_second_node() -> None:
+        while not stop.wait(0.05):
+            steps = fmt.committed_steps(ckpt.open_storage(run)) if os.path.isdir(run) else []
+            if steps and steps[-1] >= 10:
+                cluster.remove_node(second, allow_graceful=False)
+                return
+
+    killer = threading.Thread(target=kill_the_second_node, daemon=True)
+    killer.start()
+    try:
+        result = recovery.run(
+            trainer, num_workers=2, min_workers=1, storage=run, echo=None, policy="heal",
+            resources_per_worker={"CPU": 1.0, "slot": 1}, placement_strategy="SPREAD", every_n_steps=5,
+            keep_last=None, heartbeat_interval_s=0.1, backoff_s=0.0, placement_timeout_s=4.0, settle_timeout_s=30.0,
+            startup_timeout_s=120.0, agent_memory_bytes=256 << 20, agent_timeout_s=4.0)
+    finally:
+        stop.set()
+        killer.join()
+    (rec,) = result.failures
+    assert rec.failure.kind in (NODE_DIED, WORKER_DIED) and rec.policy == "heal" and rec.steps_lost == 0, \
+        [(e.kind, e.message) for e in result.events if e.kind in ("restore_plan", "stopping", "resized")]
+    assert (rec.world_before, rec.world_after, result.world_size) == (2, 1, 1)
+    resized = [e.fields for e in result.events if e.kind == "resized" and e.fields.get("policy") == "heal"]
+    assert resized and resized[0]["world_size"] == 1
+    first, second_start = [e.fields for e in result.events if e.kind == "workers_started"]
+    # the survivor's own process (its rank renumbered 0 if it was rank 1, on the head node)
+    assert second_start["pids"][0] in first["pids"] and second_start["heal"]["receivers"] == []
+    attempts = _every_step_once(result, 60)
+    healed_at = rec.restore_step
+    assert attempts == [0] * (healed_at + 1) + [1] * (59 - healed_at)  # nothing rolled back
+    assert [(r["world_size"], r["start"]) for r in result.returns] == [(1, healed_at + 1)]

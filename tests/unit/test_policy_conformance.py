@@ -1,5 +1,6 @@
 """The shipped recovery-policy conformance suite (``recovery.testing``) run against every
-built-in policy: reload, CheckFree's neighbour averaging, and auto."""
+built-in policy: reload, heal and auto for data-parallel jobs, CheckFree's neighbour averaging
+and auto for pipelines."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 
 from recovery.checkfree import AutoPolicy, NeighborAveragePolicy
 from recovery.detect import FAILURE_KINDS
+from recovery.heal import AutoHealPolicy, HealPolicy
 from recovery.policy import ABORT, RecoveryOutcome, ReloadPolicy
 from recovery.testing import RecoveryPolicyTests
 
@@ -24,6 +26,16 @@ class TestNeighborAveragePolicy(RecoveryPolicyTests):
 class TestAutoPolicy(RecoveryPolicyTests):
     def make_policy(self):
         return AutoPolicy()
+
+
+class TestHealPolicy(RecoveryPolicyTests):
+    def make_policy(self):
+        return HealPolicy()
+
+
+class TestAutoHealPolicy(RecoveryPolicyTests):
+    def make_policy(self):
+        return AutoHealPolicy()
 
 
 def test_the_suite_fails_a_policy_that_raises_or_gives_up_early():

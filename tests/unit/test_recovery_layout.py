@@ -14,11 +14,11 @@ ROOT = Path(recovery.__file__).parent
 # Lowest first: a module imports only modules of lower layers (a package's __init__ also its
 # own submodules). "" is the package itself, the public facade.
 LAYERS = [
-    {"errors", "events", "config", "restore", "registry", "checkfree.rule", "checkfree.plan", "stragglers"},
+    {"errors", "events", "config", "restore", "registry", "checkfree.rule", "checkfree.plan", "stragglers", "live"},
     {"detect", "worker", "placement", "fleet", "pipeline.spec", "pipeline.schedule", "metrics"},
     {"policy", "coordinator", "pipeline.stage", "worker_process"},
-    {"checkfree.policy", "result"},
-    {"checkfree"},
+    {"checkfree.policy", "result", "heal"},
+    {"checkfree", "inplace"},
     {"policies", "job", "pipeline.runtime"},
     {"launcher", "pipeline"},
     {"", "demo", "testing"},

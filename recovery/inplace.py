@@ -1,0 +1,140 @@
+"""Stopping an attempt in place: which workers the failure took (killed and replaced), which
+keep their processes (interrupted, kept for the next attempt), and, for policy ``heal``, what
+live training state each of those holds.
+
+The functions act on a :class:`recovery.job.WorkerJob` (its workers, placement, run calls).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+from .detect import HANG, NODE_DIED
+from .live import LiveState
+
+log = logging.getLogger(__name__)
+WorkerJob = Any  # recovery.job.WorkerJob, a layer above this module
+
+
+def kill(worker: Any) -> None:
+    try:
+        ray.kill(worker, no_restart=True)
+    except Exception:  # already gone
+        log.debug("killing a worker that is already gone", exc_info=True)
+
+
+# Failures whose ranks' processes are gone or must go (a hang: the culprits); for the other kinds
+# (a train_fn that raised, an agent that died, storage) every worker process is still sound.
+_REPLACE = {"worker_died", "node_died", "hang", "straggler"}
+
+
+def lost_ranks(job: WorkerJob) -> set[int] | None:
+    """The ranks the failure took, to be replaced; None: every worker is replaced."""
+    f, workers = job.failure, job.workers
+    if f is None or not workers:
+        return None
+    on_lost = {r for r, n in job.rank_node.items() if n in job.placement.lost_nodes}
+    if f.kind == NODE_DIED or on_lost:
+        if not job.keep_state:
+            return None  # a grown or lost node: new bundles, new workers
+        replace = set(f.ranks) | on_lost  # heal: the ranks on other nodes keep their state
+    elif f.kind == HANG:
+        # The culprits, when the others can be told from them; else every stalled rank is asked to
+        # stop: those waiting in a collective are freed by the interrupt, the stuck are replaced.
+        replace = set(f.culprits) if len(f.culprits) < len(workers) else set()
+    else:
+        replace = set(f.ranks) if f.kind in _REPLACE else set()
+    if len(replace) >= len(workers):
+        return None
+    if not job.keep_state and any(job.placement.node_lost(n) for n in
+                                  {job.rank_node.get(r) for r in replace} if n is not None):
+        return None  # a process died with its node (seen before Ray or the launcher called it a node loss)
+    return replace
+
+
+def survivors(job: WorkerJob) -> dict[int, Any]:
+    """Stop ``job``'s attempt in place: kill what the failure took, interrupt the others; the
+    workers (rank -> actor) whose ``run`` ended and whose process lives on, and the
+    replacements booting for the others (``job.fresh``). With ``job.keep_state`` (policy heal)
+    the interrupt waits for a step boundary first and only then raises anywhere (the state of
+    a worker stopped so is doubtful, see :mod:`recovery.live`)."""
+    job.stuck = {}
+    replace = lost_ranks(job)
+    if replace is None:
+        return {}
+    workers = job.workers
+    for r in replace:  # first: their peers blocked in a collective with them fail at once
+        kill(workers[r])
+    # Their replacements boot (a process, imports) while the others stop and the agents settle.
+    fresh = {r: job.new_worker(r, len(workers), job.attempt + 1) for r in replace}
+    alive = {r: w for r, w in enumerate(workers) if r not in replace}
+    calls = {w.interrupt.remote(job.attempt, job.keep_state): r for r, w in alive.items()}
+    runs = {ref: r for ref, r in job.run_refs.items() if r in alive}
+    timeout = job.config.interrupt_timeout_s
+    ready, _ = ray.wait(list(runs), num_returns=len(runs), timeout=timeout) if runs else ([], [])
+    # (these return at once, unless the machine is loaded: a survivor whose answer is late would
+    # be taken for one whose process died with the others)
+    done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=max(1.0, timeout))
+    if job.keep_state and len(ready) < len(runs):
+        # not at a step boundary within the timeout: interrupted anywhere now (state doubtful)
+        late = [runs[ref] for ref in set(runs) - set(ready)]
+        ray.wait([alive[r].force_interrupt.remote(job.attempt) for r in late], num_returns=len(late), timeout=1.0)
+        more, _ = ray.wait([ref for ref in runs if ref not in ready], num_returns=len(late), timeout=2.0)
+        ready = list(ready) + list(more)
+    kept: dict[int, Any] = {}
+    for ref in done:
+        try:
+            ray.get(ref)
+            kept[calls[ref]] = alive[calls[ref]]
+        except RayError:
+            pass  # its process died too
+    for ref in set(runs) - set(ready):
+        r = runs[ref]  # still running after the interrupt (stuck outside Python): replaced
+        try:
+            job.stuck[r] = ray.get(alive[r].stack.remote(), timeout=2)
+        except (RayError, GetTimeoutError):
+            job.stuck[r] = "(no answer)"
+
+        if kept.pop(r, None) is not None:
+            kill(alive[r])
+            fresh[r] = job.new_worker(r, len(workers), job.attempt + 1)
+    for ref in ready:
+        try:
+            ray.get(ref)  # INTERRUPTED, or what a rank that had finished returned: it trains again
+        except RayActorError:
+            kept.pop(runs[ref], None)
+        except RayError:
+            pass  # train_fn failed (a collective with a lost peer): the process is sound
+    job.fresh = set(fresh)
+    return kept | fresh
+
+
+def live_states(job: WorkerJob) -> dict[int, LiveState]:
+    """What each survivor kept in place (not the replacements) says of its live state."""
+    ranks = sorted(set(job.kept) - job.fresh)
+    refs = [job.kept[r].live_report.remote() for r in ranks]
+    out: dict[int, LiveState] = {}
+    for r, ref in zip(ranks, refs):
+        try:
+            out[r] = LiveState.from_dict(ray.get(ref, timeout=10))
+        except (RayError, GetTimeoutError):
+            kill(job.kept.pop(r))  # it does not answer: replaced like a lost one
+            job.fresh.add(r)
+            job.kept[r] = job.new_worker(r, job.world_size, job.attempt + 1)
+    return out
+
+
+def replacements_started(job: WorkerJob, timeout_s: float) -> bool:
+    """Whether every replacement booting in ``job.kept`` started within ``timeout_s``."""
+    fresh = [job.kept[r] for r in sorted(job.fresh)]
+    if not fresh:
+        return True
+    try:
+        ray.get([w.node_info.remote() for w in fresh], timeout=timeout_s)
+        return True
+    except (RayError, GetTimeoutError):
+        return False
