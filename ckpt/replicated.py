@@ -112,32 +112,47 @@ def _assign(shared: dict[str, torch.Tensor], world: int) -> dict[str, int]:
 def _broadcast(shared: dict[str, torch.Tensor], owner: dict[str, int], group: Group) -> int:
     import torch.distributed as dist
 
-    cuda_backend = dist.get_backend(group.pg) == "nccl"
+    comm = None if dist.get_backend(group.pg) == "nccl" else torch.device("cpu")
     received = 0
     for src in range(group.world):
-        paths = sorted(p for p, r in owner.items() if r == src)
-        for bucket in _buckets([shared[p] for p in paths]):
-            nbytes = sum(t.numel() * t.element_size() for t in bucket)
-            device = bucket[0].device if cuda_backend else torch.device("cpu")
-            if group.rank == src:
-                flat = torch.cat([t.detach().reshape(-1).view(torch.uint8).to(device) for t in bucket])
-            else:
-                flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
-            dist.broadcast(flat, src=group.global_ranks[src], group=group.pg)
-            if group.rank != src:
-                pos = 0
-                for t in bucket:
-                    n = t.numel() * t.element_size()
-                    dst = t.detach()
-                    if dst.is_contiguous():
-                        dst.view(-1).view(torch.uint8).copy_(flat[pos: pos + n])  # bytes: any dtype
-                    else:
-                        tmp = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
-                        tmp.view(-1).view(torch.uint8).copy_(flat[pos: pos + n])
-                        dst.copy_(tmp)
-                    pos += n
-                received += nbytes
+        tensors = [shared[p] for p in sorted(p for p, r in owner.items() if r == src)]
+        n = broadcast_tensors(tensors, src=group.global_ranks[src], group=group.pg, sender=group.rank == src, comm=comm)
+        received += 0 if group.rank == src else n
     return received
+
+
+def broadcast_tensors(tensors: list[torch.Tensor], *, src: int, group: Any, sender: bool,
+                      comm: torch.device | None = None) -> int:
+    """Send ``tensors`` of global rank ``src`` into the same-shaped, same-dtype ``tensors`` of
+    every other rank of ``group``: one broadcast per bucket of at most ``BUCKET_BYTES`` (not
+    one per tensor: thousands of small tensors cost thousands of round trips otherwise), the
+    bytes as they are (any dtype). ``comm``: the device the buckets travel on (None: the
+    tensors' own). Returns the bytes moved."""
+    import torch.distributed as dist
+
+    total = 0
+    for bucket in _buckets(tensors):
+        nbytes = sum(t.numel() * t.element_size() for t in bucket)
+        device = comm or bucket[0].device
+        if sender:
+            flat = torch.cat([t.detach().reshape(-1).view(torch.uint8).to(device) for t in bucket])
+        else:
+            flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        dist.broadcast(flat, src=src, group=group)
+        if not sender:
+            pos = 0
+            for t in bucket:
+                n = t.numel() * t.element_size()
+                dst = t.detach()
+                if dst.is_contiguous():
+                    dst.view(-1).view(torch.uint8).copy_(flat[pos: pos + n])  # bytes: any dtype
+                else:
+                    tmp = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
+                    tmp.view(-1).view(torch.uint8).copy_(flat[pos: pos + n])
+                    dst.copy_(tmp)
+                pos += n
+        total += nbytes
+    return total
 
 
 def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ckpt.layout import is_dtensor
+from ckpt.replicated import broadcast_tensors
 from ckpt.state import container_kinds, flatten, unflatten
 from ckpt.stateful import OptimizerState, expand
 
@@ -216,15 +217,14 @@ def share_live_state(state: dict[str, Any], spec: HealSpec, *, rank: int, world_
                 for p, v, is_t in leaves]
         dist.broadcast_object_list([{"leaves": meta, "containers": container_kinds(expanded.tree)}],
                                    src=spec.source, group=group)
-        for _p, v, is_t in leaves:
-            if is_t and sendable(v):
-                dist.broadcast(v.contiguous(), src=spec.source, group=group)
+        broadcast_tensors([v for _p, v, is_t in leaves if is_t and sendable(v)], src=spec.source, group=group,
+                          sender=True, comm=comm)
         return 0, time.perf_counter() - t0
     box: list[Any] = [None]
     dist.broadcast_object_list(box, src=spec.source, group=group)
     own = {p: v for p, v, is_t in leaves if is_t}
     received: dict[str, Any] = {}
-    nbytes = 0
+    targets = []
     for path, (kind, *rest) in box[0]["leaves"]:
         if kind == "v":
             received[path] = rest[0]
@@ -234,9 +234,10 @@ def share_live_state(state: dict[str, Any], spec: HealSpec, *, rank: int, world_
         ok = isinstance(mine, torch.Tensor) and mine.shape == shape and mine.dtype == dtype \
             and mine.device.type == comm.type and mine.is_contiguous()
         target = mine if ok else torch.empty(shape, dtype=dtype, device=comm)
-        dist.broadcast(target, src=spec.source, group=group)
         received[path] = target
-        nbytes += target.numel() * target.element_size()
+        targets.append(target)
+    # In buckets, not one broadcast per tensor (a model with Adam state has thousands).
+    nbytes = broadcast_tensors(targets, src=spec.source, group=group, sender=False, comm=comm)
     expanded.tree.clear()
     expanded.tree.update(unflatten(received, box[0]["containers"]))
     expanded.apply()
