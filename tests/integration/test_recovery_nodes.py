@@ -134,11 +134,15 @@ def test_a_replacement_that_cannot_start_leaves_the_survivors_going_without_roll
             trainer, num_workers=2, min_workers=1, storage=run, echo=None, policy="heal",
             resources_per_worker={"CPU": 1.0, "slot": 1}, placement_strategy="SPREAD", every_n_steps=5,
             keep_last=None, heartbeat_interval_s=0.1, backoff_s=0.0, placement_timeout_s=4.0, settle_timeout_s=30.0,
-            startup_timeout_s=120.0, agent_memory_bytes=256 << 20, agent_timeout_s=4.0)
+            startup_timeout_s=120.0, agent_memory_bytes=256 << 20, agent_timeout_s=4.0,
+            interrupt_timeout_s=30.0)  # a loaded machine: the survivor's way to a step boundary is slow
     finally:
         stop.set()
         killer.join()
     (rec,) = result.failures
+    for e in result.events:  # shown if the assertions below fail
+        if e.kind in ("restore_plan", "stopping", "resized"):
+            print(e.kind, e.message)
     assert rec.failure.kind in (NODE_DIED, WORKER_DIED) and rec.policy == "heal" and rec.steps_lost == 0, \
         [(e.kind, e.message) for e in result.events if e.kind in ("restore_plan", "stopping", "resized")]
     assert (rec.world_before, rec.world_after, result.world_size) == (2, 1, 1)
