@@ -18,11 +18,9 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,8 +30,8 @@ import torch
 from bench_scale import Counting
 
 import ckpt
-from ckpt.dist import Group
 from ckpt.storage import open_storage
+from ckpt.testing.threads import thread_groups
 from tests.integration.s3_server import moto_endpoint, s3_options
 
 WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "attention_norm", "ffn_norm")
@@ -48,27 +46,6 @@ def state(layers: int, rows: int, cols: int) -> dict[str, torch.Tensor]:
             for kind in ("param", "exp_avg", "exp_avg_sq"):
                 out[f"{kind}.layers.{i}.{w}"] = torch.randn(rows, cols, generator=g)
     return out
-
-
-class _Hub:
-    def __init__(self, world: int) -> None:
-        self.barrier = threading.Barrier(world, timeout=300)
-        self.value: Any = None
-
-
-@dataclass(frozen=True, slots=True)
-class _ThreadGroup(Group):
-    """Ranks as threads: the Checkpointer's one collective (a broadcast) through a barrier."""
-
-    hub: Any = None
-
-    def broadcast(self, obj: Any) -> Any:
-        if self.rank == 0:
-            self.hub.value = obj
-        self.hub.barrier.wait()
-        value = self.hub.value
-        self.hub.barrier.wait()
-        return value
 
 
 def objects(fs: Any, prefix: str) -> int:
@@ -126,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             # ckpt, 8 writers (every array Shard(0) 8 ways), ranks as threads
             url = f"s3://bench/ckpt8w{rep}"
             counted = Counting(open_storage(url, storage_options=opts))
-            hub = _Hub(WRITERS)
+            groups = thread_groups(WRITERS)
             rows = a.rows // WRITERS
 
-            def save(rank: int, url: str = url, counted: Counting = counted, hub: _Hub = hub, rows: int = rows) -> int:
-                group = _ThreadGroup(rank, WRITERS, rank, tuple(range(WRITERS)), None, hub)
+            def save(rank: int, counted: Counting = counted, groups: list = groups, rows: int = rows) -> int:
+                group = groups[rank]
                 local = {k: ckpt.Sharded(v[rank * rows:(rank + 1) * rows], dim=0, rank=rank, world=WRITERS)
                          for k, v in sd.items()}
                 with ckpt.Checkpointer(counted, keep_last=None, consolidate="never", process_group=group) as c:

@@ -11,9 +11,7 @@ values, never times.
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -23,38 +21,16 @@ import ckpt
 from agent.config import AgentConfig
 from agent.pb import pb
 from agent.trainer.client import AgentClient
-from ckpt.dist import Group
 from ckpt.restore import Tier
+from ckpt.testing.threads import thread_groups
 
 RANKS = 16
 LIMIT, INLINE = 1 << 20, 64 << 10
 SMALL = {"max_message_bytes": LIMIT, "inline_document_bytes": INLINE, "stream_chunk_bytes": 256 << 10}
 
 
-class _Hub:
-    """What the ranks' broadcasts go through: rank 0's value, handed to every rank."""
-
-    def __init__(self, world: int) -> None:
-        self.barrier = threading.Barrier(world, timeout=120)
-        self.value: Any = None
-
-
-@dataclass(frozen=True, slots=True)
-class _ThreadGroup(Group):
-    hub: Any = None
-
-    def broadcast(self, obj: Any) -> Any:
-        if self.rank == 0:
-            self.hub.value = obj
-        self.hub.barrier.wait()
-        value = self.hub.value
-        self.hub.barrier.wait()  # nobody overwrites it before every rank has read it
-        return value
-
-
-def _groups() -> list[_ThreadGroup]:
-    hub = _Hub(RANKS)
-    return [_ThreadGroup(r, RANKS, r, tuple(range(RANKS)), None, hub) for r in range(RANKS)]
+def _groups() -> list:
+    return thread_groups(RANKS, timeout_s=120)
 
 
 def _full(i: int) -> torch.Tensor:
