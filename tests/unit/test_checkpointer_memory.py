@@ -1,0 +1,71 @@
+"""The Checkpointer's host memory: the first checkpoint's plan and memory prepared off the
+training thread, the automatic budget, and the preparation stopped when the Checkpointer closes."""
+
+from __future__ import annotations
+
+import torch
+
+import ckpt
+from tests.unit.test_checkpointer import make_job, train
+
+
+def test_first_checkpoint_finds_its_plan_and_host_memory_ready(tmp_path):
+    """restore() (or prepare()) builds the first checkpoint's plan and host memory in the
+    background: the first save then allocates nothing and builds no plan on the training thread."""
+    model, opt, sched, loader, state = make_job()
+    with ckpt.Checkpointer(tmp_path, every_n_steps=1, keep_last=None, consolidate="never") as ck:
+        ck.attach(opt)
+        train(model, opt, sched, loader, [0])
+        ck.prepare(state).result(60)
+        plan, allocations = ck._plan, ck.status().host_allocations
+        assert plan is not None and allocations == 2  # both slabs of the default budget, faulted in
+        ck.save(1, state).result(60)
+        assert ck._plan is plan and ck.status().host_allocations == allocations
+    with ckpt.Checkpointer(tmp_path, every_n_steps=1, keep_last=None, consolidate="never") as ck2:
+        model2, opt2, _sched2, _loader2, state2 = make_job()
+        ck2.attach(opt2)
+        assert ck2.restore(state2) == 2
+        ck2._preparing.join(60)
+        assert ck2._plan is not None and ck2.status().host_allocations == 2
+
+
+def test_the_automatic_host_budget_grows_with_the_state(tmp_path):
+    # A state that grows after the first save (a rank with nothing to write at first, new
+    # entries): the automatic budget, twice the largest snapshot, follows instead of refusing.
+    with ckpt.Checkpointer(str(tmp_path), every_n_steps=1, keep_last=None) as ck:
+        ck.save(0, {"a": torch.zeros(4)})
+        ck.wait()
+        first = ck.pool.budget
+        ck.save(1, {"a": torch.zeros(4), "b": torch.ones(256, 1024)})
+        ck.wait()
+        assert ck.pool.budget >= 2 * 256 * 1024 * 4 > first and ck.status().errors == ()
+    out = {"a": torch.empty(4), "b": torch.empty(256, 1024)}
+    assert ckpt.load(out, str(tmp_path)) == 1 and bool(out["b"].eq(1).all())
+
+
+def test_a_snapshot_with_no_tensor_bytes_fits_the_automatic_budget():
+    # A data-parallel rank whose arrays other replicas write stages nothing: its slab is empty.
+    from ckpt.hostpool import HostBufferPool
+
+    pool = HostBufferPool(max(2 * 0, 1))  # as the Checkpointer sizes it from a first snapshot of 0 bytes
+    pool.follow(0)
+    assert pool.acquire(0) is not None
+    pool.follow(1 << 20)
+    assert pool.budget >= 2 << 20 and pool.acquire(1 << 20) is not None
+
+
+def test_prefault_stops_between_slabs_when_asked(tmp_path):
+    """A Checkpointer closed while it prepares its first checkpoint stops allocating host memory
+    nobody will use (a restore then close no longer waits for two slabs of pinned memory)."""
+    from ckpt.capture import prefault
+
+    state = {"w": torch.randn(1024), "b": torch.randn(16)}
+    with ckpt.Checkpointer(str(tmp_path / "run"), pin_memory=False) as ck:
+        plan, _, _ = ck._plan_for(state)
+        pool = ck._pool_for(plan.nbytes, plan.mine)
+        asked = []
+        prefault(pool, plan, stop=lambda: asked.append(1) or len(asked) > 1)
+        assert len(asked) == 2
+        assert pool.allocated_bytes >= plan.nbytes and pool.allocated_bytes < 2 * plan.nbytes
+        prefault(pool, plan)  # not stopped: both slabs
+        assert pool.allocated_bytes >= 2 * plan.nbytes
