@@ -61,16 +61,15 @@ def load_step(storage: Storage, state_dict: Any, step: int, *, group: Group, wri
     once = group.distributed and group.pg is not None and (mode == "once" or (mode == "auto" and not _reads_memory(storage)))
     shared = _agree(plan, state_dict, group) if once else {}
     owner = _assign(shared, group.world)
-    mine = [r for r in plan.requests if r.path not in owner or owner[r.path] == group.rank]
+    mine = dataclasses.replace(plan, requests=[r for r in plan.requests if owner.get(r.path, group.rank) == group.rank])
     error: BaseException | None = None
     try:
-        execute_load(storage, state_dict, dataclasses.replace(plan, requests=mine), allow_pickle=allow_pickle,
-                     threads=threads)
+        execute_load(storage, state_dict, mine, allow_pickle=allow_pickle, threads=threads)
     except BaseException as e:  # the others learn of it before any broadcast
         if not shared:
             raise
         error = e
-    read = plan.nbytes if not shared else dataclasses.replace(plan, requests=mine).nbytes
+    read = mine.nbytes
     if not shared:
         return {"read": read, "received": 0}
     failed = [f for f in group.all_gather(None if error is None else f"rank {group.rank}: {type(error).__name__}: {error}")
