@@ -30,6 +30,23 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """``a`` and ``b`` equal exactly, through dicts, lists and tuples: tensors of the same dtype
+    and bits, everything else ``==``; ``where`` names the first difference."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
 def save_as_writers(
     states: list[Any], storage: str | Storage, *, step: int, max_chunk_bytes: int = 8 << 20, layout: str = "packs"
 ) -> ckpt.Manifest:

@@ -20,6 +20,7 @@ import torch
 
 import ckpt
 from ckpt import format as fmt
+from tests.helpers import assert_same
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.train.torch")
@@ -179,21 +180,6 @@ def _final(out: Path) -> dict:
     return torch.load(out / "final.pt", weights_only=True)
 
 
-def _assert_same(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 def _starts(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "starts.jsonl").read_text().splitlines()]
 
@@ -227,7 +213,7 @@ def _check_run(
         # (Pointers are reported oldest first, one per report: which one is the newest at the
         # kill depends on how fast the steps commit; wait_at makes sure there is one.)
         assert starts[1]["start"] in range(1, kill_at + 1, EVERY), starts
-    _assert_same(_final(out), _baseline(tmp_path, steps))  # weights, Adam state, sharded table: bit-exact
+    assert_same(_final(out), _baseline(tmp_path, steps))  # weights, Adam state, sharded table: bit-exact
 
     # Ray ends with the pointer of the last step, and the ckpt run holds exactly what Ray lists.
     last = (steps - 1) // EVERY * EVERY
@@ -282,8 +268,8 @@ def test_resume_with_fewer_workers_reshards(cluster, tmp_path):
     )
     assert _starts(out1) == [{"start": 5, "world": 1}]
     restored = torch.load(out1 / "restored.pt", weights_only=True)
-    _assert_same(restored["model"], first["model"])
-    _assert_same(restored["table"], first["table"])  # 2 shards of 3 rows read back as one of 6
+    assert_same(restored["model"], first["model"])
+    assert_same(restored["table"], first["table"])  # 2 shards of 3 rows read back as one of 6
     assert read_pointer(result.checkpoint) == Pointer(
         url=ckpt.open_storage(url).url, step=6, world_size=1, experiment="run"
     )
@@ -301,7 +287,7 @@ def test_another_run_is_refused_the_root_and_resumes_from_its_pointer_into_its_o
         tmp_path, "third", url=own_url, steps=5, report_every=EVERY, start_from=first.checkpoint, dump_restored=True
     )
     assert _starts(out3) == [{"start": 3, "world": 2}]
-    _assert_same(torch.load(out3 / "restored.pt", weights_only=True)["model"], _final(out)["model"])
+    assert_same(torch.load(out3 / "restored.pt", weights_only=True)["model"], _final(out)["model"])
     assert fmt.committed_steps(ckpt.open_storage(first_url)) == [0, 2]  # untouched by the other runs
     assert fmt.committed_steps(ckpt.open_storage(own_url)) == [4]
     assert read_pointer(result.checkpoint) == Pointer(

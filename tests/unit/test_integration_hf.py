@@ -22,6 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 
 import ckpt
 from ckpt.integrations.hf import AcceleratorCheckpointer, CkptCallback, Pointer, read_pointer, write_pointer
+from tests.helpers import assert_same
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,21 +89,6 @@ def _outcome(trainer: Trainer) -> dict:
     }
 
 
-def _assert_same(a, b, where="") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}/{i}")
-    else:
-        assert a == b, where
-
-
 _REFERENCE: dict[tuple, dict] = {}
 
 
@@ -155,9 +141,9 @@ def test_trainer_resumes_bit_exactly(tmp_path, tmp_path_factory, save_steps, cra
     ref = _reference(tmp_path_factory, gas, **extra)
     got = _outcome(trainer)
     assert got["step"] == ref["step"] == 8
-    _assert_same(got["model"], ref["model"], "model")
-    _assert_same(got["optim"], ref["optim"], "optim")
-    _assert_same(got["sched"], ref["sched"], "sched")
+    assert_same(got["model"], ref["model"], "model")
+    assert_same(got["optim"], ref["optim"], "optim")
+    assert_same(got["sched"], ref["sched"], "sched")
     # the resumed Trainer's log history: the first run's losses up to the checkpoint, then its own
     assert got["losses"] == ref["losses"]
 
@@ -199,7 +185,7 @@ def test_checkpoints_follow_save_strategy_and_total_limit(tmp_path, tmp_path_fac
     ref = _reference(tmp_path_factory, 1)["model"]
     for name, tensor in saved.items():
         assert torch.equal(tensor, ref[name]), name
-    _assert_same(_outcome(trainer)["model"], ref, "model")
+    assert_same(_outcome(trainer)["model"], ref, "model")
 
 
 def test_latest_checkpoint_rebuilds_a_lost_folder_and_fresh_start_is_refused(tmp_path):
@@ -299,9 +285,9 @@ def test_accelerate_resumes_bit_exactly(tmp_path, every, crash_at, start):
         _accelerate_run(tmp_path / "run", steps=9, every=every, crash_at=crash_at)
     got = _accelerate_run(tmp_path / "run", steps=9, every=every)
     assert got["start"] == start
-    _assert_same(got["model"], ref["model"], "model")
-    _assert_same(got["optim"], ref["optim"], "optim")
-    _assert_same(got["sched"], ref["sched"], "sched")
+    assert_same(got["model"], ref["model"], "model")
+    assert_same(got["optim"], ref["optim"], "optim")
+    assert_same(got["sched"], ref["sched"], "sched")
     assert got["losses"] == ref["losses"][got["start"] :]
 
 
