@@ -11,30 +11,23 @@ chunk size.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import chunks, layouts
 from . import format as fmt
-from .chunks import CRC_BYTES, as_bytes
-from .errors import CorruptCheckpointError, FormatError
-from .layouts import Location, Locator
+from .chunks import CRC_BYTES
+from .gcpause import without_gc
+from .layouts import Locator
 from .manifest import ChunkRecord, Fragment, Manifest
 from .plan import LoadPlan, SavePlan, pack_slots, plan_load, request_nbytes
-from .planning import ReadRequest, WriteRequest
-from .readahead import ReadAhead
-from .restore import RestoreSource
-from .restore import read_chunk as read_stored_chunk
+from .planning import WriteRequest
+from .reading import ChunkExpectation, Progress, _map, read_chunks
 from .state import decode_value, set_leaf
 from .storage import Storage
-
-Progress = Callable[[int], None]
 
 
 def chunk_payload(req: WriteRequest) -> tuple[memoryview, torch.Tensor]:
@@ -47,63 +40,6 @@ def write_chunk(storage: Storage, prefix: str, req: WriteRequest, *, durable: bo
     parts, crc = chunks.encode(data)
     storage.write(f"{prefix}/{req.key}", parts, durable=durable)
     return ChunkRecord(index=req.index, nbytes=data.nbytes + CRC_BYTES, crc32c=crc)
-
-
-# Small items are handed to the threads in batches of about this many bytes (and at most
-# BATCH_ITEMS): thousands of tiny chunks cost a future, a lock and a GIL hand-over each otherwise.
-BATCH_BYTES = 4 << 20
-BATCH_ITEMS = 256
-# ... and no batch smaller than this: below it a second thread costs more (GIL hand-overs) than
-# the I/O it overlaps (a 0.5 MB state of 2,900 tensors loads 1.5x faster on one thread than on 8).
-MIN_BATCH_BYTES = 1 << 20
-
-
-def _batches(items: Sequence, weight: Callable, threads: int) -> list[list]:
-    total = sum(weight(it) for it in items)
-    # Enough batches to keep every thread busy, none much larger than BATCH_BYTES.
-    target = max(MIN_BATCH_BYTES, min(BATCH_BYTES, total // max(1, 4 * threads)))
-    out: list[list] = [[]]
-    size = 0
-    for it in items:
-        if out[-1] and (size >= target or len(out[-1]) >= BATCH_ITEMS):
-            out.append([])
-            size = 0
-        out[-1].append(it)
-        size += weight(it)
-    return out
-
-
-def _map(fn: Callable, items: Sequence, threads: int, progress: Progress | None, weight: Callable) -> list:
-    """``fn`` of every item, in order, on ``threads`` threads (small items in batches)."""
-    if not items:
-        return []
-    if threads <= 1 or len(items) == 1:
-        out = []
-        for it in items:
-            out.append(fn(it))
-            if progress:
-                progress(weight(it))
-        return out
-    batches = _batches(items, weight, threads)
-    if len(batches) == 1:
-        return _map(fn, items, 1, progress, weight)
-
-    def run(batch: list) -> list:
-        return [fn(it) for it in batch]
-
-    with ThreadPoolExecutor(max_workers=min(threads, len(batches)), thread_name_prefix="ckpt-io") as pool:
-        futures = [pool.submit(run, b) for b in batches]
-        out = []
-        try:
-            for batch, f in zip(batches, futures):
-                out.extend(f.result())
-                if progress:
-                    progress(sum(weight(it) for it in batch))
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-        return out
 
 
 def write_chunks(
@@ -230,97 +166,6 @@ def _write_packs(storage: Storage, step: int, writer: str, requests: Sequence[Wr
 # Reading
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkExpectation:
-    """What a reader knows of a chunk before reading it."""
-
-    dtype: torch.dtype
-    expected_crc: int | None = None  # from the writer's fragment, when the reader has it
-
-
-def _fast_target(req: ReadRequest, dtype: torch.dtype) -> torch.Tensor | None:
-    """The destination region when the whole chunk maps onto contiguous CPU memory of it."""
-    if len(req.targets) != 1:
-        return None
-    t = req.targets[0]
-    if t.tensor.device.type != "cpu" or t.tensor.dtype != dtype:
-        return None
-    if any(s.start != 0 or s.stop != c for s, c in zip(t.src, req.chunk_shape)):
-        return None
-    region = t.tensor.detach()[t.dst]
-    return region if region.is_contiguous() else None
-
-
-def read_chunk(storage: Storage, locator: Locator, req: ReadRequest, exp: ChunkExpectation) -> str | None:
-    """Read one chunk into its targets; returns a problem description instead of raising."""
-    itemsize = exp.dtype.itemsize
-    nbytes = math.prod(req.chunk_shape) * itemsize
-    key = locator.key(req.path, req.index)
-    where = f"tensor {req.path!r} chunk {'.'.join(map(str, req.index)) or '()'} ({key.split('/', 1)[-1]})"
-    found: list[Location] = []
-
-    def locate() -> Location:  # asked only by the tier that reads storage
-        found.append(locator.locate(req.path, req.index))
-        return found[-1]
-
-    fast = _fast_target(req, exp.dtype)
-    if fast is not None:
-        data = as_bytes(fast)
-        chunk = None
-    else:
-        # Into a GPU: through pinned memory (torch's caching host allocator keeps each block
-        # until its copy is done), so the host-to-device copies run asynchronously on the copy engine.
-        to_cuda = any(t.tensor.device.type == "cuda" for t in req.targets)
-        chunk = torch.empty(nbytes, dtype=torch.uint8, pin_memory=to_cuda)
-        data = memoryview(chunk.numpy())
-    try:
-        read = read_stored_chunk(storage, key, data, None if locator.layout.kind == layouts.CHUNKS else locate)
-    except FileNotFoundError:
-        return f"{where}: missing"
-    except EOFError:
-        return f"{where}: truncated (shorter than {nbytes + CRC_BYTES} bytes)"
-    except FormatError as e:  # the fragment that locates it is missing or damaged
-        return f"{where}: {e}"
-    recorded = exp.expected_crc if exp.expected_crc is not None else (found[-1].recorded_crc if found else None)
-    problem = chunks.check(read, nbytes, recorded_crc=recorded)
-    if problem is not None:
-        return f"{where}: {problem}"
-    if chunk is not None:
-        values = chunk.view(exp.dtype).reshape(req.chunk_shape)
-        for t in req.targets:
-            t.tensor.detach()[t.dst].copy_(values[t.src], non_blocking=t.tensor.device.type == "cuda")
-    return None
-
-
-def read_chunks(
-    storage: Storage,
-    locator: Locator,
-    requests: Sequence[ReadRequest],
-    expectation: Callable[[ReadRequest], ChunkExpectation],
-    *,
-    threads: int,
-    progress: Progress | None = None,
-) -> None:
-    """Read every chunk into its destinations; raises one error listing every bad chunk."""
-    if not isinstance(storage, RestoreSource):  # (a restore source's bottom tier reads ahead itself)
-        storage = ReadAhead(storage)
-    problems = _map(
-        lambda r: read_chunk(storage, locator, r, expectation(r)),
-        requests,
-        threads,
-        progress,
-        lambda r: request_nbytes(r, expectation(r).dtype.itemsize),
-    )
-    bad = [p for p in problems if p]
-    if bad:
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise CorruptCheckpointError(
-            f"{len(bad)} corrupt chunk(s): " + "; ".join(bad[:5]) + more
-            + ". Run `ckpt verify` on the run; load an older step with step=N",
-            bad,
-        )
-
-
 def execute_load(
     storage: Storage,
     state_dict: Any,
@@ -334,10 +179,12 @@ def execute_load(
     destinations, set the non-tensor values."""
     for z in plan.zero:
         z.tensor.detach().narrow(z.dim, z.start, z.length).zero_()
-    dtypes = {p: getattr(torch, a.dtype) for p, a in plan.arrays.items()}
+    dtypes: dict[str, torch.dtype] = {}
+    expect = {p: ChunkExpectation(dtypes.get(a.dtype) or dtypes.setdefault(a.dtype, getattr(torch, a.dtype)))
+              for p, a in plan.arrays.items()}
     locator = Locator(storage, plan.step, plan.layout, plan.arrays)
     try:
-        read_chunks(storage, locator, plan.requests, lambda r: ChunkExpectation(dtypes[r.path]),
+        read_chunks(storage, locator, plan.requests, lambda r: expect[r.path],
                     threads=threads, progress=progress)
     finally:  # the host-to-device copies were queued without waiting
         for device in {t.tensor.device for r in plan.requests for t in r.targets if t.tensor.device.type == "cuda"}:
@@ -346,6 +193,7 @@ def execute_load(
         set_leaf(state_dict, path, decode_value(encoded, allow_pickle=allow_pickle, where=path))
 
 
+@without_gc
 def load_step(storage: Storage, state_dict: Any, step: int, *, rank: int = 0, writer: str | None = None,
               strict: bool = True, allow_cast: bool = False, allow_pickle: bool = False,
               threads: int = DEFAULT_IO_THREADS, progress: Callable[[int], None] | None = None) -> None:

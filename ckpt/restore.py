@@ -19,11 +19,12 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import chunks
+from .errors import FormatError
 from .layouts import Location
 from .readahead import ReadAhead
 from .storage import Storage, StorageWrapper
@@ -107,16 +108,29 @@ class RestoreSource(StorageWrapper):
         next tier."""
         return read_chunk(self.inner, key, data, location)
 
+    def read_chunk_batch(self, items: Sequence[tuple[str, memoryview, Where]]) -> list[chunks.ChunkRead | Exception]:
+        """Many chunks at once (a reader's batch of ``(key, data, location)``, as ``read_chunk``
+        takes them): per item, what ``read_chunk`` returns, or the ``FileNotFoundError``,
+        ``EOFError`` or ``FormatError`` it raises. One by one here; a tier that holds chunks side
+        by side reads them with a few large reads instead."""
+        out: list[chunks.ChunkRead | Exception] = []
+        for key, data, location in items:
+            try:
+                out.append(self.read_chunk(key, data, location))
+            except (FileNotFoundError, EOFError, FormatError) as e:
+                out.append(e)
+        return out
+
     def read_threads(self, step: int, default: int) -> int:
         """How many threads should read ``step``'s chunks: ``default`` (the I/O threads asked
         for) unless a tier knows better (copies out of memory are bound by the cores)."""
         return self.inner.read_threads(step, default) if isinstance(self.inner, RestoreSource) else default
 
-    def count(self, nbytes: int, tier: Tier | None = None) -> None:
+    def count(self, nbytes: int, tier: Tier | None = None, *, chunks: int = 1) -> None:
         tier = tier or self.tier
         with self._count_lock:
             self.served_bytes += nbytes
-            self.served_chunks += 1
+            self.served_chunks += chunks
             self.served_by[tier] = self.served_by.get(tier, 0) + nbytes
 
     def fall_back(self, tier: Tier, reason: FallbackReason, detail: str) -> Fallback:

@@ -88,6 +88,32 @@ class RestoreSourceTests:
             source.read_chunk(f"{step_dir(STEP)}/nope/c.0", memoryview(bytearray(8)),
                               Location(f"{step_dir(STEP)}/.packs/nobody.0", 0))
 
+    def test_a_batch_reads_as_one_by_one_and_reports_a_missing_chunk_in_place(self, tmp_path):
+        storage = self.run(tmp_path)
+        source = self.make(storage, STEP, tmp_path)
+        manifest = read_manifest(storage, STEP)
+        locator = Locator(storage, STEP, ChunkLayout.of(manifest), manifest.arrays)
+        items, expected = [], []
+        for path in ("w", "i", "h"):
+            spec = manifest.arrays[path]
+            itemsize = getattr(torch, spec.dtype).itemsize
+            last = tuple(g - 1 for g in spec.grid_shape)
+            for index in dict.fromkeys([tuple(0 for _ in last), last]):
+                nbytes = itemsize
+                for c in spec.chunk_shape:
+                    nbytes *= c
+                location = None if manifest.layout == "chunks" else locator.locate(path, index)
+                items.append((locator.key(path, index), memoryview(bytearray(nbytes)), location))
+                direct = bytearray(nbytes)
+                StorageSource(storage).read_chunk(items[-1][0], memoryview(direct), location)
+                expected.append(bytes(direct))
+        missing = (f"{step_dir(STEP)}/nope/c.0", memoryview(bytearray(8)), None)
+        reads = source.read_chunk_batch([*items[:3], missing, *items[3:]])
+        assert len(reads) == len(items) + 1 and isinstance(reads[3], FileNotFoundError)
+        for (_key, data, _loc), read, want in zip(items, [*reads[:3], *reads[4:]], expected):
+            assert read.total == data.nbytes + 4 and read.stored_crc == read.actual_crc
+            assert bytes(data) == want
+
     def test_what_it_served_is_counted_per_tier(self, tmp_path):
         storage = self.run(tmp_path)
         source = self.make(storage, STEP, tmp_path)

@@ -23,7 +23,7 @@ CKPT_LAYERS: list[tuple[str, ...]] = [
     ("ckpt.sink", "ckpt.replicated"),
     ("ckpt.commit",),
     ("ckpt.coverage",),
-    ("ckpt.io", "ckpt.regions"),
+    ("ckpt.io", "ckpt.reading", "ckpt.regions"),
     ("ckpt.plan",),
     ("ckpt.planning",),
     ("ckpt.restore",),
@@ -34,7 +34,7 @@ CKPT_LAYERS: list[tuple[str, ...]] = [
     ("ckpt.jsonfields",),
     ("ckpt.readahead",),
     ("ckpt.storage", "ckpt.storage.*"),
-    ("ckpt.errors",),
+    ("ckpt.errors", "ckpt.gcpause"),
 ]
 
 

@@ -1,0 +1,41 @@
+"""The cycle collector paused while a restore builds its documents and plans.
+
+Reading a commit point and a fragment of 2,000 arrays makes some 100,000 small objects (dicts,
+lists, ints); each burst of them triggers collections, and a full one walks the whole heap of a
+training process (torch, the model, the optimizer state): on a 2,200-array restore from memory
+this cost a quarter of the time. Nothing a restore builds is cyclic garbage, so the collector is
+paused for it and left as it was found (enabled or not) afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def without_gc(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` run with the cycle collector paused."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with gc_paused():
+            return fn(*args, **kwargs)
+
+    return wrapper
