@@ -32,27 +32,11 @@ from ckpt.storage import Storage
 from ..pb import pb
 from ..shm import map_file
 from .held import CommitPoints, HeldSnapshot, ReadDocument, inline_only
+from .spans import pread_crc, pread_many
 
 log = logging.getLogger(__name__)
 
-_BLOCK = 1 << 20  # pread + crc32c per block: the crc reads the block while it is in cache
 Why = tuple[Tier, FallbackReason, str]
-
-
-def _pread_crc(fd: int, offset: int, dest: memoryview) -> int | None:
-    """Fill ``dest`` from ``fd`` at ``offset``; the crc32c of what was read, or None if the
-    segment is shorter than expected."""
-    crc = 0
-    pos = 0
-    n = dest.nbytes
-    while pos < n:
-        block = dest[pos: min(n, pos + _BLOCK)]
-        got = os.preadv(fd, [block], offset + pos)
-        if got <= 0:
-            return None
-        crc = crc32c.crc32c(block[:got], crc)
-        pos += got
-    return crc
 
 
 def _payload(req: WriteRequest) -> tuple[memoryview, torch.Tensor]:
@@ -281,13 +265,47 @@ class AgentMemoryStorage(RestoreSource):
         self.read_below(self.fall_back(*why), read.total)
         return read
 
-    def read_chunk(self, key: str, data: memoryview, location: Where = None) -> ChunkRead:
+    def _bring(self, key: str) -> None:
+        """Make ``key`` local if a peer holds it: the ring listed (once), its snapshot fetched."""
         remote = self._remote.get(key)
         if remote is None and self._list_peers_fn is not None and key not in self._chunks:
             self._list_peers()
             remote = self._remote.get(key)
         if remote is not None and not remote.done:
             self._fetch(remote)
+
+    def read_chunk_batch(self, items: Sequence[tuple[str, memoryview, Where]]) -> list[ChunkRead | Exception]:
+        """Chunks held side by side in a segment are read together (``spans.pread_many``);
+        any other item as ``read_chunk`` reads it."""
+        out: list[ChunkRead | Exception | None] = [None] * len(items)
+        by_fd: dict[int, list[tuple[int, int]]] = {}
+        rest: list[int] = []
+        for i, (key, data, _where) in enumerate(items):
+            self._bring(key)
+            hit, span = self._chunks.get(key), self._spans.get(key)
+            if hit is None or span is None or hit[0] != data.nbytes:
+                rest.append(i)
+            else:
+                by_fd.setdefault(span[0], []).append((span[1], i))
+        served: dict[Tier, list[int]] = {}
+        for fd, spans in by_fd.items():
+            for (_offset, i), actual in zip(spans, pread_many(fd, [(off, items[i][1]) for off, i in spans])):
+                if actual is None:  # the segment is shorter than its index says: as read_chunk finds it
+                    rest.append(i)
+                    continue
+                nbytes, crc, tier, _req = self._chunks[items[i][0]]
+                out[i] = ChunkRead(nbytes + CRC_BYTES, crc, actual)
+                total = served.setdefault(tier, [0, 0])
+                total[0] += nbytes
+                total[1] += 1
+        for tier, (nbytes, n) in served.items():
+            self.count(nbytes, tier, chunks=n)
+        for i, read in zip(rest, super().read_chunk_batch([items[i] for i in rest])):
+            out[i] = read
+        return out  # type: ignore[return-value]
+
+    def read_chunk(self, key: str, data: memoryview, location: Where = None) -> ChunkRead:
+        self._bring(key)
         hit = self._chunks.get(key)
         if hit is None:
             return self._below(key, data, location)
@@ -298,7 +316,7 @@ class AgentMemoryStorage(RestoreSource):
             return self._below(key, data, location)
         span = self._spans.get(key)
         if span is not None:
-            actual = _pread_crc(span[0], span[1], data.cast("B"))
+            actual = pread_crc(span[0], span[1], data.cast("B"))
             if actual is not None:
                 self.count(nbytes, tier)
                 return ChunkRead(nbytes + CRC_BYTES, crc, actual)
