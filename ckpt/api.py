@@ -25,6 +25,7 @@ from .consolidate import consolidate
 from .dist import Group
 from .dtypes import info_by_name
 from .errors import CheckpointExistsError, CheckpointNotFoundError, CkptError
+from .gcpause import without_gc
 from .io import DEFAULT_IO_THREADS, ChunkExpectation, execute_load, read_chunks, write_plan, writer_values
 from .layout import Piece, Sharded, whole
 from .layouts import ChunkLayout, Locator
@@ -167,6 +168,7 @@ def save(
 # Load
 
 
+@without_gc
 def load(
     state_dict: Any,
     url: str | os.PathLike[str] | Storage,
@@ -218,6 +220,7 @@ def load(
 # Read
 
 
+@without_gc
 def read(
     url: str | os.PathLike[str] | Storage,
     *,

@@ -11,10 +11,9 @@ for step in range(start or 0, total):
 ckptr.wait(); ckptr.close()
 ```
 
-A checkpoint goes through four observable states: captured (``save`` took references to
-every tensor and copied the small state) → staged (host copy complete; training may change
-the tensors again) → persisted (this process's chunks and fragment are durable) → committed
-(the commit point is written; readers see it).
+A checkpoint goes through four observable states: captured (``save`` took references to every
+tensor and copied the small state) → staged (host copy complete; training may change the tensors
+again) → persisted (this process's chunks and fragment are durable) → committed (readers see it).
 
 What is copied when: tensors that only an attached optimizer changes (its parameters and its
 state) are copied lazily in the background, overlapping the next forward and backward pass;
@@ -42,11 +41,12 @@ from .config import CheckpointerConfig
 from .consolidate import Consolidator
 from .dist import Group
 from .errors import CkptError
+from .gcpause import without_gc
 from .handles import CheckpointerStatus, SnapshotHandle, SnapshotState, chain, status_of
 from .hostpool import HostBufferPool
-from .replicated import load_step as shared_load
 from .manifest import Manifest
 from .plan import SavePlan, TensorItem
+from .replicated import load_step as shared_load
 from .restore import RestoreReport, RestoreSource, restore_report
 from .retention import RetentionPolicy, run_gc
 from .sink import InProcessSink, PersistJob, Sink, SinkConfig, open_sink
@@ -64,8 +64,7 @@ class Checkpointer:
     """Lazy asynchronous checkpoints of a training loop; see the module docstring."""
 
     def __init__(self, url: Any, *, sink: Sink | None = None, **options: Any) -> None:
-        self.config = CheckpointerConfig(url=url, **options)
-        cfg = self.config
+        self.config = cfg = CheckpointerConfig(url=url, **options)
         self.storage = open_storage(cfg.url, storage_options=cfg.storage_options, retry=cfg.retry)
         self.group = Group.resolve(cfg.process_group)
         # The one collective of the Checkpointer's life: every rank agrees on a run id, so
@@ -109,6 +108,7 @@ class Checkpointer:
 
     # -- the four verbs ---------------------------------------------------------------------
 
+    @without_gc  # the documents and plans of thousands of arrays
     def restore(self, state: dict[str, Any], *, step: int | None = None, strict: bool = True) -> int | None:
         """Load the newest committed checkpoint (or ``step``) into ``state``, resharded to its
         current layout. Returns the step to resume from (the saved step + 1), or ``None`` when
@@ -175,9 +175,7 @@ class Checkpointer:
     def wait(self, timeout: float | None = None) -> None:
         """Block until every checkpoint taken so far is committed or failed; then report
         failures per ``on_error``."""
-        with self._lock:
-            futures = [h.committed for h in self._handles if not h.skipped]
-        wait_futures(futures, timeout=timeout)
+        wait_futures(self._commits(), timeout=timeout)
         self._report_errors()
 
     def close(self, *, wait: bool = True) -> None:
@@ -186,9 +184,7 @@ class Checkpointer:
             return
         try:
             if wait:
-                with self._lock:
-                    futures = [h.committed for h in self._handles if not h.skipped]
-                wait_futures(futures)
+                wait_futures(self._commits())
         finally:
             self._closed = True
             if self._preparing is not None:  # it writes into host memory that close frees
@@ -204,6 +200,10 @@ class Checkpointer:
             if self.pool is not None:
                 self.pool.clear()
         self._report_errors()
+
+    def _commits(self) -> list[Future]:
+        with self._lock:
+            return [h.committed for h in self._handles if not h.skipped]
 
     def __enter__(self) -> Checkpointer:
         return self

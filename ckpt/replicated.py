@@ -27,6 +27,7 @@ import torch
 from . import format as fmt
 from .dist import Group
 from .errors import CkptError
+from .gcpause import without_gc
 from .io import execute_load, writer_values
 from .plan import LoadPlan, plan_load
 from .restore import RestoreSource, Tier
@@ -49,6 +50,7 @@ def _whole_tensors(state_dict: Any) -> dict[str, torch.Tensor]:
     return {path: leaf for path, leaf, is_tensor in flatten(state_dict) if is_tensor and type(leaf) is torch.Tensor}
 
 
+@without_gc
 def load_step(storage: Storage, state_dict: Any, step: int, *, group: Group, writer: str | None,
               strict: bool = True, allow_pickle: bool = False, threads: int = 8, mode: str = "auto") -> dict[str, int]:
     """Load committed ``step`` into ``state_dict`` on every rank of ``group`` (all call it).
