@@ -24,6 +24,7 @@ readers ignore it) records the containers the tensors sit in that are not dicts 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,11 @@ LAYOUTS = ("chunks", "packs", "shards")
 MANIFEST_KEY = "ckpt"
 
 JSON = Any
+
+
+# What check_tensor_path refuses, as one pattern: an empty, "." or ".." part, a backslash or
+# NUL, a last part "zarr.json".
+_BAD_PATH = re.compile(r"(?:^|/)\.{0,2}(?:/|$)|[\\\x00]|(?:^|/)zarr\.json$")
 
 
 def check_tensor_path(path: str, where: str) -> str:
@@ -116,6 +122,15 @@ class ArraySpec:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "array") -> ArraySpec:
+        if type(d) is dict:  # well-formed: the common case, checked fast (thousands per manifest)
+            path, shape, dtype, chunk = d.get("path"), d.get("shape"), d.get("dtype"), d.get("chunk_shape")
+            layout, separator = d.get("layout", {}), d.get("chunk_separator", "/")
+            if (type(path) is str and type(shape) is list and type(dtype) is str and type(chunk) is list
+                    and type(layout) is dict and (separator == "/" or separator == ".") and len(shape) == len(chunk)
+                    and _nonnegative_ints(shape) and _nonnegative_ints(chunk) and 0 not in chunk
+                    and _BAD_PATH.search(path) is None):
+                return cls(path=path, shape=tuple(shape), dtype=dtype, chunk_shape=tuple(chunk), layout=layout,
+                           chunk_separator=separator)
         path = check_tensor_path(_req(d, "path", str, where), f"{where}.path")
         layout = d.get("layout", {})
         if not isinstance(layout, dict):
@@ -372,7 +387,7 @@ def _runs_from_json(v: Any, where: str, writers: int) -> dict[str, tuple[tuple[i
             raise ManifestError(f"{where}[{path!r}]: expected a list of runs")
         parsed = []
         for r in runs:
-            run = _int_tuple(r, f"{where}[{path!r}]")
+            run = tuple(r) if type(r) is list and _nonnegative_ints(r) else _int_tuple(r, f"{where}[{path!r}]")
             if len(run) != 5 or run[1] < 1 or run[4] < 1:
                 raise ManifestError(f"{where}[{path!r}]: a run is [first, count, writer, stride, per], count and per >= 1")
             last = run[2] + run[3] * ((run[1] - 1) // run[4])

@@ -21,7 +21,7 @@ from .format import CHUNK_SEPARATOR
 from .layout import Sharded, TensorLayout, layout_of
 from .layouts import ChunkLayout
 from .manifest import ArraySpec, Manifest
-from .planning import ReadRequest, WriteRequest, chunk_shape_for, plan_array_reads, plan_array_writes
+from .planning import ReadRequest, ReadTarget, WriteRequest, chunk_shape_for, plan_array_reads, plan_array_writes
 from .state import container_kinds, encode_value, flatten
 
 DEFAULT_MAX_CHUNK_BYTES = 16 << 20
@@ -186,8 +186,16 @@ def plan_load(
             elif strict:
                 problems.append(f"{path!r}: missing from the checkpoint")
             continue
+        if type(leaf) is torch.Tensor:  # held whole, stored as one chunk: the common case, planned fast
+            shape = spec.shape
+            if (shape and spec.chunk_shape == shape and leaf.shape == shape and all(shape)
+                    and _dtype_name(leaf.dtype) == spec.dtype):
+                whole = tuple(slice(0, n) for n in shape)
+                requests.append(ReadRequest(path, (0,) * len(shape), shape, (ReadTarget(leaf, whole, whole),),
+                                            spec.chunk_separator))
+                continue
         local, layout = layout_of(leaf, rank=rank, world=1)
-        dtype = str(local.dtype).removeprefix("torch.")
+        dtype = _dtype_name(local.dtype)
         if layout.global_shape != spec.shape:
             problems.append(f"{path!r}: shape {list(spec.shape)} in the checkpoint, {list(layout.global_shape)} in the state")
             continue
@@ -213,6 +221,16 @@ def plan_load(
             problems,
         )
     return LoadPlan(manifest.step, requests, values, manifest.arrays, zero, ChunkLayout.of(manifest))
+
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 def _padding(leaf: Sharded) -> ZeroRegion | None:

@@ -80,11 +80,24 @@ def flatten(state: Any, prefix: str = "") -> Iterator[tuple[str, Any, bool]]:
         raise LayoutError(f"cannot flatten {type(state).__name__} at {prefix}")
     seen: set[str] = set()
     for k, v in items:
-        name = _key(k, prefix)
+        if type(k) is str and k in _CHECKED_KEYS:
+            name = k
+        else:
+            name = _key(k, prefix)
+            if type(k) is str and len(_CHECKED_KEYS) < 1 << 16:
+                _CHECKED_KEYS.add(k)
         if name in seen:
             raise LayoutError(f"state keys {k!r} collide at {prefix or '<root>'} once made strings")
         seen.add(name)
-        yield from flatten(v, f"{prefix}/{name}" if prefix else name)
+        path = f"{prefix}/{name}" if prefix else name
+        if type(v) is torch.Tensor:  # a plain tensor: a leaf, without a generator per leaf
+            yield path, v, True
+        else:
+            yield from flatten(v, path)
+
+
+# Keys that passed check_component: a model's names recur at every save and load (bounded).
+_CHECKED_KEYS: set[str] = set()
 
 
 def container_kinds(state: Any) -> dict[str, Any]:
