@@ -25,6 +25,7 @@ from ckpt.retention import RetentionPolicy, run_gc
 from ckpt.storage import Storage, open_storage
 
 from ..config import AgentConfig
+from .documents import index_persisted
 from .holding import Holding
 from .metrics import AgentMetrics
 from .snapshot import Snapshot
@@ -120,6 +121,7 @@ class Agent(Holding):
             try:  # the origin may have persisted it before it was lost
                 frag = fmt.read_fragment(storage, snap.step, snap.writer)
                 if frag.save_id == snap.save_id:
+                    index_persisted(snap, frag)
                     self._set_state(snap, SnapshotState.PERSISTED, fragment_json=json.dumps(frag.to_dict()))
                     return
             except FileNotFoundError:
@@ -134,6 +136,7 @@ class Agent(Holding):
         self.metrics.bytes_persisted.inc(snap.nbytes)
         log.info("snapshot persisted", extra={"fields": {"run": snap.run_url, "writer": snap.writer,
                                                          "step": snap.step, "seconds": round(time.perf_counter() - t0, 3)}})
+        index_persisted(snap, frag)
         self._set_state(snap, SnapshotState.PERSISTED, fragment_json=json.dumps(frag.to_dict()))
 
     def _mark_failed(self, snap: Snapshot, error: BaseException) -> None:
