@@ -253,8 +253,8 @@ class Supervisor:
         elif outcome.restore is not None:
             rec.restore_step = outcome.restore.step
             rec.expected_tier = outcome.restore.expected_tier
-            if failure.last_step is not None:
-                rec.steps_lost = failure.last_step - (rec.restore_step if rec.restore_step is not None else -1)
+            if failure.last_step is not None:  # (a checkpoint may be newer than the last step reported)
+                rec.steps_lost = max(0, failure.last_step - (rec.restore_step if rec.restore_step is not None else -1))
         if rec.world_after != rec.world_before:
             self.log(ev.RESIZED, f"continuing with {rec.world_after} of {cfg.num_workers} workers "
                      "(checkpoint resharded on restore)", world_size=rec.world_after)
