@@ -49,6 +49,7 @@ from .plan import SavePlan, TensorItem
 from .replicated import load_step as shared_load
 from .restore import RestoreReport, RestoreSource, restore_report
 from .retention import RetentionPolicy, run_gc
+from .signals import CommitSignals
 from .sink import InProcessSink, PersistJob, Sink, SinkConfig, open_sink
 from .staging import StageJob, Stager, step_pre_hook
 from .state import container_kinds, encode_value, flatten
@@ -74,17 +75,16 @@ class Checkpointer:
         self.writers = tuple(fmt.writer_name(r) for r in self.group.global_ranks)
         sink_config = SinkConfig(io_threads=cfg.io_threads, durable=cfg.durable, commit_timeout_s=cfg.commit_timeout_s,
                                  library_versions=library_versions(), layout=cfg.layout)
-        # Rank 0 rewrites the steps kept for good, and the last one, into the zarr layout.
-        self.consolidator = (Consolidator(self.storage, threads=cfg.io_threads, durable=cfg.durable)
+        self.consolidator = (Consolidator(self.storage, threads=cfg.io_threads, durable=cfg.durable)  # kept steps->zarr
                              if cfg.consolidate == "kept" and cfg.layout == "packs" and self.group.rank == 0 else None)
-        after_commit = self._retention if cfg.keep_last is not None and cfg.commit_by == "rank0" else None
-        if sink is None and cfg.agent is not None:
-            # The agent commits and runs retention itself: the trainer may be gone by then.
-            retention = (RetentionPolicy(keep_last=cfg.keep_last, keep_every=cfg.keep_every)
-                         if cfg.keep_last is not None and cfg.commit_by == "rank0" else None)
+        ours = cfg.commit_by == "rank0"  # a rank of this group commits (not an external coordinator)
+        keep = RetentionPolicy(keep_last=cfg.keep_last, keep_every=cfg.keep_every) if cfg.keep_last and ours else None
+        after_commit = self._retention if keep is not None else None
+        if sink is None and cfg.agent is not None:  # the agent commits, runs retention: the trainer may be gone
             sink = open_sink("agent", cfg.agent, storage=self.storage, config=sink_config, writer=self.writer,
-                             after_commit=after_commit, retention=retention)
-        self.sink = sink or InProcessSink(self.storage, sink_config, after_commit=after_commit)
+                             after_commit=after_commit, retention=keep)
+        self.sink = sink or InProcessSink(self.storage, sink_config, after_commit=after_commit,
+                                          signals=CommitSignals.of(self.group, self.run_id, self.writer) if ours else None)
         self.stager = Stager()
         self.telemetry = Telemetry(cfg.metrics)
         self.pool: HostBufferPool | None = None

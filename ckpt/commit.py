@@ -11,7 +11,9 @@ One checkpoint of a run, as every party sees it:
    then *validates* (:func:`commit`: every chunk of every array written exactly once, nothing
    outside the grid, every chunk in storage with its recorded size) and writes the *commit
    point* (the step's root ``zarr.json``) in one atomic write. Nothing is visible before it.
-3. the others learn of the commit by reading the commit point (:func:`wait_for_commit`).
+3. the others learn of the commit by reading the commit point (:func:`wait_for_commit`). In a job
+   with a process group and no node agent, writers and committer signal each other through
+   the job's store instead of polling storage (:mod:`ckpt.signals`).
 
 Saves are told apart by a *save id*: :func:`save_id` of the run id and the step, the same on
 every rank without a collective.
@@ -29,11 +31,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import format as fmt
-from .coverage import CommitBuilder, Outcome, intermediate_groups
+from .coverage import CommitBuilder, Outcome, check_listing, check_packs, intermediate_groups
 from .errors import CheckpointExistsError, CommitError, FormatError
 from .format import (
     META,
-    chunk_key,
     dumps,
     group_document,
     read_fragment,
@@ -44,7 +45,8 @@ from .format import (
 )
 from .io import write_plan
 from .layouts import CHUNKS, PACKS, SHARDS
-from .manifest import MANIFEST_KEY, ArraySpec, Fragment, Manifest
+from .manifest import MANIFEST_KEY, Fragment, Manifest
+from .signals import CLOSED, OK, CommitSignals, StoreUnusable
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -95,12 +97,33 @@ def persist(storage: Storage, plan: Any, *, step: int, writer: str, save: str, t
 
 def complete(storage: Storage, step: int, save: str, writers: Sequence[str], *, committer: bool, timeout_s: float,
              poll_s: float = 0.05, stop: threading.Event | None = None, known: Mapping[str, Fragment] | None = None,
-             library_versions: dict[str, str] | None = None) -> Manifest:
+             library_versions: dict[str, str] | None = None, signals: CommitSignals | None = None) -> Manifest:
     """After this writer persisted: the committer waits for every other writer's fragment of
     the save and commits; any other writer waits for the commit point. A step this very save
-    committed already (a committer taking over after a crash) is returned as it is."""
+    committed already (a committer taking over after a crash) is returned as it is. With
+    ``signals`` (the job's store, :mod:`ckpt.signals`) they wait on it instead of polling
+    storage, and storage is read once per document."""
     if not committer:
+        if signals is not None:
+            heard = _commit_heard(signals, storage, step, save, timeout_s=timeout_s, stop=stop)
+            if heard is not None:
+                return heard
         return wait_for_commit(storage, step, save, timeout_s=timeout_s, poll_s=poll_s, stop=stop)
+    try:
+        manifest = _commit_as_committer(storage, step, save, writers, timeout_s=timeout_s, poll_s=poll_s, stop=stop,
+                                        known=known, library_versions=library_versions, signals=signals)
+    except BaseException as e:
+        if signals is not None:
+            signals.committed(save, list(writers), error=f"{type(e).__name__}: {e}")
+        raise
+    if signals is not None:
+        signals.committed(save, list(writers))
+    return manifest
+
+
+def _commit_as_committer(storage: Storage, step: int, save: str, writers: Sequence[str], *, timeout_s: float,
+                         poll_s: float, stop: threading.Event | None, known: Mapping[str, Fragment] | None,
+                         library_versions: dict[str, str] | None, signals: CommitSignals | None) -> Manifest:
     try:
         manifest = fmt.read_manifest(storage, step)
     except FileNotFoundError:
@@ -110,10 +133,46 @@ def complete(storage: Storage, step: int, save: str, writers: Sequence[str], *, 
             raise CommitError(f"step {step} was committed by another save ({manifest.save_id})")
         return manifest
     known = dict(known or {})
-    # Each fragment is read once: those found while waiting are the ones the commit validates.
-    found = wait_for_fragments(storage, step, save, [w for w in writers if w not in known], timeout_s=timeout_s,
-                               poll_s=poll_s, stop=stop)
+    others = [w for w in writers if w not in known]
+    found: dict[str, Fragment] | None = None
+    deadline = time.monotonic() + timeout_s
+    if signals is not None:
+        try:
+            missing, errors = signals.wait_persisted(save, list(writers), timeout_s=timeout_s, poll_s=poll_s, stop=stop)
+        except StoreUnusable as e:
+            log.info("step %d: the job's store failed (%s): looking for the fragments in storage", step, e)
+        else:
+            if errors:
+                first = next(iter(errors.items()))
+                more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+                raise CommitError(f"step {step}: a writer failed: {first[0]}: {first[1]}{more}")
+            if not missing:  # every fragment of this save is in storage: each read once
+                found = {w: read_fragment(storage, step, w) for w in others}
+    if found is None:
+        # Each fragment is read once: those found while waiting are the ones the commit validates.
+        found = wait_for_fragments(storage, step, save, others, timeout_s=max(0.0, deadline - time.monotonic()),
+                                   poll_s=poll_s, stop=stop)
     return commit(storage, step, writers, save_id=save, library_versions=library_versions, known=known, found=found)
+
+
+def _commit_heard(signals: CommitSignals, storage: Storage, step: int, save: str, *, timeout_s: float,
+                  stop: threading.Event | None) -> Manifest | None:
+    """A non-committer's wait through the job's store; None: the store failed (poll storage)."""
+    try:
+        outcome = signals.wait_committed(save, timeout_s=timeout_s, stop=stop)
+    except StoreUnusable as e:
+        log.info("step %d: the job's store failed (%s): waiting for the commit point in storage", step, e)
+        return None
+    if outcome is None:  # not heard of: one look at storage decides
+        return wait_for_commit(storage, step, save, timeout_s=0, poll_s=0)
+    if outcome == CLOSED:
+        raise CommitError(f"step {step}: closed before the commit")
+    if outcome != OK:
+        raise CommitError(f"step {step}: the committer failed: {outcome.removeprefix('failed: ')}")
+    manifest = fmt.read_manifest(storage, step)
+    if manifest.save_id != save:
+        raise CommitError(f"step {step} was committed by another save ({manifest.save_id})")
+    return manifest
 
 
 def fragment_status(storage: Storage, step: int, save_id: str, writers: Sequence[str],
@@ -253,7 +312,7 @@ def commit(
     if not problems and options.check_listing and read:
         rest = [f for f in fragments if f.writer not in known]
         problems = (check_packs(storage, step, {w: e for w, e in builder.pack_ends.items() if w not in known})
-                    if outcome.layout == PACKS else _check_listing(storage, step, outcome.arrays, rest))
+                    if outcome.layout == PACKS else check_listing(storage, step, outcome.arrays, rest))
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         raise CommitError(f"cannot commit step {step}: " + "; ".join(problems[:10]) + more)
@@ -307,23 +366,6 @@ def commit_document(manifest: Manifest) -> dict[str, Any]:
     return root
 
 
-def check_packs(storage: Storage, step: int, pack_ends: Mapping[str, Mapping[str, int]]) -> list[str]:
-    """Every pack the fragments name (``CommitBuilder.pack_ends``: writer -> pack -> the byte
-    its chunks need) is in storage, long enough: one listing of the step's packs for many
-    writers, one size query per pack for a few."""
-    prefix = f"{step_dir(step)}/{fmt.PACKS}"
-    sizes = storage.walk(prefix) if len(pack_ends) > 2 else None
-    problems = []
-    for writer, ends in pack_ends.items():
-        for name, end in sorted(ends.items()):
-            size = sizes.get(name) if sizes is not None else storage.size(f"{prefix}/{name}")
-            if size is None or size < end:
-                what = "missing" if size is None else f"{size} bytes, its chunks need {end}"
-                problems.append(f"pack {name} of writer {writer} is {what}")
-    return problems
-
-
-
 def _try_read_fragment(storage: Storage, step: int, writer: str) -> Fragment | str:
     try:
         return read_fragment(storage, step, writer)
@@ -331,22 +373,3 @@ def _try_read_fragment(storage: Storage, step: int, writer: str) -> Fragment | s
         return f"writer {writer} has not written its fragment"
     except FormatError as e:
         return str(e)
-
-
-def _check_listing(storage: Storage, step: int, arrays: dict[str, ArraySpec], fragments: Sequence[Fragment]) -> list[str]:
-    files = storage.walk(step_dir(step))
-    problems = []
-    for frag in fragments:
-        for path, records in frag.chunks.items():
-            for rec in records:
-                key = chunk_key(path, rec.index, arrays[path].chunk_separator)
-                size = files.get(key)
-                if size != rec.nbytes:
-                    what = "missing" if size is None else f"{size} bytes, recorded {rec.nbytes}"
-                    problems.append(f"{path!r}: chunk {list(rec.index)} written by {frag.writer} is {what}")
-    for path, spec in arrays.items():
-        if spec.num_chunks and f"{path}/{META}" not in files:
-            problems.append(f"{path!r}: array metadata missing")
-    return problems
-
-

@@ -16,14 +16,17 @@ the coordinator's registry feeds fragments as writers announce them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from . import format as fmt
+from .format import META, chunk_key, step_dir
 from .layouts import CHUNKS, PACKS, Run, encode_runs, linear_index
 from .manifest import ArraySpec, Fragment
+from .storage import Storage
 
 _MISSING = object()
 
@@ -194,3 +197,36 @@ class CommitBuilder:
                 if layout == PACKS and not problems else {})
         return Outcome(dict(sorted(self.arrays.items())), problems, layout, runs, self._values or {},
                        tuple(sorted(self._varying)), self._containers)
+
+
+def check_packs(storage: Storage, step: int, pack_ends: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """Every pack the fragments name (``CommitBuilder.pack_ends``: writer -> pack -> the byte
+    its chunks need) is in storage, long enough: one listing of the step's packs for many
+    writers, one size query per pack for a few."""
+    prefix = f"{step_dir(step)}/{fmt.PACKS}"
+    sizes = storage.walk(prefix) if len(pack_ends) > 2 else None
+    problems = []
+    for writer, ends in pack_ends.items():
+        for name, end in sorted(ends.items()):
+            size = sizes.get(name) if sizes is not None else storage.size(f"{prefix}/{name}")
+            if size is None or size < end:
+                what = "missing" if size is None else f"{size} bytes, its chunks need {end}"
+                problems.append(f"pack {name} of writer {writer} is {what}")
+    return problems
+
+
+def check_listing(storage: Storage, step: int, arrays: dict[str, ArraySpec], fragments: Sequence[Fragment]) -> list[str]:
+    files = storage.walk(step_dir(step))
+    problems = []
+    for frag in fragments:
+        for path, records in frag.chunks.items():
+            for rec in records:
+                key = chunk_key(path, rec.index, arrays[path].chunk_separator)
+                size = files.get(key)
+                if size != rec.nbytes:
+                    what = "missing" if size is None else f"{size} bytes, recorded {rec.nbytes}"
+                    problems.append(f"{path!r}: chunk {list(rec.index)} written by {frag.writer} is {what}")
+    for path, spec in arrays.items():
+        if spec.num_chunks and f"{path}/{META}" not in files:
+            problems.append(f"{path!r}: array metadata missing")
+    return problems

@@ -27,6 +27,7 @@ from .hostpool import HostBufferPool, Slab
 from .manifest import Manifest
 from .plan import SavePlan
 from .restore import RestoreSource, StorageSource
+from .signals import CommitSignals
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -156,10 +157,12 @@ class InProcessSink(Sink):
     """
 
     def __init__(self, storage: Storage, config: SinkConfig,
-                 after_commit: Callable[[Manifest], None] | None = None) -> None:
+                 after_commit: Callable[[Manifest], None] | None = None, signals: CommitSignals | None = None) -> None:
         self.storage = storage
         self.config = config
         self.after_commit = after_commit
+        self.signals = signals  # the job's store: writers and committer tell each other (ckpt.signals)
+        self._waiting: str | None = None  # the save whose commit the commit thread waits for
         self._persist_q: queue.Queue[PersistJob | None] = queue.Queue()
         self._commit_q: queue.Queue[PersistJob | None] = queue.Queue()
         self._stop = threading.Event()
@@ -182,10 +185,14 @@ class InProcessSink(Sink):
                                threads=self.config.io_threads, durable=self.config.durable, layout=self.config.layout)
             except BaseException as e:  # noqa: BLE001 - reported through the futures
                 job.release()
+                if self.signals is not None:
+                    self.signals.persisted(job.save_id, f"{job.writer}: {type(e).__name__}: {e}")
                 job.persisted.set_exception(e)
                 job.committed.set_exception(e)
                 continue
             job.release()
+            if self.signals is not None:
+                self.signals.persisted(job.save_id)
             job.persisted.set_result(frag)
             self._commit_q.put(job)
         self._commit_q.put(None)
@@ -193,15 +200,19 @@ class InProcessSink(Sink):
     def _commit_loop(self) -> None:
         lower_thread_priority(self.config.nice)
         while (job := self._commit_q.get()) is not None:
+            self._waiting = job.save_id
             try:
                 # The committer's own fragment is not read back.
                 manifest = complete(
                     self.storage, job.step, job.save_id, job.writers, committer=job.committer,
                     timeout_s=self.config.commit_timeout_s, poll_s=self.config.poll_interval_s, stop=self._stop,
-                    known={job.writer: job.persisted.result()}, library_versions=self.config.library_versions)
+                    known={job.writer: job.persisted.result()}, library_versions=self.config.library_versions,
+                    signals=self.signals)
             except BaseException as e:  # noqa: BLE001 - reported through the future
                 job.committed.set_exception(e)
                 continue
+            finally:
+                self._waiting = None
             job.committed.set_result(manifest)
             self._run_after_commit(job, manifest)
 
@@ -211,6 +222,9 @@ class InProcessSink(Sink):
         self._closed = True
         if not wait:
             self._stop.set()
+            waiting = self._waiting
+            if waiting is not None and self.signals is not None:
+                self.signals.wake(waiting)  # a writer blocked on the job's store for this commit
         self._persist_q.put(None)
         self._persist.join()
         self._commit.join()

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt import format as fmt
-from ckpt.commit import check_packs, failed_marker, save_id, write_commit_point
-from ckpt.coverage import CommitBuilder
+from ckpt.commit import failed_marker, save_id, write_commit_point
+from ckpt.coverage import CommitBuilder, check_packs
 from ckpt.errors import CkptError, FormatError
 from ckpt.retention import RetentionPolicy, run_gc
 from ckpt.storage import Storage

@@ -29,7 +29,7 @@ CKPT_LAYERS: list[tuple[str, ...]] = [
     ("ckpt.restore",),
     ("ckpt.layouts",),
     ("ckpt.format", "ckpt.chunks"),
-    ("ckpt.state", "ckpt.layout", "ckpt.manifest", "ckpt.dtypes", "ckpt.hostpool", "ckpt.pinning", "ckpt.dist",
+    ("ckpt.state", "ckpt.layout", "ckpt.manifest", "ckpt.dtypes", "ckpt.hostpool", "ckpt.pinning", "ckpt.dist", "ckpt.signals",
      "ckpt.version", "ckpt.zarr_compat"),
     ("ckpt.jsonfields",),
     ("ckpt.readahead",),
