@@ -54,7 +54,7 @@ def test_more_buffers_than_one_call_takes_are_split(segment, monkeypatch):
 def test_chunks_past_the_segment_end_are_none_the_others_read(segment):
     fd, data = segment
     end = len(data)
-    dests, crcs = _read(fd, [(end - 512, 256), (end - 256, 256), (end, 256), (end + 1024, 64)])
+    _dests, crcs = _read(fd, [(end - 512, 256), (end - 256, 256), (end, 256), (end + 1024, 64)])
     assert crcs[0] == crc32c.crc32c(data[end - 512: end - 256]) and crcs[1] == crc32c.crc32c(data[end - 256:])
     assert crcs[2] is None and crcs[3] is None
     assert spans.pread_crc(fd, end - 8, memoryview(bytearray(16))) is None

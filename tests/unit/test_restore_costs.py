@@ -39,7 +39,7 @@ def test_the_collector_is_paused_and_left_as_it_was_found():
 
 
 def test_a_restore_builds_its_plan_with_the_collector_paused(tmp_path, monkeypatch):
-    import ckpt.replicated as replicated
+    from ckpt import replicated
 
     state = {f"w{i}": torch.full((3, 2), float(i)) for i in range(50)}
     with ckpt.Checkpointer(str(tmp_path / "run")) as c:
