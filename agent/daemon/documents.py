@@ -1,9 +1,9 @@
 """A held snapshot's documents as the wire carries them (see :mod:`agent.documents`): each
 one asked for goes inline up to the inline limit, else by reference (``ReadDocument`` streams
 it in pieces). The chunk index, what a restore reads of a snapshot, is built here once per
-snapshot from the plan the agent decoded and the fragment it persisted (a replica's from
-storage), so that no trainer parses a plan or a fragment of O(arrays) per snapshot it restores
-from.
+snapshot from the plan the agent decoded and the fragment it persisted, as it persists it (a
+replica's from storage, on its first listing), so that no trainer parses a plan or a fragment of
+O(arrays) per snapshot it restores from, and no restore waits while the agent does.
 """
 
 from __future__ import annotations
