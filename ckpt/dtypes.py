@@ -75,6 +75,12 @@ def info_of(dtype: torch.dtype) -> DTypeInfo:
         ) from None
 
 
+def name_of(dtype: torch.dtype) -> str:
+    """The manifest's name of ``dtype`` (``float32``), also for a dtype that cannot be stored."""
+    info = _BY_TORCH.get(dtype)
+    return info.name if info is not None else str(dtype).removeprefix("torch.")
+
+
 def info_by_name(name: str) -> DTypeInfo:
     try:
         return _BY_NAME[name]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .dtypes import info_of
+from .dtypes import info_of, name_of
 from .errors import StateMismatchError
 from .format import CHUNK_SEPARATOR
 from .layout import Sharded, TensorLayout, layout_of
@@ -189,13 +189,13 @@ def plan_load(
         if type(leaf) is torch.Tensor:  # held whole, stored as one chunk: the common case, planned fast
             shape = spec.shape
             if (shape and spec.chunk_shape == shape and leaf.shape == shape and all(shape)
-                    and _dtype_name(leaf.dtype) == spec.dtype):
+                    and name_of(leaf.dtype) == spec.dtype):
                 whole = tuple(slice(0, n) for n in shape)
                 requests.append(ReadRequest(path, (0,) * len(shape), shape, (ReadTarget(leaf, whole, whole),),
                                             spec.chunk_separator))
                 continue
         local, layout = layout_of(leaf, rank=rank, world=1)
-        dtype = _dtype_name(local.dtype)
+        dtype = name_of(local.dtype)
         if layout.global_shape != spec.shape:
             problems.append(f"{path!r}: shape {list(spec.shape)} in the checkpoint, {list(layout.global_shape)} in the state")
             continue
@@ -221,16 +221,6 @@ def plan_load(
             problems,
         )
     return LoadPlan(manifest.step, requests, values, manifest.arrays, zero, ChunkLayout.of(manifest))
-
-
-_DTYPE_NAMES: dict[torch.dtype, str] = {}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    name = _DTYPE_NAMES.get(dtype)
-    if name is None:
-        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
-    return name
 
 
 def _padding(leaf: Sharded) -> ZeroRegion | None:

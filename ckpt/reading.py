@@ -207,11 +207,6 @@ def read_batch(storage: Storage, locator: Locator, requests: Sequence[ReadReques
     return [_finish(p, r) for p, r in zip(pending, reads)]
 
 
-def read_chunk(storage: Storage, locator: Locator, req: ReadRequest, exp: ChunkExpectation) -> str | None:
-    """Read one chunk into its targets; returns a problem description instead of raising."""
-    return read_batch(storage, locator, [req], lambda _r: exp)[0]
-
-
 def read_chunks(
     storage: Storage,
     locator: Locator,
