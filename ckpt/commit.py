@@ -140,7 +140,7 @@ def _commit_as_committer(storage: Storage, step: int, save: str, writers: Sequen
         try:
             missing, errors = signals.wait_persisted(save, list(writers), timeout_s=timeout_s, poll_s=poll_s, stop=stop)
         except StoreUnusable as e:
-            log.info("step %d: the job's store failed (%s): looking for the fragments in storage", step, e)
+            log.warning("step %d: the job's store failed (%s): looking for the fragments in storage", step, e)
         else:
             if errors:
                 first = next(iter(errors.items()))
@@ -161,7 +161,7 @@ def _commit_heard(signals: CommitSignals, storage: Storage, step: int, save: str
     try:
         outcome = signals.wait_committed(save, timeout_s=timeout_s, stop=stop)
     except StoreUnusable as e:
-        log.info("step %d: the job's store failed (%s): waiting for the commit point in storage", step, e)
+        log.warning("step %d: the job's store failed (%s): waiting for the commit point in storage", step, e)
         return None
     if outcome is None:  # not heard of: one look at storage decides
         return wait_for_commit(storage, step, save, timeout_s=0, poll_s=0)
