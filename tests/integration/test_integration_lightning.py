@@ -27,6 +27,7 @@ import torch
 
 pytest.importorskip("lightning")
 
+from tests.helpers import assert_same
 from tests.integration._multiproc import run_distributed
 
 
@@ -109,21 +110,6 @@ def _fit_fsdp2(rank: int, world: int, root: str) -> dict[str, Any]:
     return {"whole": whole, "resumed": resumed, "folders": sorted(os.listdir(f"{root}/whole"))}
 
 
-def _same(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), (where, set(a) ^ set(b))
-        for k in a:
-            _same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}/{i}")
-    else:
-        assert a == b, (where, a, b)
-
-
 def _both(rank: int, world: int, root: str) -> dict[str, Any]:
     return {"ddp": _fit_ddp(rank, world, f"{root}/ddp-run"), "fsdp2": _fit_fsdp2(rank, world, f"{root}/runs")}
 
@@ -141,7 +127,7 @@ def test_fsdp2_model_parallel_strategy_resumes_bit_exactly_through_ckpt_dcp(two_
     tmp_path, out = two_ranks
     r0 = out[0]["fsdp2"]
     assert r0["resumed"]["step"] == r0["whole"]["step"] == 16  # 4 batches of 8 per rank and epoch
-    _same(r0["whole"], r0["resumed"])
+    assert_same(r0["whole"], r0["resumed"])
     assert r0["folders"] == ["epoch=3-step=16.ckpt", "last.ckpt"]  # top-1 removed the older ones through the strategy
     for name, step in (
         ("whole/epoch=3-step=16.ckpt", 16),
@@ -219,6 +205,6 @@ def test_ddp_saves_on_rank_zero_alone_without_a_collective(two_ranks):
     assert sorted(os.listdir(tmp_path / "ddp")) == ["epoch=1-step=8.ckpt", "last.ckpt"]
     for name in ("epoch=1-step=8.ckpt", "last.ckpt"):
         loaded = CkptCheckpointIO().load_checkpoint(tmp_path / "ddp" / name)
-        _same(r0["model"], dict(loaded["state_dict"]))
-        _same(r0["optim"], loaded["optimizer_states"][0])
+        assert_same(r0["model"], dict(loaded["state_dict"]))
+        assert_same(r0["optim"], loaded["optimizer_states"][0])
         assert loaded["global_step"] == 8
