@@ -43,7 +43,7 @@ from .dist import Group
 from .errors import CkptError
 from .gcpause import without_gc
 from .handles import CheckpointerStatus, SnapshotHandle, SnapshotState, chain, status_of
-from .hostpool import HostBufferPool
+from .hostpool import HostBufferPool, take_slab
 from .manifest import Manifest
 from .plan import SavePlan, TensorItem
 from .replicated import load_step as shared_load
@@ -104,6 +104,7 @@ class Checkpointer:
         self._warned_no_optimizer = False
         self._capture_lock = threading.Lock()
         self._preparing: threading.Thread | None = None
+        self._interrupt = threading.Event()  # interrupt(): a save waiting for host memory gives up
         self.last_restore: RestoreReport | None = None
 
     # -- the four verbs ---------------------------------------------------------------------
@@ -171,6 +172,13 @@ class Checkpointer:
                 self._handles.append(handle)
             self.telemetry.saved(handle)
         return handle
+
+    def interrupt(self) -> None:
+        """From another thread: a ``save`` waiting for host memory (or else the next one that
+        would wait) gives up now; that checkpoint is skipped (its handle says ``skipped``)."""
+        self._interrupt.set()
+        if (pool := self.pool) is not None:
+            pool.wake()
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every checkpoint taken so far is committed or failed; then report
@@ -264,13 +272,9 @@ class Checkpointer:
         nbytes = plan.nbytes
         handle.nbytes = nbytes
         pool = self._pool_for(nbytes, plan.mine)
-        block = cfg.when_busy == "block"
         try:
-            slab = pool.acquire(nbytes, block=block, timeout=cfg.buffer_wait_timeout_s if block else None)
-            if slab is None and block:
-                raise CkptError(f"checkpoint of step {step}: no host buffer came free within "
-                                f"{cfg.buffer_wait_timeout_s:g} s (buffer_wait_timeout_s); the earlier checkpoints "
-                                "still hold the whole host budget: is the storage or the node agent stuck?")
+            slab = take_slab(pool, nbytes, step=step, when_busy=cfg.when_busy, timeout=cfg.buffer_wait_timeout_s,
+                             cancel=self._interrupt)
         except (CkptError, OSError) as e:
             # Host memory comes from the sink (a node agent's shared memory): when the sink is
             # gone, this checkpoint fails like any other persist failure; training goes on.
@@ -282,8 +286,6 @@ class Checkpointer:
         if slab is None:
             handle.skipped = True
             self._skipped += 1
-            log.warning("checkpoint of step %d skipped: the previous one is still being written "
-                        "(when_busy='skip'; raise host_budget_bytes or checkpoint less often)", step)
             return
         views, host_requests = plan.host_views(slab)
 
@@ -338,8 +340,7 @@ class Checkpointer:
 
     def _pool_for(self, nbytes: int, items: list[TensorItem]) -> HostBufferPool:
         if self.pool is None:
-            budget = self.config.host_budget_bytes or max(2 * nbytes, 1)
-            pin = self.config.pin_memory
+            budget, pin = self.config.host_budget_bytes or max(2 * nbytes, 1), self.config.pin_memory
             if pin is None:
                 pin = torch.cuda.is_available() and any(it.tensor.device.type == "cuda" for it in items)
             self.pool = self.sink.host_pool(budget, pin_memory=pin)
@@ -372,8 +373,7 @@ class Checkpointer:
             log.info("retention removed steps %s", result.deleted)
 
     def _record_error(self, step: int, fut: Future) -> None:
-        e = fut.exception()
-        if e is None:
+        if (e := fut.exception()) is None:
             return
         msg = f"checkpoint of step {step} failed: {type(e).__name__}: {e}"
         with self._lock:

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .errors import CkptError
+
 log = logging.getLogger(__name__)
 
 ALIGN = 4096  # every tensor starts on a page: chunk bodies can be written with O_DIRECT
@@ -113,8 +115,10 @@ class HostBufferPool:
         with self._cond:
             return self._allocated
 
-    def acquire(self, nbytes: int, *, block: bool = True, timeout: float | None = None) -> Slab | None:
-        """A slab of at least ``nbytes``; ``None`` if not ``block`` (or timed out) and none is free."""
+    def acquire(self, nbytes: int, *, block: bool = True, timeout: float | None = None,
+                cancel: threading.Event | None = None) -> Slab | None:
+        """A slab of at least ``nbytes``; ``None`` if not ``block`` (or timed out, or ``cancel``
+        was set: :meth:`wake` ends a wait at once) and none is free."""
         need = aligned(max(nbytes, 1))
         if need > self.budget:
             raise HostBudgetError(
@@ -128,7 +132,7 @@ class HostBufferPool:
                 if slab is not None:
                     slab.reset()
                     return slab
-                if not block:
+                if not block or (cancel is not None and cancel.is_set()):
                     return None
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -154,6 +158,11 @@ class HostBufferPool:
         self.peak_bytes = max(self.peak_bytes, self._allocated)
         return Slab(buffer, 0, self, handle)
 
+    def wake(self) -> None:
+        """Wake every ``acquire`` waiting, so that one whose ``cancel`` is set returns."""
+        with self._cond:
+            self._cond.notify_all()
+
     def release(self, slab: Slab) -> None:
         with self._cond:
             self._free.append(slab)
@@ -166,3 +175,23 @@ class HostBufferPool:
                 self._allocated -= s.nbytes
                 self.allocator.free(s.buffer, s.handle)
             self._free.clear()
+
+
+def take_slab(pool: HostBufferPool, nbytes: int, *, step: int, when_busy: str, timeout: float | None,
+              cancel: threading.Event) -> Slab | None:
+    """The slab for the snapshot of ``step``, waiting for one to come free if ``when_busy`` is
+    ``"block"`` (up to ``timeout``, or until ``cancel`` is set); ``None``: the snapshot is
+    skipped (a warning says why). A wait that times out raises :class:`CkptError`."""
+    block = when_busy == "block"
+    slab = pool.acquire(nbytes, block=block, timeout=timeout if block else None, cancel=cancel)
+    if slab is not None:
+        return slab
+    if block and not cancel.is_set():
+        raise CkptError(f"checkpoint of step {step}: no host buffer came free within {timeout:g} s "
+                        "(buffer_wait_timeout_s); the earlier checkpoints still hold the whole host budget: "
+                        "is the storage or the node agent stuck?")
+    why = ("interrupted while it waited for host memory" if cancel.is_set() else "the previous one is still being "
+           "written (when_busy='skip'; raise host_budget_bytes or checkpoint less often)")
+    cancel.clear()
+    log.warning("checkpoint of step %d skipped: %s", step, why)
+    return None

@@ -85,6 +85,9 @@ class Worker:
             self._cut_group()
             if keep_state:
                 self.live.stop.set()
+            if (ctx := self.ctx) is not None:  # a save waiting for host memory (commits stalled by the loss) gives up
+                ctx.checkpointer.interrupt()
+            if keep_state:
                 return "stopping"
             _raise_in(self._thread, Interrupted)
         return "interrupted"
@@ -97,6 +100,8 @@ class Worker:
                 return "idle"
             self.live.forced = True
             _raise_in(self._thread, Interrupted)
+            if (ctx := self.ctx) is not None:  # out of a wait for host memory: the exception lands
+                ctx.checkpointer.interrupt()
         return "interrupted"
 
     def live_report(self) -> dict[str, Any]:

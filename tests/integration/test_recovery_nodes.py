@@ -142,7 +142,7 @@ def test_a_replacement_that_cannot_start_leaves_the_survivors_going_without_roll
     (rec,) = result.failures
     for e in result.events:  # shown if the assertions below fail
         if e.kind in ("restore_plan", "stopping", "resized"):
-            print(e.kind, e.message)
+            print(e.kind, e.message, e.fields.get("stuck") or "")  # a survivor that did not stop: where it was
     assert rec.failure.kind in (NODE_DIED, WORKER_DIED) and rec.policy == "heal" and rec.steps_lost == 0, \
         [(e.kind, e.message) for e in result.events if e.kind in ("restore_plan", "stopping", "resized")]
     assert (rec.world_before, rec.world_after, result.world_size) == (2, 1, 1)

@@ -199,6 +199,38 @@ def test_a_stuck_storage_fails_the_checkpoint_after_buffer_wait_timeout_and_trai
         ckpt.CheckpointerConfig(url="/tmp/x", buffer_wait_timeout_s=0)
 
 
+def test_interrupt_ends_a_save_waiting_for_host_memory(tmp_path):
+    """``interrupt()`` from another thread: a save blocked on a full host budget (storage stuck,
+    or a commit that a lost peer stalls) returns at once, its checkpoint skipped; the next save
+    waits again as usual."""
+    model, opt, sched, loader, state = make_job()
+    train(model, opt, sched, loader, range(1))
+    stuck = GatedStorage(LocalStorage(str(tmp_path)))
+    ck = ckpt.Checkpointer(stuck, every_n_steps=1, keep_last=None, buffer_wait_timeout_s=120.0)
+    try:
+        ck.attach(opt)
+        first = ck.save(0, state)
+        ck.pool.budget = first.nbytes + 64  # room for exactly one snapshot in flight (testing only)
+        train(model, opt, sched, loader, [1])
+        out: list = []
+        saving = threading.Thread(target=lambda: out.append(ck.save(1, state)))
+        saving.start()
+        saving.join(0.3)
+        assert saving.is_alive()  # it waits for the first snapshot's buffer
+        ck.interrupt()
+        saving.join(30)
+        assert not saving.is_alive() and out[0].skipped and ck.status().skipped == 1
+        ck.interrupt()  # no save waits now: the next one that would wait gives up at once
+        assert ck.save(2, state).skipped
+        stuck.gate.set()
+        assert first.committed.result(60) is not None
+        ck.save(3, state).committed.result(60)  # the interrupt is spent: saves wait and land again
+    finally:
+        stuck.gate.set()
+        ck.close()
+    assert ckpt.committed_steps(ckpt.open_storage(tmp_path)) == [0, 3]
+
+
 def test_failing_storage_is_reported_and_training_goes_on(tmp_path, caplog):
     model, opt, sched, loader, state = make_job()
     broken = BrokenStorage(LocalStorage(str(tmp_path)))
