@@ -162,6 +162,10 @@ class HealPolicy(RecoveryPolicy[DataParallelJob]):
             return RecoveryOutcome(out.action, out.world_size, out.restore, decision.reason, policy=RELOAD)
         assert isinstance(job, HealableJob) and decision.source is not None and decision.step is not None
         world = job.heal_workers(decision.source, decision.step, decision.current)
+        fallback = getattr(job, "heal_fallback", None)
+        if fallback is not None:  # a worker did not start: its live state went with it, all reloaded
+            return RecoveryOutcome(RESTARTED, world, fallback, f"{decision.reason}; a worker did not start: every "
+                                   f"worker reloaded step {fallback.step}", policy=RELOAD)
         return RecoveryOutcome(RESTARTED, world, None, decision.reason, policy=HEAL, live_step=decision.step)
 
     def on_checkpoint(self, step: int, job: DataParallelJob) -> RecoveryOutcome | None:

@@ -92,6 +92,23 @@ def test_heal_policy_heals_and_logs_the_choice_and_reason():
     assert plan.fields["chosen"] == HEAL and plan.fields["policy"] == "heal" and plan.fields["step"] == 44
 
 
+def test_a_heal_whose_replacement_did_not_start_is_recorded_as_the_reload_it_became():
+    # The job's start fell back to the newest checkpoint (a worker did not start: the live
+    # state it was to receive went with it): the outcome says reload, from that checkpoint.
+    from recovery.restore import RestorePoint
+
+    class NoStart(FakeDataParallelJob):
+        def heal_workers(self, source, step, current):
+            world = super().heal_workers(source, step, current)
+            self.heal_fallback = RestorePoint(40)
+            return world
+
+    job = NoStart(RunConfig(num_workers=4, storage="memory://heal", min_workers=2))
+    out = HealPolicy().on_failure(_failure(ranks=(3,)), job)
+    assert (out.action, out.policy, out.live_step, out.restore.step) == (RESTARTED, RELOAD, None, 40)
+    assert "did not start" in out.detail
+
+
 def test_inconsistent_live_state_falls_back_to_reload_with_the_reason_in_the_event():
     class Apart(FakeDataParallelJob):
         def stop_keeping_state(self, reason):
