@@ -8,6 +8,9 @@ agent run by recovery, checkpoints every ``--every`` steps, and one injected fau
 
 - ``kill``: SIGKILL of a worker process -> restore from agent memory, in place (only the lost
   worker is replaced); ``kill_restart_all``: the same with every worker replaced (the old way);
+  ``kill_spare``: the same in place with one hot spare (``spares=1``: the replacement booted
+  ahead, once the first step is trained; give the spare time to boot before the fault with
+  ``--step-sleep``; ``spare_taken`` in the row says whether it replaced the lost worker);
 - ``hang``: a worker stops making progress -> detected after ``--hang-timeout`` s of silence;
 - ``kill_agent``: the node agent dies, then a worker -> the agent's memory is gone, restore
   from storage;
@@ -50,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-SCENARIOS = ("kill", "kill_restart_all", "hang", "kill_agent", "kill_coordinator", "node_loss", "storage_down")
+SCENARIOS = ("kill", "kill_restart_all", "kill_spare", "hang", "kill_agent", "kill_coordinator", "node_loss", "storage_down")
 PEERS = ("raytrain_kill",)
 
 
@@ -66,7 +69,8 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     every = args.every
     faults: list[Fault] = []
     in_place = not kind.endswith("_restart_all")  # the old way: every worker restarted
-    kind = kind.removesuffix("_restart_all")
+    spares = 1 if kind.endswith("_spare") else 0
+    scenario, kind = kind, kind.removesuffix("_restart_all").removesuffix("_spare")
     if kind == "kill":
         faults = [Fault(KILL, at, rank=args.workers - 1)]
     elif kind == "hang":
@@ -78,7 +82,7 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     elif kind == "storage_down":
         faults = [Fault(STORAGE_DOWN, at, rank=0), Fault(STORAGE_UP, at + args.outage_steps, rank=0)]
         every = args.storage_every
-    trainer = DemoTrainer(steps=args.steps, width=args.width, depth=args.depth, step_sleep_s=0.0,
+    trainer = DemoTrainer(steps=args.steps, width=args.width, depth=args.depth, step_sleep_s=args.step_sleep,
                           faults=tuple(faults))
     run_dir = tempfile.mkdtemp(prefix=f"bench-recovery-{kind}-", dir=args.root)
     ncpu = os.cpu_count() or 2
@@ -87,17 +91,18 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         result = launcher.run(
             trainer, num_workers=args.workers, storage=run_dir, policy="reload", max_failures=3,
             num_cpus=ncpu, ray_init_options={"log_to_driver": False}, echo=sys.stderr if args.verbose else None,
-            resources_per_worker={"CPU": min(1.0, ncpu / (args.workers + 1))},
+            resources_per_worker={"CPU": min(1.0, ncpu / (args.workers + 2))},  # room for a spare
             every_n_steps=every, keep_last=2, hang_timeout_s=args.hang_timeout, startup_timeout_s=300,
-            backoff_s=0.5, placement_timeout_s=60, agent_memory_bytes=args.agent_memory_gib << 30, in_place=in_place,
-            metrics=None)
+            backoff_s=args.backoff, placement_timeout_s=60, agent_memory_bytes=args.agent_memory_gib << 30,
+            in_place=in_place, spares=spares, metrics=None)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    row: dict[str, Any] = {"scenario": kind if in_place else f"{kind}_restart_all", "wall_s": time.perf_counter() - t0, "attempts": result.attempts,
+    row: dict[str, Any] = {"scenario": scenario, "wall_s": time.perf_counter() - t0, "attempts": result.attempts,
                            "checkpoints": len(result.checkpoints),
                            "stall_s": statistics.median([c["stall_s"] for c in result.checkpoints
                                                          if c.get("stall_s") is not None] or [float("nan")])}
     add_failure(row, result)
+    row["spare_taken"] = any(e.kind == "spare" and "replaced" in e.message for e in result.events)
     row["kept_in_place"] = len([e for e in result.events if e.kind == "workers_started"][-1].fields.get("kept", []))
     if kind == "storage_down" and result.failures:
         # From the outage (the fault's timestamp, next to the run directory) to the detection.
@@ -317,6 +322,8 @@ def main() -> int:
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--fault-at", type=int, default=23)
     p.add_argument("--hang-timeout", type=float, default=10.0)
+    p.add_argument("--step-sleep", type=float, default=0.0, help="seconds each step sleeps after it reports")
+    p.add_argument("--backoff", type=float, default=0.5, help="RunConfig.backoff_s")
     p.add_argument("--outage-steps", type=int, default=8, help="storage_down: steps until storage is back")
     p.add_argument("--storage-every", type=int, default=2, help="storage_down: checkpoint every this many steps")
     p.add_argument("--agent-memory-gib", type=int, default=8)
@@ -390,6 +397,14 @@ def main() -> int:
             r1 = f"{b / a:.1f}x" if a and b else "-"
             r2 = f"{c / a:.1f}x" if a and c else "-"
             print(f"| {name} | {f(a, unit)} | {f(b, unit)} | {f(c, unit)} | {r1} | {r2} |")
+    spare = [r for r in rows if r["scenario"] == "kill_spare"]
+    if ours and spare:
+        print("\nhot spare (spares=1) vs none, in place")
+        print("| figure | no spare | one hot spare | none / spare |\n|---|---:|---:|---:|")
+        for name, key in (("detection -> first resumed step", "resumed_after_s"), ("restore time (slowest rank)",
+                                                                                  "restore_s")):
+            a, b = med("kill", key), med("kill_spare", key)
+            print(f"| {name} | {f(a)} | {f(b)} | {f'{a / b:.1f}x' if a and b else '-'} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "rows": rows}, fh, indent=1, default=str)

@@ -133,6 +133,10 @@ class RunConfig:
     # others keep their processes (imports, CUDA context, memory) and re-enter train_fn in the next
     # attempt. A survivor that does not stop within interrupt_timeout_s is replaced too.
     in_place: bool = True
+    # Hot spares: this many worker processes booted ahead in bundles of their own (each holds a
+    # worker's resources), where the cluster has room beyond the ranks; a lost rank is replaced by
+    # one at once instead of by a process that must boot (recovery.spares).
+    spares: int = 0
     interrupt_timeout_s: float = 5.0
     poll_interval_s: float = 0.2
     # The job's metrics (recovery.metrics, docs/metrics.md): "ray" (Ray's metrics, exported at the
@@ -172,6 +176,8 @@ class RunConfig:
             raise ValueError(f"RunConfig.agent_memory_bytes must be a positive integer, got {self.agent_memory_bytes!r}")
         if isinstance(self.agent_replicas, bool) or not isinstance(self.agent_replicas, int) or self.agent_replicas < 0:
             raise ValueError(f"RunConfig.agent_replicas must be an integer >= 0, got {self.agent_replicas!r}")
+        if isinstance(self.spares, bool) or not isinstance(self.spares, int) or self.spares < 0:
+            raise ValueError(f"RunConfig.spares must be an integer >= 0, got {self.spares!r}")
         if self.agent_replicas and self.agent != "actor":
             raise ValueError("RunConfig.agent_replicas needs agent='actor'; an external agent replicates by its own "
                              "configuration (peers, replicas)")

@@ -30,6 +30,7 @@ COORDINATOR = "coordinator"
 AGENT = "agent"
 BACKOFF = "backoff"
 STORAGE = "storage"  # checkpoints keep failing; training goes on
+SPARE = "spare"  # hot spares booted, or one taken to replace a lost rank
 STRAGGLER = "straggler"  # a rank became a straggler (fields: state "slow") or stopped being one ("recovered")
 FINISHED = "finished"
 ABORTED = "aborted"

@@ -34,6 +34,7 @@ from .live import HealSpec, LiveState, receivers_of
 from .placement import Placement
 from .policy import DataParallelJob
 from .restore import RestorePoint, writer_tiers
+from .spares import Spares
 from .worker import TrainContext, WorkerSpec
 from .worker_process import Worker
 
@@ -58,12 +59,15 @@ class WorkerJob(DataParallelJob):
         self.run_refs: dict[Any, int] = {}  # run ref -> rank
         self.returns: dict[int, Any] = {}
         self.in_a_row = 0
+        self.spares = Spares(config.spares, boot=lambda bundle: self._worker_in(bundle, -1, 0, -1), kill=kill,
+                             warm=lambda actor: actor.warm.remote(self.train_fn_ref))
         self.failure: Failure | None = None  # the failure being recovered (set by the run loop)
         self.kept: dict[int, Any] = {}  # rank -> worker kept in place (or booted ahead) for the next attempt
         self.fresh: set[int] = set()  # the ranks of ``kept`` that are replacements booted ahead
         self.stuck: dict[int, str] = {}  # survivors of the last stop that did not stop: rank -> their stack
         self.keep_state = False  # this stop keeps the survivors' live training state (policy heal)
         self.bundles: dict[int, int] = {}  # rank -> its placement-group bundle, where not the same number
+        self.heal_fallback: RestorePoint | None = None  # a heal's start fell back to this checkpoint
         self.pids: list[int | None] = []
         self._attempt = -1
         self._world = 0
@@ -237,6 +241,7 @@ class WorkerJob(DataParallelJob):
         except (RayError, GetTimeoutError):
             pass
         kept, self.kept = self.kept, {}
+        self.heal_fallback = None
         stayed = sorted(set(kept) - self.fresh)
         self.fresh = set()
         self.workers = self._spawn(world_size, attempt, kept)
@@ -251,6 +256,7 @@ class WorkerJob(DataParallelJob):
             if heal is not None:  # its live state went with it: every worker from the newest checkpoint
                 committed = fmt.committed_steps(self.storage)
                 restore, heal = RestorePoint(committed[-1] if committed else None), None
+                self.heal_fallback = restore
             self.log(ev.RESIZED, f"a worker of attempt {attempt} did not start ({type(e).__name__}): replacing "
                      "every worker, on as many as fit" + ("" if restore is None or restore.step is None else
                                                           f", from step {restore.step}"), world_size=world_size)
@@ -296,17 +302,44 @@ class WorkerJob(DataParallelJob):
         return [kept.get(i) or self.new_worker(i, world_size, attempt) for i in range(world_size)]
 
     def new_worker(self, rank: int, world_size: int, attempt: int) -> Any:
-        """A worker actor in bundle ``rank`` (threaded: ``interrupt`` must run while ``run`` does)."""
-        bundle = self._bundle_for(rank)
+        """A worker for rank ``rank``: a hot spare where one is ready (it takes the spare's
+        bundle), else a new actor in the rank's bundle."""
+        spare = self.spares.take(self.placement.pg, self.placement.lost_nodes) if self.spares.count else None
+        if spare is not None:
+            self.bundles[rank] = spare.bundle
+            self.log(ev.SPARE, f"rank {rank} replaced by the hot spare in bundle {spare.bundle} on node "
+                     f"{(spare.node or '?')[:12]} (pid {spare.pid}, booted {time.monotonic() - spare.booted_at:.1f} s "
+                     "before)", rank=rank, bundle=spare.bundle, node=spare.node, pid=spare.pid, taken=self.spares.taken)
+            return spare.actor
+        return self._worker_in(self._bundle_for(rank), rank, world_size, attempt)
+
+    def _worker_in(self, bundle: int, rank: int, world_size: int, attempt: int) -> Any:
+        """A worker actor in ``bundle`` (threaded: ``interrupt`` must run while ``run`` does)."""
         return ray.remote(Worker).options(**self.placement.worker_options(bundle), max_concurrency=4).remote(
             rank, world_size, attempt)
+
+    def tend_spares(self) -> None:
+        """Boot hot spares in the bundles no rank and no spare uses, up to ``RunConfig.spares``."""
+        pl = self.placement
+        if not self.spares.count or pl.pg is None:
+            return
+        for sp in self.spares.newly_ready():
+            self.log(ev.SPARE, f"hot spare in bundle {sp.bundle} ready on node {(sp.node or '?')[:12]} (pid {sp.pid}, "
+                     f"booted in {time.monotonic() - sp.booted_at:.1f} s)", bundle=sp.bundle, node=sp.node, pid=sp.pid)
+        if len(self.spares.idle) >= self.spares.count:
+            return
+        used = {self.bundles.get(r, r) for r in range(self._world)} | self.spares.bundles()
+        booted = self.spares.tend(pl.pg, [b for b in range(pl.world + pl.extra) if b not in used])
+        if booted:
+            self.log(ev.SPARE, f"booting {len(booted)} hot spare(s) in bundle(s) {booted}", booted=booted,
+                     idle=len(self.spares.idle))
 
     def _bundle_for(self, rank: int) -> int:
         """Rank ``rank``'s bundle: its own number, unless a heal that shrank the job renumbered
         the ranks (then the bundle it had, or the first one no other rank holds)."""
         if not self.bundles or rank in self.bundles:
             return self.bundles.get(rank, rank)
-        used = {b for r, b in self.bundles.items() if r != rank}
+        used = {b for r, b in self.bundles.items() if r != rank} | self.spares.bundles()
         free = [b for b in range(max(self.placement.world, rank + 1)) if b not in used]
         self.bundles[rank] = rank if rank not in used else free[0]
         return self.bundles[rank]
@@ -321,6 +354,7 @@ class WorkerJob(DataParallelJob):
 
     def shutdown(self) -> None:
         self._kill_workers()
+        self.spares.drop()
         self.fleet.shutdown()
         try:
             self.placement.release()

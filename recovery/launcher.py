@@ -149,6 +149,10 @@ class Supervisor:
             failure = self._poll_coordinator()
             if failure is not None:
                 return failure
+            prog = self._progress
+            if self._pending_restore is None and prog.get("attempt") == self.job.attempt \
+                    and prog.get("last_step") is not None:  # trained a step: spares boot without slowing a start
+                self.job.tend_spares()
             if not self.job.run_refs:
                 return None
 

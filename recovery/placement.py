@@ -34,7 +34,8 @@ class Placement:
         self.driver_node = driver_node
         self.lost_nodes: set[str] = set()  # lost, though Ray may not have marked them dead yet
         self.pg: PlacementGroup | None = None
-        self.world = 0  # bundles of ``pg``
+        self.world = 0  # bundles of ``pg`` for the ranks
+        self.extra = 0  # bundles of ``pg`` beyond them, for hot spares (``RunConfig.spares``)
 
     @property
     def bundle(self) -> dict[str, float]:
@@ -52,7 +53,7 @@ class Placement:
                 for k, v in n.get("Resources", {}).items():
                     avail[k] = avail.get(k, 0.0) - v
         free = min(math.floor(max(0.0, avail.get(k, 0.0)) / v + 1e-9) for k, v in bundle.items())
-        return free + (self.world if self.pg is not None else 0)
+        return free + (self.world + self.extra if self.pg is not None else 0)
 
     def room_for(self, n: int) -> bool:
         return self.fits() >= n
@@ -69,12 +70,15 @@ class Placement:
         tried: set[int] = set()
         while n >= minimum:
             tried.add(n)
-            pg = placement_group([self.bundle] * n, strategy=cfg.placement_strategy)
-            ready, _ = ray.wait([pg.ready()], timeout=cfg.placement_timeout_s)
-            if ready:
-                self.pg, self.world = pg, n
-                return n
-            remove_placement_group(pg)
+            # Hot spares where there is room beyond the ranks (never at the cost of a rank).
+            extra = min(cfg.spares, max(0, self.fits() - n)) if cfg.spares else 0
+            for more in dict.fromkeys((extra, 0)):
+                pg = placement_group([self.bundle] * (n + more), strategy=cfg.placement_strategy)
+                ready, _ = ray.wait([pg.ready()], timeout=cfg.placement_timeout_s)
+                if ready:
+                    self.pg, self.world, self.extra = pg, n, more
+                    return n
+                remove_placement_group(pg)
             fits = min(n - 1, self.fits())
             self._log(ev.RESIZED, f"no room for {n} workers after {cfg.placement_timeout_s:g} s; "
                       f"trying {max(fits, minimum)}", wanted=n)
@@ -93,7 +97,7 @@ class Placement:
     def release(self) -> None:
         if self.pg is not None:
             remove_placement_group(self.pg)
-            self.pg = None
+            self.pg, self.extra = None, 0
 
     def worker_options(self, index: int) -> dict[str, Any]:
         """Ray actor options of the worker in bundle ``index``."""

@@ -66,6 +66,16 @@ class Worker:
         return {"node": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
                 "gpus": ray.get_gpu_ids()}
 
+    def warm(self, train_fn: Callable[[TrainContext], Any]) -> dict[str, Any]:
+        """A hot spare's boot (``recovery.spares``): ``train_fn`` arrived deserialized (its modules
+        imported); what ``run`` imports besides is imported now. Its node info."""
+        import torch.distributed  # noqa: F401
+
+        import agent.trainer.sink  # noqa: F401  (the node agent's sink, which the Checkpointer opens)
+
+        del train_fn
+        return self.node_info()
+
     def free_port(self) -> int:
         import ray
 

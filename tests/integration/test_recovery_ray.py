@@ -238,3 +238,52 @@ def test_a_second_failure_right_after_a_reload_in_place(cluster, tmp_path):
     assert second["kept"] == [0] and third["kept"] == [1] and third["pids"][1] == second["pids"][1]
     assert [r["attempt"] for r in result.returns] == [2, 2]
     assert _equal(result.returns[0]["state"], trainer.reference(world=2))
+
+
+class _KillOnceASpareIsReady:
+    """An event stream (``json_events``) that SIGKILLs rank ``rank``'s process once a hot spare
+    reports ready, and keeps the events it saw."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.pids, self.events, self.killed = rank, [], [], False
+
+    def write(self, line: str) -> int:
+        import json
+        import signal
+
+        for text in line.splitlines():
+            if not text.strip():
+                continue
+            e = json.loads(text)
+            self.events.append(e)
+            if e["kind"] == "workers_started":
+                self.pids = e["fields"]["pids"]
+            if e["kind"] == "spare" and "ready" in e["message"] and not self.killed:
+                self.killed = True
+                os.kill(self.pids[self.rank], signal.SIGKILL)
+        return len(line)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_hot_spare_replaces_the_lost_rank_and_another_boots_in_its_place(cluster, tmp_path):
+    # 2 workers and one spare (3 of the cluster's 4 slots): once the spare is booted, rank 1 is
+    # SIGKILLed; the spare's process becomes rank 1 (no process booted for it), the survivor keeps
+    # its own, the job ends bit-exact, and a new spare boots in a free bundle after the resume.
+    # (long enough for a spare to boot on a loaded machine; the kill comes as soon as it has)
+    trainer = DemoTrainer(steps=400, width=32, depth=2, global_batch=8, step_sleep_s=0.05, return_state=True)
+    stream = _KillOnceASpareIsReady(rank=1)
+    result = _run(trainer, tmp_path, num_workers=2, max_failures=1, spares=1, echo=stream, json_events=True)
+    (rec,) = result.failures
+    assert rec.failure.kind == WORKER_DIED and rec.failure.ranks == (1,)
+    spare_events = [e for e in result.events if e.kind == "spare"]
+    ready = [e.fields for e in spare_events if "ready" in e.message]
+    (taken,) = [e.fields for e in spare_events if "replaced" in e.message]
+    assert taken["rank"] == 1 and taken["pid"] == ready[0]["pid"]
+    first, second = _started(result)
+    assert second["kept"] == [0] and second["pids"] == [first["pids"][0], ready[0]["pid"]]
+    booting = [e.fields["booted"] for e in spare_events if e.message.startswith("booting")]
+    assert len(booting) >= 2 and booting[1] != booting[0]  # the second spare: in another bundle
+    assert [r["attempt"] for r in result.returns] == [1, 1]
+    assert _equal(result.returns[0]["state"], trainer.reference(world=2))

@@ -14,7 +14,8 @@ ROOT = Path(recovery.__file__).parent
 # Lowest first: a module imports only modules of lower layers (a package's __init__ also its
 # own submodules). "" is the package itself, the public facade.
 LAYERS = [
-    {"errors", "events", "config", "restore", "registry", "checkfree.rule", "checkfree.plan", "stragglers", "live"},
+    {"errors", "events", "config", "restore", "registry", "checkfree.rule", "checkfree.plan", "stragglers", "live",
+     "spares"},
     {"detect", "worker", "placement", "fleet", "pipeline.spec", "pipeline.schedule", "metrics"},
     {"policy", "coordinator", "pipeline.stage", "worker_process"},
     {"checkfree.policy", "result", "heal"},

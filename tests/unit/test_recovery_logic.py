@@ -312,6 +312,8 @@ def test_restore_point_speaks_tiers_only():
     ({"agent_replicas": -1}, "agent_replicas"),
     ({"agent_replicas": True}, "agent_replicas"),
     ({"agent_replicas": 1, "agent": None}, "agent_replicas needs agent='actor'"),
+    ({"spares": -1}, "spares"),
+    ({"spares": 1.5}, "spares"),
 ])
 def test_run_config_validation(kwargs, match):
     base = {"num_workers": 4, "storage": "/tmp/x"} | kwargs

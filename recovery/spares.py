@@ -1,0 +1,120 @@
+"""Hot spare workers: worker processes booted ahead (Python, torch and the job's modules imported,
+``train_fn`` loaded) that wait in placement-group bundles no rank uses, and replace a lost rank
+at once instead of a process that must boot first (seconds on a loaded node: most of a restart
+in place). ``RunConfig.spares`` says how many a job keeps; each holds a worker's resources.
+
+A spare taken is replaced by a new one in a free bundle (the lost rank's, where its node lives
+on) once the attempt it joined has trained a step, so that its boot does not compete with the
+recovery it would slow down. Spares live in the job's placement group: a new group (a resize,
+a restart of everything) drops them, and they are booted again in the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import RayError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Spare:
+    actor: Any
+    bundle: int
+    ready: Any  # the ref of its ``warm`` call: its node info once booted
+    booted_at: float
+    node: str | None = None  # once it answered
+    pid: int | None = None
+
+
+class Spares:
+    """The job's spare workers. ``boot(bundle)`` makes a worker actor in that bundle of the
+    current placement group; ``kill(actor)`` ends one."""
+
+    def __init__(self, count: int, boot: Callable[[int], Any], kill: Callable[[Any], None],
+                 warm: Callable[[Any], Any]) -> None:
+        self.count = count
+        self._boot, self._kill, self._warm = boot, kill, warm
+        self._pg: Any = None  # the placement group the spares were booted in
+        self.idle: dict[int, Spare] = {}  # bundle -> spare
+        self.taken = 0
+
+    def sync(self, pg: Any) -> None:
+        """Forget the spares of a placement group that is gone (removing it killed them)."""
+        if pg is not self._pg:
+            self.drop()
+            self._pg = pg
+
+    def tend(self, pg: Any, free: Iterable[int]) -> list[int]:
+        """Boot spares in ``free`` bundles of ``pg`` until there are ``count``; the bundles booted."""
+        self.sync(pg)
+        if pg is None:
+            return []
+        booted = []
+        for bundle in free:
+            if len(self.idle) >= self.count:
+                break
+            if bundle in self.idle:
+                continue
+            try:
+                actor = self._boot(bundle)
+                self.idle[bundle] = Spare(actor, bundle, self._warm(actor), time.monotonic())
+                booted.append(bundle)
+            except Exception:  # a spare is an optimisation: the job goes on without it
+                log.warning("booting a spare worker in bundle %d failed", bundle, exc_info=True)
+        return booted
+
+    def newly_ready(self) -> list[Spare]:
+        """The spares that finished booting since the last call (a spare that died is dropped)."""
+        waiting = [sp for sp in self.idle.values() if sp.node is None]
+        if not waiting:
+            return []
+        done, _ = ray.wait([sp.ready for sp in waiting], num_returns=len(waiting), timeout=0)
+        out = []
+        for sp in waiting:
+            if sp.ready in done and self._answer(sp):
+                out.append(sp)
+        return out
+
+    def _answer(self, spare: Spare) -> bool:
+        """Read a booted spare's node; a spare that died instead is dropped (False)."""
+        if spare.node is not None:
+            return True
+        try:
+            info = ray.get(spare.ready, timeout=0)
+            spare.node, spare.pid = info["node"], info["pid"]
+            return True
+        except RayError:
+            self._kill(self.idle.pop(spare.bundle).actor)  # its process or node died
+            return False
+
+    def take(self, pg: Any, lost_nodes: set[str]) -> Spare | None:
+        """A spare booted and answering, on a node not lost (``None`` if none is): it is the
+        caller's now."""
+        self.sync(pg)
+        for bundle, spare in sorted(self.idle.items()):
+            done, _ = ray.wait([spare.ready], timeout=0)
+            if not done:
+                continue  # still booting (or its bundle waits for a node): a new process is as fast
+            if not self._answer(spare):
+                continue
+            if spare.node in lost_nodes:
+                self._kill(self.idle.pop(bundle).actor)
+                continue
+            self.taken += 1
+            return self.idle.pop(bundle)
+        return None
+
+    def bundles(self) -> set[int]:
+        return set(self.idle)
+
+    def drop(self) -> None:
+        for spare in self.idle.values():
+            self._kill(spare.actor)
+        self.idle = {}
