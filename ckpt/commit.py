@@ -237,10 +237,18 @@ def wait_for_commit(storage: Storage, step: int, save_id: str, *, timeout_s: flo
 
 
 def wait_for_commit_point(storage: Storage, step: int, save_id: str, *, timeout_s: float, poll_s: float,
-                          stop: threading.Event | None = None) -> tuple[Manifest, bytes]:
-    """Block until ``save_id`` committed ``step``: its manifest and the commit point's bytes."""
+                          stop: threading.Event | None = None, wake: threading.Event | None = None,
+                          max_poll_s: float = 1.0) -> tuple[Manifest, bytes]:
+    """Block until ``save_id`` committed ``step``: its manifest and the commit point's bytes.
+    Storage is read after ``poll_s``, then at intervals doubling up to ``max_poll_s``; ``wake``
+    set (someone says the commit happened) reads it at once."""
     deadline = time.monotonic() + timeout_s
     delay = poll_s
+    if wake is not None:  # told of the commit, or the first poll: storage is read then
+        if wake.wait(delay):
+            wake.clear()
+        else:
+            delay = min(delay * 2, max_poll_s)
     while True:
         try:
             m, data = fmt.read_manifest_bytes(storage, step)
@@ -251,9 +259,15 @@ def wait_for_commit_point(storage: Storage, step: int, save_id: str, *, timeout_
             pass
         if time.monotonic() > deadline:
             raise CommitError(f"step {step}: not committed after {timeout_s:.0f} s")
-        if stop is not None and stop.wait(delay):
+        if stop is not None and stop.is_set():
             raise CommitError(f"step {step}: closed before the commit")
-        delay = min(delay * 2, 1.0)
+        if wake is not None:
+            if wake.wait(delay):  # (a stop sets it too: seen above, next round)
+                wake.clear()
+                continue
+        elif stop is not None and stop.wait(delay):
+            raise CommitError(f"step {step}: closed before the commit")
+        delay = min(delay * 2, max_poll_s)
 
 
 

@@ -51,6 +51,8 @@ class Coordinator:
         self._events: list[dict[str, Any]] = []
         self._restores: dict[tuple[int, int], dict[str, Any]] = {}
         self._storage_reported = False
+        self._agents: dict[str, Any] = {}  # node -> its agent actor, told of each commit
+        self.notices_sent = 0
         self._stop = threading.Event()
         self.registry.rebuild()
         self._note(ev.COORDINATOR, f"coordinator {self.incarnation} up; storage has "
@@ -126,6 +128,14 @@ class Coordinator:
     def forget_agent(self, node: str) -> None:
         with self._lock:
             self.membership.forget_agent(node)
+            self._agents.pop(node, None)
+
+    def set_agents(self, agents: dict[str, Any]) -> None:
+        """The node agents (node -> actor with ``committed(run_url, step, save_id)``) told of
+        each commit: their writers waiting for it read the commit point at once, once per node,
+        instead of polling storage for it (one small call per node and checkpoint)."""
+        with self._lock:
+            self._agents = dict(agents)
 
     def settle(self, timeout_s: float = 60.0) -> dict[str, Any]:
         """Commit every save that can be completed now; the committed steps."""
@@ -271,6 +281,16 @@ class Coordinator:
         self._note(ev.FAILURE, f.detail, failure=f.to_dict())
 
     def _record(self, result: PollResult) -> None:
+        with self._lock:
+            agents = list(self._agents.values())
+        for rec in result.committed:
+            for agent in agents:
+                try:
+                    agent.committed.remote(self.storage.url, rec.step, rec.save_id)
+                    self.notices_sent += 1
+                    rec.agents_told += 1
+                except Exception:  # noqa: BLE001 - that agent finds the commit by polling storage
+                    log.debug("cannot tell an agent of the commit of step %d", rec.step, exc_info=True)
         with self._lock:
             for rec in result.committed:
                 self._note(ev.CHECKPOINT, f"committed step {rec.step} ({len(rec.writers)} writers)",

@@ -101,6 +101,10 @@ class NodeAgent:
     def set_ring(self, peers: list[str], replicas: int) -> None:
         self.daemon.set_ring(peers, replicas)
 
+    def committed(self, run_url: str, step: int, save_id: str) -> None:
+        """The coordinator committed ``step``: this node's writers waiting for it read it now."""
+        self.daemon.agent.notice_commit(run_url, step, save_id)
+
     def snapshots(self, run_url: str) -> list[dict[str, Any]]:
         return snapshot_rows(self.address, run_url)
 
@@ -251,6 +255,15 @@ class AgentFleet:
         if new:
             self._update_ring()
             self._update_relay()
+            self.tell_coordinator()
+
+    def tell_coordinator(self) -> None:
+        """The coordinator learns the agents it tells of each commit (after a change, or its restart)."""
+        if self.coordinator is not None and self.config.agent == "actor":
+            try:
+                self.coordinator.set_agents.remote(dict(self.agents))
+            except Exception:  # noqa: BLE001 - the agents then find the commits by polling storage
+                log.debug("cannot tell the coordinator about the agents", exc_info=True)
 
     def stopped(self, ref: Any) -> str | None:
         """The node whose agent's ``wait_stopped`` call ``ref`` is (that agent is forgotten);
@@ -277,6 +290,7 @@ class AgentFleet:
         if self.peer.pop(node, None) is not None:
             self._update_ring()
         self._update_relay()
+        self.tell_coordinator()
 
     def flush(self) -> None:
         """Every agent's pending relay calls delivered (the members' to their leaders first, then

@@ -276,6 +276,7 @@ class Supervisor:
                          "commits wait for it", error=first_line(e))
             return None
         if snap["incarnation"] != self._incarnation:
+            self.job.fleet.tell_coordinator()  # (a coordinator that restarted knows no agent)
             if self._incarnation is not None:
                 down = time.time() - (self._coordinator_down_since or time.time())
                 self.log(ev.COORDINATOR, f"coordinator restarted (incarnation {snap['incarnation']}, unreachable "

@@ -47,12 +47,13 @@ class SaveRecord:
     builder: CommitBuilder | None = field(default=None, repr=False)
     last_news_at: float = 0.0  # the last fragment that arrived (or the save's start)
     complete_at: float | None = None  # when its last fragment was added
+    agents_told: int = 0  # node agents the coordinator told of the commit (they read it once, no polling)
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "save_id": self.save_id, "writers": len(self.writers), "attempt": self.attempt,
                 "began_at": self.began_at, "committed_at": self.committed_at, "failed": self.failed,
                 "stall_s": max(self.stall_s.values()) if self.stall_s else None,
-                "bytes": sum(self.nbytes.values()) if self.nbytes else None,
+                "bytes": sum(self.nbytes.values()) if self.nbytes else None, "agents_told": self.agents_told,
                 "commit_latency_s": (None if self.committed_at is None or self.complete_at is None
                                      else round(self.committed_at - self.complete_at, 4))}
 

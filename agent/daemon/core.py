@@ -49,6 +49,8 @@ class Agent(Holding):
         self._retention_lock = threading.Lock()  # one retention pass at a time: two would delete the same steps
         self._commit_points: dict[tuple[str, int], tuple[str, bytes, str]] = {}
         self._commit_locks: dict[tuple[str, int], threading.Lock] = {}
+        self._notices: dict[tuple[str, int], threading.Event] = {}  # notice_commit: (run, step) -> wakes its wait
+        self._told_runs: set[str] = set()  # runs whose commits are announced to this agent
         # (run, step) -> saves being persisted or committed here. Kept apart from the snapshots:
         # a persisted snapshot may be evicted (a newer one committed) while its commit is still
         # in flight, and retention must not delete that step under the commit.
@@ -171,9 +173,12 @@ class Agent(Holding):
                                     timeout_s=cfg.commit_timeout_s, poll_s=0.05, stop=self._stop,
                                     library_versions=dict(cfg.library_versions))
                 root = storage.read(f"{fmt.step_dir(snap.step)}/{fmt.META}")
-            else:  # the commit point read once, as it is found
+            else:  # the commit point read once, as it is found (or as the committer says it is there)
+                with self._lock:
+                    wake = self._notices.setdefault(key, threading.Event())
+                    first, most = self.TOLD_POLL_S if snap.run_url in self._told_runs else (0.05, 1.0)
                 manifest, root = wait_for_commit_point(storage, snap.step, snap.save_id, timeout_s=cfg.commit_timeout_s,
-                                                       poll_s=0.05, stop=self._stop)
+                                                       poll_s=first, max_poll_s=most, stop=self._stop, wake=wake)
             document = json.dumps(manifest.to_dict())
             with self._lock:
                 self._commit_points[key] = (snap.save_id, root, document)
@@ -182,6 +187,22 @@ class Agent(Holding):
                     del self._commit_points[old]
                     self._commit_locks.pop(old, None)
             return root, document
+
+    # Storage polls for the commit of a run whose commits are announced (the first after this
+    # long, at most this far apart): the notice, not the poll, tells of the commit.
+    TOLD_POLL_S = (2.0, 10.0)
+    NOTICES_KEPT = 64
+
+    def notice_commit(self, run_url: str, step: int, save_id: str) -> None:
+        """The committer of ``run_url`` (the job's coordinator) says ``save_id`` committed
+        ``step``: the writers of this node waiting for it read the commit point now, not at the
+        next poll of storage, and the run's later commits are polled for rarely."""
+        with self._lock:
+            self._told_runs.add(run_url)
+            wake = self._notices.setdefault((run_url, step), threading.Event())
+            while len(self._notices) > self.NOTICES_KEPT:
+                self._notices.pop(next(iter(self._notices)))
+        wake.set()
 
     def _commit(self, snap: Snapshot) -> None:
         storage = self.storage(snap.run_url)
@@ -268,6 +289,9 @@ class Agent(Holding):
     def close(self) -> None:
         """Stop the workers and remove every segment."""
         self._stop.set()
+        with self._lock:
+            for wake in self._notices.values():  # a commit waited for ends now
+                wake.set()
         for _ in self._persisters:
             self._persist_q.put(None)
         for t in self._persisters:

@@ -61,6 +61,7 @@ def test_killed_worker_resumes_from_the_newest_checkpoint_bit_exact(cluster, tmp
     storage = ckpt.open_storage(str(tmp_path / "run"))
     assert fmt.committed_steps(storage) == [0, 5, 10, 15, 20, 25]
     assert all(c["stall_s"] is not None for c in result.checkpoints if c["step"] > expected)
+    assert all(c["agents_told"] == 1 for c in result.checkpoints)  # the node's agent told of each commit
     kinds = [e.kind for e in result.events]
     for kind in ("failure", "stopping", "restore_plan", "workers_started", "restored", "resumed", "finished"):
         assert kind in kinds

@@ -145,6 +145,34 @@ def test_relayed_checkpoint_events_reach_the_registry_and_unknown_methods_are_ig
     assert c.registry.committed == [3] and c.membership.attempt != 5
 
 
+def test_the_coordinator_tells_each_node_agent_of_a_commit_once(tmp_path):
+    class Agent:
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+            self.committed = self  # agent.committed.remote(...), as on a Ray actor handle
+
+        def remote(self, *args) -> None:
+            self.calls.append(args)
+
+    c = Coordinator(str(tmp_path), DetectConfig(), clock=Clock(), start=False)
+    agents = {"n0": Agent(), "n1": Agent(), "n2": Agent()}
+    c.set_agents(agents)
+    c.forget_agent("n2")  # a node gone: told nothing more
+    writers = [fmt.writer_name(r) for r in range(2)]
+    for step in (3, 4):
+        for r in range(2):
+            persist(c.storage, step, writers[r], f"r-{step}", world=2, rank=r)
+        c.relayed("n0", None, [("saving", (0, step, f"r-{step}", writers)),
+                               *[("fragment_ready", (0, step, f"r-{step}", w)) for w in writers]])
+        c.step_once()
+        c.step_once()  # nothing new: nobody is told twice
+    assert c.registry.committed == [3, 4]
+    url = c.storage.url
+    assert agents["n0"].calls == agents["n1"].calls == [(url, 3, "r-3"), (url, 4, "r-4")]
+    assert agents["n2"].calls == [] and c.notices_sent == 4
+    assert [c.registry.saves[s].to_dict()["agents_told"] for s in (3, 4)] == [2, 2]
+
+
 def test_a_fragment_checksum_is_checked_on_its_bytes_and_on_a_reserialized_copy(tmp_path):
     st = ckpt.open_storage(str(tmp_path))
     persist(st, 1, fmt.writer_name(0), "s-1", world=1, rank=0)
