@@ -411,13 +411,13 @@ def restore_planning(n: int, st: Any, sim: SimulatedWriters) -> None:
 
 
 def commit_point_reads(n: int, cp_bytes: int, per_node: int = 8) -> None:
-    # Counted from the protocol: a node agent waits for a step's commit once for all its writers
-    # and reads the commit point once more to serve restores from memory (agent.daemon.core);
+    # Counted from the protocol: a node agent, told of the commit by the coordinator, reads the
+    # commit point once for all its writers and serves restores from that copy (agent.daemon.core);
     # without agents, each writer's in-process sink reads it once (ckpt.commit.wait_for_commit).
     nodes = max(1, n // per_node)
-    figure("commit_point_bytes_read_per_checkpoint", n, 2 * nodes * cp_bytes, "bytes", 2 * nodes * cp_bytes, True,
-           readers=2 * nodes, without_agents=n * cp_bytes,
-           how="derived: two reads per node with node agents; one per writer without")
+    figure("commit_point_bytes_read_per_checkpoint", n, nodes * cp_bytes, "bytes", nodes * cp_bytes, True,
+           readers=nodes, without_agents=n * cp_bytes,
+           how="derived: one read per node with node agents; one per writer without")
 
 
 # -- main ----------------------------------------------------------------------------------------
