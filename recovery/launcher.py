@@ -355,6 +355,7 @@ class Supervisor:
         mb = ", ".join(f"{k}: {v / 1e6:.1f} MB" for k, v in by_tier.items() if v) or "nothing read"
         self.log(ev.RESTORED, f"{len(restores)} workers restored step {max(steps, key=str)} in "
                  f"{rec.restore_s:.2f} s (slowest rank) from {mb}", step=list(steps), seconds=rec.restore_s,
+                 seconds_by_rank={r: round(info["seconds"], 3) for r, info in sorted(restores.items())},
                  bytes=by_tier, fallbacks=len(fallbacks), tier=rec.restored_from, steps_lost=rec.steps_lost)
 
     def _result(self) -> RunResult:
