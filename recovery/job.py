@@ -274,7 +274,7 @@ class WorkerJob(DataParallelJob):
         nodes = [i["node"] for i in infos]
         self.rank_node = dict(enumerate(nodes))
         self.fleet.ensure(set(nodes))
-        port = ray.get(self.workers[0].free_port.remote())
+        port = ray.get(self.workers[0].open_store.remote(world_size, cfg.collective_timeout_s))
         base = WorkerSpec(backend=cfg.torch_backend, master_addr=infos[0]["ip"], master_port=port,
                           collective_timeout_s=cfg.collective_timeout_s, coordinator=self.coordinator,
                           coordinator_name=self.coordinator_name, heartbeat_interval_s=cfg.detect.heartbeat_interval_s,

@@ -23,13 +23,7 @@ from .worker import RecoveryCheckpointer, Reporter, TrainContext, WorkerSpec
 log = logging.getLogger(__name__)
 
 
-def free_port(host: str = "") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-__all__ = ["INTERRUPTED", "Interrupted", "Worker", "free_port"]
+__all__ = ["INTERRUPTED", "Interrupted", "Worker"]
 
 INTERRUPTED = "__recovery_interrupted__"  # what ``Worker.run`` returns for an attempt stopped in place
 
@@ -58,6 +52,7 @@ class Worker:
         self._backend: str | None = None
         self._group_fds: set[tuple[int, str]] = set()  # the sockets the current group opened
         self.live = LiveSlot()  # train_fn's live state, kept across attempts for policy heal
+        self._store: tuple[int, Any] | None = None  # (port, TCP store) opened for rank 0 of the next attempt
 
     def node_info(self) -> dict[str, Any]:
         import ray
@@ -69,17 +64,34 @@ class Worker:
     def warm(self, train_fn: Callable[[TrainContext], Any]) -> dict[str, Any]:
         """A hot spare's boot (``recovery.spares``): ``train_fn`` arrived deserialized (its modules
         imported); what ``run`` imports besides is imported now. Its node info."""
-        import torch.distributed  # noqa: F401
+        import torch.distributed
 
-        import agent.trainer.sink  # noqa: F401  (the node agent's sink, which the Checkpointer opens)
+        import agent.trainer.sink  # noqa: F401 - the node agent's sink, which the Checkpointer opens
 
         del train_fn
+        # What a training loop's first steps initialise lazily, once per process: an optimizer's
+        # first construction imports torch._dynamo (1.5 s on a loaded node), its first step and
+        # autograd's first backward set up their kernels.
+        # (No random numbers drawn: the process's generator stays as a new process has it.)
+        weight = torch.nn.Parameter(torch.zeros(4, 4))
+        for opt in (torch.optim.AdamW([weight]), torch.optim.SGD([weight], lr=0.1)):
+            (torch.ones(2, 4) @ weight).sum().backward()
+            opt.step()
+            opt.zero_grad()
         return self.node_info()
 
-    def free_port(self) -> int:
+    def open_store(self, world_size: int, timeout_s: float) -> int:
+        """Rank 0's side of the next attempt's rendezvous, opened before ``run``: the TCP store
+        the other ranks connect to. (A rank that connects before the store listens retries after
+        a backoff: ~0.8 s of every restart, since the ranks start ``run`` together.) Its port."""
         import ray
+        import torch.distributed as dist
 
-        return free_port(ray.util.get_node_ip_address())
+        self._store = None  # the previous attempt's (its group is gone)
+        store = dist.TCPStore(ray.util.get_node_ip_address(), 0, world_size, True,  # port 0: the OS picks one
+                              timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+        self._store = (store.port, store)
+        return store.port
 
     def interrupt(self, attempt: int, keep_state: bool = False) -> str:
         """Stop ``attempt``'s ``train_fn`` now, keeping the process (and its CUDA context): raise
@@ -181,9 +193,14 @@ class Worker:
         try:
             try:
                 before = _sockets()
-                dist.init_process_group(spec.backend, init_method=f"tcp://{spec.master_addr}:{spec.master_port}",
-                                        rank=self.rank, world_size=self.world_size,
-                                        timeout=datetime.timedelta(seconds=spec.collective_timeout_s))
+                timeout = datetime.timedelta(seconds=spec.collective_timeout_s)
+                opened, self._store = self._store, None
+                if self.rank == 0 and opened is not None and opened[0] == spec.master_port:  # open_store's
+                    dist.init_process_group(spec.backend, store=dist.PrefixStore("default_pg", opened[1]),
+                                            rank=0, world_size=self.world_size, timeout=timeout)
+                else:
+                    dist.init_process_group(spec.backend, init_method=f"tcp://{spec.master_addr}:{spec.master_port}",
+                                            rank=self.rank, world_size=self.world_size, timeout=timeout)
                 with self._lock:
                     self._group_fds = _sockets() - before
                 reporter = Reporter(spec.coordinator, self.attempt, self.rank, self.world_size, spec.node,
