@@ -133,7 +133,7 @@ def run_node_loss(args: argparse.Namespace) -> dict[str, Any]:
     from recovery import launcher
     from recovery.demo import DemoTrainer
 
-    trainer = DemoTrainer(steps=args.steps, width=args.width, depth=args.depth, step_sleep_s=0.0)
+    trainer = DemoTrainer(steps=args.steps, width=args.width, depth=args.depth, step_sleep_s=args.step_sleep)
     run_dir = tempfile.mkdtemp(prefix="bench-recovery-node_loss-", dir=args.root)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     doomed = [cluster.add_node(num_cpus=1) for _ in range(args.workers - 1)][-1]
@@ -224,7 +224,7 @@ def run_raytrain_kill(args: argparse.Namespace) -> dict[str, Any]:
         return {"scenario": "raytrain_kill", "skipped": f"Ray Train is not installed ({e}); pip install 'ray[train]'"}
     from recovery.demo import DemoTrainer, average_gradients
 
-    trainer = DemoTrainer(steps=args.steps, width=args.width, depth=args.depth, step_sleep_s=0.0)
+    trainer = DemoTrainer(steps=args.steps, width=args.width, depth=args.depth, step_sleep_s=args.step_sleep)
     root = tempfile.mkdtemp(prefix="bench-recovery-raytrain-", dir=args.root)
     marks = os.path.join(root, "marks")
     os.makedirs(marks)
@@ -275,6 +275,8 @@ def run_raytrain_kill(args: argparse.Namespace) -> dict[str, Any]:
                 if rank == 0:
                     stalls = Path(marks, "stalls")
                     mark("stalls", (json.loads(stalls.read_text()) if stalls.exists() else []) + [time.time() - t0])
+            if trainer.step_sleep_s:  # as DemoTrainer does after each step
+                time.sleep(trainer.step_sleep_s)
 
     ncpu = os.cpu_count() or 2
     ray.init(address="local", num_cpus=ncpu, include_dashboard=False, log_to_driver=False, configure_logging=False)
