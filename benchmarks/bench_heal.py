@@ -10,7 +10,9 @@ every ``--every`` steps) on a local Ray cluster started for it. Policies:
 - ``heal``: rank ``workers - 1`` SIGKILLed just before step ``--fault-at``; the survivors keep
   their live state, the replacement copies it, the job continues from the step reached;
 - ``reload``: the same kill, reload in place (survivors keep their processes, everyone restores
-  the newest committed checkpoint).
+  the newest committed checkpoint);
+- ``heal_spare``: ``heal`` with one hot spare (``spares=1``), which replaces the lost rank
+  without a boot (give it ``--step-sleep`` to boot before the fault).
 
 Each policy runs with every seed of ``--seeds`` (the model's initialisation and data). Printed:
 per policy the median over the seeds (each seed's figure in brackets) of the final loss (the
@@ -38,13 +40,15 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-POLICIES = ("none", "heal", "reload")
+POLICIES = ("none", "heal", "reload", "heal_spare")
 
 
 def run_one(policy: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     import recovery
     from recovery.demo import KILL, DemoTrainer, Fault
 
+    spares = 1 if policy.endswith("_spare") else 0
+    acts = policy.removesuffix("_spare")
     faults = () if policy == "none" else (Fault(KILL, args.fault_at, rank=args.workers - 1),)
     trainer = DemoTrainer(steps=args.steps, width=args.width, depth=args.depth, seed=seed, step_sleep_s=args.step_sleep,
                           faults=faults)
@@ -53,12 +57,12 @@ def run_one(policy: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         result = recovery.run(
-            trainer, num_workers=args.workers, storage=run_dir, policy="reload" if policy == "none" else policy,
+            trainer, num_workers=args.workers, storage=run_dir, policy="reload" if policy == "none" else acts,
             max_failures=2, num_cpus=ncpu, ray_init_options={"log_to_driver": False},
             echo=sys.stderr if args.verbose else None, metrics=None,
-            resources_per_worker={"CPU": min(1.0, ncpu / (args.workers + 1))}, every_n_steps=args.every,
-            keep_last=2, startup_timeout_s=300, backoff_s=0.5, placement_timeout_s=60,
-            agent_memory_bytes=args.agent_memory_gib << 30)
+            resources_per_worker={"CPU": min(1.0, ncpu / (args.workers + 2))}, every_n_steps=args.every,
+            keep_last=2, startup_timeout_s=300, backoff_s=args.backoff, placement_timeout_s=60,
+            agent_memory_bytes=args.agent_memory_gib << 30, spares=spares)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     losses = [r["loss"] for r in result.returns]
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--step-sleep", type=float, default=0.02)
+    p.add_argument("--backoff", type=float, default=0.5, help="RunConfig.backoff_s")
     p.add_argument("--agent-memory-gib", type=int, default=1)
     p.add_argument("--root", default=None, help="where the runs' storage goes (a temp dir each)")
     p.add_argument("--json", default=None, help="write every run's row here")
