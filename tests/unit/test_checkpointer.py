@@ -172,16 +172,23 @@ class GatedStorage(DelegatingStorage):
         self.inner.write(path, parts, durable=durable)
 
 
-def test_a_stuck_storage_fails_the_checkpoint_after_buffer_wait_timeout_and_training_goes_on(tmp_path):
+def _one_buffer_on_stuck_storage(tmp_path, wait_s: float):
+    """A Checkpointer whose storage holds writes until ``gate`` is set, and whose host budget
+    holds exactly one snapshot, taken at step 0 (its write stuck); trained to step 1."""
     model, opt, sched, loader, state = make_job()
     train(model, opt, sched, loader, range(1))
     stuck = GatedStorage(LocalStorage(str(tmp_path)))
-    ck = ckpt.Checkpointer(stuck, every_n_steps=1, keep_last=None, buffer_wait_timeout_s=0.3)
+    ck = ckpt.Checkpointer(stuck, every_n_steps=1, keep_last=None, buffer_wait_timeout_s=wait_s)
+    ck.attach(opt)
+    first = ck.save(0, state)
+    ck.pool.budget = first.nbytes + 64  # room for exactly one snapshot in flight (testing only)
+    train(model, opt, sched, loader, [1])
+    return (model, opt, sched, loader, state), stuck, ck, first
+
+
+def test_a_stuck_storage_fails_the_checkpoint_after_buffer_wait_timeout_and_training_goes_on(tmp_path):
+    (model, opt, sched, loader, state), stuck, ck, first = _one_buffer_on_stuck_storage(tmp_path, 0.3)
     try:
-        ck.attach(opt)
-        first = ck.save(0, state)
-        ck.pool.budget = first.nbytes + 64  # room for exactly one snapshot in flight (testing only)
-        train(model, opt, sched, loader, [1])
         second = ck.save(1, state)  # the first still holds the only buffer: waits 0.3 s, then gives up
         with pytest.raises(ckpt.CkptError, match="no host buffer came free within 0.3 s"):
             second.committed.result(10)
@@ -203,15 +210,8 @@ def test_interrupt_ends_a_save_waiting_for_host_memory(tmp_path):
     """``interrupt()`` from another thread: a save blocked on a full host budget (storage stuck,
     or a commit that a lost peer stalls) returns at once, its checkpoint skipped; the next save
     waits again as usual."""
-    model, opt, sched, loader, state = make_job()
-    train(model, opt, sched, loader, range(1))
-    stuck = GatedStorage(LocalStorage(str(tmp_path)))
-    ck = ckpt.Checkpointer(stuck, every_n_steps=1, keep_last=None, buffer_wait_timeout_s=120.0)
+    (_model, _opt, _sched, _loader, state), stuck, ck, first = _one_buffer_on_stuck_storage(tmp_path, 120.0)
     try:
-        ck.attach(opt)
-        first = ck.save(0, state)
-        ck.pool.budget = first.nbytes + 64  # room for exactly one snapshot in flight (testing only)
-        train(model, opt, sched, loader, [1])
         out: list = []
         saving = threading.Thread(target=lambda: out.append(ck.save(1, state)))
         saving.start()
