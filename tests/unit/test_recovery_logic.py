@@ -303,17 +303,11 @@ def test_restore_point_speaks_tiers_only():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"num_workers": 0}, "num_workers"),
-    ({"min_workers": 5}, "min_workers"),
-    ({"max_failures": -2}, "max_failures"),
-    ({"agent": "tcp://x"}, "agent"),
-    ({"backend": "mpi"}, "backend"),
-    ({"placement_timeout_s": 0}, "placement_timeout_s"),
-    ({"agent_replicas": -1}, "agent_replicas"),
-    ({"agent_replicas": True}, "agent_replicas"),
+    ({"num_workers": 0}, "num_workers"), ({"min_workers": 5}, "min_workers"), ({"max_failures": -2}, "max_failures"),
+    ({"agent": "tcp://x"}, "agent"), ({"backend": "mpi"}, "backend"), ({"placement_timeout_s": 0}, "placement_timeout_s"),
+    ({"agent_replicas": -1}, "agent_replicas"), ({"agent_replicas": True}, "agent_replicas"),
     ({"agent_replicas": 1, "agent": None}, "agent_replicas needs agent='actor'"),
-    ({"spares": -1}, "spares"),
-    ({"spares": 1.5}, "spares"),
+    ({"spares": -1}, "spares"), ({"spares": 1.5}, "spares"),
 ])
 def test_run_config_validation(kwargs, match):
     base = {"num_workers": 4, "storage": "/tmp/x"} | kwargs
