@@ -29,9 +29,26 @@ INTERRUPTED = "__recovery_interrupted__"  # what ``Worker.run`` returns for an a
 
 
 def _raise_in(thread_id: int, exc: type[BaseException] | None) -> None:
-    """Raise ``exc`` in the thread ``thread_id`` at its next Python instruction (None: cancel)."""
-    import ctypes
+    """Raise ``exc`` in the thread ``thread_id`` at its next Python instruction (None: cancel).
 
+    CPython finds the thread by its id, and a thread being started carries the id of the thread
+    starting it until it runs (its state is first in the list): an exception set then lands in
+    the new thread, which dies before it says it started, and the thread meant waits in
+    ``Thread.start()`` for ever (a Checkpointer starting its threads). So it is set only while
+    no thread is being started (``threading``'s limbo empty, under its lock)."""
+    import ctypes
+    import time
+
+    lock, limbo = getattr(threading, "_active_limbo_lock", None), getattr(threading, "_limbo", None)
+    for _ in range(1000):
+        if lock is None or limbo is None:
+            break
+        with lock:
+            if not limbo:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
+                                                          ctypes.py_object(exc) if exc else None)
+                return
+        time.sleep(0.002)
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc else None)
 
 

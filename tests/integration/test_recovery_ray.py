@@ -236,6 +236,9 @@ def test_a_second_failure_right_after_a_reload_in_place(cluster, tmp_path):
     assert [(r.failure.kind, r.failure.ranks, r.failure.attempt) for r in result.failures] == [
         (WORKER_DIED, (1,), 0), (WORKER_DIED, (0,), 1)]
     _first, second, third = _started(result)
+    for e in result.events:  # shown if the assertions below fail
+        if e.kind in ("stopping", "restore_plan", "workers_started", "failure"):
+            print(e.kind, e.message, e.fields.get("stuck") or "")
     assert second["kept"] == [0] and third["kept"] == [1] and third["pids"][1] == second["pids"][1]
     assert [r["attempt"] for r in result.returns] == [2, 2]
     assert _equal(result.returns[0]["state"], trainer.reference(world=2))

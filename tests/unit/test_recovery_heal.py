@@ -224,3 +224,39 @@ def test_adopt_loads_the_kept_objects_into_a_state_built_anew():
     ka = kept["optim"].state_dict()["state"]
     fa = fresh["optim"].state_dict()["state"]
     assert all(torch.equal(ka[i]["exp_avg"], fa[i]["exp_avg"]) for i in ka)
+
+
+def test_an_interrupt_never_lands_in_a_thread_being_started():
+    # CPython finds a thread by its id, and a thread being started carries its starter's id until
+    # it runs: an interrupt raised then killed the new thread, and the training thread (starting a
+    # Checkpointer's threads) waited in Thread.start() for ever. Every interrupt must reach the
+    # thread meant, however often it starts threads.
+    import threading
+
+    from recovery.worker_process import _raise_in
+
+    got: list[int] = []
+
+    def starts_threads() -> None:
+        n = 0
+        try:
+            while n < 20:
+                try:
+                    while True:
+                        t = threading.Thread(target=lambda: None)
+                        t.start()
+                        t.join()
+                except Interrupted:
+                    n += 1
+        finally:  # (an interrupt landing in the handler itself ends the loop: no hang either)
+            got.append(n)
+
+    victim = threading.Thread(target=starts_threads, daemon=True)
+    victim.start()
+    for _ in range(200):
+        if got or not victim.is_alive():
+            break
+        _raise_in(victim.ident, Interrupted)
+        victim.join(0.05)
+    victim.join(30)
+    assert not victim.is_alive() and got and got[0] >= 1  # interrupted, never stuck in Thread.start()
