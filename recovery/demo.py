@@ -184,7 +184,7 @@ class DemoTrainer:
             elif f.kind == KILL_AGENT:
                 import ray
 
-                from .fleet import agent_actor_name
+                from .node_agent import agent_actor_name
 
                 ray.kill(ray.get_actor(agent_actor_name(ctx.coordinator_name, ctx.node)))
             elif f.kind in (STORAGE_DOWN, STORAGE_UP):

@@ -5,6 +5,7 @@ heartbeats and checkpoint events through node agents, and the checks on fragment
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -248,7 +249,7 @@ def test_the_relay_interval_grows_with_groups_and_stays_within_the_timeouts():
 def test_a_member_agent_sends_to_its_leader_which_sends_its_group_on_in_one_call():
     import threading
 
-    from recovery.fleet import NodeAgent
+    from recovery.node_agent import NodeAgent
 
     sent = {"coordinator": [], "leader": []}
 
@@ -291,3 +292,22 @@ def test_a_member_agent_sends_to_its_leader_which_sends_its_group_on_in_one_call
                                       ("fragment_ready", (0, 5, "s-5", "rank00008"))]
     group = next(b for b in sent["coordinator"] if len(b) == 2)
     assert [n for n, _s, _c in group] == ["n0", "n1"]
+
+
+def test_the_socket_directories_killed_agents_left_are_removed_at_shutdown(tmp_path, monkeypatch):
+    import socket
+    import tempfile
+
+    from recovery import node_agent
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    for node in ("aaaaaaaa11", "bbbbbbbb22"):  # a killed agent: its socket is still bound on disk
+        d = node_agent.socket_dir("job1", node)
+        os.makedirs(d)
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(os.path.join(d, "agent.sock"))
+        s.close()
+    other = tmp_path / "ckptrec-job2-cccccccc"  # another job's agent: untouched
+    other.mkdir()
+    node_agent.remove_socket_dirs("job1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckptrec-job2-cccccccc"]
