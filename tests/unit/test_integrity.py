@@ -145,20 +145,26 @@ def test_multi_writer_helper_round_trip(tmp_path):
     assert torch.equal(out["w"], full)
 
 
-def test_commit_point_seal_checked_on_its_bytes_and_a_flipped_digit_still_caught(tmp_path):
+@pytest.mark.parametrize("layout", ["packs", "shards"])
+def test_commit_point_seal_checked_on_its_bytes_and_a_flipped_digit_still_caught(tmp_path, layout, monkeypatch):
     """The commit point's checksum is checked on the bytes as written (no re-serialization of a
-    document of thousands of arrays); a change that still parses falls to the full check, which
+    document of thousands of arrays), also where the consolidated metadata of a zarr-readable
+    step follows the attributes; a change that still parses falls to the full check, which
     refuses it."""
     from ckpt import format as fmt
     from ckpt.errors import FormatError
     from ckpt.storage import LocalStorage
 
     state = {f"t{i}": torch.randn(7) for i in range(50)}
-    ckpt.save(state, str(tmp_path / "run"), step=1)
+    ckpt.save(state, str(tmp_path / "run"), step=1, layout=layout)
     storage = LocalStorage(str(tmp_path / "run"))
     path = f"{fmt.step_dir(1)}/{fmt.META}"
     raw = storage.read(path)
+    assert ("consolidated_metadata" in fmt._loads(raw, path)) == (layout == "shards")
     assert fmt._root_seal_matches(raw, fmt._loads(raw, path))
+    with monkeypatch.context() as m:  # the fast check decides: the document is not serialized again
+        m.setattr(fmt, "_seal_crc", lambda doc: pytest.fail("re-serialized"))
+        fmt.read_root(storage, 1)
     storage.write_atomic(path, raw.replace(b'"shape":[7]', b'"shape":[8]', 1))
     with pytest.raises(FormatError, match="checksum mismatch"):
         fmt.read_root(storage, 1)
