@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from . import format as fmt
+from .direct import load_direct
 from .dist import Group
 from .errors import CkptError
 from .gcpause import without_gc
@@ -57,6 +58,11 @@ def load_step(storage: Storage, state_dict: Any, step: int, *, group: Group, wri
     Returns ``{"read": bytes this rank read, "received": bytes it got by broadcast}``."""
     if mode not in MODES:
         raise ValueError(f"replicated reads must be one of {MODES}, got {mode!r}")
+    if (mode == "each" or (mode == "auto" and _reads_memory(storage)) or not group.distributed) \
+            and isinstance(storage, RestoreSource):
+        read = load_direct(storage, state_dict, step, strict=strict, allow_pickle=allow_pickle)
+        if read is not None:  # every tensor straight from memory, in one pass
+            return {"read": read, "received": 0}
     manifest = fmt.read_manifest(storage, step)
     plan = plan_load(state_dict, manifest, rank=group.rank, writer=writer, strict=strict,
                      writer_values=writer_values(storage, manifest, writer))

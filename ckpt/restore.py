@@ -121,6 +121,15 @@ class RestoreSource(StorageWrapper):
                 out.append(e)
         return out
 
+    def holds_step(self, step: int) -> bool:
+        """Whether a memory tier of this chain holds committed ``step`` (its commit point)."""
+        return isinstance(self.inner, RestoreSource) and self.inner.holds_step(step)
+
+    def holds(self, chunks: Sequence[tuple[str, int]]) -> bool:
+        """Whether every chunk (logical key, data bytes) is held whole in one memory tier of this
+        chain, so that ``read_chunk_batch`` reads them all there (see :mod:`ckpt.direct`)."""
+        return isinstance(self.inner, RestoreSource) and self.inner.holds(chunks)
+
     def read_threads(self, step: int, default: int) -> int:
         """How many threads should read ``step``'s chunks: ``default`` (the I/O threads asked
         for) unless a tier knows better (copies out of memory are bound by the cores)."""

@@ -247,6 +247,17 @@ class AgentMemoryStorage(RestoreSource):
     def steps_in_memory(self) -> list[int]:
         return sorted(int(k.split("/")[0]) for k in self._roots)
 
+    def holds_step(self, step: int) -> bool:
+        return f"{fmt.step_dir(step)}/{fmt.META}" in self._roots
+
+    def holds(self, chunks: Sequence[tuple[str, int]]) -> bool:
+        held, spans = self._chunks, self._spans
+        for key, nbytes in chunks:
+            hit = held.get(key)
+            if hit is None or hit[0] != nbytes or key not in spans:
+                return False
+        return True
+
     def read_threads(self, step: int, default: int) -> int:
         if f"{fmt.step_dir(step)}/{fmt.META}" in self._roots:
             # Copies out of memory: one thread per core (2x faster than 8 threads on 2 cores).

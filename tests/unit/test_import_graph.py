@@ -23,6 +23,7 @@ CKPT_LAYERS: list[tuple[str, ...]] = [
     ("ckpt.sink", "ckpt.replicated"),
     ("ckpt.commit",),
     ("ckpt.coverage",),
+    ("ckpt.direct",),
     ("ckpt.io", "ckpt.reading", "ckpt.regions"),
     ("ckpt.plan",),
     ("ckpt.planning",),

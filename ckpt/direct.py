@@ -1,0 +1,97 @@
+"""A restore in one pass: every tensor of the state read straight from memory that holds it whole.
+
+The restore after a failure is mostly the same case: a data-parallel rank (or a process of a
+job that never changed its layout) loads the step it just saved, every tensor a plain CPU
+tensor of the shape and dtype it was saved with, stored as one chunk, and the node agent still
+holds every one of those chunks in its shared memory. The planned load (:func:`ckpt.io.load_step`)
+builds a manifest of typed array declarations, a load plan of read requests, a locator and a
+batch of pending reads for it: a few microseconds per array in each of those layers, and at
+thousands of arrays (an LLM's parameters and optimizer state) those layers cost ten times the
+copies themselves.
+
+:func:`load_direct` does that case in one pass over the commit point's JSON and the state: the
+commit point is parsed and its seal checked as always; each tensor is matched against its array
+declaration (path, dtype, shape, one chunk); every chunk is read with the memory tier's batched
+reads into the tensor itself, and checked against the crc32c stored with it. The moment
+anything is not this case (another layout, a DTensor, a tensor on a GPU, a chunk not held in
+memory, a value that differs between writers, a missing or extra entry, a checksum that does
+not match) it returns ``None`` having changed nothing but tensors the planned load then
+overwrites, and the planned load does the restore, with its checks and its error messages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import format as fmt
+from .chunks import check
+from .dtypes import name_of
+from .manifest import FORMAT_VERSION, MANIFEST_KEY
+from .reading import _bytes_of
+from .restore import RestoreSource
+from .state import decode_value, flatten, set_leaf
+
+
+def load_direct(source: RestoreSource, state_dict: Any, step: int, *, strict: bool = True,
+                allow_pickle: bool = False) -> int | None:
+    """Load committed ``step`` into ``state_dict`` in one pass if every tensor is held whole in
+    ``source``'s memory (see the module); the bytes read, or None (then use the planned load)."""
+    sdir = fmt.step_dir(step)
+    if not source.holds_step(step):
+        return None
+    path = f"{sdir}/{fmt.META}"
+    try:
+        doc = fmt.parse_root(source.read(path), path)
+    except FileNotFoundError:
+        return None
+    manifest = doc.get("attributes", {}).get(MANIFEST_KEY)
+    if (type(manifest) is not dict or manifest.get("format") != "ckpt" or manifest.get("format_version") != FORMAT_VERSION
+            or manifest.get("step") != step or manifest.get("varying_values") or manifest.get("values_by_writer")
+            or type(manifest.get("arrays")) is not list or type(values := manifest.get("values")) is not dict):
+        return None
+    arrays: dict[str, dict] = {}
+    for a in manifest["arrays"]:
+        if type(a) is not dict or type(p := a.get("path")) is not str or p in arrays:
+            return None
+        arrays[p] = a
+    items: list[tuple[str, memoryview, None]] = []
+    sizes: list[int] = []
+    found_values: dict[str, Any] = {}
+    tensors = 0
+    for leaf_path, leaf, is_tensor in flatten(state_dict):
+        if not is_tensor:
+            if leaf_path in values:
+                found_values[leaf_path] = values[leaf_path]
+            elif strict or leaf_path in arrays:
+                return None
+            continue
+        a = arrays.get(leaf_path)
+        if a is None:
+            if strict or leaf_path in values:
+                return None
+            continue
+        if type(leaf) is not torch.Tensor or not leaf.is_cpu or not leaf.is_contiguous():
+            return None
+        shape = list(leaf.shape)  # the whole array in one chunk (however it was saved: plain, replicated)
+        if not shape or a.get("shape") != shape or a.get("chunk_shape") != shape or 0 in shape \
+                or a.get("dtype") != name_of(leaf.dtype):
+            return None
+        separator = a.get("chunk_separator", "/")
+        if separator != "/" and separator != ".":
+            return None
+        items.append((f"{sdir}/{fmt.chunk_key(leaf_path, [0] * len(shape), separator)}", _bytes_of(leaf), None))
+        sizes.append(leaf.nbytes)
+        tensors += 1
+    if strict and (tensors != len(arrays) or len(found_values) != len(values)):
+        return None
+    if not source.holds([(key, n) for (key, _d, _w), n in zip(items, sizes)]):
+        return None
+    for read, n in zip(source.read_chunk_batch(items), sizes):
+        if isinstance(read, BaseException) or check(read, n) is not None:
+            return None  # the planned load reads it again and says what is wrong
+    for leaf_path, encoded in found_values.items():
+        set_leaf(state_dict, leaf_path, decode_value(encoded, allow_pickle=allow_pickle, where=leaf_path))
+    return sum(sizes)
+
