@@ -13,6 +13,7 @@ import torch
 from .hostpool import aligned
 from .layout import Sharded, is_dtensor, layout_of
 from .plan import SavePlan, TensorItem, plan_items
+from .planning import WriteRequest
 
 
 def storage_ptr(t: torch.Tensor) -> int:
@@ -84,7 +85,8 @@ class CapturePlan:
         if memo is None or memo[0] is not slab:
             slab.reset()
             views = [slab.carve(self.items[i].tensor.shape, self.items[i].tensor.dtype) for i in self.mine_idx]
-            requests = [replace(r, tensor=views[n]) for r, n in zip(self.plan.requests, self.request_items)]
+            requests = [WriteRequest(r.path, r.index, views[n], r.slices, r.chunk_shape, r.separator)
+                        for r, n in zip(self.plan.requests, self.request_items)]
             memo = self._memo[id(slab)] = (slab, views, requests)
         return memo[1], memo[2]
 

@@ -41,7 +41,7 @@ from .config import CheckpointerConfig
 from .consolidate import Consolidator
 from .dist import Group
 from .errors import CkptError
-from .gcpause import without_gc
+from .gcpause import gc_paused, without_gc
 from .handles import CheckpointerStatus, SnapshotHandle, SnapshotState, chain, status_of
 from .hostpool import HostBufferPool, take_slab
 from .manifest import Manifest
@@ -236,7 +236,7 @@ class Checkpointer:
 
         def work() -> None:
             try:
-                with self._capture_lock:  # close() stops it between slabs: nothing would use them
+                with self._capture_lock, gc_paused():  # close() stops it between slabs: nothing would use them
                     plan, _tensors, _values = self._plan_for(state)
                     prefault(self._pool_for(plan.nbytes, plan.mine), plan, stop=lambda: self._closed)
                 fut.set_result(None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import ParamSpec, TypeVar
@@ -19,15 +20,28 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+_lock = threading.Lock()
+_depth = 0  # pauses in progress, in any thread
+_was_enabled = False  # as the first of them found it
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
-    was = gc.isenabled()
-    gc.disable()
+    """Pauses nest and overlap across threads (a restore, the first checkpoint's preparation in
+    the background): the collector comes back, as found, when the last of them ends."""
+    global _depth, _was_enabled
+    with _lock:
+        if _depth == 0:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _depth += 1
     try:
         yield
     finally:
-        if was:
-            gc.enable()
+        with _lock:
+            _depth -= 1
+            if _depth == 0 and _was_enabled:
+                gc.enable()
 
 
 def without_gc(fn: Callable[P, R]) -> Callable[P, R]:

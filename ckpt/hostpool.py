@@ -43,6 +43,7 @@ class Slab:
     used: int = 0
     _pool: HostBufferPool | None = field(default=None, repr=False)
     handle: Any = None
+    _typed: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)  # the slab seen as each dtype
 
     def offset_of(self, view: torch.Tensor) -> int:
         """Byte offset of a carved view in this slab."""
@@ -53,12 +54,24 @@ class Slab:
         return self.buffer.numel()
 
     def carve(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        n = int(torch.Size(shape).numel()) * dtype.itemsize
+        """A contiguous tensor of ``shape`` and ``dtype`` at the next page of the slab (one
+        strided view of the slab seen as ``dtype``: thousands are carved per plan)."""
+        itemsize = dtype.itemsize
+        stride = []
+        step = numel = 1
+        for size in reversed(shape):  # torch's contiguous strides (a dimension of 0 counts as 1)
+            stride.append(step)
+            step *= max(size, 1)
+            numel *= size
+        n = numel * itemsize
         start = self.used
         if start + n > self.nbytes:
             raise HostBudgetError(f"slab of {self.nbytes} bytes cannot hold {start + n}")
         self.used = aligned(start + n)
-        return self.buffer[start : start + n].view(dtype).view(shape)
+        typed = self._typed.get(dtype)
+        if typed is None:
+            typed = self._typed[dtype] = self.buffer[: self.nbytes - self.nbytes % itemsize].view(dtype)
+        return typed.as_strided(tuple(shape), tuple(reversed(stride)), typed.storage_offset() + start // itemsize)
 
     def reset(self) -> None:
         self.used = 0

@@ -17,6 +17,7 @@ Three kinds of layout:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import sys
@@ -125,7 +126,11 @@ def whole(shape: Sequence[int]) -> Box:
 
 
 def plain_layout(tensor: torch.Tensor, *, rank: int = 0, world: int = 1) -> TensorLayout:
-    shape = tuple(tensor.shape)
+    return _plain_layout(tuple(tensor.shape), rank, world)
+
+
+@functools.lru_cache(maxsize=4096)  # a model's shapes recur (80 layers of the same 9): one each
+def _plain_layout(shape: tuple[int, ...], rank: int, world: int) -> TensorLayout:
     box = whole(shape)
     return TensorLayout(
         global_shape=shape,

@@ -96,6 +96,15 @@ def plan_items(
             chunk_separator=CHUNK_SEPARATOR,
         )
         arrays[item.path] = spec
+        pieces = layout.pieces
+        if chunk == spec.shape and len(pieces) == 1 and pieces[0].box.sizes == chunk and not any(pieces[0].local_offsets) \
+                and chunk and all(chunk):
+            # Held whole, stored as one chunk: the common case, planned without walking the grid.
+            if layout.writes(item.path, pieces[0]):
+                requests.append(WriteRequest(item.path, (0,) * len(chunk), item.tensor,
+                                             tuple(slice(0, n) for n in chunk), chunk, CHUNK_SEPARATOR))
+                metadata.append(spec)
+            continue
         mine = plan_array_writes(item.path, spec, item.tensor, layout)
         requests.extend(mine)
         if any(not any(r.index) for r in mine):

@@ -11,6 +11,7 @@ parallel I/O within one tensor and let a resharded load read little beyond what 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -64,6 +65,12 @@ def chunk_shape_for(
 ) -> tuple[int, ...]:
     """A regular chunk grid dividing, per dimension, the gcd of the shard boundaries there (0:
     no interior boundary), chunks bounded: every chunk then has exactly one writer."""
+    return _chunk_shape(tuple(shape), tuple(edges_gcd), itemsize, max_chunk_bytes)
+
+
+@functools.lru_cache(maxsize=4096)  # pure, and a model's shapes recur
+def _chunk_shape(shape: tuple[int, ...], edges_gcd: tuple[int, ...], itemsize: int,
+                 max_chunk_bytes: int) -> tuple[int, ...]:
     chunk = [max(1, g if g else n) for g, n in zip(edges_gcd, shape)]
     shard_bytes = math.prod(chunk) * itemsize
     target = min(max_chunk_bytes, max(MIN_CHUNK_BYTES, shard_bytes // MIN_CHUNKS_PER_SHARD))
