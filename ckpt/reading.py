@@ -33,7 +33,8 @@ from .storage import Storage
 Progress = Callable[[int], None]
 
 # Small items are handed to the threads in batches of about this many bytes (and at most
-# BATCH_ITEMS): thousands of tiny chunks cost a future, a lock and a GIL hand-over each otherwise.
+# BATCH_ITEMS once a batch holds MIN_BATCH_BYTES): thousands of tiny chunks cost a future, a lock
+# and a GIL hand-over each otherwise.
 BATCH_BYTES = 4 << 20
 BATCH_ITEMS = 256
 # ... and no batch smaller than this: below it a second thread costs more (GIL hand-overs) than
@@ -50,7 +51,7 @@ def _batches(items: Sequence, weights: Sequence[int], threads: int) -> list[tupl
     batch: list = []
     size = 0
     for it, w in zip(items, weights):
-        if batch and (size >= target or len(batch) >= BATCH_ITEMS):
+        if batch and (size >= target or (len(batch) >= BATCH_ITEMS and size >= MIN_BATCH_BYTES)):
             out.append((batch, size))
             batch, size = [], 0
         batch.append(it)
