@@ -75,7 +75,7 @@ def load_direct(source: RestoreSource, state_dict: Any, step: int, *, strict: bo
         if type(leaf) is not torch.Tensor or not leaf.is_cpu or not leaf.is_contiguous():
             return None
         shape = list(leaf.shape)  # the whole array in one chunk (however it was saved: plain, replicated)
-        if not shape or a.get("shape") != shape or a.get("chunk_shape") != shape or 0 in shape \
+        if a.get("shape") != shape or a.get("chunk_shape") != shape or 0 in shape \
                 or a.get("dtype") != name_of(leaf.dtype):
             return None
         separator = a.get("chunk_separator", "/")

@@ -70,6 +70,34 @@ def test_a_state_held_whole_in_agent_memory_is_restored_in_one_pass(saved, monke
     assert report.served[Tier.STORAGE] == 0 and report.fallbacks == ()
 
 
+def test_a_model_and_its_adam_state_take_the_one_pass(tmp_path, monkeypatch):
+    """An optimizer's state (0-d step counters among its tensors) is restored in one pass too."""
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+        return model, torch.optim.Adam(model.parameters(), lr=0.1)
+
+    model, opt = build()
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 6)).sum().backward()
+        opt.step()
+    with local_agent(tmp_path, "directadam") as _agent:
+        address = f"unix://{tmp_path / 'a.sock'}"
+        with ckpt.Checkpointer(str(tmp_path / "run"), agent=address, keep_last=None) as c:
+            c.save(3, {"model": model, "optim": opt}, force=True).result(60)
+        planned = _planned(monkeypatch)
+        model2, opt2 = build()
+        with ckpt.Checkpointer(str(tmp_path / "run"), agent=address, keep_last=None) as c:
+            assert c.restore({"model": model2, "optim": opt2}) == 4
+            assert c.last_restore.served[Tier.STORAGE] == 0
+    assert planned == []
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        s, s2 = opt.state[p], opt2.state[p2]
+        assert s.keys() == s2.keys() and all(torch.equal(s[k], s2[k]) for k in s)
+
+
 @pytest.mark.parametrize("change", ["non_contiguous", "view_into_a_larger_tensor", "from_storage"])
 def test_what_the_one_pass_does_not_cover_goes_to_the_planned_load(saved, monkeypatch, change):
     address, run, state, _shm = saved
