@@ -213,11 +213,14 @@ class Reporter:
 
 class RecoveryCheckpointer(ckpt.Checkpointer):
     """A ``ckpt.Checkpointer`` (``commit_by="external"``) that tells the coordinator about its
-    saves, and measures which tier served each restore."""
+    saves, and measures which tier served each restore. ``restore_step``: the step the launcher
+    chose to resume from, what ``restore`` without a step loads (no rank then waits for rank 0
+    to list the steps and broadcast the newest)."""
 
-    def __init__(self, url: Any, *, reporter: Reporter, **options: Any) -> None:
+    def __init__(self, url: Any, *, reporter: Reporter, restore_step: int | None = None, **options: Any) -> None:
         super().__init__(url, commit_by="external", **options)
         self.reporter = reporter
+        self.restore_step = restore_step
         reporter.run_id = self.run_id
 
     def save(self, step: int, state: dict[str, Any], *, force: bool = False) -> ckpt.SnapshotHandle | None:
@@ -255,7 +258,7 @@ class RecoveryCheckpointer(ckpt.Checkpointer):
     def restore(self, state: dict[str, Any], *, step: int | None = None, strict: bool = True) -> int | None:
         """``ckpt.Checkpointer.restore``, and its report (``last_restore``: step, seconds, bytes
         per tier, fallbacks) to the coordinator."""
-        resumed = super().restore(state, step=step, strict=strict)
+        resumed = super().restore(state, step=self.restore_step if step is None else step, strict=strict)
         if self.last_restore is not None:
             self.reporter.restored(self.last_restore.to_dict())
         return resumed

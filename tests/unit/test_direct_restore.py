@@ -198,3 +198,24 @@ def test_the_save_plan_of_tensors_held_whole_is_the_general_plan(world):
             assert [(r.path, r.index, r.slices, r.chunk_shape, r.separator, id(r.tensor)) for r in plan.requests] == \
                    [(r.path, r.index, r.slices, r.chunk_shape, r.separator, id(r.tensor)) for r in general]
             assert plan.metadata == metadata
+
+
+def test_a_recovery_checkpointer_restores_the_step_the_launcher_chose(tmp_path):
+    """``ctx.checkpointer.restore(state)`` in a ``train_fn`` loads the launcher's step (no rank
+    waits for rank 0 to list the steps); with no step chosen, the newest committed."""
+    from recovery.worker import RecoveryCheckpointer, Reporter
+
+    class Calls:  # a coordinator that takes every fire-and-forget call
+        def __getattr__(self, name):
+            return type("Method", (), {"remote": staticmethod(lambda *a, **k: None)})()
+
+    run = str(tmp_path / "run")
+    with ckpt.Checkpointer(run) as c:
+        for step in (2, 4):
+            c.save(step, {"w": torch.full((3,), float(step))}, force=True)
+    for chosen, expect in ((2, 3), (None, 5)):
+        reporter = Reporter(Calls(), 1, 0, 1, None, 60.0)
+        out = {"w": torch.zeros(3)}
+        with RecoveryCheckpointer(run, reporter=reporter, restore_step=chosen) as c:
+            assert c.restore(out) == expect
+        assert torch.equal(out["w"], torch.full((3,), float(expect - 1)))
