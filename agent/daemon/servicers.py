@@ -120,6 +120,13 @@ class TrainerServicer(SnapshotReads, rpc.TrainerServiceServicer):
         self.fits(info, "the fetched snapshot with its documents")
         return info
 
+    @rpc_errors
+    def NoticeCommit(self, request: pb.NoticeCommitRequest, context: grpc.ServicerContext) -> pb.NoticeCommitResponse:
+        check(0 < len(request.run_url) <= MAX_URL, "run_url: required")
+        check(0 < len(request.save_id) <= MAX_ID, "save_id: required")
+        self.agent.notice_commit(request.run_url, request.step, request.save_id)
+        return pb.NoticeCommitResponse()
+
     @stream_errors
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> Iterator[pb.SessionEvent]:
         check(0 < len(request.run_url) <= MAX_URL, "run_url: required")

@@ -27,8 +27,12 @@ def _counting_reads(monkeypatch) -> collections.Counter:
     return reads
 
 
-def test_a_commit_announced_to_the_agent_is_read_once_not_polled_for(tmp_path, monkeypatch):
+@pytest.mark.parametrize("told", ["in_process", "rpc"])
+def test_a_commit_announced_to_the_agent_is_read_once_not_polled_for(tmp_path, monkeypatch, told):
+    """``rpc``: told over the agent's socket (``NoticeCommit``), as a job whose node agents run
+    outside it (a DaemonSet) is told, through a process of the job on the node."""
     from agent.daemon.core import Agent
+    from agent.trainer.client import AgentClient
 
     monkeypatch.setattr(Agent, "TOLD_POLL_S", (60.0, 60.0))  # only the notice can end the wait in time
     reads = _counting_reads(monkeypatch)
@@ -41,7 +45,11 @@ def test_a_commit_announced_to_the_agent_is_read_once_not_polled_for(tmp_path, m
                 save = f"{c.run_id}-{step}"
                 wait_for_fragments(c.storage, step, save, c.writers, timeout_s=60, poll_s=0.01)
                 ckpt.commit(c.storage, step, c.writers, save_id=save)
-                daemon.agent.notice_commit(c.storage.url, step, save)
+                if told == "rpc":
+                    with AgentClient(f"unix://{tmp_path}/a.sock") as client:
+                        client.notice_commit(c.storage.url, step, save)
+                else:
+                    daemon.agent.notice_commit(c.storage.url, step, save)
                 assert h.committed.result(60).step == step
     # step 1: polled for (the agent did not know commits would be announced); step 2: read once
     assert reads[1] >= 1 and reads[2] == 1
@@ -71,3 +79,15 @@ def test_wait_for_commit_point_is_woken_and_stops(tmp_path):
     wake.set()  # as an agent's close does
     t.join(30)
     assert not t.is_alive() and "closed before the commit" in str(out[0])
+
+
+def test_a_notice_without_its_run_or_save_is_refused(tmp_path):
+    import grpc
+
+    from agent.trainer.client import AgentClient
+
+    with local_agent(tmp_path, "cknoticebad"), AgentClient(f"unix://{tmp_path}/a.sock") as client:
+        for run_url, save in (("", "s-1"), ("file:///r", "")):
+            with pytest.raises(grpc.RpcError) as e:
+                client.notice_commit(run_url, 1, save)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT

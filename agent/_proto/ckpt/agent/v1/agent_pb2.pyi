@@ -323,6 +323,20 @@ class ReadDocumentRequest(_message.Message):
     peer_address: str
     def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ..., save_id: _Optional[str] = ..., kind: _Optional[_Union[DocumentKind, str]] = ..., peer_address: _Optional[str] = ...) -> None: ...
 
+class NoticeCommitRequest(_message.Message):
+    __slots__ = ("run_url", "step", "save_id")
+    RUN_URL_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SAVE_ID_FIELD_NUMBER: _ClassVar[int]
+    run_url: str
+    step: int
+    save_id: str
+    def __init__(self, run_url: _Optional[str] = ..., step: _Optional[int] = ..., save_id: _Optional[str] = ...) -> None: ...
+
+class NoticeCommitResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class SnapshotData(_message.Message):
     __slots__ = ("offset", "data")
     OFFSET_FIELD_NUMBER: _ClassVar[int]

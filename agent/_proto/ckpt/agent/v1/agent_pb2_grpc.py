@@ -90,6 +90,11 @@ class TrainerServiceStub:
                 request_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ReadDocumentRequest.SerializeToString,
                 response_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.DocumentPiece.FromString,
                 _registered_method=True)
+        self.NoticeCommit = channel.unary_unary(
+                '/ckpt.agent.v1.TrainerService/NoticeCommit',
+                request_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticeCommitRequest.SerializeToString,
+                response_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticeCommitResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -172,6 +177,16 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NoticeCommit(self, request, context):
+        """The committer of a run (a job's coordinator, through a process on this node) says that
+        save_id committed step: this agent's writers waiting for it read the commit point now,
+        and the run's later commits are polled for rarely. A notice is a hint: the commit point in
+        storage stays the truth.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -229,6 +244,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ReadDocument,
                     request_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ReadDocumentRequest.FromString,
                     response_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.DocumentPiece.SerializeToString,
+            ),
+            'NoticeCommit': grpc.unary_unary_rpc_method_handler(
+                    servicer.NoticeCommit,
+                    request_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticeCommitRequest.FromString,
+                    response_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticeCommitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -528,6 +548,33 @@ class TrainerService:
             '/ckpt.agent.v1.TrainerService/ReadDocument',
             agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.ReadDocumentRequest.SerializeToString,
             agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.DocumentPiece.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NoticeCommit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckpt.agent.v1.TrainerService/NoticeCommit',
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticeCommitRequest.SerializeToString,
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticeCommitResponse.FromString,
             options,
             channel_credentials,
             insecure,
