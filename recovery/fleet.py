@@ -53,6 +53,7 @@ class AgentFleet:
         self.peer: dict[str, str] = {}  # node -> the agent's replication address
         self.watch: dict[Any, str] = {}  # wait_stopped ref -> node
         self._token = secrets.token_urlsafe(24)  # between this job's agents
+        self._node_workers: dict[str, Any] = {}  # agents outside the job: node -> the worker told of commits
 
     def relay_for(self, node: str) -> Any:
         """The agent actor of ``node`` (it relays its ranks' calls to the coordinator), or None."""
@@ -96,12 +97,26 @@ class AgentFleet:
             self.tell_coordinator()
 
     def tell_coordinator(self) -> None:
-        """The coordinator learns the agents it tells of each commit (after a change, or its restart)."""
-        if self.coordinator is not None and self.config.agent == "actor":
-            try:
-                self.coordinator.set_agents.remote(dict(self.agents))
-            except Exception:
-                log.debug("cannot tell the coordinator about the agents", exc_info=True)
+        """The coordinator learns whom it tells of each commit (after a change, or its restart):
+        the agent actors, or, with agents run outside the job (``RunConfig.agent`` an address),
+        one worker per node, which tells its node's agent (``Worker.committed``)."""
+        if self.coordinator is None or self.config.agent is None:
+            return
+        told = dict(self.agents) if self.config.agent == "actor" else dict(self._node_workers)
+        try:
+            self.coordinator.set_agents.remote(told)
+        except Exception:  # the agents then poll storage for each commit
+            log.debug("cannot tell the coordinator whom to tell of commits", exc_info=True)
+
+    def tell_workers(self, workers: list[Any], nodes: list[str]) -> None:
+        """The workers of an attempt started (``nodes``: each one's node): with agents run
+        outside the job, the first worker of each node is the one told of commits."""
+        if self.config.agent in (None, "actor"):
+            return
+        self._node_workers = {}
+        for worker, node in zip(workers, nodes):
+            self._node_workers.setdefault(node, worker)
+        self.tell_coordinator()
 
     def stopped(self, ref: Any) -> str | None:
         """The node whose agent's ``wait_stopped`` call ``ref`` is (that agent is forgotten);

@@ -285,6 +285,7 @@ class WorkerJob(DataParallelJob):
         for rank, (w, node) in enumerate(zip(self.workers, nodes)):
             spec = dataclasses.replace(base, node=node, agent=self.fleet.address_for(node), relay=self.fleet.relay_for(node))
             self.run_refs[w.run.remote(self.train_fn_ref, spec, attempt, rank, world_size)] = rank
+        self.fleet.tell_workers(self.workers, nodes)
         self.returns = {}
         self.pids = [i["pid"] for i in infos]
         self.log(ev.WORKERS_STARTED, f"attempt {attempt}: {world_size} workers on {len(set(nodes))} node(s)"

@@ -70,6 +70,8 @@ class Worker:
         self._group_fds: set[tuple[int, str]] = set()  # the sockets the current group opened
         self.live = LiveSlot()  # train_fn's live state, kept across attempts for policy heal
         self._store: tuple[int, Any] | None = None  # (port, TCP store) opened for rank 0 of the next attempt
+        self._agent_address: str | None = None  # this node's agent, as the last attempt's spec named it
+        self._agent: tuple[str, Any] | None = None  # (address, client): told of commits (an agent outside the job)
 
     def node_info(self) -> dict[str, Any]:
         import ray
@@ -186,6 +188,22 @@ class Worker:
         frame = sys._current_frames().get(tid) if tid is not None else None
         return "".join(traceback.format_stack(frame)[-12:]) if frame is not None else "(not training)"
 
+    def committed(self, run_url: str, step: int, save_id: str) -> None:
+        """The coordinator committed ``step``: this node's agent, run outside the job (a DaemonSet,
+        a systemd unit), is told over its socket, through this worker of its node."""
+        from agent.trainer.client import AgentClient
+
+        with self._lock:
+            address = self._agent_address
+            if address is None:
+                return
+            if self._agent is None or self._agent[0] != address:
+                if self._agent is not None:
+                    self._agent[1].close()
+                self._agent = (address, AgentClient(address, timeout_s=10))
+            client = self._agent[1]
+        client.notice_commit(run_url, step, save_id)
+
     def run(self, train_fn: Callable[[TrainContext], Any], spec: WorkerSpec, attempt: int | None = None,
             rank: int | None = None, world_size: int | None = None) -> Any:
         import torch.distributed as dist
@@ -195,6 +213,7 @@ class Worker:
         if rank is not None and world_size is not None:  # a heal that shrank the job renumbers the ranks
             self.rank, self.world_size = rank, world_size
         self.live.begin(keep=spec.heal is not None)
+        self._agent_address = spec.agent
         _leave_group()  # the broken group of an attempt stopped in place
         if spec.backend == "nccl" and torch.cuda.is_available():
             torch.cuda.set_device(0)  # Ray makes the worker's GPU the only visible one

@@ -77,6 +77,21 @@ def test_killed_worker_resumes_from_the_newest_checkpoint_bit_exact(cluster, tmp
     assert sample("ckpt_recovery_world_size") == 2
 
 
+def test_a_node_agent_run_outside_the_job_is_told_of_each_commit_through_a_worker(cluster, tmp_path):
+    """``agent="unix://..."`` (a DaemonSet's agent): the coordinator tells it of each commit
+    through one worker of its node, so it reads the commit point once instead of polling."""
+    from tests.helpers import local_agent
+
+    trainer = DemoTrainer(steps=12, width=32, depth=2, global_batch=8, step_sleep_s=0.02, return_state=True)
+    with local_agent(tmp_path, "extagent") as (daemon, _shm):
+        result = _run(trainer, tmp_path, num_workers=2, max_failures=0, agent=f"unix://{tmp_path}/a.sock")
+        told = set(daemon.agent._told_runs)
+    assert [c["step"] for c in result.checkpoints] == [0, 5, 10]
+    assert all(c["agents_told"] == 1 for c in result.checkpoints)  # one node: one worker told
+    assert told == {ckpt.open_storage(str(tmp_path / "run")).url}
+    assert _equal(result.returns[0]["state"], trainer.reference(world=2))
+
+
 def test_hung_worker_is_detected_and_the_job_recovers(cluster, tmp_path):
     trainer = DemoTrainer(steps=20, width=32, depth=2, global_batch=8, step_sleep_s=0.02, return_state=True,
                           faults=(Fault(HANG, 13, rank=1),))

@@ -16,6 +16,7 @@ from recovery.config import DetectConfig, RunConfig
 from recovery.coordinator import Coordinator
 from recovery.detect import AGENT_DIED, HANG
 from recovery.registry import CheckpointRegistry, PollResult
+from tests.helpers import local_agent
 from tests.unit.recovery_fakes import Clock, persist
 
 # -- incremental commit ------------------------------------------------------------------------------
@@ -311,3 +312,35 @@ def test_the_socket_directories_killed_agents_left_are_removed_at_shutdown(tmp_p
     other.mkdir()
     node_agent.remove_socket_dirs("job1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckptrec-job2-cccccccc"]
+
+
+@pytest.mark.parametrize("agent", ["actor", "unix:///run/ckpt-agent/agent.sock", None])
+def test_whom_the_coordinator_tells_of_commits_per_kind_of_agent(agent):
+    """Agent actors are told themselves; agents run outside the job through the first worker of
+    their node; without agents nobody is."""
+    import recovery.fleet as fleet_mod
+
+    told: list = []
+    fleet = fleet_mod.AgentFleet(RunConfig(num_workers=3, storage="memory://t", agent=agent), "job", "coord",
+                                 "memory://t", lambda *a, **k: None)
+    fleet.coordinator = type("C", (), {"set_agents": type("S", (), {"remote": staticmethod(told.append)})})()
+    fleet.agents = {"n0": "agent0"} if agent == "actor" else {}
+    fleet.tell_workers(["w0", "w1", "w2"], ["n0", "n1", "n0"])
+    fleet.tell_coordinator()  # as after the coordinator's restart
+    if agent is None:
+        assert told == []
+    elif agent == "actor":
+        assert told == [{"n0": "agent0"}]  # tell_workers changes nothing for actors
+    else:
+        assert told == [{"n0": "w0", "n1": "w1"}] * 2
+
+
+def test_a_worker_tells_its_nodes_agent_of_a_commit_over_its_socket(tmp_path):
+    from recovery.worker_process import Worker
+
+    with local_agent(tmp_path, "ckworkertell") as (daemon, _shm):
+        w = Worker(0, 1, 0)
+        w.committed("file:///nowhere", 3, "s-3")  # before any attempt ran: no agent known, nothing sent
+        w._agent_address = f"unix://{tmp_path}/a.sock"  # as run() sets it from the attempt's spec
+        w.committed("file:///run", 3, "s-3")
+        assert daemon.agent._told_runs == {"file:///run"}
