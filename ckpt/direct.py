@@ -46,7 +46,8 @@ def load_direct(source: RestoreSource, state_dict: Any, step: int, *, strict: bo
         doc = fmt.parse_root(source.read(path), path)
     except FileNotFoundError:
         return None
-    manifest = doc.get("attributes", {}).get(MANIFEST_KEY)
+    attributes = doc.get("attributes")
+    manifest = attributes.get(MANIFEST_KEY) if type(attributes) is dict else None
     if (type(manifest) is not dict or manifest.get("format") != "ckpt" or manifest.get("format_version") != FORMAT_VERSION
             or manifest.get("step") != step or manifest.get("varying_values") or manifest.get("values_by_writer")
             or type(manifest.get("arrays")) is not list or type(values := manifest.get("values")) is not dict):
