@@ -58,15 +58,14 @@ def load_step(storage: Storage, state_dict: Any, step: int, *, group: Group, wri
     Returns ``{"read": bytes this rank read, "received": bytes it got by broadcast}``."""
     if mode not in MODES:
         raise ValueError(f"replicated reads must be one of {MODES}, got {mode!r}")
-    if (mode == "each" or (mode == "auto" and _reads_memory(storage)) or not group.distributed) \
-            and isinstance(storage, RestoreSource):
+    once = group.distributed and group.pg is not None and (mode == "once" or (mode == "auto" and not _reads_memory(storage)))
+    if not once and isinstance(storage, RestoreSource):
         read = load_direct(storage, state_dict, step, strict=strict, allow_pickle=allow_pickle)
         if read is not None:  # every tensor straight from memory, in one pass
             return {"read": read, "received": 0}
     manifest = fmt.read_manifest(storage, step)
     plan = plan_load(state_dict, manifest, rank=group.rank, writer=writer, strict=strict,
                      writer_values=writer_values(storage, manifest, writer))
-    once = group.distributed and group.pg is not None and (mode == "once" or (mode == "auto" and not _reads_memory(storage)))
     shared = _agree(plan, state_dict, group) if once else {}
     owner = _assign(shared, group.world)
     mine = dataclasses.replace(plan, requests=[r for r in plan.requests if owner.get(r.path, group.rank) == group.rank])

@@ -302,8 +302,8 @@ class TrainContext:
         copied over the new process group) at :attr:`heal_step`, and continues at the next step.
         ``state`` is then this process's live state: call :meth:`report` once per step, after
         the optimizer step."""
-        if self.heal is None:  # the step the launcher chose: no rank waits for rank 0 to list the steps
-            start = self.checkpointer.restore(state, step=self.restore_step) or 0
+        if self.heal is None:  # the checkpointer loads the step the launcher chose
+            start = self.checkpointer.restore(state) or 0
         else:
             kept = self._live.state if self._live is not None else None
             if self.rank not in self.heal.receivers:

@@ -259,7 +259,7 @@ class AgentMemoryStorage(RestoreSource):
         return True
 
     def read_threads(self, step: int, default: int) -> int:
-        if f"{fmt.step_dir(step)}/{fmt.META}" in self._roots:
+        if self.holds_step(step):
             # Copies out of memory: one thread per core (2x faster than 8 threads on 2 cores).
             return max(1, min(default, max(2, os.cpu_count() or 1)))
         return super().read_threads(step, default)
