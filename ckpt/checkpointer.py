@@ -53,7 +53,7 @@ from .signals import CommitSignals
 from .sink import InProcessSink, PersistJob, Sink, SinkConfig, open_sink
 from .staging import StageJob, Stager, step_pre_hook
 from .state import container_kinds, encode_value, flatten
-from .stateful import CachedExpander, expand
+from .stateful import CachedExpander, Expanded, expand
 from .storage import open_storage
 from .telemetry import Telemetry
 from .version import library_versions
@@ -68,8 +68,7 @@ class Checkpointer:
         self.config = cfg = CheckpointerConfig(url=url, **options)
         self.storage = open_storage(cfg.url, storage_options=cfg.storage_options, retry=cfg.retry)
         self.group = Group.resolve(cfg.process_group)
-        # The one collective of the Checkpointer's life: every rank agrees on a run id, so
-        # that each save's id is known everywhere without talking on the hot path.
+        # The one collective of its life: a run id every rank agrees on (save ids then need no talk).
         self.run_id: str = self.group.broadcast(uuid.uuid4().hex[:12])
         self.writer = fmt.writer_name(self.group.global_rank)
         self.writers = tuple(fmt.writer_name(r) for r in self.group.global_ranks)
@@ -228,16 +227,17 @@ class Checkpointer:
     # -- internals --------------------------------------------------------------------------
 
     def prepare(self, state: dict[str, Any]) -> Future:
-        """Build, off the training thread, what the first checkpoint of ``state`` needs (the
-        state's expansion, the save plan, the host memory with every page faulted in), so that
-        it stalls the loop no more than later ones. ``restore`` calls it; call it yourself
-        before the loop when starting from scratch (after the optimizer has its state)."""
+        """Build the first checkpoint's plan and host memory (pages faulted in) off the training
+        thread, so that it stalls the loop no more than later ones; ``restore`` calls it (call it
+        before the loop from scratch). ``state_dict`` calls stay on the caller's thread: beside
+        training they race (DCP steps a stateless optimizer)."""
         fut: Future = Future()
+        expanded = self._expander.expand(state)
 
         def work() -> None:
             try:
                 with self._capture_lock, gc_paused():  # close() stops it between slabs: nothing would use them
-                    plan, _tensors, _values = self._plan_for(state)
+                    plan, _tensors, _values = self._plan_for(expanded)
                     prefault(self._pool_for(plan.nbytes, plan.mine), plan, stop=lambda: self._closed)
                 fut.set_result(None)
             except BaseException as e:  # noqa: BLE001 - the first save then does it, and says why
@@ -248,9 +248,8 @@ class Checkpointer:
         self._preparing.start()
         return fut
 
-    def _plan_for(self, state: dict[str, Any]) -> tuple[CapturePlan, list[Any], dict[str, Any]]:
+    def _plan_for(self, expanded: Expanded) -> tuple[CapturePlan, list[Any], dict[str, Any]]:
         cfg = self.config
-        expanded = self._expander.expand(state)
         leaves = list(flatten(expanded.tree))
         key = tuple(leaf_key(path, leaf) if is_tensor else path for path, leaf, is_tensor in leaves)
         values = {path: encode_value(leaf, allow_pickle=cfg.allow_pickle, where=path)
@@ -267,8 +266,9 @@ class Checkpointer:
 
     def _capture(self, step: int, state: dict[str, Any], handle: SnapshotHandle) -> None:
         cfg = self.config
+        expanded = self._expander.expand(state)
         with self._capture_lock:  # a prepare() in flight finishes first
-            plan, tensors, values = self._plan_for(state)
+            plan, tensors, values = self._plan_for(expanded)
         nbytes = plan.nbytes
         handle.nbytes = nbytes
         pool = self._pool_for(nbytes, plan.mine)

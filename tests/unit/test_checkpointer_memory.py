@@ -3,6 +3,8 @@ training thread, the automatic budget, and the preparation stopped when the Chec
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 import ckpt
@@ -27,6 +29,43 @@ def test_first_checkpoint_finds_its_plan_and_host_memory_ready(tmp_path):
         assert ck2.restore(state2) == 2
         ck2._preparing.join(60)
         assert ck2._plan is not None and ck2.status().host_allocations == 2
+
+
+class _Recorder:
+    """A stateful object that notes the thread of each ``state_dict`` call."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+        self.n = torch.zeros(3)
+
+    def state_dict(self) -> dict:
+        self.threads.append(threading.current_thread().name)
+        return {"n": self.n}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.n.copy_(sd["n"])
+
+
+def test_the_preparation_calls_no_state_dict_off_the_training_thread(tmp_path):
+    # A state_dict beside training races with it: DCP's optimizer helper steps a stateless
+    # optimizer (SGD) on zero gradients and clears them while backward writes them (heap
+    # corruption in a writer of the load harness, 1 run in 12). restore()'s preparation calls
+    # every state_dict on the caller's thread; only the plan and the memory are built behind.
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = _Recorder()
+    state = {"model": model, "optim": opt, "rec": rec}
+    with ckpt.Checkpointer(tmp_path, every_n_steps=1, keep_last=None, consolidate="never") as ck:
+        ck.save(0, state).result(60)
+    rec.threads.clear()
+    with ckpt.Checkpointer(tmp_path, every_n_steps=1, keep_last=None, consolidate="never") as ck2:
+        ck2.attach(opt)
+        assert ck2.restore(state) == 1
+        ck2._preparing.join(60)
+        assert ck2._plan is not None
+        grads = [p.grad for p in model.parameters()]
+    assert rec.threads and set(rec.threads) == {threading.current_thread().name}
+    assert grads == [None, None]  # nobody stepped the optimizer behind training's back
 
 
 def test_the_automatic_host_budget_grows_with_the_state(tmp_path):
@@ -61,7 +100,7 @@ def test_prefault_stops_between_slabs_when_asked(tmp_path):
 
     state = {"w": torch.randn(1024), "b": torch.randn(16)}
     with ckpt.Checkpointer(str(tmp_path / "run"), pin_memory=False) as ck:
-        plan, _, _ = ck._plan_for(state)
+        plan, _, _ = ck._plan_for(ck._expander.expand(state))
         pool = ck._pool_for(plan.nbytes, plan.mine)
         asked = []
         prefault(pool, plan, stop=lambda: asked.append(1) or len(asked) > 1)
