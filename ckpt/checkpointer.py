@@ -79,11 +79,11 @@ class Checkpointer:
         ours = cfg.commit_by == "rank0"  # a rank of this group commits (not an external coordinator)
         keep = RetentionPolicy(keep_last=cfg.keep_last, keep_every=cfg.keep_every) if cfg.keep_last and ours else None
         after_commit = self._retention if keep is not None else None
+        signals = CommitSignals.of(self.group, self.run_id, self.writer) if ours and sink is None else None
         if sink is None and cfg.agent is not None:  # the agent commits, runs retention: the trainer may be gone
             sink = open_sink("agent", cfg.agent, storage=self.storage, config=sink_config, writer=self.writer,
-                             after_commit=after_commit, retention=keep)
-        self.sink = sink or InProcessSink(self.storage, sink_config, after_commit=after_commit,
-                                          signals=CommitSignals.of(self.group, self.run_id, self.writer) if ours else None)
+                             after_commit=after_commit, retention=keep, signals=signals)
+        self.sink = sink or InProcessSink(self.storage, sink_config, after_commit=after_commit, signals=signals)
         self.stager = Stager()
         self.telemetry = Telemetry(cfg.metrics)
         self.pool: HostBufferPool | None = None

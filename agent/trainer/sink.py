@@ -31,6 +31,7 @@ from ckpt.hostpool import HostBufferPool
 from ckpt.manifest import Fragment, Manifest
 from ckpt.restore import FallbackReason, RestoreSource, StorageSource
 from ckpt.retention import RetentionPolicy
+from ckpt.signals import CommitSignals
 from ckpt.sink import PersistJob, Sink, SinkConfig
 from ckpt.storage import Storage
 
@@ -42,6 +43,7 @@ from ..shm import map_file, unmap
 from ..wire import PB_TO_STATE, error_from_rpc
 from .client import AgentClient
 from .memory import AgentMemoryStorage
+from .relay import CommitRelay
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ class ShmAllocator:
 class AgentSink(Sink):
     def __init__(self, address: str, *, storage: Storage, config: SinkConfig, writer: str,
                  after_commit: Callable[[Manifest], None] | None = None,
-                 retention: RetentionPolicy | None = None) -> None:
+                 retention: RetentionPolicy | None = None, signals: CommitSignals | None = None) -> None:
         self.storage = storage
         self.config = config
         self.writer = writer
@@ -139,6 +141,9 @@ class AgentSink(Sink):
         self.shm_dir: str = registered.shm_dir or "/dev/shm"
         self.inline_limit: int = registered.inline_limit_bytes  # 0: an agent that takes every plan inline
         self.allocator = ShmAllocator(self)
+        # A job that commits itself, on several nodes: commits are told through its store (relay).
+        self.relay = CommitRelay(signals, lambda step, save: self.client.notice_commit(self.run_url, step, save),
+                                 timeout_s=config.commit_timeout_s) if signals is not None else None
 
     # -- the Sink interface --------------------------------------------------------------------
 
@@ -156,6 +161,8 @@ class AgentSink(Sink):
             with self._lock:
                 self._jobs[(job.step, job.save_id)] = job
                 self._held[segment] = job
+            if self.relay is not None and not job.committer and len(job.writers) > 1:
+                self.relay.expect(job.step, job.save_id)
             self.client.announce(pb.AnnounceStagedRequest(
                 session_id=self.session_id, segment=segment, step=job.step, save_id=job.save_id,
                 writers=list(job.writers), committer=job.committer, plan_json=plan_json),
@@ -202,6 +209,8 @@ class AgentSink(Sink):
                 except BaseException:  # noqa: BLE001 - reported through the handle
                     pass
         self.closed = True
+        if self.relay is not None:
+            self.relay.close()
         self._call.cancel()  # ends the session: the agent frees the segments it holds nothing in
         self._events.join(timeout=10)
         with self._lock:
@@ -290,13 +299,20 @@ class AgentSink(Sink):
                     self._jobs.pop((ev.step, ev.save_id), None)
                 if not job.committed.done():
                     job.committed.set_result(manifest)
+                self._tell_writers(job)
                 self._run_after_commit(job, manifest)
             elif state == SnapshotState.FAILED:
                 with self._lock:
                     self._jobs.pop((ev.step, ev.save_id), None)
+                self._tell_writers(job, ev.error or "failed")
                 self._fail(job, CkptError(f"step {ev.step}: the node agent reports: {ev.error}"))
         except Exception as e:  # noqa: BLE001 - a malformed document fails the job, not the loop
             self._fail(job, e)
+
+    def _tell_writers(self, job: PersistJob, error: str | None = None) -> None:
+        """The committer's trainer: the other writers' trainers hear how the save ended (relay)."""
+        if self.relay is not None and job.committer and len(job.writers) > 1:
+            self.relay.ended(job.save_id, job.writers, error)
 
     @staticmethod
     def _fail(job: PersistJob, error: BaseException) -> None:
