@@ -183,6 +183,9 @@ def execute_load(
     expect = {p: ChunkExpectation(dtypes.get(a.dtype) or dtypes.setdefault(a.dtype, getattr(torch, a.dtype)))
               for p, a in plan.arrays.items()}
     locator = Locator(storage, plan.step, plan.layout, plan.arrays)
+    will_read = getattr(storage, "will_read", None)  # a restore's tiers (ckpt.restore.RestoreSource)
+    if will_read is not None and plan.layout.kind == layouts.PACKS:
+        will_read(plan.step, locator.writers_of((r.path, r.index) for r in plan.requests))
     try:
         read_chunks(storage, locator, plan.requests, lambda r: expect[r.path],
                     threads=threads, progress=progress)

@@ -130,6 +130,12 @@ class RestoreSource(StorageWrapper):
         chain, so that ``read_chunk_batch`` reads them all there (see :mod:`ckpt.direct`)."""
         return isinstance(self.inner, RestoreSource) and self.inner.holds(chunks)
 
+    def will_read(self, step: int, writers: set[str]) -> None:
+        """A restore is about to read chunks of ``step`` that ``writers`` wrote (format 3's packs
+        say whose they are): a tier that fetches from elsewhere asks only for those."""
+        if isinstance(self.inner, RestoreSource):
+            self.inner.will_read(step, writers)
+
     def read_threads(self, step: int, default: int) -> int:
         """How many threads should read ``step``'s chunks: ``default`` (the I/O threads asked
         for) unless a tier knows better (copies out of memory are bound by the cores)."""

@@ -16,7 +16,7 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,9 +76,11 @@ class Sink(abc.ABC):
         private memory of this process; a node agent hands out its shared memory instead."""
         return HostBufferPool(budget_bytes, pin_memory=pin_memory)
 
-    def restore_source(self, storage: Storage) -> RestoreSource:
+    def restore_source(self, storage: Storage, *, holders: Mapping[str, Sequence[str]] | None = None,
+                       ) -> RestoreSource:
         """Where a restore reads from: storage by default; a node agent's sink puts its memory
-        and peer tiers above it. The caller reads back what each tier served."""
+        and peer tiers above it. The caller reads back what each tier served. ``holders``: who
+        holds which writer's snapshot (writer -> agent addresses), where a coordinator knows."""
         return StorageSource(storage)
 
 

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 WRITER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 MAX_URL = 4096
 MAX_ID = 256
+MAX_PEERS = 1 << 16  # agents one listing may name (a directory of who holds what)
 
 
 def _abort(context: grpc.ServicerContext, e: BaseException) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 
-from ..documents import DEFAULT_DOCUMENTS, pieces
+from ..documents import DEFAULT_DOCUMENTS, MAX_WRITERS, pieces
 from ..errors import AgentNotFoundError, AnswerTooLargeError
 from ..pb import pb
 from .core import Agent
@@ -53,8 +53,11 @@ class SnapshotReads:
         check(len(request.run_url) <= MAX_URL, "run_url: too long")
         kinds = documents_asked(request, DEFAULT_DOCUMENTS) if request.with_plans or request.documents else []
         limit = self.inline_limit if streamed or request.by_reference else None
+        check(len(request.writers) <= MAX_WRITERS, "writers: too many")
+        wanted = set(request.writers)
         for s in self.agent.snapshots(request.run_url):
-            yield snapshot_info(s, kinds, limit=limit, storage=self.agent.storage)
+            if not wanted or s.writer in wanted:
+                yield snapshot_info(s, kinds, limit=limit, storage=self.agent.storage)
 
     def answer(self, request: pb.ListSnapshotsRequest, infos: Sequence[pb.SnapshotInfo]) -> pb.ListSnapshotsResponse:
         resp = pb.ListSnapshotsResponse(snapshots=infos)

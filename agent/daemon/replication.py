@@ -6,12 +6,11 @@ not yet persisted or committed, this agent persists it (and commits it, if the o
 was the committer). Takeover is idempotent: a fragment or commit point already in storage from
 the same save is kept, never rewritten.
 
-Restore from a peer: a trainer restarted on a node whose agent holds nothing of its run (a
-replacement node) asks its agent to list what the ring's other agents hold (``peer_snapshots``,
-streamed; documents over the inline limit by reference, read through this agent with
-``peer_document``), and the snapshots it then reads are copied once into this agent's memory
-(``fetch``) and served from there, like a replica received the usual way. Only agents of the
-ring are ever dialled, with the ring's token; a trainer cannot point its agent elsewhere.
+Restore from a peer: a trainer whose agent does not hold what it reads (a replacement node, a
+reshard) asks its agent what the ring's other agents hold of the writers it reads
+(``peer_snapshots``: only their holders where a coordinator names them; documents over the inline
+limit by reference, read with ``peer_document``); what it reads is copied once into this agent's
+memory (``fetch``) and served from there. Only the ring's agents are dialled, with its token.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
@@ -78,7 +77,7 @@ class Replicator:
         self._monitor = threading.Thread(target=self._monitor_loop, name="agent-peer-monitor", daemon=True)
         self._monitor.start()
         self._fetching: dict[tuple[str, str, int], threading.Lock] = {}
-        self._listings: dict[tuple[str, tuple[int, ...]], tuple[float, Future]] = {}  # run, kinds -> (when, listing)
+        self._listings: dict[tuple, tuple[float, Future]] = {}  # (run, kinds, peer) -> (when, its listing)
 
     def channel(self, address: str) -> grpc.Channel:
         with self._lock:
@@ -184,25 +183,26 @@ class Replicator:
             raise InvalidRequestError(f"peer_address: {peer!r} is not another agent of this agent's ring")
         return peer
 
-    def peer_snapshots(self, run_url: str, held: set[tuple[str, str, int, str]],
-                       kinds: list[int]) -> Iterator[pb.SnapshotInfo]:
+    def peer_snapshots(self, run_url: str, held: set[tuple[str, str, int, str]], kinds: list[int], *,
+                       peers: Sequence[str] = (), writers: Sequence[str] = ()) -> Iterator[pb.SnapshotInfo]:
         """What the ring's other agents hold of ``run_url`` (with the documents ``kinds``, those
         over the inline limit by reference) that is not in ``held`` (``(run, writer, step,
         save_id)`` of this agent's snapshots); one entry per snapshot, from the first agent of the
         ring that lists it. An agent that cannot be listed (not reachable within 2 s, or failing)
-        is one entry with only ``peer_address`` and ``error`` set, and counted.
-
-        The ring is asked once for all the trainers of this node that restore together: a
-        listing is shared for ``RING_LISTING_TTL_S`` (a node's 8 or 16 ranks restoring after a
-        failure make one fan-out, not one each)."""
+        is one entry with only ``peer_address`` and ``error`` set, and counted. ``peers``: ask
+        only these agents (the holders a directory names); ``writers``: only their snapshots.
+        Each agent's listing is shared for ``RING_LISTING_TTL_S`` by the trainers of this node
+        that restore together (16 ranks, each reading other writers: one call per holder)."""
         seen = set(held)
-        for peer, listed in self._ring_listing(run_url, tuple(kinds)):
+        wanted = set(writers)
+        for peer, listed in self._ring_listing(run_url, tuple(kinds), set(peers)):
             if isinstance(listed, str):
                 yield pb.SnapshotInfo(peer_address=peer, error=listed)
                 continue
             for shared in listed:
                 k = (shared.key.run_url, shared.key.writer, shared.key.step, shared.save_id)
-                if shared.state == pb.SNAPSHOT_STATE_FAILED or shared.key.run_url != run_url or k in seen:
+                if (shared.state == pb.SNAPSHOT_STATE_FAILED or shared.key.run_url != run_url or k in seen
+                        or (wanted and shared.key.writer not in wanted)):
                     continue
                 seen.add(k)
                 info = pb.SnapshotInfo()
@@ -213,31 +213,40 @@ class Replicator:
 
     RING_LISTING_TTL_S = 2.0
 
-    def _ring_listing(self, run_url: str, kinds: tuple[int, ...]) -> list[tuple[str, list[pb.SnapshotInfo] | str]]:
-        """Every other agent's listing of ``run_url`` (or why it could not be listed), fetched
-        once per ``RING_LISTING_TTL_S`` whoever asks; callers that ask while it is fetched wait for it."""
-        key = (run_url, kinds)
+    def _ring_listing(self, run_url: str, kinds: tuple[int, ...], only: set[str],
+                      ) -> list[tuple[str, list[pb.SnapshotInfo] | str]]:
+        """The listing of ``run_url`` by each other agent of the ring (``only`` those, if given),
+        or why it could not be listed; each fetched once per ``RING_LISTING_TTL_S`` whoever asks
+        (callers that ask while it is fetched wait for it)."""
+        me = self.config.self_address
+        peers = [p for p in self.config.peers if p != me and (not only or p in only)]
+        now = time.monotonic()
+        mine: list[tuple[str, Future]] = []
+        futures: dict[str, Future] = {}
         with self._lock:
-            cached = self._listings.get(key)
-            if cached is not None and time.monotonic() - cached[0] < self.RING_LISTING_TTL_S:
-                fut, mine = cached[1], False
-            else:
-                fut, mine = Future(), True
-                now = time.monotonic()
-                self._listings = {k: v for k, v in self._listings.items() if now - v[0] < self.RING_LISTING_TTL_S}
-                self._listings[key] = (now, fut)
+            self._listings = {k: v for k, v in self._listings.items() if now - v[0] < self.RING_LISTING_TTL_S}
+            for p in peers:
+                cached = self._listings.get((run_url, kinds, p))
+                if cached is None:
+                    cached = self._listings[(run_url, kinds, p)] = (now, Future())
+                    mine.append((p, cached[1]))
+                futures[p] = cached[1]
         if mine:
             try:
-                fut.set_result(self._list_ring(run_url, list(kinds)))
+                listed = dict(self._list_ring(run_url, list(kinds), [p for p, _ in mine]))
+                for p, fut in mine:
+                    fut.set_result(listed[p])
             except BaseException as e:  # noqa: BLE001 - every waiter gets it
                 with self._lock:
-                    self._listings.pop(key, None)
-                fut.set_exception(e)
-        return fut.result()
+                    for p, _ in mine:
+                        self._listings.pop((run_url, kinds, p), None)
+                for _, fut in mine:
+                    if not fut.done():
+                        fut.set_exception(e)
+        return [(p, futures[p].result()) for p in peers]
 
-    def _list_ring(self, run_url: str, kinds: list[int]) -> list[tuple[str, list[pb.SnapshotInfo] | str]]:
-        me = self.config.self_address
-        peers = [p for p in self.config.peers if p != me]
+    def _list_ring(self, run_url: str, kinds: list[int],
+                   peers: list[str]) -> list[tuple[str, list[pb.SnapshotInfo] | str]]:
         ready = [(p, grpc.channel_ready_future(self.channel(p))) for p in peers]
         deadline = time.monotonic() + _CONNECT_TIMEOUT_S
         request = pb.ListSnapshotsRequest(run_url=run_url, with_plans=bool(kinds), documents=kinds, by_reference=True)

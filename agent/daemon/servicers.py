@@ -24,7 +24,7 @@ from ..pb import pb, rpc
 from ..plan import decode_plan
 from ..wire import PB_TO_STATE, STATE_TO_PB
 from .core import Agent
-from .handlers import MAX_ID, MAX_URL, WRITER_RE, check, check_key, rpc_errors, stream_errors
+from .handlers import MAX_ID, MAX_PEERS, MAX_URL, WRITER_RE, check, check_key, rpc_errors, stream_errors
 from .reads import SnapshotReads, documents_asked
 from .replication import Replicator
 from .segments import Segment
@@ -71,7 +71,9 @@ class TrainerServicer(SnapshotReads, rpc.TrainerServiceServicer):
                     held: list[pb.SnapshotInfo]) -> Iterator[pb.SnapshotInfo]:
         kinds = documents_asked(request, DEFAULT_DOCUMENTS) if request.with_plans or request.documents else []
         keys = {(i.key.run_url, i.key.writer, i.key.step, i.save_id) for i in held}
-        return replicator.peer_snapshots(request.run_url, keys, kinds)
+        check(len(request.peer_addresses) <= MAX_PEERS, "peer_addresses: too many")
+        return replicator.peer_snapshots(request.run_url, keys, kinds, peers=request.peer_addresses,
+                                         writers=request.writers)
 
     @rpc_errors
     def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> pb.ListSnapshotsResponse:

@@ -87,7 +87,7 @@ class AgentMemoryStorage(RestoreSource):
 
     def __init__(self, inner: Storage, snapshots: Sequence[pb.SnapshotInfo], shm_dir: str, *,
                  fetch: Callable[[pb.SnapshotInfo], pb.SnapshotInfo] | None = None,
-                 list_peers: Callable[[], Sequence[pb.SnapshotInfo]] | None = None,
+                 list_peers: Callable[[set[str] | None], Sequence[pb.SnapshotInfo]] | None = None,
                  document: ReadDocument | None = None,
                  unavailable: tuple[FallbackReason, str] | None = None) -> None:
         super().__init__(inner)
@@ -114,6 +114,8 @@ class AgentMemoryStorage(RestoreSource):
         self._why: dict[str, Why] = {}
         self._why_any: list[Why] = [(Tier.AGENT_MEMORY, *unavailable)] if unavailable else []
         self._peers_listed = False
+        self._local: set[tuple[int, str]] = set()  # (step, writer) of the snapshots read here
+        self._wanted: set[str] | None = None  # will_read: writers read and not held here (None: unknown)
         # Local snapshots first: a chunk the local agent holds is never fetched from a peer.
         self._take(sorted(snapshots, key=lambda s: bool(s.peer_address)))
 
@@ -151,15 +153,24 @@ class AgentMemoryStorage(RestoreSource):
         with self._list_lock:
             if self._list_peers_fn is None:
                 return
+            wanted, self._peers_listed = self._wanted, True
+            if wanted is not None and not wanted:  # every writer read is held here
+                self._list_peers_fn = None
+                return
             try:
-                infos = [s for s in self._list_peers_fn() if s.peer_address]
+                infos = [s for s in self._list_peers_fn(wanted) if s.peer_address]
             except Exception as e:  # noqa: BLE001 - storage then
                 infos = []
                 self._why_any.append((Tier.PEER, FallbackReason.LISTING_FAILED,
                                       f"the agent could not list what the ring's agents hold: {_error(e)}"))
             self._list_peers_fn = None
-            self._peers_listed = True
             self._take(infos)
+
+    def will_read(self, step: int, writers: set[str]) -> None:
+        """The ring is asked (if at all) only for the snapshots of ``writers`` this node does not hold."""
+        with self._list_lock:
+            self._wanted = {w for w in writers if (step, w) not in self._local}
+        super().will_read(step, writers)
 
     def _add_remote(self, held: HeldSnapshot) -> None:
         if self._fetch_fn is None:
@@ -242,6 +253,7 @@ class AgentMemoryStorage(RestoreSource):
             self._why.setdefault(key, (tier, FallbackReason.UNUSABLE,
                                        f"{held.describe()}: the agent knows no crc32c of some of its chunks"))
         self._roots[f"{sdir}/{fmt.META}"] = commit_point
+        self._local.add((s.key.step, s.key.writer))
 
     @property
     def steps_in_memory(self) -> list[int]:

@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -175,11 +175,14 @@ class AgentSink(Sink):
             self._fail(job, err)
             job.release()
 
-    def restore_source(self, storage: Storage) -> RestoreSource:
+    def restore_source(self, storage: Storage, *, holders: Mapping[str, Sequence[str]] | None = None,
+                       ) -> RestoreSource:
         """Agent memory (this node's snapshots; replicas and snapshots fetched from the ring's
         other agents count as the peer tier) above storage. The listing streams, with each
         snapshot's chunk index (what a restore reads of it; by reference if large); an agent
-        that cannot be listed makes a restore from storage that says why."""
+        that cannot be listed makes a restore from storage that says why. The ring is asked
+        only for the writers the restore reads and this node does not hold; with ``holders``
+        (writer -> the addresses of the agents holding its snapshot), only their holders."""
         bottom = StorageSource(storage)
         c = self.client
         try:
@@ -195,7 +198,19 @@ class AgentSink(Sink):
         return AgentMemoryStorage(
             bottom, snaps, self.shm_dir, document=c.document,
             fetch=lambda info: c.fetch_snapshot(info, documents=_RESTORE_DOCUMENTS),
-            list_peers=lambda: list(c.stream_snapshots(self.run_url, documents=_RESTORE_DOCUMENTS, include_peers=True)))
+            list_peers=lambda writers: self._list_peers(writers, holders))
+
+    def _list_peers(self, writers: set[str] | None, holders: Mapping[str, Sequence[str]] | None,
+                    ) -> list[pb.SnapshotInfo]:
+        """What the ring holds of ``writers`` (None: not known, every writer), asked of their
+        holders where ``holders`` names them (none named: nobody is asked)."""
+        peers: list[str] = []
+        if holders is not None:
+            peers = sorted({a for w in (holders if writers is None else writers) for a in holders.get(w, ())})
+            if not peers:
+                return []
+        return list(self.client.stream_snapshots(self.run_url, documents=_RESTORE_DOCUMENTS, include_peers=True,
+                                                 peers=peers, writers=sorted(writers or ())))
 
     def close(self, *, wait: bool = True) -> None:
         if self.closed:

@@ -125,7 +125,7 @@ def test_a_failed_fetch_from_a_peer_falls_back_to_storage(tmp_path):
 
             for listed_now in (True, False):
                 mem = AgentMemoryStorage(c.storage, [as_peer] if listed_now else [], str(shm), fetch=failing_fetch,
-                                         list_peers=lambda: [as_peer])
+                                         list_peers=lambda writers: [as_peer])
                 dest = {k: torch.zeros_like(v) for k, v in state.items()}
                 c._restore_source = lambda mem=mem: mem
                 assert c.restore(dest) == 3
