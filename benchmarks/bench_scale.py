@@ -407,7 +407,37 @@ def restore_planning(n: int, st: Any, sim: SimulatedWriters) -> None:
            reshard=f"{n}->{world}", chunk_reads=len(plan.requests), fragment_reads=len(writers),
            commit_point_read_bytes=cp_read, fragment_bytes=len(sim.fragment(0)),
            how="ranged reads of the chunks the rank's slices overlap, plus the fragments that locate them")
+    agent_rpcs_for_reshard(n, rank, {int(w.removeprefix("rank")) for w in writers})
     del before
+
+
+def agent_rpcs_for_reshard(n: int, rank: int, real_writers: set[int], per_node: int = 8) -> None:
+    # Counted from the protocol (agent.daemon.replication, agent.trainer.memory): every node of
+    # the N-8 job restores rows that writers of other nodes saved. Before: each node that reads a
+    # writer it does not hold lists every other agent of the ring (shared by its ranks). With the
+    # directory (RestorePoint.holders, one listing of every agent by the coordinator), each node
+    # asks only the agents holding the writers its ranks read (Locator.writers_of), once each.
+    rows, world = n * ROWS, n - 8
+    size = -(-rows // world)  # torch.chunk's rows per rank
+
+    def needed(r: int) -> set[int]:
+        lo, hi = r * size, min((r + 1) * size, rows)
+        return set(range(lo // ROWS, -(-hi // ROWS))) if hi > lo else set()
+
+    assert needed(rank) == real_writers, (needed(rank), real_writers)  # the arithmetic is the planner's
+    nodes = -(-world // per_node)
+    ring = directory = 0
+    for k in range(nodes):
+        wanted = set().union(*(needed(r) for r in range(k * per_node, min((k + 1) * per_node, world))))
+        holders = {w // per_node for w in wanted} - {k}
+        if holders:
+            ring += nodes - 1
+            directory += len(holders)
+    directory += nodes  # the coordinator's listing of every agent (made anyway, to plan the restore)
+    figure("agent_rpcs_resharded_restore", n, directory, "RPCs", 4 * nodes, directory <= 4 * nodes,
+           reshard=f"{n}->{world}", ring_listing_rpcs=ring, nodes=nodes,
+           how="derived: per node, one listing per agent holding a writer its ranks read (the directory), "
+               "against every other agent of the ring for every node that reads a writer it does not hold")
 
 
 def commit_point_reads(n: int, cp_bytes: int, per_node: int = 8) -> None:

@@ -25,6 +25,7 @@ from . import events as ev
 from .config import RunConfig
 from .errors import first_line
 from .node_agent import NodeAgent, agent_actor_name, remove_socket_dirs, snapshot_rows
+from .restore import holders_of
 
 log = logging.getLogger(__name__)
 
@@ -221,15 +222,16 @@ class AgentFleet:
         return rows
 
     def held(self, step: int, writers: list[str], rows: list[dict[str, Any]],
-             timeout_s: float = 5.0) -> set[tuple[str, bool]]:
-        """``(writer, replica)`` of the committed snapshots of ``step`` the agents hold. The
-        agents learn of a commit by polling storage: they are given up to ``timeout_s`` to see
-        it, so that the restore is served from their memory."""
+             timeout_s: float = 5.0) -> tuple[set[tuple[str, bool]], dict[str, tuple[str, ...]] | None]:
+        """``(writer, replica)`` of the committed snapshots of ``step`` the agents hold, and the
+        directory of who holds them (:func:`holders_of`; None for agents outside the job, whose
+        ring the fleet does not know). The agents learn of a commit by polling storage: they are
+        given up to ``timeout_s`` to see it, so that the restore is served from their memory."""
         deadline = time.monotonic() + timeout_s
         while True:
             held = {(r["writer"], r["replica"]) for r in rows if r["step"] == step and r["state"] == "committed"}
             if {w for w, _ in held} >= set(writers) or time.monotonic() > deadline or not self.agents:
-                return held
+                return held, holders_of(step, rows, self.peer) if self.config.agent == "actor" else None
             time.sleep(0.2)
             rows = self.rows()
 

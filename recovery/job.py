@@ -143,10 +143,12 @@ class WorkerJob(DataParallelJob):
         completed = tuple(sorted(set(committed) - before))
         step = committed[-1] if committed else None
         tiers: dict[str, Tier] = {}
+        holders = None
         if step is not None:
             writers = fmt.read_manifest(self.storage, step).writers
-            tiers = writer_tiers(writers, self.fleet.held(step, writers, rows))
-        point = RestorePoint(step, tiers, completed)
+            held, holders = self.fleet.held(step, writers, rows)
+            tiers = writer_tiers(writers, held)
+        point = RestorePoint(step, tiers, completed, holders)
         try:
             ray.get(self.coordinator.rollback.remote(step), timeout=30)
         except (RayError, GetTimeoutError):
@@ -279,7 +281,8 @@ class WorkerJob(DataParallelJob):
                           collective_timeout_s=cfg.collective_timeout_s, coordinator=self.coordinator,
                           coordinator_name=self.coordinator_name, heartbeat_interval_s=cfg.detect.heartbeat_interval_s,
                           storage=cfg.storage, restore_step=None if restore is None else restore.step,
-                          checkpoint=cfg.checkpoint, heal=heal,
+                          checkpoint=cfg.checkpoint, heal=heal, holders=None if restore is None or not restore.holders
+                          else ray.put(dict(restore.holders)),
                           num_threads=max(1, math.floor(self.placement.bundle.get("CPU", 1) or 1)))
         self.run_refs = {}
         for rank, (w, node) in enumerate(zip(self.workers, nodes)):

@@ -26,6 +26,10 @@ class RestorePoint:
     step: int | None
     tiers: Mapping[str, Tier] = field(default_factory=dict)
     completed: tuple[int, ...] = ()  # steps committed while choosing (persisted but not yet committed)
+    # Writer -> the replication addresses of the agents holding its committed snapshot of the
+    # step: the directory a restoring agent asks instead of the whole ring. None: not known
+    # (agents outside the job, or none), the agents then ask every agent of the ring.
+    holders: Mapping[str, tuple[str, ...]] | None = None
 
     def __post_init__(self) -> None:
         for writer, tier in self.tiers.items():
@@ -48,3 +52,14 @@ def writer_tiers(writers: Iterable[str], held: set[tuple[str, bool]]) -> dict[st
     ``(writer, replica)`` pairs of committed snapshots."""
     return {w: Tier.AGENT_MEMORY if (w, False) in held else Tier.PEER if (w, True) in held else Tier.STORAGE
             for w in writers}
+
+
+def holders_of(step: int, rows: Iterable[Mapping], peer: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
+    """Writer -> the addresses (``peer``: node -> the node's agent's replication address) of the
+    agents whose listing ``rows`` (with their ``node``) hold a committed snapshot of ``step``."""
+    out: dict[str, set[str]] = {}
+    for r in rows:
+        address = peer.get(r["node"])
+        if r["step"] == step and r["state"] == "committed" and address:
+            out.setdefault(r["writer"], set()).add(address)
+    return {w: tuple(sorted(a)) for w, a in out.items()}

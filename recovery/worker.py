@@ -8,7 +8,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 
 import ckpt
 from ckpt.commit import save_id as ckpt_save_id
+from ckpt.restore import RestoreSource
 
 from .config import CheckpointConfig
 from .live import HealSpec, LiveSlot, adopt, clear_gradients, share_live_state
@@ -42,6 +43,7 @@ class WorkerSpec:
     agent: str | None = None  # the node agent's address; None: persist in-process
     relay: Any = None  # the node agent's actor: it batches this node's calls to the coordinator
     heal: HealSpec | None = None  # policy heal: continue from a survivor's live state, not a checkpoint
+    holders: Any = None  # a ray.put of RestorePoint.holders (who holds which writer's snapshot), or None
 
     def __post_init__(self) -> None:
         if self.backend not in ("gloo", "nccl"):
@@ -215,13 +217,28 @@ class RecoveryCheckpointer(ckpt.Checkpointer):
     """A ``ckpt.Checkpointer`` (``commit_by="external"``) that tells the coordinator about its
     saves, and measures which tier served each restore. ``restore_step``: the step the launcher
     chose to resume from, what ``restore`` without a step loads (no rank then waits for rank 0
-    to list the steps and broadcast the newest)."""
+    to list the steps and broadcast the newest). ``holders``: who holds which writer's snapshot
+    of that step (a ``ray.put`` of :attr:`RestorePoint.holders`): the node agent asks only those
+    agents for what it does not hold, not the whole ring."""
 
-    def __init__(self, url: Any, *, reporter: Reporter, restore_step: int | None = None, **options: Any) -> None:
+    def __init__(self, url: Any, *, reporter: Reporter, restore_step: int | None = None, holders: Any = None,
+                 **options: Any) -> None:
         super().__init__(url, commit_by="external", **options)
         self.reporter = reporter
         self.restore_step = restore_step
+        self.holders = holders
         reporter.run_id = self.run_id
+
+    def _restore_source(self) -> RestoreSource:
+        holders = self.holders
+        if holders is None or self.restore_step is None:
+            return super()._restore_source()
+        if not isinstance(holders, Mapping):
+            import ray
+
+            holders = ray.get(holders)  # one copy per node in Ray's object store, whatever the ranks
+        self.last_restore_source = source = self.sink.restore_source(self.storage, holders=holders)
+        return source
 
     def save(self, step: int, state: dict[str, Any], *, force: bool = False) -> ckpt.SnapshotHandle | None:
         handle = super().save(step, state, force=force)

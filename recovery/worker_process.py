@@ -246,7 +246,8 @@ class Worker:
                 options.setdefault("commit_timeout_s", ck.commit_timeout_s)
                 ckptr = RecoveryCheckpointer(spec.storage, reporter=reporter, agent=spec.agent,
                                              restore_step=spec.restore_step if spec.heal is None else None,
-                                             every_n_steps=ck.every_n_steps, keep_last=None, **options)
+                                             holders=spec.holders, every_n_steps=ck.every_n_steps, keep_last=None,
+                                             **options)
                 reporter.heartbeat(None, {}, force=True)
                 self.ctx = TrainContext(self.rank, self.world_size, self.attempt, spec.restore_step, ckptr, device,
                                         node=spec.node, coordinator_name=spec.coordinator_name, heal=spec.heal,
