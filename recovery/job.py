@@ -158,7 +158,8 @@ class WorkerJob(DataParallelJob):
                  f"{sum(1 for t in tiers.values() if t is Tier.PEER)} in peer replicas, the rest from storage")
         self.log(ev.RESTORE_PLAN, "no committed checkpoint: starting from scratch" if step is None else
                  f"restore step {step} ({where})" + (f"; completed {list(completed)} now" if completed else ""),
-                 step=step, tiers={w: t.value for w, t in tiers.items()}, completed=list(completed))
+                 step=step, tiers={w: t.value for w, t in tiers.items()}, completed=list(completed),
+                 directory=None if holders is None else len(holders))  # writers whose holders the workers are told
         return point
 
     def room_for(self, n: int) -> bool:

@@ -93,6 +93,9 @@ def test_lost_node_is_detected_and_its_part_restored_from_a_peer_replica(two_nod
     assert rec.restore_bytes.get("agent memory", 0) > 0, rec
     assert rec.restore_bytes.get("peer", 0) > 0, rec
     assert rec.restore_bytes.get("storage", 0) < min(rec.restore_bytes["agent memory"], rec.restore_bytes["peer"]), rec
+    # The coordinator's directory named a holder of each writer's snapshot (the workers were given it)
+    plans = [e for e in result.events if e.kind == "restore_plan" and e.fields.get("step") == step]
+    assert plans and plans[-1].fields["directory"] == 2, [e.fields for e in plans]
     (out,) = result.returns
     assert (out["world_size"], out["start"]) == (1, step + 1)
     # 2 ranks up to the restored step, then 1.
