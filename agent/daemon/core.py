@@ -26,6 +26,7 @@ from ckpt.storage import Storage, open_storage
 
 from ..config import AgentConfig
 from .documents import index_persisted
+from .heard import FragmentsHeard, PersistNotice
 from .holding import Holding
 from .metrics import AgentMetrics
 from .snapshot import Snapshot
@@ -51,6 +52,9 @@ class Agent(Holding):
         self._commit_locks: dict[tuple[str, int], threading.Lock] = {}
         self._notices: dict[tuple[str, int], threading.Event] = {}  # notice_commit: (run, step) -> wakes its wait
         self._told_runs: set[str] = set()  # runs whose commits are announced to this agent
+        # notice_persisted: (run, step, save) -> the notice its commit waits on; runs that announce
+        self._persisted: dict[tuple[str, int, str], PersistNotice] = {}
+        self._told_persisted_runs: set[str] = set()
         # (run, step) -> saves being persisted or committed here. Kept apart from the snapshots:
         # a persisted snapshot may be evicted (a newer one committed) while its commit is still
         # in flight, and retention must not delete that step under the commit.
@@ -169,9 +173,13 @@ class Agent(Holding):
             if hit is not None and hit[0] == snap.save_id and not snap.committer:
                 return hit[1], hit[2]
             if snap.committer:
+                with self._lock:  # a run whose persists are announced: wait for the notice, poll rarely
+                    told = snap.run_url in self._told_persisted_runs
+                    heard = FragmentsHeard(storage, snap.step, self._persist_notice(
+                        snap.run_url, snap.step, snap.save_id), self.TOLD_POLL_S, self._stop) if told else None
                 manifest = complete(storage, snap.step, snap.save_id, snap.writers, committer=True,
                                     timeout_s=cfg.commit_timeout_s, poll_s=0.05, stop=self._stop,
-                                    library_versions=dict(cfg.library_versions))
+                                    library_versions=dict(cfg.library_versions), signals=heard)
                 root = storage.read(f"{fmt.step_dir(snap.step)}/{fmt.META}")
             else:  # the commit point read once, as it is found (or as the committer says it is there)
                 with self._lock:
@@ -203,6 +211,24 @@ class Agent(Holding):
             while len(self._notices) > self.NOTICES_KEPT:
                 self._notices.pop(next(iter(self._notices)))
         wake.set()
+
+    def notice_persisted(self, run_url: str, step: int, save_id: str, error: str = "") -> None:
+        """The committer's trainer of ``run_url`` (a job that commits itself, through the job's
+        store) says every writer of ``save_id`` persisted ``step`` (``error``: ``"<writer>: <why>"``
+        of one that failed): the commit reads each fragment once, now; the run's later saves look
+        for fragments in storage only rarely (:mod:`agent.daemon.heard`)."""
+        with self._lock:
+            self._told_persisted_runs.add(run_url)
+            notice = self._persist_notice(run_url, step, save_id)
+            notice.error = error
+        notice.wake.set()
+
+    def _persist_notice(self, run_url: str, step: int, save_id: str) -> PersistNotice:
+        """(Under the lock.) The notice of that save, made if new; the oldest beyond NOTICES_KEPT dropped."""
+        notice = self._persisted.setdefault((run_url, step, save_id), PersistNotice())
+        while len(self._persisted) > self.NOTICES_KEPT:
+            self._persisted.pop(next(iter(self._persisted)))
+        return notice
 
     def _commit(self, snap: Snapshot) -> None:
         storage = self.storage(snap.run_url)
@@ -292,6 +318,8 @@ class Agent(Holding):
         with self._lock:
             for wake in self._notices.values():  # a commit waited for ends now
                 wake.set()
+            for notice in self._persisted.values():
+                notice.wake.set()
         for _ in self._persisters:
             self._persist_q.put(None)
         for t in self._persisters:

@@ -129,6 +129,15 @@ class TrainerServicer(SnapshotReads, rpc.TrainerServiceServicer):
         self.agent.notice_commit(request.run_url, request.step, request.save_id)
         return pb.NoticeCommitResponse()
 
+    @rpc_errors
+    def NoticePersisted(self, request: pb.NoticePersistedRequest,
+                        context: grpc.ServicerContext) -> pb.NoticePersistedResponse:
+        check(0 < len(request.run_url) <= MAX_URL, "run_url: required")
+        check(0 < len(request.save_id) <= MAX_ID, "save_id: required")
+        check(len(request.error) <= MAX_URL, "error: too long")
+        self.agent.notice_persisted(request.run_url, request.step, request.save_id, request.error)
+        return pb.NoticePersistedResponse()
+
     @stream_errors
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> Iterator[pb.SessionEvent]:
         check(0 < len(request.run_url) <= MAX_URL, "run_url: required")

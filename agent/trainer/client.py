@@ -163,6 +163,12 @@ class AgentClient:
         self.trainer.NoticeCommit(pb.NoticeCommitRequest(run_url=run_url, step=step, save_id=save_id),
                                   timeout=self.timeout_s)
 
+    def notice_persisted(self, run_url: str, step: int, save_id: str, error: str = "") -> None:
+        """Tell the committing agent that every writer of ``save_id`` persisted (or that one
+        failed: ``error``), see ``Agent.notice_persisted``."""
+        self.trainer.NoticePersisted(pb.NoticePersistedRequest(run_url=run_url, step=step, save_id=save_id,
+                                                               error=error), timeout=self.timeout_s)
+
     def status(self) -> pb.AgentStatus:
         return self.admin.GetAgentStatus(pb.GetAgentStatusRequest(), timeout=self.timeout_s)
 

@@ -142,8 +142,10 @@ class AgentSink(Sink):
         self.inline_limit: int = registered.inline_limit_bytes  # 0: an agent that takes every plan inline
         self.allocator = ShmAllocator(self)
         # A job that commits itself, on several nodes: commits are told through its store (relay).
-        self.relay = CommitRelay(signals, lambda step, save: self.client.notice_commit(self.run_url, step, save),
-                                 timeout_s=config.commit_timeout_s) if signals is not None else None
+        self.relay = CommitRelay(
+            signals, lambda step, save: self.client.notice_commit(self.run_url, step, save),
+            tell_persisted=lambda step, save, error: self.client.notice_persisted(self.run_url, step, save, error),
+            timeout_s=config.commit_timeout_s) if signals is not None else None
 
     # -- the Sink interface --------------------------------------------------------------------
 
@@ -161,8 +163,11 @@ class AgentSink(Sink):
             with self._lock:
                 self._jobs[(job.step, job.save_id)] = job
                 self._held[segment] = job
-            if self.relay is not None and not job.committer and len(job.writers) > 1:
-                self.relay.expect(job.step, job.save_id)
+            if self.relay is not None and len(job.writers) > 1:
+                if job.committer:
+                    self.relay.expect_persisted(job.step, job.save_id, job.writers)
+                else:
+                    self.relay.expect(job.step, job.save_id)
             self.client.announce(pb.AnnounceStagedRequest(
                 session_id=self.session_id, segment=segment, step=job.step, save_id=job.save_id,
                 writers=list(job.writers), committer=job.committer, plan_json=plan_json),
@@ -172,6 +177,7 @@ class AgentSink(Sink):
             with self._lock:
                 self._jobs.pop((job.step, job.save_id), None)
                 self._held.pop(segment, None)
+            self._tell_persisted(job, f"{type(err).__name__}: {err}")
             self._fail(job, err)
             job.release()
 
@@ -305,6 +311,7 @@ class AgentSink(Sink):
             if state == SnapshotState.PERSISTED:
                 frag = Fragment.from_dict(json.loads(document)) if document else None
                 if not job.persisted.done():
+                    self._tell_persisted(job)
                     job.persisted.set_result(frag)
             elif state == SnapshotState.COMMITTED:
                 manifest = Manifest.from_dict(json.loads(document))
@@ -319,10 +326,17 @@ class AgentSink(Sink):
             elif state == SnapshotState.FAILED:
                 with self._lock:
                     self._jobs.pop((ev.step, ev.save_id), None)
+                if not job.persisted.done():
+                    self._tell_persisted(job, ev.error or "failed")
                 self._tell_writers(job, ev.error or "failed")
                 self._fail(job, CkptError(f"step {ev.step}: the node agent reports: {ev.error}"))
         except Exception as e:  # noqa: BLE001 - a malformed document fails the job, not the loop
             self._fail(job, e)
+
+    def _tell_persisted(self, job: PersistJob, error: str | None = None) -> None:
+        """Every trainer: the committer's trainer hears that this writer persisted, or failed (relay)."""
+        if self.relay is not None and len(job.writers) > 1:
+            self.relay.persisted(job.save_id, error)
 
     def _tell_writers(self, job: PersistJob, error: str | None = None) -> None:
         """The committer's trainer: the other writers' trainers hear how the save ended (relay)."""

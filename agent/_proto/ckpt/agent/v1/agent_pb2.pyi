@@ -341,6 +341,22 @@ class NoticeCommitResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class NoticePersistedRequest(_message.Message):
+    __slots__ = ("run_url", "step", "save_id", "error")
+    RUN_URL_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SAVE_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    run_url: str
+    step: int
+    save_id: str
+    error: str
+    def __init__(self, run_url: _Optional[str] = ..., step: _Optional[int] = ..., save_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class NoticePersistedResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class SnapshotData(_message.Message):
     __slots__ = ("offset", "data")
     OFFSET_FIELD_NUMBER: _ClassVar[int]

@@ -95,6 +95,11 @@ class TrainerServiceStub:
                 request_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticeCommitRequest.SerializeToString,
                 response_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticeCommitResponse.FromString,
                 _registered_method=True)
+        self.NoticePersisted = channel.unary_unary(
+                '/ckpt.agent.v1.TrainerService/NoticePersisted',
+                request_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticePersistedRequest.SerializeToString,
+                response_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticePersistedResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -187,6 +192,15 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NoticePersisted(self, request, context):
+        """The committer of a job that commits itself says every writer of a save persisted its part
+        (or one failed, error set): the committing agent reads each fragment once, now, instead of
+        polling storage for them. A hint: a fragment missing from storage still fails the commit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +263,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.NoticeCommit,
                     request_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticeCommitRequest.FromString,
                     response_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticeCommitResponse.SerializeToString,
+            ),
+            'NoticePersisted': grpc.unary_unary_rpc_method_handler(
+                    servicer.NoticePersisted,
+                    request_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticePersistedRequest.FromString,
+                    response_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticePersistedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -575,6 +594,33 @@ class TrainerService:
             '/ckpt.agent.v1.TrainerService/NoticeCommit',
             agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticeCommitRequest.SerializeToString,
             agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticeCommitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NoticePersisted(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckpt.agent.v1.TrainerService/NoticePersisted',
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticePersistedRequest.SerializeToString,
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticePersistedResponse.FromString,
             options,
             channel_credentials,
             insecure,
