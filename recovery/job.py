@@ -282,8 +282,8 @@ class WorkerJob(DataParallelJob):
                           collective_timeout_s=cfg.collective_timeout_s, coordinator=self.coordinator,
                           coordinator_name=self.coordinator_name, heartbeat_interval_s=cfg.detect.heartbeat_interval_s,
                           storage=cfg.storage, restore_step=None if restore is None else restore.step,
-                          checkpoint=cfg.checkpoint, heal=heal, holders=None if restore is None or not restore.holders
-                          else ray.put(dict(restore.holders)),
+                          checkpoint=cfg.checkpoint, heal=heal,
+                          holders=None if restore is None or not restore.holders else ray.put(dict(restore.holders)),
                           num_threads=max(1, math.floor(self.placement.bundle.get("CPU", 1) or 1)))
         self.run_refs = {}
         for rank, (w, node) in enumerate(zip(self.workers, nodes)):
