@@ -283,39 +283,6 @@ def test_policy_names_and_objects():
         resolve_policy(42)
 
 
-def test_restore_point_tiers():
-    assert RestorePoint(None).expected_tier == "none"
-    assert RestorePoint(3).expected_tier == "storage"
-    assert RestorePoint(3, {"a": Tier.AGENT_MEMORY, "b": Tier.AGENT_MEMORY}).expected_tier == Tier.AGENT_MEMORY
-
-
-def test_the_directory_of_holders_names_the_agents_of_committed_snapshots_of_the_step():
-    from recovery.restore import holders_of
-
-    peer = {"n1": "10.0.0.1:7000", "n2": "10.0.0.2:7000", "n3": ""}
-    rows = [dict(writer="w0", step=5, state="committed", node="n1"),
-            dict(writer="w0", step=5, state="committed", node="n2"),  # a replica
-            dict(writer="w1", step=5, state="committed", node="n2"),
-            dict(writer="w2", step=5, state="persisted", node="n1"),  # not committed: not named
-            dict(writer="w3", step=4, state="committed", node="n1"),  # another step
-            dict(writer="w4", step=5, state="committed", node="n3"),  # an agent without an address
-            dict(writer="w5", step=5, state="committed", node="gone")]  # a node no longer in the fleet
-    assert holders_of(5, rows, peer) == {"w0": ("10.0.0.1:7000", "10.0.0.2:7000"), "w1": ("10.0.0.2:7000",)}
-
-
-def test_restore_point_speaks_tiers_only():
-    from recovery.restore import writer_tiers
-
-    with pytest.raises(TypeError, match="ckpt.restore.Tier"):
-        RestorePoint(3, {"a": "memory"})
-    held = {("w0", False), ("w1", True), ("w0", True)}
-    assert writer_tiers(["w0", "w1", "w2"], held) == {"w0": Tier.AGENT_MEMORY, "w1": Tier.PEER, "w2": Tier.STORAGE}
-    assert RestorePoint(3, {"a": Tier.PEER}).expected_tier == "peer"
-
-
-# -- configuration ------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("kwargs, match", [
     ({"num_workers": 0}, "num_workers"), ({"min_workers": 5}, "min_workers"), ({"max_failures": -2}, "max_failures"),
     ({"agent": "tcp://x"}, "agent"), ({"backend": "mpi"}, "backend"), ({"placement_timeout_s": 0}, "placement_timeout_s"),
