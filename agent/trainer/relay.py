@@ -97,7 +97,7 @@ class CommitRelay:
                 else:
                     self._relay_commit(step, save_id)
             except StoreUnusable as e:  # the store is gone: the agent finds what comes later by polling
-                log.info("the job's store is gone (%s): the node agent polls storage", e)
+                log.warning("the job's store is gone (%s): the node agent polls storage for persists and commits", e)
                 self._stop.set()  # nothing more is queued
                 return
             except grpc.RpcError as e:  # the agent polls for it instead
