@@ -25,7 +25,7 @@ from . import events as ev
 from .config import RunConfig
 from .errors import first_line
 from .node_agent import NodeAgent, agent_actor_name, remove_socket_dirs, snapshot_rows
-from .restore import holders_of
+from .restore import holders_of, of_the_save
 
 log = logging.getLogger(__name__)
 
@@ -221,17 +221,18 @@ class AgentFleet:
             rows = self.rows()
         return rows
 
-    def held(self, step: int, writers: list[str], rows: list[dict[str, Any]],
+    def held(self, step: int, save_id: str, writers: list[str], rows: list[dict[str, Any]],
              timeout_s: float = 5.0) -> tuple[set[tuple[str, bool]], dict[str, tuple[str, ...]] | None]:
-        """``(writer, replica)`` of the committed snapshots of ``step`` the agents hold, and the
-        directory of who holds them (:func:`holders_of`; None for agents outside the job, whose
-        ring the fleet does not know). The agents learn of a commit by polling storage: they are
-        given up to ``timeout_s`` to see it, so that the restore is served from their memory."""
+        """``(writer, replica)`` of the snapshots of ``step`` from ``save_id`` (the save that
+        committed it) the agents hold, and the directory of who holds them (:func:`holders_of`;
+        None for agents outside the job, whose ring the fleet does not know). A snapshot counts
+        whether or not its agent has heard of the commit yet (:func:`of_the_save`); a writer held
+        by none is looked for again for up to ``timeout_s`` (a replica still on its way)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            held = {(r["writer"], r["replica"]) for r in rows if r["step"] == step and r["state"] == "committed"}
+            held = {(r["writer"], r["replica"]) for r in rows if of_the_save(r, step, save_id)}
             if {w for w, _ in held} >= set(writers) or time.monotonic() > deadline or not self.agents:
-                return held, holders_of(step, rows, self.peer) if self.config.agent == "actor" else None
+                return held, holders_of(step, rows, self.peer, save_id) if self.config.agent == "actor" else None
             time.sleep(0.2)
             rows = self.rows()
 

@@ -145,9 +145,9 @@ class WorkerJob(DataParallelJob):
         tiers: dict[str, Tier] = {}
         holders = None
         if step is not None:
-            writers = fmt.read_manifest(self.storage, step).writers
-            held, holders = self.fleet.held(step, writers, rows)
-            tiers = writer_tiers(writers, held)
+            manifest = fmt.read_manifest(self.storage, step)
+            held, holders = self.fleet.held(step, manifest.save_id, list(manifest.writers), rows)
+            tiers = writer_tiers(manifest.writers, held)
         point = RestorePoint(step, tiers, completed, holders)
         try:
             ray.get(self.coordinator.rollback.remote(step), timeout=30)

@@ -54,12 +54,27 @@ def writer_tiers(writers: Iterable[str], held: set[tuple[str, bool]]) -> dict[st
             for w in writers}
 
 
-def holders_of(step: int, rows: Iterable[Mapping], peer: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
+def of_the_save(row: Mapping, step: int, save_id: str | None) -> bool:
+    """Whether an agent's listing ``row`` holds a usable snapshot of ``step`` as committed by
+    ``save_id``: any state but failed. A replica whose origin's node was lost before it heard of
+    the commit stays persisted until its agent takes it over, yet it holds the committed bytes
+    (a restore checks the save against the commit point before it reads). Without ``save_id``
+    (an older caller), only snapshots the agent saw committed count."""
+    if row["step"] != step:
+        return False
+    if save_id is None or "save_id" not in row:
+        return row["state"] == "committed"
+    return row["save_id"] == save_id and row["state"] != "failed"
+
+
+def holders_of(step: int, rows: Iterable[Mapping], peer: Mapping[str, str],
+               save_id: str | None = None) -> dict[str, tuple[str, ...]]:
     """Writer -> the addresses (``peer``: node -> the node's agent's replication address) of the
-    agents whose listing ``rows`` (with their ``node``) hold a committed snapshot of ``step``."""
+    agents whose listing ``rows`` (with their ``node``) hold a snapshot of ``step`` from the save
+    that committed it (:func:`of_the_save`)."""
     out: dict[str, set[str]] = {}
     for r in rows:
         address = peer.get(r["node"])
-        if r["step"] == step and r["state"] == "committed" and address:
+        if address and of_the_save(r, step, save_id):
             out.setdefault(r["writer"], set()).add(address)
     return {w: tuple(sorted(a)) for w, a in out.items()}
