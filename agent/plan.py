@@ -146,6 +146,25 @@ def _crc(c: Any) -> bool:
     return c is None or (not isinstance(c, bool) and isinstance(c, int) and 0 <= c < 1 << 32)
 
 
+def _spans_valid(spans: list, size: int) -> bool:
+    """Whether every span is ``[key, offset, nbytes, crc32c or None]`` inside a ``size``-byte
+    segment: the checks of thousands of spans column by column, in C loops (bools, subclasses
+    of int, are refused by the exact type sets)."""
+    if not spans:
+        return True
+    if {type(sp) for sp in spans} != {list} or set(map(len, spans)) != {4}:
+        return False
+    keys, offsets, sizes, crcs = zip(*spans)
+    if set(map(type, keys)) != {str} or set(map(type, offsets)) != {int} or set(map(type, sizes)) != {int}:
+        return False
+    if not set(map(type, crcs)) <= {int, type(None)}:
+        return False
+    ints = [c for c in crcs if c is not None]
+    if ints and (min(ints) < 0 or max(ints) >= 1 << 32):
+        return False
+    return min(offsets) >= 0 and min(sizes) > 0 and max(map(int.__add__, offsets, sizes)) <= size
+
+
 def decode_chunk_index(text: str | bytes, buffer: torch.Tensor) -> ChunkIndex:
     """A chunk index (:func:`encode_chunk_index`) against ``buffer``: every span checked to lie in
     it, the plan of the other chunks checked as :func:`decode_plan` checks one."""
@@ -154,10 +173,11 @@ def decode_chunk_index(text: str | bytes, buffer: torch.Tensor) -> ChunkIndex:
         raise PlanError(f"chunk index: expected an object of version {INDEX_VERSION} with spans")
     size = buffer.numel()
     spans = doc["spans"]
-    for i, sp in enumerate(spans):
-        if not (isinstance(sp, list) and len(sp) == 4 and isinstance(sp[0], str) and _crc(sp[3])
-                and all(type(x) is int for x in sp[1:3]) and sp[1] >= 0 and 0 < sp[2] <= size - sp[1]):
-            raise PlanError(f"chunk index: span {i} is not [key, offset, nbytes, crc32c] inside the {size}-byte segment")
+    if not _spans_valid(spans, size):  # then find the first bad one, for the message
+        for i, sp in enumerate(spans):
+            if not (isinstance(sp, list) and len(sp) == 4 and isinstance(sp[0], str) and _crc(sp[3])
+                    and all(type(x) is int for x in sp[1:3]) and sp[1] >= 0 and 0 < sp[2] <= size - sp[1]):
+                raise PlanError(f"chunk index: span {i} is not [key, offset, nbytes, crc32c] inside the {size}-byte segment")
     plan = _decode(doc.get("plan"), buffer)
     crcs = doc.get("crc32c")
     if not isinstance(crcs, list) or len(crcs) != len(plan.plan.requests) or not all(_crc(c) for c in crcs):

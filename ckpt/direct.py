@@ -11,8 +11,9 @@ copies themselves.
 
 :func:`load_direct` does that case in one pass over the commit point's JSON and the state: the
 commit point is parsed and its seal checked as always; each tensor is matched against its array
-declaration (path, dtype, shape, one chunk); every chunk is read with the memory tier's batched
-reads into the tensor itself, and checked against the crc32c stored with it. The moment
+declaration (path, dtype, shape, one chunk); every chunk is read with the memory tier's
+``read_whole`` (a few ``preadv`` per segment) into the tensor itself, and checked against the
+crc32c stored with it. The moment
 anything is not this case (another layout, a DTensor, a tensor on a GPU, a chunk not held in
 memory, a value that differs between writers, a missing or extra entry, a checksum that does
 not match) it returns ``None`` having changed nothing but tensors the planned load then
@@ -26,7 +27,6 @@ from typing import Any
 import torch
 
 from . import format as fmt
-from .chunks import check
 from .dtypes import name_of
 from .manifest import FORMAT_VERSION, MANIFEST_KEY
 from .reading import _bytes_of
@@ -57,10 +57,10 @@ def load_direct(source: RestoreSource, state_dict: Any, step: int, *, strict: bo
         if type(a) is not dict or type(p := a.get("path")) is not str or p in arrays:
             return None
         arrays[p] = a
-    items: list[tuple[str, memoryview, None]] = []
-    sizes: list[int] = []
+    items: list[tuple[str, memoryview]] = []
     found_values: dict[str, Any] = {}
-    tensors = 0
+    origin: dict[tuple[int, str], str] = {}  # (dimensions, separator) -> the key's tail of the chunk at the origin: "c/0/0"
+    names: dict[torch.dtype, str] = {}
     for leaf_path, leaf, is_tensor in flatten(state_dict):
         if not is_tensor:
             if leaf_path in values:
@@ -76,23 +76,22 @@ def load_direct(source: RestoreSource, state_dict: Any, step: int, *, strict: bo
         if type(leaf) is not torch.Tensor or not leaf.is_cpu or not leaf.is_contiguous():
             return None
         shape = list(leaf.shape)  # the whole array in one chunk (however it was saved: plain, replicated)
-        if a.get("shape") != shape or a.get("chunk_shape") != shape or 0 in shape \
-                or a.get("dtype") != name_of(leaf.dtype):
+        dtype = leaf.dtype
+        name = names.get(dtype) or names.setdefault(dtype, name_of(dtype))
+        if a.get("shape") != shape or a.get("chunk_shape") != shape or 0 in shape or a.get("dtype") != name:
             return None
-        separator = a.get("chunk_separator", "/")
-        if separator != "/" and separator != ".":
-            return None
-        items.append((f"{sdir}/{fmt.chunk_key(leaf_path, [0] * len(shape), separator)}", _bytes_of(leaf), None))
-        sizes.append(leaf.nbytes)
-        tensors += 1
-    if strict and (tensors != len(arrays) or len(found_values) != len(values)):
+        tail = origin.get((len(shape), separator := a.get("chunk_separator", "/")))
+        if tail is None:
+            if separator != "/" and separator != ".":
+                return None
+            tail = origin[(len(shape), separator)] = fmt.chunk_key("", [0] * len(shape), separator)
+        items.append((f"{sdir}/{leaf_path}{tail}", _bytes_of(leaf)))
+    if strict and (len(items) != len(arrays) or len(found_values) != len(values)):
         return None
-    if not source.holds([(key, n) for (key, _d, _w), n in zip(items, sizes)]):
-        return None
-    for read, n in zip(source.read_chunk_batch(items), sizes):
-        if isinstance(read, BaseException) or check(read, n) is not None:
-            return None  # the planned load reads it again and says what is wrong
+    nbytes = source.read_whole(items)
+    if nbytes is None:
+        return None  # not held whole, or a checksum differs: the planned load reads (and says why)
     for leaf_path, encoded in found_values.items():
         set_leaf(state_dict, leaf_path, decode_value(encoded, allow_pickle=allow_pickle, where=leaf_path))
-    return sum(sizes)
+    return nbytes
 

@@ -125,10 +125,12 @@ class RestoreSource(StorageWrapper):
         """Whether a memory tier of this chain holds committed ``step`` (its commit point)."""
         return isinstance(self.inner, RestoreSource) and self.inner.holds_step(step)
 
-    def holds(self, chunks: Sequence[tuple[str, int]]) -> bool:
-        """Whether every chunk (logical key, data bytes) is held whole in one memory tier of this
-        chain, so that ``read_chunk_batch`` reads them all there (see :mod:`ckpt.direct`)."""
-        return isinstance(self.inner, RestoreSource) and self.inner.holds(chunks)
+    def read_whole(self, items: Sequence[tuple[str, memoryview]]) -> int | None:
+        """Fill each ``(logical key, data)`` from one memory tier of this chain that holds every
+        one of those chunks whole, each checked against its crc32c (see :mod:`ckpt.direct`): the
+        bytes read, or None if one is not held so (then nothing was read) or does not match (then
+        some ``data`` may have been written; the caller reads them again the planned way)."""
+        return self.inner.read_whole(items) if isinstance(self.inner, RestoreSource) else None
 
     def will_read(self, step: int, writers: set[str]) -> None:
         """A restore is about to read chunks of ``step`` that ``writers`` wrote (format 3's packs

@@ -132,3 +132,13 @@ class HeldSnapshot:
 def inline_only(info: pb.SnapshotInfo, kind: int) -> bytes | None:
     """A ``document`` reader for listings with everything inline (an older agent's)."""
     return inline_document(info, kind)
+
+
+class RemoteSnapshot:
+    """A snapshot held by a peer agent, fetched on first use."""
+
+    def __init__(self, held: HeldSnapshot, keys: list[str]) -> None:
+        self.held = held
+        self.keys = keys
+        self.lock = threading.Lock()
+        self.done = False  # fetched (its chunks are then local), or failed (read from storage)

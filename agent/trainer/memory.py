@@ -31,8 +31,8 @@ from ckpt.storage import Storage
 
 from ..pb import pb
 from ..shm import map_file
-from .held import CommitPoints, HeldSnapshot, ReadDocument, inline_only
-from .spans import pread_crc, pread_many
+from .held import CommitPoints, HeldSnapshot, ReadDocument, RemoteSnapshot, inline_only
+from .spans import close_fds, pread_crc, pread_many
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +43,9 @@ def _payload(req: WriteRequest) -> tuple[memoryview, torch.Tensor]:
     return chunk_payload(req.tensor, req.slices, req.chunk_shape, ragged=req.ragged)
 
 
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    fds.clear()
-
-
 def _error(e: BaseException) -> str:
     return f"{e.code()}: {e.details()}" if isinstance(e, grpc.Call) else f"{type(e).__name__}: {e}"
 
-
-class _Remote:
-    """A snapshot held by a peer agent, fetched on first use."""
-
-    def __init__(self, held: HeldSnapshot, keys: list[str]) -> None:
-        self.held = held
-        self.keys = keys
-        self.lock = threading.Lock()
-        self.done = False  # fetched (its chunks are then local), or failed (read from storage)
 
 
 class AgentMemoryStorage(RestoreSource):
@@ -100,14 +82,14 @@ class AgentMemoryStorage(RestoreSource):
         self._roots: dict[str, bytes] = {}
         # key -> (bytes, crc32c, tier serving it, its request: None for a span, read with pread alone)
         self._chunks: dict[str, tuple[int, int, Tier, WriteRequest | None]] = {}
-        self._remote: dict[str, _Remote] = {}  # chunk key -> the peer-held snapshot serving it
+        self._remote: dict[str, RemoteSnapshot] = {}  # chunk key -> the peer-held snapshot serving it
         # path -> (segment fd, offset) of chunks stored contiguously in a segment: read with
         # pread, which copies in the kernel; a fresh mapping of the segment would take a page
         # fault per few pages first (~0.06 s per GiB, a third of the whole copy).
         self._spans: dict[str, tuple[int, int]] = {}
         self._maps: list[Any] = []
         self._fds: list[int] = []
-        weakref.finalize(self, _close_fds, self._fds)
+        weakref.finalize(self, close_fds, self._fds)
         self.fetched_bytes = 0
         self.served_by = {Tier.AGENT_MEMORY: 0, Tier.PEER: 0}  # both tiers are reported, also when 0
         # Why a chunk is read below: by its key where known, else the first reason of _why_any.
@@ -180,11 +162,11 @@ class AgentMemoryStorage(RestoreSource):
             if why:
                 self._unusable(held, Tier.PEER, why)
             return
-        remote = _Remote(held, [k for k in held.chunk_keys() if k not in self._chunks and k not in self._remote])
+        remote = RemoteSnapshot(held, [k for k in held.chunk_keys() if k not in self._chunks and k not in self._remote])
         for key in remote.keys:
             self._remote[key] = remote
 
-    def _fetch(self, remote: _Remote) -> None:
+    def _fetch(self, remote: RemoteSnapshot) -> None:
         """Bring a peer-held snapshot into the local agent's memory (once; other readers wait)."""
         with remote.lock:
             if remote.done:
@@ -262,13 +244,29 @@ class AgentMemoryStorage(RestoreSource):
     def holds_step(self, step: int) -> bool:
         return f"{fmt.step_dir(step)}/{fmt.META}" in self._roots
 
-    def holds(self, chunks: Sequence[tuple[str, int]]) -> bool:
-        held, spans = self._chunks, self._spans
-        for key, nbytes in chunks:
-            hit = held.get(key)
-            if hit is None or hit[0] != nbytes or key not in spans:
-                return False
-        return True
+    def read_whole(self, items: Sequence[tuple[str, memoryview]]) -> int | None:
+        chunks, spans = self._chunks, self._spans
+        groups: dict[int, tuple[list[tuple[int, memoryview]], list[int]]] = {}
+        served: dict[Tier, list[int]] = {}
+        for key, data in items:
+            hit = chunks.get(key)
+            if hit is None:  # a peer's: fetched (once) if the ring holds it
+                self._bring(key)
+                hit = chunks.get(key)
+            span = spans.get(key)
+            if hit is None or span is None or hit[0] != data.nbytes:
+                return None
+            group = groups.get(span[0]) or groups.setdefault(span[0], ([], []))
+            group[0].append((span[1], data))
+            group[1].append(hit[1])
+            total = served.get(hit[2]) or served.setdefault(hit[2], [0, 0])
+            total[0] += hit[0]
+            total[1] += 1
+        if not all(pread_many(fd, got) == crcs for fd, (got, crcs) in groups.items()):
+            return None
+        for tier, (nbytes, n) in served.items():
+            self.count(nbytes, tier, chunks=n)
+        return sum(nbytes for nbytes, _ in served.values())
 
     def read_threads(self, step: int, default: int) -> int:
         if self.holds_step(step):

@@ -76,3 +76,13 @@ def pread_many(fd: int, spans: list[tuple[int, memoryview]]) -> list[int | None]
         end = offset + n
     flush()
     return out
+
+
+def close_fds(fds: list[int]) -> None:
+    """Close the segments' descriptors (a restore source's, when it is collected)."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
