@@ -117,7 +117,7 @@ class RunConfig:
     placement_timeout_s: float = 30.0  # wait this long for room for a world size before trying fewer
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when workers have a GPU
     collective_timeout_s: float = 1800.0  # torch.distributed timeout; failures never wait for it
-    backoff_s: float = 1.0  # before restart n (n >= 1 in a row): backoff_s * 2**(n-1), at most backoff_max_s
+    backoff_s: float = 1.0  # before restart n >= 2 in a row: backoff_s * 2**(n-2), at most backoff_max_s (the 1st: none)
     backoff_max_s: float = 30.0
     settle_timeout_s: float = 30.0  # wait this long for agents to persist what they hold before choosing
     # "actor": one agent per node, run by recovery; "unix:///path": an agent already runs on every
@@ -198,7 +198,10 @@ class RunConfig:
         return self.backend
 
     def backoff_for(self, consecutive: int) -> float:
-        """Seconds to wait before the ``consecutive``-th restart in a row (1-based)."""
-        if consecutive < 1 or self.backoff_s == 0:
+        """Seconds to wait before the ``consecutive``-th restart in a row (1-based). The first
+        restart after progress (a committed checkpoint since the last one) is immediate: a job
+        that failed once is not crash-looping, and every second of waiting is a second of the
+        whole job idle. From the second in a row on, ``backoff_s`` doubling."""
+        if consecutive < 2 or self.backoff_s == 0:
             return 0.0
-        return min(self.backoff_max_s, self.backoff_s * 2 ** (consecutive - 1))
+        return min(self.backoff_max_s, self.backoff_s * 2 ** (consecutive - 2))

@@ -298,7 +298,7 @@ def test_run_config_validation(kwargs, match):
 
 def test_config_details():
     cfg = RunConfig(num_workers=2, storage="/x", backoff_s=1.0, backoff_max_s=5.0)
-    assert [cfg.backoff_for(n) for n in range(5)] == [0.0, 1.0, 2.0, 4.0, 5.0]
+    assert [cfg.backoff_for(n) for n in range(6)] == [0.0, 0.0, 1.0, 2.0, 4.0, 5.0]  # the first restart: at once
     assert cfg.torch_backend == "gloo"
     assert RunConfig(num_workers=1, storage="/x", resources_per_worker={"GPU": 1}).torch_backend == "nccl"
     with pytest.raises(ValueError, match="hang_timeout_s"):
