@@ -54,6 +54,7 @@ class CommitRelay:
         self.timeout_s = timeout_s
         self.told = 0  # commits passed on to the agent
         self.told_persisted = 0  # saves whose writers all persisted (or one failed), passed on
+        self.failed_notices = 0  # notices the agent did not take (it polls storage for those)
         self._queue: queue.SimpleQueue[tuple[int, str, tuple[str, ...] | None] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -100,8 +101,11 @@ class CommitRelay:
                 log.warning("the job's store is gone (%s): the node agent polls storage for persists and commits", e)
                 self._stop.set()  # nothing more is queued
                 return
-            except grpc.RpcError as e:  # the agent polls for it instead
-                log.debug("telling the node agent about step %d failed: %s", step, e)
+            except grpc.RpcError as e:  # the agent polls for it instead: said once, then quietly
+                self.failed_notices += 1
+                (log.warning if self.failed_notices == 1 else log.debug)(
+                    "telling the node agent about step %d failed (%s): it polls storage instead, which "
+                    "delays its commits by up to its poll interval", step, e.code() if hasattr(e, "code") else e)
 
     def _relay_commit(self, step: int, save_id: str) -> None:
         with self._lock:
