@@ -94,7 +94,9 @@ class Worker:
         self._agent: tuple[str, Any] | None = None  # (address, client): told of commits (an agent outside the job)
         # A new process warms up from its start (see _warm_up), before its first run arrives; that
         # run's process group waits on the same imports (torch.distributed imports torch._dynamo
-        # lazily), then every rank restores at once: a replacement resumes ~0.6 s sooner.
+        # lazily), then every rank restores at once: the survivors' restores no longer share
+        # the node's cores with the replacement's imports (its resume is no sooner: its boot
+        # is the critical path).
         self._warming: threading.Thread | None = threading.Thread(target=_warm_up, name="worker-warm-up", daemon=True)
         self._warming.start()
 
