@@ -47,7 +47,6 @@ def _error(e: BaseException) -> str:
     return f"{e.code()}: {e.details()}" if isinstance(e, grpc.Call) else f"{type(e).__name__}: {e}"
 
 
-
 class AgentMemoryStorage(RestoreSource):
     """Reads committed snapshots the agent holds straight from its shared memory; everything
     else from ``inner``. Read-only use (restore): writes go to ``inner``.
