@@ -50,7 +50,7 @@ from .replicated import load_step as shared_load
 from .restore import RestoreReport, RestoreSource, restore_report
 from .retention import RetentionPolicy, run_gc
 from .signals import CommitSignals
-from .sink import InProcessSink, PersistJob, Sink, SinkConfig, lower_thread_priority, open_sink
+from .sink import InProcessSink, PersistJob, Sink, SinkConfig, open_sink
 from .staging import StageJob, Stager, step_pre_hook
 from .state import container_kinds, encode_value, flatten
 from .stateful import CachedExpander, Expanded, expand
@@ -235,7 +235,6 @@ class Checkpointer:
         expanded = self._expander.expand(state)
 
         def work() -> None:
-            lower_thread_priority(10)  # as the sink's threads: the ranks of the node still restoring come first
             try:
                 with self._capture_lock, gc_paused():  # close() stops it between slabs: nothing would use them
                     plan, _tensors, _values = self._plan_for(expanded)
