@@ -108,3 +108,40 @@ def test_prefault_stops_between_slabs_when_asked(tmp_path):
         assert pool.allocated_bytes >= plan.nbytes and pool.allocated_bytes < 2 * plan.nbytes
         prefault(pool, plan)  # not stopped: both slabs
         assert pool.allocated_bytes >= 2 * plan.nbytes
+
+
+def test_a_save_waiting_for_the_preparation_stops_its_page_faults(tmp_path, monkeypatch):
+    """The preparation faults host pages in at a lower CPU priority (the ranks of a node still
+    restoring come first); a save that waits for it must not wait on that low priority for the
+    rest of the slabs: the next slab is not faulted in once a save waits."""
+    import os
+    import sys
+
+    import ckpt.checkpointer as module
+
+    seen: dict[str, object] = {}
+    inside = threading.Event()
+
+    def fake_prefault(pool, plan, *, slabs=2, stop=lambda: False):
+        if sys.platform.startswith("linux"):
+            seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        inside.set()
+        for _ in range(500):  # the next slab is asked for until a save waits (at most 5 s)
+            if stop():
+                seen["stopped"] = True
+                return
+            threading.Event().wait(0.01)
+        seen["stopped"] = False
+
+    monkeypatch.setattr(module, "prefault", fake_prefault)
+    model, opt, sched, loader, state = make_job()
+    with ckpt.Checkpointer(tmp_path, every_n_steps=1, keep_last=None, consolidate="never") as ck:
+        ck.attach(opt)
+        train(model, opt, sched, loader, [0])
+        ready = ck.prepare(state)
+        assert inside.wait(30)
+        ck.save(1, state).result(60)  # waits for the preparation's lock: tells it to stop
+        ready.result(60)
+    assert seen["stopped"] is True
+    if sys.platform.startswith("linux"):
+        assert seen["nice"] > os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
