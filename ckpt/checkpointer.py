@@ -50,7 +50,7 @@ from .replicated import load_step as shared_load
 from .restore import RestoreReport, RestoreSource, restore_report
 from .retention import RetentionPolicy, run_gc
 from .signals import CommitSignals
-from .sink import InProcessSink, PersistJob, Sink, SinkConfig, lower_thread_priority, open_sink
+from .sink import InProcessSink, PersistJob, Sink, SinkConfig, open_sink
 from .staging import StageJob, Stager, step_pre_hook
 from .state import container_kinds, encode_value, flatten
 from .stateful import CachedExpander, Expanded, expand
@@ -103,7 +103,6 @@ class Checkpointer:
         self._warned_no_optimizer = False
         self._capture_lock = threading.Lock()
         self._preparing: threading.Thread | None = None
-        self._hurry = False  # a save waits for prepare(): it faults in no more slabs
         self._interrupt = threading.Event()  # interrupt(): a save waiting for host memory gives up
         self.last_restore: RestoreReport | None = None
 
@@ -228,9 +227,10 @@ class Checkpointer:
     # -- internals --------------------------------------------------------------------------
 
     def prepare(self, state: dict[str, Any]) -> Future:
-        """Build the first checkpoint's plan and host memory (pages faulted in) off the training thread, so that
-        it stalls the loop no more than later ones; ``restore`` calls it (call it before the loop from scratch).
-        ``state_dict`` calls stay on the caller's thread: beside training they race (DCP steps a stateless optimizer)."""
+        """Build the first checkpoint's plan and host memory (pages faulted in) off the training
+        thread, so that it stalls the loop no more than later ones; ``restore`` calls it (call it
+        before the loop from scratch). ``state_dict`` calls stay on the caller's thread: beside
+        training they race (DCP steps a stateless optimizer)."""
         fut: Future = Future()
         expanded = self._expander.expand(state)
 
@@ -238,8 +238,7 @@ class Checkpointer:
             try:
                 with self._capture_lock, gc_paused():  # close() stops it between slabs: nothing would use them
                     plan, _tensors, _values = self._plan_for(expanded)
-                    lower_thread_priority(10)  # pages faulted in last: the node's ranks restoring first
-                    prefault(self._pool_for(plan.nbytes, plan.mine), plan, stop=lambda: self._closed or self._hurry)
+                    prefault(self._pool_for(plan.nbytes, plan.mine), plan, stop=lambda: self._closed)
                 fut.set_result(None)
             except BaseException as e:  # noqa: BLE001 - the first save then does it, and says why
                 log.debug("preparing the first checkpoint failed: %s", e)
@@ -268,8 +267,7 @@ class Checkpointer:
     def _capture(self, step: int, state: dict[str, Any], handle: SnapshotHandle) -> None:
         cfg = self.config
         expanded = self._expander.expand(state)
-        self._hurry = True
-        with self._capture_lock:  # a prepare() in flight finishes first (its plan, at most one slab more)
+        with self._capture_lock:  # a prepare() in flight finishes first
             plan, tensors, values = self._plan_for(expanded)
         nbytes = plan.nbytes
         handle.nbytes = nbytes
