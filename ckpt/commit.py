@@ -151,7 +151,7 @@ def _commit_as_committer(storage: Storage, step: int, save: str, writers: Sequen
     if found is None:
         # Each fragment is read once: those found while waiting are the ones the commit validates.
         found = wait_for_fragments(storage, step, save, others, timeout_s=max(0.0, deadline - time.monotonic()),
-                                   poll_s=poll_s, stop=stop)
+                                   poll_s=poll_s, stop=stop, since=deadline - timeout_s)
     return commit(storage, step, writers, save_id=save, library_versions=library_versions, known=known, found=found)
 
 
@@ -203,10 +203,13 @@ def fragment_status(storage: Storage, step: int, save_id: str, writers: Sequence
 
 def wait_for_fragments(
     storage: Storage, step: int, save_id: str, writers: Sequence[str], *, timeout_s: float, poll_s: float,
-    stop: threading.Event | None = None,
+    stop: threading.Event | None = None, since: float | None = None,
 ) -> dict[str, Fragment]:
     """Block until every writer's fragment of this save is in storage; raise if one failed.
-    Returns the fragments read (each once), for the commit to validate without reading again."""
+    Returns the fragments read (each once), for the commit to validate without reading again.
+    ``since``: when the wait began (``time.monotonic``; a wait through the job's store before
+    this one counts), for the error's "after N s"."""
+    since = time.monotonic() if since is None else since
     pending = list(writers)
     found: dict[str, Fragment] = {}
     deadline = time.monotonic() + timeout_s
@@ -221,7 +224,7 @@ def wait_for_fragments(
         if time.monotonic() > deadline:
             raise CommitError(
                 f"step {step}: no fragment from {', '.join(pending[:8])}{' …' if len(pending) > 8 else ''} "
-                f"after {timeout_s:.0f} s; those writers died or are stuck"
+                f"after {time.monotonic() - since:.0f} s; those writers died or are stuck"
             )
         if stop is not None and stop.wait(delay):
             raise CommitError(f"step {step}: closed before every writer finished")
