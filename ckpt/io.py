@@ -154,7 +154,9 @@ def _write_packs(storage: Storage, step: int, writer: str, requests: Sequence[Wr
         if progress is not None:
             progress(pos)
 
-    _map(write_pack, list(range(len(sizes))), threads, None, lambda _n: 0)
+    # Weighted by size: packs of a few MiB or more each get a thread of their own (a weight of 0
+    # made them one batch, written one after another by the persist thread).
+    _map(write_pack, list(range(len(sizes))), threads, None, lambda n: sizes[n])
     out: dict[str, list[ChunkRecord]] = {}
     for req, rec in zip(requests, records):
         assert rec is not None
