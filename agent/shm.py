@@ -14,7 +14,13 @@ import torch
 
 
 def map_file(path: str, nbytes: int, *, writable: bool) -> tuple[mmap.mmap, torch.Tensor]:
-    """Map ``path`` and view it as a uint8 tensor (read-only mappings: do not write to it)."""
+    """Map ``path`` and view it as a uint8 tensor (read-only mappings: do not write to it).
+
+    The mapping lives as long as the returned ``mmap`` object or any tensor made from it (views
+    included): drop the references, never ``close()`` it. ``torch.frombuffer`` lets go of its
+    buffer export at once and keeps only a reference to the mapping, so ``close()`` succeeds
+    under live tensors and leaves them pointing at unmapped memory (a crash at their next touch);
+    dropped instead, the mapping is unmapped by the last of them."""
     fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -27,12 +33,3 @@ def map_file(path: str, nbytes: int, *, writable: bool) -> tuple[mmap.mmap, torc
         warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we never write through it
         tensor = torch.frombuffer(mm, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
     return mm, tensor
-
-
-def unmap(mm: mmap.mmap | None) -> None:
-    if mm is None:
-        return
-    try:
-        mm.close()
-    except BufferError:  # a view of it is still alive; the mapping goes with the last one
-        pass

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import AgentBudgetError
-from ..shm import map_file, unmap
+from ..shm import map_file
 
 
 def _pid_alive(pid: int) -> bool:
@@ -71,8 +71,7 @@ class Segment:
 
     def close(self) -> None:
         self.tensor = None
-        unmap(self.mm)
-        self.mm = None
+        self.mm = None  # unmapped now, or by the last tensor still viewing it (agent.shm.map_file)
         try:
             os.unlink(self.path)
         except FileNotFoundError:

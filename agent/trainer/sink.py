@@ -39,7 +39,7 @@ from ..documents import MAX_DOCUMENT_BYTES, Assembly
 from ..errors import DocumentError
 from ..pb import pb
 from ..plan import encode_plan
-from ..shm import map_file, unmap
+from ..shm import map_file
 from ..wire import PB_TO_STATE, error_from_rpc
 from .client import AgentClient
 from .memory import AgentMemoryStorage
@@ -86,8 +86,7 @@ class ShmAllocator:
             mm, pinned = self._maps.pop(handle, (None, 0))
         if pinned:
             pinning.unregister(pinned)
-        del buffer
-        unmap(mm)
+        del buffer, mm  # unmapped now, or by the last view still alive (agent.shm.map_file)
         if not self.sink.closed:
             try:
                 self.sink.client.release(self.sink.session_id, handle)
@@ -103,10 +102,10 @@ class ShmAllocator:
         with lock:
             items = list(maps.values())
             maps.clear()
-        for mm, pinned in items:
+        for _mm, pinned in items:
             if pinned:
                 pinning.unregister(pinned)
-            unmap(mm)
+        items.clear()  # the mappings go now, or with the last tensor viewing them (agent.shm.map_file)
 
 
 class AgentSink(Sink):
