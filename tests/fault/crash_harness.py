@@ -66,9 +66,17 @@ BIG = (128, 256)  # 128 KiB rewritten in place each step: copied eagerly at save
 # The training the trainer runs and the harness replays
 
 
+# The harness's chains are threads of one process and build from torch's one global generator:
+# two builds at once interleave its draws and give other initial weights (75 of 900 concurrent
+# builds did). Where the Reference's rebuild was one of them, its every step was wrong and the
+# committed steps compared with it "restored other values" though each verified.
+_BUILD_LOCK = threading.Lock()
+
+
 def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 16))
+    with _BUILD_LOCK:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 16))
     return model, torch.optim.Adam(model.parameters(), lr=1e-2)
 
 

@@ -125,3 +125,28 @@ def test_training_goes_on_when_the_node_agent_dies(tmp_path):
         # The agent restarted on the node removes the segments the killed one left.
         assert Agent(home, prefix, 2).stop() == 0
         assert not [s for s in os.listdir("/dev/shm") if s.startswith(prefix + ".")]
+
+
+def test_the_crash_harness_builds_the_same_model_from_concurrent_threads():
+    # Not a bug of ckpt/ but of the crash harness: its chains are threads, and build() drew the
+    # initial weights from torch's global generator. Concurrent builds interleaved its draws, so
+    # the Reference (what training holds at each step) was sometimes built from other weights,
+    # and committed steps that verified were reported as restoring "other values".
+    import threading
+
+    from tests.fault.crash_harness import build
+
+    want = [p.detach().clone() for p in build()[0].parameters()]
+    wrong: list[int] = []
+
+    def builds() -> None:
+        for _ in range(100):
+            got = list(build()[0].parameters())
+            wrong.extend([1] if not all(torch.equal(a, b) for a, b in zip(want, got)) else [])
+
+    threads = [threading.Thread(target=builds) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
