@@ -4,7 +4,10 @@ the host views of each slab and the write requests that read them."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -14,6 +17,8 @@ from .hostpool import aligned
 from .layout import Sharded, is_dtensor, layout_of
 from .plan import SavePlan, TensorItem, plan_items
 from .planning import WriteRequest
+
+log = logging.getLogger(__name__)
 
 
 def storage_ptr(t: torch.Tensor) -> int:
@@ -111,6 +116,51 @@ def prefault(pool: Any, plan: CapturePlan, *, slabs: int = 2, stop: Callable[[],
     finally:
         for slab in taken:
             pool.release(slab)
+
+
+class Preparation:
+    """A first checkpoint's plan and host memory made ready on a thread of its own
+    (:meth:`ckpt.Checkpointer.prepare`): ``work(stop)`` builds them, asking ``stop()`` between slabs.
+
+    :meth:`stop` does not wait for it. A slab being made (pinned, or leased from a node agent,
+    mapped and registered: seconds for a few GB) cannot be cut short, and a Checkpointer closed
+    right after its restore would wait for memory nobody will use. The ``cleanup`` that frees the
+    host memory runs at once if the work is over, else on this thread as the work ends."""
+
+    def __init__(self, work: Callable[[Callable[[], bool]], None]) -> None:
+        self.future: Future = Future()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._done = False
+        self._cleanup: Callable[[], None] | None = None
+        self._thread = threading.Thread(target=self._run, args=(work,), name="ckpt-prepare", daemon=True)
+        self._thread.start()
+
+    def _run(self, work: Callable[[Callable[[], bool]], None]) -> None:
+        try:
+            work(lambda: self._stopped)
+            self.future.set_result(None)
+        except BaseException as e:  # noqa: BLE001 - the first save then does it, and says why
+            log.debug("preparing the first checkpoint failed: %s", e)
+            self.future.set_exception(e)
+        finally:
+            with self._lock:
+                self._done = True
+                cleanup = self._cleanup
+            if cleanup is not None:
+                cleanup()
+
+    def stop(self, cleanup: Callable[[], None]) -> None:
+        """No more slabs; ``cleanup`` now if the work is over, else when it ends."""
+        with self._lock:
+            self._stopped = True
+            if not self._done:
+                self._cleanup = cleanup
+                return
+        cleanup()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
 
 
 def lazy_owners(optimizers: list[torch.optim.Optimizer]) -> dict[int, int]:

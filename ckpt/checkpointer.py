@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from typing import Any
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 
 from . import format as fmt
-from .capture import CapturePlan, lazy_owners, leaf_key, local_tensor, prefault, storage_ptr
+from .capture import CapturePlan, Preparation, lazy_owners, leaf_key, local_tensor, prefault, storage_ptr
 from .commit import save_id
 from .config import CheckpointerConfig
 from .consolidate import Consolidator
@@ -102,7 +103,7 @@ class Checkpointer:
         self._closed = False
         self._warned_no_optimizer = False
         self._capture_lock = threading.Lock()
-        self._preparing: threading.Thread | None = None
+        self._preparing: Preparation | None = None
         self._interrupt = threading.Event()  # interrupt(): a save waiting for host memory gives up
         self.last_restore: RestoreReport | None = None
 
@@ -194,8 +195,6 @@ class Checkpointer:
                 wait_futures(self._commits())
         finally:
             self._closed = True
-            if self._preparing is not None:  # it writes into host memory that close frees
-                self._preparing.join()
             for h in self._hooks:
                 h.remove()
             self.stager.close()
@@ -204,7 +203,9 @@ class Checkpointer:
                 done = [h.step for h in self._handles if h.state is SnapshotState.COMMITTED]
                 self.consolidator.close(last=max(done, default=None), keep_every=self.config.keep_every)
             self._plan = None  # it holds views of the slabs
-            if self.pool is not None:
+            if self.pool is not None and self._preparing is not None:
+                self._preparing.stop(self.pool.clear)  # not waited for: one still making a slab frees them as it ends
+            elif self.pool is not None:
                 self.pool.clear()
         self._report_errors()
 
@@ -231,22 +232,15 @@ class Checkpointer:
         thread, so that it stalls the loop no more than later ones; ``restore`` calls it (call it
         before the loop from scratch). ``state_dict`` calls stay on the caller's thread: beside
         training they race (DCP steps a stateless optimizer)."""
-        fut: Future = Future()
         expanded = self._expander.expand(state)
 
-        def work() -> None:
-            try:
-                with self._capture_lock, gc_paused():  # close() stops it between slabs: nothing would use them
-                    plan, _tensors, _values = self._plan_for(expanded)
-                    prefault(self._pool_for(plan.nbytes, plan.mine), plan, stop=lambda: self._closed)
-                fut.set_result(None)
-            except BaseException as e:  # noqa: BLE001 - the first save then does it, and says why
-                log.debug("preparing the first checkpoint failed: %s", e)
-                fut.set_exception(e)
+        def work(stop: Callable[[], bool]) -> None:
+            with self._capture_lock, gc_paused():  # close() stops it between slabs: nothing would use them
+                plan, _tensors, _values = self._plan_for(expanded)
+                prefault(self._pool_for(plan.nbytes, plan.mine), plan, stop=stop)
 
-        self._preparing = threading.Thread(target=work, name="ckpt-prepare", daemon=True)
-        self._preparing.start()
-        return fut
+        self._preparing = Preparation(work)
+        return self._preparing.future
 
     def _plan_for(self, expanded: Expanded) -> tuple[CapturePlan, list[Any], dict[str, Any]]:
         cfg = self.config
