@@ -37,7 +37,7 @@ import torch
 
 from . import format as fmt
 from .capture import CapturePlan, Preparation, lazy_owners, leaf_key, local_tensor, prefault, storage_ptr
-from .commit import save_id
+from .commit import save_id, skipped
 from .config import CheckpointerConfig
 from .consolidate import Consolidator
 from .dist import Group
@@ -85,6 +85,7 @@ class Checkpointer:
             sink = open_sink("agent", cfg.agent, storage=self.storage, config=sink_config, writer=self.writer,
                              after_commit=after_commit, retention=keep, signals=signals)
         self.sink = sink or InProcessSink(self.storage, sink_config, after_commit=after_commit, signals=signals)
+        self._signals = signals
         self.stager = Stager()
         self.telemetry = Telemetry(cfg.metrics)
         self.pool: HostBufferPool | None = None
@@ -280,6 +281,10 @@ class Checkpointer:
         if slab is None:
             handle.skipped = True
             self._skipped += 1
+            threading.Thread(target=skipped, name="ckpt-skipped", daemon=True, args=(  # the others stop waiting
+                self.storage, step, save_id(self.run_id, step), self.writer, self.writers), kwargs={
+                "committer": self.group.rank == 0 and cfg.commit_by == "rank0", "signals": self._signals,
+                "why": "skipped its snapshot: no host memory was free (when_busy='skip')"}).start()
             return
         views, host_requests = plan.host_views(slab)
 

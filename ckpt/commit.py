@@ -71,6 +71,23 @@ def mark_failed(storage: Storage, step: int, writer: str, save: str, error: Base
         log.debug("could not write the failure marker of step %d (%s)", step, writer, exc_info=True)
 
 
+def skipped(storage: Storage, step: int, save: str, writer: str, writers: Sequence[str], *, committer: bool,
+            signals: CommitSignals | None, why: str) -> None:
+    """``writer`` took no snapshot for save ``save`` (``when_busy="skip"`` found no free host
+    memory) while the other writers of the step may have. Without word of it the committer would
+    wait ``commit_timeout_s`` for a fragment that never comes, and, where ``writer`` is the
+    committer, the others for a commit that never happens. So ``writer`` leaves its failure
+    marker and tells them through the job's store: the step fails at once on every rank."""
+    if len(writers) < 2:
+        return
+    text = f"{writer}: {why}"
+    mark_failed(storage, step, writer, save, why)
+    if signals is not None:
+        signals.persisted(save, text)
+        if committer:
+            signals.committed(save, list(writers), error=text)
+
+
 def ensure_not_committed(storage: Storage, step: int, save: str | None = None) -> bool:
     """Before persisting: raise if ``step`` was committed by another save; True if it was
     committed by this very save (a replica whose step is done), False if not committed."""
