@@ -37,7 +37,7 @@ import torch
 
 from . import format as fmt
 from .capture import CapturePlan, Preparation, lazy_owners, leaf_key, local_tensor, prefault, storage_ptr
-from .commit import save_id, skipped
+from .commit import save_id
 from .config import CheckpointerConfig
 from .consolidate import Consolidator
 from .dist import Group
@@ -58,6 +58,7 @@ from .stateful import CachedExpander, Expanded, expand
 from .storage import open_storage
 from .telemetry import Telemetry
 from .version import library_versions
+from .waits import skipped
 
 log = logging.getLogger(__name__)
 

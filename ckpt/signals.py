@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 OK = "ok"
 CLOSED = "closed"
+FAILED = "failed: "  # then the reason
 _WAIT_CHUNK_S = 30.0  # a blocked wait returns at least this often (its timeout is logged by c10d)
 
 
@@ -83,7 +84,7 @@ class CommitSignals:
         """This writer's part of ``save`` is durable (``error`` None) or failed. Best effort: a
         committer that does not hear of it finds the fragment or failure marker in storage."""
         try:
-            self._call(self.store.set, self._key(save, "p", self.writer), OK if error is None else f"failed: {error}")
+            self._call(self.store.set, self._key(save, "p", self.writer), OK if error is None else f"{FAILED}{error}")
             self._call(self.store.add, self._key(save, "n" if error is None else "f"), 1)
         except StoreUnusable as e:
             log.debug("could not signal the persist of %s: %s", save, e)
@@ -142,7 +143,7 @@ class CommitSignals:
         for key in [keys[w] for w in present] + [count_key, failed_key]:
             self._call(self.store.delete_key, key)
         heard = dict(zip(present, (v.decode() for v in values)))
-        errors = {w: v.removeprefix("failed: ") for w, v in heard.items() if v != OK}
+        errors = {w: v.removeprefix(FAILED) for w, v in heard.items() if v != OK}
         return [w for w in writers if w not in heard], errors
 
     def committed(self, save: str, writers: list[str], error: str | None = None) -> None:
@@ -150,7 +151,7 @@ class CommitSignals:
         others = [w for w in writers if w != self.writer]
         if not others:
             return
-        value = OK if error is None else f"failed: {error}"
+        value = OK if error is None else f"{FAILED}{error}"
         try:
             self._call(self.store.multi_set, [self._key(save, "c", w) for w in others], [value] * len(others))
         except StoreUnusable as e:

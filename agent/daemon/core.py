@@ -19,10 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ckpt import SnapshotState
 from ckpt import format as fmt
-from ckpt.commit import complete, ensure_not_committed, mark_failed, wait_for_commit_point
+from ckpt.commit import complete, ensure_not_committed
 from ckpt.io import write_plan
 from ckpt.retention import RetentionPolicy, run_gc
 from ckpt.storage import Storage, open_storage
+from ckpt.waits import mark_failed, wait_for_commit_point
 
 from ..config import AgentConfig
 from .documents import index_persisted
@@ -51,6 +52,7 @@ class Agent(Holding):
         self._commit_points: dict[tuple[str, int], tuple[str, bytes, str]] = {}
         self._commit_locks: dict[tuple[str, int], threading.Lock] = {}
         self._notices: dict[tuple[str, int], threading.Event] = {}  # notice_commit: (run, step) -> wakes its wait
+        self._failed_saves: dict[tuple[str, int, str], str] = {}  # notice_commit with an error: (run, step, save) -> why
         self._told_runs: set[str] = set()  # runs whose commits are announced to this agent
         # notice_persisted: (run, step, save) -> the notice its commit waits on; runs that announce
         self._persisted: dict[tuple[str, int, str], PersistNotice] = {}
@@ -185,8 +187,10 @@ class Agent(Holding):
                 with self._lock:
                     wake = self._notices.setdefault(key, threading.Event())
                     first, most = self.TOLD_POLL_S if snap.run_url in self._told_runs else (0.05, 1.0)
+                failed_key = (snap.run_url, snap.step, snap.save_id)
                 manifest, root = wait_for_commit_point(storage, snap.step, snap.save_id, timeout_s=cfg.commit_timeout_s,
-                                                       poll_s=first, max_poll_s=most, stop=self._stop, wake=wake)
+                                                       poll_s=first, max_poll_s=most, stop=self._stop, wake=wake,
+                                                       failed=lambda: self._failed_saves.get(failed_key))
             document = json.dumps(manifest.to_dict())
             with self._lock:
                 self._commit_points[key] = (snap.save_id, root, document)
@@ -201,11 +205,16 @@ class Agent(Holding):
     TOLD_POLL_S = (2.0, 10.0)
     NOTICES_KEPT = 64
 
-    def notice_commit(self, run_url: str, step: int, save_id: str) -> None:
+    def notice_commit(self, run_url: str, step: int, save_id: str, error: str = "") -> None:
         """The committer of ``run_url`` (the job's coordinator) says ``save_id`` committed
         ``step``: the writers of this node waiting for it read the commit point now, not at the
-        next poll of storage, and the run's later commits are polled for rarely."""
+        next poll of storage, and the run's later commits are polled for rarely. With ``error``
+        the save failed (a writer skipped its snapshot, say): they stop waiting, with that reason."""
         with self._lock:
+            if error:
+                self._failed_saves[(run_url, step, save_id)] = error
+                while len(self._failed_saves) > self.NOTICES_KEPT:
+                    self._failed_saves.pop(next(iter(self._failed_saves)))
             self._told_runs.add(run_url)
             wake = self._notices.setdefault((run_url, step), threading.Event())
             while len(self._notices) > self.NOTICES_KEPT:

@@ -17,8 +17,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ckpt.commit import fragment_status
 from ckpt.storage import Storage
+from ckpt.waits import fragment_status
 
 
 @dataclass

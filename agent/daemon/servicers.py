@@ -126,7 +126,8 @@ class TrainerServicer(SnapshotReads, rpc.TrainerServiceServicer):
     def NoticeCommit(self, request: pb.NoticeCommitRequest, context: grpc.ServicerContext) -> pb.NoticeCommitResponse:
         check(0 < len(request.run_url) <= MAX_URL, "run_url: required")
         check(0 < len(request.save_id) <= MAX_ID, "save_id: required")
-        self.agent.notice_commit(request.run_url, request.step, request.save_id)
+        check(len(request.error) <= MAX_URL, "error: too long")
+        self.agent.notice_commit(request.run_url, request.step, request.save_id, request.error)
         return pb.NoticeCommitResponse()
 
     @rpc_errors

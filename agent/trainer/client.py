@@ -158,9 +158,10 @@ class AgentClient:
         return self.resolve(self.trainer.GetSnapshot(pb.GetSnapshotRequest(key=key, by_reference=True),
                                                      timeout=self.timeout_s))
 
-    def notice_commit(self, run_url: str, step: int, save_id: str) -> None:
-        """Tell the agent that ``save_id`` committed ``step`` of ``run_url`` (see ``Agent.notice_commit``)."""
-        self.trainer.NoticeCommit(pb.NoticeCommitRequest(run_url=run_url, step=step, save_id=save_id),
+    def notice_commit(self, run_url: str, step: int, save_id: str, error: str = "") -> None:
+        """Tell the agent that ``save_id`` committed ``step`` of ``run_url``, or failed (``error``);
+        see ``Agent.notice_commit``."""
+        self.trainer.NoticeCommit(pb.NoticeCommitRequest(run_url=run_url, step=step, save_id=save_id, error=error),
                                   timeout=self.timeout_s)
 
     def notice_persisted(self, run_url: str, step: int, save_id: str, error: str = "") -> None:

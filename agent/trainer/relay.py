@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import grpc
 
-from ckpt.signals import OK, CommitSignals, StoreUnusable
+from ckpt.signals import FAILED, OK, CommitSignals, StoreUnusable
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +41,20 @@ class CommitRelay:
     """Waits on the job's store for the commits of this writer's saves (or, on the committer, for
     every writer's persist) and tells its agent.
 
-    ``tell(step, save_id)`` passes one commit on (``AgentClient.notice_commit`` bound to the run);
+    ``tell(step, save_id, error)`` passes one commit on (``AgentClient.notice_commit`` bound to
+    the run), or its failure (``error``: the writers waiting for it on that node stop);
     ``tell_persisted(step, save_id, error)`` says every writer persisted (``error`` empty) or one
     failed (``AgentClient.notice_persisted``).
     """
 
-    def __init__(self, signals: CommitSignals, tell: Callable[[int, str], None], *, timeout_s: float,
+    def __init__(self, signals: CommitSignals, tell: Callable[..., None], *, timeout_s: float,
                  tell_persisted: Callable[[int, str, str], None] | None = None) -> None:
         self.signals = signals
         self.tell = tell
         self.tell_persisted = tell_persisted
         self.timeout_s = timeout_s
         self.told = 0  # commits passed on to the agent
+        self.told_failed = 0  # failed saves passed on (the agent's writers waiting for them stop)
         self.told_persisted = 0  # saves whose writers all persisted (or one failed), passed on
         self.failed_notices = 0  # notices the agent did not take (it polls storage for those)
         self._queue: queue.SimpleQueue[tuple[int, str, tuple[str, ...] | None] | None] = queue.SimpleQueue()
@@ -115,9 +117,12 @@ class CommitRelay:
         finally:
             with self._lock:
                 self._waiting = None
-        if outcome == OK:  # failed, closed, or not heard of in time: nothing to tell
+        if outcome == OK:
             self.tell(step, save_id)
             self.told += 1
+        elif outcome is not None and outcome.startswith(FAILED):  # (closed, or not heard of in time: nothing to tell)
+            self.tell(step, save_id, outcome[len(FAILED):] or "failed")
+            self.told_failed += 1
 
     def _relay_persisted(self, step: int, save_id: str, writers: tuple[str, ...]) -> None:
         missing, errors = self.signals.wait_persisted(save_id, list(writers), timeout_s=self.timeout_s, poll_s=0.05,

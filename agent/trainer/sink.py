@@ -142,7 +142,7 @@ class AgentSink(Sink):
         self.allocator = ShmAllocator(self)
         # A job that commits itself, on several nodes: commits are told through its store (relay).
         self.relay = CommitRelay(
-            signals, lambda step, save: self.client.notice_commit(self.run_url, step, save),
+            signals, lambda step, save, error="": self.client.notice_commit(self.run_url, step, save, error),
             tell_persisted=lambda step, save, error: self.client.notice_persisted(self.run_url, step, save, error),
             timeout_s=config.commit_timeout_s) if signals is not None else None
 

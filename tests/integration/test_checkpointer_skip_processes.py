@@ -9,6 +9,10 @@ failure marker and tells the others through the job's store.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 import pytest
 import torch
 
@@ -28,10 +32,14 @@ def _take_all_host_memory(ck: ckpt.Checkpointer) -> list:
     return taken
 
 
-def skip_worker(rank: int, world: int, url: str, skipper: int) -> dict:
+def skip_worker(rank: int, world: int, url: str, skipper: int, sockets: list[str] | None) -> dict:
     state = {f"w{i}": torch.full((512,), float(i)) for i in range(8)}  # each rank writes some of them
     out: dict = {}
-    with ckpt.Checkpointer(url, every_n_steps=1, keep_last=None, when_busy="skip", commit_timeout_s=600) as ck:
+    agent = f"unix://{sockets[rank]}" if sockets else None
+    # Room for several snapshots (an agent holds one until the next commits): only the rank
+    # whose memory the test takes skips.
+    with ckpt.Checkpointer(url, every_n_steps=1, keep_last=None, when_busy="skip", commit_timeout_s=600,
+                           agent=agent, host_budget_bytes=1 << 20) as ck:
         ck.save(1, state).committed.result(WAIT_S)
         taken = _take_all_host_memory(ck) if rank == skipper else []
         h2 = ck.save(2, state)
@@ -47,9 +55,25 @@ def skip_worker(rank: int, world: int, url: str, skipper: int) -> dict:
 
 
 @pytest.mark.parametrize("skipper", [1, 0], ids=["a_writer_skips", "the_committer_skips"])
-def test_a_snapshot_skipped_on_one_rank_fails_the_step_at_once_everywhere(tmp_path, skipper):
+@pytest.mark.parametrize("agents", [False, True], ids=["in_process", "node_agents"])
+def test_a_snapshot_skipped_on_one_rank_fails_the_step_at_once_everywhere(tmp_path, skipper, agents):
+    """With node agents (one per rank, as on two nodes), the committing agent hears the skip from
+    its trainer, and the other agent from its trainer that the save failed (``NoticeCommit`` with
+    an error), so no agent waits ``commit_timeout_s`` either."""
     url = str(tmp_path / "run")
-    results = run_distributed(skip_worker, WORLD, url, skipper, tmp_path=tmp_path, timeout=4 * WAIT_S)
+    with contextlib.ExitStack() as stack:
+        sockets = None
+        if agents:
+            if not sys.platform.startswith("linux"):
+                pytest.skip("node agents need Linux (Unix sockets, shm)")
+            from tests.helpers import local_agent
+
+            sockets = []
+            for name in "ab":
+                (tmp_path / name).mkdir()
+                stack.enter_context(local_agent(tmp_path / name, f"ckskip{os.getpid()}{name}"))
+                sockets.append(str(tmp_path / name / "a.sock"))
+        results = run_distributed(skip_worker, WORLD, url, skipper, sockets, tmp_path=tmp_path, timeout=4 * WAIT_S)
     other = 1 - skipper
     assert results[skipper]["skipped"] is True and results[skipper]["status_skipped"] == 1
     assert results[other]["skipped"] is False

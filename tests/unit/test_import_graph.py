@@ -22,6 +22,7 @@ CKPT_LAYERS: list[tuple[str, ...]] = [
      "ckpt.consolidate", "ckpt.telemetry"),
     ("ckpt.sink", "ckpt.replicated"),
     ("ckpt.commit",),
+    ("ckpt.waits",),
     ("ckpt.coverage",),
     ("ckpt.direct",),
     ("ckpt.io", "ckpt.reading", "ckpt.regions"),

@@ -328,14 +328,16 @@ class ReadDocumentRequest(_message.Message):
     def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ..., save_id: _Optional[str] = ..., kind: _Optional[_Union[DocumentKind, str]] = ..., peer_address: _Optional[str] = ...) -> None: ...
 
 class NoticeCommitRequest(_message.Message):
-    __slots__ = ("run_url", "step", "save_id")
+    __slots__ = ("run_url", "step", "save_id", "error")
     RUN_URL_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SAVE_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     run_url: str
     step: int
     save_id: str
-    def __init__(self, run_url: _Optional[str] = ..., step: _Optional[int] = ..., save_id: _Optional[str] = ...) -> None: ...
+    error: str
+    def __init__(self, run_url: _Optional[str] = ..., step: _Optional[int] = ..., save_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class NoticeCommitResponse(_message.Message):
     __slots__ = ()
