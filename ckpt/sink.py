@@ -188,7 +188,7 @@ class InProcessSink(Sink):
             except BaseException as e:  # noqa: BLE001 - reported through the futures
                 job.release()
                 if self.signals is not None:
-                    self.signals.persisted(job.save_id, f"{job.writer}: {type(e).__name__}: {e}")
+                    self.signals.persisted(job.save_id, f"{type(e).__name__}: {e}")  # (the committer names the writer)
                 job.persisted.set_exception(e)
                 job.committed.set_exception(e)
                 continue
