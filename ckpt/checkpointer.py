@@ -205,10 +205,11 @@ class Checkpointer:
                 done = [h.step for h in self._handles if h.state is SnapshotState.COMMITTED]
                 self.consolidator.close(last=max(done, default=None), keep_every=self.config.keep_every)
             self._plan = None  # it holds views of the slabs
-            if self.pool is not None and self._preparing is not None:
-                self._preparing.stop(self.pool.clear)  # not waited for: one still making a slab frees them as it ends
-            elif self.pool is not None:
-                self.pool.clear()
+            clear = lambda: self.pool is not None and self.pool.clear()  # (a preparation may make the pool later)
+            if self._preparing is not None:
+                self._preparing.stop(clear)  # not waited for: one still making a slab frees them as it ends
+            else:
+                clear()
         self._report_errors()
 
     def _commits(self) -> list[Future]:
