@@ -62,10 +62,10 @@ def test_the_agents_are_told_of_each_persist_and_commit_through_the_jobs_store(t
     lock = threading.Lock()
     real, real_persisted, real_read = Agent.notice_commit, Agent.notice_persisted, commit_module.read_fragment
 
-    def counting(self, run_url, step, save_id):
+    def counting(self, run_url, step, save_id, error=""):
         with lock:
             notices[self.config.shm_prefix[-1]].append(step)
-        return real(self, run_url, step, save_id)
+        return real(self, run_url, step, save_id, error)
 
     def counting_persisted(self, run_url, step, save_id, error=""):
         with lock:
