@@ -134,7 +134,7 @@ def test_the_crash_harness_builds_the_same_model_from_concurrent_threads():
     # and committed steps that verified were reported as restoring "other values".
     import threading
 
-    from tests.fault.crash_harness import build
+    from tests.fault.crash_reference import build
 
     want = [p.detach().clone() for p in build()[0].parameters()]
     wrong: list[int] = []
