@@ -121,7 +121,7 @@ class CommitRelay:
             self.tell(step, save_id)
             self.told += 1
         elif outcome is not None and outcome.startswith(FAILED):  # (closed, or not heard of in time: nothing to tell)
-            self.tell(step, save_id, outcome[len(FAILED):] or "failed")
+            self.tell(step, save_id, outcome.removeprefix(FAILED) or "failed")
             self.told_failed += 1
 
     def _relay_persisted(self, step: int, save_id: str, writers: tuple[str, ...]) -> None:
