@@ -120,30 +120,34 @@ def prefault(pool: Any, plan: CapturePlan, *, slabs: int = 2, stop: Callable[[],
 
 class Preparation:
     """A first checkpoint's plan and host memory made ready on a thread of its own
-    (:meth:`ckpt.Checkpointer.prepare`): ``work(stop)`` builds them, asking ``stop()`` between slabs.
+    (:meth:`ckpt.Checkpointer.prepare`): ``work(stop, planned)`` builds them, calls ``planned()``
+    once the plan is built and asks ``stop()`` between slabs.
 
-    :meth:`stop` does not wait for it. A slab being made (pinned, or leased from a node agent,
-    mapped and registered: seconds for a few GB) cannot be cut short, and a Checkpointer closed
-    right after its restore would wait for memory nobody will use. The ``cleanup`` that frees the
-    host memory runs at once if the work is over, else on this thread as the work ends."""
+    :meth:`stop` waits for the plan (CPU work, with the cycle collector paused), not for the
+    slabs. A slab being made (pinned, or leased from a node agent, mapped and registered: seconds
+    for a few GB) cannot be cut short, and a Checkpointer closed right after its restore would
+    wait for memory nobody will use. The ``cleanup`` that frees the host memory runs at once if
+    the work is over, else on this thread as the work ends."""
 
-    def __init__(self, work: Callable[[Callable[[], bool]], None]) -> None:
+    def __init__(self, work: Callable[[Callable[[], bool], Callable[[], None]], None]) -> None:
         self.future: Future = Future()
         self._lock = threading.Lock()
         self._stopped = False
         self._done = False
         self._cleanup: Callable[[], None] | None = None
+        self._planned = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(work,), name="ckpt-prepare", daemon=True)
         self._thread.start()
 
-    def _run(self, work: Callable[[Callable[[], bool]], None]) -> None:
+    def _run(self, work: Callable[[Callable[[], bool], Callable[[], None]], None]) -> None:
         try:
-            work(lambda: self._stopped)
+            work(lambda: self._stopped, self._planned.set)
             self.future.set_result(None)
         except BaseException as e:  # noqa: BLE001 - the first save then does it, and says why
             log.debug("preparing the first checkpoint failed: %s", e)
             self.future.set_exception(e)
         finally:
+            self._planned.set()  # (a work that failed before its plan)
             with self._lock:
                 self._done = True
                 cleanup = self._cleanup
@@ -151,7 +155,9 @@ class Preparation:
                 cleanup()
 
     def stop(self, cleanup: Callable[[], None]) -> None:
-        """No more slabs; ``cleanup`` now if the work is over, else when it ends."""
+        """No more slabs; ``cleanup`` now if the work is over, else when it ends. Returns once the
+        plan is built."""
+        self._planned.wait()
         with self._lock:
             self._stopped = True
             if not self._done:

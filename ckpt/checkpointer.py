@@ -237,9 +237,11 @@ class Checkpointer:
         training they race (DCP steps a stateless optimizer)."""
         expanded = self._expander.expand(state)
 
-        def work(stop: Callable[[], bool]) -> None:
-            with self._capture_lock, gc_paused():  # close() stops it between slabs: nothing would use them
-                plan, _tensors, _values = self._plan_for(expanded)
+        def work(stop: Callable[[], bool], planned: Callable[[], None]) -> None:
+            with self._capture_lock:  # close() stops it between slabs: nothing would use them
+                with gc_paused():  # the plan's many small objects; not the slabs (training goes on)
+                    plan, _tensors, _values = self._plan_for(expanded)
+                planned()
                 prefault(self._pool_for(plan.nbytes, plan.mine), plan, stop=stop)
 
         self._preparing = Preparation(work)
@@ -285,8 +287,7 @@ class Checkpointer:
             self._skipped += 1
             threading.Thread(target=skipped, name="ckpt-skipped", daemon=True, args=(  # the others stop waiting
                 self.storage, step, save_id(self.run_id, step), self.writer, self.writers), kwargs={
-                "committer": self.group.rank == 0 and cfg.commit_by == "rank0", "signals": self._signals,
-                "why": "skipped its snapshot: no host memory was free (when_busy='skip')"}).start()
+                "committer": self.group.rank == 0 and cfg.commit_by == "rank0", "signals": self._signals}).start()
             return
         views, host_requests = plan.host_views(slab)
 

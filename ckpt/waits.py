@@ -35,7 +35,8 @@ def mark_failed(storage: Storage, step: int, writer: str, save: str, error: Base
 
 
 def skipped(storage: Storage, step: int, save: str, writer: str, writers: Sequence[str], *, committer: bool,
-            signals: CommitSignals | None, why: str) -> None:
+            signals: CommitSignals | None,
+            why: str = "skipped its snapshot: no host memory was free (when_busy='skip')") -> None:
     """``writer`` took no snapshot for save ``save`` (``when_busy="skip"`` found no free host
     memory) while the other writers of the step may have. Without word of it the committer would
     wait ``commit_timeout_s`` for a fragment that never comes, and, where ``writer`` is the
