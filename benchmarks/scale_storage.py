@@ -104,14 +104,16 @@ class SimulatedWriters(StorageWrapper):
         self.generate_s = 0.0  # time spent making fragments: not the coordinator's
         self._tpl: bytes | None = None
 
-    MARK = 987654321  # writer 0's chunk row in the template, replaced per writer
+    MARK = "INDEX_COLUMN"  # the chunk rows of the template, replaced per writer
 
     def _template(self) -> bytes:
         nb = ROWS * COLS * ITEM + 4
+        t = len(self.paths)
         doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step": STEP, "save_id": SAVE,
-               "writer": "WRITER", "created_at": 0.0, "arrays": self.array_docs,
-               "chunks": {p: [[[self.MARK, 0], nb, 0, 0, i * nb]] for i, p in enumerate(self.paths)},
-               "values": {"step": STEP}, "packs": ["WRITER.0"]}
+               "writer": "WRITER", "created_at": 0.0, "arrays": self.array_docs, "values": {"step": STEP},
+               "chunk_table": {"array": list(range(t)), "index": self.MARK, "nbytes": [nb] * t, "crc32c": [0] * t,
+                               "pack": [0] * t, "offset": [i * nb for i in range(t)]},
+               "packs": ["WRITER.0"]}
         return fmt.dumps(doc)
 
     def fragment(self, r: int) -> bytes:
@@ -120,7 +122,9 @@ class SimulatedWriters(StorageWrapper):
         if self._tpl is None:
             self._tpl = self._template()
         w = self.writers[r]
-        body = self._tpl.replace(b"WRITER", w.encode()).replace(b"[%d," % self.MARK, b"[%d," % r)
+        # An FSDP writer r holds chunk row r of every array (grid [N, 1]: linear index r)
+        rows = b"[" + b",".join([b"%d" % r] * len(self.paths)) + b"]"
+        body = self._tpl.replace(b"WRITER", w.encode()).replace(b'"%s"' % self.MARK.encode(), rows)
         data = body[:-1] + b',"%s":%d}' % (fmt.SEAL_KEY.encode(), crc32c.crc32c(body))
         self.generate_s += time.perf_counter() - t0
         return data

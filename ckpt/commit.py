@@ -141,7 +141,7 @@ def _commit_as_committer(storage: Storage, step: int, save: str, writers: Sequen
                 more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
                 raise CommitError(f"step {step}: a writer failed: {first[0]}: {first[1]}{more}")
             if not missing:  # every fragment of this save is in storage: each read once
-                found = {w: read_fragment(storage, step, w) for w in others}
+                found = {w: read_fragment(storage, step, w, records=False) for w in others}
     if found is None:
         # Each fragment is read once: those found while waiting are the ones the commit validates.
         found = wait_for_fragments(storage, step, save, others, timeout_s=max(0.0, deadline - time.monotonic()),
@@ -280,7 +280,7 @@ def commit_document(manifest: Manifest) -> dict[str, Any]:
 
 def _try_read_fragment(storage: Storage, step: int, writer: str) -> Fragment | str:
     try:
-        return read_fragment(storage, step, writer)
+        return read_fragment(storage, step, writer, records=False)
     except FileNotFoundError:
         return f"writer {writer} has not written its fragment"
     except FormatError as e:

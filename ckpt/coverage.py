@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from . import chunktable
 from . import format as fmt
 from .format import META, chunk_key, step_dir
-from .layouts import CHUNKS, PACKS, Run, encode_runs, linear_index
-from .manifest import ArraySpec, Fragment
+from .layouts import CHUNKS, PACKS, Run, encode_runs
+from .manifest import ArraySpec, Fragment, table_records
 from .storage import Storage
 
 _MISSING = object()
@@ -54,7 +55,11 @@ class Outcome:
 
 
 class CommitBuilder:
-    """The fragments of one save, validated as they arrive (any order, duplicates ignored)."""
+    """The fragments of one save, validated as they arrive (any order, duplicates ignored).
+
+    Coverage is one int32 per chunk of the save (all arrays end to end: which writer holds it),
+    updated with numpy from each fragment's records as columns (:class:`ckpt.chunktable.ChunkTable`):
+    a fragment of format 4 is checked without an object per record."""
 
     def __init__(self, step: int, writers: Sequence[str], save_id: str | None = None) -> None:
         self.step = step
@@ -63,9 +68,10 @@ class CommitBuilder:
         self._index = {w: i for i, w in enumerate(self.writers)}
         self.arrays: dict[str, ArraySpec] = {}
         self._declared_by: dict[str, str] = {}
-        self._owners: dict[str, np.ndarray] = {}  # path -> writer index per chunk, -1: not written
-        self._counts: dict[str, int] = {}
+        self._base: dict[str, int] = {}  # path -> its first chunk in _owners
+        self._owners = np.zeros(0, dtype=np.int32)  # writer index per chunk, -1: not written
         self._seen_arrays: list[dict[str, ArraySpec]] = []  # declarations already checked, compared whole
+        self._positions: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}  # declared order -> bases, sizes
         self.added: set[str] = set()
         self.problems: list[str] = []
         self._values: dict[str, Any] | None = None
@@ -101,17 +107,19 @@ class CommitBuilder:
             self.save_id = frag.save_id
         self.added.add(frag.writer)
         problems += self._declare(frag)
-        problems += self._cover(frag)
-        if frag.packs:
+        order = tuple(frag.arrays)
+        table = frag.table
+        if table is None:  # records as objects: a fragment of format 1 to 3, or made here
+            specs = list(frag.arrays.values())
+            table, found = chunktable.of_records(frag.chunks, {p: i for i, p in enumerate(order)},
+                                                 [a.grid_shape for a in specs])
+            problems += [f"writer {frag.writer} wrote {p}" if p.startswith("chunks of") else p for p in found]
+        problems += self._cover(frag.writer, order, table)
+        if table.pack is not None:
             self._packed = True
-            ends: dict[str, int] = {}
-            for recs in frag.chunks.values():
-                for r in recs:
-                    if r.pack is not None and r.pack < len(frag.packs):
-                        name = frag.packs[r.pack]
-                        ends[name] = max(ends.get(name, 0), (r.offset or 0) + r.nbytes)
-            self.pack_ends[frag.writer] = ends
-        elif any(frag.chunks.values()):
+            ends = table.pack_ends(len(frag.packs)).tolist()
+            self.pack_ends[frag.writer] = {name: end for name, end in zip(frag.packs, ends) if end}
+        elif len(table):
             self._unpacked = True
         if self._values is None:
             self._values = frag.values
@@ -127,13 +135,14 @@ class CommitBuilder:
             return []  # the same declarations as a writer before it: already checked
         self._seen_arrays.append(frag.arrays)
         problems = []
+        end = len(self._owners)
         for path, spec in frag.arrays.items():
             have = self.arrays.get(path)
             if have is None:
                 self.arrays[path] = spec
                 self._declared_by[path] = frag.writer
-                self._owners[path] = np.full(spec.num_chunks, -1, dtype=np.int32)
-                self._counts[path] = 0
+                self._base[path] = end
+                end += spec.num_chunks
             elif (have.shape, have.dtype, have.chunk_shape) != (spec.shape, spec.dtype, spec.chunk_shape):
                 problems.append(
                     f"{path!r}: writer {self._declared_by[path]} declares shape {list(have.shape)} {have.dtype} "
@@ -141,60 +150,72 @@ class CommitBuilder:
                     f"{list(spec.shape)} {spec.dtype} chunks {list(spec.chunk_shape)} (if ranks hold "
                     "different slices of this tensor, declare its layout with ckpt.Sharded or a DTensor)"
                 )
+        if end > len(self._owners):
+            self._owners = np.concatenate([self._owners, np.full(end - len(self._owners), -1, dtype=np.int32)])
         return problems
 
-    def _cover(self, frag: Fragment) -> list[str]:
+    def _cover(self, writer: str, order: tuple[str, ...], table: chunktable.ChunkTable) -> list[str]:
+        if not len(table):
+            return []
+        at = self._positions.get(order)
+        if at is None:
+            at = (np.array([self._base[p] for p in order], dtype=np.int64),
+                  np.array([self.arrays[p].num_chunks for p in order], dtype=np.int64))
+            self._positions[order] = at
+        bases, sizes = at
+        # Within the save's grid (a writer that declares an array otherwise is reported by _declare)
+        ok = table.index < sizes[table.array]
         problems = []
-        w = self._index[frag.writer]
-        for path, records in frag.chunks.items():
-            spec = self.arrays.get(path)
-            if spec is None:
-                problems.append(f"writer {frag.writer} wrote chunks of undeclared array {path!r}")
-                continue
-            grid = spec.grid_shape
-            ndim = len(grid)
-            owners = self._owners[path]
-            added = 0
-            for rec in records:
-                index = rec.index
-                if len(index) != ndim:
-                    at = -1
-                elif ndim == 2:  # the common case, without a loop
-                    i, j = index
-                    at = i * grid[1] + j if 0 <= i < grid[0] and 0 <= j < grid[1] else -1
-                elif ndim == 1:
-                    at = index[0] if 0 <= index[0] < grid[0] else -1
-                else:
-                    at = linear_index(spec, index) if all(0 <= i < g for i, g in zip(index, grid)) else -1
-                if at < 0:
-                    problems.append(f"{path!r}: chunk {list(index)} outside the grid {list(grid)}")
-                    continue
-                held = int(owners[at])
-                if held >= 0:
-                    problems.append(f"{path!r}: chunk {list(index)} written by both {self.writers[held]} and "
-                                    f"{frag.writer}")
-                    continue
-                owners[at] = w
-                added += 1
-            self._counts[path] += added
+        pos = bases[table.array] + table.index
+        if not ok.all():
+            for a, lin in zip(table.array[~ok].tolist()[:10], table.index[~ok].tolist()):
+                grid = self.arrays[order[a]].grid_shape
+                problems.append(f"{order[a]!r}: chunk {list(chunktable.grid_index(grid, lin))} outside the grid "
+                                f"{list(grid)}")
+            pos = pos[ok]
+        held = self._owners[pos]
+        first = np.zeros(len(pos), dtype=bool)
+        first[np.unique(pos, return_index=True)[1]] = True  # a chunk twice in one fragment: once here
+        clash = (held >= 0) | ~first
+        if clash.any():
+            paths = list(self._base)
+            starts = np.array([self._base[p] for p in paths], dtype=np.int64)
+            for p in pos[clash].tolist()[:10]:
+                k = int(np.searchsorted(starts, p, side="right")) - 1
+                spec = self.arrays[paths[k]]
+                p -= int(starts[k])
+                held_by = int(self._owners[p + int(starts[k])])
+                other = self.writers[held_by] if held_by >= 0 else writer
+                problems.append(f"{spec.path!r}: chunk {list(chunktable.grid_index(spec.grid_shape, p))} "
+                                f"written by both {other} and {writer}")
+            if clash.sum() > 10:
+                problems.append(f"and {int(clash.sum()) - 10} more chunks written twice")
+        self._owners[pos[~clash]] = self._index[writer]
         return problems
 
     def finish(self) -> Outcome:
         """The save as a whole (call once every writer is added): coverage, layout, runs."""
         problems = list(self.problems)
-        for path, spec in self.arrays.items():
-            have = self._counts[path]
-            if have != spec.num_chunks:
-                problems.append(f"{path!r}: {spec.num_chunks - have} of {spec.num_chunks} chunks not written by "
-                                "any writer")
+        paths = list(self._base)
+        if len(self._owners):
+            sizes = np.array([self.arrays[p].num_chunks for p in paths], dtype=np.int64)
+            array_of = np.repeat(np.arange(len(paths)), sizes)
+            unwritten = np.bincount(array_of[self._owners < 0], minlength=len(paths))
+            for k in np.flatnonzero(unwritten).tolist():
+                problems.append(f"{paths[k]!r}: {int(unwritten[k])} of {int(sizes[k])} chunks not written by any "
+                                "writer")
         if self._packed and self._unpacked:
             problems.append("some writers wrote packs, others one file per chunk: one save, one layout")
         layout = PACKS if self._packed or not self._unpacked else CHUNKS
         clash = [g for g in intermediate_groups(self.arrays) if g in self.arrays]
         if clash:
             problems.append(f"{clash[0]!r} is both a tensor and a group of tensors")
-        runs = ({p: encode_runs(o) for p, o in self._owners.items() if len(o)}
-                if layout == PACKS and not problems else {})
+        runs = {}
+        if layout == PACKS and not problems:
+            for p in paths:
+                n = self.arrays[p].num_chunks
+                if n:
+                    runs[p] = encode_runs(self._owners[self._base[p]:self._base[p] + n])
         return Outcome(dict(sorted(self.arrays.items())), problems, layout, runs, self._values or {},
                        tuple(sorted(self._varying)), self._containers)
 
@@ -219,7 +240,8 @@ def check_listing(storage: Storage, step: int, arrays: dict[str, ArraySpec], fra
     files = storage.walk(step_dir(step))
     problems = []
     for frag in fragments:
-        for path, records in frag.chunks.items():
+        chunks = frag.chunks if frag.table is None else table_records(frag.table, list(frag.arrays.values()))
+        for path, records in chunks.items():
             for rec in records:
                 key = chunk_key(path, rec.index, arrays[path].chunk_separator)
                 size = files.get(key)

@@ -48,7 +48,8 @@ def load_direct(source: RestoreSource, state_dict: Any, step: int, *, strict: bo
         return None
     attributes = doc.get("attributes")
     manifest = attributes.get(MANIFEST_KEY) if type(attributes) is dict else None
-    if (type(manifest) is not dict or manifest.get("format") != "ckpt" or manifest.get("format_version") != FORMAT_VERSION
+    # The commit points of formats 3 and 4 are alike (4 changed the fragments only)
+    if (type(manifest) is not dict or manifest.get("format") != "ckpt" or manifest.get("format_version") not in (3, FORMAT_VERSION)
             or manifest.get("step") != step or manifest.get("varying_values") or manifest.get("values_by_writer")
             or type(manifest.get("arrays")) is not list or type(values := manifest.get("values")) is not dict):
         return None

@@ -216,5 +216,5 @@ def writer_values(storage: Storage, manifest: Manifest, writer: str | None) -> d
     in the writer's fragment, read only by its own reader); None when there are none to read."""
     if not manifest.varying_values or writer is None or writer not in manifest.writers:
         return None
-    frag = fmt.read_fragment(storage, manifest.step, writer)
+    frag = fmt.read_fragment(storage, manifest.step, writer, records=False)
     return {k: frag.values[k] for k in manifest.varying_values if k in frag.values}

@@ -1,5 +1,6 @@
 """Typed fields of the format's JSON documents, read from untrusted bytes: every helper raises
-:class:`ManifestError` with where the bad value sits. Imports nothing of the package."""
+:class:`ManifestError` with where the bad value sits; the writer list and writer runs of a commit
+point, read and written. Imports nothing of the package."""
 
 from __future__ import annotations
 
@@ -63,3 +64,45 @@ def _containers(v: Any, where: str) -> dict[str, Any]:  # {path: "list" | "tuple
             isinstance(k, str) for k in x) for x in v.values()):
         raise ManifestError(f"{where}: expected an object of 'list', 'tuple', 'int' or lists of keys")
     return v
+
+
+def runs_from_json(v: Any, where: str, writers: int) -> dict[str, tuple[tuple[int, int, int, int, int], ...]]:
+    if not isinstance(v, dict):
+        raise ManifestError(f"{where}: expected an object")
+    out = {}
+    for path, runs in v.items():
+        if not isinstance(runs, list):
+            raise ManifestError(f"{where}[{path!r}]: expected a list of runs")
+        parsed = []
+        for r in runs:
+            run = tuple(r) if type(r) is list and _nonnegative_ints(r) else _int_tuple(r, f"{where}[{path!r}]")
+            if len(run) != 5 or run[1] < 1 or run[4] < 1:
+                raise ManifestError(f"{where}[{path!r}]: a run is [first, count, writer, stride, per], count and per >= 1")
+            last = run[2] + run[3] * ((run[1] - 1) // run[4])
+            if run[2] >= writers or last >= writers:
+                raise ManifestError(f"{where}[{path!r}]: a run names a writer beyond the {writers} writers")
+            parsed.append(run)
+        out[path] = tuple(parsed)  # type: ignore[arg-type]
+    return out
+
+
+def writer_name(rank: int) -> str:
+    return f"rank{rank:05d}"
+
+
+def writers_to_json(writers: tuple[str, ...]) -> Any:
+    """Ranks 0..N-1 (every save of a job) as their count; any other list as it is."""
+    if writers and all(w == writer_name(i) for i, w in enumerate(writers)):
+        return {"ranks": len(writers)}
+    return list(writers)
+
+
+def writers_from_json(v: Any, where: str) -> tuple[str, ...]:
+    if isinstance(v, dict):
+        n = v.get("ranks")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 10**7:
+            raise ManifestError(f"{where}: expected {{'ranks': N}}")
+        return tuple(writer_name(i) for i in range(n))
+    if not all(isinstance(w, str) for w in v):
+        raise ManifestError(f"{where}: expected a list of strings")
+    return tuple(v)

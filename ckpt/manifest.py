@@ -1,8 +1,8 @@
 """The checkpoint manifest and fragment records: the serialized contract of the format.
 
-This module imports nothing else of the package but :mod:`ckpt.jsonfields`. Its ``to_dict`` forms are what lands in
-storage (inside the root group's ``zarr.json`` attributes and in ``.fragments/<writer>.json``);
-``from_dict`` validates everything it reads, because it reads untrusted bytes.
+This module imports nothing else of the package but :mod:`ckpt.jsonfields` and :mod:`ckpt.chunktable`.
+Its ``to_dict`` forms are what lands in storage (inside the root group's ``zarr.json`` attributes
+and in ``.fragments/<writer>.json``); ``from_dict`` validates everything it reads, because it reads untrusted bytes.
 
 Version policy: ``FORMAT_VERSION`` increases on any change a reader of the previous version
 could misread. A reader accepts every version up to its own and refuses newer ones with a
@@ -19,6 +19,8 @@ names them), and the writer list of ranks 0..N-1 is stored as its count: the com
 O(arrays) whatever the number of writers. Within version 3, ``containers`` (optional; older
 readers ignore it) records the containers the tensors sit in that are not dicts with str keys
 (lists, tuples, int keys), so a reader without a template rebuilds the tree as it was saved.
+4, a fragment holds its chunk records as columns of integers (``chunk_table``, see
+:mod:`ckpt.chunktable`), not one record per chunk keyed by path; the commit point is as in 3.
 """
 
 from __future__ import annotations
@@ -28,18 +30,23 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import chunktable
 from .jsonfields import (  # noqa: F401 - ManifestError is part of this module's interface
     ManifestError,
+    _containers,
     _float,
     _int_tuple,
     _nonnegative_ints,
-    _containers,
     _req,
     _str_list,
+    runs_from_json,
+    writer_name,
+    writers_from_json,
+    writers_to_json,
 )
 
 FORMAT_NAME = "ckpt"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 LAYOUTS = ("chunks", "packs", "shards")
 # Key of the manifest inside the root group's attributes.
 MANIFEST_KEY = "ckpt"
@@ -202,6 +209,9 @@ class Fragment:
     format_version: int = FORMAT_VERSION
     packs: tuple[str, ...] = ()  # layout "packs": this writer's pack files, by the records' pack index
     containers: dict[str, JSON] = field(default_factory=dict)  # see Manifest.containers
+    # Format 4, as read: the records as columns (what a committer checks); ``chunks`` is empty
+    # when read with ``records=False``.
+    table: chunktable.ChunkTable | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, JSON]:
         out = {
@@ -212,9 +222,14 @@ class Fragment:
             "writer": self.writer,
             "created_at": self.created_at,
             "arrays": [a.to_dict() for a in self.arrays.values()],
-            "chunks": {p: [c.to_list() for c in cs] for p, cs in self.chunks.items()},
             "values": self.values,
         }
+        if self.format_version >= 4:
+            specs = list(self.arrays.values())
+            out[chunktable.KEY] = chunktable.encode(self.chunks, {a.path: i for i, a in enumerate(specs)},
+                                                    [a.grid_shape for a in specs])
+        else:
+            out["chunks"] = {p: [c.to_list() for c in cs] for p, cs in self.chunks.items()}
         if self.packs:
             out["packs"] = list(self.packs)
         if self.containers:
@@ -222,7 +237,9 @@ class Fragment:
         return out
 
     @classmethod
-    def from_dict(cls, d: Any) -> Fragment:
+    def from_dict(cls, d: Any, *, records: bool = True) -> Fragment:
+        """``records=False``: a fragment of format 4 keeps its records as columns only
+        (``table``), for a committer; ``chunks`` is then empty."""
         where = "fragment"
         version = check_version(d, where)
         raw = _req(d, "arrays", list, where)
@@ -238,18 +255,23 @@ class Fragment:
                 spec = ArraySpec.from_dict(a, f"{where}.arrays[{i}]")
                 arrays[spec.path] = spec
             _LAST_ARRAYS = (raw, dict(arrays))
-        chunks = {}
-        for p, cs in _req(d, "chunks", dict, where).items():
-            if not isinstance(cs, list):
-                raise ManifestError(f"{where}.chunks[{p!r}]: expected a list")
-            chunks[p] = tuple(ChunkRecord.from_list(c, f"{where}.chunks[{p!r}]") for c in cs)
-        packs = d.get("packs", [])
-        if not isinstance(packs, list) or not all(isinstance(p, str) and p and "/" not in p and p not in (".", "..")
-                                                   for p in packs):
-            raise ManifestError(f"{where}.packs: expected a list of file names")
-        for p, cs in chunks.items():
-            if any(c.pack is not None and c.pack >= len(packs) for c in cs):
-                raise ManifestError(f"{where}.chunks[{p!r}]: a pack index beyond the fragment's packs")
+        packs = pack_names(d, where)
+        table = None
+        if version >= 4:
+            specs = list(arrays.values())
+            if len(specs) != len(raw):
+                raise ManifestError(f"{where}.arrays: an array declared twice")
+            table = chunktable.decode(_req(d, chunktable.KEY, dict, where), len(specs), len(packs))
+            chunks = table_records(table, specs) if records else {}
+        else:
+            chunks = {}
+            for p, cs in _req(d, "chunks", dict, where).items():
+                if not isinstance(cs, list):
+                    raise ManifestError(f"{where}.chunks[{p!r}]: expected a list")
+                chunks[p] = tuple(ChunkRecord.from_list(c, f"{where}.chunks[{p!r}]") for c in cs)
+            for p, cs in chunks.items():
+                if any(c.pack is not None and c.pack >= len(packs) for c in cs):
+                    raise ManifestError(f"{where}.chunks[{p!r}]: a pack index beyond the fragment's packs")
         return cls(
             step=_req(d, "step", int, where),
             save_id=_req(d, "save_id", str, where),
@@ -261,7 +283,26 @@ class Fragment:
             format_version=version,
             packs=tuple(packs),
             containers=_containers(d.get("containers", {}), f"{where}.containers"),
+            table=table,
         )
+
+
+def pack_names(d: dict, where: str) -> list[str]:
+    packs = d.get("packs", [])
+    if not isinstance(packs, list) or not all(isinstance(p, str) and p and "/" not in p and p not in (".", "..")
+                                               for p in packs):
+        raise ManifestError(f"{where}.packs: expected a list of file names")
+    return packs
+
+
+def table_records(table: chunktable.ChunkTable, specs: list[ArraySpec]) -> dict[str, tuple[ChunkRecord, ...]]:
+    """A format-4 table as the records of format 3 (by path, in written order)."""
+    out: dict[str, list[ChunkRecord]] = {}
+    paths = [a.path for a in specs]
+    for at, index, nbytes, crc, pack, offset in table.records([a.grid_shape for a in specs]):
+        out.setdefault(paths[at], []).append(ChunkRecord(index=index, nbytes=nbytes, crc32c=crc, pack=pack,
+                                                         offset=offset))
+    return {p: tuple(rs) for p, rs in out.items()}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -306,7 +347,7 @@ class Manifest:
             "save_id": self.save_id,
             "created_at": self.created_at,
             "library_versions": self.library_versions,
-            "writers": _writers_to_json(self.writers) if self.format_version >= 3 else list(self.writers),
+            "writers": writers_to_json(self.writers) if self.format_version >= 3 else list(self.writers),
             "arrays": [a.to_dict() for a in self.arrays.values()],
             "values": self.values,
             "values_by_writer": self.values_by_writer,
@@ -330,7 +371,7 @@ class Manifest:
         for i, a in enumerate(_req(d, "arrays", list, where)):
             spec = ArraySpec.from_dict(a, f"{where}.arrays[{i}]")
             arrays[spec.path] = spec
-        writers = _writers_from_json(_req(d, "writers", (list, dict), where), f"{where}.writers")
+        writers = writers_from_json(_req(d, "writers", (list, dict), where), f"{where}.writers")
         by_writer = d.get("values_by_writer", {})
         if not isinstance(by_writer, dict) or not all(isinstance(v, dict) for v in by_writer.values()):
             raise ManifestError(f"{where}.values_by_writer: expected an object of objects")
@@ -350,49 +391,7 @@ class Manifest:
             user_metadata=user,
             format_version=version,
             layout=_req(d, "layout", str, where) if version >= 3 else "chunks",
-            writer_runs=_runs_from_json(d.get("writer_runs", {}), f"{where}.writer_runs", len(writers)),
+            writer_runs=runs_from_json(d.get("writer_runs", {}), f"{where}.writer_runs", len(writers)),
             varying_values=tuple(_str_list(d.get("varying_values", []), f"{where}.varying_values")),
             containers=_containers(d.get("containers", {}), f"{where}.containers"),
         )
-
-
-def writer_name(rank: int) -> str:
-    return f"rank{rank:05d}"
-
-
-def _writers_to_json(writers: tuple[str, ...]) -> JSON:
-    """Ranks 0..N-1 (every save of a job) as their count; any other list as it is."""
-    if writers and all(w == writer_name(i) for i, w in enumerate(writers)):
-        return {"ranks": len(writers)}
-    return list(writers)
-
-
-def _writers_from_json(v: Any, where: str) -> tuple[str, ...]:
-    if isinstance(v, dict):
-        n = v.get("ranks")
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 10**7:
-            raise ManifestError(f"{where}: expected {{'ranks': N}}")
-        return tuple(writer_name(i) for i in range(n))
-    if not all(isinstance(w, str) for w in v):
-        raise ManifestError(f"{where}: expected a list of strings")
-    return tuple(v)
-
-
-def _runs_from_json(v: Any, where: str, writers: int) -> dict[str, tuple[tuple[int, int, int, int, int], ...]]:
-    if not isinstance(v, dict):
-        raise ManifestError(f"{where}: expected an object")
-    out = {}
-    for path, runs in v.items():
-        if not isinstance(runs, list):
-            raise ManifestError(f"{where}[{path!r}]: expected a list of runs")
-        parsed = []
-        for r in runs:
-            run = tuple(r) if type(r) is list and _nonnegative_ints(r) else _int_tuple(r, f"{where}[{path!r}]")
-            if len(run) != 5 or run[1] < 1 or run[4] < 1:
-                raise ManifestError(f"{where}[{path!r}]: a run is [first, count, writer, stride, per], count and per >= 1")
-            last = run[2] + run[3] * ((run[1] - 1) // run[4])
-            if run[2] >= writers or last >= writers:
-                raise ManifestError(f"{where}[{path!r}]: a run names a writer beyond the {writers} writers")
-            parsed.append(run)
-        out[path] = tuple(parsed)  # type: ignore[arg-type]
-    return out

@@ -59,7 +59,7 @@ def fragment_status(storage: Storage, step: int, save_id: str, writers: Sequence
     missing, errors = [], []
     for w in writers:
         try:
-            frag = read_fragment(storage, step, w)
+            frag = read_fragment(storage, step, w, records=False)
             if frag.save_id == save_id:
                 if found is not None:
                     found[w] = frag

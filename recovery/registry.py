@@ -105,7 +105,7 @@ class CheckpointRegistry:
         if rec.builder is None or writer in rec.builder.added or rec.failed:
             return
         try:
-            frag = fmt.read_fragment(self.storage, step, writer)
+            frag = fmt.read_fragment(self.storage, step, writer, records=False)
             self.fragment_reads += 1
         except FileNotFoundError:
             return  # announced but not visible yet: the rescan finds it

@@ -19,7 +19,7 @@ from ckpt import format as fmt
 HERE = Path(__file__).parent
 from ckpt.manifest import FORMAT_VERSION  # noqa: E402
 
-RUNS = {1: HERE / "v1", 2: HERE / "v2", 3: HERE / "v3"}
+RUNS = {1: HERE / "v1", 2: HERE / "v2", 3: HERE / "v3", 4: HERE / "v4"}
 RUN = RUNS[FORMAT_VERSION]  # what the current writer produces
 
 

@@ -72,10 +72,10 @@ def test_the_agents_are_told_of_each_persist_and_commit_through_the_jobs_store(t
             persisted[self.config.shm_prefix[-1]].append((step, error))
         return real_persisted(self, run_url, step, save_id, error)
 
-    def counting_reads(storage, step, writer):
+    def counting_reads(storage, step, writer, **kw):
         with lock:
             fragment_reads[(step, writer)] += 1
-        return real_read(storage, step, writer)
+        return real_read(storage, step, writer, **kw)
 
     monkeypatch.setattr(Agent, "notice_commit", counting)
     monkeypatch.setattr(Agent, "notice_persisted", counting_persisted)

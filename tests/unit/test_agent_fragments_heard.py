@@ -36,9 +36,9 @@ def reads(monkeypatch):
     counter: collections.Counter = collections.Counter()
     real = module.read_fragment
 
-    def counting(storage, step, writer):
+    def counting(storage, step, writer, **kw):
         counter[writer] += 1
-        return real(storage, step, writer)
+        return real(storage, step, writer, **kw)
 
     monkeypatch.setattr(module, "read_fragment", counting)
     return counter

@@ -33,7 +33,7 @@ CKPT_LAYERS: list[tuple[str, ...]] = [
     ("ckpt.format", "ckpt.chunks"),
     ("ckpt.state", "ckpt.layout", "ckpt.manifest", "ckpt.dtypes", "ckpt.hostpool", "ckpt.pinning", "ckpt.dist", "ckpt.signals",
      "ckpt.version", "ckpt.zarr_compat"),
-    ("ckpt.jsonfields",),
+    ("ckpt.jsonfields", "ckpt.chunktable"),
     ("ckpt.readahead",),
     ("ckpt.storage", "ckpt.storage.*"),
     ("ckpt.errors", "ckpt.gcpause"),

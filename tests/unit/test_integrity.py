@@ -102,7 +102,7 @@ def test_commit_refuses_uncovered_chunks_and_stale_fragments(tmp_path):
     # A fragment that claims fewer chunks than the grid has: coverage check.
     frag_path = tmp_path / fmt.step_dir(1) / ".fragments" / "rank00001.json"
     doc = json.loads(frag_path.read_text())
-    doc["chunks"] = {}
+    doc["chunk_table"] = {"array": [], "index": [], "nbytes": [], "crc32c": []}
     doc.pop("ckpt_crc32c", None)  # as a writer would have written it, not a corrupted file
     frag_path.write_text(json.dumps(doc))
     with pytest.raises(ckpt.CommitError, match="not written by any writer"):

@@ -162,8 +162,15 @@ def test_duplicate_and_out_of_grid_records(tmp_path):
     frags = _step(tmp_path) / ".fragments"
     d0 = json.loads((frags / "rank00000.json").read_text())
     d1 = json.loads((frags / "rank00001.json").read_text())
-    d1["chunks"]["w"].append(d0["chunks"]["w"][0])  # rank 1 claims rank 0's chunk too
-    d1["chunks"]["w"].append([[9, 0], 64, 0])
+    t0, t1 = d0["chunk_table"], d1["chunk_table"]
+    w = [a["path"] for a in d1["arrays"]].index("w")
+    first = t0["array"].index(w)
+    for col in t1:  # rank 1 claims rank 0's first chunk of w too ...
+        t1[col].append(t0[col][first])
+    grid_cols = -(-d1["arrays"][w]["shape"][1] // d1["arrays"][w]["chunk_shape"][1])
+    for col, v in (("array", w), ("index", 9 * grid_cols), ("nbytes", 64), ("crc32c", 0), ("pack", 0), ("offset", 0)):
+        if col in t1:  # ... and a chunk outside the grid, at [9, 0]
+            t1[col].append(v)
     d1.pop("ckpt_crc32c", None)  # as a faulty writer would have written it, not a corrupted file
     (frags / "rank00001.json").write_text(json.dumps(d1))
     report = verify_step(_storage(tmp_path), STEP)
