@@ -199,8 +199,9 @@ class CommitBuilder:
         paths = list(self._base)
         if len(self._owners):
             sizes = np.array([self.arrays[p].num_chunks for p in paths], dtype=np.int64)
-            array_of = np.repeat(np.arange(len(paths)), sizes)
-            unwritten = np.bincount(array_of[self._owners < 0], minlength=len(paths))
+            starts = np.array([self._base[p] for p in paths], dtype=np.int64)
+            lost = np.flatnonzero(self._owners < 0)  # none, but for a broken save
+            unwritten = np.bincount(np.searchsorted(starts, lost, side="right") - 1, minlength=len(paths))
             for k in np.flatnonzero(unwritten).tolist():
                 problems.append(f"{paths[k]!r}: {int(unwritten[k])} of {int(sizes[k])} chunks not written by any "
                                 "writer")

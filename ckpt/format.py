@@ -25,6 +25,8 @@ import crc32c
 from .dtypes import codecs_for, info_by_name
 from .errors import CheckpointNotFoundError, FormatError
 from .gcpause import gc_paused
+from .jsondocs import loads as _loads
+from .jsondocs import loads_fragment as _loads_fragment
 from .manifest import (
     MANIFEST_KEY,
     ArraySpec,
@@ -183,13 +185,6 @@ def _root_seal_matches(data: bytes, doc: Any) -> bool:
     return crc32c.crc32c(view[m.end(1):], crc32c.crc32c(view[:at])) == stored
 
 
-def _loads(data: bytes, what: str) -> Any:
-    try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{what} is not valid JSON ({e}); the checkpoint is corrupt") from None
-
-
 def zarr_array_document(spec: ArraySpec, *, shards: bool = False) -> dict:
     """An array's ``zarr.json``: chunks as files at their keys, or (``shards``) one shard
     holding every chunk (zarr's ``sharding_indexed`` codec, index at the end)."""
@@ -237,7 +232,7 @@ def read_fragment(storage: Storage, step: int, writer: str, *, records: bool = T
     path = fragment_path(step, writer)
     data = storage.read(path)
     with gc_paused():
-        doc = _loads(data, path)
+        doc = _loads_fragment(data, path)
         if not _fragment_seal_matches(data, doc):
             check_seal(doc, path, root=False)
         try:

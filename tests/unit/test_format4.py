@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt import chunktable
+from ckpt import chunktable, jsondocs
 from ckpt import format as fmt
 from ckpt.coverage import CommitBuilder
 from ckpt.manifest import FORMAT_VERSION, ChunkRecord, Fragment
@@ -170,3 +170,22 @@ def test_a_fragment_is_smaller_than_in_format_3(tmp_path):
     sizes = [len(fmt.dumps(f.to_dict())) - len(json.dumps([a.to_dict() for a in v4.arrays.values()]))
              for f in (old, v4)]
     assert sizes[1] < sizes[0]
+
+
+def test_declarations_are_parsed_once_for_writers_that_share_them_and_whole_otherwise(tmp_path):
+    st = ckpt.open_storage(str(tmp_path))
+    for r in range(2):
+        _write(st, 1, r)
+    other = {"w": torch.ones(3, 2), "step": 1}  # another stage of a pipeline: other arrays
+    ckpt.write_plan(st, ckpt.plan_save(other), step=2, writer=WRITERS[0], save_id="s-2")
+    a, b = (fmt.read_fragment(st, 1, w, records=False) for w in WRITERS)
+    c = fmt.read_fragment(st, 2, WRITERS[0], records=False)
+    assert a.arrays == b.arrays and len(a.arrays) == 3 and list(c.arrays) == ["w"]
+    assert jsondocs._known_arrays is not None and jsondocs._known_arrays[1][0]["path"] == "w"
+    d = fmt.read_fragment(st, 1, WRITERS[1])  # after another: parsed again, the same
+    assert d.arrays == a.arrays and d.chunks == fmt.read_fragment(st, 1, WRITERS[1]).chunks
+    # Laid out otherwise than our writer lays it out (other spacing): parsed whole.
+    path = fmt.fragment_path(1, WRITERS[0])
+    st.write_atomic(path, json.dumps(json.loads(st.read(path)), indent=1).encode())
+    assert fmt.read_fragment(st, 1, WRITERS[0]).chunks == fmt.read_fragment(st, 1, WRITERS[0]).chunks
+    assert fmt.read_fragment(st, 1, WRITERS[0]).arrays == a.arrays
