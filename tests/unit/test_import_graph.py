@@ -32,7 +32,7 @@ CKPT_LAYERS: list[tuple[str, ...]] = [
     ("ckpt.layouts",),
     ("ckpt.format", "ckpt.chunks"),
     ("ckpt.state", "ckpt.layout", "ckpt.manifest", "ckpt.jsondocs", "ckpt.dtypes", "ckpt.hostpool", "ckpt.pinning",
-     "ckpt.dist", "ckpt.signals",     "ckpt.version", "ckpt.zarr_compat"),
+     "ckpt.dist", "ckpt.signals", "ckpt.version", "ckpt.zarr_compat"),
     ("ckpt.jsonfields", "ckpt.chunktable"),
     ("ckpt.readahead",),
     ("ckpt.storage", "ckpt.storage.*"),
