@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from typing import Any
 
 from .errors import FormatError
@@ -25,6 +26,7 @@ def loads(data: bytes, what: str) -> Any:
 _FRAGMENT_HEAD = re.compile(r'\{"format":"ckpt","format_version":\d{1,3},"step":\d{1,20},"save_id":"[^"\\]*",'
                             r'"writer":"[^"\\]*","created_at":[-+.0-9eE]{1,40},"arrays":')
 _DECODER = json.JSONDecoder()
+_STAND_IN = f'"{uuid.uuid4().hex}"'  # the declarations' place while the rest is parsed: no file holds it
 # The declarations of the last fragment parsed: (their JSON text, the parsed list, shared, never mutated)
 _known_arrays: tuple[str, list] | None = None
 
@@ -54,10 +56,10 @@ def loads_fragment(data: bytes, path: str) -> Any:
             return loads(data, path)
         _known_arrays = (text[pos:end], arrays)
     try:
-        doc = json.loads(text[:pos] + "[]" + text[end:])
+        doc = json.loads(text[:pos] + _STAND_IN + text[end:])
     except json.JSONDecodeError:
         return loads(data, path)
-    if type(doc) is not dict or doc.get("arrays") != []:  # a second "arrays" member: read as json reads it
+    if type(doc) is not dict or doc.get("arrays") != _STAND_IN[1:-1]:  # a later "arrays" member: as json reads it
         return loads(data, path)
     doc["arrays"] = arrays
     return doc

@@ -19,7 +19,7 @@ import ckpt
 from ckpt import format as fmt
 from ckpt.cli import EXIT_INTERNAL
 from ckpt.cli import main as cli
-from ckpt.manifest import ArraySpec, Fragment, Manifest, ManifestError
+from ckpt.manifest import ArraySpec, ChunkRecord, Fragment, Manifest, ManifestError
 from ckpt.verify import verify_step
 
 EXAMPLES = int(os.environ.get("CKPT_FUZZ_EXAMPLES", "150"))
@@ -64,13 +64,26 @@ def _mutate(doc, data):
         return
 
 
+def _valid_fragment_dict() -> dict:
+    """A writer's fragment of format 4: two arrays, three chunks in one pack (columns)."""
+    w = ArraySpec(path="model/w", shape=(4, 6), dtype="float32", chunk_shape=(2, 6), chunk_separator=".")
+    b = ArraySpec(path="model/b", shape=(3,), dtype="float32", chunk_shape=(3,), chunk_separator=".")
+    chunks = {"model/w": (ChunkRecord(index=(0, 0), nbytes=52, crc32c=7, pack=0, offset=0),
+                          ChunkRecord(index=(1, 0), nbytes=52, crc32c=8, pack=0, offset=52)),
+              "model/b": (ChunkRecord(index=(0,), nbytes=16, crc32c=9, pack=0, offset=104),)}
+    return Fragment(step=3, save_id="s", writer="rank00000", created_at=1.0, arrays={"model/w": w, "model/b": b},
+                    chunks=chunks, values={"v": 1}, packs=("rank00000.0",)).to_dict()
+
+
 @FUZZ
 @given(st.data())
 def test_manifest_and_fragment_parsers_raise_only_manifest_errors(data):
-    doc = data.draw(json_values | st.just(_valid_manifest_dict()).map(lambda d: json.loads(json.dumps(d))))
+    doc = data.draw(json_values | st.sampled_from([_valid_manifest_dict, _valid_fragment_dict]).map(
+        lambda make: json.loads(json.dumps(make()))))
     for _ in range(data.draw(st.integers(0, 3))):
         _mutate(doc, data)
-    for parse in (Manifest.from_dict, Fragment.from_dict, lambda d: ArraySpec.from_dict(d)):
+    for parse in (Manifest.from_dict, Fragment.from_dict, lambda d: Fragment.from_dict(d, records=False),
+                  lambda d: ArraySpec.from_dict(d), fmt.fragment_locations):
         try:
             parse(doc)
         except ManifestError:
@@ -138,3 +151,34 @@ def test_load_verify_and_cli_on_a_mutated_commit_point(run_dir, data):
             assert code != EXIT_INTERNAL, err.getvalue()
     finally:
         path.write_bytes(pristine)
+
+
+@FUZZ
+@given(st.data())
+def test_the_fragment_reader_reads_what_json_reads(data):
+    """``jsondocs.loads_fragment`` parses declarations it has seen before as text: on any bytes it
+    returns what ``json.loads`` returns, or raises ``FormatError`` where json fails."""
+    from ckpt import jsondocs
+    from ckpt.errors import FormatError
+
+    base = fmt.dumps(fmt.seal_fragment(_valid_fragment_dict()))
+    jsondocs.loads_fragment(base, "f")  # its declarations known
+    raw = bytearray(base)
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(raw) - 1))
+        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        if op == "flip":
+            raw[at] = data.draw(st.sampled_from(b'",:[]{}0123456789abc \\'))
+        elif op == "cut":
+            del raw[at:at + data.draw(st.integers(1, 8))]
+        else:
+            raw[at:at] = data.draw(st.sampled_from([b'"arrays":[]', b',"arrays":[],', b'{}', b'[1]', b'\\"']))
+    if data.draw(st.integers(0, 9)) == 0:  # a second "arrays" member, last: json keeps it
+        raw[-1:] = b',"arrays":[]}'
+    try:
+        expected = json.loads(bytes(raw))
+    except ValueError:
+        with pytest.raises(FormatError):
+            jsondocs.loads_fragment(bytes(raw), "f")
+        return
+    assert jsondocs.loads_fragment(bytes(raw), "f") == expected
