@@ -15,7 +15,7 @@ from recovery.registry import CheckpointRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from scale_storage import SAVE, STEP, Counting, SimulatedWriters  # noqa: E402
+from scale_storage import SAVE, STEP, Counting, SimulatedWriters
 
 
 def test_a_simulated_fragment_is_what_a_writer_writes_and_commits():
