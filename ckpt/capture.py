@@ -165,6 +165,11 @@ class Preparation:
                 return
         cleanup()
 
+    def halt(self) -> None:
+        """No more slabs, nothing freed and nothing waited for: a newer preparation of the same
+        Checkpointer (a second restore) takes over its pool."""
+        self._stopped = True
+
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 

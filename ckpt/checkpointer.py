@@ -120,8 +120,7 @@ class Checkpointer:
         shape and dtype mismatches are errors always. ``last_restore`` then says what each tier
         served and which fell back, and why."""
         t0 = time.perf_counter()
-        storage = self._restore_source()
-        chosen: Any = step
+        storage, chosen = self._restore_source(), step
         if step is None:
             steps = fmt.committed_steps(storage) if self.group.rank == 0 else None
             chosen = self.group.broadcast(steps[-1] if steps else None)
@@ -141,8 +140,7 @@ class Checkpointer:
 
     def _restore_source(self) -> RestoreSource:
         """Where ``restore`` reads from: the sink's tiers (a node agent's memory, peers), storage."""
-        source = self.sink.restore_source(self.storage)
-        self.last_restore_source = source
+        self.last_restore_source = source = self.sink.restore_source(self.storage)
         return source
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -244,6 +242,8 @@ class Checkpointer:
                 planned()
                 prefault(self._pool_for(plan.nbytes, plan.mine), plan, stop=stop)
 
+        if self._preparing is not None:  # a second restore: the older one makes no more slabs
+            self._preparing.halt()
         self._preparing = Preparation(work)
         return self._preparing.future
 

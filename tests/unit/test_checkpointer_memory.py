@@ -139,3 +139,39 @@ def test_close_after_a_restore_does_not_wait_for_the_slab_being_made(tmp_path, m
     assert not ck2._preparing._thread.is_alive()
     assert ck2.pool.allocated_bytes == 0  # what it made is freed: the pool was cleared as it ended
     assert ck2.status().host_allocations == 1  # and it made no second slab once stopped
+
+
+def test_a_second_restore_stops_the_first_ones_preparation(tmp_path, monkeypatch):
+    """Restored twice (a retry, a second state): the first restore's preparation makes no more
+    slabs once the second begins (it used to make its second slab as well)."""
+    import collections
+
+    from ckpt.hostpool import PrivateAllocator
+
+    state = {"w": torch.randn(4096), "b": torch.randn(16)}
+    with ckpt.Checkpointer(str(tmp_path), pin_memory=False) as ck:
+        ck.save(0, state, force=True)
+    gate, inside = threading.Event(), threading.Event()
+    real = PrivateAllocator.allocate
+    made: collections.Counter = collections.Counter()  # slabs made, by preparation thread
+
+    def slow(self, nbytes, *, pin_memory):
+        if threading.current_thread().name == "ckpt-prepare":
+            made[threading.current_thread()] += 1
+            inside.set()
+            assert gate.wait(60)
+        return real(self, nbytes, pin_memory=pin_memory)
+
+    monkeypatch.setattr(PrivateAllocator, "allocate", slow)
+    ck2 = ckpt.Checkpointer(str(tmp_path), pin_memory=False)
+    assert ck2.restore(state) == 1
+    assert inside.wait(60)  # the first preparation is making its first slab
+    first = ck2._preparing
+    assert ck2.restore(state) == 1
+    assert ck2._preparing is not first
+    gate.set()
+    first.join(60)
+    ck2._preparing.join(60)
+    assert made[first._thread] == 1  # stopped after the slab it was making
+    ck2.close()
+    assert ck2.pool.allocated_bytes == 0
