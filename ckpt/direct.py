@@ -43,7 +43,7 @@ def load_direct(source: RestoreSource, state_dict: Any, step: int, *, strict: bo
         return None
     path = f"{sdir}/{fmt.META}"
     try:
-        doc = fmt.parse_root(source.read(path), path)
+        doc = fmt.parse_root(source.read(path), path, zarr_metadata=False)
     except FileNotFoundError:
         return None
     attributes = doc.get("attributes")

@@ -307,7 +307,7 @@ def committed_steps(storage: Storage) -> list[int]:
     return [s.step for s in list_steps(storage) if s.committed]
 
 
-def read_root(storage: Storage, step: int) -> dict:
+def read_root(storage: Storage, step: int, *, zarr_metadata: bool = True) -> dict:
     path = f"{step_dir(step)}/{META}"
     try:
         data = storage.read(path)
@@ -315,11 +315,31 @@ def read_root(storage: Storage, step: int) -> dict:
         raise CheckpointNotFoundError(
             f"no committed checkpoint at step {step} in {storage.url}; `ckpt ls {storage.url}` lists them"
         ) from None
-    return parse_root(data, path)
+    return parse_root(data, path, zarr_metadata=zarr_metadata)
 
 
-def parse_root(data: bytes, path: str) -> dict:
-    """A commit point's document from its bytes, its seal checked."""
+def _without_zarr_metadata(data: bytes, path: str) -> dict | None:
+    """A consolidated step's commit point without its consolidated zarr metadata (three quarters
+    of its bytes, which only zarr readers and ``verify`` use), when its seal matches its bytes:
+    the document up to the seal, closed. None: parse it whole."""
+    at = data.rfind(_ROOT_SEAL)
+    m = _ROOT_SEAL_END.match(data, at + len(_ROOT_SEAL)) if at >= 0 else None
+    if m is None or not m.group(0).endswith(b'"consolidated_metadata":'):
+        return None
+    view, stored = memoryview(data), int(m.group(1))
+    if crc32c.crc32c(view[m.end(1):], crc32c.crc32c(view[:at])) != stored:
+        return None
+    doc = _loads(bytes(view[:m.end(1)]) + b"}}", path)
+    holder = doc.get("attributes") if isinstance(doc, dict) else None
+    return doc if isinstance(holder, dict) and holder.get(SEAL_KEY) == stored else None
+
+
+def parse_root(data: bytes, path: str, *, zarr_metadata: bool = True) -> dict:
+    """A commit point's document from its bytes, its seal checked; ``zarr_metadata=False``: a
+    consolidated step's zarr metadata may be left out (a reader of the manifest)."""
+    doc = None if zarr_metadata else _without_zarr_metadata(data, path)
+    if doc is not None:
+        return doc
     doc = _loads(data, path)
     if not _root_seal_matches(data, doc):
         check_seal(doc, path, root=True)
@@ -335,14 +355,14 @@ def read_manifest(storage: Storage, step: int | None = None) -> Manifest:
         if not steps:
             raise CheckpointNotFoundError(f"no committed checkpoint in {storage.url}")
         step = steps[-1]
-    return manifest_of_root(read_root(storage, step), step, storage.url)
+    return manifest_of_root(read_root(storage, step, zarr_metadata=False), step, storage.url)
 
 
 def read_manifest_bytes(storage: Storage, step: int) -> tuple[Manifest, bytes]:
     """The manifest of committed ``step`` and its commit point's bytes as stored (one read)."""
     path = f"{step_dir(step)}/{META}"
     data = storage.read(path)  # FileNotFoundError: not committed (yet)
-    return manifest_of_root(parse_root(data, path), step, storage.url), data
+    return manifest_of_root(parse_root(data, path, zarr_metadata=False), step, storage.url), data
 
 
 def manifest_of_root(doc: dict, step: int, url: str) -> Manifest:

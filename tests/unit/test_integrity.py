@@ -168,3 +168,28 @@ def test_commit_point_seal_checked_on_its_bytes_and_a_flipped_digit_still_caught
     storage.write_atomic(path, raw.replace(b'"shape":[7]', b'"shape":[8]', 1))
     with pytest.raises(FormatError, match="checksum mismatch"):
         fmt.read_root(storage, 1)
+
+
+def test_a_reader_of_the_manifest_leaves_a_consolidated_steps_zarr_metadata_unparsed(tmp_path):
+    """Restore and load read the manifest only: a consolidated step's zarr metadata (most of its
+    commit point's bytes) is checked by the seal on the bytes, not parsed; verify still reads it,
+    and a damaged byte of it is refused by both."""
+    from ckpt import format as fmt
+    from ckpt.errors import FormatError
+    from ckpt.storage import LocalStorage
+
+    state = {f"t{i}": torch.randn(7) for i in range(50)}
+    ckpt.save(state, str(tmp_path / "run"), step=1, layout="shards")
+    storage = LocalStorage(str(tmp_path / "run"))
+    path = f"{fmt.step_dir(1)}/{fmt.META}"
+    raw = storage.read(path)
+    lean, whole = fmt.parse_root(raw, path, zarr_metadata=False), fmt.parse_root(raw, path)
+    assert "consolidated_metadata" not in lean and "consolidated_metadata" in whole
+    assert lean["attributes"] == whole["attributes"]
+    assert fmt.read_manifest(storage, 1) == fmt.manifest_of_root(whole, 1, storage.url)
+    out = {f"t{i}": torch.zeros(7) for i in range(50)}
+    assert ckpt.load(out, str(tmp_path / "run")) == 1 and all(torch.equal(out[k], state[k]) for k in state)
+    at = raw.index(b'"consolidated_metadata"') + 40
+    storage.write_atomic(path, raw[:at] + (b"X" if raw[at:at + 1] != b"X" else b"Y") + raw[at + 1:])
+    with pytest.raises(FormatError):
+        fmt.read_manifest(storage, 1)
