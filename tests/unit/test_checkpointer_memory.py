@@ -110,31 +110,43 @@ def test_prefault_stops_between_slabs_when_asked(tmp_path):
         assert pool.allocated_bytes >= 2 * plan.nbytes
 
 
+class GatedSlabs:
+    """A saved run whose restore's preparation blocks in the allocator until ``gate`` is set
+    (``inside``: it is there); ``made``: slabs asked for, by preparation thread."""
+
+    def __init__(self, tmp_path, monkeypatch) -> None:
+        import collections
+
+        from ckpt.hostpool import PrivateAllocator
+
+        self.state = {"w": torch.randn(4096), "b": torch.randn(16)}
+        with ckpt.Checkpointer(str(tmp_path), pin_memory=False) as ck:
+            ck.save(0, self.state, force=True)
+        self.gate, self.inside = threading.Event(), threading.Event()
+        self.made: collections.Counter = collections.Counter()
+        real = PrivateAllocator.allocate
+
+        def slow(allocator, nbytes, *, pin_memory):
+            if threading.current_thread().name == "ckpt-prepare":
+                self.made[threading.current_thread()] += 1
+                self.inside.set()
+                assert self.gate.wait(60)
+            return real(allocator, nbytes, pin_memory=pin_memory)
+
+        monkeypatch.setattr(PrivateAllocator, "allocate", slow)
+
+
 def test_close_after_a_restore_does_not_wait_for_the_slab_being_made(tmp_path, monkeypatch):
     """A Checkpointer closed right after its restore returns without waiting for the slab its
     preparation is making (pinned or leased from an agent, mapped and registered: 2.7 s for
     3.5 GB on an H100 machine); the preparation frees its host memory as it ends."""
-    from ckpt.hostpool import PrivateAllocator
-
-    state = {"w": torch.randn(4096), "b": torch.randn(16)}
-    with ckpt.Checkpointer(str(tmp_path), pin_memory=False) as ck:
-        ck.save(0, state, force=True)
-    gate, inside = threading.Event(), threading.Event()
-    real = PrivateAllocator.allocate
-
-    def slow(self, nbytes, *, pin_memory):
-        if threading.current_thread().name == "ckpt-prepare":
-            inside.set()
-            assert gate.wait(60)
-        return real(self, nbytes, pin_memory=pin_memory)
-
-    monkeypatch.setattr(PrivateAllocator, "allocate", slow)
+    run = GatedSlabs(tmp_path, monkeypatch)
     ck2 = ckpt.Checkpointer(str(tmp_path), pin_memory=False)
-    assert ck2.restore(state) == 1
-    assert inside.wait(60)  # the preparation is making its first slab
+    assert ck2.restore(run.state) == 1
+    assert run.inside.wait(60)  # the preparation is making its first slab
     ck2.close()
     assert ck2._preparing._thread.is_alive()  # close returned while it was still at it
-    gate.set()
+    run.gate.set()
     ck2._preparing.join(60)
     assert not ck2._preparing._thread.is_alive()
     assert ck2.pool.allocated_bytes == 0  # what it made is freed: the pool was cleared as it ended
@@ -144,34 +156,16 @@ def test_close_after_a_restore_does_not_wait_for_the_slab_being_made(tmp_path, m
 def test_a_second_restore_stops_the_first_ones_preparation(tmp_path, monkeypatch):
     """Restored twice (a retry, a second state): the first restore's preparation makes no more
     slabs once the second begins (it used to make its second slab as well)."""
-    import collections
-
-    from ckpt.hostpool import PrivateAllocator
-
-    state = {"w": torch.randn(4096), "b": torch.randn(16)}
-    with ckpt.Checkpointer(str(tmp_path), pin_memory=False) as ck:
-        ck.save(0, state, force=True)
-    gate, inside = threading.Event(), threading.Event()
-    real = PrivateAllocator.allocate
-    made: collections.Counter = collections.Counter()  # slabs made, by preparation thread
-
-    def slow(self, nbytes, *, pin_memory):
-        if threading.current_thread().name == "ckpt-prepare":
-            made[threading.current_thread()] += 1
-            inside.set()
-            assert gate.wait(60)
-        return real(self, nbytes, pin_memory=pin_memory)
-
-    monkeypatch.setattr(PrivateAllocator, "allocate", slow)
+    run = GatedSlabs(tmp_path, monkeypatch)
     ck2 = ckpt.Checkpointer(str(tmp_path), pin_memory=False)
-    assert ck2.restore(state) == 1
-    assert inside.wait(60)  # the first preparation is making its first slab
+    assert ck2.restore(run.state) == 1
+    assert run.inside.wait(60)  # the first preparation is making its first slab
     first = ck2._preparing
-    assert ck2.restore(state) == 1
+    assert ck2.restore(run.state) == 1
     assert ck2._preparing is not first
-    gate.set()
+    run.gate.set()
     first.join(60)
     ck2._preparing.join(60)
-    assert made[first._thread] == 1  # stopped after the slab it was making
+    assert run.made[first._thread] == 1  # stopped after the slab it was making
     ck2.close()
     assert ck2.pool.allocated_bytes == 0
