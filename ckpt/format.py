@@ -36,6 +36,7 @@ from .manifest import (
     ManifestError,
     check_tensor_path,
     check_version,
+    pack_names,
 )
 from .manifest import _req as required
 from .manifest import writer_name as writer_name  # where the layout of a run is, so is the writer naming
@@ -249,10 +250,7 @@ def fragment_locations(d: Any) -> tuple[str, tuple[str, ...], dict[str, tuple[Ch
     if check_version(d, where) >= 4:  # the columns need the declared grids
         frag = Fragment.from_dict(d)
         return frag.save_id, frag.packs, frag.chunks
-    packs = d.get("packs", [])
-    if not isinstance(packs, list) or not all(isinstance(p, str) and p and "/" not in p and p not in (".", "..")
-                                               for p in packs):
-        raise ManifestError(f"{where}.packs: expected a list of file names")
+    packs = pack_names(d, where)
     chunks = {}
     for p, cs in required(d, "chunks", dict, where).items():
         check_tensor_path(p, f"{where}.chunks")
