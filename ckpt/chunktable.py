@@ -156,10 +156,10 @@ def decode(d: Any, arrays: int, packs: int, where: str = "fragment") -> ChunkTab
         raise ManifestError(f"{where}: pack and offset come together")
     pack = offset = None
     if all(has_pack):
-        pack = _column(d, "pack", where, n, max(packs, 0))
-        offset = _column(d, "offset", where, n)
         if n and not packs:
             raise ManifestError(f"{where}.pack: the fragment names no packs")
+        pack = _column(d, "pack", where, n, packs)
+        offset = _column(d, "offset", where, n)
     elif packs and n:
         raise ManifestError(f"{where}: the fragment names packs but its records have no pack column")
     return ChunkTable(array, index, nbytes, crc, pack, offset)
