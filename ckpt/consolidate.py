@@ -115,7 +115,9 @@ def consolidate(storage: Storage, step: int, *, threads: int = 8, durable: bool 
         storage.write(written[-1], [fmt.dumps(fmt.group_document())], durable=per_file)
     if defer and written:
         storage.sync(written)
-    new = replace(manifest, layout=SHARDS, writer_runs={})
+    # The writer runs stay: readers do not need them, but a restore from agents' memory (held by
+    # writer) asks only the holders of the writers whose chunks it reads
+    new = replace(manifest, layout=SHARDS)
     storage.write_atomic(f"{sdir}/{fmt.META}", fmt.dumps(fmt.seal_root(commit_document(new))))
     storage.delete(f"{sdir}/{fmt.PACKS}", recursive=True)
     log.info("step %d consolidated: %d arrays, zarr-readable", step, len(new.arrays))

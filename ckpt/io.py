@@ -186,7 +186,7 @@ def execute_load(
               for p, a in plan.arrays.items()}
     locator = Locator(storage, plan.step, plan.layout, plan.arrays)
     will_read = getattr(storage, "will_read", None)  # a restore's tiers (ckpt.restore.RestoreSource)
-    if will_read is not None and plan.layout.kind == layouts.PACKS:
+    if will_read is not None and plan.layout.writer_runs:  # packs, and shards consolidated since runs are kept
         will_read(plan.step, locator.writers_of((r.path, r.index) for r in plan.requests))
     try:
         read_chunks(storage, locator, plan.requests, lambda r: expect[r.path],

@@ -56,16 +56,16 @@ def ring(tmp_path):
             d.stop()
 
 
-def _save(tmp_path, full) -> str:
+def _save(tmp_path, full, consolidate: str = "never") -> str:
     run = str(tmp_path / "run")
     groups = thread_groups(WORLD, timeout_s=60)
 
     def save(rank: int) -> int:
-        # consolidate="never": the step stays in per-writer packs, as a running job's newest step
-        # (a consolidated step's zarr layout records no writer per chunk: the holders of every
-        # writer are asked then)
+        # consolidate="never": the step stays in per-writer packs, as a running job's newest step;
+        # "kept": the last step is consolidated into zarr shards as the Checkpointer closes (its
+        # commit point keeps who wrote each chunk: the same holders are asked)
         with ckpt.Checkpointer(run, agent=f"unix://{tmp_path / 'ab'[rank]}.sock", keep_last=None,
-                               consolidate="never", process_group=groups[rank]) as c:
+                               consolidate=consolidate, process_group=groups[rank]) as c:
             return c.save(1, _state(rank, full), force=True).result(120).step
 
     with ThreadPoolExecutor(WORLD) as pool:
@@ -91,13 +91,15 @@ def _restore(tmp_path, run, full, holders) -> list[tuple[bool, dict, tuple]]:
         return list(pool.map(restore, range(WORLD)))
 
 
-@pytest.mark.parametrize("directory", ["none", "holders", "nobody_holds_it"])
+@pytest.mark.parametrize("directory", ["none", "holders", "nobody_holds_it", "holders_consolidated"])
 def test_a_restore_asks_the_ring_only_for_the_writers_it_reads_and_only_their_holders(tmp_path, ring, directory):
     full = _full()
-    run = _save(tmp_path, full)
+    run = _save(tmp_path, full, consolidate="kept" if directory == "holders_consolidated" else "never")
+    assert ckpt.read_manifest(ckpt.open_storage(run), 1).layout == (
+        "shards" if directory == "holders_consolidated" else "packs")
     a, b, c = ring["a"], ring["b"], ring["c"]
-    holders = {"none": None,
-               "holders": {"rank00000": (a.config.self_address,), "rank00001": (b.config.self_address,)},
+    both = {"rank00000": (a.config.self_address,), "rank00001": (b.config.self_address,)}
+    holders = {"none": None, "holders": both, "holders_consolidated": both,
                "nobody_holds_it": {"rank00000": (a.config.self_address,)}}[directory]
     dialled: dict[str, list[list[str]]] = {n: [] for n in "abc"}
     for name, d in ring.items():

@@ -141,6 +141,24 @@ def test_consolidated_step_is_zarr_readable_verified_and_loads(tmp_path):
     assert consolidate(storage, 5).layout == "shards"  # again: nothing to do
 
 
+def test_a_consolidated_step_keeps_who_wrote_each_chunk(tmp_path):
+    """The writer runs survive consolidation: a restore from agents' memory (snapshots held by
+    writer) asks the holders of the writers it reads only, as for a packs step."""
+    from ckpt.layouts import ChunkLayout, Locator
+
+    full = torch.arange(8 * 4, dtype=torch.float32).reshape(8, 4)
+    save_as_writers([{"w": ckpt.Sharded(full.chunk(4)[r].clone(), dim=0, rank=r, world=4)} for r in range(4)],
+                    str(tmp_path), step=2, max_chunk_bytes=16)
+    storage = ckpt.open_storage(str(tmp_path))
+    before = ckpt.read_manifest(storage, 2)
+    after = consolidate(storage, 2)
+    assert after.layout == "shards" and after.writer_runs == before.writer_runs
+    assert ckpt.read_manifest(storage, 2).writer_runs == before.writer_runs
+    loc = Locator(storage, 2, ChunkLayout.of(after), after.arrays)
+    assert loc.writers_of([("w", (7, 0))]) == {fmt.writer_name(3)}  # rows 6 and 7: the last writer
+    assert verify_step(storage, 2).ok
+
+
 def test_a_damaged_shard_index_is_found(tmp_path):
     ckpt.save({"w": torch.randn(16, 4)}, tmp_path, step=1, max_chunk_bytes=64, layout="shards")
     shard = tmp_path / fmt.step_dir(1) / "w" / "c" / "0" / "0"
