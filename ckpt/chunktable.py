@@ -65,6 +65,7 @@ class ChunkTable:
 
 
 def grid_index(grid: tuple[int, ...], linear: int) -> tuple[int, ...]:
+    """The grid index at row-major position ``linear``."""
     if len(grid) == 2:  # the common case
         i, j = divmod(linear, grid[1])
         return (i, j)
@@ -74,7 +75,7 @@ def grid_index(grid: tuple[int, ...], linear: int) -> tuple[int, ...]:
     for g in reversed(grid[1:]):
         linear, i = divmod(linear, g)
         out.append(i)
-    return (linear, *reversed(out)) if grid else ()  # beyond the grid: the excess stays in the first
+    return (linear, *reversed(out))  # beyond the grid: the excess stays in the first
 
 
 def linear_index(grid: Sequence[int], index: Sequence[int]) -> int:
@@ -92,30 +93,17 @@ def linear_index(grid: Sequence[int], index: Sequence[int]) -> int:
 def encode(chunks: Mapping[str, Sequence[Any]], order: Mapping[str, int], grids: Sequence[tuple[int, ...]]
            ) -> dict[str, list[int]]:
     """The JSON columns of ``chunks`` ({path: records with index, nbytes, crc32c, pack, offset});
-    ``order``: each declared array's position, ``grids``: their chunk grids by position."""
-    cols: dict[str, list[int]] = {c: [] for c in COLUMNS}
-    packed = any(r.pack is not None for recs in chunks.values() for r in recs)
-    if packed:
-        cols.update({c: [] for c in PACK_COLUMNS})
-    for path, recs in chunks.items():
-        at = order.get(path)
-        if at is None:
-            raise ValueError(f"chunks of {path!r}, an array the fragment does not declare")
-        grid = grids[at]
-        for r in recs:
-            lin = linear_index(grid, r.index)
-            if lin < 0:
-                raise ValueError(f"{path!r}: chunk {list(r.index)} outside the grid {list(grid)}")
-            if packed and r.pack is None:
-                raise ValueError(f"{path!r}: chunk {list(r.index)} has no pack, other chunks of the writer have")
-            cols["array"].append(at)
-            cols["index"].append(lin)
-            cols["nbytes"].append(r.nbytes)
-            cols["crc32c"].append(r.crc32c)
-            if packed:
-                cols["pack"].append(r.pack)
-                cols["offset"].append(r.offset)
-    return cols
+    ``order``: each declared array's position, ``grids``: their chunk grids by position. A record
+    a fragment cannot hold (see :func:`of_records`) is a writer's bug: ``ValueError``."""
+    table, problems = of_records(chunks, order, grids)
+    if problems:
+        raise ValueError(f"{problems[0]}: not written")
+    if table.pack is not None and (table.pack < 0).any():
+        raise ValueError("some chunks of the writer have a pack, others none")
+    cols = {"array": table.array, "index": table.index, "nbytes": table.nbytes, "crc32c": table.crc32c}
+    if table.pack is not None:
+        cols.update(pack=table.pack, offset=table.offset)
+    return {c: v.tolist() for c, v in cols.items()}
 
 
 def _column(d: dict, name: str, where: str, n: int | None, upper: int | None = None) -> np.ndarray:
@@ -138,8 +126,7 @@ def _column(d: dict, name: str, where: str, n: int | None, upper: int | None = N
 
 def decode(d: Any, arrays: int, packs: int, where: str = "fragment") -> ChunkTable:
     """Check a fragment's ``chunk_table`` against its declarations (how many arrays) and its
-    ``packs`` (how many); raises
-    :class:`ManifestError` on anything a writer would not have written."""
+    ``packs`` (how many); raises :class:`ManifestError` on anything a writer would not have written."""
     where = f"{where}.{KEY}"
     if not isinstance(d, dict):
         raise ManifestError(f"{where}: expected an object")

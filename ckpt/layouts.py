@@ -23,6 +23,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from . import chunktable
 from . import format as fmt
 from .chunks import CRC_BYTES
 from .errors import FormatError
@@ -50,11 +51,7 @@ def linear_index(spec: ArraySpec, index: Sequence[int]) -> int:
 
 
 def grid_index(spec: ArraySpec, linear: int) -> tuple[int, ...]:
-    out = []
-    for g in reversed(spec.grid_shape):
-        out.append(linear % g)
-        linear //= g
-    return tuple(reversed(out))
+    return chunktable.grid_index(spec.grid_shape, linear)
 
 
 # ---------------------------------------------------------------------------------------------
