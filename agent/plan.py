@@ -134,7 +134,7 @@ class ChunkIndex:
     which a reader copies with one ``pread``; ``plan`` and ``crcs`` (per request) for the others
     (a ragged edge chunk, a chunk strided in its tensor)."""
 
-    spans: list[tuple[str, int, int, int | None]]
+    spans: list[list]  # [key, offset, nbytes, crc32c or None] (tuples where encoded, lists where decoded)
     plan: DecodedPlan
     crcs: list[int | None]
 
@@ -182,7 +182,7 @@ def decode_chunk_index(text: str | bytes, buffer: torch.Tensor) -> ChunkIndex:
     crcs = doc.get("crc32c")
     if not isinstance(crcs, list) or len(crcs) != len(plan.plan.requests) or not all(_crc(c) for c in crcs):
         raise PlanError("chunk index: expected a crc32c (or null) per request of its plan")
-    return ChunkIndex([tuple(sp) for sp in spans], plan, crcs)
+    return ChunkIndex(spans, plan, crcs)  # each span a checked list [key, offset, nbytes, crc32c]
 
 
 def _decode(doc: Any, buffer: torch.Tensor) -> DecodedPlan:

@@ -114,7 +114,7 @@ def main() -> int:
             try:
                 with ckpt.Checkpointer(str(run), io_threads=args.io_threads, **opts) as c:
                     mem = c._restore_source()
-                    c._restore_source = lambda: mem
+                    c._restore_source = lambda step=None: mem
                     t0 = time.perf_counter()
                     start = c.restore(dest)
                     dt = time.perf_counter() - t0

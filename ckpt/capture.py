@@ -123,24 +123,41 @@ class Preparation:
     (:meth:`ckpt.Checkpointer.prepare`): ``work(stop, planned)`` builds them, calls ``planned()``
     once the plan is built and asks ``stop()`` between slabs.
 
+    ``deferred``: the work waits for :meth:`go` (the training loop's next call, after a restore
+    whose next step takes no checkpoint): the node's other ranks, still restoring, then have its
+    cores to themselves, and a restore that is not followed by training (an evaluation) builds
+    nothing. The thread is started at once either way (a thread that starts and runs Python
+    holds its starter for a GIL switch interval, 5 ms; one that starts and waits does not).
+
     :meth:`stop` waits for the plan (CPU work, with the cycle collector paused), not for the
     slabs. A slab being made (pinned, or leased from a node agent, mapped and registered: seconds
     for a few GB) cannot be cut short, and a Checkpointer closed right after its restore would
     wait for memory nobody will use. The ``cleanup`` that frees the host memory runs at once if
     the work is over, else on this thread as the work ends."""
 
-    def __init__(self, work: Callable[[Callable[[], bool], Callable[[], None]], None]) -> None:
+    def __init__(self, work: Callable[[Callable[[], bool], Callable[[], None]], None], *, deferred: bool = False) -> None:
         self.future: Future = Future()
         self._lock = threading.Lock()
         self._stopped = False
         self._done = False
         self._cleanup: Callable[[], None] | None = None
         self._planned = threading.Event()
+        self._go = threading.Event()
+        if not deferred:
+            self._go.set()
         self._thread = threading.Thread(target=self._run, args=(work,), name="ckpt-prepare", daemon=True)
         self._thread.start()
 
+    def go(self) -> None:
+        """Start the deferred work (at once if it was not deferred; then nothing to do)."""
+        self._go.set()
+
     def _run(self, work: Callable[[Callable[[], bool], Callable[[], None]], None]) -> None:
         try:
+            self._go.wait()
+            if self._stopped:  # stopped before it began: nothing made, nothing to free
+                self.future.set_result(None)
+                return
             work(lambda: self._stopped, self._planned.set)
             self.future.set_result(None)
         except BaseException as e:  # noqa: BLE001 - the first save then does it, and says why
@@ -156,10 +173,11 @@ class Preparation:
 
     def stop(self, cleanup: Callable[[], None]) -> None:
         """No more slabs; ``cleanup`` now if the work is over, else when it ends. Returns once the
-        plan is built."""
+        plan is built (at once if the work had not begun: then it never does)."""
+        self._stopped = True
+        self._go.set()
         self._planned.wait()
         with self._lock:
-            self._stopped = True
             if not self._done:
                 self._cleanup = cleanup
                 return
@@ -169,6 +187,7 @@ class Preparation:
         """No more slabs, nothing freed and nothing waited for: a newer preparation of the same
         Checkpointer (a second restore) takes over its pool."""
         self._stopped = True
+        self._go.set()
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)

@@ -120,7 +120,7 @@ class Checkpointer:
         shape and dtype mismatches are errors always. ``last_restore`` then says what each tier
         served and which fell back, and why."""
         t0 = time.perf_counter()
-        storage, chosen = self._restore_source(), step
+        storage, chosen = self._restore_source(step), step
         if step is None:
             steps = fmt.committed_steps(storage) if self.group.rank == 0 else None
             chosen = self.group.broadcast(steps[-1] if steps else None)
@@ -135,12 +135,13 @@ class Checkpointer:
         self.last_restore = report = restore_report(storage, int(chosen), time.perf_counter() - t0)
         self.telemetry.restored(report)
         log.info("restored step %d from %s in %.2f s", chosen, self.storage.url, report.seconds)
-        self.prepare(state)  # the state is complete now: the first checkpoint's work, in the background
+        self.prepare(state, deferred=(int(chosen) + 1) % self.config.every_n_steps != 0)  # the next step's save: go
         return int(chosen) + 1
 
-    def _restore_source(self) -> RestoreSource:
-        """Where ``restore`` reads from: the sink's tiers (a node agent's memory, peers), storage."""
-        self.last_restore_source = source = self.sink.restore_source(self.storage)
+    def _restore_source(self, step: int | None = None) -> RestoreSource:
+        """Where ``restore`` of ``step`` (None: the newest) reads from: the sink's tiers (a node
+        agent's memory, peers), storage."""
+        self.last_restore_source = source = self.sink.restore_source(self.storage, step=step)
         return source
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -157,6 +158,7 @@ class Checkpointer:
         ``every_n_steps``, or ``force``); returns at once with a handle, or ``None``."""
         self._check_open()
         self._report_errors()
+        self._preparing is not None and self._preparing.go()  # a restore's preparation (see prepare)
         if not force and step % self.config.every_n_steps != 0:
             return None
         t0 = time.perf_counter()
@@ -228,11 +230,11 @@ class Checkpointer:
 
     # -- internals --------------------------------------------------------------------------
 
-    def prepare(self, state: dict[str, Any]) -> Future:
+    def prepare(self, state: dict[str, Any], *, deferred: bool = False) -> Future:
         """Build the first checkpoint's plan and host memory (pages faulted in) off the training
         thread, so that it stalls the loop no more than later ones; ``restore`` calls it (call it
-        before the loop from scratch). ``state_dict`` calls stay on the caller's thread: beside
-        training they race (DCP steps a stateless optimizer)."""
+        before the loop from scratch), ``deferred`` to the next ``save`` (see ``Preparation``).
+        ``state_dict`` calls stay on the caller's thread: beside training they race."""
         expanded = self._expander.expand(state)
 
         def work(stop: Callable[[], bool], planned: Callable[[], None]) -> None:
@@ -244,7 +246,7 @@ class Checkpointer:
 
         if self._preparing is not None:  # a second restore: the older one makes no more slabs
             self._preparing.halt()
-        self._preparing = Preparation(work)
+        self._preparing = Preparation(work, deferred=deferred)
         return self._preparing.future
 
     def _plan_for(self, expanded: Expanded) -> tuple[CapturePlan, list[Any], dict[str, Any]]:
@@ -320,8 +322,7 @@ class Checkpointer:
         def staged(error: BaseException | None) -> None:
             if error is not None:
                 pool.release(slab)
-                for fut in (handle.staged, handle.persisted, handle.committed):
-                    fut.set_exception(error)
+                self._fail(handle, error)
                 return
             try:
                 # Hand over first: once "staged" is visible the snapshot must survive this
@@ -329,8 +330,7 @@ class Checkpointer:
                 self.sink.submit(job)
             except BaseException as e:  # noqa: BLE001 - reported through the futures
                 pool.release(slab)
-                for fut in (handle.staged, handle.persisted, handle.committed):
-                    fut.set_exception(e)
+                self._fail(handle, e)
                 return
             handle.staged.set_result(step)
 

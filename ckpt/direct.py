@@ -9,29 +9,132 @@ batch of pending reads for it: a few microseconds per array in each of those lay
 thousands of arrays (an LLM's parameters and optimizer state) those layers cost ten times the
 copies themselves.
 
-:func:`load_direct` does that case in one pass over the commit point's JSON and the state: the
-commit point is parsed and its seal checked as always; each tensor is matched against its array
-declaration (path, dtype, shape, one chunk); every chunk is read with the memory tier's
-``read_whole`` (a few ``preadv`` per segment) into the tensor itself, and checked against the
-crc32c stored with it. The moment
-anything is not this case (another layout, a DTensor, a tensor on a GPU, a chunk not held in
-memory, a value that differs between writers, a missing or extra entry, a checksum that does
-not match) it returns ``None`` having changed nothing but tensors the planned load then
-overwrites, and the planned load does the restore, with its checks and its error messages.
+:func:`load_direct` does that case in one pass over the commit point and the state. The commit
+point's seal is checked on its bytes as always. Its array declarations are then not parsed: the
+declarations the state implies (each tensor's path, shape and dtype, sorted by path, with the
+layout of the commit point's first declaration) are written out as our writer writes them and
+compared with the commit point's as text. Equal text is equal declarations, every tensor
+declared as it is held and nothing else declared; the rest of the document is parsed with a
+stand-in in their place. (Parsing 2,000 declarations and matching each tensor against its own
+took most of a rank's restore.) Any other commit point is parsed and matched tensor by tensor.
+Every chunk is then read with the memory tier's ``read_whole`` into the tensor itself and
+checked against the crc32c stored with it. The moment anything is not this case (another
+layout, a DTensor, a tensor on a GPU, a chunk not held in memory, a value that differs between
+writers, a missing or extra entry, a checksum that does not match) it returns ``None`` having
+changed nothing but tensors the planned load then overwrites, and the planned load does the
+restore, with its checks and its error messages.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 
 from . import format as fmt
 from .dtypes import name_of
+from .jsondocs import loads_around
 from .manifest import FORMAT_VERSION, MANIFEST_KEY
-from .reading import _bytes_of
 from .restore import RestoreSource
 from .state import decode_value, flatten, set_leaf
+
+Leaves = list[tuple[str, torch.Tensor]]
+
+# How a commit point of format 3 or 4 begins, up to its array declarations (ckpt.commit writes
+# its keys in this order); anything else is parsed whole.
+_HEAD = re.compile(rb'\{"zarr_format":3,"node_type":"group","attributes":\{"' + MANIFEST_KEY.encode()
+                   + rb'":\{"format":"ckpt","format_version":[34],"step":\d{1,20},"save_id":"[A-Za-z0-9._-]{1,200}",'
+                   rb'"created_at":[-+.0-9eE]{1,40},"library_versions":\{[^{}]{0,4096}\},"writers":\{[^{}]{0,4096}\},'
+                   rb'"arrays":()\[\{"path":"[ -!#-\[\]-~]{1,4096}","shape":\[[0-9,]{0,200}\],"dtype":"[a-z0-9_]{1,40}",'
+                   rb'"chunk_shape":\[[0-9,]{0,200}\],"layout":(\{[^{}]{0,4096}\})(,"chunk_separator":"\.")?\}')
+_RUNS = b',"writer_runs":'
+
+
+def _declarations(data: bytes, leaves: Leaves) -> tuple[dict, list[tuple[str, torch.Tensor]]] | None:
+    """The manifest and the chunk key of every tensor, if the commit point ``data`` declares
+    exactly ``leaves`` as whole arrays held in one chunk (compared as text, see the module);
+    None: match them one by one. The writer runs (who wrote each chunk: this restore reads
+    memory that holds every chunk) are left unparsed too."""
+    m = _HEAD.match(data)
+    seal = fmt.root_seal(data) if m is not None else None
+    if seal is None:
+        return None
+    paths = "".join([p for p, _ in leaves])
+    if not (paths.isascii() and paths.isprintable()) or '"' in paths or "\\" in paths:
+        return None  # a path JSON writes escaped
+    tail = m.group(2).decode() + ("}" if m.group(3) is None else ',"chunk_separator":"."}')
+    separator = "." if m.group(3) else "/"
+    texts: dict[tuple[torch.Size, torch.dtype], tuple[str, str]] = {}  # -> (declaration's tail, chunk key's tail)
+    entries = []
+    for path, leaf in leaves:
+        shape, dtype = leaf.shape, leaf.dtype
+        text = texts.get((shape, dtype))
+        if text is None:
+            if 0 in shape:
+                return None
+            dims = "[" + ",".join(map(str, shape)) + "]"
+            text = texts[(shape, dtype)] = (f'","shape":{dims},"dtype":"{name_of(dtype)}","chunk_shape":{dims},"layout":{tail}',
+                                            fmt.chunk_key("", [0] * len(shape), separator))
+        entries.append((path, text, leaf))
+    entries.sort(key=lambda e: e[0])
+    start = m.start(1)  # of the declarations' list
+    expected = ("[" + ",".join([f'{{"path":"{p}{t[0]}' for p, t, _ in entries]) + "]").encode()
+    end = start + len(expected)
+    if not data.startswith(expected, start):
+        return None
+    at, digits_end, stored, consolidated = seal
+    closing = data[at:digits_end] + b"}}" if consolidated else data[at:]
+    runs = data.rfind(_RUNS, end, at)
+    if runs >= 0 and data[at - 1] == ord("}"):  # the runs are the manifest's last member
+        parts = [data[:start], data[end:runs + len(_RUNS)], b"}" + closing]
+    else:
+        parts = [data[:start], data[end:at] + closing]
+    parsed = loads_around(parts)
+    if parsed is None:
+        return None
+    doc, stand_in = parsed
+    attributes = doc.get("attributes") if type(doc) is dict else None
+    manifest = attributes.get(MANIFEST_KEY) if type(attributes) is dict else None
+    if (type(manifest) is not dict or manifest.get("arrays") != stand_in or attributes.get(fmt.SEAL_KEY) != stored
+            or (len(parts) == 3 and manifest.get("writer_runs") != stand_in)):
+        return None
+    return manifest, [(f"{path}{text[1]}", leaf) for path, text, leaf in entries]
+
+
+def _matched(manifest: dict, leaves: Leaves, strict: bool) -> tuple[list[tuple[str, torch.Tensor]], set[str]] | None:
+    """The chunk key of every tensor the manifest declares as a whole array of one chunk, as the
+    tensor is held (tensor by tensor), and the paths declared; None if one is not."""
+    if type(manifest.get("arrays")) is not list:
+        return None
+    arrays: dict[str, dict] = {}
+    for a in manifest["arrays"]:
+        if type(a) is not dict or type(p := a.get("path")) is not str or p in arrays:
+            return None
+        arrays[p] = a
+    keyed = []
+    origin: dict[tuple[int, str], str] = {}  # (dimensions, separator) -> the key's tail of the chunk at the origin: "c/0/0"
+    names: dict[torch.dtype, str] = {}
+    for path, leaf in leaves:
+        a = arrays.get(path)
+        if a is None:
+            if strict:
+                return None
+            continue
+        shape = list(leaf.shape)  # the whole array in one chunk (however it was saved: plain, replicated)
+        dtype = leaf.dtype
+        name = names.get(dtype) or names.setdefault(dtype, name_of(dtype))
+        if a.get("shape") != shape or a.get("chunk_shape") != shape or 0 in shape or a.get("dtype") != name:
+            return None
+        tail = origin.get((len(shape), separator := a.get("chunk_separator", "/")))
+        if tail is None:
+            if separator != "/" and separator != ".":
+                return None
+            tail = origin[(len(shape), separator)] = fmt.chunk_key("", [0] * len(shape), separator)
+        keyed.append((f"{path}{tail}", leaf))
+    if strict and len(keyed) != len(arrays):
+        return None
+    return keyed, set(arrays)
 
 
 def load_direct(source: RestoreSource, state_dict: Any, step: int, *, strict: bool = True,
@@ -43,56 +146,45 @@ def load_direct(source: RestoreSource, state_dict: Any, step: int, *, strict: bo
         return None
     path = f"{sdir}/{fmt.META}"
     try:
-        doc = fmt.parse_root(source.read(path), path, zarr_metadata=False)
+        data = source.read(path)
     except FileNotFoundError:
         return None
-    attributes = doc.get("attributes")
-    manifest = attributes.get(MANIFEST_KEY) if type(attributes) is dict else None
-    # The commit points of formats 3 and 4 are alike (4 changed the fragments only)
-    if (type(manifest) is not dict or manifest.get("format") != "ckpt" or manifest.get("format_version") not in (3, FORMAT_VERSION)
-            or manifest.get("step") != step or manifest.get("varying_values") or manifest.get("values_by_writer")
-            or type(manifest.get("arrays")) is not list or type(values := manifest.get("values")) is not dict):
-        return None
-    arrays: dict[str, dict] = {}
-    for a in manifest["arrays"]:
-        if type(a) is not dict or type(p := a.get("path")) is not str or p in arrays:
-            return None
-        arrays[p] = a
-    items: list[tuple[str, memoryview]] = []
-    found_values: dict[str, Any] = {}
-    origin: dict[tuple[int, str], str] = {}  # (dimensions, separator) -> the key's tail of the chunk at the origin: "c/0/0"
-    names: dict[torch.dtype, str] = {}
+    leaves: Leaves = []
+    others: list[str] = []
     for leaf_path, leaf, is_tensor in flatten(state_dict):
         if not is_tensor:
-            if leaf_path in values:
-                found_values[leaf_path] = values[leaf_path]
-            elif strict or leaf_path in arrays:
-                return None
-            continue
-        a = arrays.get(leaf_path)
-        if a is None:
-            if strict or leaf_path in values:
-                return None
-            continue
-        if type(leaf) is not torch.Tensor or not leaf.is_cpu or not leaf.is_contiguous():
+            others.append(leaf_path)
+        elif type(leaf) is not torch.Tensor or not leaf.is_cpu or not leaf.is_contiguous():
             return None
-        shape = list(leaf.shape)  # the whole array in one chunk (however it was saved: plain, replicated)
-        dtype = leaf.dtype
-        name = names.get(dtype) or names.setdefault(dtype, name_of(dtype))
-        if a.get("shape") != shape or a.get("chunk_shape") != shape or 0 in shape or a.get("dtype") != name:
+        else:
+            leaves.append((leaf_path, leaf))
+    declared = _declarations(data, leaves)
+    if declared is not None:
+        manifest, keyed = declared
+        arrays: set[str] = set()  # those of the state's tensors: no other leaf's path
+    else:
+        doc = fmt.parse_root(data, path, zarr_metadata=False)
+        attributes = doc.get("attributes")
+        manifest = attributes.get(MANIFEST_KEY) if type(attributes) is dict else None
+        if type(manifest) is not dict or (matched := _matched(manifest, leaves, strict)) is None:
             return None
-        tail = origin.get((len(shape), separator := a.get("chunk_separator", "/")))
-        if tail is None:
-            if separator != "/" and separator != ".":
-                return None
-            tail = origin[(len(shape), separator)] = fmt.chunk_key("", [0] * len(shape), separator)
-        items.append((f"{sdir}/{leaf_path}{tail}", _bytes_of(leaf)))
-    if strict and (len(items) != len(arrays) or len(found_values) != len(values)):
+        keyed, arrays = matched
+    # The commit points of formats 3 and 4 are alike (4 changed the fragments only)
+    if (manifest.get("format") != "ckpt" or manifest.get("format_version") not in (3, FORMAT_VERSION)
+            or manifest.get("step") != step or manifest.get("varying_values") or manifest.get("values_by_writer")
+            or type(values := manifest.get("values")) is not dict):
         return None
-    nbytes = source.read_whole(items)
+    found_values: dict[str, Any] = {}
+    for leaf_path in others:
+        if leaf_path in values:
+            found_values[leaf_path] = values[leaf_path]
+        elif strict or leaf_path in arrays:
+            return None
+    if strict and len(found_values) != len(values):
+        return None
+    nbytes = source.read_whole([(f"{sdir}/{key}", leaf) for key, leaf in keyed])
     if nbytes is None:
         return None  # not held whole, or a checksum differs: the planned load reads (and says why)
     for leaf_path, encoded in found_values.items():
         set_leaf(state_dict, leaf_path, decode_value(encoded, allow_pickle=allow_pickle, where=leaf_path))
     return nbytes
-

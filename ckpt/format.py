@@ -171,6 +171,19 @@ _ROOT_SEAL = b',"' + SEAL_KEY.encode() + b'":'
 _ROOT_SEAL_END = re.compile(rb'(\d{1,10})\}(?:\}\s*$|,"consolidated_metadata":)')
 
 
+def root_seal(data: bytes) -> tuple[int, int, int, bool] | None:
+    """A commit point's seal checked on its bytes: (where its member begins, where its digits end,
+    its value, whether consolidated zarr metadata follows); None: not at the end, or no match."""
+    at = data.rfind(_ROOT_SEAL)
+    m = _ROOT_SEAL_END.match(data, at + len(_ROOT_SEAL)) if at >= 0 else None
+    if m is None:
+        return None
+    view, stored = memoryview(data), int(m.group(1))
+    if crc32c.crc32c(view[m.end(1):], crc32c.crc32c(view[:at])) != stored:
+        return None
+    return at, m.end(1), stored, m.group(0).endswith(b'"consolidated_metadata":')
+
+
 def _root_seal_matches(data: bytes, doc: Any) -> bool:
     """The same for a commit point: the seal is the last attribute, and the attributes are the
     root's last member or come before its consolidated metadata (a commit point of 2,000 arrays
@@ -178,12 +191,8 @@ def _root_seal_matches(data: bytes, doc: Any) -> bool:
     the seal)."""
     if not isinstance(doc, dict) or not isinstance(holder := doc.get("attributes"), dict):
         return False
-    at = data.rfind(_ROOT_SEAL)
-    m = _ROOT_SEAL_END.match(data, at + len(_ROOT_SEAL)) if at >= 0 else None
-    if m is None or holder.get(SEAL_KEY) != (stored := int(m.group(1))):
-        return False
-    view = memoryview(data)
-    return crc32c.crc32c(view[m.end(1):], crc32c.crc32c(view[:at])) == stored
+    seal = root_seal(data)
+    return seal is not None and holder.get(SEAL_KEY) == seal[2]
 
 
 def zarr_array_document(spec: ArraySpec, *, shards: bool = False) -> dict:
@@ -320,16 +329,12 @@ def _without_zarr_metadata(data: bytes, path: str) -> dict | None:
     """A consolidated step's commit point without its consolidated zarr metadata (three quarters
     of its bytes, which only zarr readers and ``verify`` use), when its seal matches its bytes:
     the document up to the seal, closed. None: parse it whole."""
-    at = data.rfind(_ROOT_SEAL)
-    m = _ROOT_SEAL_END.match(data, at + len(_ROOT_SEAL)) if at >= 0 else None
-    if m is None or not m.group(0).endswith(b'"consolidated_metadata":'):
+    seal = root_seal(data)
+    if seal is None or not seal[3]:
         return None
-    view, stored = memoryview(data), int(m.group(1))
-    if crc32c.crc32c(view[m.end(1):], crc32c.crc32c(view[:at])) != stored:
-        return None
-    doc = _loads(bytes(view[:m.end(1)]) + b"}}", path)
+    doc = _loads(data[:seal[1]] + b"}}", path)
     holder = doc.get("attributes") if isinstance(doc, dict) else None
-    return doc if isinstance(holder, dict) and holder.get(SEAL_KEY) == stored else None
+    return doc if isinstance(holder, dict) and holder.get(SEAL_KEY) == seal[2] else None
 
 
 def parse_root(data: bytes, path: str, *, zarr_metadata: bool = True) -> dict:

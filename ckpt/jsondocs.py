@@ -63,3 +63,14 @@ def loads_fragment(data: bytes, path: str) -> Any:
         return loads(data, path)
     doc["arrays"] = arrays
     return doc
+
+
+def loads_around(parts: list[bytes]) -> tuple[Any, str] | None:
+    """The JSON document of ``parts`` joined by a stand-in string (in place of spans of a
+    document the caller compared as text, or does not need, rather than parsed), and the
+    stand-in, which the caller finds where it expects the spans (then they were those
+    values); None if not JSON."""
+    try:
+        return json.loads(_STAND_IN.encode().join(parts)), _STAND_IN[1:-1]
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None

@@ -21,13 +21,16 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import chunks
 from .errors import FormatError
 from .layouts import Location
 from .readahead import ReadAhead
 from .storage import Storage, StorageWrapper
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +128,12 @@ class RestoreSource(StorageWrapper):
         """Whether a memory tier of this chain holds committed ``step`` (its commit point)."""
         return isinstance(self.inner, RestoreSource) and self.inner.holds_step(step)
 
-    def read_whole(self, items: Sequence[tuple[str, memoryview]]) -> int | None:
-        """Fill each ``(logical key, data)`` from one memory tier of this chain that holds every
-        one of those chunks whole, each checked against its crc32c (see :mod:`ckpt.direct`): the
-        bytes read, or None if one is not held so (then nothing was read) or does not match (then
-        some ``data`` may have been written; the caller reads them again the planned way)."""
+    def read_whole(self, items: Sequence[tuple[str, torch.Tensor]]) -> int | None:
+        """Fill each ``(logical key, tensor)`` (a contiguous CPU tensor of the chunk's bytes) from
+        one memory tier of this chain that holds every one of those chunks whole, each checked
+        against its crc32c (see :mod:`ckpt.direct`): the bytes read, or None if one is not held
+        so (then nothing was read) or does not match (then some tensors may have been written;
+        the caller reads them again the planned way)."""
         return self.inner.read_whole(items) if isinstance(self.inner, RestoreSource) else None
 
     def will_read(self, step: int, writers: set[str]) -> None:

@@ -77,10 +77,11 @@ class Sink(abc.ABC):
         return HostBufferPool(budget_bytes, pin_memory=pin_memory)
 
     def restore_source(self, storage: Storage, *, holders: Mapping[str, Sequence[str]] | None = None,
-                       ) -> RestoreSource:
+                       step: int | None = None) -> RestoreSource:
         """Where a restore reads from: storage by default; a node agent's sink puts its memory
         and peer tiers above it. The caller reads back what each tier served. ``holders``: who
-        holds which writer's snapshot (writer -> agent addresses), where a coordinator knows."""
+        holds which writer's snapshot (writer -> agent addresses), where a coordinator knows;
+        ``step``: the restore reads that step only (None: not known yet)."""
         return StorageSource(storage)
 
 

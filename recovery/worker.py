@@ -229,15 +229,15 @@ class RecoveryCheckpointer(ckpt.Checkpointer):
         self.holders = holders
         reporter.run_id = self.run_id
 
-    def _restore_source(self) -> RestoreSource:
+    def _restore_source(self, step: int | None = None) -> RestoreSource:
         holders = self.holders
         if holders is None or self.restore_step is None:
-            return super()._restore_source()
+            return super()._restore_source(step)
         if not isinstance(holders, Mapping):
             import ray
 
             holders = ray.get(holders)  # one copy per node in Ray's object store, whatever the ranks
-        self.last_restore_source = source = self.sink.restore_source(self.storage, holders=holders)
+        self.last_restore_source = source = self.sink.restore_source(self.storage, holders=holders, step=step)
         return source
 
     def save(self, step: int, state: dict[str, Any], *, force: bool = False) -> ckpt.SnapshotHandle | None:

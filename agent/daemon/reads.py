@@ -21,6 +21,7 @@ from .metrics import ANSWER_TOO_LARGE, DOCUMENT_UNAVAILABLE
 from .snapshot import Snapshot
 
 _MESSAGE_SLACK = 4096  # framing beyond a message's own bytes
+MAX_STEPS = 1 << 16  # steps a listing may be asked for
 
 
 def documents_asked(request: pb.ListSnapshotsRequest | pb.GetSnapshotRequest | pb.FetchSnapshotRequest,
@@ -54,9 +55,10 @@ class SnapshotReads:
         kinds = documents_asked(request, DEFAULT_DOCUMENTS) if request.with_plans or request.documents else []
         limit = self.inline_limit if streamed or request.by_reference else None
         check(len(request.writers) <= MAX_WRITERS, "writers: too many")
-        wanted = set(request.writers)
+        check(len(request.steps) <= MAX_STEPS, "steps: too many")
+        wanted, steps = set(request.writers), set(request.steps)
         for s in self.agent.snapshots(request.run_url):
-            if not wanted or s.writer in wanted:
+            if (not wanted or s.writer in wanted) and (not steps or s.step in steps):
                 yield snapshot_info(s, kinds, limit=limit, storage=self.agent.storage)
 
     def answer(self, request: pb.ListSnapshotsRequest, infos: Sequence[pb.SnapshotInfo]) -> pb.ListSnapshotsResponse:

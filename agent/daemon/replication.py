@@ -184,17 +184,18 @@ class Replicator:
         return peer
 
     def peer_snapshots(self, run_url: str, held: set[tuple[str, str, int, str]], kinds: list[int], *,
-                       peers: Sequence[str] = (), writers: Sequence[str] = ()) -> Iterator[pb.SnapshotInfo]:
+                       peers: Sequence[str] = (), writers: Sequence[str] = (),
+                       steps: Sequence[int] = ()) -> Iterator[pb.SnapshotInfo]:
         """What the ring's other agents hold of ``run_url`` (with the documents ``kinds``, those
         over the inline limit by reference) that is not in ``held`` (``(run, writer, step,
         save_id)`` of this agent's snapshots); one entry per snapshot, from the first agent of the
         ring that lists it. An agent that cannot be listed (not reachable within 2 s, or failing)
         is one entry with only ``peer_address`` and ``error`` set, and counted. ``peers``: ask
-        only these agents (the holders a directory names); ``writers``: only their snapshots.
+        only these agents (the holders a directory names); ``writers``, ``steps``: only their snapshots.
         Each agent's listing is shared for ``RING_LISTING_TTL_S`` by the trainers of this node
         that restore together (16 ranks, each reading other writers: one call per holder)."""
         seen = set(held)
-        wanted = set(writers)
+        wanted, at = set(writers), set(steps)
         for peer, listed in self._ring_listing(run_url, tuple(kinds), set(peers)):
             if isinstance(listed, str):
                 yield pb.SnapshotInfo(peer_address=peer, error=listed)
@@ -202,7 +203,7 @@ class Replicator:
             for shared in listed:
                 k = (shared.key.run_url, shared.key.writer, shared.key.step, shared.save_id)
                 if (shared.state == pb.SNAPSHOT_STATE_FAILED or shared.key.run_url != run_url or k in seen
-                        or (wanted and shared.key.writer not in wanted)):
+                        or (wanted and shared.key.writer not in wanted) or (at and shared.key.step not in at)):
                     continue
                 seen.add(k)
                 info = pb.SnapshotInfo()

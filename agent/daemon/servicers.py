@@ -73,7 +73,7 @@ class TrainerServicer(SnapshotReads, rpc.TrainerServiceServicer):
         keys = {(i.key.run_url, i.key.writer, i.key.step, i.save_id) for i in held}
         check(len(request.peer_addresses) <= MAX_PEERS, "peer_addresses: too many")
         return replicator.peer_snapshots(request.run_url, keys, kinds, peers=request.peer_addresses,
-                                         writers=request.writers)
+                                         writers=request.writers, steps=request.steps)
 
     @rpc_errors
     def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> pb.ListSnapshotsResponse:

@@ -87,15 +87,17 @@ class AgentClient:
         return self.trainer.AnnounceStagedStream(parts(), timeout=self.timeout_s)
 
     def stream_snapshots(self, run_url: str, *, documents: Sequence[int] = (), include_peers: bool = False,
-                         peers: Sequence[str] = (), writers: Sequence[str] = ()) -> Iterator[pb.SnapshotInfo]:
+                         peers: Sequence[str] = (), writers: Sequence[str] = (),
+                         steps: Sequence[int] = ()) -> Iterator[pb.SnapshotInfo]:
         """What the agent holds of ``run_url`` (empty: every run), one snapshot at a time, with
         ``documents`` (those over the inline limit named in ``by_reference``). With
         ``include_peers``, also what the ring's other agents hold (only ``peers`` of them, if
         given); an agent of the ring that could not be listed is an entry with only
-        ``peer_address`` and ``error`` set. ``writers``: only these writers' snapshots."""
+        ``peer_address`` and ``error`` set. ``writers``, ``steps``: only these writers', these
+        steps' snapshots (an agent that knows no step filter lists every step's)."""
         return iter(self.trainer.StreamSnapshots(pb.ListSnapshotsRequest(
             run_url=run_url, with_plans=bool(documents), documents=documents, include_peers=include_peers,
-            by_reference=True, peer_addresses=peers, writers=writers), timeout=max(self.timeout_s, 600.0)))
+            by_reference=True, peer_addresses=peers, writers=writers, steps=steps), timeout=max(self.timeout_s, 600.0)))
 
     def list_snapshots(self, run_url: str, *, with_plans: bool = False,
                        include_peers: bool = False) -> list[pb.SnapshotInfo]:

@@ -23,7 +23,7 @@ import grpc
 import torch
 
 from ckpt import format as fmt
-from ckpt.chunks import CRC_BYTES, ChunkRead, stored_nbytes
+from ckpt.chunks import CRC_BYTES, ChunkRead, as_bytes, stored_nbytes
 from ckpt.chunks import payload as chunk_payload
 from ckpt.planning import WriteRequest
 from ckpt.restore import FallbackReason, RestoreSource, Tier, Where
@@ -32,7 +32,7 @@ from ckpt.storage import Storage
 from ..pb import pb
 from ..shm import map_file
 from .held import CommitPoints, HeldSnapshot, ReadDocument, RemoteSnapshot, inline_only
-from .spans import close_fds, pread_crc, pread_many
+from .spans import SMALL, Span, close_fds, copy_small, pread_crc, pread_many
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,10 @@ class AgentMemoryStorage(RestoreSource):
         # key -> (bytes, crc32c, tier serving it, its request: None for a span, read with pread alone)
         self._chunks: dict[str, tuple[int, int, Tier, WriteRequest | None]] = {}
         self._remote: dict[str, RemoteSnapshot] = {}  # chunk key -> the peer-held snapshot serving it
-        # path -> (segment fd, offset) of chunks stored contiguously in a segment: read with
-        # pread, which copies in the kernel; a fresh mapping of the segment would take a page
-        # fault per few pages first (~0.06 s per GiB, a third of the whole copy).
-        self._spans: dict[str, tuple[int, int]] = {}
+        # path -> chunks stored contiguously in a segment (spans.Span): read with pread, which
+        # copies in the kernel (a fresh mapping would fault a page per few pages first, ~0.06 s
+        # per GiB, a third of the copy); small ones copied out of the mapping (spans.copy_small).
+        self._spans: dict[str, Span] = {}
         self._maps: list[Any] = []
         self._fds: list[int] = []
         weakref.finalize(self, close_fds, self._fds)
@@ -212,24 +212,29 @@ class AgentMemoryStorage(RestoreSource):
                 return
             crcs = [known.get((r.path, tuple(r.index))) for r in requests]
         missing = []
-        for rel, offset, nbytes, crc in index.spans:
-            key = f"{sdir}/{rel}"
+        view, prefix, chunks, spans, why = memoryview(mm), f"{sdir}/", self._chunks, self._spans, self._why
+        for rel, offset, nbytes, crc in index.spans:  # thousands: one tight loop
+            key = prefix + rel
             if crc is None:
                 missing.append(key)
                 continue
-            self._chunks[key] = (nbytes, crc, tier, None)
-            self._spans[key] = (fd, offset)
-            self._why.pop(key, None)
+            chunks[key] = (nbytes, crc, tier, None)
+            spans[key] = (fd, offset, view, base, nbytes, crc, tier)
+            if why:
+                why.pop(key, None)
         for req, crc in zip(requests, crcs):
             key = f"{sdir}/{req.key}"
             if crc is None:
                 missing.append(key)
                 continue
-            self._chunks[key] = (stored_nbytes(req.chunk_shape, req.tensor.element_size()), crc, tier, req)
-            self._why.pop(key, None)
+            nbytes = stored_nbytes(req.chunk_shape, req.tensor.element_size())
+            chunks[key] = (nbytes, crc, tier, req)
+            why.pop(key, None)
             region = req.tensor.detach()[req.slices]
             if not req.ragged and region.is_contiguous() and region.device.type == "cpu":
-                self._spans[key] = (fd, region.data_ptr() - base)
+                spans[key] = (fd, region.data_ptr() - base, view, base, nbytes, crc, tier)
+            else:
+                spans.pop(key, None)
         for key in missing:
             self._why.setdefault(key, (tier, FallbackReason.UNUSABLE,
                                        f"{held.describe()}: the agent knows no crc32c of some of its chunks"))
@@ -243,28 +248,34 @@ class AgentMemoryStorage(RestoreSource):
     def holds_step(self, step: int) -> bool:
         return f"{fmt.step_dir(step)}/{fmt.META}" in self._roots
 
-    def read_whole(self, items: Sequence[tuple[str, memoryview]]) -> int | None:
-        chunks, spans = self._chunks, self._spans
+    def read_whole(self, items: Sequence[tuple[str, torch.Tensor]]) -> int | None:
+        spans = self._spans
+        small: list[tuple[int, Span]] = []
         groups: dict[int, tuple[list[tuple[int, memoryview]], list[int]]] = {}
         served: dict[Tier, list[int]] = {}
-        for key, data in items:
-            hit = chunks.get(key)
-            if hit is None:  # a peer's: fetched (once) if the ring holds it
-                self._bring(key)
-                hit = chunks.get(key)
+        for key, tensor in items:
             span = spans.get(key)
-            if hit is None or span is None or hit[0] != data.nbytes:
+            if span is None:  # a peer's: fetched (once) if the ring holds it
+                self._bring(key)
+                span = spans.get(key)
+                if span is None:
+                    return None
+            n = tensor.nbytes
+            if span[4] != n:
                 return None
-            group = groups.get(span[0]) or groups.setdefault(span[0], ([], []))
-            group[0].append((span[1], data))
-            group[1].append(hit[1])
-            total = served.get(hit[2]) or served.setdefault(hit[2], [0, 0])
-            total[0] += hit[0]
+            if n < SMALL:
+                small.append((tensor.data_ptr(), span))
+            else:
+                group = groups.get(span[0]) or groups.setdefault(span[0], ([], []))
+                group[0].append((span[1], as_bytes(tensor)))
+                group[1].append(span[5])
+            total = served.get(span[6]) or served.setdefault(span[6], [0, 0])
+            total[0] += n
             total[1] += 1
-        if not all(pread_many(fd, got) == crcs for fd, (got, crcs) in groups.items()):
+        if not copy_small(small) or not all(pread_many(fd, got) == crcs for fd, (got, crcs) in groups.items()):
             return None
-        for tier, (nbytes, n) in served.items():
-            self.count(nbytes, tier, chunks=n)
+        for tier, (nbytes, count) in served.items():
+            self.count(nbytes, tier, chunks=count)
         return sum(nbytes for nbytes, _ in served.values())
 
     def read_threads(self, step: int, default: int) -> int:

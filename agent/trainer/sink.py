@@ -181,17 +181,19 @@ class AgentSink(Sink):
             job.release()
 
     def restore_source(self, storage: Storage, *, holders: Mapping[str, Sequence[str]] | None = None,
-                       ) -> RestoreSource:
+                       step: int | None = None) -> RestoreSource:
         """Agent memory (this node's snapshots; replicas and snapshots fetched from the ring's
         other agents count as the peer tier) above storage. The listing streams, with each
         snapshot's chunk index (what a restore reads of it; by reference if large); an agent
         that cannot be listed makes a restore from storage that says why. The ring is asked
         only for the writers the restore reads and this node does not hold; with ``holders``
-        (writer -> the addresses of the agents holding its snapshot), only their holders."""
+        (writer -> the addresses of the agents holding its snapshot), only their holders.
+        ``step``: only that step's snapshots are listed (a restore of a known step)."""
         bottom = StorageSource(storage)
         c = self.client
+        steps = () if step is None else (step,)
         try:
-            snaps = list(c.stream_snapshots(self.run_url, documents=_RESTORE_DOCUMENTS))
+            snaps = list(c.stream_snapshots(self.run_url, documents=_RESTORE_DOCUMENTS, steps=steps))
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.UNIMPLEMENTED:
                 reason = (FallbackReason.UNREACHABLE if e.code() in (grpc.StatusCode.UNAVAILABLE,
@@ -203,10 +205,10 @@ class AgentSink(Sink):
         return AgentMemoryStorage(
             bottom, snaps, self.shm_dir, document=c.document,
             fetch=lambda info: c.fetch_snapshot(info, documents=_RESTORE_DOCUMENTS),
-            list_peers=lambda writers: self._list_peers(writers, holders))
+            list_peers=lambda writers: self._list_peers(writers, holders, steps))
 
     def _list_peers(self, writers: set[str] | None, holders: Mapping[str, Sequence[str]] | None,
-                    ) -> list[pb.SnapshotInfo]:
+                    steps: Sequence[int] = ()) -> list[pb.SnapshotInfo]:
         """What the ring holds of ``writers`` (None: not known, every writer), asked of their
         holders where ``holders`` names them (none named: nobody is asked)."""
         peers: list[str] = []
@@ -215,7 +217,7 @@ class AgentSink(Sink):
             if not peers:
                 return []
         return list(self.client.stream_snapshots(self.run_url, documents=_RESTORE_DOCUMENTS, include_peers=True,
-                                                 peers=peers, writers=sorted(writers or ())))
+                                                 peers=peers, writers=sorted(writers or ()), steps=steps))
 
     def close(self, *, wait: bool = True) -> None:
         if self.closed:

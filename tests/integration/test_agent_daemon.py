@@ -421,7 +421,7 @@ PEER_RESTORER = textwrap.dedent('''
     state = {k: torch.zeros_like(v) for k, v in expected.items()} | {"note": ""}
     c = ckpt.Checkpointer(url, agent=address)
     mem = c.sink.restore_source(c.storage)
-    c._restore_source = lambda: mem  # to read what each tier served
+    c._restore_source = lambda step=None: mem  # to read what each tier served
     start = c.restore(state)
     ok = all(torch.equal(state[k], expected[k]) for k in expected) and state["note"] == "hello"
     print(json.dumps({"start": start, "ok": ok, "fetched": mem.fetched_bytes, "served": mem.served_bytes}),

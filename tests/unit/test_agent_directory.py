@@ -81,7 +81,7 @@ def _restore(tmp_path, run, full, holders) -> list[tuple[bool, dict, tuple]]:
         with ckpt.Checkpointer(run, agent=f"unix://{tmp_path / 'ac'[rank]}.sock", keep_last=None,
                                process_group=groups[rank]) as c:
             if holders is not None:
-                c._restore_source = lambda: c.sink.restore_source(c.storage, holders=holders)
+                c._restore_source = lambda step=None: c.sink.restore_source(c.storage, holders=holders, step=step)
             assert c.restore(dest, step=1) == 2
             report = c.last_restore
         exact = all(torch.equal(dest[f"w{i}"].tensor, t[2 * rank: 2 * rank + 2]) for i, t in enumerate(full))
@@ -126,3 +126,14 @@ def test_a_restore_asks_the_ring_only_for_the_writers_it_reads_and_only_their_ho
     assert dialled["c"] == [want]
     # only the snapshot rank 1 reads was copied to c: rank 0's (listed by a) was not
     assert [(s.writer, s.step) for s in fetched] == [("rank00001", 1)]
+
+
+def test_the_ring_is_asked_for_the_steps_a_listing_names(tmp_path, ring):
+    from agent.trainer.client import AgentClient
+
+    run = ckpt.open_storage(_save(tmp_path, _full())).url  # as the agents know it
+
+    with AgentClient(f"unix://{tmp_path / 'c.sock'}") as client:
+        listed = {step: [(i.key.writer, i.key.step) for i in client.stream_snapshots(
+            run, include_peers=True, steps=[step]) if i.key.run_url] for step in (1, 2)}
+    assert sorted(listed[1]) == [("rank00000", 1), ("rank00001", 1)] and listed[2] == []

@@ -84,7 +84,7 @@ def test_restore_from_agent_memory_is_exact_and_catches_changed_memory(tmp_path)
             assert len(mem._spans) == len(mem._chunks) > 3  # every chunk is read with pread
             asked = []
             mem._list_peers_fn = lambda: asked.append(1) or []
-            c._restore_source = lambda: mem
+            c._restore_source = lambda step=None: mem
             assert c.restore(dest) == 4
         assert all(torch.equal(dest[k], state[k]) for k in state)
         assert asked == []  # every chunk was held here: the ring's agents were never asked
@@ -127,7 +127,7 @@ def test_a_failed_fetch_from_a_peer_falls_back_to_storage(tmp_path):
                 mem = AgentMemoryStorage(c.storage, [as_peer] if listed_now else [], str(shm), fetch=failing_fetch,
                                          list_peers=lambda writers: [as_peer])
                 dest = {k: torch.zeros_like(v) for k, v in state.items()}
-                c._restore_source = lambda mem=mem: mem
+                c._restore_source = lambda step=None, mem=mem: mem
                 assert c.restore(dest) == 3
                 assert all(torch.equal(dest[k], state[k]) for k in state)
                 assert mem.fetched_bytes == 0 and mem.served_bytes == 0

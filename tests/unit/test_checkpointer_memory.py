@@ -143,6 +143,7 @@ def test_close_after_a_restore_does_not_wait_for_the_slab_being_made(tmp_path, m
     run = GatedSlabs(tmp_path, monkeypatch)
     ck2 = ckpt.Checkpointer(str(tmp_path), pin_memory=False)
     assert ck2.restore(run.state) == 1
+    assert ck2.save(1, run.state) is None  # the loop's next call: the preparation begins
     assert run.inside.wait(60)  # the preparation is making its first slab
     ck2.close()
     assert ck2._preparing._thread.is_alive()  # close returned while it was still at it
@@ -159,13 +160,49 @@ def test_a_second_restore_stops_the_first_ones_preparation(tmp_path, monkeypatch
     run = GatedSlabs(tmp_path, monkeypatch)
     ck2 = ckpt.Checkpointer(str(tmp_path), pin_memory=False)
     assert ck2.restore(run.state) == 1
+    assert ck2.save(1, run.state) is None  # the loop's next call: the preparation begins
     assert run.inside.wait(60)  # the first preparation is making its first slab
     first = ck2._preparing
     assert ck2.restore(run.state) == 1
     assert ck2._preparing is not first
+    ck2._preparing.go()
     run.gate.set()
     first.join(60)
     ck2._preparing.join(60)
     assert run.made[first._thread] == 1  # stopped after the slab it was making
     ck2.close()
     assert ck2.pool.allocated_bytes == 0
+
+
+def test_a_restores_preparation_waits_for_the_loops_next_call(tmp_path):
+    """After a restore whose next step takes no checkpoint, the first checkpoint's plan and
+    memory are built from the loop's next call on (the node's other ranks, still restoring, keep
+    the cores); a restore not followed by training builds nothing, and closes at once."""
+    state = {"w": torch.randn(4096), "b": torch.randn(16)}
+    with ckpt.Checkpointer(str(tmp_path), pin_memory=False, every_n_steps=5) as ck:
+        ck.save(0, state)
+    with ckpt.Checkpointer(str(tmp_path), pin_memory=False, every_n_steps=5) as ck:
+        assert ck.restore(state) == 1
+        ck._preparing.join(0.2)
+        assert ck._preparing._thread.is_alive() and ck._plan is None and ck.pool is None  # waiting
+        assert ck.save(1, state) is None
+        ck._preparing.future.result(60)
+        assert ck._plan is not None and ck.status().host_allocations == 2
+        plan = ck._plan
+        ck.save(5, state).result(60)
+        assert ck._plan is plan and ck.status().host_allocations == 2  # the first checkpoint found both ready
+    ck = ckpt.Checkpointer(str(tmp_path), pin_memory=False, every_n_steps=5)
+    assert ck.restore(state) == 6
+    ck.close()  # never told to go: stops without building anything
+    ck._preparing.join(60)
+    assert not ck._preparing._thread.is_alive() and ck._plan is None and ck.pool is None
+
+
+def test_a_restore_whose_next_step_takes_a_checkpoint_prepares_at_once(tmp_path):
+    state = {"w": torch.randn(4096)}
+    with ckpt.Checkpointer(str(tmp_path), pin_memory=False, every_n_steps=5) as ck:
+        ck.save(4, state, force=True)
+    with ckpt.Checkpointer(str(tmp_path), pin_memory=False, every_n_steps=5) as ck:
+        assert ck.restore(state) == 5
+        ck._preparing.future.result(60)  # no call of the loop needed
+        assert ck._plan is not None and ck.status().host_allocations == 2

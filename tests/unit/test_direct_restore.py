@@ -38,8 +38,7 @@ def _equal(a: dict, b: dict) -> bool:
                 for k in a["model"]) and torch.equal(a["half"], b["half"]) and a["meta"] == b["meta"])
 
 
-@pytest.fixture
-def saved(tmp_path):
+def saved_run(tmp_path):
     """A run saved through an agent that still holds it; yields (address, run, state, shm dir)."""
     with local_agent(tmp_path, "direct") as (_daemon, shm):
         address = f"unix://{tmp_path / 'a.sock'}"
@@ -47,6 +46,11 @@ def saved(tmp_path):
         with ckpt.Checkpointer(str(tmp_path / "run"), agent=address, keep_last=None) as c:
             c.save(3, state, force=True).result(60)
         yield address, str(tmp_path / "run"), state, shm
+
+
+@pytest.fixture
+def saved(tmp_path):
+    yield from saved_run(tmp_path)
 
 
 def _planned(monkeypatch) -> list[int]:

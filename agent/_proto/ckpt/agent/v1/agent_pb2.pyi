@@ -266,7 +266,7 @@ class SnapshotInfo(_message.Message):
     def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ..., save_id: _Optional[str] = ..., state: _Optional[_Union[SnapshotState, str]] = ..., error: _Optional[str] = ..., segment: _Optional[str] = ..., nbytes: _Optional[int] = ..., plan_json: _Optional[str] = ..., fragment_json: _Optional[str] = ..., commit_point: _Optional[bytes] = ..., replica: _Optional[bool] = ..., origin_agent: _Optional[str] = ..., writers: _Optional[_Iterable[str]] = ..., committer: _Optional[bool] = ..., peer_address: _Optional[str] = ..., by_reference: _Optional[_Iterable[_Union[DocumentRef, _Mapping]]] = ..., chunk_index_json: _Optional[str] = ..., writer_count: _Optional[int] = ...) -> None: ...
 
 class ListSnapshotsRequest(_message.Message):
-    __slots__ = ("run_url", "with_plans", "include_peers", "documents", "by_reference", "peer_addresses", "writers")
+    __slots__ = ("run_url", "with_plans", "include_peers", "documents", "by_reference", "peer_addresses", "writers", "steps")
     RUN_URL_FIELD_NUMBER: _ClassVar[int]
     WITH_PLANS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PEERS_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +274,7 @@ class ListSnapshotsRequest(_message.Message):
     BY_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     PEER_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     WRITERS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     run_url: str
     with_plans: bool
     include_peers: bool
@@ -281,7 +282,8 @@ class ListSnapshotsRequest(_message.Message):
     by_reference: bool
     peer_addresses: _containers.RepeatedScalarFieldContainer[str]
     writers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, run_url: _Optional[str] = ..., with_plans: _Optional[bool] = ..., include_peers: _Optional[bool] = ..., documents: _Optional[_Iterable[_Union[DocumentKind, str]]] = ..., by_reference: _Optional[bool] = ..., peer_addresses: _Optional[_Iterable[str]] = ..., writers: _Optional[_Iterable[str]] = ...) -> None: ...
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, run_url: _Optional[str] = ..., with_plans: _Optional[bool] = ..., include_peers: _Optional[bool] = ..., documents: _Optional[_Iterable[_Union[DocumentKind, str]]] = ..., by_reference: _Optional[bool] = ..., peer_addresses: _Optional[_Iterable[str]] = ..., writers: _Optional[_Iterable[str]] = ..., steps: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ListSnapshotsResponse(_message.Message):
     __slots__ = ("snapshots",)
