@@ -28,6 +28,7 @@ restore, with its checks and its error messages.
 from __future__ import annotations
 
 import re
+from operator import itemgetter
 from typing import Any
 
 import torch
@@ -51,8 +52,8 @@ _HEAD = re.compile(rb'\{"zarr_format":3,"node_type":"group","attributes":\{"' + 
 _RUNS = b',"writer_runs":'
 
 
-def _declarations(data: bytes, leaves: Leaves) -> tuple[dict, list[tuple[str, torch.Tensor]]] | None:
-    """The manifest and the chunk key of every tensor, if the commit point ``data`` declares
+def _declarations(data: bytes, leaves: Leaves, prefix: str) -> tuple[dict, list[tuple[str, torch.Tensor]]] | None:
+    """The manifest and the chunk key (after ``prefix``) of every tensor, if the commit point ``data`` declares
     exactly ``leaves`` as whole arrays held in one chunk (compared as text, see the module);
     None: match them one by one. The writer runs (who wrote each chunk: this restore reads
     memory that holds every chunk) are left unparsed too."""
@@ -67,17 +68,19 @@ def _declarations(data: bytes, leaves: Leaves) -> tuple[dict, list[tuple[str, to
     separator = "." if m.group(3) else "/"
     texts: dict[tuple[torch.Size, torch.dtype], tuple[str, str]] = {}  # -> (declaration's tail, chunk key's tail)
     entries = []
+    add = entries.append
     for path, leaf in leaves:
-        shape, dtype = leaf.shape, leaf.dtype
-        text = texts.get((shape, dtype))
+        kind = (leaf.shape, leaf.dtype)
+        text = texts.get(kind)
         if text is None:
+            shape, dtype = kind
             if 0 in shape:
                 return None
             dims = "[" + ",".join(map(str, shape)) + "]"
-            text = texts[(shape, dtype)] = (f'","shape":{dims},"dtype":"{name_of(dtype)}","chunk_shape":{dims},"layout":{tail}',
-                                            fmt.chunk_key("", [0] * len(shape), separator))
-        entries.append((path, text, leaf))
-    entries.sort(key=lambda e: e[0])
+            text = texts[kind] = (f'","shape":{dims},"dtype":"{name_of(dtype)}","chunk_shape":{dims},"layout":{tail}',
+                                  fmt.chunk_key("", [0] * len(shape), separator))
+        add((path, text, leaf))
+    entries.sort(key=itemgetter(0))
     start = m.start(1)  # of the declarations' list
     expected = ("[" + ",".join([f'{{"path":"{p}{t[0]}' for p, t, _ in entries]) + "]").encode()
     end = start + len(expected)
@@ -99,12 +102,13 @@ def _declarations(data: bytes, leaves: Leaves) -> tuple[dict, list[tuple[str, to
     if (type(manifest) is not dict or manifest.get("arrays") != stand_in or attributes.get(fmt.SEAL_KEY) != stored
             or (len(parts) == 3 and manifest.get("writer_runs") != stand_in)):
         return None
-    return manifest, [(f"{path}{text[1]}", leaf) for path, text, leaf in entries]
+    return manifest, [(f"{prefix}{path}{text[1]}", leaf) for path, text, leaf in entries]
 
 
-def _matched(manifest: dict, leaves: Leaves, strict: bool) -> tuple[list[tuple[str, torch.Tensor]], set[str]] | None:
-    """The chunk key of every tensor the manifest declares as a whole array of one chunk, as the
-    tensor is held (tensor by tensor), and the paths declared; None if one is not."""
+def _matched(manifest: dict, leaves: Leaves, strict: bool, prefix: str,
+             ) -> tuple[list[tuple[str, torch.Tensor]], set[str]] | None:
+    """The chunk key (after ``prefix``) of every tensor the manifest declares as a whole array of
+    one chunk, as the tensor is held (tensor by tensor), and the paths declared; None if one is not."""
     if type(manifest.get("arrays")) is not list:
         return None
     arrays: dict[str, dict] = {}
@@ -131,7 +135,7 @@ def _matched(manifest: dict, leaves: Leaves, strict: bool) -> tuple[list[tuple[s
             if separator != "/" and separator != ".":
                 return None
             tail = origin[(len(shape), separator)] = fmt.chunk_key("", [0] * len(shape), separator)
-        keyed.append((f"{path}{tail}", leaf))
+        keyed.append((f"{prefix}{path}{tail}", leaf))
     if strict and len(keyed) != len(arrays):
         return None
     return keyed, set(arrays)
@@ -158,7 +162,7 @@ def load_direct(source: RestoreSource, state_dict: Any, step: int, *, strict: bo
             return None
         else:
             leaves.append((leaf_path, leaf))
-    declared = _declarations(data, leaves)
+    declared = _declarations(data, leaves, f"{sdir}/")
     if declared is not None:
         manifest, keyed = declared
         arrays: set[str] = set()  # those of the state's tensors: no other leaf's path
@@ -166,7 +170,7 @@ def load_direct(source: RestoreSource, state_dict: Any, step: int, *, strict: bo
         doc = fmt.parse_root(data, path, zarr_metadata=False)
         attributes = doc.get("attributes")
         manifest = attributes.get(MANIFEST_KEY) if type(attributes) is dict else None
-        if type(manifest) is not dict or (matched := _matched(manifest, leaves, strict)) is None:
+        if type(manifest) is not dict or (matched := _matched(manifest, leaves, strict, f"{sdir}/")) is None:
             return None
         keyed, arrays = matched
     # The commit points of formats 3 and 4 are alike (4 changed the fragments only)
@@ -182,7 +186,7 @@ def load_direct(source: RestoreSource, state_dict: Any, step: int, *, strict: bo
             return None
     if strict and len(found_values) != len(values):
         return None
-    nbytes = source.read_whole([(f"{sdir}/{key}", leaf) for key, leaf in keyed])
+    nbytes = source.read_whole(keyed)
     if nbytes is None:
         return None  # not held whole, or a checksum differs: the planned load reads (and says why)
     for leaf_path, encoded in found_values.items():

@@ -132,8 +132,8 @@ class RestoreSource(StorageWrapper):
         """Fill each ``(logical key, tensor)`` (a contiguous CPU tensor of the chunk's bytes) from
         one memory tier of this chain that holds every one of those chunks whole, each checked
         against its crc32c (see :mod:`ckpt.direct`): the bytes read, or None if one is not held
-        so (then nothing was read) or does not match (then some tensors may have been written;
-        the caller reads them again the planned way)."""
+        so or does not match (then some tensors may have been written; the caller reads them
+        again the planned way)."""
         return self.inner.read_whole(items) if isinstance(self.inner, RestoreSource) else None
 
     def will_read(self, step: int, writers: set[str]) -> None:

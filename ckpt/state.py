@@ -78,7 +78,9 @@ def flatten(state: Any, prefix: str = "") -> Iterator[tuple[str, Any, bool]]:
         items = enumerate(state)
     else:  # pragma: no cover - _contains_tensor is False for anything else
         raise LayoutError(f"cannot flatten {type(state).__name__} at {prefix}")
-    seen: set[str] = set()
+    # Keys of a dict are distinct: only keys made strings (ints) can collide, so only then is
+    # every name remembered (thousands of leaves per state, at every save and restore).
+    seen: set[str] | None = None if type(state) is dict and all(type(k) is str for k in state) else set()
     for k, v in items:
         if type(k) is str and k in _CHECKED_KEYS:
             name = k
@@ -86,9 +88,10 @@ def flatten(state: Any, prefix: str = "") -> Iterator[tuple[str, Any, bool]]:
             name = _key(k, prefix)
             if type(k) is str and len(_CHECKED_KEYS) < 1 << 16:
                 _CHECKED_KEYS.add(k)
-        if name in seen:
-            raise LayoutError(f"state keys {k!r} collide at {prefix or '<root>'} once made strings")
-        seen.add(name)
+        if seen is not None:
+            if name in seen:
+                raise LayoutError(f"state keys {k!r} collide at {prefix or '<root>'} once made strings")
+            seen.add(name)
         path = f"{prefix}/{name}" if prefix else name
         if type(v) is torch.Tensor:  # a plain tensor: a leaf, without a generator per leaf
             yield path, v, True

@@ -23,7 +23,7 @@ import grpc
 import torch
 
 from ckpt import format as fmt
-from ckpt.chunks import CRC_BYTES, ChunkRead, as_bytes, stored_nbytes
+from ckpt.chunks import CRC_BYTES, ChunkRead, stored_nbytes
 from ckpt.chunks import payload as chunk_payload
 from ckpt.planning import WriteRequest
 from ckpt.restore import FallbackReason, RestoreSource, Tier, Where
@@ -32,7 +32,7 @@ from ckpt.storage import Storage
 from ..pb import pb
 from ..shm import map_file
 from .held import CommitPoints, HeldSnapshot, ReadDocument, RemoteSnapshot, inline_only
-from .spans import SMALL, Span, close_fds, copy_small, pread_crc, pread_many
+from .spans import Span, close_fds, pread_crc, pread_many, read_whole
 
 log = logging.getLogger(__name__)
 
@@ -249,30 +249,8 @@ class AgentMemoryStorage(RestoreSource):
         return f"{fmt.step_dir(step)}/{fmt.META}" in self._roots
 
     def read_whole(self, items: Sequence[tuple[str, torch.Tensor]]) -> int | None:
-        spans = self._spans
-        small: list[tuple[int, Span]] = []
-        groups: dict[int, tuple[list[tuple[int, memoryview]], list[int]]] = {}
-        served: dict[Tier, list[int]] = {}
-        for key, tensor in items:
-            span = spans.get(key)
-            if span is None:  # a peer's: fetched (once) if the ring holds it
-                self._bring(key)
-                span = spans.get(key)
-                if span is None:
-                    return None
-            n = tensor.nbytes
-            if span[4] != n:
-                return None
-            if n < SMALL:
-                small.append((tensor.data_ptr(), span))
-            else:
-                group = groups.get(span[0]) or groups.setdefault(span[0], ([], []))
-                group[0].append((span[1], as_bytes(tensor)))
-                group[1].append(span[5])
-            total = served.get(span[6]) or served.setdefault(span[6], [0, 0])
-            total[0] += n
-            total[1] += 1
-        if not copy_small(small) or not all(pread_many(fd, got) == crcs for fd, (got, crcs) in groups.items()):
+        served = read_whole(self._spans, items, self._bring)
+        if served is None:
             return None
         for tier, (nbytes, count) in served.items():
             self.count(nbytes, tier, chunks=count)

@@ -6,19 +6,22 @@ crc32c as it lands.
 :func:`pread_many` reads a batch: chunks that lie side by side in the segment (a model's small
 tensors, one after another) are read with one ``preadv`` of up to ``IOV_MAX`` buffers, small gaps
 between them read into scratch. 2,000 chunks of a few hundred bytes are then a few system calls,
-not 2,000. :func:`copy_small` copies small chunks out of the segment's mapping instead, one
-``memmove`` each: below :data:`SMALL` bytes a mapped page costs less than making a buffer of the
-destination for ``preadv``.
+not 2,000. :func:`read_whole` fills whole tensors: small chunks copied out of the segment's
+mapping, one ``memmove`` each (below :data:`SMALL` bytes a mapped page costs less than making a
+buffer of the destination for ``preadv``), the others with :func:`pread_many`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import crc32c
+import torch
+
+from ckpt.chunks import as_bytes
 
 BLOCK = 1 << 20  # one pread + crc32c per block of a large chunk
 GAP = 64 << 10  # chunks at most this far apart are read together (the gap into scratch)
@@ -87,16 +90,44 @@ def pread_many(fd: int, spans: list[tuple[int, memoryview]]) -> list[int | None]
     return out
 
 
-def copy_small(items: Sequence[tuple[int, Span]]) -> bool:
-    """Per ``(destination address, span)``: the chunk's bytes checked against its crc32c in the
-    segment's mapping, then copied to the destination. False at the first that does not match
-    (the ones before it were copied)."""
+def read_whole(spans: dict[str, Span], items: Sequence[tuple[str, torch.Tensor]],
+               bring: Callable[[str], None]) -> dict[Any, list[int]] | None:
+    """Fill each ``(key, tensor)`` (a contiguous CPU tensor) with the chunk ``spans`` holds at
+    ``key`` (``bring(key)`` first makes a peer's chunk local, if it can), each checked against its
+    crc32c; per tier, the bytes and chunks served. None at the first chunk not held whole or not
+    matching (tensors before it may have been filled). A chunk under :data:`SMALL` bytes is
+    checked in the segment's mapping and copied with one ``memmove``; the others are read with
+    ``preadv`` (:func:`pread_many`), a few calls per segment, and checked as they land."""
     memmove, crc = ctypes.memmove, crc32c.crc32c
-    for dest, (_fd, offset, view, base, n, expected, _tier) in items:
-        if crc(view[offset:offset + n]) != expected:
-            return False
-        memmove(dest, base + offset, n)
-    return True
+    groups: dict[int, tuple[list[tuple[int, memoryview]], list[int]]] = {}
+    served: dict[Any, list[int]] = {}
+    last, total = None, [0, 0]  # the tier of the chunk before, and what it served
+    for key, tensor in items:
+        span = spans.get(key)
+        if span is None:
+            bring(key)
+            span = spans.get(key)
+            if span is None:
+                return None
+        fd, offset, view, base, n, expected, tier = span
+        if tensor.nbytes != n:
+            return None
+        if n < SMALL:
+            if crc(view[offset:offset + n]) != expected:
+                return None
+            memmove(tensor.data_ptr(), base + offset, n)
+        else:
+            group = groups.get(fd) or groups.setdefault(fd, ([], []))
+            group[0].append((offset, as_bytes(tensor)))
+            group[1].append(expected)
+        if tier is not last:  # (one tier serves a run of chunks: counted per run)
+            total = served.get(tier) or served.setdefault(tier, [0, 0])
+            last = tier
+        total[0] += n
+        total[1] += 1
+    if not all(pread_many(fd, got) == crcs for fd, (got, crcs) in groups.items()):
+        return None
+    return served
 
 
 def close_fds(fds: list[int]) -> None:

@@ -62,21 +62,21 @@ def test_the_manifest_read_around_the_declarations_is_the_parsed_one(tmp_path, c
     data = open_storage(run).read(f"{fmt.step_dir(3)}/{fmt.META}")
     parsed = fmt.parse_root(data, "zarr.json")["attributes"][fmt.MANIFEST_KEY]
     assert ("consolidated_metadata" in json.loads(data)) == (consolidate == "kept") and parsed.get("writer_runs")
-    found = direct._declarations(data, _leaves(state))
+    found = direct._declarations(data, _leaves(state), "3/")
     assert found is not None
     manifest, keyed = found
     assert {k: v for k, v in manifest.items() if k not in ("arrays", "writer_runs")} == \
            {k: v for k, v in parsed.items() if k not in ("arrays", "writer_runs")}
-    assert sorted(k for k, _ in keyed) == sorted(f"{a['path']}/c.{'.'.join('0' * len(a['shape']))}".rstrip(".")
-                                                 if a["shape"] else f"{a['path']}/c" for a in parsed["arrays"])
+    assert sorted(k for k, _ in keyed) == sorted(f"3/{a['path']}/c.{'.'.join('0' * len(a['shape']))}".rstrip(".")
+                                                 if a["shape"] else f"3/{a['path']}/c" for a in parsed["arrays"])
     # One tensor of another shape, dtype, or one tensor more or fewer: not this text
     for change in ({"model": {**state["model"], "layers.0.w": torch.zeros(3, 4)}},
                    {"half": state["half"].float()}, {"extra": torch.zeros(2)}):
-        assert direct._declarations(data, _leaves({**state, **change})) is None
-    assert direct._declarations(data, _leaves({k: v for k, v in state.items() if k != "half"})) is None
+        assert direct._declarations(data, _leaves({**state, **change}), "3/") is None
+    assert direct._declarations(data, _leaves({k: v for k, v in state.items() if k != "half"}), "3/") is None
     damaged = bytearray(data)
     damaged[data.index(b'"dtype":"float32"') + 10] ^= 1  # a byte of the declarations: the seal refuses it
-    assert direct._declarations(bytes(damaged), _leaves(state)) is None
+    assert direct._declarations(bytes(damaged), _leaves(state), "3/") is None
 
 
 @pytest.mark.parametrize("key", ["w\u00e9ight", 'a"b', "tab\there"])
@@ -119,9 +119,11 @@ def test_small_and_large_chunks_of_one_state_are_both_read_from_memory(tmp_path,
     g = torch.Generator().manual_seed(5)
     state = {"big": torch.randn(256, 512, generator=g), "small": {f"s{i}": torch.randn(7, generator=g) for i in range(30)},
              "mid": torch.randn(spans.SMALL // 4, generator=g)}  # exactly SMALL bytes: not small
-    copied: list[int] = []
-    real = spans.copy_small
-    monkeypatch.setattr("agent.trainer.memory.copy_small", lambda items: copied.append(len(items)) or real(items))
+    copied: list[int] = []  # bytes of each memmove
+    preadv: list[int] = []  # chunks of each pread_many
+    real_move, real_many = spans.ctypes.memmove, spans.pread_many
+    monkeypatch.setattr(spans.ctypes, "memmove", lambda d, s, n: copied.append(n) or real_move(d, s, n))
+    monkeypatch.setattr(spans, "pread_many", lambda fd, got: preadv.append(len(got)) or real_many(fd, got))
     with local_agent(tmp_path, "sizes") as _agent:
         address, run = f"unix://{tmp_path / 'a.sock'}", str(tmp_path / "run")
         with ckpt.Checkpointer(run, agent=address, keep_last=None) as c:
@@ -131,7 +133,7 @@ def test_small_and_large_chunks_of_one_state_are_both_read_from_memory(tmp_path,
         with ckpt.Checkpointer(run, agent=address, keep_last=None) as c:
             assert c.restore(out) == 2
             report = c.last_restore
-    assert copied == [30]
+    assert copied == [7 * 4] * 30 and sum(preadv) == 2
     assert torch.equal(out["big"], state["big"]) and torch.equal(out["mid"], state["mid"])
     assert all(torch.equal(out["small"][k], v) for k, v in state["small"].items())
     assert report.served[Tier.AGENT_MEMORY] == (256 * 512 + 30 * 7 + spans.SMALL // 4) * 4

@@ -207,3 +207,10 @@ def test_bad_keys_are_refused(tmp_path):
             ckpt.save(bad, tmp_path, step=1)
     with pytest.raises(ckpt.StorageError):
         ckpt.save({"a": torch.ones(1)}, "nosuchscheme://x", step=1)
+    # keys that collide once made strings: refused, in a dict, a dict subclass or nested
+    import collections
+
+    for bad in ({1: torch.ones(1), "1": torch.ones(1)}, {"m": {"2": torch.ones(1), 2: torch.ones(1)}},
+                collections.OrderedDict([("3", torch.ones(1)), (3, torch.ones(1))])):
+        with pytest.raises(ckpt.LayoutError, match="collide"):
+            ckpt.save(bad, tmp_path, step=2)
