@@ -123,11 +123,14 @@ class Preparation:
     (:meth:`ckpt.Checkpointer.prepare`): ``work(stop, planned)`` builds them, calls ``planned()``
     once the plan is built and asks ``stop()`` between slabs.
 
-    ``deferred``: the work waits for :meth:`go` (the training loop's next call, after a restore
-    whose next step takes no checkpoint): the node's other ranks, still restoring, then have its
-    cores to themselves, and a restore that is not followed by training (an evaluation) builds
-    nothing. The thread is started at once either way (a thread that starts and runs Python
-    holds its starter for a GIL switch interval, 5 ms; one that starts and waits does not).
+    ``deferred``: the work waits for the training loop's next call (:meth:`called`: a ``save``,
+    an attached optimizer's step), after a restore whose next step takes no checkpoint: the
+    node's other ranks, still restoring, then have its cores to themselves, and a restore that
+    is not followed by training (an evaluation) builds nothing. If that call is the save of a
+    checkpoint (a loop that calls ``save`` only then, as the framework integrations do), the work
+    never begins: that save plans and allocates what it needs itself rather than wait for two
+    slabs. The thread is started at once either way (a thread that starts and runs Python holds
+    its starter for a GIL switch interval, 5 ms; one that starts and waits does not).
 
     :meth:`stop` waits for the plan (CPU work, with the cycle collector paused), not for the
     slabs. A slab being made (pinned, or leased from a node agent, mapped and registered: seconds
@@ -151,6 +154,13 @@ class Preparation:
     def go(self) -> None:
         """Start the deferred work (at once if it was not deferred; then nothing to do)."""
         self._go.set()
+
+    def called(self, checkpoint: bool) -> None:
+        """The training loop's call (``checkpoint``: a save that takes one): see the class."""
+        if checkpoint and not self._go.is_set():
+            self.halt()
+        else:
+            self._go.set()
 
     def _run(self, work: Callable[[Callable[[], bool], Callable[[], None]], None]) -> None:
         try:

@@ -158,8 +158,9 @@ class Checkpointer:
         ``every_n_steps``, or ``force``); returns at once with a handle, or ``None``."""
         self._check_open()
         self._report_errors()
-        self._preparing is not None and self._preparing.go()  # a restore's preparation (see prepare)
-        if not force and step % self.config.every_n_steps != 0:
+        checkpoint = force or step % self.config.every_n_steps == 0
+        self._preparing is not None and self._preparing.called(checkpoint)  # a restore's preparation: see prepare
+        if not checkpoint:
             return None
         t0 = time.perf_counter()
         handle = SnapshotHandle(step)
@@ -206,10 +207,8 @@ class Checkpointer:
                 self.consolidator.close(last=max(done, default=None), keep_every=self.config.keep_every)
             self._plan = None  # it holds views of the slabs
             clear = lambda: self.pool is not None and self.pool.clear()  # (a preparation may make the pool later)
-            if self._preparing is not None:
-                self._preparing.stop(clear)  # not waited for: one still making a slab frees them as it ends
-            else:
-                clear()
+            # A preparation is not waited for: one still making a slab frees them as it ends
+            self._preparing.stop(clear) if self._preparing is not None else clear()
         self._report_errors()
 
     def _commits(self) -> list[Future]:
@@ -233,7 +232,7 @@ class Checkpointer:
     def prepare(self, state: dict[str, Any], *, deferred: bool = False) -> Future:
         """Build the first checkpoint's plan and host memory (pages faulted in) off the training
         thread, so that it stalls the loop no more than later ones; ``restore`` calls it (call it
-        before the loop from scratch), ``deferred`` to the next ``save`` (see ``Preparation``).
+        before the loop from scratch), ``deferred`` to the loop's next call (see ``Preparation``).
         ``state_dict`` calls stay on the caller's thread: beside training they race."""
         expanded = self._expander.expand(state)
 
@@ -352,6 +351,7 @@ class Checkpointer:
         return self.pool
 
     def _before_step(self, index: int) -> None:
+        self._preparing is not None and self._preparing.called(False)  # the loop trains: see prepare
         stage = self._latest_stage
         if stage is None or stage.events[index].is_set():
             return

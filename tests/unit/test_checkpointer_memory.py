@@ -206,3 +206,30 @@ def test_a_restore_whose_next_step_takes_a_checkpoint_prepares_at_once(tmp_path)
         assert ck.restore(state) == 5
         ck._preparing.future.result(60)  # no call of the loop needed
         assert ck._plan is not None and ck.status().host_allocations == 2
+
+
+def test_a_restores_preparation_gives_way_to_a_first_save_that_takes_a_checkpoint(tmp_path):
+    """A loop that calls save only on checkpoint steps (as the framework integrations do): the
+    deferred preparation never begins, and that save plans and allocates its own slab rather
+    than wait for two; an attached optimizer's step is the loop's call too."""
+    state = {"w": torch.randn(4096), "b": torch.randn(16)}
+    with ckpt.Checkpointer(str(tmp_path), pin_memory=False, every_n_steps=100) as ck:
+        ck.save(0, state, force=True)
+    with ckpt.Checkpointer(str(tmp_path), pin_memory=False, every_n_steps=100) as ck:
+        assert ck.restore(state) == 1
+        preparing = ck._preparing
+        ck.save(7, state, force=True).result(60)
+        preparing.join(60)
+        assert not preparing._thread.is_alive() and preparing.future.result(0) is None
+        assert ck.status().host_allocations == 1  # the save's own slab only
+    w = torch.nn.Parameter(torch.randn(64))
+    opt = torch.optim.SGD([w], lr=0.1)
+    with ckpt.Checkpointer(str(tmp_path / "opt"), pin_memory=False, every_n_steps=100) as ck:
+        ck.save(0, {"w": w}, force=True)
+    with ckpt.Checkpointer(str(tmp_path / "opt"), pin_memory=False, every_n_steps=100) as ck:
+        ck.attach(opt)
+        assert ck.restore({"w": w}) == 1
+        w.grad = torch.ones(64)
+        opt.step()  # the loop's first step begins the preparation
+        ck._preparing.future.result(60)
+        assert ck._plan is not None and ck.status().host_allocations == 2
