@@ -84,7 +84,7 @@ class AgentMemoryStorage(RestoreSource):
         self._remote: dict[str, RemoteSnapshot] = {}  # chunk key -> the peer-held snapshot serving it
         # path -> chunks stored contiguously in a segment (spans.Span): read with pread, which
         # copies in the kernel (a fresh mapping would fault a page per few pages first, ~0.06 s
-        # per GiB, a third of the copy); small ones copied out of the mapping (spans.copy_small).
+        # per GiB, a third of the copy); small ones copied out of the mapping (spans.read_whole).
         self._spans: dict[str, Span] = {}
         self._maps: list[Any] = []
         self._fds: list[int] = []
