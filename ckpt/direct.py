@@ -49,14 +49,12 @@ _HEAD = re.compile(rb'\{"zarr_format":3,"node_type":"group","attributes":\{"' + 
                    rb'"created_at":[-+.0-9eE]{1,40},"library_versions":\{[^{}]{0,4096}\},"writers":\{[^{}]{0,4096}\},'
                    rb'"arrays":()\[\{"path":"[ -!#-\[\]-~]{1,4096}","shape":\[[0-9,]{0,200}\],"dtype":"[a-z0-9_]{1,40}",'
                    rb'"chunk_shape":\[[0-9,]{0,200}\],"layout":(\{[^{}]{0,4096}\})(,"chunk_separator":"\.")?\}')
-_RUNS = b',"writer_runs":'
 
 
 def _declarations(data: bytes, leaves: Leaves, prefix: str) -> tuple[dict, list[tuple[str, torch.Tensor]]] | None:
-    """The manifest and the chunk key (after ``prefix``) of every tensor, if the commit point ``data`` declares
-    exactly ``leaves`` as whole arrays held in one chunk (compared as text, see the module);
-    None: match them one by one. The writer runs (who wrote each chunk: this restore reads
-    memory that holds every chunk) are left unparsed too."""
+    """The manifest and the chunk key (after ``prefix``) of every tensor, if the commit point
+    ``data`` declares exactly ``leaves`` as whole arrays held in one chunk (compared as text, see
+    the module); None: match them one by one."""
     m = _HEAD.match(data)
     seal = fmt.root_seal(data) if m is not None else None
     if seal is None:
@@ -86,21 +84,16 @@ def _declarations(data: bytes, leaves: Leaves, prefix: str) -> tuple[dict, list[
     end = start + len(expected)
     if not data.startswith(expected, start):
         return None
-    at, digits_end, stored, consolidated = seal
-    closing = data[at:digits_end] + b"}}" if consolidated else data[at:]
-    runs = data.rfind(_RUNS, end, at)
-    if runs >= 0 and data[at - 1] == ord("}"):  # the runs are the manifest's last member
-        parts = [data[:start], data[end:runs + len(_RUNS)], b"}" + closing]
-    else:
-        parts = [data[:start], data[end:at] + closing]
-    parsed = loads_around(parts)
+    # The rest is parsed (the writer runs too: this restore does not need them, but a document
+    # any reader refuses must not be restored from either)
+    _at, digits_end, stored, consolidated = seal
+    parsed = loads_around([data[:start], data[end:digits_end] + b"}}" if consolidated else data[end:]])
     if parsed is None:
         return None
     doc, stand_in = parsed
     attributes = doc.get("attributes") if type(doc) is dict else None
     manifest = attributes.get(MANIFEST_KEY) if type(attributes) is dict else None
-    if (type(manifest) is not dict or manifest.get("arrays") != stand_in or attributes.get(fmt.SEAL_KEY) != stored
-            or (len(parts) == 3 and manifest.get("writer_runs") != stand_in)):
+    if type(manifest) is not dict or manifest.get("arrays") != stand_in or attributes.get(fmt.SEAL_KEY) != stored:
         return None
     return manifest, [(f"{prefix}{path}{text[1]}", leaf) for path, text, leaf in entries]
 

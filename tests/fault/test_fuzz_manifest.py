@@ -182,3 +182,63 @@ def test_the_fragment_reader_reads_what_json_reads(data):
             jsondocs.loads_fragment(bytes(raw), "f")
         return
     assert jsondocs.loads_fragment(bytes(raw), "f") == expected
+
+
+def _reseal(raw: bytes) -> bytes:
+    """``raw`` with its commit point's seal made to match its bytes again (a writer's own doing)."""
+    import re
+
+    import crc32c
+
+    seal = b',"' + fmt.SEAL_KEY.encode() + b'":'
+    at = raw.rfind(seal)
+    m = re.compile(rb"\d{1,10}").match(raw, at + len(seal)) if at >= 0 else None
+    if m is None:
+        return raw
+    return raw[:m.start()] + str(crc32c.crc32c(raw[m.end():], crc32c.crc32c(raw[:at]))).encode() + raw[m.end():]
+
+
+@pytest.fixture(scope="module")
+def packs_step(tmp_path_factory):
+    """A packs step (writer runs in its commit point) of a state of mixed shapes and dtypes."""
+    root = tmp_path_factory.mktemp("fuzzdirect")
+    state = {"model": {f"l{i}.w": torch.randn(3, i + 1) for i in range(6)}, "norm": torch.ones(5, dtype=torch.bfloat16),
+             "step": torch.tensor(7), "v": {"lr": 0.5}}
+    with ckpt.Checkpointer(str(root), keep_last=None, consolidate="never") as c:
+        c.save(3, state, force=True).result(60)
+    return (root / fmt.step_dir(3) / fmt.META).read_bytes(), state
+
+
+@FUZZ
+@given(st.data())
+def test_the_one_pass_restore_takes_declarations_as_text_only_where_json_reads_them_so(packs_step, data):
+    """``ckpt.direct._declarations`` compares the declarations a state implies with a commit
+    point's as text: on any bytes (sealed again after the change, as a writer would), when it
+    takes them, ``json.loads`` reads that very document: the same declarations and the same
+    manifest around them."""
+    from ckpt import direct
+    from ckpt.state import flatten
+
+    pristine, state = packs_step
+    leaves = [(p, t) for p, t, is_tensor in flatten(state) if is_tensor]
+    declared = json.loads(pristine)["attributes"]["ckpt"]["arrays"]
+    raw = bytearray(pristine)
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(raw) - 1))
+        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        if op == "flip":
+            raw[at] = data.draw(st.sampled_from(b'",:[]{}0123456789abc \\.'))
+        elif op == "cut":
+            del raw[at:at + data.draw(st.integers(1, 8))]
+        else:
+            raw[at:at] = data.draw(st.sampled_from([b',"writer_runs":{}', b',"arrays":[]', b'{}', b'"x"', b'}', b'{',
+                                                    b',"k":1', b'\\"']))
+    body = _reseal(bytes(raw)) if data.draw(st.integers(0, 9)) else bytes(raw)
+    taken = direct._declarations(body, leaves, "")
+    if taken is None:
+        return
+    doc = json.loads(body)  # taken: it is JSON, and these are its declarations and manifest
+    manifest = doc["attributes"]["ckpt"]
+    assert manifest["arrays"] == declared
+    assert {k: v for k, v in manifest.items() if k not in ("arrays", "writer_runs")} == \
+           {k: v for k, v in taken[0].items() if k not in ("arrays", "writer_runs")}
