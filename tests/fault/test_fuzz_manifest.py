@@ -153,6 +153,21 @@ def test_load_verify_and_cli_on_a_mutated_commit_point(run_dir, data):
         path.write_bytes(pristine)
 
 
+def _mutated(base: bytes, data, flips: bytes, inserts: list[bytes]) -> bytearray:
+    """``base`` with 1 to 3 bytes flipped to one of ``flips``, runs cut, or ``inserts`` put in."""
+    raw = bytearray(base)
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(raw) - 1))
+        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        if op == "flip":
+            raw[at] = data.draw(st.sampled_from(flips))
+        elif op == "cut":
+            del raw[at:at + data.draw(st.integers(1, 8))]
+        else:
+            raw[at:at] = data.draw(st.sampled_from(inserts))
+    return raw
+
+
 @FUZZ
 @given(st.data())
 def test_the_fragment_reader_reads_what_json_reads(data):
@@ -163,16 +178,7 @@ def test_the_fragment_reader_reads_what_json_reads(data):
 
     base = fmt.dumps(fmt.seal_fragment(_valid_fragment_dict()))
     jsondocs.loads_fragment(base, "f")  # its declarations known
-    raw = bytearray(base)
-    for _ in range(data.draw(st.integers(1, 3))):
-        at = data.draw(st.integers(0, len(raw) - 1))
-        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
-        if op == "flip":
-            raw[at] = data.draw(st.sampled_from(b'",:[]{}0123456789abc \\'))
-        elif op == "cut":
-            del raw[at:at + data.draw(st.integers(1, 8))]
-        else:
-            raw[at:at] = data.draw(st.sampled_from([b'"arrays":[]', b',"arrays":[],', b'{}', b'[1]', b'\\"']))
+    raw = _mutated(base, data, b'",:[]{}0123456789abc \\', [b'"arrays":[]', b',"arrays":[],', b'{}', b'[1]', b'\\"'])
     if data.draw(st.integers(0, 9)) == 0:  # a second "arrays" member, last: json keeps it
         raw[-1:] = b',"arrays":[]}'
     try:
@@ -222,17 +228,8 @@ def test_the_one_pass_restore_takes_declarations_as_text_only_where_json_reads_t
     pristine, state = packs_step
     leaves = [(p, t) for p, t, is_tensor in flatten(state) if is_tensor]
     declared = json.loads(pristine)["attributes"]["ckpt"]["arrays"]
-    raw = bytearray(pristine)
-    for _ in range(data.draw(st.integers(1, 3))):
-        at = data.draw(st.integers(0, len(raw) - 1))
-        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
-        if op == "flip":
-            raw[at] = data.draw(st.sampled_from(b'",:[]{}0123456789abc \\.'))
-        elif op == "cut":
-            del raw[at:at + data.draw(st.integers(1, 8))]
-        else:
-            raw[at:at] = data.draw(st.sampled_from([b',"writer_runs":{}', b',"arrays":[]', b'{}', b'"x"', b'}', b'{',
-                                                    b',"k":1', b'\\"']))
+    raw = _mutated(pristine, data, b'",:[]{}0123456789abc \\.',
+                   [b',"writer_runs":{}', b',"arrays":[]', b'{}', b'"x"', b'}', b'{', b',"k":1', b'\\"'])
     body = _reseal(bytes(raw)) if data.draw(st.integers(0, 9)) else bytes(raw)
     taken = direct._declarations(body, leaves, "")
     if taken is None:
