@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .hostpool import aligned
+from .hostpool import carved_bytes
 from .layout import Sharded, is_dtensor, layout_of
 from .plan import SavePlan, TensorItem, plan_items
 from .planning import WriteRequest
@@ -76,7 +76,7 @@ class CapturePlan:
         mine_idx = [i for i, it in enumerate(items) if id(it.tensor) in written]
         position = {id(items[i].tensor): n for n, i in enumerate(mine_idx)}
         request_items = [position[id(r.tensor)] for r in plan.requests]
-        nbytes = sum(aligned(items[i].tensor.numel() * items[i].tensor.element_size()) for i in mine_idx)
+        nbytes = carved_bytes(items[i].tensor.numel() * items[i].tensor.element_size() for i in mine_idx)
         return cls(key, items, plan, mine_idx, request_items, nbytes)
 
     @property

@@ -1,7 +1,7 @@
 """Host memory for snapshots: slabs allocated once under a hard budget and reused.
 
 A snapshot takes one slab big enough for every tensor this process writes, carved into
-aligned views. Slabs return to the pool when the snapshot is persisted, and the next
+views: a tensor of a page or more starts on a page, a smaller one on a cache line. Slabs return to the pool when the snapshot is persisted, and the next
 snapshot of the same size reuses one, so after warm-up no checkpoint allocates. On CUDA the
 slabs are pinned, so device-to-host copies run at full bandwidth and asynchronously.
 """
@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
@@ -20,11 +21,27 @@ from .errors import CkptError
 
 log = logging.getLogger(__name__)
 
-ALIGN = 4096  # every tensor starts on a page: chunk bodies can be written with O_DIRECT
+ALIGN = 4096  # a tensor of a page or more starts on a page: its chunk bodies can be written with O_DIRECT
+DENSE = 64  # a smaller one starts on a cache line (every element size divides it)
 
 
 def aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
+
+
+def slot(used: int, n: int) -> int:
+    """Where a tensor of ``n`` bytes starts in a slab whose first ``used`` bytes are taken. Small
+    tensors lie side by side: a model's thousands of norms and biases then take a few pages, not
+    a page each (a page fault each to stage, and again to read back)."""
+    return -(-used // ALIGN) * ALIGN if n >= ALIGN else -(-used // DENSE) * DENSE
+
+
+def carved_bytes(sizes: Iterable[int]) -> int:
+    """The bytes of a slab that tensors of ``sizes`` bytes, carved in that order, take."""
+    used = 0
+    for n in sizes:
+        used = slot(used, n) + n
+    return used
 
 
 class HostBudgetError(ValueError):
@@ -54,7 +71,7 @@ class Slab:
         return self.buffer.numel()
 
     def carve(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A contiguous tensor of ``shape`` and ``dtype`` at the next page of the slab (one
+        """A contiguous tensor of ``shape`` and ``dtype`` at the slab's next :func:`slot` (one
         strided view of the slab seen as ``dtype``: thousands are carved per plan)."""
         itemsize = dtype.itemsize
         stride = []
@@ -64,10 +81,10 @@ class Slab:
             step *= max(size, 1)
             numel *= size
         n = numel * itemsize
-        start = self.used
+        start = slot(self.used, n)
         if start + n > self.nbytes:
             raise HostBudgetError(f"slab of {self.nbytes} bytes cannot hold {start + n}")
-        self.used = aligned(start + n)
+        self.used = start + n
         typed = self._typed.get(dtype)
         if typed is None:
             typed = self._typed[dtype] = self.buffer[: self.nbytes - self.nbytes % itemsize].view(dtype)
@@ -132,7 +149,7 @@ class HostBufferPool:
                 cancel: threading.Event | None = None) -> Slab | None:
         """A slab of at least ``nbytes``; ``None`` if not ``block`` (or timed out, or ``cancel``
         was set: :meth:`wake` ends a wait at once) and none is free."""
-        need = aligned(max(nbytes, 1))
+        need = max(nbytes, 1)
         if need > self.budget:
             raise HostBudgetError(
                 f"a snapshot needs {need / 2**20:.1f} MiB of host memory, more than the whole budget of "

@@ -23,7 +23,7 @@ import torch
 from torch.distributed.checkpoint.staging import AsyncStager
 
 from ..errors import CkptError
-from ..hostpool import ALIGN, HostBufferPool, Slab, aligned
+from ..hostpool import ALIGN, HostBufferPool, Slab, carved_bytes
 from ..layout import is_dtensor
 
 
@@ -80,7 +80,7 @@ class HostStager(AsyncStager):
     def _stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         sources: list[torch.Tensor] = []
         _walk(state_dict, lambda t: sources.append(_local(t)) or t)
-        need = sum(aligned(t.numel() * t.element_size()) for t in sources)
+        need = carved_bytes(t.numel() * t.element_size() for t in sources)
         slab = self.pool.acquire(need, timeout=self.wait_timeout_s)
         if slab is None:
             raise CkptError(f"no host memory to stage {need / 2**20:.1f} MiB within {self.wait_timeout_s:.0f} s: "
