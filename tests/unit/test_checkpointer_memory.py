@@ -93,6 +93,29 @@ def test_a_snapshot_with_no_tensor_bytes_fits_the_automatic_budget():
     assert pool.budget >= 2 << 20 and pool.acquire(1 << 20) is not None
 
 
+def test_small_tensors_lie_side_by_side_in_a_slab_and_a_page_or_more_starts_on_a_page():
+    """Thousands of small tensors (norms, biases, a tiny model's weights) take a few pages of a
+    slab, not a page each; a tensor of a page or more still starts on one (O_DIRECT)."""
+    from ckpt.hostpool import ALIGN, DENSE, HostBufferPool, carved_bytes
+
+    shapes = [((8, 8), torch.float32), ((3,), torch.float16), ((1024,), torch.float32), ((5,), torch.complex128),
+              ((2, 2), torch.bfloat16), ((4096,), torch.uint8)]
+    sizes = [torch.Size(s).numel() * d.itemsize for s, d in shapes]
+    need = carved_bytes(sizes)
+    slab = HostBufferPool(1 << 20).acquire(need)
+    views = [slab.carve(s, d) for s, d in shapes]
+    offsets = [slab.offset_of(v) for v in views]
+    assert offsets == [0, 256, 4096, 8192, 8192 + 128, 3 * 4096] and slab.used == need == 4 * 4096
+    assert all(o % (ALIGN if n >= ALIGN else DENSE) == 0 for o, n in zip(offsets, sizes))
+    for v, (s, d) in zip(views, shapes):
+        assert v.is_contiguous() and tuple(v.shape) == s and v.dtype == d
+    for i, v in enumerate(views):  # disjoint: each keeps what was written to it
+        v.view(torch.uint8).fill_(i + 1)
+    assert [int(v.view(torch.uint8).min()) for v in views] == [int(v.view(torch.uint8).max()) for v in views] == \
+        list(range(1, len(views) + 1))
+    assert carved_bytes([256] * 2160) == 2160 * 256  # a 2,160-array model of 8 x 8: 0.55 MB, not 8.8 MB
+
+
 def test_prefault_stops_between_slabs_when_asked(tmp_path):
     """A Checkpointer closed while it prepares its first checkpoint stops allocating host memory
     nobody will use (a restore then close no longer waits for two slabs of pinned memory)."""
