@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import Any
 
 import crc32c
@@ -98,18 +99,20 @@ def read_whole(spans: dict[str, Span], items: Sequence[tuple[str, torch.Tensor]]
     matching (tensors before it may have been filled). A chunk under :data:`SMALL` bytes is
     checked in the segment's mapping and copied with one ``memmove``; the others are read with
     ``preadv`` (:func:`pread_many`), a few calls per segment, and checked as they land."""
+    if not items:
+        return {}
+    keys, tensors = zip(*items)
+    found = list(map(spans.get, keys))  # thousands of lookups in one C loop
+    if None in found:
+        for i, key in enumerate(keys):
+            if found[i] is None:
+                bring(key)
+                found[i] = spans.get(key)
+                if found[i] is None:
+                    return None
     memmove, crc = ctypes.memmove, crc32c.crc32c
     groups: dict[int, tuple[list[tuple[int, memoryview]], list[int]]] = {}
-    served: dict[Any, list[int]] = {}
-    last, total = None, [0, 0]  # the tier of the chunk before, and what it served
-    for key, tensor in items:
-        span = spans.get(key)
-        if span is None:
-            bring(key)
-            span = spans.get(key)
-            if span is None:
-                return None
-        fd, offset, view, base, n, expected, tier = span
+    for (fd, offset, view, base, n, expected, _tier), tensor in zip(found, tensors):
         if tensor.nbytes != n:
             return None
         if n < SMALL:
@@ -120,13 +123,16 @@ def read_whole(spans: dict[str, Span], items: Sequence[tuple[str, torch.Tensor]]
             group = groups.get(fd) or groups.setdefault(fd, ([], []))
             group[0].append((offset, as_bytes(tensor)))
             group[1].append(expected)
-        if tier is not last:  # (one tier serves a run of chunks: counted per run)
-            total = served.get(tier) or served.setdefault(tier, [0, 0])
-            last = tier
-        total[0] += n
-        total[1] += 1
     if not all(pread_many(fd, got) == crcs for fd, (got, crcs) in groups.items()):
         return None
+    tiers = set(map(itemgetter(6), found))
+    if len(tiers) == 1:  # (one tier served all: counted in C loops)
+        return {tiers.pop(): [sum(map(itemgetter(4), found)), len(found)]}
+    served: dict[Any, list[int]] = {}
+    for span in found:
+        total = served.get(span[6]) or served.setdefault(span[6], [0, 0])
+        total[0] += span[4]
+        total[1] += 1
     return served
 
 
