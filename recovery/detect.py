@@ -72,6 +72,7 @@ class RankState:
     started_at: float
     step: int | None = None
     progress_at: float | None = None  # when ``step`` last increased
+    first_progress_at: float | None = None  # when the attempt's first step arrived (training resumed)
     seen_at: float | None = None  # last heartbeat of any kind
     metrics: dict[str, float] = field(default_factory=dict)
     node: str | None = None
@@ -80,7 +81,8 @@ class RankState:
 
     def to_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "step": self.step, "progress_at": self.progress_at, "seen_at": self.seen_at,
-                "metrics": dict(self.metrics), "node": self.node, "sections": self.sections}
+                "first_progress_at": self.first_progress_at, "metrics": dict(self.metrics), "node": self.node,
+                "sections": self.sections}
 
 
 class Membership:
@@ -123,6 +125,8 @@ class Membership:
         if step is not None and (st.step is None or step > st.step):
             st.step = step
             st.progress_at = now
+            if st.first_progress_at is None:
+                st.first_progress_at = now
         st.metrics.update({k: float(v) for k, v in metrics.items()})
         if timing is not None:
             sections, seconds, measured = int(timing[0]), float(timing[1]), bool(timing[2])

@@ -335,9 +335,13 @@ class Supervisor:
         if prog.get("attempt") == self.job.attempt and prog.get("last_step") is not None:
             base = rec.restore_step if rec.restore_step is not None else -1
             if prog["last_step"] > base:
-                rec.resumed_after_s = snap["now"] - rec.failure.detected_at
-                self.log(ev.RESUMED, f"training resumed: step {prog['last_step']} reached "
-                         f"{rec.resumed_after_s:.1f} s after the failure was detected", step=prog["last_step"],
+                # when the ranks' first steps arrived (each sends its first at once), not this poll
+                firsts = [r.get("first_progress_at") for r in prog.get("ranks", {}).values()]
+                at = max((t for t in firsts if t is not None), default=None)
+                rec.resumed_after_s = (snap["now"] if at is None else at) - rec.failure.detected_at
+                self.log(ev.RESUMED, f"training resumed: the first step after the restore reached the coordinator "
+                         f"{rec.resumed_after_s:.1f} s after the failure was detected (step {prog['last_step']} now)",
+                         step=prog["last_step"],
                          seconds=rec.resumed_after_s)
                 self._pending_restore = None
 

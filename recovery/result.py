@@ -32,7 +32,7 @@ class RecoveryRecord:
     restore_bytes: dict[str, int] = field(default_factory=dict)  # per tier
     restore_s: float | None = None  # the slowest rank's restore
     fallbacks: list[dict[str, Any]] = field(default_factory=list)  # see restore_fallbacks
-    resumed_after_s: float | None = None  # detection -> first step of the new attempt
+    resumed_after_s: float | None = None  # detection -> the new attempt's first step reached the coordinator (every rank's)
     steps_lost: int | None = None  # steps rolled back (0 for a heal, up to a step reported by a lost rank only)
 
     def to_dict(self) -> dict[str, Any]:

@@ -125,6 +125,7 @@ class Reporter:
         now = time.perf_counter()
         with self._lock:
             if step is not None:
+                force = force or self._step is None  # the attempt's first step: the coordinator learns of it at once
                 self._step = step
                 if not self._measured and self._last_report is not None:
                     self._sections += 1

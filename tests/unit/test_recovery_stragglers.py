@@ -277,3 +277,25 @@ def test_reporter_reads_cuda_timings_once_the_gpu_passed_them_in_order():
     assert rep.timing == (1, pytest.approx(0.04), True)  # the second is not done: it and the third wait
     late.done = True
     assert rep.timing == (3, pytest.approx(0.04 + 0.2 + 0.05), True) and not rep._pending
+
+
+def test_the_first_step_of_an_attempt_is_sent_at_once_and_remembered_by_the_coordinator():
+    """How long recovery took is read from when each rank's first step arrived, not from when
+    the driver next polled: the Reporter sends that step at once, the coordinator keeps its time."""
+    from recovery.detect import DetectConfig, Membership
+    from recovery.worker import Reporter
+
+    sent: list[int | None] = []
+    rep = Reporter(None, 0, 0, 1, None, 60.0)  # a heartbeat a minute: only forced ones go now
+    rep.flush = lambda: sent.append(rep._step)  # type: ignore[method-assign]
+    rep.heartbeat(None, {}, force=True)
+    rep.heartbeat(31, {})
+    rep.heartbeat(32, {})
+    assert sent == [None, 31]
+    m = Membership(DetectConfig())
+    m.begin_attempt(1, 2, now=0)
+    m.heartbeat(1, 0, 2, None, {}, now=1)
+    m.heartbeat(1, 0, 2, 31, {}, now=2)
+    m.heartbeat(1, 0, 2, 32, {}, now=3)
+    ranks = m.progress()["ranks"]
+    assert (ranks[0]["first_progress_at"], ranks[0]["progress_at"], ranks[1]["first_progress_at"]) == (2, 3, None)
