@@ -137,6 +137,11 @@ class RunConfig:
     # worker's resources), where the cluster has room beyond the ranks; a lost rank is replaced by
     # one at once instead of by a process that must boot (recovery.spares).
     spares: int = 0
+    # Warm standbys: this many worker processes per node booted ahead that hold no resources (a
+    # few hundred MB of host memory each); a process that dies on a node that lives on is
+    # replaced, in place, by its node's standby, which takes the lost process's GPU
+    # (recovery.spares.Standbys). 0: a replacement boots a new process (seconds).
+    standby: int = 1
     interrupt_timeout_s: float = 5.0
     poll_interval_s: float = 0.2
     # The job's metrics (recovery.metrics, docs/metrics.md): "ray" (Ray's metrics, exported at the
@@ -176,8 +181,9 @@ class RunConfig:
             raise ValueError(f"RunConfig.agent_memory_bytes must be a positive integer, got {self.agent_memory_bytes!r}")
         if isinstance(self.agent_replicas, bool) or not isinstance(self.agent_replicas, int) or self.agent_replicas < 0:
             raise ValueError(f"RunConfig.agent_replicas must be an integer >= 0, got {self.agent_replicas!r}")
-        if isinstance(self.spares, bool) or not isinstance(self.spares, int) or self.spares < 0:
-            raise ValueError(f"RunConfig.spares must be an integer >= 0, got {self.spares!r}")
+        for name in ("spares", "standby"):
+            if isinstance(v := getattr(self, name), bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"RunConfig.{name} must be an integer >= 0, got {v!r}")
         if self.agent_replicas and self.agent != "actor":
             raise ValueError("RunConfig.agent_replicas needs agent='actor'; an external agent replicates by its own "
                              "configuration (peers, replicas)")

@@ -70,7 +70,7 @@ def survivors(job: WorkerJob) -> dict[int, Any]:
     for r in replace:  # first: their peers blocked in a collective with them fail at once
         kill(workers[r])
     # Their replacements boot (a process, imports) while the others stop and the agents settle.
-    fresh = {r: job.new_worker(r, len(workers), job.attempt + 1) for r in replace}
+    fresh = {r: job.new_worker(r, len(workers), job.attempt + 1, in_place=True) for r in replace}
     alive = {r: w for r, w in enumerate(workers) if r not in replace}
     calls = {w.interrupt.remote(job.attempt, job.keep_state): r for r, w in alive.items()}
     runs = {ref: r for ref, r in job.run_refs.items() if r in alive}
@@ -101,7 +101,7 @@ def survivors(job: WorkerJob) -> dict[int, Any]:
 
         if kept.pop(r, None) is not None:
             kill(alive[r])
-            fresh[r] = job.new_worker(r, len(workers), job.attempt + 1)
+            fresh[r] = job.new_worker(r, len(workers), job.attempt + 1, in_place=True)
     for ref in ready:
         try:
             ray.get(ref)  # INTERRUPTED, or what a rank that had finished returned: it trains again
@@ -124,7 +124,7 @@ def live_states(job: WorkerJob) -> dict[int, LiveState]:
         except (RayError, GetTimeoutError):
             kill(job.kept.pop(r))  # it does not answer: replaced like a lost one
             job.fresh.add(r)
-            job.kept[r] = job.new_worker(r, job.world_size, job.attempt + 1)
+            job.kept[r] = job.new_worker(r, job.world_size, job.attempt + 1, in_place=True)
     return out
 
 

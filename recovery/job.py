@@ -34,7 +34,7 @@ from .live import HealSpec, LiveState, receivers_of
 from .placement import Placement
 from .policy import DataParallelJob
 from .restore import RestorePoint, writer_tiers
-from .spares import Spares
+from .spares import Spares, Standbys
 from .worker import TrainContext, WorkerSpec
 from .worker_process import Worker
 
@@ -61,6 +61,11 @@ class WorkerJob(DataParallelJob):
         self.in_a_row = 0
         self.spares = Spares(config.spares, boot=lambda bundle: self._worker_in(bundle, -1, 0, -1), kill=kill,
                              warm=lambda actor: actor.warm.remote(self.train_fn_ref))
+        self.standbys = Standbys(config.standby, kill=kill, warm=lambda actor: actor.warm.remote(self.train_fn_ref),
+                                 boot=lambda node: ray.remote(Worker).options(  # no resources: see Standbys
+                                     num_cpus=0, num_gpus=0, max_restarts=0, max_concurrency=4, scheduling_strategy=
+                                     NodeAffinitySchedulingStrategy(node, soft=False)).remote(-1, 0, -1))
+        self.rank_gpus: dict[int, list[Any]] = {}  # rank -> the GPU ids Ray gave its process
         self.failure: Failure | None = None  # the failure being recovered (set by the run loop)
         self.kept: dict[int, Any] = {}  # rank -> worker kept in place (or booted ahead) for the next attempt
         self.fresh: set[int] = set()  # the ranks of ``kept`` that are replacements booted ahead
@@ -276,6 +281,7 @@ class WorkerJob(DataParallelJob):
             infos = ray.get([w.node_info.remote() for w in self.workers])
         nodes = [i["node"] for i in infos]
         self.rank_node = dict(enumerate(nodes))
+        self.rank_gpus = {r: i.get("gpus") or [] for r, i in enumerate(infos)}
         self.fleet.ensure(set(nodes))
         port = ray.get(self.workers[0].open_store.remote(world_size, cfg.collective_timeout_s))
         base = WorkerSpec(backend=cfg.torch_backend, master_addr=infos[0]["ip"], master_port=port,
@@ -306,9 +312,10 @@ class WorkerJob(DataParallelJob):
         """The workers of an attempt: those kept in place, new ones in the other bundles."""
         return [kept.get(i) or self.new_worker(i, world_size, attempt) for i in range(world_size)]
 
-    def new_worker(self, rank: int, world_size: int, attempt: int) -> Any:
+    def new_worker(self, rank: int, world_size: int, attempt: int, *, in_place: bool = False) -> Any:
         """A worker for rank ``rank``: a hot spare where one is ready (it takes the spare's
-        bundle), else a new actor in the rank's bundle."""
+        bundle), else (``in_place``: the rank's bundle is still the job's) its node's warm
+        standby, else a new actor in the rank's bundle."""
         spare = self.spares.take(self.placement.pg, self.placement.lost_nodes) if self.spares.count else None
         if spare is not None:
             self.bundles[rank] = spare.bundle
@@ -316,6 +323,14 @@ class WorkerJob(DataParallelJob):
                      f"{(spare.node or '?')[:12]} (pid {spare.pid}, booted {time.monotonic() - spare.booted_at:.1f} s "
                      "before)", rank=rank, bundle=spare.bundle, node=spare.node, pid=spare.pid, taken=self.spares.taken)
             return spare.actor
+        node = self.rank_node.get(rank)
+        sb = (self.standbys.take(node, self.rank_gpus.get(rank, [])) if in_place and node not in self.placement.lost_nodes
+              else None)
+        if sb is not None:
+            self.log(ev.SPARE, f"rank {rank} replaced by the warm standby on node {sb.node[:12]} (pid {sb.pid}, "
+                     f"booted {time.monotonic() - sb.booted_at:.1f} s before)", rank=rank, node=sb.node, pid=sb.pid,
+                     standby=True, taken=self.standbys.taken)
+            return sb.actor
         return self._worker_in(self._bundle_for(rank), rank, world_size, attempt)
 
     def _worker_in(self, bundle: int, rank: int, world_size: int, attempt: int) -> Any:
@@ -324,8 +339,16 @@ class WorkerJob(DataParallelJob):
             rank, world_size, attempt)
 
     def tend_spares(self) -> None:
-        """Boot hot spares in the bundles no rank and no spare uses, up to ``RunConfig.spares``."""
+        """Boot hot spares in the bundles no rank and no spare uses, up to ``RunConfig.spares``,
+        and warm standbys on the job's nodes, up to ``RunConfig.standby`` each."""
         pl = self.placement
+        if self.standbys.per_node:
+            for sb in self.standbys.newly_ready():
+                self.log(ev.SPARE, f"warm standby ready on node {sb.node[:12]} (pid {sb.pid}, booted in "
+                         f"{time.monotonic() - sb.booted_at:.1f} s)", node=sb.node, pid=sb.pid, standby=True)
+            if booted_on := self.standbys.tend(set(self.rank_node.values()), pl.lost_nodes):
+                self.log(ev.SPARE, f"booting {len(booted_on)} warm standby(s) on {len(set(booted_on))} node(s)",
+                         standby=True, nodes=len(set(booted_on)))
         if not self.spares.count or pl.pg is None:
             return
         for sp in self.spares.newly_ready():
@@ -360,6 +383,7 @@ class WorkerJob(DataParallelJob):
     def shutdown(self) -> None:
         self._kill_workers()
         self.spares.drop()
+        self.standbys.drop()
         self.fleet.shutdown()
         try:
             self.placement.release()

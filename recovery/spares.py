@@ -1,4 +1,6 @@
-"""Hot spare workers: worker processes booted ahead (Python, torch and the job's modules imported,
+"""Hot spares and warm standbys.
+
+Hot spare workers: worker processes booted ahead (Python, torch and the job's modules imported,
 ``train_fn`` loaded) that wait in placement-group bundles no rank uses, and replace a lost rank
 at once instead of a process that must boot first (seconds on a loaded node: most of a restart
 in place). ``RunConfig.spares`` says how many a job keeps; each holds a worker's resources.
@@ -7,6 +9,9 @@ A spare taken is replaced by a new one in a free bundle (the lost rank's, where 
 on) once the attempt it joined has trained a step, so that its boot does not compete with the
 recovery it would slow down. Spares live in the job's placement group: a new group (a resize,
 a restart of everything) drops them, and they are booted again in the new one.
+
+Warm standbys (:class:`Standbys`, ``RunConfig.standby``) are booted the same way but hold no
+resources: one per node (by default), replacing a process that died on a node that lives on.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import GetTimeoutError, RayError
 
 log = logging.getLogger(__name__)
 
@@ -117,4 +122,92 @@ class Spares:
     def drop(self) -> None:
         for spare in self.idle.values():
             self._kill(spare.actor)
+        self.idle = {}
+
+
+@dataclass(slots=True)
+class Standby:
+    actor: Any
+    node: str
+    ready: Any  # the ref of its ``warm`` call
+    booted_at: float
+    pid: int | None = None
+
+
+class Standbys:
+    """Warm standby workers: per node of the job, ``per_node`` worker processes booted ahead like
+    hot spares (Python, torch, torch._dynamo and the job's modules imported, ``train_fn``
+    loaded) that hold no resources: no bundle, no CPU or GPU of Ray's. A rank whose process
+    died on a node that lives on is replaced, in place, by that node's standby: the lost
+    process's bundle stays the rank's, and the standby takes the GPU(s) the lost process had
+    (``Worker.adopt``). What it costs is a process's host memory per node (a few hundred MB),
+    where a hot spare holds a worker's resources. ``boot(node)`` makes one on ``node``."""
+
+    def __init__(self, per_node: int, boot: Callable[[str], Any], kill: Callable[[Any], None],
+                 warm: Callable[[Any], Any]) -> None:
+        self.per_node = per_node
+        self._boot, self._kill, self._warm = boot, kill, warm
+        self.idle: dict[str, list[Standby]] = {}  # node -> its standbys (booting or ready)
+        self.taken = 0
+
+    def tend(self, nodes: Iterable[str], lost: set[str]) -> list[str]:
+        """Boot standbys on ``nodes`` until each has ``per_node``; forget those on ``lost`` nodes.
+        The nodes booted on."""
+        for node in [n for n in self.idle if n in lost]:
+            for sb in self.idle.pop(node):
+                self._kill(sb.actor)
+        booted = []
+        for node in sorted(set(nodes) - lost):
+            have = self.idle.setdefault(node, [])
+            while len(have) < self.per_node:
+                try:
+                    actor = self._boot(node)
+                    have.append(Standby(actor, node, self._warm(actor), time.monotonic()))
+                    booted.append(node)
+                except Exception:  # a standby is an optimisation: the job goes on without it
+                    log.warning("booting a standby worker on node %s failed", node[:12], exc_info=True)
+                    break
+        return booted
+
+    def newly_ready(self) -> list[Standby]:
+        """The standbys that finished booting since the last call (one that died is dropped)."""
+        waiting = [sb for have in self.idle.values() for sb in have if sb.pid is None]
+        if not waiting:
+            return []
+        done, _ = ray.wait([sb.ready for sb in waiting], num_returns=len(waiting), timeout=0)
+        return [sb for sb in waiting if sb.ready in done and self._answer(sb)]
+
+    def _answer(self, sb: Standby) -> bool:
+        if sb.pid is not None:
+            return True
+        try:
+            sb.pid = ray.get(sb.ready, timeout=0)["pid"]
+            return True
+        except RayError:  # its process died: gone
+            self.idle[sb.node].remove(sb)
+            self._kill(sb.actor)
+            return False
+
+    def take(self, node: str | None, gpus: list[Any]) -> Standby | None:
+        """A standby on ``node`` that finished booting, answers, and took over the GPU(s) ``gpus``
+        (none: a CPU job's rank), or ``None``: the caller's now. One that cannot is killed."""
+        have = self.idle.get(node) if node is not None else None
+        for sb in list(have or ()):
+            done, _ = ray.wait([sb.ready], timeout=0)
+            if not done or not self._answer(sb):
+                continue
+            have.remove(sb)  # type: ignore[union-attr]
+            try:
+                if ray.get(sb.actor.adopt.remote(gpus), timeout=10):  # (and it still lives)
+                    self.taken += 1
+                    return sb
+            except (RayError, GetTimeoutError):
+                pass
+            self._kill(sb.actor)
+        return None
+
+    def drop(self) -> None:
+        for have in self.idle.values():
+            for sb in have:
+                self._kill(sb.actor)
         self.idle = {}

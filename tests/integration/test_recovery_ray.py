@@ -261,10 +261,10 @@ def test_a_second_failure_right_after_a_reload_in_place(cluster, tmp_path):
 
 class _KillOnceASpareIsReady:
     """An event stream (``json_events``) that SIGKILLs rank ``rank``'s process once a hot spare
-    reports ready, and keeps the events it saw."""
+    (``standby``: a warm standby) reports ready, and keeps the events it saw."""
 
-    def __init__(self, rank: int) -> None:
-        self.rank, self.pids, self.events, self.killed = rank, [], [], False
+    def __init__(self, rank: int, standby: bool = False) -> None:
+        self.rank, self.pids, self.events, self.killed, self.standby = rank, [], [], False, standby
 
     def write(self, line: str) -> int:
         import json
@@ -277,7 +277,8 @@ class _KillOnceASpareIsReady:
             self.events.append(e)
             if e["kind"] == "workers_started":
                 self.pids = e["fields"]["pids"]
-            if e["kind"] == "spare" and "ready" in e["message"] and not self.killed:
+            if (e["kind"] == "spare" and "ready" in e["message"] and bool(e["fields"].get("standby")) == self.standby
+                    and not self.killed):
                 self.killed = True
                 os.kill(self.pids[self.rank], signal.SIGKILL)
         return len(line)
@@ -293,7 +294,7 @@ def test_a_hot_spare_replaces_the_lost_rank_and_another_boots_in_its_place(clust
     # (long enough for a spare to boot on a loaded machine; the kill comes as soon as it has)
     trainer = DemoTrainer(steps=400, width=32, depth=2, global_batch=8, step_sleep_s=0.05, return_state=True)
     stream = _KillOnceASpareIsReady(rank=1)
-    result = _run(trainer, tmp_path, num_workers=2, max_failures=1, spares=1, echo=stream, json_events=True)
+    result = _run(trainer, tmp_path, num_workers=2, max_failures=1, spares=1, standby=0, echo=stream, json_events=True)
     (rec,) = result.failures
     assert rec.failure.kind == WORKER_DIED and rec.failure.ranks == (1,)
     spare_events = [e for e in result.events if e.kind == "spare"]
@@ -304,5 +305,28 @@ def test_a_hot_spare_replaces_the_lost_rank_and_another_boots_in_its_place(clust
     assert second["kept"] == [0] and second["pids"] == [first["pids"][0], ready[0]["pid"]]
     booting = [e.fields["booted"] for e in spare_events if e.message.startswith("booting")]
     assert len(booting) >= 2 and booting[1] != booting[0]  # the second spare: in another bundle
+    assert [r["attempt"] for r in result.returns] == [1, 1]
+    assert _equal(result.returns[0]["state"], trainer.reference(world=2))
+
+
+def test_a_warm_standby_holding_no_resources_replaces_the_lost_rank_and_another_boots(cluster, tmp_path):
+    # 2 workers of 2 slots each take the cluster's 4 slots: no hot spare could boot, the warm
+    # standby (the default, one per node) does, holding none. Once it is booted rank 1 is
+    # SIGKILLed: the standby's process becomes rank 1 in place, the survivor keeps its own, the
+    # job ends bit-exact, and a new standby boots on the node after the resume.
+    trainer = DemoTrainer(steps=400, width=32, depth=2, global_batch=8, step_sleep_s=0.05, return_state=True)
+    stream = _KillOnceASpareIsReady(rank=1, standby=True)
+    result = _run(trainer, tmp_path, num_workers=2, max_failures=1, echo=stream, json_events=True,
+                  resources_per_worker={"CPU": 0.25, "slot": 2})
+    (rec,) = result.failures
+    assert rec.failure.kind == WORKER_DIED and rec.failure.ranks == (1,)
+    events = [e for e in result.events if e.kind == "spare"]
+    assert all(e.fields.get("standby") for e in events)  # no hot spare: spares=0 by default
+    ready = [e.fields for e in events if "ready" in e.message]
+    (taken,) = [e.fields for e in events if "replaced" in e.message]
+    assert taken["rank"] == 1 and taken["pid"] == ready[0]["pid"]
+    first, second = _started(result)
+    assert second["kept"] == [0] and second["pids"] == [first["pids"][0], ready[0]["pid"]]
+    assert len([e for e in events if e.message.startswith("booting")]) >= 2  # a new one after the resume
     assert [r["attempt"] for r in result.returns] == [1, 1]
     assert _equal(result.returns[0]["state"], trainer.reference(world=2))

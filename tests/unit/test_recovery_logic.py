@@ -288,7 +288,7 @@ def test_policy_names_and_objects():
     ({"agent": "tcp://x"}, "agent"), ({"backend": "mpi"}, "backend"), ({"placement_timeout_s": 0}, "placement_timeout_s"),
     ({"agent_replicas": -1}, "agent_replicas"), ({"agent_replicas": True}, "agent_replicas"),
     ({"agent_replicas": 1, "agent": None}, "agent_replicas needs agent='actor'"),
-    ({"spares": -1}, "spares"), ({"spares": 1.5}, "spares"),
+    ({"spares": -1}, "spares"), ({"spares": 1.5}, "spares"), ({"standby": -1}, "standby"), ({"standby": True}, "standby"),
 ])
 def test_run_config_validation(kwargs, match):
     base = {"num_workers": 4, "storage": "/tmp/x"} | kwargs
