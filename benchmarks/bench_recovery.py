@@ -7,10 +7,13 @@ data-parallel on ``--workers`` Ray workers with gloo) on a local Ray cluster, wi
 agent run by recovery, checkpoints every ``--every`` steps, and one injected fault:
 
 - ``kill``: SIGKILL of a worker process -> restore from agent memory, in place (only the lost
-  worker is replaced); ``kill_restart_all``: the same with every worker replaced (the old way);
-  ``kill_spare``: the same in place with one hot spare (``spares=1``: the replacement booted
-  ahead, once the first step is trained; give the spare time to boot before the fault with
-  ``--step-sleep``; ``spare_taken`` in the row says whether it replaced the lost worker);
+  worker is replaced), by the defaults: the node's warm standby (``standby=1``, holding no
+  resources, booted once the first step is trained; give it time to boot before the fault with
+  ``--step-sleep``; ``standby_taken`` in the row says whether it replaced the lost worker)
+  takes the lost rank; ``kill_boot``: the same with no standby (``standby=0``: the replacement
+  is a new process that boots); ``kill_restart_all``: every worker replaced (the old way);
+  ``kill_spare``: in place with one hot spare and no standby (``spares=1``: the replacement
+  booted ahead in a bundle of its own; ``spare_taken``);
 - ``hang``: a worker stops making progress -> detected after ``--hang-timeout`` s of silence;
 - ``kill_agent``: the node agent dies, then a worker -> the agent's memory is gone, restore
   from storage;
@@ -53,7 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-SCENARIOS = ("kill", "kill_restart_all", "kill_spare", "hang", "kill_agent", "kill_coordinator", "node_loss", "storage_down")
+SCENARIOS = ("kill", "kill_boot", "kill_restart_all", "kill_spare", "hang", "kill_agent", "kill_coordinator", "node_loss", "storage_down")
 PEERS = ("raytrain_kill",)
 
 
@@ -72,7 +75,8 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     faults: list[Fault] = []
     in_place = not kind.endswith("_restart_all")  # the old way: every worker restarted
     spares = 1 if kind.endswith("_spare") else 0
-    scenario, kind = kind, kind.removesuffix("_restart_all").removesuffix("_spare")
+    standby = 0 if kind.endswith(("_spare", "_boot", "_restart_all")) else 1  # (restart all: none to use)
+    scenario, kind = kind, kind.removesuffix("_restart_all").removesuffix("_spare").removesuffix("_boot")
     if kind == "kill":
         faults = [Fault(KILL, at, rank=args.workers - 1)]
     elif kind == "hang":
@@ -96,7 +100,7 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             resources_per_worker={"CPU": min(1.0, ncpu / (args.workers + 2))},  # room for a spare
             every_n_steps=every, keep_last=2, hang_timeout_s=args.hang_timeout, startup_timeout_s=300,
             backoff_s=args.backoff, placement_timeout_s=60, agent_memory_bytes=args.agent_memory_gib << 30,
-            in_place=in_place, spares=spares, metrics=None)
+            in_place=in_place, spares=spares, standby=standby, metrics=None)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     row: dict[str, Any] = {"scenario": scenario, "wall_s": time.perf_counter() - t0, "attempts": result.attempts,
@@ -104,7 +108,8 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                            "stall_s": statistics.median([c["stall_s"] for c in result.checkpoints
                                                          if c.get("stall_s") is not None] or [float("nan")])}
     add_failure(row, result)
-    row["spare_taken"] = any(e.kind == "spare" and "replaced" in e.message for e in result.events)
+    row["spare_taken"] = any(e.kind == "spare" and "replaced by the hot spare" in e.message for e in result.events)
+    row["standby_taken"] = any(e.kind == "spare" and "replaced by the warm standby" in e.message for e in result.events)
     row["kept_in_place"] = len([e for e in result.events if e.kind == "workers_started"][-1].fields.get("kept", []))
     if kind == "storage_down" and result.failures:
         # From the outage (the fault's timestamp, next to the run directory) to the detection.
@@ -294,14 +299,14 @@ def main() -> int:
             r1 = f"{b / a:.1f}x" if a and b else "-"
             r2 = f"{c / a:.1f}x" if a and c else "-"
             print(f"| {name} | {f(a, unit)} | {f(b, unit)} | {f(c, unit)} | {r1} | {r2} |")
-    spare = [r for r in rows if r["scenario"] == "kill_spare"]
-    if ours and spare:
-        print("\nhot spare (spares=1) vs none, in place")
-        print("| figure | no spare | one hot spare | none / spare |\n|---|---:|---:|---:|")
+    if ours and any(r["scenario"] in ("kill_boot", "kill_spare") for r in rows):
+        print("\nin place: the warm standby (the default) vs a replacement that boots vs a hot spare")
+        print("| figure | warm standby | boot | hot spare | boot / standby | spare / standby |\n|---|---:|---:|---:|---:|---:|")
         for name, key in (("detection -> first resumed step", "resumed_after_s"), ("restore time (slowest rank)",
                                                                                   "restore_s")):
-            a, b = med("kill", key), med("kill_spare", key)
-            print(f"| {name} | {f(a)} | {f(b)} | {f'{a / b:.1f}x' if a and b else '-'} |")
+            a, b, c = med("kill", key), med("kill_boot", key), med("kill_spare", key)
+            print(f"| {name} | {f(a)} | {f(b)} | {f(c)} | {f'{b / a:.1f}x' if a and b else '-'} | "
+                  f"{f'{c / a:.1f}x' if a and c else '-'} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "rows": rows}, fh, indent=1, default=str)
