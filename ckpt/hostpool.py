@@ -37,11 +37,12 @@ def slot(used: int, n: int) -> int:
 
 
 def carved_bytes(sizes: Iterable[int]) -> int:
-    """The bytes of a slab that tensors of ``sizes`` bytes, carved in that order, take."""
+    """The bytes of a slab that tensors of ``sizes`` bytes, carved in that order, take (whole
+    pages: a slab is)."""
     used = 0
     for n in sizes:
         used = slot(used, n) + n
-    return used
+    return aligned(used)
 
 
 class HostBudgetError(ValueError):
@@ -149,7 +150,7 @@ class HostBufferPool:
                 cancel: threading.Event | None = None) -> Slab | None:
         """A slab of at least ``nbytes``; ``None`` if not ``block`` (or timed out, or ``cancel``
         was set: :meth:`wake` ends a wait at once) and none is free."""
-        need = max(nbytes, 1)
+        need = aligned(max(nbytes, 1))  # whole pages: what is left of a page is no slab
         if need > self.budget:
             raise HostBudgetError(
                 f"a snapshot needs {need / 2**20:.1f} MiB of host memory, more than the whole budget of "
