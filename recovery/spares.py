@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayError
+from ray.exceptions import RayError
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Standbys:
     loaded) that hold no resources: no bundle, no CPU or GPU of Ray's. A rank whose process
     died on a node that lives on is replaced, in place, by that node's standby: the lost
     process's bundle stays the rank's, and the standby takes the GPU(s) the lost process had
-    (``Worker.adopt``). What it costs is a process's host memory per node (a few hundred MB),
+    (``WorkerSpec.devices``). What it costs is a process's host memory per node (a few hundred MB),
     where a hot spare holds a worker's resources. ``boot(node)`` makes one on ``node``."""
 
     def __init__(self, per_node: int, boot: Callable[[str], Any], kill: Callable[[Any], None],
@@ -188,22 +188,20 @@ class Standbys:
             self._kill(sb.actor)
             return False
 
-    def take(self, node: str | None, gpus: list[Any]) -> Standby | None:
-        """A standby on ``node`` that finished booting, answers, and took over the GPU(s) ``gpus``
-        (none: a CPU job's rank), or ``None``: the caller's now. One that cannot is killed."""
+    def take(self, node: str | None) -> Standby | None:
+        """A standby on ``node``, the caller's now: one that finished booting, else one still
+        booting (it is further on than a process started now; its ``run`` waits for its
+        warm-up), ``None`` if it has none."""
         have = self.idle.get(node) if node is not None else None
-        for sb in list(have or ()):
-            done, _ = ray.wait([sb.ready], timeout=0)
-            if not done or not self._answer(sb):
-                continue
-            have.remove(sb)  # type: ignore[union-attr]
-            try:
-                if ray.get(sb.actor.adopt.remote(gpus), timeout=10):  # (and it still lives)
-                    self.taken += 1
-                    return sb
-            except (RayError, GetTimeoutError):
-                pass
-            self._kill(sb.actor)
+        if not have:
+            return None
+        done, _ = ray.wait([sb.ready for sb in have], num_returns=len(have), timeout=0)
+        for sb in sorted(have, key=lambda sb: sb.ready not in done):
+            if sb.ready in done and not self._answer(sb):
+                continue  # its process died: dropped
+            have.remove(sb)
+            self.taken += 1
+            return sb
         return None
 
     def drop(self) -> None:

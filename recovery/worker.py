@@ -44,6 +44,9 @@ class WorkerSpec:
     relay: Any = None  # the node agent's actor: it batches this node's calls to the coordinator
     heal: HealSpec | None = None  # policy heal: continue from a survivor's live state, not a checkpoint
     holders: Any = None  # a ray.put of RestorePoint.holders (who holds which writer's snapshot), or None
+    # A warm standby that took over a rank: the GPU ids Ray gave the lost process (its
+    # CUDA_VISIBLE_DEVICES from now on; the standby holds no GPU of Ray's). None: as Ray set it.
+    devices: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in ("gloo", "nccl"):

@@ -104,7 +104,7 @@ class Worker:
         self._store: tuple[int, Any] | None = None  # (port, TCP store) opened for rank 0 of the next attempt
         self._agent_address: str | None = None  # this node's agent, as the last attempt's spec named it
         self._agent: tuple[str, Any] | None = None  # (address, client): told of commits (an agent outside the job)
-        self._devices: str | None = None  # CUDA_VISIBLE_DEVICES of a warm standby that took over a rank (adopt)
+        self._devices: tuple[str, ...] = ()  # the GPUs a warm standby took over (it holds none of Ray's)
         # A new process warms up from its start (see _warm_up), before its first run arrives; that
         # run's process group waits on the same imports (torch.distributed imports torch._dynamo
         # lazily), then every rank restores at once: the survivors' restores no longer share
@@ -118,7 +118,7 @@ class Worker:
 
         ctx = ray.get_runtime_context()
         return {"node": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
-                "gpus": ray.get_gpu_ids()}
+                "gpus": ray.get_gpu_ids() or list(self._devices)}
 
     def warm(self, train_fn: Callable[[TrainContext], Any]) -> dict[str, Any]:
         """A hot spare's boot (``recovery.spares``): ``train_fn`` arrived deserialized (its modules
@@ -133,18 +133,6 @@ class Worker:
         while thread is not None and thread.is_alive():
             thread.join(0.05)
         self._warming = None
-
-    def adopt(self, gpus: list[Any]) -> bool:
-        """A warm standby (``recovery.spares.Standbys``) taking over the rank of a process that
-        died: it holds no GPU of Ray's, so from its ``run`` on it sees the GPU(s) ``gpus`` the
-        lost process had (still the job's: its bundle holds them); none: a CPU job's rank. False
-        where CUDA is already initialised here (it could not)."""
-        if not gpus:
-            return True
-        if torch.cuda.is_initialized():
-            return False
-        self._devices = ",".join(str(g) for g in gpus)
-        return True
 
     def open_store(self, world_size: int, timeout_s: float) -> int:
         """Rank 0's side of the next attempt's rendezvous, opened before ``run``: the TCP store
@@ -262,8 +250,9 @@ class Worker:
         self.live.begin(keep=spec.heal is not None)
         self._agent_address = spec.agent
         _leave_group()  # the broken group of an attempt stopped in place
-        if self._devices is not None:  # (set here: Ray may set it for each call of a process without GPUs)
-            os.environ["CUDA_VISIBLE_DEVICES"] = self._devices
+        if spec.devices is not None:  # a warm standby taking over a lost process's rank (its GPUs)
+            _take_devices(spec.devices)
+            self._devices = spec.devices
         if spec.backend == "nccl" and torch.cuda.is_available():
             torch.cuda.set_device(0)  # Ray makes the worker's GPU the only visible one
             device = torch.device("cuda", 0)
@@ -338,6 +327,16 @@ class Worker:
         self.ctx = None
         dist.destroy_process_group()
         return result
+
+
+def _take_devices(devices: tuple[str, ...]) -> None:
+    """Make ``devices`` (GPU ids as Ray names them) this process's visible GPUs: a warm standby
+    holds none of Ray's and has never initialised CUDA, so the lost process's GPUs become its
+    own (its bundle still holds them for the job)."""
+    visible = ",".join(devices)
+    if torch.cuda.is_initialized() and os.environ.get("CUDA_VISIBLE_DEVICES") != visible:
+        raise RuntimeError(f"this worker initialised CUDA before it was given GPU(s) {visible}")
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible
 
 
 def _sockets() -> set[tuple[int, str]]:

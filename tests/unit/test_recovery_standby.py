@@ -1,6 +1,6 @@
 """Warm standbys (``recovery.spares.Standbys``) without Ray: booted per node, ready once their
-warm-up answers, taken for a rank on their node only after they took over its GPUs, dropped when
-their process or node is gone."""
+warm-up answers, taken for a rank on their node (a booted one first, else one still booting),
+dropped when their process or node is gone; a standby takes the lost process's GPUs."""
 
 from __future__ import annotations
 
@@ -31,13 +31,8 @@ class _FakeRay:
 
 
 class _Actor:
-    def __init__(self, node: str, pid: int, adopts: bool = True) -> None:
-        self.node, self.pid, self.adopts, self.adopted = node, pid, adopts, None
-        self.adopt = self  # actor.adopt.remote(gpus)
-
-    def remote(self, gpus: list[Any]) -> _Ref:
-        self.adopted = gpus
-        return _Ref(self.adopts)
+    def __init__(self, node: str, pid: int) -> None:
+        self.node, self.pid = node, pid
 
 
 @pytest.fixture
@@ -63,7 +58,7 @@ def test_standbys_boot_per_node_answer_when_warm_and_go_with_a_lost_node(fake_ra
     sb, booted, killed, warm = _standbys(per_node=2)
     assert sb.tend({"a", "b"}, lost=set()) == ["a", "a", "b", "b"]
     assert sb.tend({"a", "b"}, lost=set()) == []  # each node has its two
-    assert sb.newly_ready() == [] and sb.take("a", []) is None  # still booting: a new process is as fast
+    assert sb.newly_ready() == []
     warm[booted[0].pid].done = True
     (ready,) = sb.newly_ready()
     assert (ready.node, ready.pid) == ("a", booted[0].pid) and sb.newly_ready() == []
@@ -71,16 +66,16 @@ def test_standbys_boot_per_node_answer_when_warm_and_go_with_a_lost_node(fake_ra
     assert sorted(a.pid for a in killed) == [booted[2].pid, booted[3].pid]
 
 
-def test_a_standby_is_taken_on_its_node_only_once_it_took_over_the_gpus(fake_ray: None) -> None:
+def test_a_standby_is_taken_on_its_node_a_booted_one_first_then_one_still_booting(fake_ray: None) -> None:
     sb, booted, killed, warm = _standbys(per_node=2)
     sb.tend({"a"}, lost=set())
-    for a in booted:
-        warm[a.pid].done = True
-    assert sb.take("b", ["3"]) is None and sb.take(None, []) is None  # none on that node
-    booted[0].adopts = False  # CUDA already initialised there: it cannot take the GPU
-    got = sb.take("a", ["3"])
-    assert got is not None and got.actor is booted[1] and booted[1].adopted == ["3"] and sb.taken == 1
-    assert killed == [booted[0]] and sb.idle["a"] == []  # the one that could not is gone
+    warm[booted[1].pid].done = True
+    assert sb.take("b") is None and sb.take(None) is None  # none on that node
+    first = sb.take("a")
+    assert first is not None and first.actor is booted[1] and first.pid == booted[1].pid and sb.taken == 1
+    second = sb.take("a")  # still booting: further on than a process started now
+    assert second is not None and second.actor is booted[0] and second.pid is None and sb.taken == 2
+    assert sb.take("a") is None and killed == []
     sb.tend({"a"}, lost=set())  # refilled
     assert len(sb.idle["a"]) == 2
 
@@ -90,6 +85,23 @@ def test_a_standby_whose_process_died_is_dropped_not_taken(fake_ray: None) -> No
     sb.tend({"a"}, lost=set())
     warm[booted[0].pid].done = True
     warm[booted[0].pid].error = RayActorError()
-    assert sb.take("a", []) is None and killed == [booted[0]] and sb.idle["a"] == []
+    assert sb.take("a") is None and killed == [booted[0]] and sb.idle["a"] == []
     sb.drop()
     assert sb.idle == {}
+
+
+def test_a_standby_takes_the_lost_processs_gpus_unless_it_initialised_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import torch
+
+    from recovery import worker_process
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    worker_process._take_devices(("3",))
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    worker_process._take_devices(("3",))  # already so: nothing to change
+    with pytest.raises(RuntimeError, match="initialised CUDA before it was given GPU"):
+        worker_process._take_devices(("5", "6"))
