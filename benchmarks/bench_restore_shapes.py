@@ -24,7 +24,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 
-def one_run(packed: bool, workers: int) -> list[float]:
+def one_run(packed: bool, workers: int, standby: int = 1) -> list[float]:
     import recovery
     from examples.llama_shaped import LlamaShapedTrainer, digest
 
@@ -35,7 +35,7 @@ def one_run(packed: bool, workers: int) -> list[float]:
         result = recovery.run(trainer, num_workers=workers, storage=run_dir, num_cpus=ncpu,
                               ray_init_options={"log_to_driver": False}, resources_per_worker={"CPU": ncpu / workers},
                               every_n_steps=5, keep_last=None, max_failures=1, startup_timeout_s=300,
-                              agent_memory_bytes=1 << 30)
+                              agent_memory_bytes=1 << 30, standby=standby)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     returns = sorted(result.returns, key=lambda r: r["rank"])
@@ -51,13 +51,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--standby", type=int, default=1, help="warm standbys per node (RunConfig.standby; 1 by default)")
     p.add_argument("--json", default=None, help="write the per-run figures here")
     args = p.parse_args()
     ways = {"2,160 arrays": False, "8 tensors": True}
     per_rank: dict[str, list[list[float]]] = {w: [] for w in ways}
     for i in range(args.runs):
         for way, packed in (ways.items() if i % 2 == 0 else reversed(ways.items())):
-            times = one_run(packed, args.workers)
+            times = one_run(packed, args.workers, args.standby)
             per_rank[way].append(times)
             print(f"run {i + 1} {way:>12}: ranks {' '.join(f'{t * 1e3:5.1f}' for t in times)} ms; "
                   f"slowest {max(times) * 1e3:.1f} ms", flush=True)

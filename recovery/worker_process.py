@@ -266,6 +266,10 @@ class Worker:
                 spec.backend
         try:
             try:
+                # A new process (a replacement, or a standby still booting) finishes its warm-up
+                # first: its peers wait in the rendezvous, then every rank restores at once,
+                # none of them beside its imports on the node's cores.
+                self._warmed()
                 before = _sockets()
                 timeout = datetime.timedelta(seconds=spec.collective_timeout_s)
                 opened, self._store = self._store, None
@@ -277,7 +281,6 @@ class Worker:
                                             rank=self.rank, world_size=self.world_size, timeout=timeout)
                 with self._lock:
                     self._group_fds = _sockets() - before
-                self._warmed()  # train_fn's first optimizer then imports nothing
                 reporter = Reporter(spec.coordinator, self.attempt, self.rank, self.world_size, spec.node,
                                     spec.heartbeat_interval_s, relay=spec.relay)
                 ck = spec.checkpoint
