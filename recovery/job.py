@@ -61,7 +61,8 @@ class WorkerJob(DataParallelJob):
         self.in_a_row = 0
         self.spares = Spares(config.spares, boot=lambda bundle: self._worker_in(bundle, -1, 0, -1), kill=kill,
                              warm=lambda actor: actor.warm.remote(self.train_fn_ref))
-        self.standbys = Standbys(config.standby, kill=kill, warm=lambda actor: actor.warm.remote(self.train_fn_ref),
+        self.standbys = Standbys(config.standby if config.in_place else 0,  # (used in place only)
+                                 kill=kill, warm=lambda actor: actor.warm.remote(self.train_fn_ref),
                                  boot=lambda node: ray.remote(Worker).options(  # no resources: see Standbys
                                      num_cpus=0, num_gpus=0, max_restarts=0, max_concurrency=4, scheduling_strategy=
                                      NodeAffinitySchedulingStrategy(node, soft=False)).remote(-1, 0, -1))
