@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import GetTimeoutError, RayError
 
 log = logging.getLogger(__name__)
 
@@ -197,12 +197,22 @@ class Standbys:
             return None
         done, _ = ray.wait([sb.ready for sb in have], num_returns=len(have), timeout=0)
         for sb in sorted(have, key=lambda sb: sb.ready not in done):
-            if sb.ready in done and not self._answer(sb):
-                continue  # its process died: dropped
+            if sb.ready in done and not (self._answer(sb) and self._alive(sb)):
+                continue  # its process died (since it booted, perhaps): dropped
             have.remove(sb)
             self.taken += 1
             return sb
         return None
+
+    def _alive(self, sb: Standby) -> bool:
+        """Whether a booted standby still answers (its process may have died idle: the OOM killer)."""
+        try:
+            ray.get(sb.actor.node_info.remote(), timeout=5)
+            return True
+        except (RayError, GetTimeoutError):
+            self.idle[sb.node].remove(sb)
+            self._kill(sb.actor)
+            return False
 
     def drop(self) -> None:
         for have in self.idle.values():

@@ -32,7 +32,11 @@ class _FakeRay:
 
 class _Actor:
     def __init__(self, node: str, pid: int) -> None:
-        self.node, self.pid = node, pid
+        self.node, self.pid, self.dead = node, pid, False
+        self.node_info = self  # actor.node_info.remote()
+
+    def remote(self) -> _Ref:
+        return _Ref(error=RayActorError()) if self.dead else _Ref({"pid": self.pid})
 
 
 @pytest.fixture
@@ -86,6 +90,11 @@ def test_a_standby_whose_process_died_is_dropped_not_taken(fake_ray: None) -> No
     warm[booted[0].pid].done = True
     warm[booted[0].pid].error = RayActorError()
     assert sb.take("a") is None and killed == [booted[0]] and sb.idle["a"] == []
+    sb.tend({"a"}, lost=set())
+    warm[booted[1].pid].done = True
+    assert [s.pid for s in sb.newly_ready()] == [booted[1].pid]
+    booted[1].dead = True  # it died idle, after it booted
+    assert sb.take("a") is None and killed == [booted[0], booted[1]] and sb.idle["a"] == []
     sb.drop()
     assert sb.idle == {}
 
