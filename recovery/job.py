@@ -67,7 +67,7 @@ class WorkerJob(DataParallelJob):
                                      num_cpus=0, num_gpus=0, max_restarts=0, max_concurrency=4, scheduling_strategy=
                                      NodeAffinitySchedulingStrategy(node, soft=False)).remote(-1, 0, -1))
         self.rank_gpus: dict[int, list[Any]] = {}  # rank -> the GPU ids Ray gave its process
-        self.devices: dict[int, tuple[str, ...]] = {}  # rank -> the GPUs its warm standby takes (next attempt)
+        self.devices: dict[int, tuple[Any, tuple[str, ...]]] = {}  # rank -> (its standby, the GPUs it takes)
         self.failure: Failure | None = None  # the failure being recovered (set by the run loop)
         self.kept: dict[int, Any] = {}  # rank -> worker kept in place (or booted ahead) for the next attempt
         self.fresh: set[int] = set()  # the ranks of ``kept`` that are replacements booted ahead
@@ -283,7 +283,8 @@ class WorkerJob(DataParallelJob):
             infos = ray.get([w.node_info.remote() for w in self.workers])
         nodes = [i["node"] for i in infos]
         self.rank_node = dict(enumerate(nodes))
-        self.rank_gpus = {r: i.get("gpus") or list(self.devices.get(r, ())) for r, i in enumerate(infos)}
+        taken, self.devices = {r: d[1] for r, d in self.devices.items() if d[0] in self.workers[r:r + 1]}, {}
+        self.rank_gpus = {r: i.get("gpus") or list(taken.get(r, ())) for r, i in enumerate(infos)}
         self.fleet.ensure(set(nodes))
         port = ray.get(self.workers[0].open_store.remote(world_size, cfg.collective_timeout_s))
         base = WorkerSpec(backend=cfg.torch_backend, master_addr=infos[0]["ip"], master_port=port,
@@ -296,7 +297,7 @@ class WorkerJob(DataParallelJob):
         self.run_refs = {}
         for rank, (w, node) in enumerate(zip(self.workers, nodes)):
             spec = dataclasses.replace(base, node=node, agent=self.fleet.address_for(node), relay=self.fleet.relay_for(node),
-                                       devices=self.devices.pop(rank, None))
+                                       devices=taken.get(rank))
             self.run_refs[w.run.remote(self.train_fn_ref, spec, attempt, rank, world_size)] = rank
         self.fleet.tell_workers(self.workers, nodes)
         self.returns = {}
@@ -327,10 +328,9 @@ class WorkerJob(DataParallelJob):
                      "before)", rank=rank, bundle=spare.bundle, node=spare.node, pid=spare.pid, taken=self.spares.taken)
             return spare.actor
         node = self.rank_node.get(rank)
-        sb = self.standbys.take(node) if in_place and node not in self.placement.lost_nodes else None
-        if sb is not None:
+        if in_place and node not in self.placement.lost_nodes and (sb := self.standbys.take(node)) is not None:
             if gpus := self.rank_gpus.get(rank):
-                self.devices[rank] = tuple(map(str, gpus))
+                self.devices[rank] = (sb.actor, tuple(map(str, gpus)))
             self.log(ev.SPARE, f"rank {rank} replaced by the warm standby on node {sb.node[:12]} (pid {sb.pid}, "
                      f"booted {time.monotonic() - sb.booted_at:.1f} s before)", rank=rank, node=sb.node, pid=sb.pid,
                      standby=True, taken=self.standbys.taken)

@@ -105,11 +105,10 @@ class Worker:
         self._agent_address: str | None = None  # this node's agent, as the last attempt's spec named it
         self._agent: tuple[str, Any] | None = None  # (address, client): told of commits (an agent outside the job)
         self._devices: tuple[str, ...] = ()  # the GPUs a warm standby took over (it holds none of Ray's)
-        # A new process warms up from its start (see _warm_up), before its first run arrives; that
-        # run's process group waits on the same imports (torch.distributed imports torch._dynamo
-        # lazily), then every rank restores at once: the survivors' restores no longer share
-        # the node's cores with the replacement's imports (its resume is no sooner: its boot
-        # is the critical path).
+        # A new process warms up from its start (see _warm_up), before its first run arrives;
+        # that run joins the process group once the warm-up is done, then every rank restores
+        # at once: the survivors' restores do not share the node's cores with the
+        # replacement's imports (its resume is no sooner: its boot is the critical path).
         self._warming: threading.Thread | None = threading.Thread(target=_warm_up, name="worker-warm-up", daemon=True)
         self._warming.start()
 
