@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 import ckpt
+from ckpt.testing.net import free_ports
 
 
 def drop_caches() -> bool:
@@ -152,16 +153,6 @@ def main() -> int:
     return 0
 
 
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 
 import ckpt
 from agent.pb import pb
+from ckpt.testing.net import free_ports
 
 from .test_agent_daemon import (  # noqa: F401 - agents: the fixture that starts and stops node agents
     RESTORER,
@@ -31,20 +32,8 @@ from .test_agent_daemon import (  # noqa: F401 - agents: the fixture that starts
 )
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def test_three_agents_replicate_and_one_lost_node_loses_no_staged_snapshot(agents, tmp_path):  # noqa: F811
-    ports = _free_ports(3)
+    ports = free_ports(3)
     ring = ",".join(f"127.0.0.1:{p}" for p in ports)
 
     def start(i: int, name: str) -> AgentProc:
@@ -127,7 +116,7 @@ def test_trainer_on_a_replacement_node_restores_from_the_peer_holding_its_snapsh
     ring, and the restarted trainer there restores from the replica held by a's successor b,
     copied once over the network into the new agent's memory. Every chunk file of the step is
     gone from storage, so an exact restore proves the bytes came from the peer."""
-    ports = _free_ports(3)
+    ports = free_ports(3)
     ring = ",".join(f"127.0.0.1:{p}" for p in ports)
 
     def start(i: int, name: str, *extra: str) -> AgentProc:
