@@ -184,6 +184,7 @@ class Standbys:
             sb.pid = ray.get(sb.ready, timeout=0)["pid"]
             return True
         except RayError:  # its process died: gone
+            log.warning("the warm standby booted on node %s died before it was used", sb.node[:12])
             self.idle[sb.node].remove(sb)
             self._kill(sb.actor)
             return False
@@ -210,6 +211,8 @@ class Standbys:
             ray.get(sb.actor.node_info.remote(), timeout=5)
             return True
         except (RayError, GetTimeoutError):
+            log.warning("the warm standby on node %s (pid %s) no longer answers: a new process replaces the rank",
+                        sb.node[:12], sb.pid)
             self.idle[sb.node].remove(sb)
             self._kill(sb.actor)
             return False
