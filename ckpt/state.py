@@ -23,6 +23,7 @@ import math
 import pickle
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -67,19 +68,37 @@ def _key(k: Any, where: str) -> str:
 
 def flatten(state: Any, prefix: str = "") -> Iterator[tuple[str, Any, bool]]:
     """Yields ``(path, leaf, is_tensor)``; a tensor-free subtree is one leaf."""
+    yield from leaves(state, prefix)
+
+
+def leaves(state: Any, prefix: str = "") -> list[tuple[str, Any, bool]]:
+    """:func:`flatten` as a list (built without a generator per level: thousands of leaves per
+    state, at every save and restore)."""
+    out: list[tuple[str, Any, bool]] = []
+    _collect(state, prefix, out)
+    return out
+
+
+def _collect(state: Any, prefix: str, out: list[tuple[str, Any, bool]]) -> None:
     if is_tensor_leaf(state) or not _contains_tensor(state):
         if not prefix:
             raise LayoutError("the state to save must be a dict (or list) of tensors and values")
-        yield prefix, state, is_tensor_leaf(state)
+        out.append((prefix, state, is_tensor_leaf(state)))
         return
     if isinstance(state, dict):
         items: Any = state.items()
+        # A dict of plain tensors under names already checked (a model's, its optimizer's
+        # moments): its leaves in C loops.
+        if type(state) is dict and prefix and _CHECKED_KEYS.issuperset(state) \
+                and set(map(type, state.values())) == {torch.Tensor}:
+            out.extend(zip(map(f"{prefix}/".__add__, state), state.values(), repeat(True)))
+            return
     elif isinstance(state, (list, tuple)):
         items = enumerate(state)
     else:  # pragma: no cover - _contains_tensor is False for anything else
         raise LayoutError(f"cannot flatten {type(state).__name__} at {prefix}")
     # Keys of a dict are distinct: only keys made strings (ints) can collide, so only then is
-    # every name remembered (thousands of leaves per state, at every save and restore).
+    # every name remembered.
     seen: set[str] | None = None if type(state) is dict and all(type(k) is str for k in state) else set()
     for k, v in items:
         if type(k) is str and k in _CHECKED_KEYS:
@@ -93,10 +112,10 @@ def flatten(state: Any, prefix: str = "") -> Iterator[tuple[str, Any, bool]]:
                 raise LayoutError(f"state keys {k!r} collide at {prefix or '<root>'} once made strings")
             seen.add(name)
         path = f"{prefix}/{name}" if prefix else name
-        if type(v) is torch.Tensor:  # a plain tensor: a leaf, without a generator per leaf
-            yield path, v, True
+        if type(v) is torch.Tensor:  # a plain tensor: a leaf, without a call per leaf
+            out.append((path, v, True))
         else:
-            yield from flatten(v, path)
+            _collect(v, path, out)
 
 
 # Keys that passed check_component: a model's names recur at every save and load (bounded).

@@ -15,7 +15,9 @@ import logging
 import os
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
+from itertools import repeat
 from typing import Any
 
 import crc32c
@@ -213,15 +215,19 @@ class AgentMemoryStorage(RestoreSource):
             crcs = [known.get((r.path, tuple(r.index))) for r in requests]
         missing = []
         view, prefix, chunks, spans, why = memoryview(mm), f"{sdir}/", self._chunks, self._spans, self._why
-        for rel, offset, nbytes, crc in index.spans:  # thousands: one tight loop
-            key = prefix + rel
-            if crc is None:
-                missing.append(key)
-                continue
-            chunks[key] = (nbytes, crc, tier, None)
-            spans[key] = (fd, offset, view, base, nbytes, crc, tier)
+        if index.spans:  # thousands: column by column, in C loops
+            rels, offsets, sizes, span_crcs = zip(*index.spans)
+            if None in span_crcs:  # (rare) chunks the agent knows no crc32c of: read below
+                missing += [prefix + r for r, c in zip(rels, span_crcs) if c is None]
+                kept = [sp for sp in index.spans if sp[3] is not None]
+                rels, offsets, sizes, span_crcs = zip(*kept) if kept else ((), (), (), ())
+            keys = list(map(prefix.__add__, rels))
+            n = len(keys)
+            chunks.update(zip(keys, zip(sizes, span_crcs, repeat(tier, n), repeat(None, n))))
+            spans.update(zip(keys, zip(repeat(fd, n), offsets, repeat(view, n), repeat(base, n), sizes, span_crcs,
+                                       repeat(tier, n))))
             if why:
-                why.pop(key, None)
+                deque(map(why.pop, keys, repeat(None, n)), maxlen=0)
         for req, crc in zip(requests, crcs):
             key = f"{sdir}/{req.key}"
             if crc is None:

@@ -121,8 +121,8 @@ def test_small_and_large_chunks_of_one_state_are_both_read_from_memory(tmp_path,
              "mid": torch.randn(spans.SMALL // 4, generator=g)}  # exactly SMALL bytes: not small
     copied: list[int] = []  # bytes of each memmove
     preadv: list[int] = []  # chunks of each pread_many
-    real_move, real_many = spans.ctypes.memmove, spans.pread_many
-    monkeypatch.setattr(spans.ctypes, "memmove", lambda d, s, n: copied.append(n) or real_move(d, s, n))
+    real_move, real_many = spans._memmove, spans.pread_many
+    monkeypatch.setattr(spans, "_memmove", lambda d, s, n: copied.append(n) or real_move(d, s, n))
     monkeypatch.setattr(spans, "pread_many", lambda fd, got: preadv.append(len(got)) or real_many(fd, got))
     with local_agent(tmp_path, "sizes") as _agent:
         address, run = f"unix://{tmp_path / 'a.sock'}", str(tmp_path / "run")
