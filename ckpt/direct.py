@@ -18,17 +18,24 @@ declared as it is held and nothing else declared; the rest of the document is pa
 stand-in in their place. (Parsing 2,000 declarations and matching each tensor against its own
 took most of a rank's restore.) Any other commit point is parsed and matched tensor by tensor.
 Every chunk is then read with the memory tier's ``read_whole`` into the tensor itself and
-checked against the crc32c stored with it. The moment anything is not this case (another
-layout, a DTensor, a tensor on a GPU, a chunk not held in memory, a value that differs between
-writers, a missing or extra entry, a checksum that does not match) it returns ``None`` having
-changed nothing but tensors the planned load then overwrites, and the planned load does the
-restore, with its checks and its error messages.
+checked against the crc32c stored with it.
+
+A memory tier that holds the step whole may answer :meth:`RestoreSource.held_step` with its
+own table of it (the node agent builds one per step for all its ranks: ``agent.trainer.table``):
+the paths, shapes and dtypes are then compared with the state's as lists, the commit point is
+neither read nor compared here (the table was built from it, its seal checked), and ``fill``
+copies and checks every chunk.
+
+The moment anything is not this case (another layout, a DTensor, a tensor on a GPU, a chunk
+not held in memory, a value that differs between writers, a missing or extra entry, a checksum
+that does not match) it returns ``None`` having changed nothing but tensors the planned load
+then overwrites, and the planned load does the restore, with its checks and its error messages.
 """
 
 from __future__ import annotations
 
 import re
-from operator import itemgetter
+from operator import add, attrgetter, itemgetter
 from typing import Any
 
 import torch
@@ -37,10 +44,12 @@ from . import format as fmt
 from .dtypes import name_of
 from .jsondocs import loads_around
 from .manifest import FORMAT_VERSION, MANIFEST_KEY
-from .restore import RestoreSource
-from .state import decode_value, flatten, set_leaf
+from .restore import HeldStep, RestoreSource
+from .state import decode_value, set_leaf
+from .state import leaves as flat_leaves
 
 Leaves = list[tuple[str, torch.Tensor]]
+_shape, _dtype, _is_cpu = attrgetter("shape"), attrgetter("dtype"), attrgetter("is_cpu")
 
 # How a commit point of format 3 or 4 begins, up to its array declarations (ckpt.commit writes
 # its keys in this order); anything else is parsed whole.
@@ -57,30 +66,27 @@ def _declarations(data: bytes, leaves: Leaves, prefix: str) -> tuple[dict, list[
     the module); None: match them one by one."""
     m = _HEAD.match(data)
     seal = fmt.root_seal(data) if m is not None else None
-    if seal is None:
+    if seal is None or not leaves:  # (a commit point that declares no array is parsed)
         return None
     paths = "".join([p for p, _ in leaves])
     if not (paths.isascii() and paths.isprintable()) or '"' in paths or "\\" in paths:
         return None  # a path JSON writes escaped
     tail = m.group(2).decode() + ("}" if m.group(3) is None else ',"chunk_separator":"."}')
     separator = "." if m.group(3) else "/"
+    # Thousands of tensors: column by column, in C loops; the texts once per (shape, dtype).
+    paths, tensors = zip(*leaves)
+    kinds = list(zip(map(_shape, tensors), map(_dtype, tensors)))
     texts: dict[tuple[torch.Size, torch.dtype], tuple[str, str]] = {}  # -> (declaration's tail, chunk key's tail)
-    entries = []
-    add = entries.append
-    for path, leaf in leaves:
-        kind = (leaf.shape, leaf.dtype)
-        text = texts.get(kind)
-        if text is None:
-            shape, dtype = kind
-            if 0 in shape:
-                return None
-            dims = "[" + ",".join(map(str, shape)) + "]"
-            text = texts[kind] = (f'","shape":{dims},"dtype":"{name_of(dtype)}","chunk_shape":{dims},"layout":{tail}',
-                                  fmt.chunk_key("", [0] * len(shape), separator))
-        add((path, text, leaf))
-    entries.sort(key=itemgetter(0))
+    for shape, dtype in set(kinds):
+        if 0 in shape:
+            return None
+        dims = "[" + ",".join(map(str, shape)) + "]"
+        texts[(shape, dtype)] = (f'","shape":{dims},"dtype":"{name_of(dtype)}","chunk_shape":{dims},"layout":{tail}',
+                                 fmt.chunk_key("", [0] * len(shape), separator))
+    paths, kinds, tensors = zip(*sorted(zip(paths, kinds, tensors), key=itemgetter(0)))  # (paths are distinct)
+    declared, key_tails = zip(*map(texts.__getitem__, kinds))
     start = m.start(1)  # of the declarations' list
-    expected = ("[" + ",".join([f'{{"path":"{p}{t[0]}' for p, t, _ in entries]) + "]").encode()
+    expected = ("[" + ",".join(map(add, map('{"path":"'.__add__, paths), declared)) + "]").encode()
     end = start + len(expected)
     if not data.startswith(expected, start):
         return None
@@ -95,7 +101,7 @@ def _declarations(data: bytes, leaves: Leaves, prefix: str) -> tuple[dict, list[
     manifest = attributes.get(MANIFEST_KEY) if type(attributes) is dict else None
     if type(manifest) is not dict or manifest.get("arrays") != stand_in or attributes.get(fmt.SEAL_KEY) != stored:
         return None
-    return manifest, [(f"{prefix}{path}{text[1]}", leaf) for path, text, leaf in entries]
+    return manifest, list(zip(map(add, map(prefix.__add__, paths), key_tails), tensors))
 
 
 def _matched(manifest: dict, leaves: Leaves, strict: bool, prefix: str,
@@ -134,10 +140,77 @@ def _matched(manifest: dict, leaves: Leaves, strict: bool, prefix: str,
     return keyed, set(arrays)
 
 
+def _values(manifest: dict, step: int, others: list[str], strict: bool, arrays: set[str]) -> dict[str, Any] | None:
+    """The encoded value of each non-tensor leaf ``others`` from a manifest of the direct case
+    (values the same on every writer), or None: a manifest or leaves the planned load handles."""
+    # The commit points of formats 3 and 4 are alike (4 changed the fragments only)
+    if (manifest.get("format") != "ckpt" or manifest.get("format_version") not in (3, FORMAT_VERSION)
+            or manifest.get("step") != step or manifest.get("varying_values") or manifest.get("values_by_writer")
+            or type(values := manifest.get("values")) is not dict):
+        return None
+    found: dict[str, Any] = {}
+    for leaf_path in others:
+        if leaf_path in values:
+            found[leaf_path] = values[leaf_path]
+        elif strict or leaf_path in arrays:
+            return None
+    if strict and len(found) != len(values):
+        return None
+    return found
+
+
+def _from_held(held: HeldStep, paths: tuple[str, ...], tensors: tuple[torch.Tensor, ...], others: list[str],
+               step: int, strict: bool) -> tuple[int, dict[str, Any]] | None:
+    """Fill the tensors from a step a memory tier holds whole if it declares exactly them, as
+    they are held; the bytes read and the values of ``others``, or None."""
+    by_path = dict(zip(paths, tensors))
+    if len(by_path) != len(held.paths):
+        return None
+    try:
+        tensors = tuple(map(by_path.__getitem__, held.paths))  # in the table's order
+    except KeyError:
+        return None
+    if list(map(_shape, tensors)) != held.shapes or list(map(_dtype, tensors)) != held.dtypes:
+        return None
+    found = _values(held.manifest, step, others, strict, set(held.paths) if others and not strict else set())
+    if found is None:
+        return None
+    nbytes = held.fill(tensors)
+    return None if nbytes is None else (nbytes, found)
+
+
 def load_direct(source: RestoreSource, state_dict: Any, step: int, *, strict: bool = True,
                 allow_pickle: bool = False) -> int | None:
     """Load committed ``step`` into ``state_dict`` in one pass if every tensor is held whole in
-    ``source``'s memory (see the module); the bytes read, or None (then use the planned load)."""
+    ``source``'s memory (see the module); the bytes read, or None (then use the planned load).
+    A tier that holds the step whole answers with one table of it (:meth:`RestoreSource.held_step`);
+    else the commit point's declarations are compared with the state's."""
+    flat = flat_leaves(state_dict)  # thousands of leaves: checked column by column, in C loops
+    paths, objects, is_tensor = zip(*flat) if flat else ((), (), ())
+    others: list[str] = []
+    if not all(is_tensor):
+        others = [p for p, _, t in flat if not t]
+        rows = [(p, o) for p, o, t in flat if t]
+        paths, objects = zip(*rows) if rows else ((), ())
+    if set(map(type, objects)) - {torch.Tensor} or not all(map(_is_cpu, objects)) \
+            or not all(map(torch.Tensor.is_contiguous, objects)):
+        return None
+    held = source.held_step(step)
+    got = _from_held(held, paths, objects, others, step, strict) if held is not None else None
+    if got is None:
+        got = _from_commit_point(source, list(zip(paths, objects)), others, step, strict)
+    if got is None:
+        return None  # not held whole, or a checksum differs: the planned load reads (and says why)
+    nbytes, found_values = got
+    for leaf_path, encoded in found_values.items():
+        set_leaf(state_dict, leaf_path, decode_value(encoded, allow_pickle=allow_pickle, where=leaf_path))
+    return nbytes
+
+
+def _from_commit_point(source: RestoreSource, leaves: Leaves, others: list[str], step: int,
+                       strict: bool) -> tuple[int, dict[str, Any]] | None:
+    """Fill the tensors from chunks held whole, matched against the commit point's declarations
+    (as text, else one by one); the bytes read and the values of ``others``, or None."""
     sdir = fmt.step_dir(step)
     if not source.holds_step(step):
         return None
@@ -146,15 +219,6 @@ def load_direct(source: RestoreSource, state_dict: Any, step: int, *, strict: bo
         data = source.read(path)
     except FileNotFoundError:
         return None
-    leaves: Leaves = []
-    others: list[str] = []
-    for leaf_path, leaf, is_tensor in flatten(state_dict):
-        if not is_tensor:
-            others.append(leaf_path)
-        elif type(leaf) is not torch.Tensor or not leaf.is_cpu or not leaf.is_contiguous():
-            return None
-        else:
-            leaves.append((leaf_path, leaf))
     declared = _declarations(data, leaves, f"{sdir}/")
     if declared is not None:
         manifest, keyed = declared
@@ -166,22 +230,8 @@ def load_direct(source: RestoreSource, state_dict: Any, step: int, *, strict: bo
         if type(manifest) is not dict or (matched := _matched(manifest, leaves, strict, f"{sdir}/")) is None:
             return None
         keyed, arrays = matched
-    # The commit points of formats 3 and 4 are alike (4 changed the fragments only)
-    if (manifest.get("format") != "ckpt" or manifest.get("format_version") not in (3, FORMAT_VERSION)
-            or manifest.get("step") != step or manifest.get("varying_values") or manifest.get("values_by_writer")
-            or type(values := manifest.get("values")) is not dict):
-        return None
-    found_values: dict[str, Any] = {}
-    for leaf_path in others:
-        if leaf_path in values:
-            found_values[leaf_path] = values[leaf_path]
-        elif strict or leaf_path in arrays:
-            return None
-    if strict and len(found_values) != len(values):
+    found = _values(manifest, step, others, strict, arrays)
+    if found is None:
         return None
     nbytes = source.read_whole(keyed)
-    if nbytes is None:
-        return None  # not held whole, or a checksum differs: the planned load reads (and says why)
-    for leaf_path, encoded in found_values.items():
-        set_leaf(state_dict, leaf_path, decode_value(encoded, allow_pickle=allow_pickle, where=leaf_path))
-    return nbytes
+    return None if nbytes is None else (nbytes, found)

@@ -83,6 +83,22 @@ class RestoreReport:
                 "fallbacks": [f.to_dict() for f in self.fallbacks]}
 
 
+@dataclass(frozen=True, slots=True)
+class HeldStep:
+    """A committed step that a memory tier holds whole: every array in one chunk in memory, with
+    what a restore checks before copying (:mod:`ckpt.direct`). ``manifest``: the commit point's
+    manifest without its arrays and writer runs; ``paths`` sorted, with each array's ``shapes``
+    and ``dtypes``; ``fill(tensors)``: each tensor (contiguous, on the CPU, in the order of
+    ``paths``) filled from its chunk and checked against its crc32c; the bytes read, or None if a
+    chunk is not held so or does not match (then some tensors may have been written)."""
+
+    manifest: dict[str, Any]
+    paths: list[str]
+    shapes: list[tuple[int, ...]]
+    dtypes: list[torch.dtype]
+    fill: Callable[[Sequence[torch.Tensor]], int | None]
+
+
 class RestoreSource(StorageWrapper):
     """A tier of a restore over ``inner`` (the next tier, or storage).
 
@@ -135,6 +151,11 @@ class RestoreSource(StorageWrapper):
         so or does not match (then some tensors may have been written; the caller reads them
         again the planned way)."""
         return self.inner.read_whole(items) if isinstance(self.inner, RestoreSource) else None
+
+    def held_step(self, step: int) -> HeldStep | None:
+        """Committed ``step`` as a memory tier of this chain holds it whole, if one does (one
+        table for the step, no listing of what it holds): see :class:`HeldStep`."""
+        return self.inner.held_step(step) if isinstance(self.inner, RestoreSource) else None
 
     def will_read(self, step: int, writers: set[str]) -> None:
         """A restore is about to read chunks of ``step`` that ``writers`` wrote (format 3's packs

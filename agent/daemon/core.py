@@ -31,6 +31,7 @@ from .heard import FragmentsHeard, PersistNotice
 from .holding import Holding
 from .metrics import AgentMetrics
 from .snapshot import Snapshot
+from .steptable import StepTables
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class Agent(Holding):
         super().__init__(config, metrics or AgentMetrics())
         self.notify_peers = notify_peers
         self.replicate = replicate
+        self.step_tables = StepTables(self)  # GetStepTable: each committed step's, built as it commits
         self._storages: dict[str, Storage] = {}
         self._persist_q: queue.Queue[Snapshot | None] = queue.Queue()
         self._stop = threading.Event()
@@ -294,6 +296,8 @@ class Agent(Holding):
                 self._evict(snap)
             self._update_gauges()
             self._changed.notify_all()
+        if state == SnapshotState.COMMITTED:
+            self.step_tables.soon(snap.run_url, snap.step)
         if self.notify_peers is not None and not snap.replica and snap.replicas_wanted:
             self.notify_peers(snap)
 

@@ -112,6 +112,11 @@ class TrainerServicer(SnapshotReads, rpc.TrainerServiceServicer):
         yield from replicator.peer_document(request.peer_address, key, request.save_id, request.kind)
 
     @rpc_errors
+    def GetStepTable(self, request: pb.StepTableRequest, context: grpc.ServicerContext) -> pb.StepTable:
+        check(0 < len(request.run_url) <= MAX_URL, "run_url: required")
+        return self.agent.step_tables.get(request.run_url, request.step)
+
+    @rpc_errors
     def FetchSnapshot(self, request: pb.FetchSnapshotRequest, context: grpc.ServicerContext) -> pb.SnapshotInfo:
         key = check_key(request.key)
         check(0 < len(request.save_id) <= MAX_ID, "save_id: required")

@@ -9,6 +9,7 @@ the stream is asked the unary way.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ from ..documents import (
 )
 from ..errors import AgentUnavailableError
 from ..pb import pb, rpc
+
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 << 20
 _PIECE_BYTES = 4 << 20
@@ -115,6 +118,17 @@ class AgentClient:
         for info in infos:
             self.resolve(info)
         return infos
+
+    def step_table(self, run_url: str, step: int) -> pb.StepTable | None:
+        """The agent's table of committed ``step`` (every array held whole on this node), or None:
+        it holds the step otherwise, not at all, or is older than the table (then list)."""
+        try:
+            return self.trainer.GetStepTable(pb.StepTableRequest(run_url=run_url, step=step), timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            if e.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+                log.warning("the node agent gave no table of step %d (%s: %s): listing its snapshots",
+                            step, e.code(), e.details())
+            return None
 
     def read_document(self, info: pb.SnapshotInfo, kind: int) -> bytes:
         """A document of a listed snapshot, read in pieces (through this agent if a peer holds it)."""

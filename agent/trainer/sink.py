@@ -44,6 +44,7 @@ from ..wire import PB_TO_STATE, error_from_rpc
 from .client import AgentClient
 from .memory import AgentMemoryStorage
 from .relay import CommitRelay
+from .table import TableError, TableSource
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +189,22 @@ class AgentSink(Sink):
         that cannot be listed makes a restore from storage that says why. The ring is asked
         only for the writers the restore reads and this node does not hold; with ``holders``
         (writer -> the addresses of the agents holding its snapshot), only their holders.
-        ``step``: only that step's snapshots are listed (a restore of a known step)."""
+        ``step``: only that step's snapshots are listed (a restore of a known step), and only when
+        something is read that the agent's table of that step does not serve (the agent has one
+        when it holds every array of the step whole: :mod:`agent.trainer.table`)."""
         bottom = StorageSource(storage)
+        if step is not None:  # a known step: the agent's one table of it, if it holds it whole
+            table = self.client.step_table(self.run_url, step)
+            if table is not None:
+                try:
+                    return TableSource(bottom, table, self.shm_dir, lambda: self._listed(bottom, holders, step))
+                except (TableError, ValueError) as e:
+                    log.warning("the agent's table of step %d is unusable (%s): listing its snapshots", step, e)
+        return self._listed(bottom, holders, step)
+
+    def _listed(self, bottom: StorageSource, holders: Mapping[str, Sequence[str]] | None,
+                step: int | None) -> RestoreSource:
+        """The restore source from the agent's listing (of ``step``'s snapshots, if given)."""
         c = self.client
         steps = () if step is None else (step,)
         try:

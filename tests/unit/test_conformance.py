@@ -93,6 +93,31 @@ class TestAgentMemoryTier(RestoreSourceTests):
             stack.close()
 
 
+class TestAgentStepTableTier(TestAgentMemoryTier):
+    """The agent's table of a step it holds whole (every array in one chunk): what the table does
+    not serve, the full tier behind it does, listed on first use."""
+
+    def run(self, tmp_path):
+        import contextlib
+
+        from ckpt.testing.restore_source import STEP, state
+
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(local_agent(tmp_path, "conformtable", memory_budget_bytes=64 << 20))
+        self._addr = f"unix://{tmp_path / 'a.sock'}"
+        with ckpt.Checkpointer(str(tmp_path / "run"), agent=self._addr, keep_last=None) as c:
+            c.save(STEP, state(), force=True).result(60)
+        return ckpt.open_storage(str(tmp_path / "run"))
+
+    def make(self, storage, step, tmp_path):
+        from agent.trainer.table import TableSource
+
+        self._ck = ckpt.Checkpointer(storage, agent=self._addr)
+        source = self._ck.sink.restore_source(storage, step=step)
+        assert isinstance(source, TableSource) and source.held_step(step) is not None
+        return source
+
+
 class TestAgentMemoryTierHoldingNothing(RestoreSourceTests):
     """The agent's memory tier of an agent that holds nothing of the run: every read goes to
     storage, charged to a 'not held' fallback."""

@@ -285,6 +285,62 @@ class ListSnapshotsRequest(_message.Message):
     steps: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, run_url: _Optional[str] = ..., with_plans: _Optional[bool] = ..., include_peers: _Optional[bool] = ..., documents: _Optional[_Iterable[_Union[DocumentKind, str]]] = ..., by_reference: _Optional[bool] = ..., peer_addresses: _Optional[_Iterable[str]] = ..., writers: _Optional[_Iterable[str]] = ..., steps: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class StepTableRequest(_message.Message):
+    __slots__ = ("run_url", "step")
+    RUN_URL_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    run_url: str
+    step: int
+    def __init__(self, run_url: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+
+class TableSegment(_message.Message):
+    __slots__ = ("key", "save_id", "segment", "nbytes", "replica")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SAVE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    key: SnapshotKey
+    save_id: str
+    segment: str
+    nbytes: int
+    replica: bool
+    def __init__(self, key: _Optional[_Union[SnapshotKey, _Mapping]] = ..., save_id: _Optional[str] = ..., segment: _Optional[str] = ..., nbytes: _Optional[int] = ..., replica: _Optional[bool] = ...) -> None: ...
+
+class StepTable(_message.Message):
+    __slots__ = ("step", "save_id", "manifest", "paths", "kinds", "kind_of", "segments", "segment_of", "offsets", "sizes", "crc32c", "run_segment", "run_start", "run_end", "run_crc32c")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SAVE_ID_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    KIND_OF_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_OF_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    RUN_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    RUN_START_FIELD_NUMBER: _ClassVar[int]
+    RUN_END_FIELD_NUMBER: _ClassVar[int]
+    RUN_CRC32C_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    save_id: str
+    manifest: bytes
+    paths: bytes
+    kinds: bytes
+    kind_of: bytes
+    segments: _containers.RepeatedCompositeFieldContainer[TableSegment]
+    segment_of: bytes
+    offsets: bytes
+    sizes: bytes
+    crc32c: bytes
+    run_segment: bytes
+    run_start: bytes
+    run_end: bytes
+    run_crc32c: bytes
+    def __init__(self, step: _Optional[int] = ..., save_id: _Optional[str] = ..., manifest: _Optional[bytes] = ..., paths: _Optional[bytes] = ..., kinds: _Optional[bytes] = ..., kind_of: _Optional[bytes] = ..., segments: _Optional[_Iterable[_Union[TableSegment, _Mapping]]] = ..., segment_of: _Optional[bytes] = ..., offsets: _Optional[bytes] = ..., sizes: _Optional[bytes] = ..., crc32c: _Optional[bytes] = ..., run_segment: _Optional[bytes] = ..., run_start: _Optional[bytes] = ..., run_end: _Optional[bytes] = ..., run_crc32c: _Optional[bytes] = ...) -> None: ...
+
 class ListSnapshotsResponse(_message.Message):
     __slots__ = ("snapshots",)
     SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]

@@ -100,6 +100,11 @@ class TrainerServiceStub:
                 request_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticePersistedRequest.SerializeToString,
                 response_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticePersistedResponse.FromString,
                 _registered_method=True)
+        self.GetStepTable = channel.unary_unary(
+                '/ckpt.agent.v1.TrainerService/GetStepTable',
+                request_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.StepTableRequest.SerializeToString,
+                response_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.StepTable.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -201,6 +206,16 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStepTable(self, request, context):
+        """A committed step whose every array this node's agent holds whole, each in one chunk of a
+        snapshot it holds (its own or a replica): one merged table of where each array lies, built
+        once per step for every rank of the node. NOT_FOUND (with the reason) when the step is not
+        held so, or its table would outgrow a message: list the snapshots instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -268,6 +283,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.NoticePersisted,
                     request_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticePersistedRequest.FromString,
                     response_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticePersistedResponse.SerializeToString,
+            ),
+            'GetStepTable': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStepTable,
+                    request_deserializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.StepTableRequest.FromString,
+                    response_serializer=agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.StepTable.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -621,6 +641,33 @@ class TrainerService:
             '/ckpt.agent.v1.TrainerService/NoticePersisted',
             agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticePersistedRequest.SerializeToString,
             agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.NoticePersistedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStepTable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckpt.agent.v1.TrainerService/GetStepTable',
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.StepTableRequest.SerializeToString,
+            agent_dot___proto_dot_ckpt_dot_agent_dot_v1_dot_agent__pb2.StepTable.FromString,
             options,
             channel_credentials,
             insecure,
