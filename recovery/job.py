@@ -7,6 +7,7 @@ coordinator runs on the driver's node, so losing another node never takes it alo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -62,7 +63,8 @@ class WorkerJob(DataParallelJob):
         self.spares = Spares(config.spares, boot=lambda bundle: self._worker_in(bundle, -1, 0, -1), kill=kill,
                              warm=lambda actor: actor.warm.remote(self.train_fn_ref))
         self.standbys = Standbys(config.standby if config.in_place else 0,  # (used in place only)
-                                 kill=kill, warm=lambda actor: actor.warm.remote(self.train_fn_ref),
+                                 kill=kill, warm=lambda actor: actor.warm.remote(self.train_fn_ref), on_dead=lambda
+                                 node, why: self.log(ev.SPARE, why, node=node, standby=True, dead=True),
                                  boot=lambda node: ray.remote(Worker).options(  # no resources: see Standbys
                                      num_cpus=0, num_gpus=0, max_restarts=0, max_concurrency=4, scheduling_strategy=
                                      NodeAffinitySchedulingStrategy(node, soft=False)).remote(-1, 0, -1))
@@ -389,12 +391,8 @@ class WorkerJob(DataParallelJob):
         self.spares.drop()
         self.standbys.drop()
         self.fleet.shutdown()
-        try:
+        with contextlib.suppress(Exception):  # shutting down: what is already gone stays gone
             self.placement.release()
-        except Exception:  # noqa: BLE001
-            pass
         if self.coordinator is not None:
-            try:
+            with contextlib.suppress(Exception):
                 ray.kill(self.coordinator, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass

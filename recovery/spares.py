@@ -141,12 +141,15 @@ class Standbys:
     died on a node that lives on is replaced, in place, by that node's standby: the lost
     process's bundle stays the rank's, and the standby takes the GPU(s) the lost process had
     (``WorkerSpec.devices``). What it costs is a process's host memory per node (a few hundred MB),
-    where a hot spare holds a worker's resources. ``boot(node)`` makes one on ``node``."""
+    where a hot spare holds a worker's resources. ``boot(node)`` makes one on ``node``;
+    ``on_dead(node, why)`` hears of a standby found dead (then dropped: a new process replaces the
+    rank, and the next ``tend`` boots another)."""
 
     def __init__(self, per_node: int, boot: Callable[[str], Any], kill: Callable[[Any], None],
-                 warm: Callable[[Any], Any]) -> None:
+                 warm: Callable[[Any], Any], on_dead: Callable[[str, str], None] | None = None) -> None:
         self.per_node = per_node
         self._boot, self._kill, self._warm = boot, kill, warm
+        self._on_dead = on_dead or (lambda node, why: None)
         self.idle: dict[str, list[Standby]] = {}  # node -> its standbys (booting or ready)
         self.taken = 0
 
@@ -184,9 +187,7 @@ class Standbys:
             sb.pid = ray.get(sb.ready, timeout=0)["pid"]
             return True
         except RayError:  # its process died: gone
-            log.warning("the warm standby booted on node %s died before it was used", sb.node[:12])
-            self.idle[sb.node].remove(sb)
-            self._kill(sb.actor)
+            self._dead(sb, f"the warm standby booted on node {sb.node[:12]} died before it was used")
             return False
 
     def take(self, node: str | None) -> Standby | None:
@@ -211,11 +212,15 @@ class Standbys:
             ray.get(sb.actor.node_info.remote(), timeout=5)
             return True
         except (RayError, GetTimeoutError):
-            log.warning("the warm standby on node %s (pid %s) no longer answers: a new process replaces the rank",
-                        sb.node[:12], sb.pid)
-            self.idle[sb.node].remove(sb)
-            self._kill(sb.actor)
+            self._dead(sb, f"the warm standby on node {sb.node[:12]} (pid {sb.pid}) no longer answers: "
+                           "a new process replaces the rank")
             return False
+
+    def _dead(self, sb: Standby, why: str) -> None:
+        log.warning("%s", why)
+        self.idle[sb.node].remove(sb)
+        self._kill(sb.actor)
+        self._on_dead(sb.node, why)
 
     def drop(self) -> None:
         for have in self.idle.values():

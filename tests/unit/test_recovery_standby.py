@@ -99,6 +99,24 @@ def test_a_standby_whose_process_died_is_dropped_not_taken(fake_ray: None) -> No
     assert sb.idle == {}
 
 
+def test_a_standby_found_dead_is_reported(fake_ray: None) -> None:
+    """What the job logs as a ``spare`` event (``dead=True``): never dropped silently."""
+    heard: list[tuple[str, str]] = []
+    sb, booted, _killed, warm = _standbys()
+    sb._on_dead = lambda node, why: heard.append((node, why))
+    sb.tend({"a"}, lost=set())
+    warm[booted[0].pid].done = True
+    warm[booted[0].pid].error = RayActorError()
+    assert sb.take("a") is None
+    sb.tend({"a"}, lost=set())
+    warm[booted[1].pid].done = True
+    assert sb.newly_ready()
+    booted[1].dead = True
+    assert sb.take("a") is None
+    assert [n for n, _ in heard] == ["a", "a"]
+    assert "died before it was used" in heard[0][1] and f"(pid {booted[1].pid}) no longer answers" in heard[1][1]
+
+
 def test_a_standby_takes_the_lost_processs_gpus_unless_it_initialised_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
