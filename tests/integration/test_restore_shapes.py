@@ -54,12 +54,15 @@ class ListingProbe(LlamaShapedTrainer):
 
     def restore(self, ctx: Any, state: dict[str, Any]) -> int:
         start = LlamaShapedTrainer.restore(self, ctx, state)
+        if ctx.attempt == 1:
+            ctx.source = type(ctx.checkpointer.last_restore_source).__name__
         if ctx.rank == 0 and ctx.attempt == 1:
             ctx.listing = _listing_sizes(ctx.checkpointer.sink)
         return start
 
     def __call__(self, ctx: Any) -> dict[str, Any]:
-        return {**LlamaShapedTrainer.__call__(self, ctx), "listing": getattr(ctx, "listing", None)}
+        return {**LlamaShapedTrainer.__call__(self, ctx), "listing": getattr(ctx, "listing", None),
+                "source": getattr(ctx, "source", None)}
 
 
 def _listing_sizes(sink: Any) -> dict[str, Any]:
@@ -69,6 +72,7 @@ def _listing_sizes(sink: Any) -> dict[str, Any]:
     from agent.trainer.sink import _RESTORE_DOCUMENTS
 
     c = sink.client
+    table = c.step_table(sink.run_url, 5)
     streamed = [(i.key.writer, i.key.step, i.ByteSize())
                 for i in c.stream_snapshots(sink.run_url, documents=_RESTORE_DOCUMENTS)]
     try:
@@ -78,7 +82,8 @@ def _listing_sizes(sink: Any) -> dict[str, Any]:
     except grpc.RpcError as e:
         m = re.search(r"would be (\d+) bytes", e.details() or "")
         whole, refused = (int(m.group(1)) if m else None), e.code().name
-    return {"streamed": streamed, "whole": whole, "refused": refused}
+    return {"streamed": streamed, "whole": whole, "refused": refused,
+            "table": None if table is None else (len(table.paths.split(b"\n")), table.ByteSize())}
 
 
 def _restore_from_agent_memory(tmp_path, workers: int, layers: int) -> None:
@@ -109,6 +114,10 @@ def _restore_from_agent_memory(tmp_path, workers: int, layers: int) -> None:
     assert rec.restore_bytes == {"agent memory": workers * state_bytes, "peer": 0, "storage": 0}
     assert rec.restored_from == "agent memory" and rec.fallbacks == [] and result.restore_fallbacks == []
     assert not [e for e in result.events if e.kind == ev.RESTORE_FALLBACK]
+    # every rank restored from its node agent's one table of step 5 (GetStepTable), not a listing
+    assert [r["source"] for r in returns] == ["TableSource"] * workers
+    table_arrays, table_bytes = returns[0]["listing"]["table"]
+    assert table_arrays == arrays and table_bytes + SLACK <= MESSAGE_LIMIT
     # the listing the restores read: a snapshot of step 5 of every writer of the node, one
     # message each, far below the limit; the answer in one message, where it would not fit, is
     # refused (RESOURCE_EXHAUSTED), never cut
@@ -119,7 +128,7 @@ def _restore_from_agent_memory(tmp_path, workers: int, layers: int) -> None:
     too_large = listing["whole"] + SLACK > MESSAGE_LIMIT
     assert listing["refused"] == ("RESOURCE_EXHAUSTED" if too_large else None), listing
     print(f"\n{workers} workers x {arrays} arrays: listing {len(sizes)} messages, largest {max(sizes)} B, in one message {listing['whole']} B ({listing['refused'] or 'sent'}); "
-          f"restore {rec.restore_s:.2f} s, resumed {rec.resumed_after_s:.2f} s after detection")
+          f"step table {table_bytes} B; restore {rec.restore_s:.2f} s, resumed {rec.resumed_after_s:.2f} s after detection")
 
 
 def test_four_workers_of_2160_arrays_restore_from_agent_memory_bit_exact(cluster, tmp_path):
