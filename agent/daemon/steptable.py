@@ -11,7 +11,9 @@ milliseconds. The agent does it once: it reads the commit point the restore woul
 chunk indexes of the snapshots of that save, and answers with the arrays' paths, shapes and
 dtypes and, per array, where its chunk lies and its crc32c, as columns of fixed-width integers a
 rank takes in with a few C loops (:mod:`agent.trainer.table`). The rank still compares the
-declarations with its own state and checks every chunk's crc32c as it copies it.
+declarations with its own state and checks what it copies against crc32c: each chunk's, or,
+where every chunk is small, the runs of chunks lying side by side that the agent checked chunk
+by chunk as it built the table (:func:`_runs`).
 
 Only the plain case has a table: every array of the step whole in one chunk, held in a segment
 here, with a crc32c. Anything else (a sharded array, a chunk held nowhere on this node, a step not

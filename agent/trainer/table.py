@@ -4,7 +4,9 @@ for the whole node by :mod:`agent.daemon.steptable`).
 :class:`TableSource` is the agent-memory tier of such a restore. It answers
 :meth:`ckpt.restore.RestoreSource.held_step` from the table: the arrays' paths, shapes and dtypes
 for :mod:`ckpt.direct` to compare with the state, and a ``fill`` that copies every chunk out of
-the segments' mappings, each checked against its crc32c (:func:`agent.trainer.spans.fill`). The
+the segments' mappings, checked against crc32c: the runs of small chunks the agent checked chunk
+by chunk when it built the table (:func:`agent.trainer.spans.fill_runs`), else each chunk
+(:func:`agent.trainer.spans.fill`). The
 table is a handful of columns of fixed-width integers: a rank takes in 2,000 arrays with a few C
 loops, where listing the snapshots meant a message per writer, a JSON chunk index per writer and
 two dictionaries of every chunk.
