@@ -6,8 +6,8 @@ A restore after a failure is, at thousands of arrays, mostly per-array bookkeepi
 listed the step's snapshots (one message each), decoded every writer's chunk index and merged
 them into its own tables, and parsed the commit point's declarations, to learn where the
 2,000-odd chunks it copies lie. Eight ranks of a node did the same work eight times, each a few
-milliseconds. The agent does it once: it reads the commit point the restore would read
-(storage's, else its own copy), checks its seal, parses it, joins every array to its chunk in the
+milliseconds. The agent does it once: it takes the step's commit point (its own copy, kept as the
+step committed, else storage's), checks its seal, parses it, joins every array to its chunk in the
 chunk indexes of the snapshots of that save, and answers with the arrays' paths, shapes and
 dtypes and, per array, where its chunk lies and its crc32c, as columns of fixed-width integers a
 rank takes in with a few C loops (:mod:`agent.trainer.table`). The rank still compares the
@@ -86,14 +86,15 @@ def _signature(snaps: list[Snapshot]) -> tuple:
 
 
 def _commit_point(snaps: list[Snapshot], storage: StorageOf, run_url: str, step: int) -> bytes:
-    """The step's commit point as a restore reads it: storage's (the truth), else a held copy."""
+    """The step's commit point: the copy a snapshot of it holds (set as the agent committed it, or
+    read once when told of its commit: no read of storage per step and node), else storage's."""
+    held = next((s.commit_point for s in snaps if s.commit_point and s.state == SnapshotState.COMMITTED), b"")
+    if held:
+        return held
     try:
         return storage(run_url).read(f"{fmt.step_dir(step)}/{fmt.META}")
-    except Exception as e:  # noqa: BLE001 - retention removed it, or storage cannot be read: a held copy
-        held = next((s.commit_point for s in snaps if s.commit_point), b"")
-        if not held:
-            raise AgentNotFoundError(f"step {step} is not committed (no commit point: {type(e).__name__})") from None
-        return held
+    except Exception as e:  # noqa: BLE001 - retention removed it, or storage cannot be read
+        raise AgentNotFoundError(f"step {step} is not committed here (no commit point: {type(e).__name__})") from None
 
 
 @without_gc  # (tens of thousands of objects: a collection would walk the agent's whole heap)
