@@ -81,6 +81,11 @@ def _runs(held: list[Snapshot], paths: list[str], columns: tuple[array, ...], st
             run_crcs)
 
 
+class NotWhole(AgentNotFoundError):
+    """A step with an array in more than one chunk (sharded, or chunked by size): no table, and
+    the later steps of its run are not prepared either (they are saved alike)."""
+
+
 def _signature(snaps: list[Snapshot]) -> tuple:
     return tuple((id(s), s.save_id, s.segment.name, s.chunk_index_crcs) for s in snaps)
 
@@ -108,6 +113,16 @@ def build(snaps: list[Snapshot], storage: StorageOf, run_url: str, step: int, ma
     manifest = attributes.get(MANIFEST_KEY) if type(attributes) is dict else None
     if type(manifest) is not dict or type(manifest.get("arrays")) is not list or manifest.get("step") != step:
         raise AgentNotFoundError(f"{path} is not a commit point of step {step}")
+    whole = []  # (path, shape, dtype, chunk key): every array first (a sharded step is refused before any index)
+    for a in sorted(manifest["arrays"], key=lambda a: a.get("path") if type(a) is dict else ""):
+        if type(a) is not dict or type(a.get("path")) is not str:
+            raise AgentNotFoundError(f"{path} declares an array without a path")
+        p, shape, dtype = a["path"], a.get("shape"), a.get("dtype")
+        if not (p.isprintable() and type(shape) is list and shape == a.get("chunk_shape") and 0 not in shape
+                and all(type(d) is int and d > 0 for d in shape) and type(dtype) is str):
+            raise NotWhole(f"array {p!r} of step {step} is not whole in one chunk")
+        info_by_name(dtype)  # a dtype this library knows
+        whole.append((p, tuple(shape), dtype, p + fmt.chunk_key("", [0] * len(shape), a.get("chunk_separator", "/"))))
     save_id = manifest.get("save_id")
     held = [s for s in snaps if s.save_id == save_id]
     where: dict[str, tuple[int, int, int, int | None]] = {}  # chunk key -> (segment, offset, bytes, crc32c)
@@ -118,20 +133,12 @@ def build(snaps: list[Snapshot], storage: StorageOf, run_url: str, step: int, ma
     paths: list[str] = []
     columns: tuple[array, ...] = (array("I"), array("I"), array("Q"), array("Q"), array("I"))
     kind_of, segment_of, offsets, sizes, crcs = columns
-    for a in sorted(manifest["arrays"], key=lambda a: a.get("path") if type(a) is dict else ""):
-        if type(a) is not dict or type(a.get("path")) is not str:
-            raise AgentNotFoundError(f"{path} declares an array without a path")
-        p, shape, dtype = a["path"], a.get("shape"), a.get("dtype")
-        if not (p.isprintable() and type(shape) is list and shape == a.get("chunk_shape") and 0 not in shape
-                and all(type(d) is int and d > 0 for d in shape) and type(dtype) is str):
-            raise AgentNotFoundError(f"array {p!r} of step {step} is not whole in one chunk")
-        info_by_name(dtype)  # a dtype this library knows
-        separator = a.get("chunk_separator", "/")
-        hit = where.get(p + fmt.chunk_key("", [0] * len(shape), separator))
+    for p, shape, dtype, key in whole:
+        hit = where.get(key)
         if hit is None or hit[3] is None:
             raise AgentNotFoundError(f"array {p!r} of step {step} is not held whole on this node with its crc32c")
         paths.append(p)
-        kind_of.append(kinds.setdefault((tuple(shape), dtype), len(kinds)))
+        kind_of.append(kinds.setdefault((shape, dtype), len(kinds)))
         segment_of.append(hit[0])
         offsets.append(hit[1])
         sizes.append(hit[2])
@@ -161,15 +168,16 @@ class StepTables:
         self.agent = agent  # an agent.daemon.core.Agent
         self._lock = threading.Lock()
         # (run, step) -> (the snapshots' signature, the table or why there is none)
-        self._tables: OrderedDict[tuple[str, int], tuple[tuple, pb.StepTable | str]] = OrderedDict()
+        self._tables: OrderedDict[tuple[str, int], tuple[tuple, pb.StepTable | AgentNotFoundError]] = OrderedDict()
         self._pending: set[tuple[str, int]] = set()
+        self._not_whole: set[str] = set()  # runs whose steps have no table (sharded): not prepared as they commit
 
     def soon(self, run_url: str, step: int) -> None:
         """A step just committed here: build its table in the background, so that the restore
         after a failure finds it built (about 10 ms of one core at 2,000 arrays, once per step
         per node) rather than every rank of the node waiting on its build."""
         with self._lock:
-            if (run_url, step) in self._pending or (run_url, step) in self._tables:
+            if (run_url, step) in self._pending or (run_url, step) in self._tables or run_url in self._not_whole:
                 return
             self._pending.add((run_url, step))
         threading.Thread(target=self._prepare, args=(run_url, step), name="agent-step-table", daemon=True).start()
@@ -177,6 +185,10 @@ class StepTables:
     def _prepare(self, run_url: str, step: int) -> None:
         try:
             self.get(run_url, step)
+        except NotWhole:  # its later steps are saved alike: not prepared (a restore still asks, and learns why)
+            with self._lock:
+                if len(self._not_whole) < 1 << 12:
+                    self._not_whole.add(run_url)
         except AgentNotFoundError:
             pass  # no table (kept with its reason): restores of the step list its snapshots
         except Exception:  # (any error: a restore asks again, and learns why)
@@ -194,18 +206,18 @@ class StepTables:
             cached = self._tables.get((run_url, step))
             if cached is None or cached[0] != signature:
                 try:
-                    built: pb.StepTable | str = build(snaps, self.agent.storage, run_url, step,
-                                                      self.agent.config.max_message_bytes)
+                    built: pb.StepTable | AgentNotFoundError = build(snaps, self.agent.storage, run_url, step,
+                                                                     self.agent.config.max_message_bytes)
                     log.debug("step table of step %d of %s: %d arrays in %d segments", step, run_url,
                               len(built.sizes) // 8, len(built.segments))
                 except AgentNotFoundError as e:  # (kept too: every rank of the node would ask again)
-                    built = str(e.args[0]) if e.args else "no table"
+                    built = e
                 except Exception as e:  # noqa: BLE001 - a document the restore's own checks then refuse, with their message
-                    built = f"no table of step {step}: {type(e).__name__}: {e}"
+                    built = AgentNotFoundError(f"no table of step {step}: {type(e).__name__}: {e}")
                 cached = self._tables[(run_url, step)] = (signature, built)
                 while len(self._tables) > _CACHED:
                     self._tables.popitem(last=False)
             self._tables.move_to_end((run_url, step))
-        if isinstance(cached[1], str):
-            raise AgentNotFoundError(cached[1])
+        if isinstance(cached[1], AgentNotFoundError):
+            raise type(cached[1])(*cached[1].args)  # (a new one per asker: they raise it in their threads)
         return cached[1]

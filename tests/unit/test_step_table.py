@@ -102,19 +102,27 @@ def test_the_agent_builds_a_steps_table_as_it_commits_once_for_every_rank_of_the
 
 
 def test_a_step_not_held_whole_has_no_table_and_the_restore_lists_its_snapshots(tmp_path, monkeypatch):
-    with local_agent(tmp_path, "nowhole") as _agent:
+    with local_agent(tmp_path, "nowhole") as (daemon, _shm):
         address, run = f"unix://{tmp_path / 'a.sock'}", str(tmp_path / "run")
         state = {"big": torch.randn(64, 64), "small": torch.randn(3)}
+        tables = daemon.agent.step_tables
         with ckpt.Checkpointer(run, agent=address, keep_last=None, max_chunk_bytes=4096) as c:
             c.save(5, state, force=True).result(60)
-        with pytest.raises(grpc.RpcError) as e:
-            _table(address, run, 5)
+            deadline = time.monotonic() + 30  # its table was tried as it committed: none, and why
+            while not tables._not_whole and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert tables._not_whole == {ckpt.open_storage(run).url}
+            c.save(6, state, force=True).result(60)  # a later step of that run: not prepared
+            time.sleep(0.2)
+            assert [key[1] for key in tables._tables] == [5]
+        with pytest.raises(grpc.RpcError) as e:  # asked (by a restore), it is tried, and says why
+            _table(address, run, 6)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND and "big" in e.value.details()
-        assert "of step 5 is not whole in one chunk" in e.value.details()
+        assert "of step 6 is not whole in one chunk" in e.value.details()
         listed = _listings(monkeypatch)
         out = {"big": torch.zeros(64, 64), "small": torch.zeros(3)}
         with ckpt.Checkpointer(run, agent=address, keep_last=None) as c:
-            assert c.restore(out, step=5) == 6
+            assert c.restore(out, step=6) == 7
             assert not isinstance(c.last_restore_source, TableSource)
             assert c.last_restore.served[Tier.STORAGE] == 0
     assert listed == [1] and all(torch.equal(out[k], state[k]) for k in state)
