@@ -47,6 +47,12 @@ class AgentMetrics:
             "Reads for a restore this agent could not serve, by reason: a peer that did not list what it holds, "
             "a fetch from a peer or a document read through a peer that failed, a document of a snapshot no "
             "longer held, an answer refused as larger than a message", ["reason"], registry=r)
+        self.step_tables = Counter(
+            "ckpt_agent_step_tables",
+            "Answers to GetStepTable: served, or refused (the step is not held whole here, or not at all; the "
+            "rank then lists the snapshots)", ["outcome"], registry=r)
+        for outcome in ("served", "refused"):
+            self.step_tables.labels(outcome)
         for kind in ("persist", "commit", "replicate", "retention", "takeover"):
             self.failures.labels(kind)
         for reason in FALLBACK_REASONS:

@@ -19,7 +19,7 @@ import grpc
 from ckpt import SnapshotState
 
 from ..documents import DEFAULT_DOCUMENTS, Assembly, pieces, writers_from_wire
-from ..errors import PeerError
+from ..errors import AgentNotFoundError, PeerError
 from ..pb import pb, rpc
 from ..plan import decode_plan
 from ..wire import PB_TO_STATE, STATE_TO_PB
@@ -114,7 +114,13 @@ class TrainerServicer(SnapshotReads, rpc.TrainerServiceServicer):
     @rpc_errors
     def GetStepTable(self, request: pb.StepTableRequest, context: grpc.ServicerContext) -> pb.StepTable:
         check(0 < len(request.run_url) <= MAX_URL, "run_url: required")
-        return self.agent.step_tables.get(request.run_url, request.step)
+        try:
+            table = self.agent.step_tables.get(request.run_url, request.step)
+        except AgentNotFoundError:
+            self.agent.metrics.step_tables.labels("refused").inc()
+            raise
+        self.agent.metrics.step_tables.labels("served").inc()
+        return table
 
     @rpc_errors
     def FetchSnapshot(self, request: pb.FetchSnapshotRequest, context: grpc.ServicerContext) -> pb.SnapshotInfo:

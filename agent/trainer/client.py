@@ -125,7 +125,9 @@ class AgentClient:
         try:
             return self.trainer.GetStepTable(pb.StepTableRequest(run_url=run_url, step=step), timeout=self.timeout_s)
         except grpc.RpcError as e:
-            if e.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+            if e.code() == grpc.StatusCode.NOT_FOUND:  # the usual reasons: a sharded step, a step not held here
+                log.info("no step table of step %d from the node agent (%s): listing its snapshots", step, e.details())
+            elif e.code() != grpc.StatusCode.UNIMPLEMENTED:
                 log.warning("the node agent gave no table of step %d (%s: %s): listing its snapshots",
                             step, e.code(), e.details())
             return None

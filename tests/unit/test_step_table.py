@@ -42,6 +42,11 @@ def test_a_step_that_commits_has_its_table_built_before_anyone_asks(tmp_path):
             time.sleep(0.01)
         _signature, table = daemon.agent.step_tables._tables[key]
         assert isinstance(table, pb.StepTable) and table.paths == b"b\nw"
+        counted = daemon.metrics.step_tables
+        assert _table(address, run, 4) == table
+        with pytest.raises(grpc.RpcError):
+            _table(address, run, 3)
+        assert (counted.labels("served")._value.get(), counted.labels("refused")._value.get()) == (1, 1)
 
 
 def _tensors(state: dict) -> dict[str, torch.Tensor]:
