@@ -32,9 +32,8 @@ from ckpt.restore import FallbackReason, RestoreSource, Tier, Where
 from ckpt.storage import Storage
 
 from ..pb import pb
-from ..shm import map_file
 from .held import CommitPoints, HeldSnapshot, ReadDocument, RemoteSnapshot, inline_only
-from .spans import Span, close_fds, pread_crc, pread_many, read_whole
+from .spans import Span, close_fds, memory_threads, open_segment, pread_crc, pread_many, read_whole
 
 log = logging.getLogger(__name__)
 
@@ -199,11 +198,7 @@ class AgentMemoryStorage(RestoreSource):
                 self._unusable(held, tier, why)
             return
         sdir = fmt.step_dir(s.key.step)
-        path = f"{self.shm_dir}/{s.segment}"
-        mm, tensor = map_file(path, s.nbytes, writable=False)
-        self._maps.append(mm)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self._fds.append(fd)
+        fd, view, tensor = open_segment(f"{self.shm_dir}/{s.segment}", s.nbytes, self._maps, self._fds)
         base = tensor.data_ptr()
         index = held.index(tensor)
         requests, crcs = index.plan.plan.requests, index.crcs
@@ -214,7 +209,7 @@ class AgentMemoryStorage(RestoreSource):
                 return
             crcs = [known.get((r.path, tuple(r.index))) for r in requests]
         missing = []
-        view, prefix, chunks, spans, why = memoryview(mm), f"{sdir}/", self._chunks, self._spans, self._why
+        prefix, chunks, spans, why = f"{sdir}/", self._chunks, self._spans, self._why
         if index.spans:  # thousands: column by column, in C loops
             rels, offsets, sizes, span_crcs = zip(*index.spans)
             if None in span_crcs:  # (rare) chunks the agent knows no crc32c of: read below
@@ -264,8 +259,7 @@ class AgentMemoryStorage(RestoreSource):
 
     def read_threads(self, step: int, default: int) -> int:
         if self.holds_step(step):
-            # Copies out of memory: one thread per core (2x faster than 8 threads on 2 cores).
-            return max(1, min(default, max(2, os.cpu_count() or 1)))
+            return memory_threads(default)
         return super().read_threads(step, default)
 
     def _below(self, key: str, data: memoryview, location: Where) -> ChunkRead:

@@ -20,7 +20,6 @@ what it cost before, plus the one call that fetched the table.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import weakref
 from array import array
@@ -35,8 +34,7 @@ from ckpt.gcpause import without_gc
 from ckpt.restore import HeldStep, RestoreSource, Tier
 
 from ..pb import pb
-from ..shm import map_file
-from .spans import close_fds, fill, fill_runs
+from .spans import close_fds, fill, fill_runs, memory_threads, open_segment
 
 
 class TableError(ValueError):
@@ -134,8 +132,8 @@ class TableSource(RestoreSource):
         return step == self.step or self.inner.holds_step(step)
 
     def read_threads(self, step: int, default: int) -> int:
-        if step == self.step:  # copies out of memory: one thread per core
-            return max(1, min(default, max(2, os.cpu_count() or 1)))
+        if step == self.step:
+            return memory_threads(default)
         return self.inner.read_threads(step, default)
 
     def held_step(self, step: int) -> HeldStep | None:
@@ -173,12 +171,8 @@ class TableSource(RestoreSource):
         """Each segment's fd (for pread), mapping and the mapping's address."""
         fds, views, bases = [], [], []
         for s in segments:
-            path = f"{self.shm_dir}/{s.segment}"
-            mm, tensor = map_file(path, s.nbytes, writable=False)
-            self._maps.append(mm)
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            self._fds.append(fd)
+            fd, view, tensor = open_segment(f"{self.shm_dir}/{s.segment}", s.nbytes, self._maps, self._fds)
             fds.append(fd)
-            views.append(memoryview(mm))
+            views.append(view)
             bases.append(tensor.data_ptr())
         return fds, views, bases
