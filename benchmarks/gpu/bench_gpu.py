@@ -252,6 +252,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--methods-every1", help="methods of the every-step loop (default: --methods)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sections", help="run only these (comma-separated: bandwidth, staging, loop_every10, restore, "
+                                      "loop_every1); default: all")
     a = p.parse_args(argv)
     if a.cpu:
         a.params_m, a.d_model, a.vocab, a.seq, a.micro_batch = 1.0, 64, 512, 32, 2
@@ -266,7 +268,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     t_start = time.monotonic()
-    report = Report(args.out, t_start + args.budget_s)
+    report = Report(args.out, t_start + args.budget_s, set(args.sections.split(",")) if args.sections else None)
     if not args.cpu and not torch.cuda.is_available():
         print("no CUDA device: run with --cpu for a dry run", file=sys.stderr)
         return 2

@@ -20,15 +20,20 @@ def _median(xs: list[float]) -> float | None:
 
 
 class Report:
-    def __init__(self, out_dir: str, deadline: float) -> None:
+    def __init__(self, out_dir: str, deadline: float, only: set[str] | None = None) -> None:
         self.out_dir = out_dir
         self.deadline = deadline
+        self.only = only  # sections to run (None: all)
         self.data: dict[str, Any] = {"sections": {}}
         os.makedirs(out_dir, exist_ok=True)
 
     @contextlib.contextmanager
     def section(self, name: str, need_s: float) -> Iterator[dict[str, Any] | None]:
         left = self.deadline - time.monotonic()
+        if self.only is not None and name not in self.only and name != "env":
+            self.data["sections"][name] = {"status": "skipped", "why": "not asked for (--sections)"}
+            yield None
+            return
         if left < need_s:
             self.data["sections"][name] = {"status": "skipped", "why": f"{left:.0f} s of budget left, needs ~{need_s:.0f}"}
             print(f"[{name}] skipped: {left:.0f} s left of the budget", flush=True)
