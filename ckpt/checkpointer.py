@@ -184,8 +184,7 @@ class Checkpointer:
             pool.wake()
 
     def wait(self, timeout: float | None = None) -> None:
-        """Block until every checkpoint taken so far is committed or failed; then report
-        failures per ``on_error``."""
+        """Block until every checkpoint taken so far is committed or failed; then report failures."""
         wait_futures(self._commits(), timeout=timeout)
         self._report_errors()
 
@@ -370,7 +369,8 @@ class Checkpointer:
 
     def _retention(self, manifest: Manifest) -> None:
         policy = RetentionPolicy(keep_last=self.config.keep_last or 1, keep_every=self.config.keep_every)
-        result = run_gc(self.storage, policy, measure=False, detached=True, clean_trash=False)
+        at = {manifest.step: manifest.created_at}  # the step just committed: no manifest read
+        result = run_gc(self.storage, policy, measure=False, detached=True, clean_trash=False, committed_at=at)
         if result.deleted:
             log.info("retention removed steps %s", result.deleted)
 

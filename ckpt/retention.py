@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -277,8 +277,12 @@ def run_gc(
     clean_trash: bool = True,
     clean_tmp: bool = False,
     in_progress: Collection[int] = (),
+    committed_at: Mapping[int, float] | None = None,
 ) -> GcResult:
     """List the run, plan with :func:`plan_gc`, and delete (unless ``dry_run``).
+
+    ``committed_at``: commit times the caller knows (a Checkpointer, of the step it just
+    committed), so that no manifest is read for them.
 
     ``measure`` sizes the steps to delete (one listing each), for reporting. A step that
     fails to delete is recorded in ``errors`` and the others still proceed. ``detached``
@@ -290,10 +294,16 @@ def run_gc(
     it and a training process's retention does not.
     """
 
-    # File times are needed only for incomplete steps; sizes only for what will be deleted.
-    listing = list_run(storage, usage=lambda info: not info.committed, manifests=True)
+    # File times are needed only for incomplete steps; sizes only for what will be deleted; of
+    # the manifests, only the newest's creation time, and only when an incomplete step precedes
+    # it (parsing every kept manifest at each commit cost a training process tens of ms of GIL).
+    listing = list_run(storage, usage=lambda info: not info.committed, manifests=False)
     now = time.time() if now is None else now
-    plan = plan_gc((s.entry() for s in listing), policy, now=now, in_progress=in_progress)
+    entries = [s.entry() for s in listing]
+    newest_at = _newest_commit_time(storage, entries, committed_at or {})
+    if newest_at is not None:
+        entries = [dataclasses.replace(e, committed_at=newest_at[1]) if e.step == newest_at[0] else e for e in entries]
+    plan = plan_gc(entries, policy, now=now, in_progress=in_progress)
     if measure:
         plan = GcPlan(tuple(
             dataclasses.replace(d, nbytes=tree_usage(storage, fmt.step_dir(d.step)).nbytes)
@@ -330,6 +340,22 @@ def run_gc(
                 except (OSError, CkptError) as e:
                     log.warning("could not remove %s: %s", name, e)
     return result
+
+
+def _newest_commit_time(storage: Storage, entries: list[StepEntry],
+                        known: Mapping[int, float]) -> tuple[int, float | None] | None:
+    """The newest committed step and its commit time, where :func:`plan_gc` needs it (an
+    incomplete step with file times precedes it); None where it does not."""
+    newest = max((e.step for e in entries if e.committed), default=None)
+    if newest is None or not any(not e.committed and e.step < newest and e.modified_at is not None for e in entries):
+        return None
+    if newest in known:
+        return newest, known[newest]
+    try:
+        return newest, fmt.read_manifest(storage, newest).created_at
+    except CkptError as e:  # corrupt, or deleted meanwhile: plan without it
+        log.warning("could not read the manifest of step %d: %s", newest, e)
+        return newest, None
 
 
 def _stale_tmp(storage: Storage, steps: list[int], min_age_s: float, now: float) -> list[str]:
