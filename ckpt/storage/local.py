@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import logging
 import os
 import posixpath
@@ -21,12 +20,6 @@ log = logging.getLogger(__name__)
 
 DIRECT_ALIGN = 4096  # covers 512- and 4096-byte logical blocks
 DIRECT_MIN_BYTES = 256 * 1024  # below this, the page cache is cheaper than a synchronous device write
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view.nbytes:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 def _load_syncfs() -> Any:
@@ -45,6 +38,104 @@ def _load_syncfs() -> Any:
 _SYNCFS = _load_syncfs()
 
 
+class _Writer:
+    """One file's parts in as few system calls as it takes: the page-aligned bodies of large
+    parts through a second descriptor opened with O_DIRECT, at their offsets; everything else
+    gathered and written with ``pwritev``. Each system call releases the GIL and takes it back,
+    and in a training process every taking back may wait behind the training loop's thread:
+    a pack of 600 chunks written part by part (with O_DIRECT switched on and off with
+    ``fcntl``) took the GIL about 4,000 times per checkpoint; batched, about 30."""
+
+    def __init__(self, storage: LocalStorage, target: str, fd: int) -> None:
+        self.storage, self.target, self.fd = storage, target, fd
+        self.direct_fd: int | None = None
+        self.pending: list[memoryview] = []
+        self.start = 0  # file offset of the first pending byte
+        self.pos = 0  # file offset of the next byte
+
+    def write(self, parts: Iterable[Buffer]) -> None:
+        st = self.storage
+        # Parts a generator yields may reuse one buffer: only those of a list (held by the
+        # caller in any case) are gathered.
+        gather = _IOV_MAX if isinstance(parts, (list, tuple)) else 1
+        try:
+            for part in parts:  # one at a time: a re-iterable of parts is never held whole
+                view = memoryview(part).cast("B")
+                direct = st._direct_prefix(view) if st.direct_io and self.pos % DIRECT_ALIGN == 0 else 0
+                if direct and self._write_direct(view[:direct]):
+                    view = view[direct:]
+                if view.nbytes:
+                    self.pending.append(view)
+                    self.pos += view.nbytes
+                    if len(self.pending) >= gather:
+                        self._flush()
+            self._flush()
+        finally:
+            if self.direct_fd is not None:
+                os.close(self.direct_fd)
+
+    def _flush(self) -> None:
+        views, at, i = self.pending, self.start, 0
+        while i < len(views):
+            n = os.pwritev(self.fd, views[i:] if i else views, at)
+            at += n
+            while i < len(views) and n >= views[i].nbytes:
+                n -= views[i].nbytes
+                i += 1
+            if n:  # a short write inside a part
+                views[i] = views[i][n:]
+        self.pending, self.start = [], self.pos
+
+    def _write_direct(self, view: memoryview) -> bool:
+        """Write ``view`` (page-aligned in memory, in the file and in length) bypassing the page
+        cache (buffered, and direct I/O off for this storage, where the filesystem refuses the
+        alignment); False where it has no O_DIRECT (the caller writes it buffered)."""
+        self._flush()
+        if self.direct_fd is None:
+            try:
+                self.direct_fd = os.open(self.target, os.O_WRONLY | os.O_DIRECT)
+            except OSError:  # this filesystem has no O_DIRECT (some FUSE, older tmpfs): stop trying
+                self.storage.direct_io = False
+                return False
+        at, end = self.pos, self.pos + view.nbytes
+        try:
+            while at < end:
+                at += os.pwrite(self.direct_fd, view[at - self.pos:], at)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.storage.direct_io = False  # alignment refused: written buffered
+            while at < end:
+                at += os.pwrite(self.fd, view[at - self.pos:], at)
+        self.pos = self.start = at
+        return True
+
+
+_IN_MEMORY_FS = frozenset({"tmpfs", "ramfs", "hugetlbfs"})
+
+
+def _fs_type(path: str) -> str | None:
+    """The type of the filesystem that holds ``path`` (or would hold it: its nearest existing
+    ancestor), from the mount table; None where there is none to read."""
+    path = os.path.realpath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return None
+    best, kind = "", None
+    for point, fstype in mounts:
+        point = point.replace("\\040", " ")
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind
+
+
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+
+
 class LocalStorage(Storage):
     """POSIX files under a root directory; fsync for durability; rename for atomicity."""
 
@@ -54,7 +145,9 @@ class LocalStorage(Storage):
         # Large chunk bodies written with O_DIRECT from page-aligned host memory skip the
         # page cache: a tenth of the kernel CPU of a buffered write, and no dirty pages for
         # the kernel to flush later (what a training process sharing the cores notices).
-        self.direct_io = direct_io and hasattr(os, "O_DIRECT")
+        # In memory (tmpfs), the page cache is the storage: O_DIRECT bypasses nothing and costs
+        # two system calls per chunk instead of one per batch of chunks.
+        self.direct_io = direct_io and hasattr(os, "O_DIRECT") and _fs_type(self.root) not in _IN_MEMORY_FS
 
     def _abs(self, path: str) -> str:
         return os.path.join(self.root, *check_relpath(path).split("/"))
@@ -64,42 +157,11 @@ class LocalStorage(Storage):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            pos = 0
-            for part in parts:  # one at a time: a re-iterable of parts is never held whole
-                view = memoryview(part).cast("B")
-                direct = self._direct_prefix(view) if self.direct_io and pos % DIRECT_ALIGN == 0 else 0
-                if direct and self._write_direct(fd, view[:direct]):
-                    view = view[direct:]
-                    pos += direct
-                _write_all(fd, view)
-                pos += view.nbytes
+            _Writer(self, target, fd).write(parts)
             if durable:
-                os.fsync(fd)
+                os.fsync(fd)  # the inode: covers what the O_DIRECT descriptor wrote
         finally:
             os.close(fd)
-
-    def _write_direct(self, fd: int, view: memoryview) -> bool:
-        """Write ``view`` (page-aligned in memory, in the file and in length) bypassing the page
-        cache; False, and direct I/O off for this storage, where the filesystem refuses it."""
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-        except OSError:  # this filesystem has no O_DIRECT (tmpfs, some FUSE): stop trying
-            self.direct_io = False
-            return False
-        try:
-            start = os.lseek(fd, 0, os.SEEK_CUR)
-            try:
-                _write_all(fd, view)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self.direct_io = False  # alignment refused: the caller writes it buffered
-                os.lseek(fd, start, os.SEEK_SET)
-                return False
-            return True
-        finally:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
     def _direct_prefix(self, view: memoryview) -> int:
         """How many leading bytes of ``view`` can bypass the page cache (0: none)."""

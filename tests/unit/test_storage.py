@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ class TestLocal(StorageTests):
 
 
 class TestLocalOnTmpfs(StorageTests):
-    """A filesystem without O_DIRECT: the first large write finds out and falls back."""
+    """Memory (tmpfs): no O_DIRECT, known from the mount table; every part gathered."""
 
     def make(self, tmp_path):
         if not os.path.isdir("/dev/shm"):
@@ -140,3 +141,68 @@ def test_gc_removes_trash_left_by_a_crash(tmp_path):
     assert (tmp_path / ".trash-000000000000-dead").exists()
     run_gc(st, RetentionPolicy(keep_last=1))
     assert sorted(os.listdir(tmp_path)) == ["000000000001"]
+
+
+def _parts(seed: int) -> list:
+    """Small parts between large page-aligned ones, as a pack has them (data, crc, padding)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(40):
+        n = (i % 3 + 1) * 256 * 1024 + i * 7
+        big = memoryview(mmap.mmap(-1, n))  # page-aligned, as a slab's chunks are
+        big[:] = torch.randint(0, 255, (n,), dtype=torch.uint8, generator=g).numpy().tobytes()
+        out += [big, bytes([i]) * 4, bytes(i % 5)]
+    return out
+
+
+@pytest.mark.parametrize("root", ["tmp", "shm"])
+def test_local_write_of_many_parts_gathers_them_and_keeps_their_order(tmp_path, root, monkeypatch):
+    base = tmp_path if root == "tmp" else tempfile.mkdtemp(dir="/dev/shm") if os.path.isdir("/dev/shm") else None
+    if base is None:
+        pytest.skip("no /dev/shm")
+    try:
+        st = LocalStorage(str(base))
+        calls = {"pwritev": 0}
+        real = os.pwritev
+
+        def short_pwritev(fd, views, at):  # a short write now and then: the rest follows
+            calls["pwritev"] += 1
+            return real(fd, views[:1] if calls["pwritev"] % 3 == 0 and len(views) > 1 else views, at)
+
+        monkeypatch.setattr(os, "pwritev", short_pwritev)
+        parts = _parts(1)
+        st.write("f.bin", parts)
+        assert st.read("f.bin") == b"".join(bytes(p) for p in parts)
+        assert calls["pwritev"] < len(parts) // 2  # gathered, not one call per part
+
+        reused = bytearray(300 * 1024)  # a generator that refills one buffer
+
+        def gen():
+            for i in range(5):
+                reused[:] = bytes([i]) * len(reused)
+                yield reused
+        st.write("g.bin", gen())
+        assert st.read("g.bin") == b"".join(bytes([i]) * len(reused) for i in range(5))
+    finally:
+        if root == "shm":
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def test_local_write_falls_back_to_buffered_where_direct_io_is_refused(tmp_path, monkeypatch):
+    st = LocalStorage(str(tmp_path))
+    if not st.direct_io:
+        pytest.skip("no O_DIRECT here")
+    assert not LocalStorage("/dev/shm/x").direct_io if os.path.isdir("/dev/shm") else True
+    real, refused = os.pwrite, []
+
+    def pwrite(fd, data, at):
+        if not refused:  # the first write is the direct one: alignment refused
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, at)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    parts = _parts(2)
+    st.write("f.bin", parts)
+    assert refused and not st.direct_io
+    assert st.read("f.bin") == b"".join(bytes(p) for p in parts)
