@@ -16,7 +16,7 @@ import itertools
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -122,14 +122,16 @@ class WriteRequest:
     slices: tuple[slice, ...]
     chunk_shape: tuple[int, ...]
     separator: str = "/"
+    # Whether the region is smaller than the chunk (an edge chunk, padded when stored); known
+    # at planning, not found again by every save of the plan.
+    ragged: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ragged", any(s.stop - s.start != c for s, c in zip(self.slices, self.chunk_shape)))
 
     @property
     def key(self) -> str:
         return chunk_key(self.path, self.index, self.separator)
-
-    @property
-    def ragged(self) -> bool:
-        return any(s.stop - s.start != c for s, c in zip(self.slices, self.chunk_shape))
 
 
 def plan_array_writes(path: str, spec: ArraySpec, tensor: torch.Tensor, layout: TensorLayout) -> list[WriteRequest]:
