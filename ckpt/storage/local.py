@@ -10,6 +10,7 @@ import os
 import posixpath
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -276,11 +277,8 @@ class LocalStorage(Storage):
             return self.delete(path, recursive=True)
         trash = os.path.join(self.root, f"{TRASH_PREFIX}{os.path.basename(target)}-{uuid.uuid4().hex[:8]}")
         os.rename(target, trash)
-        try:
-            subprocess.Popen(["nice", "-n", "19", "rm", "-rf", "--", trash], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        except OSError:  # no nice/rm on this system: delete here
-            log.debug("background deletion unavailable; deleting %s in process", trash, exc_info=True)
+        if not _DELETER.send(trash):  # no sh/nice/rm on this system: delete here
+            log.debug("background deletion unavailable; deleting %s in process", trash)
             self.delete(posixpath.relpath(trash, self.root).replace(os.sep, "/"), recursive=True)
 
     def delete(self, path: str, *, recursive: bool = False) -> None:
@@ -304,6 +302,47 @@ class LocalStorage(Storage):
                 os.rmdir(target)
         else:
             _remove_quietly(target)
+
+
+class _Deleter:
+    """One process per training process that deletes the trees it is sent, at the lowest CPU
+    priority: a path per line on its standard input. Started at the first deletion (a process
+    started per deletion cost the committing thread a fork and exec at every commit), it ends
+    when this process closes the pipe (at exit), after the deletions it was sent."""
+
+    SCRIPT = 'while IFS= read -r p; do rm -rf -- "$p"; done'
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._pid = 0  # the process that started it (a forked child starts its own)
+
+    def send(self, path: str) -> bool:
+        if "\n" in path:
+            return False
+        line = (path + "\n").encode()
+        with self._lock:
+            for _attempt in range(2):
+                if self._proc is None or self._pid != os.getpid() or self._proc.poll() is not None:
+                    try:
+                        self._proc = subprocess.Popen(
+                            ["nice", "-n", "19", "sh", "-c", self.SCRIPT], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                    except OSError:
+                        self._proc = None
+                        return False
+                    self._pid = os.getpid()
+                try:
+                    assert self._proc.stdin is not None
+                    self._proc.stdin.write(line)
+                    self._proc.stdin.flush()
+                    return True
+                except OSError:  # it ended: start another
+                    self._proc = None
+            return False
+
+
+_DELETER = _Deleter()
 
 
 def _remove_quietly(path: str) -> None:
