@@ -93,8 +93,12 @@ class ArraySpec:
     # checkpoints') or "c.0.1" (one file per chunk in the array's directory, since: fewer
     # directories to create and delete per checkpoint)
     chunk_separator: str = "/"
+    # Found once per spec, not at every save of a plan that reuses it (thousands per save).
+    _grid: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
+    _doc: dict[str, JSON] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_grid", tuple(-(-s // c) for s, c in zip(self.shape, self.chunk_shape)))
         if self.chunk_separator not in ("/", "."):
             raise ManifestError(f"array {self.path!r}: chunk_separator must be '/' or '.', got {self.chunk_separator!r}")
         if len(self.shape) != len(self.chunk_shape):
@@ -107,7 +111,7 @@ class ArraySpec:
 
     @property
     def grid_shape(self) -> tuple[int, ...]:
-        return tuple(-(-s // c) for s, c in zip(self.shape, self.chunk_shape))
+        return self._grid
 
     @property
     def num_chunks(self) -> int:
@@ -118,14 +122,13 @@ class ArraySpec:
         return math.prod(self.shape)
 
     def to_dict(self) -> dict[str, JSON]:
-        return {
-            "path": self.path,
-            "shape": list(self.shape),
-            "dtype": self.dtype,
-            "chunk_shape": list(self.chunk_shape),
-            "layout": self.layout,
-            **({"chunk_separator": self.chunk_separator} if self.chunk_separator != "/" else {}),
-        }
+        """The spec as a document (made once; shared: not to be changed by the caller)."""
+        if self._doc is None:
+            object.__setattr__(self, "_doc", {
+                "path": self.path, "shape": list(self.shape), "dtype": self.dtype, "chunk_shape": list(self.chunk_shape),
+                "layout": self.layout, **({"chunk_separator": self.chunk_separator} if self.chunk_separator != "/" else {}),
+            })
+        return self._doc
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "array") -> ArraySpec:
