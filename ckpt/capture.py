@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from . import chunks
 from .hostpool import carved_bytes
 from .layout import Sharded, is_dtensor, layout_of
 from .plan import SavePlan, TensorItem, plan_items
@@ -90,7 +91,8 @@ class CapturePlan:
         if memo is None or memo[0] is not slab:
             slab.reset()
             views = [slab.carve(self.items[i].tensor.shape, self.items[i].tensor.dtype) for i in self.mine_idx]
-            requests = [WriteRequest(r.path, r.index, views[n], r.slices, r.chunk_shape, r.separator)
+            requests = [WriteRequest(r.path, r.index, views[n], r.slices, r.chunk_shape, r.separator,
+                                     chunks.stored_view(views[n], r.slices, ragged=r.ragged))
                         for r, n in zip(self.plan.requests, self.request_items)]
             memo = self._memo[id(slab)] = (slab, views, requests)
         return memo[1], memo[2]

@@ -42,6 +42,16 @@ def payload(tensor: torch.Tensor, slices: tuple[slice, ...], chunk_shape: Sequen
     return as_bytes(region), region
 
 
+def stored_view(tensor: torch.Tensor, slices: tuple[slice, ...], *, ragged: bool) -> tuple[memoryview, torch.Tensor] | None:
+    """What :func:`payload` returns, where that is a view of ``tensor``'s memory (a CPU tensor,
+    the region contiguous and not padded): found once, it stays right while the memory lives.
+    None where the stored bytes would be a copy."""
+    if ragged or tensor.device.type != "cpu":
+        return None
+    region = tensor.detach()[slices]
+    return (as_bytes(region), region) if region.is_contiguous() else None
+
+
 def encode(data: memoryview) -> tuple[list[Any], int]:
     """The parts to store for ``data`` (the data, then its crc32c), and the crc32c."""
     crc = crc32c.crc32c(data)

@@ -32,6 +32,8 @@ from .storage import Storage
 
 def chunk_payload(req: WriteRequest) -> tuple[memoryview, torch.Tensor]:
     """The stored bytes of a request's chunk (without checksum), and the tensor that owns them."""
+    if req.stored is not None:
+        return req.stored
     return chunks.payload(req.tensor, req.slices, req.chunk_shape, ragged=req.ragged)
 
 

@@ -122,6 +122,9 @@ class WriteRequest:
     slices: tuple[slice, ...]
     chunk_shape: tuple[int, ...]
     separator: str = "/"
+    # The stored bytes and their owner where they were found once for many saves (a host slab's
+    # views: ``ckpt.capture``), so that a save makes no tensor view per chunk.
+    stored: tuple[memoryview, torch.Tensor] | None = field(default=None, repr=False, compare=False)
     # Whether the region is smaller than the chunk (an edge chunk, padded when stored); known
     # at planning, not found again by every save of the plan.
     ragged: bool = field(init=False, repr=False, compare=False)
