@@ -226,10 +226,17 @@ def list_run(
             layout=layout,
         )
 
-    if not infos:
-        return []
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(infos)))) as pool:
-        return list(pool.map(one, infos))
+    # Only the steps that need reading go to threads (a training process lists its run after
+    # every commit, where a pool of threads made per listing cost more than the listing).
+    slow = [i for i in infos if (usage(i) if callable(usage) else usage) or (manifests and i.committed)]
+    slow_steps = {i.step for i in slow}
+    out = {i.step: one(i) for i in infos if i.step not in slow_steps}
+    if len(slow) == 1:
+        out[slow[0].step] = one(slow[0])
+    elif slow:
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(slow)))) as pool:
+            out.update(zip((i.step for i in slow), pool.map(one, slow)))
+    return [out[i.step] for i in infos]
 
 
 # ---------------------------------------------------------------------------------------------
