@@ -189,6 +189,7 @@ def loop(job: Job, method: str, every: int, steps: int, warm: int, run: str, ctx
     os.makedirs(run, exist_ok=True)
     m = Method(method, job, run, ctx)
     step_times, stalls = [], []
+    phases: dict[str, list[float]] = {}
     ckpt_steps: list[int] = []
     try:
         for step in range(1, warm + steps + 1):
@@ -198,16 +199,23 @@ def loop(job: Job, method: str, every: int, steps: int, warm: int, run: str, ctx
             take = method != "none" and ((timed and step % every == 0) or step <= min(2, warm))
             t0 = time.perf_counter()
             job.forward_backward()
+            t1 = time.perf_counter()
             waited = m.before_step()
             job.opt.step()
             job.opt.zero_grad(set_to_none=True)
+            t2 = time.perf_counter()
             # The loop reads its loss every step (logging), which waits for the compute stream only.
             if job.device.type == "cuda":
                 torch.cuda.current_stream().synchronize()
+            t3 = time.perf_counter()
             if take:
                 waited += m.save(step)
             if timed:
                 step_times.append(time.perf_counter() - t0)
+                # Where a step's time goes: launching forward/backward (CPU), the pre-step wait and
+                # optimizer launch, waiting for the GPU, the save call.
+                for k, v in (("launch_fb", t1 - t0), ("opt", t2 - t1), ("gpu_wait", t3 - t2), ("save", t0 + step_times[-1] - t3)):
+                    phases.setdefault(k, []).append(v)
                 if take:
                     ckpt_steps.append(step)
                     stalls.append(waited)
@@ -227,6 +235,7 @@ def loop(job: Job, method: str, every: int, steps: int, warm: int, run: str, ctx
     if "stagers" in closed:
         out["dcp_stagers_made"] = closed["stagers"]
     out["stalls_s"] = stalls
+    out["phases_median_s"] = {k: statistics.median(v) for k, v in phases.items()}
     out["stall_median_s"] = _median(stalls)
     shutil.rmtree(run, ignore_errors=True)
     return out
