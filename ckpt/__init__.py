@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .api import load, read, save
-from .checkpointer import Checkpointer, CheckpointerConfig, CheckpointerStatus, SnapshotHandle, SnapshotState
+from .checkpointer import Checkpointer, CheckpointerConfig, CheckpointerStatus, SnapshotHandle
+from .handles import SnapshotState
 from .commit import commit
 from .errors import (
     CheckpointExistsError,

@@ -43,7 +43,7 @@ from .consolidate import Consolidator
 from .dist import Group
 from .errors import CkptError
 from .gcpause import gc_paused, without_gc
-from .handles import CheckpointerStatus, SnapshotHandle, SnapshotState, chain, status_of
+from .handles import CheckpointerStatus, HandleLog, SnapshotHandle, chain, status_of
 from .hostpool import HostBufferPool, take_slab
 from .manifest import Manifest
 from .plan import SavePlan, TensorItem
@@ -96,7 +96,7 @@ class Checkpointer:
         self._latest_handle: SnapshotHandle | None = None
         self._expander = CachedExpander()
         self._plan: CapturePlan | None = None
-        self._handles: list[SnapshotHandle] = []
+        self._handles = HandleLog()  # unfinished, and the last finished
         self._errors: list[str] = []
         self._reported = 0
         self._lock = threading.Lock()
@@ -202,8 +202,7 @@ class Checkpointer:
             self.stager.close()
             self.sink.close(wait=wait)
             if self.consolidator is not None and wait:
-                done = [h.step for h in self._handles if h.state is SnapshotState.COMMITTED]
-                self.consolidator.close(last=max(done, default=None), keep_every=self.config.keep_every)
+                self.consolidator.close(last=self._handles.last_committed(), keep_every=self.config.keep_every)
             self._plan = None  # it holds views of the slabs
             clear = lambda: self.pool is not None and self.pool.clear()  # (a preparation may make the pool later)
             # A preparation is not waited for: one still making a slab frees them as it ends
@@ -222,7 +221,7 @@ class Checkpointer:
 
     def status(self) -> CheckpointerStatus:
         with self._lock:
-            handles, errors = list(self._handles), tuple(self._errors)
+            handles, errors = self._handles.snapshot(), tuple(self._errors)
         return status_of(handles, errors, self.pool, budget=self.config.host_budget_bytes, skipped=self._skipped,
                          hook_stall_s=self._hook_stall_s)
 
@@ -310,7 +309,7 @@ class Checkpointer:
         host_plan = SavePlan(plan.plan.arrays, host_requests, plan.plan.metadata, values, plan.plan.containers)
         job = PersistJob(step=step, save_id=save_id(self.run_id, step), writer=self.writer, writers=self.writers,
                          plan=host_plan, committer=self.group.rank == 0 and cfg.commit_by == "rank0", release=lambda: pool.release(slab), slab=slab)
-        job.persisted.add_done_callback(lambda f: chain(f, handle.persisted))
+        job.persisted.add_done_callback(lambda f: chain(f, handle.persisted, step))  # the fragment stays with the job
         job.committed.add_done_callback(lambda f: chain(f, handle.committed))
         if self.consolidator is not None:
             job.committed.add_done_callback(lambda f, s=step: self._committed(s, f))

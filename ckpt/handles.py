@@ -29,8 +29,8 @@ class SnapshotHandle:
     stall_s: float = 0.0  # time ``save`` blocked the training loop
     hook_stall_s: float = 0.0  # time optimizer pre-step hooks waited for this snapshot's staging
     staged: Future = field(default_factory=Future)
-    persisted: Future = field(default_factory=Future)
-    committed: Future = field(default_factory=Future)
+    persisted: Future = field(default_factory=Future)  # result: the step (not the writer's fragment)
+    committed: Future = field(default_factory=Future)  # result: the manifest
     skipped: bool = False
 
     @property
@@ -55,6 +55,46 @@ class SnapshotHandle:
         return self.committed.result(timeout)
 
 
+class HandleLog(list):
+    """The Checkpointer's handles, oldest first: every unfinished one and the last ``keep``
+    finished ones. Each finished handle holds its fragment and manifest (a record per chunk):
+    kept for ever, a job checkpointing every step grew by thousands of objects per step, and
+    every full collection of the cycle collector walked them. Those dropped are counted."""
+
+    def __init__(self, keep: int = 32) -> None:
+        super().__init__()
+        self.keep = keep
+        self.dropped_failed = 0
+        self.dropped_last_committed: int | None = None
+
+    def append(self, handle: SnapshotHandle) -> None:
+        super().append(handle)
+        if len(self) > 2 * self.keep:
+            finished = [h for h in self if h.state in _FINISHED]
+            drop = {id(h) for h in finished[:-self.keep]}
+            for h in finished[:-self.keep]:
+                if h.state is SnapshotState.FAILED:
+                    self.dropped_failed += 1
+                elif h.state is SnapshotState.COMMITTED:
+                    self.dropped_last_committed = max(h.step, self.dropped_last_committed or h.step)
+            self[:] = [h for h in self if id(h) not in drop]
+
+    def snapshot(self) -> HandleLog:
+        out = HandleLog(self.keep)
+        out.extend(self)
+        out.dropped_failed, out.dropped_last_committed = self.dropped_failed, self.dropped_last_committed
+        return out
+
+    def last_committed(self) -> int | None:
+        steps = [h.step for h in self if h.state is SnapshotState.COMMITTED]
+        if self.dropped_last_committed is not None:
+            steps.append(self.dropped_last_committed)
+        return max(steps, default=None)
+
+
+_FINISHED = (SnapshotState.COMMITTED, SnapshotState.FAILED, SnapshotState.SKIPPED)
+
+
 @dataclass(frozen=True, slots=True)
 class CheckpointerStatus:
     checkpoints: tuple[dict[str, Any], ...]
@@ -70,12 +110,16 @@ class CheckpointerStatus:
     hook_stall_s: float
 
 
-def chain(src: Future, dst: Future) -> None:
+_SAME = object()
+
+
+def chain(src: Future, dst: Future, result: Any = _SAME) -> None:
+    """``dst`` done as ``src``: its exception, or its result (or ``result``, where given)."""
     if dst.done():
         return
     e = src.exception()
     if e is None:
-        dst.set_result(src.result())
+        dst.set_result(src.result() if result is _SAME else result)
     else:
         dst.set_exception(e)
 
@@ -89,14 +133,17 @@ def status_of(handles: list[SnapshotHandle], errors: tuple[str, ...], pool: Any,
          "error": None if h.error is None else f"{type(h.error).__name__}: {h.error}"}
         for h in handles
     )
+    log = handles if isinstance(handles, HandleLog) else HandleLog()
     committed = [h.step for h in handles if h.state is SnapshotState.COMMITTED]
+    if log.dropped_last_committed is not None:
+        committed.append(log.dropped_last_committed)
     return CheckpointerStatus(
         checkpoints=rows,
         last_committed=max(committed) if committed else None,
         in_flight=sum(1 for h in handles if h.state in (SnapshotState.CAPTURED, SnapshotState.STAGED,
                                                         SnapshotState.PERSISTED)),
         skipped=skipped,
-        failed=sum(1 for h in handles if h.state is SnapshotState.FAILED),
+        failed=log.dropped_failed + sum(1 for h in handles if h.state is SnapshotState.FAILED),
         errors=errors,
         host_budget_bytes=pool.budget if pool else budget,
         host_allocated_bytes=pool.allocated_bytes if pool else 0,

@@ -87,3 +87,21 @@ def test_a_checkpointer_reads_no_manifest_after_its_commits(tmp_path):
             ck.wait()
     assert fmt.committed_steps(LocalStorage(str(tmp_path))) == [4, 5]
     assert _manifest_reads(counting) == []
+
+
+def test_a_checkpointer_keeps_a_bounded_number_of_finished_handles(tmp_path):
+    """Every handle holds its fragment and manifest: a job checkpointing every step must not
+    keep all of them (memory, and the cycle collector walking them)."""
+    from ckpt.handles import HandleLog
+
+    state = {"w": torch.zeros(8)}
+    with ckpt.Checkpointer(str(tmp_path), every_n_steps=1, keep_last=1) as ck:
+        ck._handles = HandleLog(keep=4)
+        for step in range(1, 21):
+            state["w"].fill_(step)
+            ck.save(step, state)
+            ck.wait()
+        st = ck.status()
+        assert len(ck._handles) <= 8 and [r["step"] for r in st.checkpoints][-4:] == [17, 18, 19, 20]
+        assert st.last_committed == 20 and st.failed == 0
+    assert ckpt.read(str(tmp_path))["w"].tolist() == [20.0] * 8
