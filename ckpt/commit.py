@@ -42,6 +42,7 @@ from .format import (
     write_array_metadata,
     zarr_array_document,
 )
+from .gcpause import without_gc
 from .io import write_plan
 from .layouts import CHUNKS, PACKS, SHARDS
 from .manifest import MANIFEST_KEY, Fragment, Manifest
@@ -75,6 +76,7 @@ def ensure_not_committed(storage: Storage, step: int, save: str | None = None) -
     raise CheckpointExistsError(f"step {step} is already committed in {storage.url}; not overwritten")
 
 
+@without_gc  # thousands of short-lived records and documents: see ckpt.gcpause
 def persist(storage: Storage, plan: Any, *, step: int, writer: str, save: str, threads: int, durable: bool,
             progress: Any = None, layout: str = "packs") -> Fragment:
     """A writer's part of save ``save``: its chunks and array metadata, durable, then its
@@ -175,6 +177,7 @@ class CommitOptions:
     threads: int = 16
 
 
+@without_gc
 def commit(
     storage: Storage,
     step: int,
