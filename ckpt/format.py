@@ -94,24 +94,19 @@ def dumps(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
-# The crc32c of a document's own serialization (without this key) is stored in it, so that a
-# bit flip that still parses (a digit of a value, a letter of a name) is caught. The key sits
-# in the root group's attributes (zarr readers ignore unknown attributes) and at the top of a
-# fragment. Documents written before it have none and are read as before.
+# The crc32c of a document's own serialization (without this key) is stored in it, so that a bit flip
+# that still parses (a digit, a letter of a name) is caught. The key sits in the root group's attributes
+# (zarr readers ignore unknown attributes) and last in a fragment. Older documents have none.
 SEAL_KEY = "ckpt_crc32c"
 
 
-def _seal_crc(doc: dict) -> int:
-    return crc32c.crc32c(dumps(doc))
-
-
 def seal_fragment(doc: dict) -> dict:
-    doc[SEAL_KEY] = _seal_crc(doc)
+    doc[SEAL_KEY] = crc32c.crc32c(dumps(doc))
     return doc
 
 
 def seal_root(root: dict) -> dict:
-    root["attributes"][SEAL_KEY] = _seal_crc(root)
+    root["attributes"][SEAL_KEY] = crc32c.crc32c(dumps(root))
     return root
 
 
@@ -138,7 +133,7 @@ def check_seal(doc: Any, where: str, *, root: bool) -> None:
     rest = {k: v for k, v in holder.items() if k != SEAL_KEY}
     unsealed = {**doc, "attributes": rest} if root else rest
     try:
-        actual = _seal_crc(unsealed)
+        actual = crc32c.crc32c(dumps(unsealed))
     except ValueError:  # NaN or other values dumps refuses: not what was written
         actual = None
     if stored != actual:
@@ -231,7 +226,9 @@ def write_array_metadata(storage: Storage, step: int, spec: ArraySpec, *, durabl
 
 
 def write_fragment(storage: Storage, fragment: Fragment) -> None:
-    storage.write_atomic(fragment_path(fragment.step, fragment.writer), dumps(seal_fragment(fragment.to_dict())))
+    data = dumps(fragment.to_dict())  # sealed as by seal_fragment (its last field), encoded once
+    data = data[:-1] + b',"%s":%d}' % (SEAL_KEY.encode(), crc32c.crc32c(data))
+    storage.write_atomic(fragment_path(fragment.step, fragment.writer), data)
 
 
 def read_fragment(storage: Storage, step: int, writer: str, *, records: bool = True) -> Fragment:

@@ -189,3 +189,15 @@ def test_declarations_are_parsed_once_for_writers_that_share_them_and_whole_othe
     st.write_atomic(path, json.dumps(json.loads(st.read(path)), indent=1).encode())
     assert fmt.read_fragment(st, 1, WRITERS[0]).chunks == fmt.read_fragment(st, 1, WRITERS[0]).chunks
     assert fmt.read_fragment(st, 1, WRITERS[0]).arrays == a.arrays
+
+
+def test_a_written_fragment_is_its_sealed_document_encoded_once(tmp_path):
+    """write_fragment encodes the document once and appends the seal: the same bytes as sealing
+    the dict and encoding it again, so readers check the seal on the bytes as before."""
+    st = ckpt.open_storage(str(tmp_path))
+    ckpt.save(_state(0, world=1), str(tmp_path), step=3)
+    frag = fmt.read_fragment(st, 3, fmt.writer_name(0))
+    data = st.read(fmt.fragment_path(3, fmt.writer_name(0)))
+    again = Fragment(**{f: getattr(frag, f) for f in Fragment.__dataclass_fields__ if f != "table"})
+    assert fmt.dumps(fmt.seal_fragment(again.to_dict())) == data
+    fmt.check_seal(json.loads(data), "fragment", root=False)
