@@ -201,3 +201,22 @@ def test_a_written_fragment_is_its_sealed_document_encoded_once(tmp_path):
     again = Fragment(**{f: getattr(frag, f) for f in Fragment.__dataclass_fields__ if f != "table"})
     assert fmt.dumps(fmt.seal_fragment(again.to_dict())) == data
     fmt.check_seal(json.loads(data), "fragment", root=False)
+
+
+def test_a_commit_point_is_encoded_once_with_the_same_bytes(tmp_path):
+    import copy
+
+    from ckpt.commit import commit_document, sealed_root_bytes
+
+    st = ckpt.open_storage(str(tmp_path))
+    ckpt.save(_state(0, world=1), str(tmp_path), step=4)
+    manifest = fmt.read_manifest(st, 4)
+    root = commit_document(manifest)
+    assert sealed_root_bytes(copy.deepcopy(root)) == fmt.dumps(fmt.seal_root(copy.deepcopy(root)))
+    assert st.read(f"{fmt.step_dir(4)}/{fmt.META}") == sealed_root_bytes(commit_document(manifest))
+    fmt.parse_root(sealed_root_bytes(root), "zarr.json")  # the seal checks on the bytes
+    import dataclasses
+
+    shards = commit_document(dataclasses.replace(manifest, layout="shards"))  # consolidated metadata last
+    assert list(shards)[-1] == "consolidated_metadata"
+    assert sealed_root_bytes(copy.deepcopy(shards)) == fmt.dumps(fmt.seal_root(copy.deepcopy(shards)))
