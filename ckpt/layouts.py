@@ -63,6 +63,8 @@ def encode_runs(owners: Sequence[int]) -> tuple[Run, ...]:
     the longest arithmetic pattern ``w0 + stride * (k // per)`` from where the last ended. The
     common case, one pattern over the whole array, is checked at once (millions of chunks at
     thousands of writers)."""
+    if len(owners) == 1:  # an array in one chunk (most of a model's): no numpy per array
+        return ((0, 1, int(owners[0]), 0, 1),)
     import numpy as np
 
     arr = np.asarray(owners, dtype=np.int64)
