@@ -45,7 +45,7 @@ from .format import (
     write_array_metadata,
     zarr_array_document,
 )
-from .gcpause import without_gc
+from .gcpause import gc_paused
 from .io import write_plan
 from .layouts import CHUNKS, PACKS, SHARDS
 from .manifest import MANIFEST_KEY, Fragment, Manifest
@@ -79,7 +79,6 @@ def ensure_not_committed(storage: Storage, step: int, save: str | None = None) -
     raise CheckpointExistsError(f"step {step} is already committed in {storage.url}; not overwritten")
 
 
-@without_gc  # thousands of short-lived records and documents: see ckpt.gcpause
 def persist(storage: Storage, plan: Any, *, step: int, writer: str, save: str, threads: int, durable: bool,
             progress: Any = None, layout: str = "packs") -> Fragment:
     """A writer's part of save ``save``: its chunks and array metadata, durable, then its
@@ -180,7 +179,6 @@ class CommitOptions:
     threads: int = 16
 
 
-@without_gc
 def commit(
     storage: Storage,
     step: int,
@@ -222,10 +220,11 @@ def commit(
             f"cannot commit step {step}: fragments come from different saves {sorted(ids)} "
             f"(expected {save_id}); a stale attempt left fragments behind, save the step again"
         )
-    builder = CommitBuilder(step, writers, save_id)
-    for frag in fragments:
-        builder.add(frag)
-    outcome = builder.finish()
+    with gc_paused():  # short-lived records and documents by the thousand, none cyclic: see ckpt.gcpause
+        builder = CommitBuilder(step, writers, save_id)
+        for frag in fragments:
+            builder.add(frag)
+        outcome = builder.finish()
     problems = outcome.problems
     if not problems and options.check_listing and read:
         rest = [f for f in fragments if f.writer not in known]
@@ -252,12 +251,20 @@ def write_commit_point(storage: Storage, step: int, writers: Sequence[str], outc
         with ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(lambda a: write_array_metadata(storage, step, a), empty))
             list(pool.map(lambda g: storage.write(f"{sdir}/{g}/{META}", [dumps(group_document())]), groups))
+    with gc_paused():
+        manifest, data = _commit_point(step, writers, outcome, save_id, library_versions, user_metadata)
+    storage.write_atomic(f"{sdir}/{META}", data)
+    return manifest
+
+
+def _commit_point(step: int, writers: Sequence[str], outcome: Outcome, save_id: str,
+                  library_versions: dict[str, str] | None, user_metadata: dict[str, Any] | None) -> tuple[Manifest, bytes]:
     manifest = Manifest(
         step=step,
         save_id=save_id,
         created_at=time.time(),
         writers=tuple(writers),
-        arrays=arrays,
+        arrays=outcome.arrays,
         values=outcome.values,
         library_versions=library_versions or {},
         user_metadata=user_metadata or {},
@@ -266,8 +273,7 @@ def write_commit_point(storage: Storage, step: int, writers: Sequence[str], outc
         varying_values=outcome.varying_values,
         containers=outcome.containers,
     )
-    storage.write_atomic(f"{sdir}/{META}", sealed_root_bytes(commit_document(manifest)))
-    return manifest
+    return manifest, sealed_root_bytes(commit_document(manifest))
 
 
 def sealed_root_bytes(root: dict[str, Any]) -> bytes:

@@ -226,8 +226,9 @@ def write_array_metadata(storage: Storage, step: int, spec: ArraySpec, *, durabl
 
 
 def write_fragment(storage: Storage, fragment: Fragment) -> None:
-    data = dumps(fragment.to_dict())  # sealed as by seal_fragment (its last field), encoded once
-    data = data[:-1] + b',"%s":%d}' % (SEAL_KEY.encode(), crc32c.crc32c(data))
+    with gc_paused():  # sealed as by seal_fragment (its last field), encoded once
+        data = dumps(fragment.to_dict())
+        data = data[:-1] + b',"%s":%d}' % (SEAL_KEY.encode(), crc32c.crc32c(data))
     storage.write_atomic(fragment_path(fragment.step, fragment.writer), data)
 
 

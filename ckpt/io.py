@@ -20,7 +20,7 @@ import torch
 from . import chunks, layouts
 from . import format as fmt
 from .chunks import CRC_BYTES
-from .gcpause import without_gc
+from .gcpause import gc_paused, without_gc
 from .layouts import Locator
 from .manifest import ChunkRecord, Fragment, Manifest
 from .plan import LoadPlan, SavePlan, pack_slots, plan_load, request_nbytes
@@ -135,7 +135,7 @@ def _write_packs(storage: Storage, step: int, writer: str, requests: Sequence[Wr
     by_pack: list[list[int]] = [[] for _ in sizes]
     for i, slot in enumerate(slots):
         by_pack[slot.pack].append(i)
-    records: list[ChunkRecord | None] = [None] * len(requests)
+    records: list[tuple[int, int, int, int] | None] = [None] * len(requests)
 
     def write_pack(n: int) -> None:
         parts: list[Any] = []
@@ -149,8 +149,7 @@ def _write_packs(storage: Storage, step: int, writer: str, requests: Sequence[Wr
             keep.append(owner)
             encoded, crc = chunks.encode(data)
             parts += encoded
-            records[i] = ChunkRecord(index=req.index, nbytes=data.nbytes + CRC_BYTES, crc32c=crc, pack=n,
-                                     offset=slot.offset)
+            records[i] = (data.nbytes + CRC_BYTES, crc, n, slot.offset)  # records made at the end
             pos = slot.offset + data.nbytes + CRC_BYTES
         storage.write(layouts.pack_path(step, names[n]), parts, durable=durable)
         if progress is not None:
@@ -160,9 +159,11 @@ def _write_packs(storage: Storage, step: int, writer: str, requests: Sequence[Wr
     # made them one batch, written one after another by the persist thread).
     _map(write_pack, list(range(len(sizes))), threads, None, lambda n: sizes[n])
     out: dict[str, list[ChunkRecord]] = {}
-    for req, rec in zip(requests, records):
-        assert rec is not None
-        out.setdefault(req.path, []).append(rec)
+    with gc_paused():  # (made while the packs were written, they outlived collections: see ckpt.gcpause)
+        for req, rec in zip(requests, records):
+            assert rec is not None
+            out.setdefault(req.path, []).append(ChunkRecord(index=req.index, nbytes=rec[0], crc32c=rec[1], pack=rec[2],
+                                                            offset=rec[3]))
     return names, out, [layouts.pack_path(step, name) for name in names]
 
 
