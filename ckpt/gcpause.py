@@ -1,10 +1,16 @@
-"""The cycle collector paused while a restore builds its documents and plans.
+"""The cycle collector paused while a restore or a save builds its documents and plans.
 
 Reading a commit point and a fragment of 2,000 arrays makes some 100,000 small objects (dicts,
 lists, ints); each burst of them triggers collections, and a full one walks the whole heap of a
 training process (torch, the model, the optimizer state): on a 2,200-array restore from memory
 this cost a quarter of the time. Nothing a restore builds is cyclic garbage, so the collector is
 paused for it and left as it was found (enabled or not) afterwards.
+
+A save pauses it only while it builds documents (a fragment, the coverage of a commit, a commit
+point), never across its I/O: persisting every step runs back to back, and a pause held over
+it would starve the collector of the training process for good. A full collection triggered by
+a background thread holds the GIL for the whole walk (about 150 ms with torch loaded), and the
+training thread waits for it.
 """
 
 from __future__ import annotations
