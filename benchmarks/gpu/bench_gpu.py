@@ -199,8 +199,7 @@ def loop(job: Job, method: str, every: int, steps: int, warm: int, run: str, ctx
             take = method != "none" and ((timed and step % every == 0) or step <= min(2, warm))
             t0 = time.perf_counter()
             job.forward_backward()
-            t1 = time.perf_counter()
-            waited = m.before_step()
+            t1, waited = time.perf_counter(), m.before_step()
             job.opt.step()
             job.opt.zero_grad(set_to_none=True)
             t2 = time.perf_counter()
@@ -212,10 +211,8 @@ def loop(job: Job, method: str, every: int, steps: int, warm: int, run: str, ctx
                 waited += m.save(step)
             if timed:
                 step_times.append(time.perf_counter() - t0)
-                # Where a step's time goes: launching forward/backward (CPU), the pre-step wait and
-                # optimizer launch, waiting for the GPU, the save call.
                 for k, v in (("launch_fb", t1 - t0), ("opt", t2 - t1), ("gpu_wait", t3 - t2), ("save", t0 + step_times[-1] - t3)):
-                    phases.setdefault(k, []).append(v)
+                    phases.setdefault(k, []).append(v)  # where a step's time goes (docs/gpu.md)
                 if take:
                     ckpt_steps.append(step)
                     stalls.append(waited)
@@ -261,8 +258,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--methods-every1", help="methods of the every-step loop (default: --methods)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sections", help="run only these (comma-separated: bandwidth, staging, loop_every10, restore, "
-                                      "loop_every1); default: all")
+    p.add_argument("--sections", help="run only these, comma-separated (default: all; see docs/gpu.md)")
     a = p.parse_args(argv)
     if a.cpu:
         a.params_m, a.d_model, a.vocab, a.seq, a.micro_batch = 1.0, 64, 512, 32, 2
