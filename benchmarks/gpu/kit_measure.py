@@ -19,16 +19,9 @@ from kit_report import GB, _median
 
 
 def _fs_type(path: str) -> str:
-    best, kind = "", "unknown"
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and path.startswith(parts[1]) and len(parts[1]) > len(best):
-                    best, kind = parts[1], parts[2]
-    except OSError:
-        pass
-    return kind
+    from ckpt.storage.local import fs_type
+
+    return fs_type(path) or "unknown"
 
 
 def _disk_free(path: str) -> int:

@@ -115,7 +115,7 @@ class _Writer:
 _IN_MEMORY_FS = frozenset({"tmpfs", "ramfs", "hugetlbfs"})
 
 
-def _fs_type(path: str) -> str | None:
+def fs_type(path: str) -> str | None:
     """The type of the filesystem that holds ``path`` (or would hold it: its nearest existing
     ancestor), from the mount table; None where there is none to read."""
     path = os.path.realpath(path)
@@ -148,7 +148,7 @@ class LocalStorage(Storage):
         # the kernel to flush later (what a training process sharing the cores notices).
         # In memory (tmpfs), the page cache is the storage: O_DIRECT bypasses nothing and costs
         # two system calls per chunk instead of one per batch of chunks.
-        self.direct_io = direct_io and hasattr(os, "O_DIRECT") and _fs_type(self.root) not in _IN_MEMORY_FS
+        self.direct_io = direct_io and hasattr(os, "O_DIRECT") and fs_type(self.root) not in _IN_MEMORY_FS
 
     def _abs(self, path: str) -> str:
         return os.path.join(self.root, *check_relpath(path).split("/"))
