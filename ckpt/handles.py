@@ -124,7 +124,7 @@ def chain(src: Future, dst: Future, result: Any = _SAME) -> None:
         dst.set_exception(e)
 
 
-def status_of(handles: list[SnapshotHandle], errors: tuple[str, ...], pool: Any, *, budget: int | None, skipped: int,
+def status_of(handles: HandleLog, errors: tuple[str, ...], pool: Any, *, budget: int | None, skipped: int,
               hook_stall_s: float) -> CheckpointerStatus:
     """The Checkpointer's status from its handles and its host pool."""
     rows = tuple(
@@ -133,17 +133,13 @@ def status_of(handles: list[SnapshotHandle], errors: tuple[str, ...], pool: Any,
          "error": None if h.error is None else f"{type(h.error).__name__}: {h.error}"}
         for h in handles
     )
-    log = handles if isinstance(handles, HandleLog) else HandleLog()
-    committed = [h.step for h in handles if h.state is SnapshotState.COMMITTED]
-    if log.dropped_last_committed is not None:
-        committed.append(log.dropped_last_committed)
     return CheckpointerStatus(
         checkpoints=rows,
-        last_committed=max(committed) if committed else None,
+        last_committed=handles.last_committed(),
         in_flight=sum(1 for h in handles if h.state in (SnapshotState.CAPTURED, SnapshotState.STAGED,
                                                         SnapshotState.PERSISTED)),
         skipped=skipped,
-        failed=log.dropped_failed + sum(1 for h in handles if h.state is SnapshotState.FAILED),
+        failed=handles.dropped_failed + sum(1 for h in handles if h.state is SnapshotState.FAILED),
         errors=errors,
         host_budget_bytes=pool.budget if pool else budget,
         host_allocated_bytes=pool.allocated_bytes if pool else 0,
