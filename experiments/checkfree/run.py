@@ -1,7 +1,7 @@
 """CheckFree / CheckFree+ against reload, copy and random re-initialisation, at small scale.
 
     python -m experiments.checkfree.run --quick      # one seed, 16%/h, a few minutes on 2 cores
-    python -m experiments.checkfree.run              # 3 seeds x 5/10/16 %/h (see docs/checkfree.md for its time)
+    python -m experiments.checkfree.run              # 3 seeds x 5/10/16 %/h (docs/checkfree.md: --seeds 6; its time)
 
 Prints a markdown table and writes ``results.json``, ``table.md`` and the plot (``--out``, by
 default ``docs/``). The pipeline is simulated in one process (see ``sim.py``), except for the
@@ -224,7 +224,7 @@ def summarize(results: list[dict[str, Any]], steps: int) -> tuple[str, dict[str,
         miss = f" ({missed}/{len(rs)} missed)" if missed else ""
         lines.append(
             f"| {key[0]} | {LABELS[key[1]]} | {statistics.mean(fails):.1f} | {statistics.mean(r['iterations'] for r in rs):.0f} "
-            f"| {statistics.mean(wall(r, r['evals'][-1], c) for r in rs):.0f} | {_fmt(finals)} | {_fmt(deltas)} | {_fmt(reach_it, 0)}{miss} | {_fmt(reach_s, 0)} |"
+            f"| {statistics.mean(wall(r, r['evals'][-1], c) for r in rs):.1f} | {_fmt(finals)} | {_fmt(deltas)} | {_fmt(reach_it, 0)}{miss} | {_fmt(reach_s, 1)} |"
         )
         summary[f"{key[0]} {key[1]}"] = {"final_val": finals, "delta": deltas, "failures": fails, "reach_iterations": reach_it}
     summary["costs"] = c
@@ -254,6 +254,7 @@ def summarize(results: list[dict[str, Any]], steps: int) -> tuple[str, dict[str,
         said = [next((e["reason"] for e in autos if (e.get("how") == "reload") == want), "") for want in (True, False)]
         lines += ["", (f"auto chose reload {reloads} time(s) and neighbour averaging {len(autos) - reloads} time(s); "
                   f"for example \"{said[0]}\" and \"{said[1]}\".")]
+    lines += _auto_against_the_better(by, target, c)
     lines += ["", "| strategy | recovery events | mean validation-loss bump right after recovery | averaging events with both norms clipped | mean abs(w_prev - 0.5) |",
               "| --- | ---: | ---: | ---: | ---: |"]
     for s in FAILING:
@@ -264,6 +265,31 @@ def summarize(results: list[dict[str, Any]], steps: int) -> tuple[str, dict[str,
         lines.append(f"| {LABELS[s]} | {len(bumps[s])} | {statistics.mean(bumps[s]):+.3f} | {cl} | {w} |")
     summary["bumps"] = {s: v for s, v in bumps.items()}
     return "\n".join(lines), summary
+
+
+def _auto_against_the_better(by: dict[tuple[str, str], list[dict[str, Any]]], target: dict[int, float],
+                             c: dict[str, float]) -> list[str]:
+    """Per rate: auto's modelled seconds to the target against the better (lower mean) of reload
+    and neighbour averaging, and seed by seed (ahead / within 1 % / behind); a seed that missed
+    the target counts at the run's end."""
+    def reach(r: dict[str, Any]) -> float:
+        x = _reach(r, target[r["spec"]["seed"]], c)
+        return wall(r, r["evals"][-1], c) if math.isnan(x) else x
+
+    lines = ["", "| rate | auto, s to target | neighbour average | reload | auto vs the better | seeds: auto ahead / within 1 % / behind |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for rate in RATES:
+        runs = {s: {r["spec"]["seed"]: reach(r) for r in by.get((rate, s), []) if r["spec"]["seed"] in target}
+                for s in ("auto", "average", "reload")}
+        if not all(runs.values()):
+            continue
+        mean = {s: statistics.mean(v.values()) for s, v in runs.items()}
+        best = min(("average", "reload"), key=mean.__getitem__)
+        diff = [runs["auto"][k] / runs[best][k] - 1 for k in runs["auto"] if k in runs[best]]
+        tally = (sum(d < -0.01 for d in diff), sum(abs(d) <= 0.01 for d in diff), sum(d > 0.01 for d in diff))
+        lines.append(f"| {rate} | {mean['auto']:.2f} | {mean['average']:.2f} | {mean['reload']:.2f} | "
+                     f"{mean['auto'] / mean[best] - 1:+.1%} ({LABELS[best].split(' (')[0]}) | {' / '.join(map(str, tally))} |")
+    return lines
 
 
 def plot(results: list[dict[str, Any]], rates: list[str], path: Path) -> None:

@@ -85,6 +85,7 @@ class SimPipeline:
         self.grad_norms = [0.0] * cfg.num_stages  # after clipping: what CheckFree weights with
         self.raw_norms = [0.0] * cfg.num_stages
         self.reinits = 0
+        self.checkpointer: ckpt.Checkpointer | None = None  # reload and auto: opened by the first save
 
     # -- training --------------------------------------------------------------------------
     def train_step(self, data: TextData) -> float:
@@ -129,7 +130,23 @@ class SimPipeline:
         }
 
     def save(self, url: str) -> None:
-        ckpt.save(self.state(), url, step=self.step, io_threads=2)
+        """A snapshot as a job that checkpoints with ``ckpt.Checkpointer`` takes one: the loop
+        pays the copy to host memory, and the write to storage goes on beside training."""
+        if self.checkpointer is None:
+            self.checkpointer = ckpt.Checkpointer(url, io_threads=2, keep_last=2)
+        self.checkpointer.save(self.step, self.state(), force=True)
+
+    def settle(self) -> None:
+        """Wait until the snapshots taken so far are committed. Called before a recovery is
+        timed: a job with node agents restores a snapshot from their memory once it is staged,
+        so a write still under way is not part of what a reload costs."""
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+            self.checkpointer = None
 
     def reload(self, url: str) -> int:
         """Every stage back to the newest checkpoint; from scratch when there is none yet."""
@@ -231,6 +248,7 @@ def run(
                 forks[it] = copy.deepcopy((sim, res))
             lost = schedule.get(it, [])
             if lost:
+                sim.settle()
                 before = sim.val_loss(data, 2)
                 t0 = time.perf_counter()
                 choice, reason = spec.strategy, ""
@@ -267,6 +285,7 @@ def run(
             res.train.append((it, sim.step, loss))
             if sim.step % spec.eval_every == 0 or sim.step == spec.steps:
                 res.evals.append((it, sim.step, saves, recoveries, sim.val_loss(data, spec.eval_batches)))
+        sim.close()
     res.iterations = it
     res.final_val = sim.val_loss(data, spec.final_eval_batches)
     res.spec["reinit_fallbacks"] = sim.reinits

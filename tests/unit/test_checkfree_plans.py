@@ -264,3 +264,20 @@ def test_the_experiments_auto_is_the_librarys_policy():
     assert "the prior: none measured yet" in reason
     assert auto_choice(sim, [2], [1.0], took, None, tracker)[0] == "average"  # nothing to reload
     assert auto_choice(sim, [1, 2], [1.0], took, None, tracker)[0] == "reload"  # no rule applies
+
+
+def test_the_experiments_reload_checkpoints_asynchronously_and_rolls_back_to_the_newest():
+    """The experiment's checkpoints are a ``ckpt.Checkpointer``'s (the loop pays the copy, the
+    write goes on beside it); a reload rolls back to the newest, the write under way included."""
+    from examples.pipeline_demo import TextData
+    from experiments.checkfree.sim import RunSpec, run
+
+    cfg = ModelConfig(dim=16, heads=2, num_stages=4, blocks_per_stage=1, seq_len=8)
+    spec = RunSpec(strategy="reload", rate="-", p_iter=0.05, seed=1, steps=12, swap=False, ckpt_every=4,
+                   eval_every=6, eval_batches=1, final_eval_batches=1)
+    data = TextData.from_stdlib(64 << 10)
+    res, _ = run(spec, cfg, TrainConfig(total_steps=12, warmup_steps=1, batch_size=4, micro_batches=2), data)
+    reloads = [e for e in res.events if e["how"] == "reload"]
+    assert reloads and all(e["to_step"] == e["from_step"] // 4 * 4 for e in reloads)  # the newest, never older
+    assert res.iterations == 12 + sum(e["from_step"] - e["to_step"] for e in reloads)  # the steps redone, no more
+    assert len(res.save_times) >= 3  # a save every 4 steps, again after each rollback
