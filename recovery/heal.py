@@ -45,15 +45,15 @@ from .policy import (
 class HealableJob(DataParallelJob, Protocol):
     """A data-parallel job whose workers can keep their live state (:class:`recovery.job.WorkerJob`)."""
 
-    def stop_keeping_state(self, reason: str) -> dict[int, LiveState]:
-        """Stop the attempt in place: kill what the failure took, keep every other worker's
-        process and live state; each kept survivor's :class:`LiveState` by rank."""
+    def stop_keeping_state(self, reason: str, *, grow: bool = False) -> dict[int, LiveState]:
+        """Stop the attempt in place: kill what the failure took (``grow``: nothing), keep every
+        other worker's process and live state; each kept survivor's :class:`LiveState` by rank."""
 
-    def heal_workers(self, source: int, step: int, current: tuple[int, ...]) -> int:
+    def heal_workers(self, source: int, step: int, current: tuple[int, ...], *, grow_to: int | None = None) -> int:
         """Start the next attempt from rank ``source``'s live state at ``step`` (``current``:
-        the ranks whose own state is at ``step``); without the replacements that do not start
-        within ``placement_timeout_s``. Returns the world size; ``NoRoomError`` below
-        ``min_workers``."""
+        the ranks whose own state is at ``step``), ``grow_to`` ranks if given; without the
+        replacements that do not start within ``placement_timeout_s``. Returns the world size;
+        ``NoRoomError`` below ``min_workers``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +169,28 @@ class HealPolicy(RecoveryPolicy[DataParallelJob]):
         return RecoveryOutcome(RESTARTED, world, None, decision.reason, policy=HEAL, live_step=decision.step)
 
     def on_checkpoint(self, step: int, job: DataParallelJob) -> RecoveryOutcome | None:
-        return ReloadPolicy().on_checkpoint(step, job)  # grow back (allow_grow): from that checkpoint
+        """Grow back (``allow_grow``) once room returns: in place where the job's placement group
+        has the bundles (a heal that shrank keeps them): the survivors keep their processes, the
+        new ranks copy a survivor's live state, nothing rolls back. Elsewhere from that
+        checkpoint, as ``reload`` does."""
+        want = job.config.num_workers
+        if not job.config.allow_grow or job.world_size >= want:
+            return None
+        if not isinstance(job, HealableJob) or not getattr(job, "room_to_grow", lambda _n: False)(want):
+            return ReloadPolicy().on_checkpoint(step, job)
+        reason = f"room for {want} workers again (grow back from {job.world_size} after step {step})"
+        decision = decide_heal(job.stop_keeping_state(reason, grow=True), want)
+        job.log(ev.RESTORE_PLAN, f"policy {self.name}: {decision.reason}", policy=self.name, grow=True,
+                **decision.to_dict())
+        if decision.policy == RELOAD:
+            out = ReloadPolicy.reload(job, want, reason=reason)
+            return RecoveryOutcome(out.action, out.world_size, out.restore, decision.reason, policy=RELOAD)
+        assert decision.source is not None and decision.step is not None
+        world = job.heal_workers(decision.source, decision.step, decision.current, grow_to=want)
+        if (fallback := getattr(job, "heal_fallback", None)) is not None:  # a worker did not start
+            return RecoveryOutcome(RESTARTED, world, fallback, f"{decision.reason}; a worker did not start: every "
+                                   f"worker reloaded step {fallback.step}", policy=RELOAD)
+        return RecoveryOutcome(RESTARTED, world, None, decision.reason, policy=HEAL, live_step=decision.step)
 
 
 class AutoHealPolicy(HealPolicy):

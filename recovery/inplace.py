@@ -13,6 +13,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
+from . import events as ev
 from .detect import HANG, NODE_DIED
 from .live import LiveState
 
@@ -35,6 +36,8 @@ _REPLACE = {"worker_died", "node_died", "hang", "straggler"}
 def lost_ranks(job: WorkerJob) -> set[int] | None:
     """The ranks the failure took, to be replaced; None: every worker is replaced."""
     f, workers = job.failure, job.workers
+    if job.growing and workers:
+        return set()  # growing back: every rank stops at a step boundary and is kept
     if f is None or not workers:
         return None
     on_lost = {r for r, n in job.rank_node.items() if n in job.placement.lost_nodes}
@@ -138,3 +141,40 @@ def replacements_started(job: WorkerJob, timeout_s: float) -> bool:
         return True
     except (RayError, GetTimeoutError):
         return False
+
+
+def bundle_for(job: WorkerJob, rank: int) -> int:
+    """Rank ``rank``'s bundle: its own number, unless a heal that shrank the job renumbered the
+    ranks (then the bundle it had, or the first one no other rank holds)."""
+    if not job.bundles or rank in job.bundles:
+        return job.bundles.get(rank, rank)
+    used = {b for r, b in job.bundles.items() if r != rank} | job.spares.bundles()
+    free = [b for b in range(max(job.placement.world, rank + 1)) if b not in used]
+    job.bundles[rank] = rank if rank not in used else free[0]
+    return job.bundles[rank]
+
+
+def room_to_grow(job: WorkerJob, want: int) -> bool:
+    """Whether ``job`` can grow back to ``want`` ranks in place, its survivors kept: its placement
+    group holds, on live nodes, a bundle for each missing rank that no rank and no hot spare uses.
+    A heal that shrank keeps the lost ranks' bundles, and Ray places a lost node's bundles again
+    once room returns; a job that shrank through a reload has a smaller group and grows by
+    reloading into a new one."""
+    pl = job.placement
+    if not job.config.in_place or pl.pg is None or want <= job.world_size:
+        return False
+    used = {job.bundles.get(r, r) for r in range(job.world_size)} | job.spares.bundles()
+    return len(pl.placed_bundles() - used) >= want - job.world_size
+
+
+def boot_growth(job: WorkerJob, want: int) -> None:
+    """Boot a worker for each rank from the survivors' count up to ``want`` (a hot spare if one
+    is ready, else a new actor in a free bundle), as replacements booted ahead (``job.fresh``)."""
+    first = len(job.kept)
+    job.placement.world = want
+    for rank in range(first, want):
+        job.kept[rank] = job.new_worker(rank, want, job.attempt + 1)
+        job.fresh.add(rank)
+    job.log(ev.RESIZED, f"growing back in place from {first} to {want} workers: rank(s) {list(range(first, want))} "
+            f"boot in the job's free bundles and copy a survivor's live state", world_size=want, wanted=want,
+            policy="heal", grow=True)

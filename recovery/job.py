@@ -30,7 +30,7 @@ from .detect import Failure
 from .errors import NoRoomError
 from .events import EventLog
 from .fleet import AgentFleet
-from .inplace import kill, live_states, replacements_started, survivors
+from .inplace import boot_growth, bundle_for, kill, live_states, replacements_started, room_to_grow, survivors
 from .live import HealSpec, LiveState, receivers_of
 from .placement import Placement
 from .policy import DataParallelJob
@@ -75,6 +75,7 @@ class WorkerJob(DataParallelJob):
         self.fresh: set[int] = set()  # the ranks of ``kept`` that are replacements booted ahead
         self.stuck: dict[int, str] = {}  # survivors of the last stop that did not stop: rank -> their stack
         self.keep_state = False  # this stop keeps the survivors' live training state (policy heal)
+        self.growing = False  # this stop loses no rank: the job grows back in place (policy heal)
         self.bundles: dict[int, int] = {}  # rank -> its placement-group bundle, where not the same number
         self.heal_fallback: RestorePoint | None = None  # a heal's start fell back to this checkpoint
         self.pids: list[int | None] = []
@@ -188,23 +189,30 @@ class WorkerJob(DataParallelJob):
 
     # -- HealableJob -----------------------------------------------------------------------------
 
-    def stop_keeping_state(self, reason: str) -> dict[int, LiveState]:
+    def stop_keeping_state(self, reason: str, *, grow: bool = False) -> dict[int, LiveState]:
         """Stop the attempt in place keeping every survivor's process and live training state
-        (a lost node's ranks are replaced, the others kept); each survivor's :class:`LiveState`."""
-        self.keep_state = True
+        (a lost node's ranks are replaced, the others kept; ``grow``: every rank is kept, none
+        was lost); each survivor's :class:`LiveState`."""
+        self.keep_state, self.growing = True, grow
         try:
             self.stop_workers(reason)
             return live_states(self) if self.kept else {}
         finally:
-            self.keep_state = False
+            self.keep_state = self.growing = False
 
-    def heal_workers(self, source: int, step: int, current: tuple[int, ...]) -> int:
+    def room_to_grow(self, want: int) -> bool:
+        return room_to_grow(self, want)
+
+    def heal_workers(self, source: int, step: int, current: tuple[int, ...], *, grow_to: int | None = None) -> int:
         """Start the next attempt from live state: rank ``source``'s state at ``step`` goes to
-        every rank but ``current`` (survivors whose own state is at ``step``). A replacement
+        every rank but ``current`` (survivors whose own state is at ``step``); ``grow_to``: new
+        ranks up to that many first boot in the free bundles (:func:`boot_growth`). A replacement
         that does not start within ``placement_timeout_s`` is given up: the survivors continue
         without it, renumbered, if they are at least ``min_workers`` (else ``NoRoomError``).
         Returns the world size."""
         cfg = self.config
+        if grow_to is not None:
+            boot_growth(self, grow_to)
         if not replacements_started(self, cfg.placement_timeout_s):
             gone = sorted(self.fresh)
             for r in gone:
@@ -369,14 +377,7 @@ class WorkerJob(DataParallelJob):
                      idle=len(self.spares.idle))
 
     def _bundle_for(self, rank: int) -> int:
-        """Rank ``rank``'s bundle: its own number, unless a heal that shrank the job renumbered
-        the ranks (then the bundle it had, or the first one no other rank holds)."""
-        if not self.bundles or rank in self.bundles:
-            return self.bundles.get(rank, rank)
-        used = {b for r, b in self.bundles.items() if r != rank} | self.spares.bundles()
-        free = [b for b in range(max(self.placement.world, rank + 1)) if b not in used]
-        self.bundles[rank] = rank if rank not in used else free[0]
-        return self.bundles[rank]
+        return bundle_for(self, rank)
 
     # -- end -------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from . import events as ev
@@ -93,6 +93,15 @@ class Placement:
         if self.pg is None or self.world != world_size:
             self.release()
             self.fit(world_size, world_size)
+
+    def placed_bundles(self) -> set[int]:
+        """The placement group's bundles that lie on a live node now (Ray places a lost node's
+        bundles again where room returns)."""
+        if self.pg is None:
+            return set()
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")} - self.lost_nodes
+        table = placement_group_table(self.pg)
+        return {int(b) for b, node in table.get("bundles_to_node_id", {}).items() if node in alive}
 
     def release(self) -> None:
         if self.pg is not None:

@@ -97,14 +97,19 @@ class FakeDataParallelJob(DataParallelJob):
     # -- recovery.heal.HealableJob: the last rank lost, the others kept, clean, at ``live_step`` ------
 
     live_step = 44
+    grow_in_place = False  # its placement keeps free bundles (a heal shrank it): grow back keeping the survivors
 
-    def stop_keeping_state(self, reason: str) -> dict[int, LiveState]:
+    def room_to_grow(self, want: int) -> bool:
+        return self.grow_in_place and self.room >= want > self._world
+
+    def stop_keeping_state(self, reason: str, *, grow: bool = False) -> dict[int, LiveState]:
         self.calls.append(("stop", reason))
         self.running = False
-        return {r: LiveState(r, self.live_step, True, "its collective failed") for r in range(self._world - 1)}
+        kept = self._world if grow else self._world - 1
+        return {r: LiveState(r, self.live_step, True, "stopped at a step boundary") for r in range(kept)}
 
-    def heal_workers(self, source: int, step: int, current: tuple[int, ...]) -> int:
-        world = min(self._world, self.room)
+    def heal_workers(self, source: int, step: int, current: tuple[int, ...], *, grow_to: int | None = None) -> int:
+        world = min(grow_to or self._world, self.room)
         if world < self.config.min_workers:
             raise NoRoomError(f"room for {self.room} workers, fewer than {self.config.min_workers}")
         self.calls.append(("start", world, None))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from unittest import mock
 
 import pytest
 import torch
@@ -32,11 +33,24 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.p
 
 @pytest.fixture
 def two_nodes():
+    yield from _two_nodes()
+
+
+@pytest.fixture
+def two_nodes_quick_to_call_dead():
+    # Ray calls a node dead after its health checks fail (some 15-30 s by default) and only then
+    # places the node's placement-group bundles elsewhere: here after 2 missed checks of 0.5 s.
+    yield from _two_nodes({"health_check_period_ms": 500, "health_check_timeout_ms": 500,
+                           "health_check_failure_threshold": 2})
+
+
+def _two_nodes(system_config=None):
     if ray.is_initialized():
         ray.shutdown()
     before = set(os.listdir("/dev/shm"))
     cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "resources": {"slot": 1}})
+        "num_cpus": 1, "include_dashboard": False, "resources": {"slot": 1},
+        **({"_system_config": system_config} if system_config else {})})
     second = cluster.add_node(num_cpus=1, resources={"slot": 1})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
@@ -158,3 +172,65 @@ def test_a_replacement_that_cannot_start_leaves_the_survivors_going_without_roll
     healed_at = rec.restore_step
     assert attempts == [0] * (healed_at + 1) + [1] * (59 - healed_at)  # nothing rolled back
     assert [(r["world_size"], r["start"]) for r in result.returns] == [(1, healed_at + 1)]
+
+
+@pytest.mark.slow
+def test_heal_grows_back_in_place_when_a_node_returns(two_nodes_quick_to_call_dead, tmp_path):
+    # The second node is lost, its rank's replacement cannot be placed and the survivor goes on
+    # alone (as above); then a new node joins, Ray places the lost bundle there, and after the
+    # next checkpoint the job grows back to 2 in place: the survivor keeps its process, the new
+    # rank copies its live state, nothing is rolled back.
+    import recovery
+
+    cluster, second = two_nodes_quick_to_call_dead
+    run = str(tmp_path / "run")
+    steps = 400
+    trainer = DemoTrainer(steps=steps, width=32, depth=2, global_batch=8, step_sleep_s=0.05, return_state=True,
+                          log_losses=True)
+    stop = threading.Event()
+    added = []
+
+    def lose_a_node_then_add_one() -> None:
+        lost_at = None
+        while not stop.wait(0.05):
+            committed = fmt.committed_steps(ckpt.open_storage(run)) if os.path.isdir(run) else []
+            if lost_at is None and committed and committed[-1] >= 10:
+                cluster.remove_node(second, allow_graceful=False)
+                lost_at = committed[-1]
+            elif lost_at is not None and committed and committed[-1] >= lost_at + 20:  # going on alone
+                # recovery.run holds the main thread: a node added from this one sets no SIGTERM
+                # handler (only the main thread may), and this thread lives until the job ends:
+                # the node's processes die with the thread that started them (PR_SET_PDEATHSIG)
+                with mock.patch.object(ray._private.utils, "set_sigterm_handler", lambda _handler: None):
+                    added.append(cluster.add_node(num_cpus=1, resources={"slot": 1}))
+                stop.wait()
+                return
+
+    helper = threading.Thread(target=lose_a_node_then_add_one, daemon=True)
+    helper.start()
+    try:
+        result = recovery.run(
+            trainer, num_workers=2, min_workers=1, storage=run, echo=None, policy="heal", allow_grow=True,
+            resources_per_worker={"CPU": 1.0, "slot": 1}, placement_strategy="SPREAD", every_n_steps=5,
+            keep_last=None, heartbeat_interval_s=0.1, backoff_s=0.0, settle_timeout_s=30.0, startup_timeout_s=120.0,
+            placement_timeout_s=10.0,  # a new rank boots on the new node within it (a loaded machine: slow)
+            agent_memory_bytes=256 << 20, agent_timeout_s=4.0, interrupt_timeout_s=30.0)
+    finally:
+        stop.set()
+        helper.join()
+    for e in result.events:  # shown if the assertions below fail
+        if e.kind in ("restore_plan", "stopping", "resized", "workers_started"):
+            print(e.kind, e.message)
+    assert added, "the job ended before the node was added"
+    first, alone, grown = [e.fields for e in result.events if e.kind == "workers_started"]
+    assert (first["world_size"], alone["world_size"], grown["world_size"], result.world_size) == (2, 1, 2, 2)
+    # the survivor's own process all along; the new rank received its live state
+    assert alone["pids"][0] in first["pids"] and grown["pids"][0] == alone["pids"][0]
+    assert grown["kept"] == [0] and grown["heal"]["receivers"] == [1] and grown["heal"]["source"] == 0
+    (plan,) = [e.fields for e in result.events if e.kind == "restore_plan" and e.fields.get("grow")]
+    assert plan["chosen"] == "heal"
+    attempts = _every_step_once(result, steps)
+    assert attempts == sorted(attempts) and attempts[-1] == 2  # nothing redone: each step by one attempt
+    grown_at = grown["heal"]["step"] + 1
+    assert [(r["world_size"], r["start"]) for r in result.returns] == [(2, grown_at), (2, grown_at)]
+    torch.testing.assert_close(result.returns[0]["state"], result.returns[1]["state"], rtol=0, atol=0)

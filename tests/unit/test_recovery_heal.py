@@ -109,6 +109,25 @@ def test_a_heal_whose_replacement_did_not_start_is_recorded_as_the_reload_it_bec
     assert "did not start" in out.detail
 
 
+def test_heal_grows_back_in_place_where_the_placement_kept_the_bundles_and_reloads_elsewhere():
+    cfg = RunConfig(num_workers=4, storage="memory://heal", min_workers=2, allow_grow=True)
+    job = FakeDataParallelJob(cfg, world=3)
+    job.grow_in_place = True
+    out = HealPolicy().on_checkpoint(50, job)
+    assert (out.action, out.policy, out.live_step, out.world_size, out.restore) == (RESTARTED, HEAL, 44, 4, None)
+    assert job.calls == [("stop", "room for 4 workers again (grow back from 3 after step 50)"), ("start", 4, None),
+                         ("heal", 4, 0, 44)]  # every survivor kept, no checkpoint read
+    (plan,) = job.events.of_kind("restore_plan")
+    assert plan.fields["grow"] and plan.fields["chosen"] == HEAL and "1 replacement(s)" in plan.fields["reason"]
+    assert HealPolicy().on_checkpoint(60, job) is None  # whole again
+    moved = FakeDataParallelJob(cfg, world=3)  # its placement group is new and smaller: from the checkpoint
+    out = HealPolicy().on_checkpoint(50, moved)
+    assert (out.action, out.world_size, out.restore.step) == (RESTARTED, 4, 40) and ("find",) in moved.calls
+    full = FakeDataParallelJob(RunConfig(num_workers=4, storage="memory://heal", min_workers=2), world=3)
+    full.grow_in_place = True
+    assert HealPolicy().on_checkpoint(50, full) is None  # allow_grow is off
+
+
 def test_inconsistent_live_state_falls_back_to_reload_with_the_reason_in_the_event():
     class Apart(FakeDataParallelJob):
         def stop_keeping_state(self, reason):
