@@ -1,4 +1,5 @@
-"""The Ray coordinator, the launcher and the recovery policies. Imports ``ckpt``, ``agent`` and ``ray``.
+"""The Ray coordinator, the launcher and the recovery policies. Imports ``ckpt``, ``agent`` and ``ray``
+(``ray`` when ``run`` is first used: a worker process's own modules import without it).
 
 ```python
 import recovery
@@ -20,7 +21,6 @@ from .detect import Failure
 from .errors import NoRoomError, RecoveryError, TooManyFailuresError
 from .events import Event, EventLog
 from .heal import AutoHealPolicy, HealableJob, HealPolicy
-from .launcher import run
 from .live import LiveState
 from .policies import resolve_policy
 from .policy import DataParallelJob, JobControl, JobKind, RecoveryOutcome, RecoveryPolicy, ReloadPolicy
@@ -34,3 +34,11 @@ __all__ = [
     "RecoveryOutcome", "RecoveryPolicy", "RecoveryRecord", "ReloadPolicy", "RestorePoint", "RunConfig", "RunResult",
     "TooManyFailuresError", "TrainContext", "resolve_policy", "run",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name == "run":  # the launcher imports Ray
+        from .launcher import run
+
+        return run
+    raise AttributeError(f"module 'recovery' has no attribute {name!r}")

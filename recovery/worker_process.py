@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .live import Interrupted, LiveSlot
+from .warmup import warm_up
 from .worker import RecoveryCheckpointer, Reporter, TrainContext, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -52,38 +53,6 @@ def _raise_in(thread_id: int, exc: type[BaseException] | None) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc else None)
 
 
-def _warm_up() -> None:
-    """What ``run`` and a training loop's first steps initialise lazily, once per process, done
-    ahead: the node agent's sink (which the Checkpointer opens); an optimizer's first
-    construction imports torch._dynamo (1.5-2 s of a replacement's start on a loaded node); its
-    first step and autograd's first backward set up their kernels. No random numbers are drawn:
-    the process's generator stays as a new process has it.
-
-    Then what the process holds (some 300,000 objects of torch, torch._dynamo and Ray, held
-    for its life) is moved out of the cycle collector's sight (``gc.freeze``): a full
-    collection walks it in 130-180 ms, and one came in the middle of a recovery, at every
-    restart in place (``_leave_group``) and after a replacement's restore (whose objects make
-    one due), on the cores the other ranks restore on."""
-    try:
-        _exercise()
-    except Exception:
-        log.debug("warming the worker up failed", exc_info=True)
-    gc.collect(1)  # the young garbage of the imports and the exercise; the rest is kept for good
-    gc.freeze()
-
-
-def _exercise() -> None:
-    import torch.distributed
-
-    import agent.trainer.sink  # noqa: F401
-
-    weight = torch.nn.Parameter(torch.zeros(4, 4))
-    for opt in (torch.optim.AdamW([weight]), torch.optim.SGD([weight], lr=0.1)):
-        (torch.ones(2, 4) @ weight).sum().backward()
-        opt.step()
-        opt.zero_grad()
-
-
 class Worker:
     """Plain class; :class:`recovery.job.WorkerJob` wraps it with ``ray.remote`` (a threaded actor:
     ``interrupt`` runs beside ``run``) and places one per bundle. One process serves attempt after
@@ -105,11 +74,11 @@ class Worker:
         self._agent_address: str | None = None  # this node's agent, as the last attempt's spec named it
         self._agent: tuple[str, Any] | None = None  # (address, client): told of commits (an agent outside the job)
         self._devices: tuple[str, ...] = ()  # the GPUs a warm standby took over (it holds none of Ray's)
-        # A new process warms up from its start (see _warm_up), before its first run arrives;
+        # A new process warms up from its start (see recovery.warmup), before its first run arrives;
         # that run joins the process group once the warm-up is done, then every rank restores
         # at once: the survivors' restores do not share the node's cores with the
         # replacement's imports (its resume is no sooner: its boot is the critical path).
-        self._warming: threading.Thread | None = threading.Thread(target=_warm_up, name="worker-warm-up", daemon=True)
+        self._warming: threading.Thread | None = threading.Thread(target=warm_up, name="worker-warm-up", daemon=True)
         self._warming.start()
 
     def node_info(self) -> dict[str, Any]:
@@ -339,6 +308,9 @@ def _take_devices(devices: tuple[str, ...]) -> None:
     if torch.cuda.is_initialized() and os.environ.get("CUDA_VISIBLE_DEVICES") != visible:
         raise RuntimeError(f"this worker initialised CUDA before it was given GPU(s) {visible}")
     os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    if torch.version.cuda is not None and (seen := torch._C._cuda_getDeviceCount()) != len(devices):
+        raise RuntimeError(f"this worker sees {seen} GPU(s) after it was given {visible}: CUDA fixed its devices "
+                           "before the handover (a backward or an optimizer step ran first)")
 
 
 def _sockets() -> set[tuple[int, str]]:
