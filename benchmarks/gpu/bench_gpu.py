@@ -56,7 +56,7 @@ sys.path[:0] = [REPO, os.path.dirname(HERE)]
 import bench_engine
 import torch
 from kit_measure import Job, _disk_free, _fs_type, bandwidth, restore, staging
-from kit_report import GB, Report, _fmt, _median, markdown, targets
+from kit_report import GB, Report, _fmt, _median, markdown, method_options, targets
 
 METHODS = ("none", "ckpt", "ckpt_agent", "dcp_async", "dcp_async_pinned", "torch_save")
 
@@ -83,9 +83,10 @@ class Method:
         self.ck = None
         self.stager = None
         self.staging_wait: Any = None
-        if name in ("ckpt", "ckpt_agent"):
-            opts: dict[str, Any] = {"every_n_steps": 1, "keep_last": 2}
-            if name == "ckpt_agent":
+        base, variant = method_options(name)  # (ckpt:when_busy=skip: a variant of ckpt)
+        if base in ("ckpt", "ckpt_agent"):
+            opts: dict[str, Any] = {"every_n_steps": 1, "keep_last": 2, **variant}
+            if base == "ckpt_agent":
                 opts["agent"] = ctx["agent"]
             self.ck = ctx["ckpt"].Checkpointer(run, **opts)
             self.ck.attach(job.opt)
@@ -121,7 +122,7 @@ class Method:
         t0 = time.perf_counter()
         if self.ck is not None:
             h = self.ck.save(step, job.state(), force=True)
-            if h is not None:
+            if h is not None and not h.skipped:
                 h.persisted.add_done_callback(lambda f, s=t0: self.durable.append(time.perf_counter() - s))
             return time.perf_counter() - t0
         if self.name == "torch_save":
@@ -175,7 +176,7 @@ class Method:
         if self.ck is not None:
             st = self.ck.status()
             out["rows"] = [r for r in st.checkpoints]
-            out["failed"] = st.failed
+            out["failed"], out["skipped"] = st.failed, st.skipped
             out["errors"] = list(st.errors)
             self.ck.close()
         if self.stager is not None:
@@ -227,8 +228,7 @@ def loop(job: Job, method: str, every: int, steps: int, warm: int, run: str, ctx
     if m.ck is not None:
         rows = {r["step"]: r for r in closed["rows"]}
         stalls = [rows[s]["stall_s"] + rows[s]["hook_stall_s"] for s in ckpt_steps if s in rows]
-        out["failed"] = closed["failed"]
-        out["errors"] = closed["errors"][:3]
+        out["failed"], out["skipped"], out["errors"] = closed["failed"], closed["skipped"], closed["errors"][:3]
     if "stagers" in closed:
         out["dcp_stagers_made"] = closed["stagers"]
     out["stalls_s"] = stalls
@@ -264,7 +264,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         a.params_m, a.d_model, a.vocab, a.seq, a.micro_batch = 1.0, 64, 512, 32, 2
         a.target_step_s, a.steps_every10, a.steps_every1, a.warm, a.reps = 0.0, 10, 3, 1, 1
     a.methods_every1 = a.methods_every1 or a.methods
-    unknown = set(a.methods.split(",")) - set(METHODS) | set(a.methods_every1.split(",")) - set(METHODS)
+    unknown = {method_options(m)[0] for m in f"{a.methods},{a.methods_every1}".split(",")} - set(METHODS)
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     return a

@@ -159,3 +159,14 @@ def targets(d: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def method_options(name: str) -> tuple[str, dict[str, object]]:
+    """A method and its Checkpointer options: ``ckpt:when_busy=skip+io_threads=2`` is ``ckpt``
+    with those options (numbers as ints), so variants of one method run side by side."""
+    base, _, spec = name.partition(":")
+    opts: dict[str, object] = {}
+    for item in filter(None, spec.split("+")):
+        key, _, value = item.partition("=")
+        opts[key] = int(value) if value.lstrip("-").isdigit() else value
+    return base, opts
