@@ -15,7 +15,7 @@ ROOT = Path(recovery.__file__).parent
 # own submodules). "" is the package itself, the public facade.
 LAYERS = [
     {"errors", "events", "config", "restore", "registry", "checkfree.rule", "checkfree.plan", "stragglers", "live",
-     "spares", "node_agent"},
+     "spares", "node_agent", "warmup"},
     {"detect", "worker", "placement", "fleet", "pipeline.spec", "pipeline.schedule", "metrics"},
     {"policy", "coordinator", "pipeline.stage", "worker_process"},
     {"checkfree.policy", "result", "heal"},
