@@ -322,7 +322,9 @@ def plot(results: list[dict[str, Any]], rates: list[str], path: Path) -> None:
                 grid = np.linspace(0, xmax, 160)
                 # A run that finished earlier stays at its final loss.
                 ys = [np.interp(grid, xs(r), [e[4] for e in r["evals"]]) for r in rs]
-                ax.plot(grid, np.mean(ys, axis=0), color=colors[key[1]], label=LABELS[key[1]], lw=1.4)
+                seeds = len(by.get((rate, "average"), []))
+                label = LABELS[key[1]] + (f" ({len(rs)} seeds)" if len(rs) != seeds else "")
+                ax.plot(grid, np.mean(ys, axis=0), color=colors[key[1]], label=label, lw=1.4)
             ax.set_ylim(top=min(3.5, ax.get_ylim()[1]))
             ax.set_xlabel(xlabel)
             ax.set_ylabel("validation loss (nats/byte)")

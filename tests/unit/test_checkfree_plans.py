@@ -12,7 +12,6 @@ from examples.pipeline_demo import ModelConfig, TrainConfig
 from recovery import checkfree as cf
 
 
-
 def test_execution_order_swaps_edge_pairs_on_odd_micro_batches():
     assert cf.execution_order(4, 0) == [0, 1, 2, 3]
     assert cf.execution_order(4, 1) == [1, 0, 3, 2]
