@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Growing back after a node loss: ``heal`` grows in place (the survivor keeps its process and
+live state, the new rank copies it) against ``reload`` (every worker restarted, everyone restores
+the checkpoint just committed), side by side on the same job.
+
+A two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``, Ray's health checks
+shortened so that a lost node's bundles are placed again within seconds), one worker per node
+(:class:`recovery.demo.DemoTrainer`, gloo, node agents), a checkpoint every 5 steps. The second
+node is killed once step 10 is committed; the job goes on with one worker; a new node joins 20
+committed steps later, and after the next commit the job grows back to two. Printed per policy,
+medians over ``--repeat`` runs (each run in brackets):
+
+- from the moment the policy decides to grow (its ``stopping`` event) to the grown attempt's
+  ``workers_started`` (every worker up, the state copied or about to be restored);
+- from that decision to the first checkpoint the grown world commits (it trained and saved again:
+  the restore of ``reload`` included);
+- whether the survivor's process was kept (its pid);
+- steps redone by the grown attempt (its first step against the step the job had reached).
+
+    python benchmarks/bench_grow.py --repeat 3 --json benchmarks/results/grow-2nodes-3rep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+from typing import Any
+from unittest import mock
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ray
+from ray import cluster_utils
+
+import ckpt
+import recovery
+from ckpt import format as fmt
+from recovery.demo import DemoTrainer
+
+QUICK_DEATH = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 2}
+
+
+def one_run(policy: str, steps: int) -> dict[str, Any]:
+    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, "resources": {"slot": 1}, "_system_config": QUICK_DEATH})
+    second = cluster.add_node(num_cpus=1, resources={"slot": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    stop = threading.Event()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-grow-") as tmp:
+            run = os.path.join(tmp, "run")
+
+            def lose_a_node_then_add_one() -> None:
+                lost_at = None
+                while not stop.wait(0.05):
+                    committed = fmt.committed_steps(ckpt.open_storage(run)) if os.path.isdir(run) else []
+                    if lost_at is None and committed and committed[-1] >= 10:
+                        cluster.remove_node(second, allow_graceful=False)
+                        lost_at = committed[-1]
+                    elif lost_at is not None and committed and committed[-1] >= lost_at + 20:
+                        # (no SIGTERM handler off the main thread; the node lives as long as this thread)
+                        with mock.patch.object(ray._private.utils, "set_sigterm_handler", lambda _handler: None):
+                            cluster.add_node(num_cpus=1, resources={"slot": 1})
+                        stop.wait()
+                        return
+
+            helper = threading.Thread(target=lose_a_node_then_add_one, daemon=True)
+            helper.start()
+            trainer = DemoTrainer(steps=steps, width=32, depth=2, global_batch=8, step_sleep_s=0.05, log_losses=True)
+            try:
+                result = recovery.run(
+                    trainer, num_workers=2, min_workers=1, storage=run, echo=None, policy=policy, allow_grow=True,
+                    resources_per_worker={"CPU": 1.0, "slot": 1}, placement_strategy="SPREAD", every_n_steps=5,
+                    keep_last=None, heartbeat_interval_s=0.1, backoff_s=0.0, settle_timeout_s=30.0,
+                    startup_timeout_s=120.0, placement_timeout_s=10.0, agent_memory_bytes=256 << 20,
+                    agent_timeout_s=4.0, interrupt_timeout_s=30.0)
+            finally:
+                stop.set()
+                helper.join()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    started = [e for e in result.events if e.kind == "workers_started"]
+    grown = started[-1]
+    stops = [e for e in result.events if e.kind == "stopping" and "grow back" in e.message]
+    if grown.fields["world_size"] != 2 or not stops:
+        return {"grew": False, "sizes": [e.fields["world_size"] for e in started]}
+    before = started[-2]
+    log = result.returns[0]["losses"]
+    first = grown.fields["heal"]["step"] + 1 if grown.fields.get("heal") else grown.fields["restore_step"] + 1
+    reached = max(s for s, a in zip(log["steps"], log["attempts"]) if a == before.fields["attempt"])
+    # The first checkpoint the grown world committed (both writers): it trained and saved again.
+    again = next(e for e in result.events if e.kind == "checkpoint" and e.t > grown.t and e.fields.get("writers") == 2)
+    return {"grew": True, "grow_to_started_s": round(grown.t - stops[-1].t, 3),
+            "grow_to_first_commit_s": round(again.t - stops[-1].t, 3), "first_commit_step": again.fields["step"],
+            "survivor_kept": grown.fields["pids"][0] in before.fields["pids"],
+            "steps_redone": max(0, reached + 1 - first), "policy": policy}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--policies", default="heal,reload")
+    p.add_argument("--json", help="write every run's figures here")
+    a = p.parse_args(argv)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(a.repeat):
+        for policy in a.policies.split(","):  # interleaved: the machine's noise falls on both
+            runs.setdefault(policy, []).append(r := one_run(policy, a.steps))
+            print(policy, r, flush=True)
+    out = {}
+    for policy, rs in runs.items():
+        grew = [r for r in rs if r["grew"]]
+        times = [r["grow_to_started_s"] for r in grew]
+        commits = [r["grow_to_first_commit_s"] for r in grew]
+        out[policy] = {"runs": rs, "grew": len(grew), "grow_to_started_median_s": statistics.median(times) if times else None,
+                       "grow_to_first_commit_median_s": statistics.median(commits) if commits else None,
+                       "survivor_kept": sum(r["survivor_kept"] for r in grew),
+                       "steps_redone": [r["steps_redone"] for r in grew]}
+        print(f"{policy}: grew in {len(grew)} of {len(rs)} runs; decision -> workers started "
+              f"{out[policy]['grow_to_started_median_s']} s (median; {times}), -> the grown world's first commit "
+              f"{out[policy]['grow_to_first_commit_median_s']} s ({commits}); survivor kept in "
+              f"{out[policy]['survivor_kept']}; steps redone {out[policy]['steps_redone']}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
