@@ -30,24 +30,20 @@ import sys
 import tempfile
 import threading
 from typing import Any
-from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ray
 from ray import cluster_utils
 
-import ckpt
 import recovery
-from ckpt import format as fmt
 from recovery.demo import DemoTrainer
-
-QUICK_DEATH = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 2}
+from tests.helpers import QUICK_NODE_DEATH, lose_a_node_then_add_one
 
 
 def one_run(policy: str, steps: int) -> dict[str, Any]:
     cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "resources": {"slot": 1}, "_system_config": QUICK_DEATH})
+        "num_cpus": 1, "include_dashboard": False, "resources": {"slot": 1}, "_system_config": QUICK_NODE_DEATH})
     second = cluster.add_node(num_cpus=1, resources={"slot": 1})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
@@ -55,22 +51,7 @@ def one_run(policy: str, steps: int) -> dict[str, Any]:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-grow-") as tmp:
             run = os.path.join(tmp, "run")
-
-            def lose_a_node_then_add_one() -> None:
-                lost_at = None
-                while not stop.wait(0.05):
-                    committed = fmt.committed_steps(ckpt.open_storage(run)) if os.path.isdir(run) else []
-                    if lost_at is None and committed and committed[-1] >= 10:
-                        cluster.remove_node(second, allow_graceful=False)
-                        lost_at = committed[-1]
-                    elif lost_at is not None and committed and committed[-1] >= lost_at + 20:
-                        # (no SIGTERM handler off the main thread; the node lives as long as this thread)
-                        with mock.patch.object(ray._private.utils, "set_sigterm_handler", lambda _handler: None):
-                            cluster.add_node(num_cpus=1, resources={"slot": 1})
-                        stop.wait()
-                        return
-
-            helper = threading.Thread(target=lose_a_node_then_add_one, daemon=True)
+            helper = threading.Thread(target=lose_a_node_then_add_one, args=(cluster, second, run, stop), daemon=True)
             helper.start()
             trainer = DemoTrainer(steps=steps, width=32, depth=2, global_batch=8, step_sleep_s=0.05, log_losses=True)
             try:

@@ -104,3 +104,36 @@ def local_agent(tmp_path: Path, prefix: str, *, memory_budget_bytes: int = 64 <<
         daemon.stop()
         if shm_root:
             shutil.rmtree(shm, ignore_errors=True)
+
+
+# Ray calls a node dead after its health checks fail (some 15-30 s by default) and only then places
+# the node's placement-group bundles elsewhere; with this system config, after 2 missed checks of 0.5 s.
+QUICK_NODE_DEATH = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 2}
+
+
+def lose_a_node_then_add_one(cluster: Any, node: Any, run: str, stop: Any, *, lose_at: int = 10, alone: int = 20,
+                             added: list[Any] | None = None) -> None:
+    """For a helper thread beside ``recovery.run`` on a ``ray.cluster_utils.Cluster``: kill
+    ``node`` once step ``lose_at`` of ``run`` is committed, add a node like it (1 CPU, 1 "slot")
+    once the job has committed ``alone`` more steps, then wait for ``stop``. The thread must live
+    until the job ends: the added node's processes die with the thread that started them
+    (PR_SET_PDEATHSIG); off the main thread, the node gets no SIGTERM handler."""
+    from unittest import mock
+
+    import ray
+
+    from ckpt import format as fmt
+
+    lost_at = None
+    while not stop.wait(0.05):
+        committed = fmt.committed_steps(ckpt.open_storage(run)) if Path(run).is_dir() else []
+        if lost_at is None and committed and committed[-1] >= lose_at:
+            cluster.remove_node(node, allow_graceful=False)
+            lost_at = committed[-1]
+        elif lost_at is not None and committed and committed[-1] >= lost_at + alone:
+            with mock.patch.object(ray._private.utils, "set_sigterm_handler", lambda _handler: None):
+                new = cluster.add_node(num_cpus=1, resources={"slot": 1})
+            if added is not None:
+                added.append(new)
+            stop.wait()
+            return

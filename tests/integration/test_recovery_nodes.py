@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from unittest import mock
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ import ckpt
 from ckpt import format as fmt
 from recovery.demo import DemoTrainer
 from recovery.detect import NODE_DIED, WORKER_DIED
+from tests.helpers import QUICK_NODE_DEATH, lose_a_node_then_add_one
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
@@ -38,10 +38,7 @@ def two_nodes():
 
 @pytest.fixture
 def two_nodes_quick_to_call_dead():
-    # Ray calls a node dead after its health checks fail (some 15-30 s by default) and only then
-    # places the node's placement-group bundles elsewhere: here after 2 missed checks of 0.5 s.
-    yield from _two_nodes({"health_check_period_ms": 500, "health_check_timeout_ms": 500,
-                           "health_check_failure_threshold": 2})
+    yield from _two_nodes(QUICK_NODE_DEATH)  # a lost node's bundles placed again within seconds
 
 
 def _two_nodes(system_config=None):
@@ -190,23 +187,8 @@ def test_heal_grows_back_in_place_when_a_node_returns(two_nodes_quick_to_call_de
     stop = threading.Event()
     added = []
 
-    def lose_a_node_then_add_one() -> None:
-        lost_at = None
-        while not stop.wait(0.05):
-            committed = fmt.committed_steps(ckpt.open_storage(run)) if os.path.isdir(run) else []
-            if lost_at is None and committed and committed[-1] >= 10:
-                cluster.remove_node(second, allow_graceful=False)
-                lost_at = committed[-1]
-            elif lost_at is not None and committed and committed[-1] >= lost_at + 20:  # going on alone
-                # recovery.run holds the main thread: a node added from this one sets no SIGTERM
-                # handler (only the main thread may), and this thread lives until the job ends:
-                # the node's processes die with the thread that started them (PR_SET_PDEATHSIG)
-                with mock.patch.object(ray._private.utils, "set_sigterm_handler", lambda _handler: None):
-                    added.append(cluster.add_node(num_cpus=1, resources={"slot": 1}))
-                stop.wait()
-                return
-
-    helper = threading.Thread(target=lose_a_node_then_add_one, daemon=True)
+    helper = threading.Thread(target=lose_a_node_then_add_one, args=(cluster, second, run, stop),
+                              kwargs={"added": added}, daemon=True)
     helper.start()
     try:
         result = recovery.run(
