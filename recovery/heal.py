@@ -169,15 +169,18 @@ class HealPolicy(RecoveryPolicy[DataParallelJob]):
         return RecoveryOutcome(RESTARTED, world, None, decision.reason, policy=HEAL, live_step=decision.step)
 
     def on_checkpoint(self, step: int, job: DataParallelJob) -> RecoveryOutcome | None:
-        """Grow back (``allow_grow``) once room returns: in place where the job's placement group
-        has the bundles (a heal that shrank keeps them): the survivors keep their processes, the
-        new ranks copy a survivor's live state, nothing rolls back. Elsewhere from that
-        checkpoint, as ``reload`` does."""
+        """Grow back (``allow_grow``) once room returns: in place where the job has the bundles
+        (a heal that shrank keeps them, or a group of their own is reserved for the new ranks):
+        the survivors keep their processes, the new ranks copy a survivor's live state, nothing
+        rolls back. Elsewhere by restarting every worker from that checkpoint."""
         want = job.config.num_workers
         if not job.config.allow_grow or job.world_size >= want:
             return None
         if not isinstance(job, HealableJob) or not getattr(job, "room_to_grow", lambda _n: False)(want):
-            return ReloadPolicy().on_checkpoint(step, job)
+            if getattr(job, "growth_pending", False) or not job.room_for(want):
+                return None  # (bundles for the new ranks are being placed: looked at after the next checkpoint)
+            return ReloadPolicy.reload(job, want, reason=f"room for {want} workers again (grow back from "
+                                       f"{job.world_size} after step {step})")
         reason = f"room for {want} workers again (grow back from {job.world_size} after step {step})"
         decision = decide_heal(job.stop_keeping_state(reason, grow=True), want)
         job.log(ev.RESTORE_PLAN, f"policy {self.name}: {decision.reason}", policy=self.name, grow=True,

@@ -15,6 +15,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from . import events as ev
 from .detect import HANG, NODE_DIED
+from .errors import NoRoomError
 from .live import LiveState
 
 log = logging.getLogger(__name__)
@@ -144,37 +145,80 @@ def replacements_started(job: WorkerJob, timeout_s: float) -> bool:
 
 
 def bundle_for(job: WorkerJob, rank: int) -> int:
-    """Rank ``rank``'s bundle: its own number, unless a heal that shrank the job renumbered the
-    ranks (then the bundle it had, or the first one no other rank holds)."""
+    """Rank ``rank``'s bundle: its own number, unless ranks were given bundles of their own (a heal
+    that shrank the job renumbered them, the job grew into a group reserved for new ranks): then
+    the bundle it had, or its own number if free and placed, or the first free bundle placed on a
+    live node, or the first free one."""
     if not job.bundles or rank in job.bundles:
         return job.bundles.get(rank, rank)
+    pl = job.placement
     used = {b for r, b in job.bundles.items() if r != rank} | job.spares.bundles()
-    free = [b for b in range(max(job.placement.world, rank + 1)) if b not in used]
-    job.bundles[rank] = rank if rank not in used else free[0]
+    free = [b for b in range(max(pl.bundle_count(), rank + 1)) if b not in used]
+    on_live = pl.placed_bundles() if len(free) > 1 else set(free)
+    placed = [b for b in free if b in on_live]
+    job.bundles[rank] = rank if rank in placed else (placed or free)[0]
     return job.bundles[rank]
 
 
 def room_to_grow(job: WorkerJob, want: int) -> bool:
-    """Whether ``job`` can grow back to ``want`` ranks in place, its survivors kept: its placement
-    group holds, on live nodes, a bundle for each missing rank that no rank and no hot spare uses.
-    A heal that shrank keeps the lost ranks' bundles, and Ray places a lost node's bundles again
-    once room returns; a job that shrank through a reload has a smaller group and grows by
-    reloading into a new one."""
+    """Whether ``job`` can grow back to ``want`` ranks in place, its survivors kept: a bundle on a
+    live node, used by no rank, for each missing rank. A heal that shrank keeps the lost ranks'
+    bundles, and Ray places a lost node's bundles again once room returns; a ready hot spare
+    takes a rank with its bundle; for the others a group of their own is reserved
+    (:meth:`recovery.placement.Placement.reserve`, while ``job.placement.reserving`` it is
+    being placed), where the cluster has the room."""
     pl = job.placement
     if not job.config.in_place or pl.pg is None or want <= job.world_size:
         return False
     used = {job.bundles.get(r, r) for r in range(job.world_size)} | job.spares.bundles()
-    return len(pl.placed_bundles() - used) >= want - job.world_size
+    missing = want - job.world_size - len(pl.placed_bundles() - used) - len(job.spares.idle)
+    if missing <= 0:
+        return True
+    if not pl.reserving and pl.free() < missing:
+        return False  # no room for them now
+    return pl.reserve(missing)
 
 
-def boot_growth(job: WorkerJob, want: int) -> None:
-    """Boot a worker for each rank from the survivors' count up to ``want`` (a hot spare if one
-    is ready, else a new actor in a free bundle), as replacements booted ahead (``job.fresh``)."""
-    first = len(job.kept)
+def boot_growth(job: WorkerJob, want: int, policy: str) -> None:
+    """Boot a worker for each rank of ``range(want)`` that ``job.kept`` lacks (a hot spare if one
+    is ready, else a new actor in a free placed bundle), as replacements booted ahead
+    (``job.fresh``); ``policy`` (heal: they copy a survivor's live state, reload: every rank
+    restores the newest checkpoint) for the event."""
+    kept = sorted(job.kept)
+    job.bundles = {r: job.bundles.get(r, r) for r in kept}
     job.placement.world = want
-    for rank in range(first, want):
+    new = [r for r in range(want) if r not in job.kept]
+    for rank in new:
         job.kept[rank] = job.new_worker(rank, want, job.attempt + 1)
         job.fresh.add(rank)
-    job.log(ev.RESIZED, f"growing back in place from {first} to {want} workers: rank(s) {list(range(first, want))} "
-            f"boot in the job's free bundles and copy a survivor's live state", world_size=want, wanted=want,
-            policy="heal", grow=True)
+    how = "copy a survivor's live state" if policy == "heal" else "restore the newest checkpoint with the others"
+    job.log(ev.RESIZED, f"growing back in place from {len(kept)} to {want} workers: rank(s) {new} boot in free "
+            f"bundles ({sorted(job.bundles[r] for r in new)}) and {how}; the {len(kept)} others keep their "
+            "processes", world_size=want, wanted=want, policy=policy, grow=True, bundles={r: job.bundles[r] for r in new})
+
+
+def give_up_replacements(job: WorkerJob, source: int, current: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """The replacements booting in ``job.kept`` did not start: kill them and go on with the
+    survivors, renumbered ``0..``, keeping their bundles (removing the group would kill them);
+    ``source`` and ``current`` renumbered. ``NoRoomError`` if fewer than ``min_workers`` remain."""
+    cfg = job.config
+    gone = sorted(job.fresh)
+    for r in gone:
+        kill(job.kept.pop(r))
+    stay = sorted(job.kept)
+    job.fresh = set()
+    if len(stay) < cfg.min_workers:
+        raise NoRoomError(f"the replacement(s) of rank(s) {gone} did not start within placement_timeout_s="
+                          f"{cfg.placement_timeout_s:g} s and {len(stay)} survivor(s) are fewer than "
+                          f"min_workers={cfg.min_workers}")
+    new = {old: i for i, old in enumerate(stay)}
+    job.kept = {new[old]: job.kept[old] for old in stay}
+    job.bundles = {new[old]: job.bundles.get(old, old) for old in stay}
+    # Count only the bundles in use, so that the room for more is the cluster's free room
+    # (allow_grow) and the free bundles kept (room_to_grow), not theirs.
+    job.placement.world = len(stay)
+    job.log(ev.RESIZED, f"the replacement(s) of rank(s) {gone} did not start within placement_timeout_s="
+            f"{cfg.placement_timeout_s:g} s: continuing with the {len(stay)} survivors, no rollback "
+            f"(ranks renumbered {dict(new)})", world_size=len(stay), wanted=job.world_size, renumbered=new,
+            policy="heal")
+    return new[source], tuple(new[r] for r in current if r in new)

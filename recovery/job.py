@@ -24,13 +24,13 @@ from ckpt.restore import Tier
 from ckpt.storage import open_storage
 
 from . import events as ev
+from . import inplace
 from .config import RunConfig
 from .coordinator import Coordinator
 from .detect import Failure
-from .errors import NoRoomError
 from .events import EventLog
 from .fleet import AgentFleet
-from .inplace import boot_growth, bundle_for, kill, live_states, replacements_started, room_to_grow, survivors
+from .inplace import bundle_for, kill, live_states, replacements_started, survivors
 from .live import HealSpec, LiveState, receivers_of
 from .placement import Placement
 from .policy import DataParallelJob
@@ -201,7 +201,26 @@ class WorkerJob(DataParallelJob):
             self.keep_state = self.growing = False
 
     def room_to_grow(self, want: int) -> bool:
-        return room_to_grow(self, want)
+        return inplace.room_to_grow(self, want)
+
+    @property
+    def growth_pending(self) -> bool:
+        """Whether a group of bundles for new ranks is being placed (look again after a checkpoint)."""
+        return self.placement.reserving
+
+    def grow_and_reload(self, want: int, reason: str) -> RestorePoint:
+        """Grow back to ``want`` ranks (:func:`room_to_grow` said there is room) without a new
+        process for the ranks there are: every worker stops at once and is kept, the new ranks
+        boot in the free bundles, and all of them restore the newest checkpoint (policy reload)."""
+        self.growing = True
+        try:
+            self.stop_workers(reason)
+        finally:
+            self.growing = False
+        inplace.boot_growth(self, want, "reload")  # (they boot while the agents settle)
+        point = self.find_restore_point()
+        self.start_workers(want, point)
+        return point
 
     def heal_workers(self, source: int, step: int, current: tuple[int, ...], *, grow_to: int | None = None) -> int:
         """Start the next attempt from live state: rank ``source``'s state at ``step`` goes to
@@ -212,28 +231,9 @@ class WorkerJob(DataParallelJob):
         Returns the world size."""
         cfg = self.config
         if grow_to is not None:
-            boot_growth(self, grow_to)
+            inplace.boot_growth(self, grow_to, "heal")
         if not replacements_started(self, cfg.placement_timeout_s):
-            gone = sorted(self.fresh)
-            for r in gone:
-                kill(self.kept.pop(r))
-            stay = sorted(self.kept)
-            self.fresh = set()
-            if len(stay) < cfg.min_workers:
-                raise NoRoomError(f"the replacement(s) of rank(s) {gone} did not start within placement_timeout_s="
-                                  f"{cfg.placement_timeout_s:g} s and {len(stay)} survivor(s) are fewer than "
-                                  f"min_workers={cfg.min_workers}")
-            new = {old: i for i, old in enumerate(stay)}
-            self.kept = {new[old]: self.kept[old] for old in stay}
-            self.bundles = {new[old]: self.bundles.get(old, old) for old in stay}
-            source, current = new[source], tuple(new[r] for r in current if r in new)
-            # The group keeps its bundles (removing it would kill the survivors); count only those
-            # in use, so that the room for more is the cluster's free room (allow_grow), not theirs.
-            self.placement.world = len(stay)
-            self.log(ev.RESIZED, f"the replacement(s) of rank(s) {gone} did not start within placement_timeout_s="
-                     f"{cfg.placement_timeout_s:g} s: continuing with the {len(stay)} survivors, no rollback "
-                     f"(ranks renumbered {dict(new)})", world_size=len(stay), wanted=self._world, renumbered=new,
-                     policy="heal")
+            source, current = inplace.give_up_replacements(self, source, current)
         world = len(self.kept)
         self.start_workers(world, None, heal=HealSpec(source, step, receivers_of(world, current)))
         return world
@@ -371,7 +371,7 @@ class WorkerJob(DataParallelJob):
         if len(self.spares.idle) >= self.spares.count:
             return
         used = {self.bundles.get(r, r) for r in range(self._world)} | self.spares.bundles()
-        booted = self.spares.tend(pl.pg, [b for b in range(pl.world + pl.extra) if b not in used])
+        booted = self.spares.tend(pl.pg, [b for b in range(min(pl.world + pl.extra, pl.size)) if b not in used])
         if booted:
             self.log(ev.SPARE, f"booting {len(booted)} hot spare(s) in bundle(s) {booted}", booted=booted,
                      idle=len(self.spares.idle))

@@ -4,12 +4,18 @@ has room for, and which nodes are lost.
 Ray marks a node dead only after its health checks fail (~15 s) and counts its resources
 until then; a node found lost here is left out of the room at once, so that a job shrinks
 instead of waiting ``placement_timeout_s`` for room that is gone.
+
+A job that shrank (a reload onto fewer bundles, or room that was never there) grows back in
+place through a second placement group reserved for the new ranks beside the survivors' group
+(:meth:`Placement.reserve`): removing the first group would kill the survivors. Bundles are
+numbered across the groups: the first group's ``0..size-1``, then each later group's in turn.
 """
 
 from __future__ import annotations
 
 import math
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +29,7 @@ from .errors import NoRoomError
 
 
 class Placement:
-    """The job's placement group (at most one at a time) and the room around it.
+    """The job's placement group, the groups reserved later for new ranks, and the room around them.
 
     ``log(kind, message, **fields)`` records an event; ``driver_node`` is never called lost
     (the driver runs on it)."""
@@ -34,16 +40,19 @@ class Placement:
         self.driver_node = driver_node
         self.lost_nodes: set[str] = set()  # lost, though Ray may not have marked them dead yet
         self.pg: PlacementGroup | None = None
-        self.world = 0  # bundles of ``pg`` for the ranks
+        self.size = 0  # bundles of ``pg``
+        self.world = 0  # bundles for the ranks
         self.extra = 0  # bundles of ``pg`` beyond them, for hot spares (``RunConfig.spares``)
+        self.more: list[tuple[int, PlacementGroup, int]] = []  # (first bundle's number, group, bundles) grown into
+        self._pending: tuple[PlacementGroup, int, float] | None = None  # being placed: group, bundles, since
 
     @property
     def bundle(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.config.resources_per_worker.items() if v}
 
-    def fits(self) -> int:
-        """How many more bundles the cluster's free resources hold (ignoring how they are
-        split across nodes), plus the workers placed now."""
+    def free(self) -> int:
+        """How many more bundles the cluster's free resources hold (ignoring how they are split
+        across nodes)."""
         avail = dict(ray.available_resources())
         bundle = self.bundle
         if not bundle:
@@ -52,8 +61,11 @@ class Placement:
             if n["NodeID"] in self.lost_nodes and n.get("Alive"):
                 for k, v in n.get("Resources", {}).items():
                     avail[k] = avail.get(k, 0.0) - v
-        free = min(math.floor(max(0.0, avail.get(k, 0.0)) / v + 1e-9) for k, v in bundle.items())
-        return free + (self.world + self.extra if self.pg is not None else 0)
+        return min(math.floor(max(0.0, avail.get(k, 0.0)) / v + 1e-9) for k, v in bundle.items())
+
+    def fits(self) -> int:
+        """:meth:`free`, plus the workers placed now."""
+        return self.free() + (self.world + self.extra if self.pg is not None else 0)
 
     def room_for(self, n: int) -> bool:
         return self.fits() >= n
@@ -76,7 +88,7 @@ class Placement:
                 pg = placement_group([self.bundle] * (n + more), strategy=cfg.placement_strategy)
                 ready, _ = ray.wait([pg.ready()], timeout=cfg.placement_timeout_s)
                 if ready:
-                    self.pg, self.world, self.extra = pg, n, more
+                    self.pg, self.size, self.world, self.extra = pg, n + more, n, more
                     return n
                 remove_placement_group(pg)
             fits = min(n - 1, self.fits())
@@ -94,26 +106,74 @@ class Placement:
             self.release()
             self.fit(world_size, world_size)
 
+    def bundle_count(self) -> int:
+        """The bundles of every group the job holds (numbered ``0..bundle_count()-1``)."""
+        return self.size + sum(n for _, _, n in self.more)
+
     def placed_bundles(self) -> set[int]:
-        """The placement group's bundles that lie on a live node now (Ray places a lost node's
+        """The bundles, of every group, that lie on a live node now (Ray places a lost node's
         bundles again where room returns)."""
         if self.pg is None:
             return set()
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")} - self.lost_nodes
-        table = placement_group_table(self.pg)
-        return {int(b) for b, node in table.get("bundles_to_node_id", {}).items() if node in alive}
+        out: set[int] = set()
+        for first, pg, _ in [(0, self.pg, self.size), *self.more]:
+            table = placement_group_table(pg)
+            out |= {first + int(b) for b, node in table.get("bundles_to_node_id", {}).items() if node in alive}
+        return out
+
+    @property
+    def reserving(self) -> bool:
+        """Whether a group for new ranks is being placed (:meth:`reserve`)."""
+        return self._pending is not None
+
+    def reserve(self, n: int) -> bool:
+        """Whether a group of ``n`` more bundles, for new ranks beside the job's, is placed now.
+        The first call asks Ray for it and waits a moment; later calls only look (the driver's
+        loop is not held up), and ``placement_timeout_s`` after the request it is given up
+        (False, :attr:`reserving` False) so that the job can grow another way."""
+        if self.pg is None or n <= 0:
+            return n <= 0
+        if self._pending is None:
+            pg = placement_group([self.bundle] * n, strategy=self.config.placement_strategy)
+            self._pending = (pg, n, time.monotonic())
+            wait = min(1.0, self.config.placement_timeout_s)
+        else:
+            wait = 0.0
+        pg, m, since = self._pending
+        ready, _ = ray.wait([pg.ready()], timeout=wait)
+        if ready:
+            self.more.append((self.bundle_count(), pg, m))
+            self._pending = None
+            self._log(ev.RESIZED, f"reserved {m} more bundle(s) for new ranks in a group of their own, "
+                      f"bundles {self.bundle_count() - m}..{self.bundle_count() - 1}", reserved=m)
+            return True
+        if time.monotonic() - since >= self.config.placement_timeout_s:
+            remove_placement_group(pg)
+            self._pending = None
+            self._log(ev.RESIZED, f"no room for {m} more bundle(s) after placement_timeout_s="
+                      f"{self.config.placement_timeout_s:g} s: given up", wanted=m)
+        return False
 
     def release(self) -> None:
-        if self.pg is not None:
-            remove_placement_group(self.pg)
-            self.pg, self.extra = None, 0
+        pending = [self._pending[0]] if self._pending is not None else []
+        for pg in [*pending, *(g for _, g, _ in self.more), *([self.pg] if self.pg is not None else [])]:
+            remove_placement_group(pg)
+        self.pg, self.size, self.extra, self.more, self._pending = None, 0, 0, [], None
+
+    def _locate(self, index: int) -> tuple[PlacementGroup | None, int]:
+        for first, pg, n in self.more:
+            if first <= index < first + n:
+                return pg, index - first
+        return self.pg, index
 
     def worker_options(self, index: int) -> dict[str, Any]:
-        """Ray actor options of the worker in bundle ``index``."""
+        """Ray actor options of the worker in bundle ``index`` (numbered across the groups)."""
         res = self.bundle
+        pg, local = self._locate(index)
         opts: dict[str, Any] = {"num_cpus": res.get("CPU", 0), "num_gpus": res.get("GPU", 0), "max_restarts": 0,
                                 "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                                    self.pg, placement_group_bundle_index=index)}
+                                    pg, placement_group_bundle_index=local)}
         custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU")}
         if custom:
             opts["resources"] = custom

@@ -81,6 +81,13 @@ class DataParallelJob(Protocol):
         ``restore.step``."""
 
 
+def grows_in_place(job: DataParallelJob, want: int) -> bool:
+    """Whether ``job`` can grow back to ``want`` ranks keeping its workers' processes (a
+    :class:`recovery.job.WorkerJob` that has, or has just reserved, the bundles for them)."""
+    room = getattr(job, "room_to_grow", None)
+    return room is not None and hasattr(job, "grow_and_reload") and bool(room(want))
+
+
 JobControl = DataParallelJob  # the name this protocol had first; still exported by ``recovery``
 
 JobT = TypeVar("JobT")
@@ -131,11 +138,19 @@ class ReloadPolicy(RecoveryPolicy[DataParallelJob]):
         return self.reload(job, job.config.num_workers, reason=f"{failure.kind}: {failure.detail}")
 
     def on_checkpoint(self, step: int, job: DataParallelJob) -> RecoveryOutcome | None:
-        cfg = job.config
-        if not cfg.allow_grow or job.world_size >= cfg.num_workers or not job.room_for(cfg.num_workers):
+        """Grow back (``allow_grow``) once room returns: in place where the job can (its workers
+        keep their processes, the new ranks boot in bundles of their own, every rank restores
+        this checkpoint), else by restarting every worker from it."""
+        want = job.config.num_workers
+        if not job.config.allow_grow or job.world_size >= want:
             return None
-        return self.reload(job, cfg.num_workers, reason=f"room for {cfg.num_workers} workers again (grow back "
-                            f"from {job.world_size} after step {step})")
+        reason = f"room for {want} workers again (grow back from {job.world_size} after step {step})"
+        if grows_in_place(job, want):
+            point = job.grow_and_reload(want, reason)  # type: ignore[attr-defined]
+            return RecoveryOutcome(RESTARTED, job.world_size, point, policy=RELOAD)
+        if getattr(job, "growth_pending", False) or not job.room_for(want):
+            return None  # (bundles for the new ranks are being placed: looked at after the next checkpoint)
+        return self.reload(job, want, reason=reason)
 
     @staticmethod
     def reload(job: DataParallelJob, want: int, *, reason: str) -> RecoveryOutcome:

@@ -97,10 +97,19 @@ class FakeDataParallelJob(DataParallelJob):
     # -- recovery.heal.HealableJob: the last rank lost, the others kept, clean, at ``live_step`` ------
 
     live_step = 44
-    grow_in_place = False  # its placement keeps free bundles (a heal shrank it): grow back keeping the survivors
+    grow_in_place = False  # its placement has (or reserves) free bundles: grow back keeping the workers
 
     def room_to_grow(self, want: int) -> bool:
         return self.grow_in_place and self.room >= want > self._world
+
+    def grow_and_reload(self, want: int, reason: str) -> RestorePoint:
+        """Grow back keeping every worker's process, all restoring the newest checkpoint."""
+        self.calls.append(("stop", reason))
+        self.calls.append(("find",))
+        self.calls.append(("start", want, self.point))
+        self._world = want
+        self._attempt += 1
+        return self.point
 
     def stop_keeping_state(self, reason: str, *, grow: bool = False) -> dict[int, LiveState]:
         self.calls.append(("stop", reason))

@@ -216,3 +216,46 @@ def test_heal_grows_back_in_place_when_a_node_returns(two_nodes_quick_to_call_de
     grown_at = grown["heal"]["step"] + 1
     assert [(r["world_size"], r["start"]) for r in result.returns] == [(2, grown_at), (2, grown_at)]
     torch.testing.assert_close(result.returns[0]["state"], result.returns[1]["state"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_reload_grows_back_in_place_after_shrinking_when_a_node_returns(two_nodes_quick_to_call_dead, tmp_path):
+    # Under reload the node loss restarts the job on a placement group of 1; when a new node joins,
+    # a group of its own is reserved for the new rank there and the job grows back to 2 with the
+    # shrunk job's worker kept in its process, both ranks restoring the checkpoint just committed.
+    import recovery
+
+    cluster, second = two_nodes_quick_to_call_dead
+    run = str(tmp_path / "run")
+    steps = 400
+    trainer = DemoTrainer(steps=steps, width=32, depth=2, global_batch=8, step_sleep_s=0.05, return_state=True)
+    stop = threading.Event()
+    added = []
+    helper = threading.Thread(target=lose_a_node_then_add_one, args=(cluster, second, run, stop),
+                              kwargs={"added": added}, daemon=True)
+    helper.start()
+    try:
+        result = recovery.run(
+            trainer, num_workers=2, min_workers=1, storage=run, echo=None, policy="reload", allow_grow=True,
+            resources_per_worker={"CPU": 1.0, "slot": 1}, placement_strategy="SPREAD", every_n_steps=5,
+            keep_last=None, heartbeat_interval_s=0.1, backoff_s=0.0, settle_timeout_s=30.0, startup_timeout_s=120.0,
+            placement_timeout_s=10.0, agent_memory_bytes=256 << 20, agent_timeout_s=4.0)
+    finally:
+        stop.set()
+        helper.join()
+    for e in result.events:  # shown if the assertions below fail
+        if e.kind in ("restore_plan", "stopping", "resized", "workers_started"):
+            print(e.kind, e.message)
+    assert added, "the job ended before the node was added"
+    first, alone, grown = [e.fields for e in result.events if e.kind == "workers_started"]
+    assert (first["world_size"], alone["world_size"], grown["world_size"], result.world_size) == (2, 1, 2, 2)
+    assert grown["kept"] == [0] and grown["pids"][0] == alone["pids"][0]  # the shrunk job's worker, kept
+    (growing,) = [e.fields for e in result.events if e.kind == "resized" and e.fields.get("grow")]
+    assert growing["policy"] == "reload" and growing["bundles"] == {1: 1}  # the reserved group's bundle
+    shrunk_at, grown_at = alone["restore_step"], grown["restore_step"]
+    assert shrunk_at >= 10 and grown_at >= shrunk_at + 20 and grown_at % 5 == 0
+    assert [(r["world_size"], r["start"]) for r in result.returns] == [(2, grown_at + 1)] * 2
+    torch.testing.assert_close(result.returns[0]["state"], result.returns[1]["state"], rtol=0, atol=0)
+    expected = trainer.reference(world=2, resized=((shrunk_at + 1, 1), (grown_at + 1, 2)))
+    for k, v in expected.items():
+        torch.testing.assert_close(result.returns[0]["state"][k], v, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,148 @@
+"""Growing back in place, without Ray: the placement's groups reserved for new ranks (numbered
+after the job's own, asked for once, looked at again, given up after ``placement_timeout_s``,
+removed with the job's), which bundle a new rank takes, and what ``reload`` and ``heal`` do
+after a checkpoint while a reservation is being placed. (With Ray: tests/integration/
+test_recovery_grow.py.)
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from recovery import inplace, placement
+from recovery.config import RunConfig
+from recovery.heal import HealPolicy
+from recovery.policy import RELOAD, RESTARTED, ReloadPolicy
+from recovery.testing import FakeDataParallelJob
+
+
+class FakeGroup:
+    def __init__(self, bundles: int, node: str = "n1") -> None:
+        self.bundles, self.node, self.placed = bundles, node, False
+
+    def ready(self) -> FakeGroup:
+        return self
+
+
+class FakeRay:
+    """What recovery.placement asks of Ray: groups placed when ``placed`` says, one live node."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, free_slots: int = 4) -> None:
+        self.groups: list[FakeGroup] = []
+        self.removed: list[FakeGroup] = []
+        self.free_slots = free_slots
+        self.now = 100.0
+        monkeypatch.setattr(placement, "placement_group", self.placement_group)
+        monkeypatch.setattr(placement, "remove_placement_group", self.removed.append)
+        monkeypatch.setattr(placement, "placement_group_table",
+                            lambda pg: {"bundles_to_node_id": {i: pg.node for i in range(pg.bundles)} if pg.placed else {}})
+        monkeypatch.setattr(placement.ray, "wait", lambda refs, timeout: ([r for r in refs if r.placed], []))
+        monkeypatch.setattr(placement.ray, "nodes", lambda: [{"NodeID": "n1", "Alive": True}])
+        monkeypatch.setattr(placement.ray, "available_resources", lambda: {"CPU": 8.0, "slot": float(self.free_slots)})
+        monkeypatch.setattr(placement.time, "monotonic", lambda: self.now)
+
+    def placement_group(self, bundles, strategy):
+        self.groups.append(pg := FakeGroup(len(bundles)))
+        return pg
+
+
+def _placement(events: list, **cfg) -> placement.Placement:
+    config = RunConfig(num_workers=4, storage="memory://grow", resources_per_worker={"CPU": 1.0, "slot": 1},
+                       placement_timeout_s=10.0, **cfg)
+    pl = placement.Placement(config, lambda kind, msg, **f: events.append((kind, msg, f)))
+    pl.pg, pl.size, pl.world = FakeGroup(2), 2, 2  # the job's own group: 2 bundles, both used
+    pl.pg.placed = True
+    return pl
+
+
+def test_a_reserved_group_is_numbered_after_the_jobs_and_asked_for_once(monkeypatch):
+    fake, events = FakeRay(monkeypatch), []
+    pl = _placement(events)
+    assert not pl.reserve(2) and pl.reserving  # asked for, not placed yet
+    assert not pl.reserve(2) and len(fake.groups) == 1  # looked at again, not asked for twice
+    fake.groups[0].placed = True
+    assert pl.reserve(2) and not pl.reserving
+    assert pl.bundle_count() == 4 and pl.placed_bundles() == {0, 1, 2, 3}
+    (reserved,) = [f for kind, _, f in events if "reserved" in f]
+    assert reserved["reserved"] == 2
+    # bundles 2 and 3 are the new group's first and second; 0 and 1 the job's own
+    opts = pl.worker_options(3).get("scheduling_strategy")
+    assert (opts.placement_group, opts.placement_group_bundle_index) == (fake.groups[0], 1)
+    opts = pl.worker_options(1)["scheduling_strategy"]
+    assert (opts.placement_group, opts.placement_group_bundle_index) == (pl.pg, 1)
+    assert pl.reserve(0)  # nothing more needed
+    job_group = pl.pg
+    pl.release()  # every group goes with the job's
+    assert fake.removed == [fake.groups[0], job_group] and pl.pg is None and pl.bundle_count() == 0
+
+
+def test_a_reservation_not_placed_within_the_timeout_is_given_up(monkeypatch):
+    fake, events = FakeRay(monkeypatch), []
+    pl = _placement(events)
+    assert not pl.reserve(1)
+    fake.now += 9.0
+    assert not pl.reserve(1) and pl.reserving
+    fake.now += 1.0
+    assert not pl.reserve(1) and not pl.reserving and fake.removed == [fake.groups[0]]
+    assert "given up" in events[-1][1]
+    assert not pl.reserve(1) and pl.reserving and len(fake.groups) == 2  # asked for again on a later call
+    pl.release()
+    assert fake.groups[1] in fake.removed  # a pending reservation is removed with the job's group
+
+
+def _job(pl: placement.Placement, world: int, *, idle_spares: int = 0) -> SimpleNamespace:
+    job = SimpleNamespace(config=pl.config, placement=pl, world_size=world, bundles={}, kept={r: f"w{r}" for r in range(world)},
+                          fresh=set(), attempt=3, events=[])
+    job.spares = SimpleNamespace(bundles=lambda: set(), idle={100 + i: None for i in range(idle_spares)})
+    job.new_worker = lambda rank, want, attempt: (inplace.bundle_for(job, rank), f"new{rank}")[1]
+    job.log = lambda kind, msg, **f: job.events.append((kind, msg, f))
+    return job
+
+
+def test_room_to_grow_reserves_for_the_missing_ranks_only_where_the_cluster_has_room(monkeypatch):
+    fake, events = FakeRay(monkeypatch, free_slots=1), []
+    pl = _placement(events)
+    assert not inplace.room_to_grow(_job(pl, 2), 4) and not fake.groups  # room for 1 of the 2 missing: not asked
+    assert inplace.room_to_grow(_job(pl, 2, idle_spares=1), 4) is False and len(fake.groups) == 1  # a spare takes one
+    assert fake.groups[0].bundles == 1
+    fake.groups[0].placed = True
+    job = _job(pl, 2, idle_spares=1)
+    assert inplace.room_to_grow(job, 4)
+    assert not inplace.room_to_grow(_job(pl, 4), 4)  # whole
+
+
+def test_growth_boots_the_new_ranks_in_the_reserved_bundles_not_in_a_spares(monkeypatch):
+    fake, events = FakeRay(monkeypatch), []
+    pl = _placement(events, spares=1)
+    pl.pg, pl.size, pl.world, pl.extra = FakeGroup(3), 3, 2, 1  # bundle 2 is a spare's slot, no spare booted
+    pl.pg.placed = True
+    job = _job(pl, 2)
+    job.spares.bundles = lambda: {2}  # a spare booting there
+    assert not inplace.room_to_grow(job, 4)  # asked for 2 more
+    fake.groups[0].placed = True
+    assert inplace.room_to_grow(job, 4)
+    inplace.boot_growth(job, 4, "reload")
+    assert job.bundles == {0: 0, 1: 1, 2: 3, 3: 4} and job.fresh == {2, 3} and pl.world == 4
+    assert job.kept == {0: "w0", 1: "w1", 2: "new2", 3: "new3"}
+    (_, msg, fields) = job.events[-1]
+    assert fields == {"world_size": 4, "wanted": 4, "policy": "reload", "grow": True, "bundles": {2: 3, 3: 4}}
+    assert "restore the newest checkpoint" in msg
+
+
+def test_reload_grows_in_place_where_it_can_and_waits_while_the_bundles_are_placed():
+    cfg = RunConfig(num_workers=4, storage="memory://grow", min_workers=2, allow_grow=True)
+    job = FakeDataParallelJob(cfg, world=2)
+    job.grow_in_place = True
+    out = ReloadPolicy().on_checkpoint(50, job)
+    assert (out.action, out.policy, out.world_size, out.restore) == (RESTARTED, RELOAD, 4, job.point)
+    assert job.calls == [("stop", "room for 4 workers again (grow back from 2 after step 50)"), ("find",),
+                         ("start", 4, job.point)]
+    for policy in (ReloadPolicy(), HealPolicy()):
+        pending = FakeDataParallelJob(cfg, world=2)
+        pending.growth_pending = True  # a group for the new ranks is being placed
+        assert policy.on_checkpoint(50, pending) is None and pending.calls == []
+        elsewhere = FakeDataParallelJob(cfg, world=2)  # neither: every worker restarts from the checkpoint
+        out = policy.on_checkpoint(50, elsewhere)
+        assert (out.action, out.world_size) == (RESTARTED, 4) and ("fit", 4, 2) in elsewhere.calls
