@@ -166,7 +166,8 @@ def room_to_grow(job: WorkerJob, want: int) -> bool:
     bundles, and Ray places a lost node's bundles again once room returns; a ready hot spare
     takes a rank with its bundle; for the others a group of their own is reserved
     (:meth:`recovery.placement.Placement.reserve`, while ``job.placement.reserving`` it is
-    being placed), where the cluster has the room."""
+    being placed), where the cluster has the room and the job's placement strategy is not a
+    strict one (``STRICT_PACK``/``STRICT_SPREAD`` hold within one group only)."""
     pl = job.placement
     if not job.config.in_place or pl.pg is None or want <= job.world_size:
         return False
@@ -174,7 +175,9 @@ def room_to_grow(job: WorkerJob, want: int) -> bool:
     missing = want - job.world_size - len(pl.placed_bundles() - used) - len(job.spares.idle)
     if missing <= 0:
         return True
-    if not pl.reserving and pl.free() < missing:
+    if pl.config.placement_strategy.startswith("STRICT_"):
+        return False  # a group of their own would not keep the job's packing or spreading
+    if not pl.reserving and (pl.free() < missing or pl.refused()):
         return False  # no room for them now
     return pl.reserve(missing)
 
@@ -188,6 +191,11 @@ def boot_growth(job: WorkerJob, want: int, policy: str) -> None:
     job.bundles = {r: job.bundles.get(r, r) for r in kept}
     job.placement.world = want
     new = [r for r in range(want) if r not in job.kept]
+    free = sorted(job.placement.placed_bundles() - set(job.bundles.values()) - job.spares.bundles())
+    for rank in new:  # (one look at the groups for all of them; a rank a hot spare takes gets the spare's)
+        if free:
+            job.bundles[rank] = rank if rank in free else free[0]
+            free.remove(job.bundles[rank])
     for rank in new:
         job.kept[rank] = job.new_worker(rank, want, job.attempt + 1)
         job.fresh.add(rank)

@@ -205,8 +205,8 @@ class WorkerJob(DataParallelJob):
 
     @property
     def growth_pending(self) -> bool:
-        """Whether a group of bundles for new ranks is being placed (look again after a checkpoint)."""
-        return self.placement.reserving
+        """Bundles for new ranks being placed, or refused with no more room since: grow neither way now."""
+        return self.placement.reserving or self.placement.refused()
 
     def grow_and_reload(self, want: int, reason: str) -> RestorePoint:
         """Grow back to ``want`` ranks (:func:`room_to_grow` said there is room) without a new

@@ -45,6 +45,7 @@ class Placement:
         self.extra = 0  # bundles of ``pg`` beyond them, for hot spares (``RunConfig.spares``)
         self.more: list[tuple[int, PlacementGroup, int]] = []  # (first bundle's number, group, bundles) grown into
         self._pending: tuple[PlacementGroup, int, float] | None = None  # being placed: group, bundles, since
+        self._refused_at: tuple[int, float] | None = None  # free bundles and time when a reservation was given up
 
     @property
     def bundle(self) -> dict[str, float]:
@@ -127,6 +128,16 @@ class Placement:
         """Whether a group for new ranks is being placed (:meth:`reserve`)."""
         return self._pending is not None
 
+    def refused(self) -> bool:
+        """Whether a reservation was given up and the cluster's free room has not grown since
+        (for up to 10 x ``placement_timeout_s``, room may move between nodes): a group of all the
+        ranks would not be placed either (it needs the same room beyond the nodes the workers
+        hold), so the job waits for more room instead of restarting."""
+        if self._refused_at is None:
+            return False
+        free, when = self._refused_at
+        return time.monotonic() - when < 10 * self.config.placement_timeout_s and self.free() <= free
+
     def reserve(self, n: int) -> bool:
         """Whether a group of ``n`` more bundles, for new ranks beside the job's, is placed now.
         The first call asks Ray for it and waits a moment; later calls only look (the driver's
@@ -144,22 +155,23 @@ class Placement:
         ready, _ = ray.wait([pg.ready()], timeout=wait)
         if ready:
             self.more.append((self.bundle_count(), pg, m))
-            self._pending = None
+            self._pending, self._refused_at = None, None
             self._log(ev.RESIZED, f"reserved {m} more bundle(s) for new ranks in a group of their own, "
                       f"bundles {self.bundle_count() - m}..{self.bundle_count() - 1}", reserved=m)
             return True
         if time.monotonic() - since >= self.config.placement_timeout_s:
             remove_placement_group(pg)
             self._pending = None
+            self._refused_at = (self.free(), time.monotonic())
             self._log(ev.RESIZED, f"no room for {m} more bundle(s) after placement_timeout_s="
-                      f"{self.config.placement_timeout_s:g} s: given up", wanted=m)
+                      f"{self.config.placement_timeout_s:g} s: given up until the cluster has more room", wanted=m)
         return False
 
     def release(self) -> None:
         pending = [self._pending[0]] if self._pending is not None else []
         for pg in [*pending, *(g for _, g, _ in self.more), *([self.pg] if self.pg is not None else [])]:
             remove_placement_group(pg)
-        self.pg, self.size, self.extra, self.more, self._pending = None, 0, 0, [], None
+        self.pg, self.size, self.extra, self.more, self._pending, self._refused_at = None, 0, 0, [], None, None
 
     def _locate(self, index: int) -> tuple[PlacementGroup | None, int]:
         for first, pg, n in self.more:

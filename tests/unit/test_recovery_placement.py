@@ -87,7 +87,15 @@ def test_a_reservation_not_placed_within_the_timeout_is_given_up(monkeypatch):
     fake.now += 1.0
     assert not pl.reserve(1) and not pl.reserving and fake.removed == [fake.groups[0]]
     assert "given up" in events[-1][1]
-    assert not pl.reserve(1) and pl.reserving and len(fake.groups) == 2  # asked for again on a later call
+    assert pl.refused()  # and not asked for again until the cluster has more room
+    assert not inplace.room_to_grow(_job(pl, 2), 3) and len(fake.groups) == 1
+    fake.now += 99.0
+    assert pl.refused()
+    fake.now += 1.0  # tried again after 10 x placement_timeout_s even so (room may have moved between nodes)
+    assert not pl.refused()
+    fake.now -= 1.0
+    fake.free_slots += 1  # or once the cluster has more room
+    assert not pl.refused() and not inplace.room_to_grow(_job(pl, 2), 3) and len(fake.groups) == 2
     pl.release()
     assert fake.groups[1] in fake.removed  # a pending reservation is removed with the job's group
 
@@ -111,6 +119,8 @@ def test_room_to_grow_reserves_for_the_missing_ranks_only_where_the_cluster_has_
     job = _job(pl, 2, idle_spares=1)
     assert inplace.room_to_grow(job, 4)
     assert not inplace.room_to_grow(_job(pl, 4), 4)  # whole
+    strict = _placement(events, placement_strategy="STRICT_SPREAD")
+    assert not inplace.room_to_grow(_job(strict, 2), 4) and len(fake.groups) == 1  # reserved apart: not spread
 
 
 def test_growth_boots_the_new_ranks_in_the_reserved_bundles_not_in_a_spares(monkeypatch):
