@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Growing back after a node loss: ``heal`` grows in place (the survivor keeps its process and
-live state, the new rank copies it) against ``reload`` (every worker restarted, everyone restores
-the checkpoint just committed), side by side on the same job.
+"""Growing back after a node loss, three ways side by side on the same job: ``heal`` grows in place
+(the survivor keeps its process and live state, the new rank copies it); ``reload`` grows in
+place too (the survivor keeps its process, the new rank boots in a placement group reserved for
+it, everyone restores the checkpoint just committed); ``reload:restart`` is reload with
+``in_place=False``, every worker restarted (what reload did before it grew in place).
 
 A two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``, Ray's health checks
 shortened so that a lost node's bundles are placed again within seconds), one worker per node
@@ -12,6 +14,8 @@ medians over ``--repeat`` runs (each run in brackets):
 
 - from the moment the policy decides to grow (its ``stopping`` event) to the grown attempt's
   ``workers_started`` (every worker up, the state copied or about to be restored);
+- from the commit after which it decided (the reservation of ``reload``/``heal`` in place
+  placed in between) to the grown world's first commit;
 - from that decision to the first checkpoint the grown world commits (it trained and saved again:
   the restore of ``reload`` included);
 - whether the survivor's process was kept (its pid);
@@ -41,7 +45,8 @@ from recovery.demo import DemoTrainer
 from tests.helpers import QUICK_NODE_DEATH, lose_a_node_then_add_one
 
 
-def one_run(policy: str, steps: int) -> dict[str, Any]:
+def one_run(method: str, steps: int) -> dict[str, Any]:
+    policy, _, how = method.partition(":")
     cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False, "resources": {"slot": 1}, "_system_config": QUICK_NODE_DEATH})
     second = cluster.add_node(num_cpus=1, resources={"slot": 1})
@@ -60,7 +65,7 @@ def one_run(policy: str, steps: int) -> dict[str, Any]:
                     resources_per_worker={"CPU": 1.0, "slot": 1}, placement_strategy="SPREAD", every_n_steps=5,
                     keep_last=None, heartbeat_interval_s=0.1, backoff_s=0.0, settle_timeout_s=30.0,
                     startup_timeout_s=120.0, placement_timeout_s=10.0, agent_memory_bytes=256 << 20,
-                    agent_timeout_s=4.0, interrupt_timeout_s=30.0)
+                    agent_timeout_s=4.0, interrupt_timeout_s=30.0, in_place=how != "restart")
             finally:
                 stop.set()
                 helper.join()
@@ -78,17 +83,23 @@ def one_run(policy: str, steps: int) -> dict[str, Any]:
     reached = max(s for s, a in zip(log["steps"], log["attempts"]) if a == before.fields["attempt"])
     # The first checkpoint the grown world committed (both writers): it trained and saved again.
     again = next(e for e in result.events if e.kind == "checkpoint" and e.t > grown.t and e.fields.get("writers") == 2)
+    # The commit after which the policy decided (a reservation, if any, was placed between the two).
+    trigger = [e for e in result.events if e.kind == "checkpoint" and e.t <= stops[-1].t][-1]
+    reserved = [e for e in result.events if e.kind == "resized" and "reserved" in e.fields]
     return {"grew": True, "grow_to_started_s": round(grown.t - stops[-1].t, 3),
+            "commit_to_decision_s": round(stops[-1].t - trigger.t, 3),
+            "commit_to_first_commit_s": round(again.t - trigger.t, 3),
+            "reserve_s": round(reserved[-1].t - trigger.t, 3) if reserved else None,
             "grow_to_first_commit_s": round(again.t - stops[-1].t, 3), "first_commit_step": again.fields["step"],
             "survivor_kept": grown.fields["pids"][0] in before.fields["pids"],
-            "steps_redone": max(0, reached + 1 - first), "policy": policy}
+            "steps_redone": max(0, reached + 1 - first), "policy": method}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--policies", default="heal,reload")
+    p.add_argument("--policies", default="heal,reload,reload:restart")
     p.add_argument("--json", help="write every run's figures here")
     a = p.parse_args(argv)
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -101,13 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         grew = [r for r in rs if r["grew"]]
         times = [r["grow_to_started_s"] for r in grew]
         commits = [r["grow_to_first_commit_s"] for r in grew]
+        whole = [r["commit_to_first_commit_s"] for r in grew]
         out[policy] = {"runs": rs, "grew": len(grew), "grow_to_started_median_s": statistics.median(times) if times else None,
                        "grow_to_first_commit_median_s": statistics.median(commits) if commits else None,
+                       "commit_to_first_commit_median_s": statistics.median(whole) if whole else None,
                        "survivor_kept": sum(r["survivor_kept"] for r in grew),
                        "steps_redone": [r["steps_redone"] for r in grew]}
         print(f"{policy}: grew in {len(grew)} of {len(rs)} runs; decision -> workers started "
               f"{out[policy]['grow_to_started_median_s']} s (median; {times}), -> the grown world's first commit "
-              f"{out[policy]['grow_to_first_commit_median_s']} s ({commits}); survivor kept in "
+              f"{out[policy]['grow_to_first_commit_median_s']} s ({commits}); from the commit that triggered it "
+              f"{out[policy]['commit_to_first_commit_median_s']} s ({whole}); survivor kept in "
               f"{out[policy]['survivor_kept']}; steps redone {out[policy]['steps_redone']}")
     if a.json:
         with open(a.json, "w") as f:
