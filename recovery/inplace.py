@@ -176,7 +176,11 @@ def room_to_grow(job: WorkerJob, want: int) -> bool:
     if missing <= 0:
         return True
     if pl.config.placement_strategy.startswith("STRICT_"):
-        return False  # a group of their own would not keep the job's packing or spreading
+        if pl.free() >= missing:  # (the policy grows by restarting every worker)
+            job.log(ev.RESIZED, f"not growing in place: a placement group of their own for the {missing} new rank(s) "
+                    f"would not keep placement_strategy={pl.config.placement_strategy} (Ray keeps it within one "
+                    "group): every worker restarts on a new group", wanted=want, in_place=False)
+        return False
     if not pl.reserving and (pl.free() < missing or pl.refused()):
         return False  # no room for them now
     return pl.reserve(missing)

@@ -120,7 +120,8 @@ def test_room_to_grow_reserves_for_the_missing_ranks_only_where_the_cluster_has_
     assert inplace.room_to_grow(job, 4)
     assert not inplace.room_to_grow(_job(pl, 4), 4)  # whole
     strict = _placement(events, placement_strategy="STRICT_SPREAD")
-    assert not inplace.room_to_grow(_job(strict, 2), 4) and len(fake.groups) == 1  # reserved apart: not spread
+    assert not inplace.room_to_grow(job := _job(strict, 2), 3) and len(fake.groups) == 1  # apart: not spread
+    assert "placement_strategy=STRICT_SPREAD" in job.events[-1][1] and job.events[-1][2]["in_place"] is False
 
 
 def test_growth_boots_the_new_ranks_in_the_reserved_bundles_not_in_a_spares(monkeypatch):
