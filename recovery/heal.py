@@ -38,6 +38,7 @@ from .policy import (
     RecoveryOutcome,
     RecoveryPolicy,
     ReloadPolicy,
+    grow_reason,
 )
 
 
@@ -179,9 +180,8 @@ class HealPolicy(RecoveryPolicy[DataParallelJob]):
         if not isinstance(job, HealableJob) or not getattr(job, "room_to_grow", lambda _n: False)(want):
             if getattr(job, "growth_pending", False) or not job.room_for(want):
                 return None  # (bundles for the new ranks are being placed: looked at after the next checkpoint)
-            return ReloadPolicy.reload(job, want, reason=f"room for {want} workers again (grow back from "
-                                       f"{job.world_size} after step {step})")
-        reason = f"room for {want} workers again (grow back from {job.world_size} after step {step})"
+            return ReloadPolicy.reload(job, want, reason=grow_reason(job, want, step))
+        reason = grow_reason(job, want, step)
         decision = decide_heal(job.stop_keeping_state(reason, grow=True), want)
         job.log(ev.RESTORE_PLAN, f"policy {self.name}: {decision.reason}", policy=self.name, grow=True,
                 **decision.to_dict())

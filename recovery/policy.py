@@ -88,6 +88,10 @@ def grows_in_place(job: DataParallelJob, want: int) -> bool:
     return room is not None and hasattr(job, "grow_and_reload") and bool(room(want))
 
 
+def grow_reason(job: DataParallelJob, want: int, step: int) -> str:
+    return f"room for {want} workers again (grow back from {job.world_size} after step {step})"
+
+
 JobControl = DataParallelJob  # the name this protocol had first; still exported by ``recovery``
 
 JobT = TypeVar("JobT")
@@ -144,7 +148,7 @@ class ReloadPolicy(RecoveryPolicy[DataParallelJob]):
         want = job.config.num_workers
         if not job.config.allow_grow or job.world_size >= want:
             return None
-        reason = f"room for {want} workers again (grow back from {job.world_size} after step {step})"
+        reason = grow_reason(job, want, step)
         if grows_in_place(job, want):
             point = job.grow_and_reload(want, reason)  # type: ignore[attr-defined]
             return RecoveryOutcome(RESTARTED, job.world_size, point, policy=RELOAD)

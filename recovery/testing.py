@@ -109,6 +109,7 @@ class FakeDataParallelJob(DataParallelJob):
         self.calls.append(("start", want, self.point))
         self._world = want
         self._attempt += 1
+        self.running = True
         return self.point
 
     def stop_keeping_state(self, reason: str, *, grow: bool = False) -> dict[int, LiveState]:
