@@ -15,7 +15,9 @@ medians over ``--repeat`` runs (each run in brackets):
 - from the moment the policy decides to grow (its ``stopping`` event) to the grown attempt's
   ``workers_started`` (every worker up, the state copied or about to be restored);
 - from the commit after which it decided (the reservation of ``reload``/``heal`` in place
-  placed in between) to the grown world's first commit;
+  placed in between) to the grown world's first commit, and to its first step (every rank's
+  first step reached the coordinator: the launcher's ``resumed`` event with ``grow``; the
+  first commit comes a different number of steps later for each way);
 - from that decision to the first checkpoint the grown world commits (it trained and saved again:
   the restore of ``reload`` included);
 - whether the survivor's process was kept (its pid);
@@ -45,7 +47,7 @@ from recovery.demo import DemoTrainer
 from tests.helpers import QUICK_NODE_DEATH, lose_a_node_then_add_one
 
 
-def one_run(method: str, steps: int) -> dict[str, Any]:
+def one_run(method: str, steps: int, width: int = 32, depth: int = 2) -> dict[str, Any]:
     policy, _, how = method.partition(":")
     cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False, "resources": {"slot": 1}, "_system_config": QUICK_NODE_DEATH})
@@ -58,7 +60,7 @@ def one_run(method: str, steps: int) -> dict[str, Any]:
             run = os.path.join(tmp, "run")
             helper = threading.Thread(target=lose_a_node_then_add_one, args=(cluster, second, run, stop), daemon=True)
             helper.start()
-            trainer = DemoTrainer(steps=steps, width=32, depth=2, global_batch=8, step_sleep_s=0.05, log_losses=True)
+            trainer = DemoTrainer(steps=steps, width=width, depth=depth, global_batch=8, step_sleep_s=0.05, log_losses=True)
             try:
                 result = recovery.run(
                     trainer, num_workers=2, min_workers=1, storage=run, echo=None, policy=policy, allow_grow=True,
@@ -86,8 +88,11 @@ def one_run(method: str, steps: int) -> dict[str, Any]:
     # The commit after which the policy decided (a reservation, if any, was placed between the two).
     trigger = [e for e in result.events if e.kind == "checkpoint" and e.t <= stops[-1].t][-1]
     reserved = [e for e in result.events if e.kind == "resized" and "reserved" in e.fields]
+    resumed = [e for e in result.events if e.kind == "resumed" and e.fields.get("grow")]
     return {"grew": True, "grow_to_started_s": round(grown.t - stops[-1].t, 3),
             "commit_to_decision_s": round(stops[-1].t - trigger.t, 3),
+            # the commit seen -> every rank's first step of the grown world (the launcher's event)
+            "commit_to_first_step_s": round(resumed[-1].fields["seconds"], 3) if resumed else None,
             "commit_to_first_commit_s": round(again.t - trigger.t, 3),
             "reserve_s": round(reserved[-1].t - trigger.t, 3) if reserved else None,
             "grow_to_first_commit_s": round(again.t - stops[-1].t, 3), "first_commit_step": again.fields["step"],
@@ -100,12 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--policies", default="heal,reload,reload:restart")
+    p.add_argument("--width", type=int, default=32, help="the MLP's width")
+    p.add_argument("--depth", type=int, default=2, help="its hidden layers (each: a weight and a bias, 2 AdamW moments each)")
     p.add_argument("--json", help="write every run's figures here")
     a = p.parse_args(argv)
     runs: dict[str, list[dict[str, Any]]] = {}
     for _ in range(a.repeat):
         for policy in a.policies.split(","):  # interleaved: the machine's noise falls on both
-            runs.setdefault(policy, []).append(r := one_run(policy, a.steps))
+            runs.setdefault(policy, []).append(r := one_run(policy, a.steps, a.width, a.depth))
             print(policy, r, flush=True)
     out = {}
     for policy, rs in runs.items():
@@ -113,15 +120,18 @@ def main(argv: list[str] | None = None) -> int:
         times = [r["grow_to_started_s"] for r in grew]
         commits = [r["grow_to_first_commit_s"] for r in grew]
         whole = [r["commit_to_first_commit_s"] for r in grew]
+        firsts = [r["commit_to_first_step_s"] for r in grew if r["commit_to_first_step_s"] is not None]
         out[policy] = {"runs": rs, "grew": len(grew), "grow_to_started_median_s": statistics.median(times) if times else None,
                        "grow_to_first_commit_median_s": statistics.median(commits) if commits else None,
                        "commit_to_first_commit_median_s": statistics.median(whole) if whole else None,
+                       "commit_to_first_step_median_s": statistics.median(firsts) if firsts else None,
                        "survivor_kept": sum(r["survivor_kept"] for r in grew),
                        "steps_redone": [r["steps_redone"] for r in grew]}
         print(f"{policy}: grew in {len(grew)} of {len(rs)} runs; decision -> workers started "
               f"{out[policy]['grow_to_started_median_s']} s (median; {times}), -> the grown world's first commit "
               f"{out[policy]['grow_to_first_commit_median_s']} s ({commits}); from the commit that triggered it "
-              f"{out[policy]['commit_to_first_commit_median_s']} s ({whole}); survivor kept in "
+              f"{out[policy]['commit_to_first_commit_median_s']} s ({whole}); to the grown world's first step "
+              f"{out[policy]['commit_to_first_step_median_s']} s ({firsts}); survivor kept in "
               f"{out[policy]['survivor_kept']}; steps redone {out[policy]['steps_redone']}")
     if a.json:
         with open(a.json, "w") as f:

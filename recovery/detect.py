@@ -236,3 +236,10 @@ def _hang_detail(hung: list[RankState], culprits: list[RankState], now: float, c
     shown = ", ".join(one(st) for st in waiting[:4]) + (", ..." if len(waiting) > 4 else "")
     return (f"{head}; {len(waiting)} rank(s) waiting behind it (at step {steps[0] if len(steps) == 1 else steps}): "
             f"{shown}")
+
+
+def first_step_at(progress: Mapping[str, Any], now: float) -> float:
+    """When the last rank's first step of an attempt reached the coordinator (each sends its first
+    at once), from the coordinator's ``progress``; ``now`` if none has."""
+    firsts = [r.get("first_progress_at") for r in progress.get("ranks", {}).values()]
+    return max((t for t in firsts if t is not None), default=now)

@@ -22,7 +22,7 @@ from ckpt import format as fmt
 
 from . import events as ev
 from .config import CheckpointConfig, DetectConfig, RunConfig
-from .detect import AGENT_DIED, NODE_DIED, STORAGE, WORKER_DIED, WORKER_ERROR, Failure
+from .detect import AGENT_DIED, NODE_DIED, STORAGE, WORKER_DIED, WORKER_ERROR, Failure, first_step_at
 from .errors import NoRoomError, RecoveryError, TooManyFailuresError, first_line
 from .events import EventLog
 from .job import WorkerJob
@@ -110,6 +110,7 @@ class Supervisor:
         self._coordinator_down_since: float | None = None
         self._pending_restore: RecoveryRecord | None = None
         self._restore_reported: int | None = None  # the attempt whose restore was reported
+        self._growth: tuple[int, float, int] | None = None  # a grow back: its attempt, when decided, the step before
         self.fallbacks: list[dict[str, Any]] = []  # every attempt's restore fallbacks
         self._t0 = time.time()
 
@@ -311,13 +312,31 @@ class Supervisor:
             self.log(kind, msg, **fields)
             if kind == ev.CHECKPOINT and not final and failure is None:
                 self.job.failure = None
+                decided = snap["now"]  # (the coordinator's clock, as the ranks' first steps are)
                 outcome = self.policy.on_checkpoint(fields["step"], self.job)
                 if outcome is not None and outcome.action == RESTARTED:
+                    at = outcome.live_step if outcome.live_step is not None else getattr(outcome.restore, "step", -1)
+                    self._growth = (self.job.attempt, decided, -1 if at is None else at)
                     return None
         self._track_restore(snap)
         return failure
 
+    def _track_growth(self, snap: dict[str, Any]) -> None:
+        if self._growth is None or self.job.attempt != self._growth[0]:
+            self._growth = None  # (a failure restarted the job before the grown world's first step)
+            return
+        attempt, decided, before = self._growth
+        prog = snap["progress"]
+        if prog.get("attempt") != attempt or prog.get("last_step") is None or prog["last_step"] <= before:
+            return
+        seconds = first_step_at(snap["progress"], snap["now"]) - decided
+        self.log(ev.RESUMED, f"grown back to {self.job.world_size} workers: their first step reached the coordinator "
+                 f"{seconds:.1f} s after the decision to grow (step {prog['last_step']} now)", step=prog["last_step"],
+                 seconds=seconds, grow=True)
+        self._growth = None
+
     def _track_restore(self, snap: dict[str, Any]) -> None:
+        self._track_growth(snap)
         restores = snap["restores"]
         if self._restore_reported != self.job.attempt and len(restores) >= self.job.world_size:
             self._restore_reported = self.job.attempt
@@ -335,10 +354,7 @@ class Supervisor:
         if prog.get("attempt") == self.job.attempt and prog.get("last_step") is not None:
             base = rec.restore_step if rec.restore_step is not None else -1
             if prog["last_step"] > base:
-                # when the ranks' first steps arrived (each sends its first at once), not this poll
-                firsts = [r.get("first_progress_at") for r in prog.get("ranks", {}).values()]
-                at = max((t for t in firsts if t is not None), default=None)
-                rec.resumed_after_s = (snap["now"] if at is None else at) - rec.failure.detected_at
+                rec.resumed_after_s = first_step_at(snap["progress"], snap["now"]) - rec.failure.detected_at
                 self.log(ev.RESUMED, f"training resumed: the first step after the restore reached the coordinator "
                          f"{rec.resumed_after_s:.1f} s after the failure was detected (step {prog['last_step']} now)",
                          step=prog["last_step"],

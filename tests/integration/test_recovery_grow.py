@@ -86,6 +86,8 @@ def test_a_job_that_started_smaller_grows_back_in_place_keeping_its_worker(clust
         at = grown["restore_step"]
         assert at is not None and at % 5 == 0 and grown["heal"] is None
     assert logs[0]["attempts"] == [0] * (at + 1) + [1] * (steps - at - 1)  # nothing redone
+    (resumed,) = [e.fields for e in result.events if e.kind == "resumed" and e.fields.get("grow")]
+    assert resumed["step"] > at and resumed["seconds"] > 0  # the grown world's first step, and when
     assert [(r["world_size"], r["start"]) for r in result.returns] == [(2, at + 1)] * 2
     torch.testing.assert_close(result.returns[0]["state"], result.returns[1]["state"], rtol=0, atol=0)
     # the same parameters as a run with 1 worker up to that step and 2 after it
