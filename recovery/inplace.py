@@ -166,8 +166,9 @@ def room_to_grow(job: WorkerJob, want: int) -> bool:
     bundles, and Ray places a lost node's bundles again once room returns; a ready hot spare
     takes a rank with its bundle; for the others a group of their own is reserved
     (:meth:`recovery.placement.Placement.reserve`, while ``job.placement.reserving`` it is
-    being placed), where the cluster has the room and the job's placement strategy is not a
-    strict one (``STRICT_PACK``/``STRICT_SPREAD`` hold within one group only)."""
+    being placed), with the hot spares' bundles too where there is room, where the cluster has
+    the room and the job's placement strategy is not a strict one (``STRICT_PACK`` and
+    ``STRICT_SPREAD`` hold within one group only)."""
     pl = job.placement
     if not job.config.in_place or pl.pg is None or want <= job.world_size:
         return False
@@ -181,9 +182,13 @@ def room_to_grow(job: WorkerJob, want: int) -> bool:
                     f"would not keep placement_strategy={pl.config.placement_strategy} (Ray keeps it within one "
                     "group): every worker restarts on a new group", wanted=want, in_place=False)
         return False
-    if not pl.reserving and (pl.free() < missing or pl.refused()):
+    if pl.reserving:
+        return pl.reserve(missing)
+    free = pl.free()
+    if free < missing or pl.refused():
         return False  # no room for them now
-    return pl.reserve(missing)
+    # and bundles for the hot spares the job keeps (RunConfig.spares), where there is room beyond the ranks
+    return pl.reserve(min(free, max(missing, want + job.config.spares - pl.bundle_count())))
 
 
 def boot_growth(job: WorkerJob, want: int, policy: str) -> None:

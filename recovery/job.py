@@ -345,7 +345,7 @@ class WorkerJob(DataParallelJob):
                      f"booted {time.monotonic() - sb.booted_at:.1f} s before)", rank=rank, node=sb.node, pid=sb.pid,
                      standby=True, taken=self.standbys.taken)
             return sb.actor
-        return self._worker_in(self._bundle_for(rank), rank, world_size, attempt)
+        return self._worker_in(bundle_for(self, rank), rank, world_size, attempt)
 
     def _worker_in(self, bundle: int, rank: int, world_size: int, attempt: int) -> Any:
         """A worker actor in ``bundle`` (threaded: ``interrupt`` must run while ``run`` does)."""
@@ -371,13 +371,14 @@ class WorkerJob(DataParallelJob):
         if len(self.spares.idle) >= self.spares.count:
             return
         used = {self.bundles.get(r, r) for r in range(self._world)} | self.spares.bundles()
-        booted = self.spares.tend(pl.pg, [b for b in range(min(pl.world + pl.extra, pl.size)) if b not in used])
+        free = [b for b in range(pl.bundle_count()) if b not in used]
+        if len(free) > self.spares.count - len(self.spares.idle):  # placed ones first (a lost node's wait)
+            on_live = pl.placed_bundles()
+            free.sort(key=lambda b: b not in on_live)
+        booted = self.spares.tend(pl.pg, free)
         if booted:
             self.log(ev.SPARE, f"booting {len(booted)} hot spare(s) in bundle(s) {booted}", booted=booted,
                      idle=len(self.spares.idle))
-
-    def _bundle_for(self, rank: int) -> int:
-        return bundle_for(self, rank)
 
     # -- end -------------------------------------------------------------------------------------
 

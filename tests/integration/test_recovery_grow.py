@@ -2,7 +2,8 @@
 it wants (the room was taken) grows back once the room returns, into a placement group
 reserved for the new ranks beside its own, its worker keeping its process. Under ``reload``
 every rank restores the checkpoint just committed; under ``heal`` the new rank copies the
-survivor's live state and nothing is redone. (After a node loss: test_recovery_nodes.py.)
+survivor's live state and nothing is redone. A job that keeps a hot spare gets a bundle for it
+in the same group. (After a node loss: test_recovery_nodes.py.)
 
 Asserts what the job ended with (pids, world sizes, steps, parameters), never how long anything
 took.
@@ -58,22 +59,26 @@ def _started(result) -> list[dict]:
     return [e.fields for e in result.events if e.kind == "workers_started"]
 
 
-@pytest.mark.parametrize("policy", ["reload", "heal"])
-def test_a_job_that_started_smaller_grows_back_in_place_keeping_its_worker(cluster, tmp_path, policy):
+@pytest.mark.parametrize(("policy", "spares"), [("reload", 0), ("heal", 0), ("reload", 1)])
+def test_a_job_that_started_smaller_grows_back_in_place_keeping_its_worker(cluster, tmp_path, policy, spares):
     steps = 80
     trainer = DemoTrainer(steps=steps, width=32, depth=2, global_batch=8, step_sleep_s=0.05, return_state=True,
                           log_losses=True)
     helper = _take_the_room_until_a_commit(str(tmp_path / "run"), slots=3)  # room for 1 of 2 workers
-    result = run_job(trainer, tmp_path, FAST, num_workers=2, min_workers=1, allow_grow=True, policy=policy)
+    result = run_job(trainer, tmp_path, FAST, num_workers=2, min_workers=1, allow_grow=True, policy=policy,
+                     spares=spares)
     helper.join(5)
     for e in result.events:  # shown if the assertions below fail
-        if e.kind in ("restore_plan", "stopping", "resized", "workers_started"):
+        if e.kind in ("restore_plan", "stopping", "resized", "workers_started", "spare"):
             print(e.kind, e.message)
     alone, grown = _started(result)
     assert (alone["world_size"], grown["world_size"], result.world_size) == (1, 2, 2)
     assert grown["kept"] == [0] and grown["pids"][0] == alone["pids"][0]  # the worker's own process
     (reserved,) = [e.fields for e in result.events if e.kind == "resized" and "reserved" in e.fields]
-    assert reserved["reserved"] == 1
+    assert reserved["reserved"] == 1 + spares  # a bundle for the hot spare too: it had no room at the start
+    if spares:
+        ready = [e.fields for e in result.events if e.kind == "spare" and e.message.startswith("hot spare")]
+        assert [f["bundle"] for f in ready] == [2]  # booted in the reserved group's other bundle
     (growing,) = [e.fields for e in result.events if e.kind == "resized" and e.fields.get("grow")]
     assert growing["policy"] == policy and growing["bundles"] == {1: 1}  # the new group's bundle, after the first
     assert not result.failures

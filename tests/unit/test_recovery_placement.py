@@ -119,8 +119,16 @@ def test_room_to_grow_reserves_for_the_missing_ranks_only_where_the_cluster_has_
     job = _job(pl, 2, idle_spares=1)
     assert inplace.room_to_grow(job, 4)
     assert not inplace.room_to_grow(_job(pl, 4), 4)  # whole
+    spares = _placement(events, spares=1)  # a group of 1 (no room for the spare then): room for rank and spare now
+    spares.pg, spares.size, spares.world = FakeGroup(1), 1, 1
+    fake.free_slots = 4
+    assert not inplace.room_to_grow(_job(spares, 1), 2) and fake.groups[-1].bundles == 2
+    few = _placement(events, spares=1)
+    few.pg, few.size, few.world = FakeGroup(1), 1, 1
+    fake.free_slots = 1  # room for the rank only: never a spare at a rank's cost
+    assert not inplace.room_to_grow(_job(few, 1), 2) and fake.groups[-1].bundles == 1
     strict = _placement(events, placement_strategy="STRICT_SPREAD")
-    assert not inplace.room_to_grow(job := _job(strict, 2), 3) and len(fake.groups) == 1  # apart: not spread
+    assert not inplace.room_to_grow(job := _job(strict, 2), 3) and len(fake.groups) == 3  # apart: not spread
     assert "placement_strategy=STRICT_SPREAD" in job.events[-1][1] and job.events[-1][2]["in_place"] is False
 
 
