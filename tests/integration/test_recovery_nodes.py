@@ -171,39 +171,45 @@ def test_a_replacement_that_cannot_start_leaves_the_survivors_going_without_roll
     assert [(r["world_size"], r["start"]) for r in result.returns] == [(1, healed_at + 1)]
 
 
+def _lose_a_node_then_grow(two_nodes, tmp_path, trainer, policy: str, **kw):
+    """``recovery.run`` of ``trainer`` on the two nodes while the second is lost and, 20 committed
+    steps later, a node like it added (the job allowed to grow back); its result."""
+    import recovery
+
+    cluster, second = two_nodes
+    run = str(tmp_path / "run")
+    stop = threading.Event()
+    added = []
+    helper = threading.Thread(target=lose_a_node_then_add_one, args=(cluster, second, run, stop),
+                              kwargs={"added": added}, daemon=True)
+    helper.start()
+    try:
+        result = recovery.run(
+            trainer, num_workers=2, min_workers=1, storage=run, echo=None, policy=policy, allow_grow=True,
+            resources_per_worker={"CPU": 1.0, "slot": 1}, placement_strategy="SPREAD", every_n_steps=5,
+            keep_last=None, heartbeat_interval_s=0.1, backoff_s=0.0, settle_timeout_s=30.0, startup_timeout_s=120.0,
+            placement_timeout_s=10.0,  # a new rank boots on the new node within it (a loaded machine: slow)
+            agent_memory_bytes=256 << 20, agent_timeout_s=4.0, **kw)
+    finally:
+        stop.set()
+        helper.join()
+    for e in result.events:  # shown if the assertions that follow fail
+        if e.kind in ("restore_plan", "stopping", "resized", "workers_started"):
+            print(e.kind, e.message)
+    assert added, "the job ended before the node was added"
+    return result
+
+
 @pytest.mark.slow
 def test_heal_grows_back_in_place_when_a_node_returns(two_nodes_quick_to_call_dead, tmp_path):
     # The second node is lost, its rank's replacement cannot be placed and the survivor goes on
     # alone (as above); then a new node joins, Ray places the lost bundle there, and after the
     # next checkpoint the job grows back to 2 in place: the survivor keeps its process, the new
     # rank copies its live state, nothing is rolled back.
-    import recovery
-
-    cluster, second = two_nodes_quick_to_call_dead
-    run = str(tmp_path / "run")
     steps = 400
     trainer = DemoTrainer(steps=steps, width=32, depth=2, global_batch=8, step_sleep_s=0.05, return_state=True,
                           log_losses=True)
-    stop = threading.Event()
-    added = []
-
-    helper = threading.Thread(target=lose_a_node_then_add_one, args=(cluster, second, run, stop),
-                              kwargs={"added": added}, daemon=True)
-    helper.start()
-    try:
-        result = recovery.run(
-            trainer, num_workers=2, min_workers=1, storage=run, echo=None, policy="heal", allow_grow=True,
-            resources_per_worker={"CPU": 1.0, "slot": 1}, placement_strategy="SPREAD", every_n_steps=5,
-            keep_last=None, heartbeat_interval_s=0.1, backoff_s=0.0, settle_timeout_s=30.0, startup_timeout_s=120.0,
-            placement_timeout_s=10.0,  # a new rank boots on the new node within it (a loaded machine: slow)
-            agent_memory_bytes=256 << 20, agent_timeout_s=4.0, interrupt_timeout_s=30.0)
-    finally:
-        stop.set()
-        helper.join()
-    for e in result.events:  # shown if the assertions below fail
-        if e.kind in ("restore_plan", "stopping", "resized", "workers_started"):
-            print(e.kind, e.message)
-    assert added, "the job ended before the node was added"
+    result = _lose_a_node_then_grow(two_nodes_quick_to_call_dead, tmp_path, trainer, "heal", interrupt_timeout_s=30.0)
     first, alone, grown = [e.fields for e in result.events if e.kind == "workers_started"]
     assert (first["world_size"], alone["world_size"], grown["world_size"], result.world_size) == (2, 1, 2, 2)
     # the survivor's own process all along; the new rank received its live state
@@ -223,30 +229,8 @@ def test_reload_grows_back_in_place_after_shrinking_when_a_node_returns(two_node
     # Under reload the node loss restarts the job on a placement group of 1; when a new node joins,
     # a group of its own is reserved for the new rank there and the job grows back to 2 with the
     # shrunk job's worker kept in its process, both ranks restoring the checkpoint just committed.
-    import recovery
-
-    cluster, second = two_nodes_quick_to_call_dead
-    run = str(tmp_path / "run")
-    steps = 400
-    trainer = DemoTrainer(steps=steps, width=32, depth=2, global_batch=8, step_sleep_s=0.05, return_state=True)
-    stop = threading.Event()
-    added = []
-    helper = threading.Thread(target=lose_a_node_then_add_one, args=(cluster, second, run, stop),
-                              kwargs={"added": added}, daemon=True)
-    helper.start()
-    try:
-        result = recovery.run(
-            trainer, num_workers=2, min_workers=1, storage=run, echo=None, policy="reload", allow_grow=True,
-            resources_per_worker={"CPU": 1.0, "slot": 1}, placement_strategy="SPREAD", every_n_steps=5,
-            keep_last=None, heartbeat_interval_s=0.1, backoff_s=0.0, settle_timeout_s=30.0, startup_timeout_s=120.0,
-            placement_timeout_s=10.0, agent_memory_bytes=256 << 20, agent_timeout_s=4.0)
-    finally:
-        stop.set()
-        helper.join()
-    for e in result.events:  # shown if the assertions below fail
-        if e.kind in ("restore_plan", "stopping", "resized", "workers_started"):
-            print(e.kind, e.message)
-    assert added, "the job ended before the node was added"
+    trainer = DemoTrainer(steps=400, width=32, depth=2, global_batch=8, step_sleep_s=0.05, return_state=True)
+    result = _lose_a_node_then_grow(two_nodes_quick_to_call_dead, tmp_path, trainer, "reload")
     first, alone, grown = [e.fields for e in result.events if e.kind == "workers_started"]
     assert (first["world_size"], alone["world_size"], grown["world_size"], result.world_size) == (2, 1, 2, 2)
     assert grown["kept"] == [0] and grown["pids"][0] == alone["pids"][0]  # the shrunk job's worker, kept
