@@ -7,7 +7,11 @@ The functions act on a :class:`recovery.job.WorkerJob` (its workers, placement, 
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
+import statistics
+import time
 from typing import Any
 
 import ray
@@ -160,35 +164,69 @@ def bundle_for(job: WorkerJob, rank: int) -> int:
     return job.bundles[rank]
 
 
+BOOT_PRIOR_S = 3.0  # a worker process's boot (Python, torch, the job's modules), until a spare's is measured
+
+
+def boot_ahead_pays(job: WorkerJob, need: int, want: int) -> tuple[bool, str]:
+    """Whether booting ``need`` new ranks ahead, training going on meanwhile and the job growing
+    at a later checkpoint, costs less than growing now, every rank waiting for their boot: what
+    the job goes without until the next checkpoint (``interval x need / want`` of its ranks'
+    time) against the boot (``boot_s`` of every rank's). A sentence with the figures."""
+    commits = [e.t for e in job.events.of_kind(ev.CHECKPOINT)][-6:]
+    gaps = [b - a for a, b in itertools.pairwise(commits)]
+    interval = statistics.median(gaps) if gaps else math.inf
+    boot = statistics.median(job.spares.boot_s) if job.spares.boot_s else BOOT_PRIOR_S
+    return interval * need / want < boot, (f"a checkpoint every {interval:.1f} s with {need} of {want} ranks "
+                                           f"missing, a boot of ~{boot:.1f} s")
+
+
 def room_to_grow(job: WorkerJob, want: int) -> bool:
-    """Whether ``job`` can grow back to ``want`` ranks in place, its survivors kept: a bundle on a
-    live node, used by no rank, for each missing rank. A heal that shrank keeps the lost ranks'
-    bundles, and Ray places a lost node's bundles again once room returns; a ready hot spare
-    takes a rank with its bundle; for the others a group of their own is reserved
+    """Whether ``job`` grows back to ``want`` ranks in place now, its survivors kept: a bundle on a
+    live node, used by no rank, for each missing rank, and, where :func:`boot_ahead_pays`, a
+    process booted ahead in each. A heal that shrank keeps the lost ranks' bundles, and Ray
+    places a lost node's bundles again once room returns; a ready hot spare takes a rank with
+    its bundle; for the others a group of their own is reserved
     (:meth:`recovery.placement.Placement.reserve`, while ``job.placement.reserving`` it is
     being placed), with the hot spares' bundles too where there is room, where the cluster has
     the room and the job's placement strategy is not a strict one (``STRICT_PACK`` and
-    ``STRICT_SPREAD`` hold within one group only)."""
-    pl = job.placement
+    ``STRICT_SPREAD`` hold within one group only). The new ranks boot ahead as hot spares
+    (:meth:`recovery.spares.Spares.boot_ahead`, ``job.spares.ahead_since``) and are taken once up."""
+    pl, spares = job.placement, job.spares
     if not job.config.in_place or pl.pg is None or want <= job.world_size:
         return False
-    used = {job.bundles.get(r, r) for r in range(job.world_size)} | job.spares.bundles()
-    missing = want - job.world_size - len(pl.placed_bundles() - used) - len(job.spares.idle)
-    if missing <= 0:
+    need = want - job.world_size
+    if spares.ahead_since is not None:
+        if spares.ready() >= need:
+            return True
+        if time.monotonic() - spares.ahead_since < max(60.0, 2 * job.config.placement_timeout_s):
+            return False  # still booting
+        spares.stop_ahead()
+        job.log(ev.RESIZED, f"the {need} new rank(s) booting ahead did not come up in time: growing with new "
+                "processes", wanted=want)
         return True
-    if pl.config.placement_strategy.startswith("STRICT_"):
+    used = {job.bundles.get(r, r) for r in range(job.world_size)} | spares.bundles()
+    missing = need - len(pl.placed_bundles() - used) - len(spares.idle)
+    if missing > 0 and pl.config.placement_strategy.startswith("STRICT_"):
         if pl.free() >= missing:  # (the policy grows by restarting every worker)
             job.log(ev.RESIZED, f"not growing in place: a placement group of their own for the {missing} new rank(s) "
                     f"would not keep placement_strategy={pl.config.placement_strategy} (Ray keeps it within one "
                     "group): every worker restarts on a new group", wanted=want, in_place=False)
         return False
-    if pl.reserving:
-        return pl.reserve(missing)
-    free = pl.free()
-    if free < missing or pl.refused():
-        return False  # no room for them now
-    # and bundles for the hot spares the job keeps (RunConfig.spares), where there is room beyond the ranks
-    return pl.reserve(min(free, max(missing, want + job.config.spares - pl.bundle_count())))
+    if missing > 0 and not pl.reserving:
+        free = pl.free()
+        if free < missing or pl.refused():
+            return False  # no room for them now
+        # and bundles for the hot spares the job keeps (RunConfig.spares), where there is room beyond the ranks
+        missing = min(free, max(missing, want + job.config.spares - pl.bundle_count()))
+    if missing > 0 and not pl.reserve(missing):
+        return False
+    pays, why = boot_ahead_pays(job, need, want)
+    if spares.ready() >= need or not pays:
+        return True
+    spares.boot_ahead(need)
+    job.log(ev.RESIZED, f"booting {need} new rank(s) ahead in free bundles while training goes on; the job grows "
+            f"back at the first checkpoint after they are up ({why})", wanted=want, ahead=need)
+    return False
 
 
 def boot_growth(job: WorkerJob, want: int, policy: str) -> None:
@@ -208,6 +246,7 @@ def boot_growth(job: WorkerJob, want: int, policy: str) -> None:
     for rank in new:
         job.kept[rank] = job.new_worker(rank, want, job.attempt + 1)
         job.fresh.add(rank)
+    job.spares.stop_ahead()
     how = "copy a survivor's live state" if policy == "heal" else "restore the newest checkpoint with the others"
     job.log(ev.RESIZED, f"growing back in place from {len(kept)} to {want} workers: rank(s) {new} boot in free "
             f"bundles ({sorted(job.bundles[r] for r in new)}) and {how}; the {len(kept)} others keep their "

@@ -205,8 +205,8 @@ class WorkerJob(DataParallelJob):
 
     @property
     def growth_pending(self) -> bool:
-        """Bundles for new ranks being placed, or refused with no more room since: grow neither way now."""
-        return self.placement.reserving or self.placement.refused()
+        """New ranks' bundles being placed (or refused, no more room since), or they boot ahead: wait."""
+        return self.placement.reserving or self.placement.refused() or self.spares.ahead_since is not None
 
     def grow_and_reload(self, want: int, reason: str) -> RestorePoint:
         """Grow back to ``want`` ranks (:func:`room_to_grow` said there is room) without a new

@@ -45,15 +45,38 @@ class Spares:
     def __init__(self, count: int, boot: Callable[[int], Any], kill: Callable[[Any], None],
                  warm: Callable[[Any], Any]) -> None:
         self.count = count
+        self.base = count  # the job's own; ``count`` is more while new ranks boot ahead (:meth:`boot_ahead`)
+        self.ahead_since: float | None = None
         self._boot, self._kill, self._warm = boot, kill, warm
         self._pg: Any = None  # the placement group the spares were booted in
         self.idle: dict[int, Spare] = {}  # bundle -> spare
         self.taken = 0
+        self.boot_s: list[float] = []  # how long the spares took to boot, as seen
+
+    def boot_ahead(self, n: int) -> None:
+        """Keep ``n`` more spares than the job's own, for new ranks (growing back): booted by the
+        next :meth:`tend` in free bundles, taken by the ranks once they are up."""
+        self.count, self.ahead_since = self.base + n, time.monotonic()
+
+    def stop_ahead(self) -> None:
+        """Back to the job's own count; spares beyond it that are still booting are ended (their
+        bundles are the new ranks')."""
+        self.count, self.ahead_since = self.base, None
+        for bundle, spare in sorted(self.idle.items(), key=lambda item: item[1].node is not None):
+            if len(self.idle) <= self.count or spare.node is not None:
+                break
+            self._kill(self.idle.pop(bundle).actor)
+
+    def ready(self) -> int:
+        """The spares booted and answering."""
+        return sum(1 for sp in self.idle.values() if sp.node is not None)
 
     def sync(self, pg: Any) -> None:
         """Forget the spares of a placement group that is gone (removing it killed them)."""
         if pg is not self._pg:
             self.drop()
+            if self._pg is not None:  # (new ranks booting ahead in the group that is gone: none now)
+                self.count, self.ahead_since = self.base, None
             self._pg = pg
 
     def tend(self, pg: Any, free: Iterable[int]) -> list[int]:
@@ -85,6 +108,7 @@ class Spares:
         for sp in waiting:
             if sp.ready in done and self._answer(sp):
                 out.append(sp)
+                self.boot_s = [*self.boot_s[-9:], time.monotonic() - sp.booted_at]
         return out
 
     def _answer(self, spare: Spare) -> bool:

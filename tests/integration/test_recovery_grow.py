@@ -2,8 +2,8 @@
 it wants (the room was taken) grows back once the room returns, into a placement group
 reserved for the new ranks beside its own, its worker keeping its process. Under ``reload``
 every rank restores the checkpoint just committed; under ``heal`` the new rank copies the
-survivor's live state and nothing is redone. A job that keeps a hot spare gets a bundle for it
-in the same group. (After a node loss: test_recovery_nodes.py.)
+survivor's live state and nothing is redone. The new rank boots ahead, while the job trains on,
+and takes its place once up. A job that keeps a hot spare gets a bundle for it in the same group. (After a node loss: test_recovery_nodes.py.)
 
 Asserts what the job ended with (pids, world sizes, steps, parameters), never how long anything
 took.
@@ -38,14 +38,15 @@ class _Holder:
 
 
 def _take_the_room_until_a_commit(run: str, slots: int) -> threading.Thread:
-    """Hold ``slots`` of the cluster's 4 slots until the job's first checkpoint is committed."""
+    """Hold ``slots`` of the cluster's 4 slots until the job has committed two checkpoints (so
+    that it knows how often it checkpoints when the room returns)."""
     holder = ray.remote(num_cpus=0)(_Holder).options(resources={"slot": slots}).remote()
     ray.get(holder.ping.remote(), timeout=60)
 
     def free_after_a_commit() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if os.path.isdir(run) and fmt.committed_steps(ckpt.open_storage(run)):
+            if os.path.isdir(run) and len(fmt.committed_steps(ckpt.open_storage(run))) >= 2:
                 break
             time.sleep(0.05)
         ray.kill(holder)
@@ -76,9 +77,14 @@ def test_a_job_that_started_smaller_grows_back_in_place_keeping_its_worker(clust
     assert grown["kept"] == [0] and grown["pids"][0] == alone["pids"][0]  # the worker's own process
     (reserved,) = [e.fields for e in result.events if e.kind == "resized" and "reserved" in e.fields]
     assert reserved["reserved"] == 1 + spares  # a bundle for the hot spare too: it had no room at the start
-    if spares:
+    # a checkpoint every few tenths of a second: the new rank booted ahead while the job trained on
+    (ahead,) = [e.fields for e in result.events if e.kind == "resized" and "ahead" in e.fields]
+    assert ahead["ahead"] == 1
+    (took,) = [e.fields for e in result.events if e.kind == "spare" and "rank" in e.fields]
+    assert (took["rank"], took["bundle"]) == (1, 1) and took["pid"] == grown["pids"][1]
+    if spares:  # and the job's own hot spare in the reserved group's other bundle
         ready = [e.fields for e in result.events if e.kind == "spare" and e.message.startswith("hot spare")]
-        assert [f["bundle"] for f in ready] == [2]  # booted in the reserved group's other bundle
+        assert [f["bundle"] for f in ready] == [1, 2]
     (growing,) = [e.fields for e in result.events if e.kind == "resized" and e.fields.get("grow")]
     assert growing["policy"] == policy and growing["bundles"] == {1: 1}  # the new group's bundle, after the first
     assert not result.failures

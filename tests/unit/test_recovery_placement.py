@@ -13,8 +13,10 @@ import pytest
 
 from recovery import inplace, placement
 from recovery.config import RunConfig
+from recovery.events import Event, EventLog
 from recovery.heal import HealPolicy
 from recovery.policy import RELOAD, RESTARTED, ReloadPolicy
+from recovery.spares import Spare, Spares
 from recovery.testing import FakeDataParallelJob
 
 
@@ -100,12 +102,16 @@ def test_a_reservation_not_placed_within_the_timeout_is_given_up(monkeypatch):
     assert fake.groups[1] in fake.removed  # a pending reservation is removed with the job's group
 
 
-def _job(pl: placement.Placement, world: int, *, idle_spares: int = 0) -> SimpleNamespace:
+def _job(pl: placement.Placement, world: int, *, idle_spares: int = 0, ready: int = 0) -> SimpleNamespace:
+    """A job of ``world`` ranks in ``pl`` with ``idle_spares`` hot spares (``ready`` of them up)."""
     job = SimpleNamespace(config=pl.config, placement=pl, world_size=world, bundles={}, kept={r: f"w{r}" for r in range(world)},
-                          fresh=set(), attempt=3, events=[])
-    job.spares = SimpleNamespace(bundles=lambda: set(), idle={100 + i: None for i in range(idle_spares)})
+                          fresh=set(), attempt=3, events=EventLog(echo=None))
+    job.spares = Spares(pl.config.spares, boot=lambda bundle: f"spare{bundle}", kill=lambda actor: None,
+                        warm=lambda actor: actor)
+    for i in range(idle_spares):
+        job.spares.idle[100 + i] = Spare(f"s{i}", 100 + i, None, 0.0, node="n1" if i < ready else None)
     job.new_worker = lambda rank, want, attempt: (inplace.bundle_for(job, rank), f"new{rank}")[1]
-    job.log = lambda kind, msg, **f: job.events.append((kind, msg, f))
+    job.log = job.events.emit
     return job
 
 
@@ -128,8 +134,10 @@ def test_room_to_grow_reserves_for_the_missing_ranks_only_where_the_cluster_has_
     fake.free_slots = 1  # room for the rank only: never a spare at a rank's cost
     assert not inplace.room_to_grow(_job(few, 1), 2) and fake.groups[-1].bundles == 1
     strict = _placement(events, placement_strategy="STRICT_SPREAD")
-    assert not inplace.room_to_grow(job := _job(strict, 2), 3) and len(fake.groups) == 3  # apart: not spread
-    assert "placement_strategy=STRICT_SPREAD" in job.events[-1][1] and job.events[-1][2]["in_place"] is False
+    job = _job(strict, 2)
+    assert not inplace.room_to_grow(job, 3) and len(fake.groups) == 3  # a group apart would not be spread
+    last = job.events.events[-1]
+    assert "placement_strategy=STRICT_SPREAD" in last.message and last.fields["in_place"] is False
 
 
 def test_growth_boots_the_new_ranks_in_the_reserved_bundles_not_in_a_spares(monkeypatch):
@@ -138,16 +146,50 @@ def test_growth_boots_the_new_ranks_in_the_reserved_bundles_not_in_a_spares(monk
     pl.pg, pl.size, pl.world, pl.extra = FakeGroup(3), 3, 2, 1  # bundle 2 is a spare's slot, no spare booted
     pl.pg.placed = True
     job = _job(pl, 2)
-    job.spares.bundles = lambda: {2}  # a spare booting there
+    job.spares.idle[2] = Spare("s", 2, None, 0.0)  # a spare booting there
     assert not inplace.room_to_grow(job, 4)  # asked for 2 more
     fake.groups[0].placed = True
     assert inplace.room_to_grow(job, 4)
     inplace.boot_growth(job, 4, "reload")
     assert job.bundles == {0: 0, 1: 1, 2: 3, 3: 4} and job.fresh == {2, 3} and pl.world == 4
     assert job.kept == {0: "w0", 1: "w1", 2: "new2", 3: "new3"}
-    (_, msg, fields) = job.events[-1]
-    assert fields == {"world_size": 4, "wanted": 4, "policy": "reload", "grow": True, "bundles": {2: 3, 3: 4}}
-    assert "restore the newest checkpoint" in msg
+    last = job.events.events[-1]
+    assert last.fields == {"world_size": 4, "wanted": 4, "policy": "reload", "grow": True, "bundles": {2: 3, 3: 4}}
+    assert "restore the newest checkpoint" in last.message
+
+
+def test_new_ranks_boot_ahead_where_the_job_checkpoints_often_enough_to_be_worth_it(monkeypatch):
+    fake, events = FakeRay(monkeypatch), []
+    pl = _placement(events)
+    pl.pg, pl.size, pl.world = FakeGroup(4), 4, 4
+    pl.pg.placed = True  # a heal that shrank to 2 kept the bundles 2 and 3, placed again
+    job = _job(pl, 2)
+    job.kept = {0: "w0", 1: "w1"}
+    job.bundles = {0: 0, 1: 1}
+    assert inplace.room_to_grow(job, 4)  # no checkpoint interval known yet: grows now, booting them
+    for t in (10.0, 10.2, 10.4):  # a checkpoint every 0.2 s: half the job idle for 0.2 s < a boot of 3 s
+        job.events._events.append(Event(t, "checkpoint", "", {}))
+    assert not inplace.room_to_grow(job, 4) and job.spares.count == 2 and job.spares.ahead_since == fake.now
+    ahead = job.events.events[-1]
+    assert ahead.fields == {"wanted": 4, "ahead": 2} and "a checkpoint every 0.2 s" in ahead.message
+    job.spares.idle = {2: Spare("a2", 2, None, 0.0, node="n1"), 3: Spare("a3", 3, None, 0.0)}  # booted in them
+    assert not inplace.room_to_grow(job, 4)  # one still booting: the job trains on
+    job.spares.idle[3].node = "n1"
+    assert inplace.room_to_grow(job, 4)  # both up: grow now, the new ranks take them
+    job.spares.idle.clear()  # (taken by new_worker)
+    inplace.boot_growth(job, 4, "heal")
+    assert job.spares.count == 0 and job.spares.ahead_since is None
+    slow = _job(pl, 2)
+    slow.events._events += [Event(t, "checkpoint", "", {}) for t in (0.0, 60.0, 120.0)]  # every minute
+    assert inplace.room_to_grow(slow, 4) and slow.spares.ahead_since is None  # 30 s idle > a boot: grow now
+    stuck = _job(pl, 2)
+    stuck.spares.boot_ahead(2)
+    stuck.spares.idle = {2: Spare("a2", 2, None, 0.0), 3: Spare("a3", 3, None, 0.0, node="n1")}
+    fake.now += 59.0
+    assert not inplace.room_to_grow(stuck, 4)
+    fake.now += 1.0  # not up within a minute: the booting one is ended, the job grows with a new process
+    assert inplace.room_to_grow(stuck, 4) and stuck.spares.count == 0 and set(stuck.spares.idle) == {3}
+    assert "did not come up in time" in stuck.events.events[-1].message
 
 
 def test_reload_grows_in_place_where_it_can_and_waits_while_the_bundles_are_placed():
