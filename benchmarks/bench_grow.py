@@ -18,6 +18,9 @@ medians over ``--repeat`` runs (each run in brackets):
   placed in between) to the grown world's first commit, and to its first step (every rank's
   first step reached the coordinator: the launcher's ``resumed`` event with ``grow``; the
   first commit comes a different number of steps later for each way);
+- from the moment the job found room for the new rank (its bundle placed, or the new rank
+  booting ahead in it) to that first step: with the new rank booted ahead, the pause above is
+  short and this is the whole wait, training going on meanwhile;
 - from that decision to the first checkpoint the grown world commits (it trained and saved again:
   the restore of ``reload`` included);
 - whether the survivor's process was kept (its pid);
@@ -89,10 +92,15 @@ def one_run(method: str, steps: int, width: int = 32, depth: int = 2) -> dict[st
     trigger = [e for e in result.events if e.kind == "checkpoint" and e.t <= stops[-1].t][-1]
     reserved = [e for e in result.events if e.kind == "resized" and "reserved" in e.fields]
     resumed = [e for e in result.events if e.kind == "resumed" and e.fields.get("grow")]
+    # When the job found room for the new rank: the bundles placed (reserved, or a lost node's placed
+    # again), or the new rank booting ahead there, whichever it said first; else its decision.
+    found = [e for e in result.events if e.kind == "resized" and ("reserved" in e.fields or "ahead" in e.fields)]
     return {"grew": True, "grow_to_started_s": round(grown.t - stops[-1].t, 3),
             "commit_to_decision_s": round(stops[-1].t - trigger.t, 3),
             # the commit seen -> every rank's first step of the grown world (the launcher's event)
             "commit_to_first_step_s": round(resumed[-1].fields["seconds"], 3) if resumed else None,
+            "room_to_first_step_s": round(resumed[-1].t - (found or stops)[0].t, 3) if resumed else None,
+            "booted_ahead": any("ahead" in e.fields for e in found),
             "commit_to_first_commit_s": round(again.t - trigger.t, 3),
             "reserve_s": round(reserved[-1].t - trigger.t, 3) if reserved else None,
             "grow_to_first_commit_s": round(again.t - stops[-1].t, 3), "first_commit_step": again.fields["step"],
@@ -121,17 +129,20 @@ def main(argv: list[str] | None = None) -> int:
         commits = [r["grow_to_first_commit_s"] for r in grew]
         whole = [r["commit_to_first_commit_s"] for r in grew]
         firsts = [r["commit_to_first_step_s"] for r in grew if r["commit_to_first_step_s"] is not None]
+        rooms = [r["room_to_first_step_s"] for r in grew if r["room_to_first_step_s"] is not None]
         out[policy] = {"runs": rs, "grew": len(grew), "grow_to_started_median_s": statistics.median(times) if times else None,
                        "grow_to_first_commit_median_s": statistics.median(commits) if commits else None,
                        "commit_to_first_commit_median_s": statistics.median(whole) if whole else None,
                        "commit_to_first_step_median_s": statistics.median(firsts) if firsts else None,
+                       "room_to_first_step_median_s": statistics.median(rooms) if rooms else None,
                        "survivor_kept": sum(r["survivor_kept"] for r in grew),
                        "steps_redone": [r["steps_redone"] for r in grew]}
         print(f"{policy}: grew in {len(grew)} of {len(rs)} runs; decision -> workers started "
               f"{out[policy]['grow_to_started_median_s']} s (median; {times}), -> the grown world's first commit "
               f"{out[policy]['grow_to_first_commit_median_s']} s ({commits}); from the commit that triggered it "
               f"{out[policy]['commit_to_first_commit_median_s']} s ({whole}); to the grown world's first step "
-              f"{out[policy]['commit_to_first_step_median_s']} s ({firsts}); survivor kept in "
+              f"{out[policy]['commit_to_first_step_median_s']} s ({firsts}); from the room found to that step "
+              f"{out[policy]['room_to_first_step_median_s']} s ({rooms}); survivor kept in "
               f"{out[policy]['survivor_kept']}; steps redone {out[policy]['steps_redone']}")
     if a.json:
         with open(a.json, "w") as f:
