@@ -278,3 +278,39 @@ def give_up_replacements(job: WorkerJob, source: int, current: tuple[int, ...]) 
             f"(ranks renumbered {dict(new)})", world_size=len(stay), wanted=job.world_size, renumbered=new,
             policy="heal")
     return new[source], tuple(new[r] for r in current if r in new)
+
+
+def tend_spares(job: WorkerJob) -> None:
+    """Boot hot spares in the bundles no rank and no spare uses, up to ``job.spares.count`` (the
+    job's own, plus new ranks booting ahead of a grow back), placed ones first, with a node agent
+    on each node a ready spare is on; and warm standbys on the job's nodes, up to
+    ``RunConfig.standby`` each."""
+    pl, spares, standbys = job.placement, job.spares, job.standbys
+    if standbys.per_node:
+        for sb in standbys.newly_ready():
+            job.log(ev.SPARE, f"warm standby ready on node {sb.node[:12]} (pid {sb.pid}, booted in "
+                    f"{time.monotonic() - sb.booted_at:.1f} s)", node=sb.node, pid=sb.pid, standby=True)
+        if booted_on := standbys.tend(set(job.rank_node.values()), pl.lost_nodes):
+            job.log(ev.SPARE, f"booting {len(booted_on)} warm standby(s) on {len(set(booted_on))} node(s)",
+                    standby=True, nodes=len(set(booted_on)))
+    if not spares.count or pl.pg is None:
+        return
+    ready = spares.newly_ready()
+    for sp in ready:
+        job.log(ev.SPARE, f"hot spare in bundle {sp.bundle} ready on node {(sp.node or '?')[:12]} (pid {sp.pid}, "
+                f"booted in {time.monotonic() - sp.booted_at:.1f} s)", bundle=sp.bundle, node=sp.node, pid=sp.pid)
+    if nodes := {sp.node for sp in ready if sp.node} - set(job.fleet.agents):
+        try:  # now, not when the spare takes a rank and every rank waits for the agent to start
+            job.fleet.ensure(nodes)
+        except RayError:  # its node died meanwhile: the rank's start finds out
+            log.warning("starting a node agent beside a hot spare failed", exc_info=True)
+    if len(spares.idle) >= spares.count:
+        return
+    used = {job.bundles.get(r, r) for r in range(job.world_size)} | spares.bundles()
+    free = [b for b in range(pl.bundle_count()) if b not in used]
+    if len(free) > spares.count - len(spares.idle):  # placed ones first (a lost node's wait)
+        on_live = pl.placed_bundles()
+        free.sort(key=lambda b: b not in on_live)
+    if booted := spares.tend(pl.pg, free):
+        job.log(ev.SPARE, f"booting {len(booted)} hot spare(s) in bundle(s) {booted}", booted=booted,
+                idle=len(spares.idle))

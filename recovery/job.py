@@ -353,32 +353,7 @@ class WorkerJob(DataParallelJob):
             rank, world_size, attempt)
 
     def tend_spares(self) -> None:
-        """Boot hot spares in the bundles no rank and no spare uses, up to ``RunConfig.spares``,
-        and warm standbys on the job's nodes, up to ``RunConfig.standby`` each."""
-        pl = self.placement
-        if self.standbys.per_node:
-            for sb in self.standbys.newly_ready():
-                self.log(ev.SPARE, f"warm standby ready on node {sb.node[:12]} (pid {sb.pid}, booted in "
-                         f"{time.monotonic() - sb.booted_at:.1f} s)", node=sb.node, pid=sb.pid, standby=True)
-            if booted_on := self.standbys.tend(set(self.rank_node.values()), pl.lost_nodes):
-                self.log(ev.SPARE, f"booting {len(booted_on)} warm standby(s) on {len(set(booted_on))} node(s)",
-                         standby=True, nodes=len(set(booted_on)))
-        if not self.spares.count or pl.pg is None:
-            return
-        for sp in self.spares.newly_ready():
-            self.log(ev.SPARE, f"hot spare in bundle {sp.bundle} ready on node {(sp.node or '?')[:12]} (pid {sp.pid}, "
-                     f"booted in {time.monotonic() - sp.booted_at:.1f} s)", bundle=sp.bundle, node=sp.node, pid=sp.pid)
-        if len(self.spares.idle) >= self.spares.count:
-            return
-        used = {self.bundles.get(r, r) for r in range(self._world)} | self.spares.bundles()
-        free = [b for b in range(pl.bundle_count()) if b not in used]
-        if len(free) > self.spares.count - len(self.spares.idle):  # placed ones first (a lost node's wait)
-            on_live = pl.placed_bundles()
-            free.sort(key=lambda b: b not in on_live)
-        booted = self.spares.tend(pl.pg, free)
-        if booted:
-            self.log(ev.SPARE, f"booting {len(booted)} hot spare(s) in bundle(s) {booted}", booted=booted,
-                     idle=len(self.spares.idle))
+        inplace.tend_spares(self)
 
     # -- end -------------------------------------------------------------------------------------
 

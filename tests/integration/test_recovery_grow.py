@@ -81,12 +81,13 @@ def test_a_job_that_started_smaller_grows_back_in_place_keeping_its_worker(clust
     (ahead,) = [e.fields for e in result.events if e.kind == "resized" and "ahead" in e.fields]
     assert ahead["ahead"] == 1
     (took,) = [e.fields for e in result.events if e.kind == "spare" and "rank" in e.fields]
-    assert (took["rank"], took["bundle"]) == (1, 1) and took["pid"] == grown["pids"][1]
-    if spares:  # and the job's own hot spare in the reserved group's other bundle
+    assert took["rank"] == 1 and took["pid"] == grown["pids"][1]
+    assert took["bundle"] in ((1, 2) if spares else (1,))  # one of the reserved group's: whichever came up first
+    if spares:  # and the job's own hot spare in the other
         ready = [e.fields for e in result.events if e.kind == "spare" and e.message.startswith("hot spare")]
-        assert [f["bundle"] for f in ready] == [1, 2]
+        assert sorted(f["bundle"] for f in ready) == [1, 2]
     (growing,) = [e.fields for e in result.events if e.kind == "resized" and e.fields.get("grow")]
-    assert growing["policy"] == policy and growing["bundles"] == {1: 1}  # the new group's bundle, after the first
+    assert growing["policy"] == policy and growing["bundles"] == {1: took["bundle"]}  # (numbered after the first)
     assert not result.failures
     logs = [r["losses"] for r in result.returns]
     assert all(log["steps"] == list(range(steps)) for log in logs)  # every step once, on both ranks
