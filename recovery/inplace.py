@@ -160,7 +160,8 @@ def bundle_for(job: WorkerJob, rank: int) -> int:
     free = [b for b in range(max(pl.bundle_count(), rank + 1)) if b not in used]
     on_live = pl.placed_bundles() if len(free) > 1 else set(free)
     placed = [b for b in free if b in on_live]
-    job.bundles[rank] = rank if rank in placed else (placed or free)[0]
+    # (none free: its own number, held by another; its start times out and every worker is replaced)
+    job.bundles[rank] = rank if rank in placed else (placed or free or [rank])[0]
     return job.bundles[rank]
 
 
