@@ -178,9 +178,7 @@ class HealPolicy(RecoveryPolicy[DataParallelJob]):
         if not job.config.allow_grow or job.world_size >= want:
             return None
         if not isinstance(job, HealableJob) or not getattr(job, "room_to_grow", lambda _n: False)(want):
-            if getattr(job, "growth_pending", False) or not job.room_for(want):
-                return None  # (bundles for the new ranks are being placed: looked at after the next checkpoint)
-            return ReloadPolicy.reload(job, want, reason=grow_reason(job, want, step))
+            return ReloadPolicy.grow_by_restart(job, want, step)
         reason = grow_reason(job, want, step)
         decision = decide_heal(job.stop_keeping_state(reason, grow=True), want)
         job.log(ev.RESTORE_PLAN, f"policy {self.name}: {decision.reason}", policy=self.name, grow=True,

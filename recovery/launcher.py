@@ -315,9 +315,10 @@ class Supervisor:
                 decided = snap["now"]  # (the coordinator's clock, as the ranks' first steps are)
                 outcome = self.policy.on_checkpoint(fields["step"], self.job)
                 if outcome is not None and outcome.action == RESTARTED:
-                    at = outcome.live_step if outcome.live_step is not None else getattr(outcome.restore, "step", -1)
+                    at = outcome.live_step if outcome.live_step is not None else getattr(outcome.restore, "step", None)
                     self._growth = (self.job.attempt, decided, -1 if at is None else at)
                     return None
+        self._track_growth(snap)
         self._track_restore(snap)
         return failure
 
@@ -336,7 +337,6 @@ class Supervisor:
         self._growth = None
 
     def _track_restore(self, snap: dict[str, Any]) -> None:
-        self._track_growth(snap)
         restores = snap["restores"]
         if self._restore_reported != self.job.attempt and len(restores) >= self.job.world_size:
             self._restore_reported = self.job.attempt

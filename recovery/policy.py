@@ -152,9 +152,16 @@ class ReloadPolicy(RecoveryPolicy[DataParallelJob]):
         if grows_in_place(job, want):
             point = job.grow_and_reload(want, reason)  # type: ignore[attr-defined]
             return RecoveryOutcome(RESTARTED, job.world_size, point, policy=RELOAD)
+        return self.grow_by_restart(job, want, step)
+
+    @staticmethod
+    def grow_by_restart(job: DataParallelJob, want: int, step: int) -> RecoveryOutcome | None:
+        """Grow back by restarting every worker from the checkpoint of ``step``, where there is room
+        and the job is not growing in place already (its new ranks' bundles being placed, or
+        their processes booting ahead: looked at again after the next checkpoint)."""
         if getattr(job, "growth_pending", False) or not job.room_for(want):
-            return None  # (bundles for the new ranks are being placed: looked at after the next checkpoint)
-        return self.reload(job, want, reason=reason)
+            return None
+        return ReloadPolicy.reload(job, want, reason=grow_reason(job, want, step))
 
     @staticmethod
     def reload(job: DataParallelJob, want: int, *, reason: str) -> RecoveryOutcome:
