@@ -7,20 +7,22 @@ it, everyone restores the checkpoint just committed); ``reload:restart`` is relo
 
 A two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``, Ray's health checks
 shortened so that a lost node's bundles are placed again within seconds), one worker per node
-(:class:`recovery.demo.DemoTrainer`, gloo, node agents), a checkpoint every 5 steps. The second
-node is killed once step 10 is committed; the job goes on with one worker; a new node joins 20
-committed steps later, and after the next commit the job grows back to two. Printed per policy,
-medians over ``--repeat`` runs (each run in brackets):
+(:class:`recovery.demo.DemoTrainer`, gloo, node agents), a checkpoint every 5 steps
+(``--every-n-steps``). The second node is killed once step 10 is committed; the job goes on with
+one worker; a new node joins 20 committed steps later, and the job grows back to two: ``reload``
+at a commit, ``heal`` at the driver's poll that sees the new rank up (it restores no checkpoint).
+Printed per policy, medians over ``--repeat`` runs (each run in brackets):
 
 - from the moment the policy decides to grow (its ``stopping`` event) to the grown attempt's
   ``workers_started`` (every worker up, the state copied or about to be restored);
 - from the commit after which it decided (the reservation of ``reload``/``heal`` in place
-  placed in between) to the grown world's first commit, and to its first step (every rank's
-  first step reached the coordinator: the launcher's ``resumed`` event with ``grow``; the
-  first commit comes a different number of steps later for each way);
-- from the moment the job found room for the new rank (its bundle placed, or the new rank
-  booting ahead in it) to that first step: with the new rank booted ahead, the pause above is
-  short and this is the whole wait, training going on meanwhile;
+  placed in between) to the grown world's first commit;
+- "the pause": from the decision (the commit of ``reload``, the poll of ``heal``) to the grown
+  world's first step (every rank's first step reached the coordinator: the launcher's
+  ``resumed`` event with ``grow``), which every rank waits through;
+- "the whole wait": from the moment the job found room for the new rank (its bundle placed, or
+  the new rank booting ahead in it) to that first step: with the new rank booted ahead, the
+  pause above is short and this is the whole wait, training going on meanwhile;
 - from that decision to the first checkpoint the grown world commits (it trained and saved again:
   the restore of ``reload`` included);
 - whether the survivor's process was kept (its pid);
@@ -50,7 +52,7 @@ from recovery.demo import DemoTrainer
 from tests.helpers import QUICK_NODE_DEATH, lose_a_node_then_add_one
 
 
-def one_run(method: str, steps: int, width: int = 32, depth: int = 2) -> dict[str, Any]:
+def one_run(method: str, steps: int, width: int = 32, depth: int = 2, every: int = 5) -> dict[str, Any]:
     policy, _, how = method.partition(":")
     cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False, "resources": {"slot": 1}, "_system_config": QUICK_NODE_DEATH})
@@ -67,7 +69,7 @@ def one_run(method: str, steps: int, width: int = 32, depth: int = 2) -> dict[st
             try:
                 result = recovery.run(
                     trainer, num_workers=2, min_workers=1, storage=run, echo=None, policy=policy, allow_grow=True,
-                    resources_per_worker={"CPU": 1.0, "slot": 1}, placement_strategy="SPREAD", every_n_steps=5,
+                    resources_per_worker={"CPU": 1.0, "slot": 1}, placement_strategy="SPREAD", every_n_steps=every,
                     keep_last=None, heartbeat_interval_s=0.1, backoff_s=0.0, settle_timeout_s=30.0,
                     startup_timeout_s=120.0, placement_timeout_s=10.0, agent_memory_bytes=256 << 20,
                     agent_timeout_s=4.0, interrupt_timeout_s=30.0, in_place=how != "restart")
@@ -115,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default="heal,reload,reload:restart")
     p.add_argument("--width", type=int, default=32, help="the MLP's width")
     p.add_argument("--depth", type=int, default=2, help="its hidden layers (each: a weight and a bias, 2 AdamW moments each)")
+    p.add_argument("--every-n-steps", type=int, default=5, help="steps between checkpoints (heal grows between them)")
     p.add_argument("--json", help="write every run's figures here")
     a = p.parse_args(argv)
     runs: dict[str, list[dict[str, Any]]] = {}
     for _ in range(a.repeat):
         for policy in a.policies.split(","):  # interleaved: the machine's noise falls on both
-            runs.setdefault(policy, []).append(r := one_run(policy, a.steps, a.width, a.depth))
+            runs.setdefault(policy, []).append(r := one_run(policy, a.steps, a.width, a.depth, a.every_n_steps))
             print(policy, r, flush=True)
     out = {}
     for policy, rs in runs.items():

@@ -177,8 +177,29 @@ class HealPolicy(RecoveryPolicy[DataParallelJob]):
         want = job.config.num_workers
         if not job.config.allow_grow or job.world_size >= want:
             return None
-        if not isinstance(job, HealableJob) or not getattr(job, "room_to_grow", lambda _n: False)(want):
+        if not self._room_in_place(job, want):
             return ReloadPolicy.grow_by_restart(job, want, step)
+        return self._grow_in_place(job, want, step)
+
+    def on_progress(self, step: int, job: DataParallelJob) -> RecoveryOutcome | None:
+        """Between checkpoints: grow back in place as soon as the new ranks are up (they copy a
+        survivor's live state, so no checkpoint is waited for). The room is looked for at the
+        checkpoints (:meth:`on_checkpoint`); here only while the new ranks' bundles are being
+        placed or their processes boot ahead, so that a poll costs nothing otherwise."""
+        want = job.config.num_workers
+        if not job.config.allow_grow or job.world_size >= want or not getattr(job, "growth_under_way", False):
+            return None
+        return self._grow_in_place(job, want, step) if self._room_in_place(job, want) else None
+
+    @staticmethod
+    def _room_in_place(job: DataParallelJob, want: int) -> bool:
+        """Whether ``job`` grows to ``want`` in place now; its new ranks boot ahead where that pays,
+        the job growing at the first poll after they are up (``poll_interval_s``)."""
+        room = getattr(job, "room_to_grow", None)
+        return isinstance(job, HealableJob) and room is not None and bool(room(want, job.config.poll_interval_s))
+
+    def _grow_in_place(self, job: DataParallelJob, want: int, step: int) -> RecoveryOutcome:
+        assert isinstance(job, HealableJob)
         reason = grow_reason(job, want, step)
         decision = decide_heal(job.stop_keeping_state(reason, grow=True), want)
         job.log(ev.RESTORE_PLAN, f"policy {self.name}: {decision.reason}", policy=self.name, grow=True,

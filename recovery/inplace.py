@@ -168,20 +168,24 @@ def bundle_for(job: WorkerJob, rank: int) -> int:
 BOOT_PRIOR_S = 3.0  # a worker process's boot (Python, torch, the job's modules), until a spare's is measured
 
 
-def boot_ahead_pays(job: WorkerJob, need: int, want: int) -> tuple[bool, str]:
+def boot_ahead_pays(job: WorkerJob, need: int, want: int, next_chance_s: float | None = None) -> tuple[bool, str]:
     """Whether booting ``need`` new ranks ahead, training going on meanwhile and the job growing
-    at a later checkpoint, costs less than growing now, every rank waiting for their boot: what
-    the job goes without until the next checkpoint (``interval x need / want`` of its ranks'
-    time) against the boot (``boot_s`` of every rank's). A sentence with the figures."""
+    once they are up, costs less than growing now, every rank waiting for their boot: what the
+    job goes without from their boot to its next chance to grow (``next_chance_s``; None: the
+    next checkpoint, ``interval x need / want`` of its ranks' time) against the boot (``boot_s``
+    of every rank's). A sentence with the figures."""
+    boot = statistics.median(job.spares.boot_s) if job.spares.boot_s else BOOT_PRIOR_S
+    if next_chance_s is not None:  # (heal grows at the first poll after they are up)
+        return next_chance_s * need / want < boot, (f"the job grows {next_chance_s:.1f} s after they are up, "
+                                                     f"a boot of ~{boot:.1f} s")
     commits = [e.t for e in job.events.of_kind(ev.CHECKPOINT)][-6:]
     gaps = [b - a for a, b in itertools.pairwise(commits)]
     interval = statistics.median(gaps) if gaps else math.inf
-    boot = statistics.median(job.spares.boot_s) if job.spares.boot_s else BOOT_PRIOR_S
     return interval * need / want < boot, (f"a checkpoint every {interval:.1f} s with {need} of {want} ranks "
                                            f"missing, a boot of ~{boot:.1f} s")
 
 
-def room_to_grow(job: WorkerJob, want: int) -> bool:
+def room_to_grow(job: WorkerJob, want: int, next_chance_s: float | None = None) -> bool:
     """Whether ``job`` grows back to ``want`` ranks in place now, its survivors kept: a bundle on a
     live node, used by no rank, for each missing rank, and, where :func:`boot_ahead_pays`, a
     process booted ahead in each. A heal that shrank keeps the lost ranks' bundles, and Ray
@@ -191,7 +195,8 @@ def room_to_grow(job: WorkerJob, want: int) -> bool:
     being placed), with the hot spares' bundles too where there is room, where the cluster has
     the room and the job's placement strategy is not a strict one (``STRICT_PACK`` and
     ``STRICT_SPREAD`` hold within one group only). The new ranks boot ahead as hot spares
-    (:meth:`recovery.spares.Spares.boot_ahead`, ``job.spares.ahead_since``) and are taken once up."""
+    (:meth:`recovery.spares.Spares.boot_ahead`, ``job.spares.ahead_since``) and are taken once up
+    (``next_chance_s``: the policy's, see :func:`boot_ahead_pays`)."""
     pl, spares = job.placement, job.spares
     if not job.config.in_place or pl.pg is None or want <= job.world_size:
         return False
@@ -205,6 +210,8 @@ def room_to_grow(job: WorkerJob, want: int) -> bool:
         job.log(ev.RESIZED, f"the {need} new rank(s) booting ahead did not come up in time: growing with new "
                 "processes", wanted=want)
         return True
+    if pl.reserving and not pl.reserve(need):  # (only looked at: its size was set when asked for)
+        return False
     used = {job.bundles.get(r, r) for r in range(job.world_size)} | spares.bundles()
     missing = need - len(pl.placed_bundles() - used) - len(spares.idle)
     if missing > 0 and pl.config.placement_strategy.startswith("STRICT_"):
@@ -213,7 +220,7 @@ def room_to_grow(job: WorkerJob, want: int) -> bool:
                     f"would not keep placement_strategy={pl.config.placement_strategy} (Ray keeps it within one "
                     "group): every worker restarts on a new group", wanted=want, in_place=False)
         return False
-    if missing > 0 and not pl.reserving:
+    if missing > 0:
         free = pl.free()
         if free < missing or pl.refused():
             return False  # no room for them now
@@ -221,12 +228,13 @@ def room_to_grow(job: WorkerJob, want: int) -> bool:
         missing = min(free, max(missing, want + job.config.spares - pl.bundle_count()))
     if missing > 0 and not pl.reserve(missing):
         return False
-    pays, why = boot_ahead_pays(job, need, want)
+    pays, why = boot_ahead_pays(job, need, want, next_chance_s)
     if spares.ready() >= need or not pays:
         return True
     spares.boot_ahead(need)
+    when = "as soon as" if next_chance_s is not None else "at the first checkpoint after"
     job.log(ev.RESIZED, f"booting {need} new rank(s) ahead in free bundles while training goes on; the job grows "
-            f"back at the first checkpoint after they are up ({why})", wanted=want, ahead=need)
+            f"back {when} they are up ({why})", wanted=want, ahead=need)
     return False
 
 

@@ -200,13 +200,18 @@ class WorkerJob(DataParallelJob):
         finally:
             self.keep_state = self.growing = False
 
-    def room_to_grow(self, want: int) -> bool:
-        return inplace.room_to_grow(self, want)
+    def room_to_grow(self, want: int, next_chance_s: float | None = None) -> bool:
+        return inplace.room_to_grow(self, want, next_chance_s)
+
+    @property
+    def growth_under_way(self) -> bool:
+        """New ranks' bundles being placed, or their processes booting ahead."""
+        return self.placement.reserving or self.spares.ahead_since is not None
 
     @property
     def growth_pending(self) -> bool:
-        """New ranks' bundles being placed (or refused, no more room since), or they boot ahead: wait."""
-        return self.placement.reserving or self.placement.refused() or self.spares.ahead_since is not None
+        """Growth under way, or the new ranks' bundles refused (no more room since): wait."""
+        return self.growth_under_way or self.placement.refused()
 
     def grow_and_reload(self, want: int, reason: str) -> RestorePoint:
         """Grow back to ``want`` ranks (:func:`room_to_grow` said there is room) without a new

@@ -28,7 +28,7 @@ from .events import EventLog
 from .job import WorkerJob
 from .metrics import attach as attach_metrics
 from .policies import resolve_policy
-from .policy import CONTINUED, RESTARTED, JobKind, RecoveryPolicy
+from .policy import CONTINUED, RESTARTED, JobKind, RecoveryOutcome, RecoveryPolicy
 from .restore import LIVE, RestorePoint
 from .result import RecoveryRecord, RunResult, describe_fallback, restore_fallbacks
 from .worker import TrainContext
@@ -94,8 +94,7 @@ def run(train_fn: Callable[[TrainContext], Any], *, num_workers: int, storage: s
 
 
 class Supervisor:
-    """Runs one job to its end: watches it, hands each failure to the policy, records what
-    happened."""
+    """Runs one job to its end: watches it, hands each failure to the policy, records what happened."""
 
     def __init__(self, job: WorkerJob, policy: RecoveryPolicy) -> None:
         self.job = job
@@ -103,10 +102,10 @@ class Supervisor:
         self.policy = policy
         self.records: list[RecoveryRecord] = []
         self.checkpoints: dict[int, dict[str, Any]] = {}
-        self._failures = 0
-        self._cursor = 0
+        self._failures = self._cursor = 0
         self._incarnation: str | None = None
         self._progress: dict[str, Any] = {}
+        self._clock = 0.0  # the coordinator's clock minus this one's, at the last poll
         self._coordinator_down_since: float | None = None
         self._pending_restore: RecoveryRecord | None = None
         self._restore_reported: int | None = None  # the attempt whose restore was reported
@@ -154,6 +153,8 @@ class Supervisor:
             if self._pending_restore is None and prog.get("attempt") == self.job.attempt \
                     and prog.get("last_step") is not None:  # trained a step: spares boot without slowing a start
                 self.job.tend_spares()
+                if self._growth is None:  # (a grow that needs no checkpoint: heal's, once the new ranks are up)
+                    self._grew(self.policy.on_progress, prog["last_step"])
             if not self.job.run_refs:
                 return None
 
@@ -291,7 +292,7 @@ class Supervisor:
             self._cursor = 0
             snap = ray.get(self.job.coordinator.poll.remote(0, self.job.attempt), timeout=10)
         self._coordinator_down_since = None
-        self._cursor = snap["cursor"]
+        self._cursor, self._clock = snap["cursor"], snap["now"] - time.time()
         self._progress = snap["progress"]
         failure = None
         for note in snap["notes"]:
@@ -312,15 +313,20 @@ class Supervisor:
             self.log(kind, msg, **fields)
             if kind == ev.CHECKPOINT and not final and failure is None:
                 self.job.failure = None
-                decided = snap["now"]  # (the coordinator's clock, as the ranks' first steps are)
-                outcome = self.policy.on_checkpoint(fields["step"], self.job)
-                if outcome is not None and outcome.action == RESTARTED:
-                    at = outcome.live_step if outcome.live_step is not None else getattr(outcome.restore, "step", None)
-                    self._growth = (self.job.attempt, decided, -1 if at is None else at)
+                if self._grew(self.policy.on_checkpoint, fields["step"]):
                     return None
         self._track_growth(snap)
         self._track_restore(snap)
         return failure
+
+    def _grew(self, hook: Callable[[int, WorkerJob], RecoveryOutcome | None], step: int) -> bool:
+        """Whether the policy's ``hook`` grew the job (timed by the coordinator's clock, as the first steps are)."""
+        decided, outcome = time.time() + self._clock, hook(step, self.job)
+        if outcome is None or outcome.action != RESTARTED:
+            return False
+        at = outcome.live_step if outcome.live_step is not None else getattr(outcome.restore, "step", None)
+        self._growth = (self.job.attempt, decided, -1 if at is None else at)
+        return True
 
     def _track_growth(self, snap: dict[str, Any]) -> None:
         if self._growth is None or self.job.attempt != self._growth[0]:
@@ -357,8 +363,7 @@ class Supervisor:
                 rec.resumed_after_s = first_step_at(snap["progress"], snap["now"]) - rec.failure.detected_at
                 self.log(ev.RESUMED, f"training resumed: the first step after the restore reached the coordinator "
                          f"{rec.resumed_after_s:.1f} s after the failure was detected (step {prog['last_step']} now)",
-                         step=prog["last_step"],
-                         seconds=rec.resumed_after_s)
+                         step=prog["last_step"], seconds=rec.resumed_after_s)
                 self._pending_restore = None
 
     def _restored(self, rec: RecoveryRecord, restores: dict[int, dict[str, Any]],

@@ -120,6 +120,12 @@ class RecoveryPolicy(abc.ABC, Generic[JobT]):
         """Called after each committed checkpoint; may resize the job (grow back). Default: nothing."""
         return None
 
+    def on_progress(self, step: int, job: JobT) -> RecoveryOutcome | None:
+        """Called between checkpoints, at most once per driver poll (``poll_interval_s``), while
+        the job trains (``step``: the newest step a rank reported); may resize the job where that
+        needs no checkpoint (heal: grow back once the new ranks are up). Default: nothing."""
+        return None
+
 
 class ReloadPolicy(RecoveryPolicy[DataParallelJob]):
     """Stop every worker, resume all of them from the freshest checkpoint committed or

@@ -98,8 +98,9 @@ class FakeDataParallelJob(DataParallelJob):
 
     live_step = 44
     grow_in_place = False  # its placement has (or reserves) free bundles: grow back keeping the workers
+    growth_under_way = False  # the new ranks' bundles being placed or their processes booting ahead
 
-    def room_to_grow(self, want: int) -> bool:
+    def room_to_grow(self, want: int, next_chance_s: float | None = None) -> bool:
         return self.grow_in_place and self.room >= want > self._world
 
     def grow_and_reload(self, want: int, reason: str) -> RestorePoint:
@@ -274,5 +275,16 @@ class RecoveryPolicyTests:
             jobs[1]._world = jobs[1].config.min_workers  # shrunk earlier; room for all again now
         for job in jobs:
             out = policy.on_checkpoint(50, job)
+            if out is not None:
+                self.check_outcome(policy, job, out)
+
+    def test_on_progress_answers_nothing_or_an_outcome(self):
+        policy = self.make_policy()
+        jobs = [self.make_job(policy), self.make_job(policy, allow_grow=True)]
+        if isinstance(jobs[1], FakeDataParallelJob):
+            jobs[1]._world = jobs[1].config.min_workers  # shrunk earlier; its new ranks up now
+            jobs[1].grow_in_place = jobs[1].growth_under_way = True
+        for job in jobs:
+            out = policy.on_progress(47, job)
             if out is not None:
                 self.check_outcome(policy, job, out)

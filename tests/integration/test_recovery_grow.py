@@ -62,7 +62,7 @@ def _started(result) -> list[dict]:
 
 @pytest.mark.parametrize(("policy", "spares"), [("reload", 0), ("heal", 0), ("reload", 1)])
 def test_a_job_that_started_smaller_grows_back_in_place_keeping_its_worker(cluster, tmp_path, policy, spares):
-    steps = 80
+    steps = 120  # (the new rank boots in ~3-4 s on 2 loaded cores, while the job trains on: time to spare)
     trainer = DemoTrainer(steps=steps, width=32, depth=2, global_batch=8, step_sleep_s=0.05, return_state=True,
                           log_losses=True)
     helper = _take_the_room_until_a_commit(str(tmp_path / "run"), slots=3)  # room for 1 of 2 workers
@@ -94,6 +94,12 @@ def test_a_job_that_started_smaller_grows_back_in_place_keeping_its_worker(clust
     if policy == "heal":
         at = grown["heal"]["step"]
         assert grown["heal"]["source"] == 0 and grown["heal"]["receivers"] == [1] and grown["restore_step"] is None
+        # grown at the driver's poll that saw the new rank up, not at the next checkpoint
+        kinds = [(e.kind, e.fields) for e in result.events]
+        up = max(i for i, (k, f) in enumerate(kinds) if k == "spare" and f.get("bundle") == took["bundle"]
+                 and "rank" not in f and "booted" not in f)
+        plan = next(i for i, (k, f) in enumerate(kinds) if k == "restore_plan" and f.get("grow"))
+        assert up < plan and not [k for k, _ in kinds[up:plan] if k == "checkpoint"]
     else:
         at = grown["restore_step"]
         assert at is not None and at % 5 == 0 and grown["heal"] is None

@@ -15,7 +15,7 @@ from recovery import inplace, placement
 from recovery.config import RunConfig
 from recovery.events import Event, EventLog
 from recovery.heal import HealPolicy
-from recovery.policy import RELOAD, RESTARTED, ReloadPolicy
+from recovery.policy import HEAL, RELOAD, RESTARTED, ReloadPolicy
 from recovery.spares import Spare, Spares
 from recovery.testing import FakeDataParallelJob
 
@@ -207,3 +207,38 @@ def test_reload_grows_in_place_where_it_can_and_waits_while_the_bundles_are_plac
         elsewhere = FakeDataParallelJob(cfg, world=2)  # neither: every worker restarts from the checkpoint
         out = policy.on_checkpoint(50, elsewhere)
         assert (out.action, out.world_size) == (RESTARTED, 4) and ("fit", 4, 2) in elsewhere.calls
+
+
+def test_heal_boots_the_new_ranks_ahead_however_seldom_the_job_checkpoints(monkeypatch):
+    # heal grows at the first poll after they are up, not at the next checkpoint: booting ahead
+    # costs the missing ranks' share of a poll, growing at once every rank's boot.
+    fake, events = FakeRay(monkeypatch), []
+    pl = _placement(events)
+    pl.pg, pl.size, pl.world = FakeGroup(4), 4, 4
+    pl.pg.placed = True
+    job = _job(pl, 2)
+    job.events._events += [Event(t, "checkpoint", "", {}) for t in (0.0, 60.0, 120.0)]  # every minute
+    assert not inplace.room_to_grow(job, 4, 0.2) and job.spares.ahead_since == fake.now
+    ahead = job.events.events[-1]
+    assert "grows back as soon as they are up" in ahead.message and "0.2 s after they are up" in ahead.message
+    assert inplace.boot_ahead_pays(job, 2, 4)[0] is False  # reload (at the next checkpoint, a minute away): not
+    job.spares.idle = {2: Spare("a2", 2, None, 0.0, node="n1"), 3: Spare("a3", 3, None, 0.0, node="n1")}
+    assert inplace.room_to_grow(job, 4, 0.2)  # both up
+
+
+def test_heal_grows_between_checkpoints_once_the_new_ranks_are_up_and_reload_waits_for_one():
+    cfg = RunConfig(num_workers=4, storage="memory://grow", min_workers=2, allow_grow=True)
+    job = FakeDataParallelJob(cfg, world=2)
+    job.grow_in_place = True
+    assert HealPolicy().on_progress(47, job) is None and job.calls == []  # nothing under way: not even looked
+    job.growth_under_way = True  # bundles reserved at the last checkpoint; the new ranks booted since
+    out = HealPolicy().on_progress(47, job)
+    assert (out.action, out.policy, out.live_step, out.world_size, out.restore) == (RESTARTED, HEAL, 44, 4, None)
+    assert job.calls == [("stop", "room for 4 workers again (grow back from 2 after step 47)"), ("start", 4, None),
+                         ("heal", 4, 0, 44)]
+    booting = FakeDataParallelJob(cfg, world=2)
+    booting.growth_under_way = True  # (room_to_grow: still booting)
+    assert HealPolicy().on_progress(47, booting) is None and booting.calls == []
+    reload = FakeDataParallelJob(cfg, world=2)
+    reload.grow_in_place = reload.growth_under_way = True
+    assert ReloadPolicy().on_progress(47, reload) is None  # it restores a checkpoint: grows at one
