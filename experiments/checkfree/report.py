@@ -84,7 +84,9 @@ def _reach(r: dict[str, Any], target: float, c: dict[str, float] | None) -> floa
     return math.nan
 
 
-def summarize(results: list[dict[str, Any]], steps: int) -> tuple[str, dict[str, Any]]:
+def summarize(results: list[dict[str, Any]], steps: int, held_out_from: int | None = None) -> tuple[str, dict[str, Any]]:
+    """The tables; ``held_out_from``: auto against the better strategy again on the seeds from
+    that one on alone (e.g. those a prior of auto's was not calibrated on)."""
     by = defaultdict(list)
     for r in results:
         by[_key(r)].append(r)
@@ -142,6 +144,9 @@ def summarize(results: list[dict[str, Any]], steps: int) -> tuple[str, dict[str,
         lines += ["", (f"auto chose reload {reloads} time(s) and neighbour averaging {len(autos) - reloads} time(s); "
                   f"for example \"{said[0]}\" and \"{said[1]}\".")]
     lines += _auto_against_the_better(by, target, c)
+    if held_out_from is not None:
+        held = {s: t for s, t in target.items() if s >= held_out_from}
+        lines += [f"\nSeeds {held_out_from} and up only ({len(held)}):"] + _auto_against_the_better(by, held, c)[1:]
     lines += ["", "| strategy | recovery events | mean validation-loss bump right after recovery | averaging events with both norms clipped | mean abs(w_prev - 0.5) |",
               "| --- | ---: | ---: | ---: | ---: |"]
     for s in FAILING:
@@ -163,8 +168,9 @@ def _auto_against_the_better(by: dict[tuple[str, str], list[dict[str, Any]]], ta
         x = _reach(r, target[r["spec"]["seed"]], c)
         return wall(r, r["evals"][-1], c) if math.isnan(x) else x
 
-    lines = ["", "| rate | auto, s to target | neighbour average | reload | auto vs the better | seeds: auto ahead / within 1 % / behind |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    head = ("| rate | auto, s to target | neighbour average | reload | auto vs the better | seed by seed: mean [95 % CI] "
+            "| seeds: auto ahead / within 1 % / behind |")
+    lines = ["", head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for rate in RATES:
         runs = {s: {r["spec"]["seed"]: reach(r) for r in by.get((rate, s), []) if r["spec"]["seed"] in target}
                 for s in ("auto", "average", "reload")}
@@ -175,8 +181,24 @@ def _auto_against_the_better(by: dict[tuple[str, str], list[dict[str, Any]]], ta
         diff = [runs["auto"][k] / runs[best][k] - 1 for k in runs["auto"] if k in runs[best]]
         tally = (sum(d < -0.01 for d in diff), sum(abs(d) <= 0.01 for d in diff), sum(d > 0.01 for d in diff))
         lines.append(f"| {rate} | {mean['auto']:.2f} | {mean['average']:.2f} | {mean['reload']:.2f} | "
-                     f"{mean['auto'] / mean[best] - 1:+.1%} ({LABELS[best].split(' (')[0]}) | {' / '.join(map(str, tally))} |")
+                     f"{mean['auto'] / mean[best] - 1:+.1%} ({LABELS[best].split(' (')[0]}) | {_paired(diff)} | "
+                     f"{' / '.join(map(str, tally))} |")
     return lines
+
+
+# Student's t, two-sided 95 %, by degrees of freedom 1..30 (the normal's 1.96 beyond)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def _paired(diff: list[float]) -> str:
+    """The mean of the per-seed differences (auto / the better - 1) and its 95 % confidence
+    interval (Student's t): "no worse" holds, at that confidence, up to the interval's upper end."""
+    if len(diff) < 2:
+        return "—"
+    m = statistics.mean(diff)
+    half = (_T975[len(diff) - 2] if len(diff) <= 31 else 1.96) * statistics.stdev(diff) / math.sqrt(len(diff))
+    return f"{m:+.1%} [{m - half:+.1%}, {m + half:+.1%}]"
 
 
 def plot(results: list[dict[str, Any]], rates: list[str], path: Path) -> None:

@@ -105,7 +105,7 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
     cfg = ModelConfig(dim=args.dim, heads=4, num_stages=args.stages, blocks_per_stage=2, seq_len=64)
     tcfg = TrainConfig(total_steps=args.steps, warmup_steps=max(1, args.steps // 20), batch_size=16, micro_batches=2)
     families: list[list[RunSpec]] = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         def spec(strategy: str, rate: str, swap: bool, real: bool = False, seed: int = seed) -> RunSpec:
             return RunSpec(strategy=strategy, rate=rate, p_iter=RATES.get(rate, 0.0), seed=seed, steps=args.steps, swap=swap,
                            ckpt_every=args.ckpt_every, real=real)
@@ -118,6 +118,10 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
         families += [[spec("auto", r, False)] for r in args.rates]  # checkpoints of its own, like reload
         if not args.skip_real:
             families += [[spec("average", r, True, real=True)] for r in args.rates]
+    if args.strategies:  # only these rows (a family keeps its run without failures, which the others fork from)
+        keep = set(args.strategies)
+        families = [[f[0]] + [sp for sp in f[1:] if sp.strategy in keep] if f[0].strategy == "none" else f
+                    for f in families if any(sp.strategy in keep for sp in f)]
     families.sort(key=lambda f: (f[0].seed, -len(f)))  # seed by seed, so a cut-short run has whole seeds
     return [([asdict(s) for s in f], asdict(cfg), asdict(tcfg), args.corpus_bytes) for f in families]
 
@@ -134,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one seed, 16%%/h only, 200 steps")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    p.add_argument("--strategies", nargs="+", choices=("none", "reload", "auto", "average", "average_sq", "copy", "random"),
+                   help="only these rows (default: all); a run without failures is kept for the others to fork from")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rates", nargs="+", default=list(RATES), choices=list(RATES))
     p.add_argument("--dim", type=int, default=64)
@@ -147,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-real", action="store_true", help="leave out the runs on the real pipeline (Ray, one process per stage)")
     p.add_argument("--only-real", action="store_true", help="only the runs on the real pipeline (e.g. in a second --out, "
                    "merged into the first's .jsonl after)")
-    p.add_argument("--from-results", type=Path, help="skip training: table and plot from a runs .jsonl written earlier")
+    p.add_argument("--from-results", type=Path, nargs="+", help="skip training: table and plot from runs .jsonl written "
+                   "earlier (a run in a later file replaces the same run in an earlier one)")
+    p.add_argument("--held-out-from", type=int, help="auto against the better strategy again on the seeds from this one "
+                   "on alone (those a prior was not calibrated on)")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.rates = 1, 200, ["16%/h"]
@@ -157,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     if args.from_results:
-        results = [json.loads(line) for line in args.from_results.read_text().splitlines() if line.strip()]
+        runs = {_spec_id(r["spec"]): r for path in args.from_results
+                for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())}
+        results = list(runs.values())
         args.steps = results[0]["spec"]["steps"]
         args.rates = [r for r in RATES if any(x["spec"]["rate"] == r for x in results)]
     else:
@@ -185,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                     s = r["spec"]
                     print(f"[{len(results)}/{n} {time.perf_counter() - t0:.0f}s] seed {s['seed']} {s['rate']} {_key(r)[1]}: "
                           f"val {r['final_val']:.3f}, {len(r['events'])} event(s), {r['iterations']} iterations", file=sys.stderr)
-    table, _ = summarize(results, args.steps)
+    table, _ = summarize(results, args.steps, args.held_out_from)
     (args.out / f"checkfree_table_{name}.md").write_text(table + "\n")
     plot(results, args.rates, args.out / args.plot_name)
     print(table)

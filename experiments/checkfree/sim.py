@@ -34,6 +34,7 @@ from recovery import checkfree as cf
 
 STRATEGIES = ("none", "reload", "auto", "average", "average_sq", "copy", "random")
 AUTO_PRIOR_STEPS = 10.0  # policy auto's steps to win back an averaging bump before one is measured (PipelineConfig's default)
+AUTO_PRIOR_STEPS_PER_BUMP = 44.0  # policy auto: steps per unit of measured bump before one is measured (PipelineConfig's default)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -122,6 +123,19 @@ class SimPipeline:
             losses.append(F.cross_entropy(h.reshape(-1, h.shape[-1]), y.reshape(-1)).item())
         return sum(losses) / len(losses)
 
+    @torch.no_grad()
+    def probe_loss(self, data: TextData) -> float:
+        """The loss of the last step's batch (``step - 1``) through the stages as they are now, in
+        fixed order, with no update: against the loss that step recorded (before its update), how
+        much a rebuild cost the model. What a pipeline can measure after a failure: the lost stage's
+        weights are gone, the step's batch and loss are not."""
+        tc = self.tcfg
+        x, y = data.batch(self.step - 1, tc.batch_size, self.cfg.seq_len, seed=tc.data_seed)
+        h = x
+        for s in self.stages:
+            h = s(h)
+        return F.cross_entropy(h.reshape(-1, h.shape[-1]), y.reshape(-1)).item()
+
     # -- checkpoints (the real format) -----------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {
@@ -161,6 +175,7 @@ class SimPipeline:
         for i, (s, (o, sched)) in enumerate(zip(self.stages, self.opts)):
             s.load_state_dict(state["model"][f"stage{i}"])
             ckpt.OptimizerState(s, o).load_state_dict(state["optim"][f"stage{i}"])
+            cf.restore_schedule_base(o, sched)  # (a rebuild since the checkpoint scaled it)
             set_schedule_step(sched, step)
         self.step = step
         return step
@@ -237,7 +252,7 @@ def run(
         sim.spec, res.spec = spec, asdict(spec)
     it = res.iterations
     saves = recoveries = 0
-    tracker = cf.LossBumpTracker(prior_steps=AUTO_PRIOR_STEPS, window=5)
+    tracker = cf.LossBumpTracker(prior_steps=AUTO_PRIOR_STEPS, window=5, prior_steps_per_bump=AUTO_PRIOR_STEPS_PER_BUMP)
     last_save: int | None = None
     took: dict[str, list[float]] = {"reload": [], "average": []}  # auto's measured recovery times
     with tempfile.TemporaryDirectory(prefix="checkfree-") as tmp:
@@ -251,25 +266,36 @@ def run(
                 sim.settle()
                 before = sim.val_loss(data, 2)
                 t0 = time.perf_counter()
-                choice, reason = spec.strategy, ""
-                if spec.strategy == "auto":
+                choice, reason, bump, events = spec.strategy, "", None, []
+                plans = cf.plan_recovery({s: 1 for s in lost}, num_stages=cfg.num_stages)
+                recorded = res.train[-1][2] if res.train and res.train[-1][1] == sim.step else None
+                if spec.strategy == "auto" and recorded is not None and \
+                        cf.worth_probing(plans, None if last_save is None else sim.step - last_save):
+                    # rebuild first, measure what it cost on the last step's batch, then choose
+                    events = sim.rebuild(lost)
+                    bump = sim.probe_loss(data) - recorded
+                    choice, reason = auto_choice(sim, lost, res.step_times, took, last_save, tracker, bump=bump)
+                elif spec.strategy == "auto":
                     choice, reason = auto_choice(sim, lost, res.step_times, took, last_save, tracker)
                 if choice == "reload":
                     frm = sim.step
                     to = sim.reload(url)
-                    events = [{"stages": lost, "how": "reload", "from_step": frm, "to_step": to}]
+                    events = [{"stages": lost, "how": "reload", "from_step": frm, "to_step": to, "probe_bump": bump}]
                 else:
                     if spec.strategy == "auto" and res.train:
-                        tracker.start(res.train[-1][2])
-                    events = sim.rebuild(lost)
+                        tracker.start(res.train[-1][2], bump=bump)
+                    events = events or sim.rebuild(lost)
                 took["reload" if choice == "reload" else "average"].append(time.perf_counter() - t0)
                 for e in events:
                     e.update(chosen=choice, reason=reason)
                 res.recover_times.append(time.perf_counter() - t0)
                 recoveries += 1
                 after = sim.val_loss(data, 2)
+                # (the same batch's loss before the failure: recorded when that step was trained)
+                probe = sim.probe_loss(data) - recorded if recorded is not None and choice != "reload" else None
                 for e in events:
                     e.update(iteration=it, val_before=before, val_after=after)
+                    e.setdefault("probe_bump", probe)
                 res.events += events
             t0 = time.perf_counter()
             loss = sim.train_step(data)
@@ -293,16 +319,21 @@ def run(
 
 
 def auto_choice(sim: SimPipeline, lost: list[int], step_times: list[float], took: dict[str, list[float]],
-                last_save: int | None, tracker: cf.LossBumpTracker) -> tuple[str, str]:
+                last_save: int | None, tracker: cf.LossBumpTracker, *, bump: float | None = None) -> tuple[str, str]:
     """Policy ``auto`` (:class:`recovery.checkfree.AutoPolicy`, as ``RayPipeline`` runs it): reload
-    or rebuild, by :func:`recovery.checkfree.decide_auto` on what this run measured so far."""
+    or rebuild, by :func:`recovery.checkfree.decide_auto` on what this run measured so far;
+    ``bump``: measured after a tentative rebuild (its cost is then spent either way)."""
     med = statistics.median
     reloads, rebuilds = took["reload"], took["average"]
+    measured = bump is not None and tracker.steps_per_bump is not None
     inputs = cf.AutoInputs(
         step_seconds=med(step_times[-20:]) if step_times else 1.0,
         steps_since_snapshot=None if last_save is None else sim.step - last_save,
-        reload_seconds=med(reloads) if reloads else 0.0, rebuild_seconds=med(rebuilds) if rebuilds else 0.0,
-        recovery_steps=tracker.recovery_steps, recovery_steps_measured=tracker.events > 0)
+        reload_seconds=med(reloads) if reloads else 0.0,
+        rebuild_seconds=0.0 if measured else med(rebuilds) if rebuilds else 0.0,
+        recovery_steps=tracker.recovery_steps, recovery_steps_measured=tracker.events > 0,
+        measured_bump=bump if measured else None, steps_per_bump=tracker.steps_per_bump if measured else None,
+        steps_per_bump_measured=bool(tracker.measured))
     plans = cf.plan_recovery({s: 1 for s in lost}, num_stages=sim.cfg.num_stages)
     chosen, reason = cf.AutoPolicy().choose(plans, inputs)
     return ("reload" if chosen == "reload" else "average"), reason

@@ -32,9 +32,17 @@ from .plan import (
     execution_order,
     plan_recovery,
     swap_partner,
+    worth_probing,
 )
 from .policy import STRATEGIES, AutoPolicy, NeighborAveragePolicy, PipelineJob, StageRecoveryPolicy, stage_policy
-from .rule import NeighborAverage, NeighborAverageConfig, copy_from_neighbor, grad_norm, prepare_rebuilt_optimizer
+from .rule import (
+    NeighborAverage,
+    NeighborAverageConfig,
+    copy_from_neighbor,
+    grad_norm,
+    prepare_rebuilt_optimizer,
+    restore_schedule_base,
+)
 
 __all__ = [
     "STRATEGIES",
@@ -55,6 +63,8 @@ __all__ = [
     "grad_norm",
     "plan_recovery",
     "prepare_rebuilt_optimizer",
+    "restore_schedule_base",
     "stage_policy",
     "swap_partner",
+    "worth_probing",
 ]

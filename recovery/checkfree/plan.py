@@ -105,8 +105,14 @@ class AutoInputs:
 
     Reload costs the steps done since the freshest snapshot (every stage redoes them) plus the
     restore. Neighbour averaging costs the steps the model needs to win back the loss bump the
-    averaging causes (``recovery_steps`` when measured on earlier events, else
-    ``expected_loss_bump / loss_slope_per_step``) plus the rebuild.
+    averaging causes, plus the rebuild. Those steps, the first of these given:
+
+    - ``measured_bump x steps_per_bump``: the bump measured after a tentative rebuild (the last
+      step's batch through the rebuilt pipeline against the loss that step recorded), times the
+      steps a unit of bump took to win back on earlier events (:class:`LossBumpTracker`), or its
+      prior (``steps_per_bump_measured`` False);
+    - ``recovery_steps``: the steps earlier events took, whatever their bump, or a prior;
+    - ``expected_loss_bump / loss_slope_per_step``.
     """
 
     step_seconds: float
@@ -117,6 +123,9 @@ class AutoInputs:
     loss_slope_per_step: float | None = None  # recent loss decrease per step, > 0 while learning
     recovery_steps: float | None = None
     recovery_steps_measured: bool = True  # False: recovery_steps is a prior, no event measured yet
+    measured_bump: float | None = None  # the loss bump measured after a tentative rebuild
+    steps_per_bump: float | None = None  # steps to win back a unit of bump
+    steps_per_bump_measured: bool = True  # False: steps_per_bump is a prior, no event measured yet
 
     def __post_init__(self) -> None:
         if not (self.step_seconds > 0 and math.isfinite(self.step_seconds)):
@@ -126,12 +135,19 @@ class AutoInputs:
         for name in ("reload_seconds", "rebuild_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.recovery_steps is None and self.expected_loss_bump is None:
-            raise ValueError("give recovery_steps or expected_loss_bump (with loss_slope_per_step)")
+        if (self.measured_bump is None) != (self.steps_per_bump is None):
+            raise ValueError("measured_bump and steps_per_bump go together")
+        if self.steps_per_bump is not None and not (self.steps_per_bump >= 0 and math.isfinite(self.steps_per_bump)):
+            raise ValueError(f"steps_per_bump must be a finite number >= 0, got {self.steps_per_bump!r}")
+        if self.recovery_steps is None and self.expected_loss_bump is None and self.measured_bump is None:
+            raise ValueError("give measured_bump (with steps_per_bump), recovery_steps or expected_loss_bump "
+                             "(with loss_slope_per_step)")
         if self.recovery_steps is not None and self.recovery_steps < 0:
             raise ValueError(f"recovery_steps must be >= 0, got {self.recovery_steps!r}")
 
     def averaging_steps(self) -> float:
+        if self.measured_bump is not None and self.steps_per_bump is not None:
+            return max(0.0, float(self.measured_bump)) * self.steps_per_bump
         if self.recovery_steps is not None:
             return float(self.recovery_steps)
         bump = max(0.0, float(self.expected_loss_bump or 0.0))
@@ -174,7 +190,11 @@ def decide_auto(plans: Iterable[StageRecovery], inputs: AutoInputs) -> AutoDecis
     rebuilt = [p for p in plans if p.action in (RecoveryAction.NEIGHBOR_AVERAGE, RecoveryAction.COPY_NEIGHBOR)]
     forced = [p for p in plans if p.action is RecoveryAction.RELOAD]
     redo = "no snapshot" if steps is None else f"redo {steps} step(s) since the freshest snapshot + {inputs.reload_seconds:.1f} s restore = {reload_cost:.1f} s"
-    if inputs.recovery_steps is not None:
+    if inputs.measured_bump is not None:
+        source = "measured on earlier events" if inputs.steps_per_bump_measured else "the prior: none measured yet"
+        bump = (f"a loss bump of {inputs.measured_bump:+.3f} measured after rebuilding x ~{inputs.steps_per_bump:.0f} "
+                f"step(s) per unit of bump ({source}) = ~{avg_steps:.0f} step(s) to win it back")
+    elif inputs.recovery_steps is not None:
         source = "measured on earlier events" if inputs.recovery_steps_measured else "the prior: none measured yet"
         bump = f"~{avg_steps:.0f} step(s) to recover from averaging ({source})"
     else:
@@ -195,12 +215,29 @@ def decide_auto(plans: Iterable[StageRecovery], inputs: AutoInputs) -> AutoDecis
     return AutoDecision("reload", f"reload: reloading would {redo}; rebuilding would cost {avg_text}", reload_cost, average_cost, plans)
 
 
-class LossBumpTracker:
-    """What averaging has cost so far: an average of the steps each past event took to recover.
+def worth_probing(plans: Iterable[StageRecovery], steps_since_snapshot: int | None) -> bool:
+    """Whether policy ``auto`` rebuilds first and measures the bump before it chooses: a stage is
+    rebuilt from its neighbours, no plan forces a reload, and there is a snapshot a few steps
+    back to reload instead (none: rebuilding is the only choice; right at it: reloading is free)."""
+    plans = tuple(plans)
+    return (steps_since_snapshot is not None and steps_since_snapshot > 0
+            and not any(p.action is RecoveryAction.RELOAD for p in plans)
+            and any(p.action in (RecoveryAction.NEIGHBOR_AVERAGE, RecoveryAction.COPY_NEIGHBOR) for p in plans))
 
-    After a rebuild, call :meth:`start` with the loss before the failure, then :meth:`observe`
-    with each step's loss: the event closes when the loss is back at the level before the
-    failure (or after ``horizon`` steps). ``recovery_steps`` then feeds :class:`AutoInputs`.
+
+class LossBumpTracker:
+    """What averaging has cost so far: an average of the steps each past event took to recover,
+    and the steps per unit of the bump measured right after the rebuild.
+
+    After a rebuild, call :meth:`start` with the loss before the failure (and the ``bump``
+    measured, if one was), then :meth:`observe` with each step's loss: the event closes when the
+    loss is back at the level before the failure (or after ``horizon`` steps).
+    ``recovery_steps`` and :attr:`steps_per_bump` then feed :class:`AutoInputs`.
+
+    The bump predicts the steps an event takes far better than the events before it do (on
+    the CheckFree experiment's runs, docs/checkfree.md). ``steps_per_bump`` is the ratio of the
+    sums over the events measured (a large bump counts for more than a small one, whose ratio is
+    mostly noise), the prior ``prior_steps_per_bump`` counting as one event of their mean bump.
 
     One step's loss is noisy (each step sees another batch); with ``window`` > 1 the level
     before the failure is the mean of the last ``window`` losses observed before :meth:`start`
@@ -208,9 +245,13 @@ class LossBumpTracker:
     losses since the rebuild, the last ``window`` of them.
     """
 
-    def __init__(self, *, prior_steps: float = 50.0, alpha: float = 0.5, horizon: int = 1000, window: int = 1) -> None:
+    def __init__(self, *, prior_steps: float = 50.0, alpha: float = 0.5, horizon: int = 1000, window: int = 1,
+                 prior_steps_per_bump: float | None = None) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+        self.prior_steps_per_bump = prior_steps_per_bump
+        self.measured: list[tuple[float, int]] = []  # (bump measured at the rebuild, steps it took)
+        self._bump: float | None = None
         self.recovery_steps = float(prior_steps)
         self.alpha = alpha
         self.horizon = horizon
@@ -221,14 +262,26 @@ class LossBumpTracker:
         self._recent: deque[float] = deque(maxlen=window)
         self._after: deque[float] = deque(maxlen=window)
 
-    def start(self, loss_before: float | None = None) -> None:
+    @property
+    def steps_per_bump(self) -> float | None:
+        """Steps to win back a unit of measured bump (None: no prior and nothing measured)."""
+        prior = self.prior_steps_per_bump
+        if not self.measured:
+            return prior
+        bumps, steps = sum(b for b, _ in self.measured), sum(n for _, n in self.measured)
+        weight = bumps / len(self.measured) if prior is not None else 0.0
+        if bumps + weight <= 0:
+            return prior
+        return ((prior or 0.0) * weight + steps) / (weight + bumps)
+
+    def start(self, loss_before: float | None = None, *, bump: float | None = None) -> None:
         if self.window > 1 and self._recent:
             target = sum(self._recent) / len(self._recent)
         elif loss_before is None:
             raise ValueError("LossBumpTracker.start needs loss_before when no loss was observed yet")
         else:
             target = float(loss_before)
-        self._target, self._since = target, 0
+        self._target, self._since, self._bump = target, 0, bump
         self._after.clear()
 
     def observe(self, loss: float) -> None:
@@ -240,7 +293,9 @@ class LossBumpTracker:
         if sum(self._after) / len(self._after) <= self._target or self._since >= self.horizon:
             self.recovery_steps = (1 - self.alpha) * self.recovery_steps + self.alpha * self._since if self.events else float(self._since)
             self.events += 1
-            self._target = None
+            if self._bump is not None:
+                self.measured.append((max(0.0, self._bump), self._since))
+            self._target = self._bump = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -141,6 +141,15 @@ def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
 _BASE_LR = "checkfree_base_lr"  # a param group's learning rate before any rebuild, so boosts never compound
 
 
+def restore_schedule_base(optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """After an optimizer's state was loaded from a checkpoint: the scheduler's base learning
+    rates from the loaded groups, so that a stage rebuilt since that checkpoint (its base scaled
+    by :func:`prepare_rebuilt_optimizer`) goes back to the checkpoint's schedule exactly, and one
+    rebuilt before it keeps its boost. Set the schedule's step after this."""
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+
+
 def prepare_rebuilt_optimizer(optimizer: torch.optim.Optimizer, scheduler: Any = None, *, lr_scale: float) -> None:
     """Give a rebuilt stage's optimizer fresh state and a learning rate ``lr_scale`` times its base.
 

@@ -68,7 +68,8 @@ class RayPipeline(PipelineJob):
         self.events: list[dict[str, Any]] = []
         self.history: list[dict[str, float]] = []
         self.last_checkpoint: int | None = None
-        self.tracker = cf.LossBumpTracker(prior_steps=cfg.auto_prior_steps, window=5)
+        self.tracker = cf.LossBumpTracker(prior_steps=cfg.auto_prior_steps, window=5,
+                                          prior_steps_per_bump=cfg.auto_prior_steps_per_bump)
         self._step_seconds: list[float] = []
         self._recover_seconds: dict[str, float] = {}
         self._spares: list[Any] = []
@@ -240,7 +241,16 @@ class RayPipeline(PipelineJob):
         plans = cf.plan_recovery(dict(by_stage), num_stages=n, replicas_per_stage=self.replicas)
         event: dict[str, Any] = {"step": self.step, "lost": sorted(by_stage), "ranks": lost,
                                  "policy": the_policy.strategy, "plans": [p.to_dict() for p in plans]}
-        chosen, event["reason"] = the_policy.choose(plans, self._auto_inputs())
+        # auto, where a stage is rebuilt and a snapshot could be reloaded instead: rebuild first, measure
+        # the bump on the last step's batch (its loss recorded before the failure), then choose
+        probing = (the_policy.strategy == "auto" and self.replicas == 1 and bool(self.history)
+                   and self.history[-1]["step"] == self.step - 1 and cf.worth_probing(
+                       plans, None if self.last_checkpoint is None else self.step - self.last_checkpoint))
+        if probing:
+            chosen, event["reason"] = "neighbor_average", ("auto: rebuilding first, then weighing the loss bump it "
+                                                           "causes against a reload")
+        else:
+            chosen, event["reason"] = the_policy.choose(plans, self._auto_inputs())
         if chosen == "reload" and self.last_checkpoint is None:
             forced = [p.reason for p in plans if p.action is cf.RecoveryAction.RELOAD]
             raise RuntimeError(f"cannot rebuild {sorted(by_stage)}: {forced or 'reload asked for'}, and there is no "
@@ -252,19 +262,20 @@ class RayPipeline(PipelineJob):
             for r in lost:
                 self.workers[r] = self._new_worker(r, step=self.last_checkpoint)
             self._join_all()
-            ray.get([w.load.remote(self._checkpoint_url(stage_of(i, n)[0]), self.last_checkpoint)
-                     for i, w in enumerate(self.workers)])
-            event["rolled_back_steps"] = self.step - self.last_checkpoint
-            self.step = self.last_checkpoint
+            self._reload_all(event)
         else:
             inits = self._inits(plans, lost, chosen, event)
             event["spares_used"] = min(len(inits), len(self._spares))
             for r, init in inits.items():
                 self.workers[r] = self._new_worker(r, init=init)
-            if loss_before is not None and any(p.action is not cf.RecoveryAction.COPY_REPLICA for p in plans):
-                self.tracker.start(loss_before)
             self._join_all()
             event["fetch_seconds"] = max(ray.get([self.workers[r].init_time.remote() for r in inits]), default=0.0)
+            bump = self._probe(plans, the_policy, event) if probing else None
+            if event["chosen"] == "reload":
+                self._reload_all(event)  # (every stage loads the snapshot: the rebuilt ones' state goes too)
+                chosen = "reload"
+            elif loss_before is not None and any(p.action is not cf.RecoveryAction.COPY_REPLICA for p in plans):
+                self.tracker.start(loss_before, bump=bump)
         event["seconds"] = time.perf_counter() - t0
         self._recover_seconds["reload" if chosen == "reload" else "rebuild"] = event["seconds"]
         self.events.append(event)
@@ -277,14 +288,35 @@ class RayPipeline(PipelineJob):
                      f"{event['seconds']:.2f} s", **event)
         return event
 
-    def _auto_inputs(self) -> cf.AutoInputs:
+    def _reload_all(self, event: dict[str, Any]) -> None:
+        """Every process back to the newest checkpoint (the group formed)."""
+        ray.get([w.load.remote(self._checkpoint_url(stage_of(i, self.num_stages)[0]), self.last_checkpoint)
+                 for i, w in enumerate(self.workers)])
+        event["rolled_back_steps"] = self.step - self.last_checkpoint
+        self.step = self.last_checkpoint
+
+    def _probe(self, plans: list[cf.StageRecovery], policy: StageRecoveryPolicy, event: dict[str, Any]) -> float:
+        """The rebuilt pipeline's loss on the last step's batch against the loss that step recorded
+        (before its update): the bump the rebuild causes. The policy then chooses again with it."""
+        bump = self.evaluate([self.model.batch(self.step - 1)]) - self.history[-1]["loss"]
+        event["chosen"], event["reason"] = policy.choose(plans, self._auto_inputs(bump))
+        event["probe_bump"] = bump
+        self.log(ev.RESTORE_PLAN, f"stage(s) {event['lost']} rebuilt at step {self.step}, measured: {event['reason']}",
+                 **event)
+        return bump
+
+    def _auto_inputs(self, bump: float | None = None) -> cf.AutoInputs:
+        """What auto weighs; ``bump``: measured after a rebuild (which is then spent either way)."""
         recent = self._step_seconds[-20:]
+        measured = bump is not None and self.tracker.steps_per_bump is not None
         return cf.AutoInputs(
             step_seconds=(sum(recent) / len(recent) if recent else 0.0) or 1e-3,
             steps_since_snapshot=None if self.last_checkpoint is None else self.step - self.last_checkpoint,
             reload_seconds=self._recover_seconds.get("reload", 0.0),
-            rebuild_seconds=self._recover_seconds.get("rebuild", 0.0),
-            recovery_steps=self.tracker.recovery_steps, recovery_steps_measured=self.tracker.events > 0)
+            rebuild_seconds=0.0 if measured else self._recover_seconds.get("rebuild", 0.0),
+            recovery_steps=self.tracker.recovery_steps, recovery_steps_measured=self.tracker.events > 0,
+            measured_bump=bump if measured else None, steps_per_bump=self.tracker.steps_per_bump if measured else None,
+            steps_per_bump_measured=bool(self.tracker.measured))
 
     def _survivor(self, stage: int, lost: list[int]) -> int:
         """A surviving process of ``stage`` (its replicas are identical, so any will do)."""

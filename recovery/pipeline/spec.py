@@ -25,6 +25,9 @@ class PipelineConfig:
     swap: bool = False  # CheckFree+: odd micro-batches run the edge stages' blocks in swapped order
     replicas: int = 1  # data-parallel replicas of every stage (the batch is split between them)
     auto_prior_steps: float = 10.0  # policy auto: steps to win back an averaging bump, until one is measured
+    # policy auto: steps to win back a unit of the loss bump measured after a rebuild, until one is measured
+    # (None: weigh auto_prior_steps instead); see recovery.checkfree.LossBumpTracker
+    auto_prior_steps_per_bump: float | None = 44.0
     lr_scale: float = 1.1  # a rebuilt stage's learning rate, times its base
     norm: Literal["l2", "l2_squared"] = "l2"  # how neighbour averaging weighs the gradient norms
     actor_num_cpus: float = 0.25
@@ -43,6 +46,9 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig.replicas must be an int >= 1, got {self.replicas!r}")
         if not (self.auto_prior_steps >= 0 and math.isfinite(self.auto_prior_steps)):
             raise ValueError(f"PipelineConfig.auto_prior_steps must be a finite number >= 0, got {self.auto_prior_steps!r}")
+        k = self.auto_prior_steps_per_bump
+        if k is not None and not (isinstance(k, (int, float)) and k >= 0 and math.isfinite(k)):
+            raise ValueError(f"PipelineConfig.auto_prior_steps_per_bump must be None or a finite number >= 0, got {k!r}")
         if self.norm not in ("l2", "l2_squared"):
             raise ValueError(f"PipelineConfig.norm must be 'l2' or 'l2_squared', got {self.norm!r}")
         for name in ("lr_scale", "actor_num_cpus", "pg_timeout_s", "step_timeout_s"):

@@ -28,7 +28,13 @@ from torch import nn
 
 import ckpt
 
-from ..checkfree.rule import NeighborAverage, NeighborAverageConfig, copy_from_neighbor, prepare_rebuilt_optimizer
+from ..checkfree.rule import (
+    NeighborAverage,
+    NeighborAverageConfig,
+    copy_from_neighbor,
+    prepare_rebuilt_optimizer,
+    restore_schedule_base,
+)
 from .schedule import BLOCKS, EMBED, HEAD, rank_of, route, stage_of, stage_parts
 from .spec import PipelineConfig, PipelineModel, StageInit
 
@@ -314,6 +320,7 @@ class StageWorker:
         ckpt.load(state, url, step=step, process_group=self.solo, io_threads=2)
         self.stage.load_state_dict(state["model"])
         ckpt.OptimizerState(self.stage, self.opt).load_state_dict(state["optim"])
+        restore_schedule_base(self.opt, self.sched)  # (a rebuild since the checkpoint scaled it)
         self.model.set_schedule_step(self.sched, step)
         self.step = step
         return step

@@ -147,12 +147,14 @@ def test_reload_and_auto_on_the_real_pipeline(ray_local, tmp_path):
         assert event["chosen"] == "reload" and event["rolled_back_steps"] == 2 and pipe.step == 5
         redo = pipe.train(2)
         assert [r["step"] for r in redo] == [5, 6]
-        # auto, two steps after a checkpoint and with a measured recovery cost far higher: reload.
-        pipe.tracker.recovery_steps = 1000.0
+        # auto, two steps after a checkpoint and with a recovery cost far higher (no steps per unit of
+        # bump known: the steps per event weigh): reload, after the tentative rebuild and its measure.
+        pipe.tracker.recovery_steps, pipe.tracker.prior_steps_per_bump = 1000.0, None
         pipe.train(1)
         assert _lose(pipe, [2]) == [2]
         event = pipe.recover([2], policy="auto")
-        assert event["chosen"] == "reload" and "reload" in event["reason"]
+        assert event["chosen"] == "reload" and "reload" in event["reason"] and "probe_bump" in event
+        assert event["rolled_back_steps"] == 3 and pipe.step == 5
         # Two neighbouring stages lost: nothing to average, neighbor_average falls back to reload.
         pipe.train(1)
         assert _lose(pipe, [1, 2]) == [1, 2]
@@ -264,24 +266,32 @@ def test_a_lost_replica_is_copied_bit_for_bit_from_a_survivor(ray_local, tmp_pat
 
 @pytest.mark.slow
 def test_auto_in_the_run_loop_says_why(ray_local, tmp_path):
-    """policy="auto" in RayPipeline.run: reload right after a checkpoint, neighbour averaging
-    when many steps would be redone; the reason is in the event log."""
+    """policy="auto" in RayPipeline.run: the lost stage is rebuilt first and the loss bump it
+    causes on the last step's batch measured; reload where winning that bump back would take
+    longer than redoing the steps since the checkpoint, neighbour averaging where not; the
+    reason is in the event log."""
     pipe = RayPipeline(_cfg(tmp_path, checkpoint_url=str(tmp_path / "ckpt"), checkpoint_every=4,
-                            auto_prior_steps=2.5), _model())
+                            auto_prior_steps_per_bump=1e6), _model())  # any bump costs more than a redo
     killed: set[int] = set()
 
     def kill(p, step):
         if step in (5, 7) and step not in killed:  # 1 and 3 steps after the checkpoint at step 4
             killed.add(step)
+            if step == 7:
+                p.tracker.prior_steps_per_bump = 0.0  # now no bump costs a step
             p.kill_stage(2)
 
     try:
         pipe.run(10, "auto", before_step=kill)
         first, second = pipe.events[-2:]
-        assert first["chosen"] == "reload" and "redo 1 step(s)" in first["reason"]
+        # (near the start of training, a rebuild may even lower the loss: then no step is lost rebuilding)
+        assert first["chosen"] == ("reload" if first["probe_bump"] > 0 else "neighbor_average")
+        assert first.get("rolled_back_steps", 1) == 1 and "measured after rebuilding" in first["reason"]
+        assert "redo 1 step(s)" in first["reason"]
         assert second["chosen"] == "neighbor_average" and "redo 3 step(s)" in second["reason"]
-        plans = [e for e in pipe.event_log.events if e.kind == "restore_plan"]
-        assert [e.fields["reason"] for e in plans[-2:]] == [first["reason"], second["reason"]]
+        assert second["how"] == {2: "average"} and "rolled_back_steps" not in second
+        measured = [e for e in pipe.event_log.events if e.kind == "restore_plan" and "probe_bump" in e.fields]
+        assert [e.fields["reason"] for e in measured] == [first["reason"], second["reason"]]
         assert pipe.step == 10
     finally:
         pipe.shutdown()

@@ -148,6 +148,27 @@ def test_rebuilt_optimizer_has_fresh_state_and_a_boosted_lr_that_lasts_through_t
         assert g["lr"] == pytest.approx(1.1 * tcfg.lr * lr_factor(11, tcfg))
 
 
+def test_a_reload_after_a_rebuild_goes_back_to_the_checkpoints_schedule():
+    import copy
+
+    from examples.pipeline_demo import set_schedule_step
+
+    _, opt, sched, tcfg = _trained_optimizer(10)
+    before = copy.deepcopy(opt.state_dict())  # a checkpoint taken before the rebuild
+    cf.prepare_rebuilt_optimizer(opt, sched, lr_scale=1.1)
+    after = copy.deepcopy(opt.state_dict())  # and one after it
+    opt.load_state_dict(before)
+    set_schedule_step(sched, 12)  # (the scheduler alone keeps the boost it was given)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.1 * tcfg.lr * lr_factor(12, tcfg))
+    cf.restore_schedule_base(opt, sched)
+    set_schedule_step(sched, 12)
+    assert all(g["lr"] == pytest.approx(tcfg.lr * lr_factor(12, tcfg)) for g in opt.param_groups)
+    opt.load_state_dict(after)
+    cf.restore_schedule_base(opt, sched)
+    set_schedule_step(sched, 12)  # a checkpoint taken after the rebuild keeps its boost
+    assert all(g["lr"] == pytest.approx(1.1 * tcfg.lr * lr_factor(12, tcfg)) for g in opt.param_groups)
+
+
 def test_rebuilt_optimizer_without_scheduler():
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.Adam([p], lr=0.5)

@@ -7,6 +7,7 @@ import itertools
 import math
 
 import pytest
+import torch
 
 from examples.pipeline_demo import ModelConfig, TrainConfig
 from recovery import checkfree as cf
@@ -201,6 +202,57 @@ def test_loss_bump_tracker_window_compares_mean_losses():
         cf.LossBumpTracker().start()
 
 
+def test_the_tracker_learns_steps_per_unit_of_measured_bump():
+    t = cf.LossBumpTracker(prior_steps=10, prior_steps_per_bump=40.0)
+    assert t.steps_per_bump == 40.0 and not t.measured
+    t.start(loss_before=2.0, bump=0.2)
+    for loss in (2.3, 2.2, 2.1, 2.05, 1.99):  # 5 steps for a bump of 0.2
+        t.observe(loss)
+    assert t.measured == [(0.2, 5)]
+    # the prior counts as one event of the mean bump: (40 x 0.2 + 5) / (0.2 + 0.2)
+    assert t.steps_per_bump == pytest.approx(32.5)
+    t.start(loss_before=2.0, bump=-0.05)  # the rebuild cost nothing measurable: counted as 0
+    t.observe(1.9)
+    assert t.measured[-1] == (0.0, 1) and t.steps_per_bump == pytest.approx((40 * 0.1 + 6) / (0.1 + 0.2))
+    t.start(loss_before=2.0)  # no bump measured (a plain rebuild): steps only
+    t.observe(1.9)
+    assert len(t.measured) == 2 and t.events == 3
+    free = cf.LossBumpTracker()  # no prior: nothing until measured, then the plain ratio
+    assert free.steps_per_bump is None
+    free.start(loss_before=2.0, bump=0.5)
+    for loss in (2.4, 2.2, 1.9):
+        free.observe(loss)
+    assert free.steps_per_bump == pytest.approx(3 / 0.5)
+
+
+def test_auto_weighs_the_bump_measured_after_rebuilding():
+    plans = cf.plan_recovery({2: 1}, num_stages=4)
+    big = cf.AutoInputs(step_seconds=1.0, steps_since_snapshot=8, recovery_steps=2, measured_bump=0.3,
+                        steps_per_bump=40.0, steps_per_bump_measured=False)
+    d = cf.decide_auto(plans, big)
+    assert d.policy == "reload" and d.average_cost_s == pytest.approx(12.0)  # 0.3 x 40 > 8 to redo
+    assert "a loss bump of +0.300 measured after rebuilding x ~40 step(s) per unit of bump (the prior" in d.reason
+    small = cf.AutoInputs(step_seconds=1.0, steps_since_snapshot=8, recovery_steps=50, measured_bump=0.05,
+                          steps_per_bump=40.0)
+    d = cf.decide_auto(plans, small)  # 2 steps, though earlier events took 50 whatever their bump
+    assert d.policy == "neighbor_average" and "measured on earlier events" in d.reason
+    none = cf.AutoInputs(step_seconds=1.0, steps_since_snapshot=8, measured_bump=-0.1, steps_per_bump=40.0)
+    assert none.averaging_steps() == 0.0
+    with pytest.raises(ValueError, match="go together"):
+        cf.AutoInputs(step_seconds=1.0, steps_since_snapshot=8, measured_bump=0.1)
+    with pytest.raises(ValueError, match="steps_per_bump"):
+        cf.AutoInputs(step_seconds=1.0, steps_since_snapshot=8, measured_bump=0.1, steps_per_bump=-1.0)
+
+
+def test_auto_probes_only_where_both_choices_are_open():
+    interior, edge = cf.plan_recovery({2: 1}, num_stages=4), cf.plan_recovery({0: 1}, num_stages=4)
+    assert cf.worth_probing(interior, 5) and cf.worth_probing(edge, 5)
+    assert not cf.worth_probing(interior, None)  # nothing to reload: rebuilding is the only choice
+    assert not cf.worth_probing(interior, 0)  # right at the snapshot: reloading is free
+    assert not cf.worth_probing(cf.plan_recovery({1: 1, 2: 1}, num_stages=4), 5)  # a reload is forced
+    assert not cf.worth_probing(cf.plan_recovery({2: 1}, num_stages=4, replicas_per_stage=2), 5)  # a replica copies
+
+
 # --- the real pipeline's schedule: routes, ranks, how a new stage gets its state ---------------
 
 
@@ -241,7 +293,7 @@ def test_stage_init_and_pipeline_config_are_validated():
     with pytest.raises(ValueError, match="how must be one of"):
         StageInit("clone", (1,))
     assert PipelineConfig(replicas=2, swap=True).replicas == 2
-    for bad in ({"replicas": 0}, {"auto_prior_steps": -1.0}):
+    for bad in ({"replicas": 0}, {"auto_prior_steps": -1.0}, {"auto_prior_steps_per_bump": -1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             PipelineConfig(**bad)
 
@@ -263,6 +315,11 @@ def test_the_experiments_auto_is_the_librarys_policy():
     assert "the prior: none measured yet" in reason
     assert auto_choice(sim, [2], [1.0], took, None, tracker)[0] == "average"  # nothing to reload
     assert auto_choice(sim, [1, 2], [1.0], took, None, tracker)[0] == "reload"  # no rule applies
+    # after a tentative rebuild, with the bump it caused measured
+    tracker = cf.LossBumpTracker(prior_steps=10, prior_steps_per_bump=44.0)
+    chosen, reason = auto_choice(sim, [2], [1.0], took, 50, tracker, bump=0.3)  # ~13 steps to win back
+    assert chosen == "reload" and "a loss bump of +0.300 measured after rebuilding" in reason
+    assert auto_choice(sim, [2], [1.0], took, 50, tracker, bump=0.01)[0] == "average"  # ~0.4 step < 2 to redo
 
 
 def test_the_experiments_reload_checkpoints_asynchronously_and_rolls_back_to_the_newest():
@@ -280,3 +337,33 @@ def test_the_experiments_reload_checkpoints_asynchronously_and_rolls_back_to_the
     assert reloads and all(e["to_step"] == e["from_step"] // 4 * 4 for e in reloads)  # the newest, never older
     assert res.iterations == 12 + sum(e["from_step"] - e["to_step"] for e in reloads)  # the steps redone, no more
     assert len(res.save_times) >= 3  # a save every 4 steps, again after each rollback
+
+
+def test_the_experiments_auto_reloads_after_a_tentative_rebuild_exactly_as_a_plain_reload(tmp_path):
+    """auto rebuilds first and measures; a reload after that leaves every stage, its optimizer
+    state and its learning rate exactly as a reload without the rebuild (the rebuilt stage's
+    boosted schedule included)."""
+    import copy
+
+    from examples.pipeline_demo import TextData
+    from experiments.checkfree.sim import RunSpec, SimPipeline
+
+    cfg = ModelConfig(dim=16, heads=2, num_stages=4, blocks_per_stage=1, seq_len=8)
+    tcfg = TrainConfig(total_steps=12, warmup_steps=1, batch_size=4, micro_batches=2)
+    data = TextData.from_stdlib(64 << 10)
+    sim = SimPipeline(cfg, tcfg, RunSpec(strategy="auto", rate="-", p_iter=0.0, seed=0, steps=12, swap=False))
+    for _ in range(4):
+        sim.train_step(data)
+    sim.save(str(tmp_path / "run"))
+    sim.close()  # (committed)
+    for _ in range(3):
+        sim.train_step(data)
+    plain, probed = copy.deepcopy(sim), sim
+    probed.rebuild([2])
+    assert probed.probe_loss(data) != plain.probe_loss(data)  # the rebuild changed the model
+    assert plain.reload(str(tmp_path / "run")) == probed.reload(str(tmp_path / "run")) == 4
+    for a, b in zip(plain.state()["model"].values(), probed.state()["model"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for (oa, _), (ob, _) in zip(plain.opts, probed.opts):
+        assert [g["lr"] for g in oa.param_groups] == [g["lr"] for g in ob.param_groups]
+    assert plain.train_step(data) == probed.train_step(data)  # and they train on alike
