@@ -292,8 +292,8 @@ def give_up_replacements(job: WorkerJob, source: int, current: tuple[int, ...]) 
 def tend_spares(job: WorkerJob) -> None:
     """Boot hot spares in the bundles no rank and no spare uses, up to ``job.spares.count`` (the
     job's own, plus new ranks booting ahead of a grow back), placed ones first, with a node agent
-    on each node a ready spare is on; and warm standbys on the job's nodes, up to
-    ``RunConfig.standby`` each."""
+    on each node a spare boots on (started while it boots: the rank it takes then waits for
+    neither); and warm standbys on the job's nodes, up to ``RunConfig.standby`` each."""
     pl, spares, standbys = job.placement, job.spares, job.standbys
     if standbys.per_node:
         for sb in standbys.newly_ready():
@@ -323,3 +323,8 @@ def tend_spares(job: WorkerJob) -> None:
     if booted := spares.tend(pl.pg, free):
         job.log(ev.SPARE, f"booting {len(booted)} hot spare(s) in bundle(s) {booted}", booted=booted,
                 idle=len(spares.idle))
+        if nodes := pl.nodes_of(set(booted)) - set(job.fleet.agents):
+            try:  # their node agents start while they boot, not once they are up
+                job.fleet.ensure(nodes)
+            except RayError:  # the node died meanwhile: its spares' boot finds out
+                log.warning("starting a node agent beside booting hot spares failed", exc_info=True)

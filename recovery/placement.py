@@ -114,13 +114,21 @@ class Placement:
     def placed_bundles(self) -> set[int]:
         """The bundles, of every group, that lie on a live node now (Ray places a lost node's
         bundles again where room returns)."""
+        return set(self.bundle_nodes())
+
+    def nodes_of(self, bundles: set[int]) -> set[str]:
+        """The live nodes that ``bundles`` (numbered across the groups) are placed on."""
+        return {node for b, node in self.bundle_nodes().items() if b in bundles} if bundles else set()
+
+    def bundle_nodes(self) -> dict[int, str]:
+        """Bundle (numbered across the groups) -> the live node it is placed on, for those placed."""
         if self.pg is None:
-            return set()
+            return {}
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")} - self.lost_nodes
-        out: set[int] = set()
+        out: dict[int, str] = {}
         for first, pg, _ in [(0, self.pg, self.size), *self.more]:
             table = placement_group_table(pg)
-            out |= {first + int(b) for b, node in table.get("bundles_to_node_id", {}).items() if node in alive}
+            out |= {first + int(b): node for b, node in table.get("bundles_to_node_id", {}).items() if node in alive}
         return out
 
     @property

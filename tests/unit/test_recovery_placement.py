@@ -67,6 +67,7 @@ def test_a_reserved_group_is_numbered_after_the_jobs_and_asked_for_once(monkeypa
     fake.groups[0].placed = True
     assert pl.reserve(2) and not pl.reserving
     assert pl.bundle_count() == 4 and pl.placed_bundles() == {0, 1, 2, 3}
+    assert pl.nodes_of({2, 3}) == {"n1"} and pl.nodes_of(set()) == set()
     (reserved,) = [f for kind, _, f in events if "reserved" in f]
     assert reserved["reserved"] == 2
     # bundles 2 and 3 are the new group's first and second; 0 and 1 the job's own
@@ -242,3 +243,23 @@ def test_heal_grows_between_checkpoints_once_the_new_ranks_are_up_and_reload_wai
     reload = FakeDataParallelJob(cfg, world=2)
     reload.grow_in_place = reload.growth_under_way = True
     assert ReloadPolicy().on_progress(47, reload) is None  # it restores a checkpoint: grows at one
+
+
+def test_a_booting_spares_node_gets_its_agent_while_it_boots(monkeypatch):
+    FakeRay(monkeypatch)
+    events: list = []
+    pl = _placement(events)
+    pl.pg, pl.size, pl.world = FakeGroup(4), 4, 2
+    pl.pg.placed = True
+    job = _job(pl, 2)
+    job.spares.boot_ahead(2)  # two new ranks boot ahead in bundles 2 and 3, on node n1
+    job.standbys = SimpleNamespace(per_node=0)
+    ensured: list[set] = []
+    job.fleet = SimpleNamespace(agents={}, ensure=ensured.append)
+    monkeypatch.setattr(inplace.ray, "wait", lambda refs, **kw: ([], refs))
+    inplace.tend_spares(job)
+    assert set(job.spares.idle) == {2, 3} and ensured == [{"n1"}]  # started now, not when they are up
+    job.fleet.agents = {"n1": "agent"}
+    job.spares.idle.pop(3)
+    inplace.tend_spares(job)
+    assert set(job.spares.idle) == {2, 3} and ensured == [{"n1"}]  # its node has one: not again
