@@ -37,14 +37,15 @@ def pairs(results: list[dict[str, Any]], seeds: range) -> list[dict[str, Any]]:
         events = {}
         for e in r["events"]:
             events.setdefault(e["iteration"], e)
-        tracker, open_at = LossBumpTracker(window=5), None
+        tracker, open_at, last = LossBumpTracker(window=5), None, None
         for it, _step, loss in r["train"]:  # (the iteration after the one trained)
             e = events.get(it - 1)
-            if e is not None and e.get("probe_bump") is not None and tracker._recent:
-                tracker.start(bump=e["probe_bump"])
+            if e is not None and e.get("probe_bump") is not None and last is not None:
+                tracker.start(last, bump=e["probe_bump"])
                 open_at = (it - 1, e["probe_bump"])
             n = len(tracker.measured)
             tracker.observe(loss)
+            last = loss
             if len(tracker.measured) > n and open_at is not None:
                 out.append({"seed": seed, "rate": r["spec"]["rate"], "iteration": open_at[0], "bump": open_at[1],
                             "steps": tracker.measured[-1][1]})
