@@ -367,3 +367,18 @@ def test_the_experiments_auto_reloads_after_a_tentative_rebuild_exactly_as_a_pla
     for (oa, _), (ob, _) in zip(plain.opts, probed.opts):
         assert [g["lr"] for g in oa.param_groups] == [g["lr"] for g in ob.param_groups]
     assert plain.train_step(data) == probed.train_step(data)  # and they train on alike
+
+
+def test_the_calibration_replays_the_tracker_over_the_averaging_runs():
+    from experiments.checkfree.calibrate import pairs
+
+    losses = [3.0, 2.9, 2.8, 2.7, 2.6, 3.1, 2.9, 2.6, 2.5, 2.4, 2.3]  # a rebuild before the 6th step
+    run = {"spec": {"rate": "16%/h", "strategy": "average", "swap": False, "seed": 2},
+           "train": [(i + 1, i + 1, x) for i, x in enumerate(losses)],
+           "events": [{"iteration": 5, "probe_bump": 0.4}]}
+    other = dict(run, spec=dict(run["spec"], strategy="reload"))
+    swapped = dict(run, spec=dict(run["spec"], swap=True))
+    got = pairs([run, other, swapped], range(0, 6))
+    # the level before: the mean of the 5 losses before, 2.8; the means since: 3.1, 3.0, 2.87, 2.78
+    assert got == [{"seed": 2, "rate": "16%/h", "iteration": 5, "bump": 0.4, "steps": 4}]
+    assert pairs([run], range(3, 6)) == []
