@@ -378,7 +378,7 @@ def test_the_calibration_replays_the_tracker_over_the_averaging_runs():
            "events": [{"iteration": 5, "probe_bump": 0.4}]}
     other = dict(run, spec=dict(run["spec"], strategy="reload"))
     swapped = dict(run, spec=dict(run["spec"], swap=True))
-    got = pairs([run, other, swapped], range(0, 6))
+    got = pairs([run, other, swapped], range(6))
     # the level before: the mean of the 5 losses before, 2.8; the means since: 3.1, 3.0, 2.87, 2.78
     assert got == [{"seed": 2, "rate": "16%/h", "iteration": 5, "bump": 0.4, "steps": 4}]
     assert pairs([run], range(3, 6)) == []
