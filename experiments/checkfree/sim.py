@@ -292,7 +292,8 @@ def run(
                 recoveries += 1
                 after = sim.val_loss(data, 2)
                 # (the same batch's loss before the failure: recorded when that step was trained)
-                probe = sim.probe_loss(data) - recorded if recorded is not None and choice != "reload" else None
+                probe = bump if bump is not None or recorded is None or choice == "reload" else \
+                    sim.probe_loss(data) - recorded
                 for e in events:
                     e.update(iteration=it, val_before=before, val_after=after)
                     e.setdefault("probe_bump", probe)
