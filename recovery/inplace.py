@@ -308,11 +308,7 @@ def tend_spares(job: WorkerJob) -> None:
     for sp in ready:
         job.log(ev.SPARE, f"hot spare in bundle {sp.bundle} ready on node {(sp.node or '?')[:12]} (pid {sp.pid}, "
                 f"booted in {time.monotonic() - sp.booted_at:.1f} s)", bundle=sp.bundle, node=sp.node, pid=sp.pid)
-    if nodes := {sp.node for sp in ready if sp.node} - set(job.fleet.agents):
-        try:  # now, not when the spare takes a rank and every rank waits for the agent to start
-            job.fleet.ensure(nodes)
-        except RayError:  # its node died meanwhile: the rank's start finds out
-            log.warning("starting a node agent beside a hot spare failed", exc_info=True)
+    _agents_for(job, {sp.node for sp in ready if sp.node})  # (one booted in a bundle placed only since)
     if len(spares.idle) >= spares.count:
         return
     used = {job.bundles.get(r, r) for r in range(job.world_size)} | spares.bundles()
@@ -323,8 +319,14 @@ def tend_spares(job: WorkerJob) -> None:
     if booted := spares.tend(pl.pg, free):
         job.log(ev.SPARE, f"booting {len(booted)} hot spare(s) in bundle(s) {booted}", booted=booted,
                 idle=len(spares.idle))
-        if nodes := pl.nodes_of(set(booted)) - set(job.fleet.agents):
-            try:  # their node agents start while they boot, not once they are up
-                job.fleet.ensure(nodes)
-            except RayError:  # the node died meanwhile: its spares' boot finds out
-                log.warning("starting a node agent beside booting hot spares failed", exc_info=True)
+        _agents_for(job, pl.nodes_of(set(booted)))  # while they boot, not once they are up
+
+
+def _agents_for(job: WorkerJob, nodes: set[str]) -> None:
+    """A node agent on each of ``nodes`` that has none, for the hot spares there: started before a
+    spare takes a rank, so that every rank does not wait for it then."""
+    if nodes := nodes - set(job.fleet.agents):
+        try:
+            job.fleet.ensure(nodes)
+        except RayError:  # the node died meanwhile: the spare's boot, or the rank's start, finds out
+            log.warning("starting a node agent beside hot spares failed", exc_info=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 RATES = {"5%/h": 0.0009, "10%/h": 0.002, "16%/h": 0.004}
+STRATEGIES = ("none", "reload", "auto", "average", "average_sq", "copy", "random")  # a run's (sim.RunSpec)
 FAILING = ("reload", "auto", "average_swap", "average_swap_real", "average", "average_sq", "copy", "random")
 LABELS = {
     "none": "no failure", "none_swap": "no failure, swapped micro-batches", "reload": "reload (ckpt every K)",

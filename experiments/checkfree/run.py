@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .report import RATES, _key, plot, summarize
+from .report import RATES, STRATEGIES, _key, plot, summarize
 
 
 def _worker_init() -> None:
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one seed, 16%%/h only, 200 steps")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
-    p.add_argument("--strategies", nargs="+", choices=("none", "reload", "auto", "average", "average_sq", "copy", "random"),
+    p.add_argument("--strategies", nargs="+", choices=STRATEGIES,
                    help="only these rows (default: all); a run without failures is kept for the others to fork from")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rates", nargs="+", default=list(RATES), choices=list(RATES))

@@ -32,7 +32,8 @@ from examples.pipeline_demo import (
 )
 from recovery import checkfree as cf
 
-STRATEGIES = ("none", "reload", "auto", "average", "average_sq", "copy", "random")
+from .report import STRATEGIES
+
 AUTO_PRIOR_STEPS = 10.0  # policy auto's steps to win back an averaging bump before one is measured (PipelineConfig's default)
 AUTO_PRIOR_STEPS_PER_BUMP = 44.0  # policy auto: steps per unit of measured bump before one is measured (PipelineConfig's default)
 
