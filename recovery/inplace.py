@@ -185,6 +185,15 @@ def boot_ahead_pays(job: WorkerJob, need: int, want: int, next_chance_s: float |
                                            f"missing, a boot of ~{boot:.1f} s")
 
 
+def grows_only_in_place(job: WorkerJob) -> bool:
+    """Whether ``job`` grows back in place or not at all: where :func:`room_to_grow` can answer (in
+    place, a group placed, a strategy that a second group keeps), a restart of every worker needs the
+    same free room it looked for, so it is never the fallback: a second look a moment later could
+    see room the first did not (freed between the two) and restart every worker for nothing."""
+    return (job.config.in_place and job.placement.pg is not None
+            and not job.placement.config.placement_strategy.startswith("STRICT_"))
+
+
 def room_to_grow(job: WorkerJob, want: int, next_chance_s: float | None = None) -> bool:
     """Whether ``job`` grows back to ``want`` ranks in place now, its survivors kept: a bundle on a
     live node, used by no rank, for each missing rank, and, where :func:`boot_ahead_pays`, a

@@ -209,6 +209,10 @@ class WorkerJob(DataParallelJob):
         return self.placement.reserving or self.spares.ahead_since is not None
 
     @property
+    def grows_only_in_place(self) -> bool:
+        return inplace.grows_only_in_place(self)
+
+    @property
     def growth_pending(self) -> bool:
         """Growth under way, or the new ranks' bundles refused (no more room since): wait."""
         return self.growth_under_way or self.placement.refused()

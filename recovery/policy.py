@@ -164,8 +164,10 @@ class ReloadPolicy(RecoveryPolicy[DataParallelJob]):
     def grow_by_restart(job: DataParallelJob, want: int, step: int) -> RecoveryOutcome | None:
         """Grow back by restarting every worker from the checkpoint of ``step``, where there is room
         and the job is not growing in place already (its new ranks' bundles being placed, or
-        their processes booting ahead: looked at again after the next checkpoint)."""
-        if getattr(job, "growth_pending", False) or not job.room_for(want):
+        their processes booting ahead: looked at again after the next checkpoint) and does not
+        grow in place only (:func:`recovery.inplace.grows_only_in_place`)."""
+        if (getattr(job, "growth_pending", False) or getattr(job, "grows_only_in_place", False)
+                or not job.room_for(want)):
             return None
         return ReloadPolicy.reload(job, want, reason=grow_reason(job, want, step))
 

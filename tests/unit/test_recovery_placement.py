@@ -210,6 +210,23 @@ def test_reload_grows_in_place_where_it_can_and_waits_while_the_bundles_are_plac
         assert (out.action, out.world_size) == (RESTARTED, 4) and ("fit", 4, 2) in elsewhere.calls
 
 
+def test_a_job_that_grows_in_place_never_falls_back_to_restarting_every_worker(monkeypatch):
+    # room_to_grow saw no room (the holder of it not yet gone); a second look a moment later, for a
+    # restart, would see it: the job waits for the next checkpoint instead of restarting everyone
+    cfg = RunConfig(num_workers=4, storage="memory://grow", min_workers=2, allow_grow=True)
+    for policy in (ReloadPolicy(), HealPolicy()):
+        job = FakeDataParallelJob(cfg, world=2)  # room_to_grow: False (grow_in_place False), room_for(4): True
+        job.grows_only_in_place = True
+        assert policy.on_checkpoint(50, job) is None and job.calls == []
+    FakeRay(monkeypatch)
+    job = _job(_placement([]), 2)
+    assert inplace.grows_only_in_place(job)
+    job.placement.pg = None  # no group placed
+    assert not inplace.grows_only_in_place(job)
+    strict = _job(_placement([], placement_strategy="STRICT_SPREAD"), 2)
+    assert not inplace.grows_only_in_place(strict)  # a second group would not keep it: a restart may grow it
+
+
 def test_heal_boots_the_new_ranks_ahead_however_seldom_the_job_checkpoints(monkeypatch):
     # heal grows at the first poll after they are up, not at the next checkpoint: booting ahead
     # costs the missing ranks' share of a poll, growing at once every rank's boot.
