@@ -11,6 +11,7 @@ DaemonSet, a systemd unit); the fleet then only lists it, with a task pinned to 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # Node agents per relay group: one call into the coordinator per group and interval.
 RELAY_GROUP = 32
+# How long a node agent may take to start (its actor placed, its servers listening).
+AGENT_START_TIMEOUT_S = 120.0
 
 
 class AgentFleet:
@@ -55,6 +58,7 @@ class AgentFleet:
         self.watch: dict[Any, str] = {}  # wait_stopped ref -> node
         self._token = secrets.token_urlsafe(24)  # between this job's agents
         self._node_workers: dict[str, Any] = {}  # agents outside the job: node -> the worker told of commits
+        self._starting: dict[str, tuple[Any, Any, float]] = {}  # node -> (agent actor, its info() ref, since)
 
     def relay_for(self, node: str) -> Any:
         """The agent actor of ``node`` (it relays its ranks' calls to the coordinator), or None."""
@@ -65,37 +69,79 @@ class AgentFleet:
         return self.address.get(node) if self.config.agent == "actor" else self.config.agent
 
     def ensure(self, nodes: set[str]) -> None:
-        """An agent actor on each of ``nodes`` (with ``agent="actor"``; else nothing to start)."""
-        if self.config.agent != "actor":
+        """An agent actor on each of ``nodes`` (with ``agent="actor"``; else nothing to start),
+        up when this returns (one already starting is waited for); raises what its start raised."""
+        self.start(nodes)
+        for node in sorted(nodes & set(self._starting)):
+            actor, info, _ = self._starting[node]
+            try:
+                ray.get(info, timeout=AGENT_START_TIMEOUT_S)
+            except (RayError, GetTimeoutError):
+                del self._starting[node]
+                _kill(actor)
+                raise
+        self.settle()
+
+    def start(self, nodes: set[str]) -> None:
+        """Start an agent actor on each of ``nodes`` that has none and starts none, without waiting
+        for it (:meth:`settle` registers it once up): the driver's loop is not held up by a start
+        (~1.4 s), e.g. beside a hot spare that boots."""
+        if self.config.agent != "actor" or not (nodes := nodes - set(self.agents) - set(self._starting)):
             return
         remote = ray.remote(NodeAgent)
         detect = self.config.detect
-        relay_s = detect.relay_interval(len(set(self.agents) | nodes), RELAY_GROUP)
+        relay_s = detect.relay_interval(len(set(self.agents) | set(self._starting) | nodes), RELAY_GROUP)
         if 4 * relay_s > min(detect.hang_timeout_s, detect.agent_timeout_s):  # relay_interval_s set by hand
             log.warning("node agents relay heartbeats every %.1f s in two hops: hang_timeout_s (%g) and "
                         "agent_timeout_s (%g) should be at least four times that", relay_s, detect.hang_timeout_s,
                         detect.agent_timeout_s)
-        new = {}
-        for node in nodes - set(self.agents):
-            new[node] = remote.options(
+        for node in sorted(nodes):
+            actor = remote.options(
                 name=agent_actor_name(self.coordinator_name, node), num_cpus=0, max_concurrency=8, max_restarts=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
             ).remote(self.job_id, self.config.agent_memory_bytes, self.coordinator, relay_s,
                      replicas=self.config.agent_replicas, token=self._token)
-        for node, actor in new.items():
-            info = ray.get(actor.info.remote(), timeout=120)
-            self.agents[node] = actor
-            self.address[node] = info["address"]
-            if info.get("peer_address"):
-                self.peer[node] = info["peer_address"]
-            self.watch[actor.wait_stopped.remote()] = node
-            self._log(ev.AGENT, f"agent up on node {node[:12]} at {info['address']}"
-                      + (f", replicas served on {info['peer_address']}" if info.get("peer_address") else ""),
-                      node=node, address=info["address"], peer_address=info.get("peer_address"))
+            self._starting[node] = (actor, actor.info.remote(), time.monotonic())
+
+    @property
+    def starting(self) -> set[str]:
+        """The nodes whose agent is starting (:meth:`start`), not up yet."""
+        return set(self._starting)
+
+    def settle(self) -> None:
+        """Register the agents started (:meth:`start`) that are up now; one whose start failed, or
+        took over ``AGENT_START_TIMEOUT_S``, is killed and dropped with a warning (the next
+        :meth:`ensure` for its node starts another and reports the error). Waits for none."""
+        if not self._starting:
+            return
+        infos = {info: node for node, (_, info, _) in self._starting.items()}
+        done, _ = ray.wait(list(infos), num_returns=len(infos), timeout=0)
+        late = {n for n, (_, _, since) in self._starting.items() if time.monotonic() - since > AGENT_START_TIMEOUT_S}
+        new = False
+        for node in sorted({infos[r] for r in done} | late):
+            actor, ref, _ = self._starting.pop(node)
+            try:
+                info = ray.get(ref, timeout=0)
+            except (RayError, GetTimeoutError) as e:
+                log.warning("the node agent on node %s did not start: %s", node[:12], first_line(e))
+                _kill(actor)
+                continue
+            self._up(node, actor, info)
+            new = True
         if new:
             self._update_ring()
             self._update_relay()
             self.tell_coordinator()
+
+    def _up(self, node: str, actor: Any, info: dict[str, Any]) -> None:
+        self.agents[node] = actor
+        self.address[node] = info["address"]
+        if info.get("peer_address"):
+            self.peer[node] = info["peer_address"]
+        self.watch[actor.wait_stopped.remote()] = node
+        self._log(ev.AGENT, f"agent up on node {node[:12]} at {info['address']}"
+                  + (f", replicas served on {info['peer_address']}" if info.get("peer_address") else ""),
+                  node=node, address=info["address"], peer_address=info.get("peer_address"))
 
     def tell_coordinator(self) -> None:
         """The coordinator learns whom it tells of each commit (after a change, or its restart):
@@ -135,6 +181,8 @@ class AgentFleet:
         self.forget(node)
 
     def forget(self, node: str) -> None:
+        if (starting := self._starting.pop(node, None)) is not None:
+            _kill(starting[0])
         self.agents.pop(node, None)
         self.address.pop(node, None)
         try:  # else its silence is reported again after agent_timeout_s (a lost node's agent never returns)
@@ -237,16 +285,26 @@ class AgentFleet:
             rows = self.rows()
 
     def shutdown(self) -> None:
-        for a in list(self.agents.values()):
+        starting = []  # (shut down as the others once up: it may hold its segments and sockets by then)
+        for actor, info, _ in self._starting.values():
+            try:
+                ray.get(info, timeout=30)
+                starting.append(actor)
+            except (RayError, GetTimeoutError):
+                _kill(actor)
+        self._starting.clear()
+        for a in list(self.agents.values()) + starting:
             try:
                 ray.get(a.shutdown.remote(), timeout=60)
             except (RayError, GetTimeoutError):
                 pass
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass
+            _kill(a)
         self.agents.clear()
         self.peer.clear()
         self.watch.clear()
         remove_socket_dirs(self.job_id)
+
+
+def _kill(actor: Any) -> None:
+    with contextlib.suppress(Exception):  # gone already
+        ray.kill(actor, no_restart=True)

@@ -304,6 +304,7 @@ def tend_spares(job: WorkerJob) -> None:
     on each node a spare boots on (started while it boots: the rank it takes then waits for
     neither); and warm standbys on the job's nodes, up to ``RunConfig.standby`` each."""
     pl, spares, standbys = job.placement, job.spares, job.standbys
+    job.fleet.settle()  # agents started beside spares booting, once up
     if standbys.per_node:
         for sb in standbys.newly_ready():
             job.log(ev.SPARE, f"warm standby ready on node {sb.node[:12]} (pid {sb.pid}, booted in "
@@ -332,10 +333,11 @@ def tend_spares(job: WorkerJob) -> None:
 
 
 def _agents_for(job: WorkerJob, nodes: set[str]) -> None:
-    """A node agent on each of ``nodes`` that has none, for the hot spares there: started before a
+    """A node agent on each of ``nodes`` that has none, for the hot spares there: started (not
+    waited for: the driver's loop goes on, :func:`tend_spares` registers it once up) before a
     spare takes a rank, so that every rank does not wait for it then."""
     if nodes := nodes - set(job.fleet.agents):
         try:
-            job.fleet.ensure(nodes)
+            job.fleet.start(nodes)
         except RayError:  # the node died meanwhile: the spare's boot, or the rank's start, finds out
             log.warning("starting a node agent beside hot spares failed", exc_info=True)

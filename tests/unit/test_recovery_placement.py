@@ -272,10 +272,10 @@ def test_a_booting_spares_node_gets_its_agent_while_it_boots(monkeypatch):
     job.spares.boot_ahead(2)  # two new ranks boot ahead in bundles 2 and 3, on node n1
     job.standbys = SimpleNamespace(per_node=0)
     ensured: list[set] = []
-    job.fleet = SimpleNamespace(agents={}, ensure=ensured.append)
+    job.fleet = SimpleNamespace(agents={}, start=ensured.append, settle=lambda: None)
     monkeypatch.setattr(inplace.ray, "wait", lambda refs, **kw: ([], refs))
     inplace.tend_spares(job)
-    assert set(job.spares.idle) == {2, 3} and ensured == [{"n1"}]  # started now, not when they are up
+    assert set(job.spares.idle) == {2, 3} and ensured == [{"n1"}]  # started now (not waited for), not when they are up
     job.fleet.agents = {"n1": "agent"}
     job.spares.idle.pop(3)
     inplace.tend_spares(job)
