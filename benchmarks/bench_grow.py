@@ -26,7 +26,11 @@ Printed per policy, medians over ``--repeat`` runs (each run in brackets):
 - from that decision to the first checkpoint the grown world commits (it trained and saved again:
   the restore of ``reload`` included);
 - whether the survivor's process was kept (its pid);
-- steps redone by the grown attempt (its first step against the step the job had reached).
+- steps redone by the grown attempt (its first step against the step the job had reached);
+- "the driver's longest stall": the longest time between two of the driver's polls (beyond
+  ``poll_interval_s``) from the node loss's recovery to the grow decision, while the job trains
+  on one rank: what the detection of another failure would wait on (a node agent started beside
+  a spare booting, a reservation asked for).
 
     python benchmarks/bench_grow.py --repeat 3 --json benchmarks/results/grow-2nodes-3rep.json
 """
@@ -34,6 +38,7 @@ Printed per policy, medians over ``--repeat`` runs (each run in brackets):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -49,6 +54,7 @@ from ray import cluster_utils
 
 import recovery
 from recovery.demo import DemoTrainer
+from recovery.launcher import Supervisor
 from tests.helpers import QUICK_NODE_DEATH, lose_a_node_then_add_one
 
 
@@ -60,6 +66,14 @@ def one_run(method: str, steps: int, width: int = 32, depth: int = 2, every: int
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     stop = threading.Event()
+    polls: list[float] = []  # when the driver polled the coordinator (the events' clock)
+    poll = Supervisor._poll_coordinator
+
+    def timed_poll(self: Supervisor, final: bool = False) -> Any:
+        polls.append(self.job.events.now())
+        return poll(self, final)
+
+    Supervisor._poll_coordinator = timed_poll  # type: ignore[method-assign]
     try:
         with tempfile.TemporaryDirectory(prefix="bench-grow-") as tmp:
             run = os.path.join(tmp, "run")
@@ -77,6 +91,7 @@ def one_run(method: str, steps: int, width: int = 32, depth: int = 2, every: int
                 stop.set()
                 helper.join()
     finally:
+        Supervisor._poll_coordinator = poll  # type: ignore[method-assign]
         ray.shutdown()
         cluster.shutdown()
     started = [e for e in result.events if e.kind == "workers_started"]
@@ -97,6 +112,9 @@ def one_run(method: str, steps: int, width: int = 32, depth: int = 2, every: int
     # When the job found room for the new rank: the bundles placed (reserved, or a lost node's placed
     # again), or the new rank booting ahead there, whichever it said first; else its decision.
     found = [e for e in result.events if e.kind == "resized" and ("reserved" in e.fields or "ahead" in e.fields)]
+    # The driver's polls while one rank trained on (from the shrunk attempt's start to the decision).
+    between = [t for t in polls if before.t <= t <= stops[-1].t]
+    stall = max((b - a for a, b in itertools.pairwise(between)), default=0.0)
     return {"grew": True, "grow_to_started_s": round(grown.t - stops[-1].t, 3),
             "commit_to_decision_s": round(stops[-1].t - trigger.t, 3),
             # the commit seen -> every rank's first step of the grown world (the launcher's event)
@@ -107,7 +125,7 @@ def one_run(method: str, steps: int, width: int = 32, depth: int = 2, every: int
             "reserve_s": round(reserved[-1].t - trigger.t, 3) if reserved else None,
             "grow_to_first_commit_s": round(again.t - stops[-1].t, 3), "first_commit_step": again.fields["step"],
             "survivor_kept": grown.fields["pids"][0] in before.fields["pids"],
-            "steps_redone": max(0, reached + 1 - first), "policy": method}
+            "steps_redone": max(0, reached + 1 - first), "driver_stall_s": round(stall, 3), "policy": method}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,14 +157,16 @@ def main(argv: list[str] | None = None) -> int:
                        "commit_to_first_step_median_s": statistics.median(firsts) if firsts else None,
                        "room_to_first_step_median_s": statistics.median(rooms) if rooms else None,
                        "survivor_kept": sum(r["survivor_kept"] for r in grew),
-                       "steps_redone": [r["steps_redone"] for r in grew]}
+                       "steps_redone": [r["steps_redone"] for r in grew],
+                       "driver_stall_median_s": statistics.median(r["driver_stall_s"] for r in grew) if grew else None}
         print(f"{policy}: grew in {len(grew)} of {len(rs)} runs; decision -> workers started "
               f"{out[policy]['grow_to_started_median_s']} s (median; {times}), -> the grown world's first commit "
               f"{out[policy]['grow_to_first_commit_median_s']} s ({commits}); from the commit that triggered it "
               f"{out[policy]['commit_to_first_commit_median_s']} s ({whole}); to the grown world's first step "
               f"{out[policy]['commit_to_first_step_median_s']} s ({firsts}); from the room found to that step "
               f"{out[policy]['room_to_first_step_median_s']} s ({rooms}); survivor kept in "
-              f"{out[policy]['survivor_kept']}; steps redone {out[policy]['steps_redone']}")
+              f"{out[policy]['survivor_kept']}; steps redone {out[policy]['steps_redone']}; the driver's longest stall "
+              f"between polls {out[policy]['driver_stall_median_s']} s ({[r['driver_stall_s'] for r in grew]})")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
