@@ -7,7 +7,8 @@ Replays :class:`recovery.checkfree.LossBumpTracker` (as ``auto`` runs it: a wind
 over the neighbour-averaging runs (``average``, fixed order) of the given seeds: each rebuild's
 bump, measured on the last step's batch right after it (``probe_bump``), against the steps the
 tracker saw it take. Prints the ratio of the sums (what the tracker learns, and the prior
-``PipelineConfig.auto_prior_steps_per_bump``), how well the bump predicts the steps, and writes
+``PipelineConfig.auto_prior_steps_per_bump``), how well the bump predicts the steps, the least
+squares line ``steps = floor + slope x bump`` (the tracker's model with ``steps_floor``), and writes
 the pairs with ``--json``. ``docs/checkfree_runs_calibration.jsonl`` holds the runs the default
 prior came from (seeds 0-5).
 """
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     corr = cov / math.sqrt(sum((b - mb) ** 2 for b in bumps) * sum((s - ms) ** 2 for s in steps))
     print(f"{len(got)} rebuilds (seeds {a.seeds[0]}-{a.seeds[1] - 1}): {sum(steps) / sum(bumps):.1f} steps per unit of "
           f"bump (the ratio of the sums); mean bump {mb:.3f}, mean steps {ms:.1f}; correlation of bump and steps {corr:.2f}")
+    slope = cov / sum((b - mb) ** 2 for b in bumps)
+    print(f"least squares: steps = {ms - slope * mb:.2f} + {slope:.1f} x bump (the floor and slope of "
+          f"--auto-steps-floor / --auto-prior-steps-per-bump)")
     if a.json:
         a.json.write_text(json.dumps(got, indent=1) + "\n")
     return 0

@@ -20,6 +20,7 @@ would give no failures at all.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -105,6 +106,11 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
     cfg = ModelConfig(dim=args.dim, heads=4, num_stages=args.stages, blocks_per_stage=2, seq_len=64)
     tcfg = TrainConfig(total_steps=args.steps, warmup_steps=max(1, args.steps // 20), batch_size=16, micro_batches=2)
     families: list[list[RunSpec]] = []
+    auto: dict[str, Any] = {}  # auto's model of the steps a rebuild takes, where not the default
+    if args.auto_steps_floor is not None:
+        auto["auto_steps_floor"] = args.auto_steps_floor
+    if args.auto_prior_steps_per_bump is not None:
+        auto["auto_prior_steps_per_bump"] = args.auto_prior_steps_per_bump
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         def spec(strategy: str, rate: str, swap: bool, real: bool = False, seed: int = seed) -> RunSpec:
             return RunSpec(strategy=strategy, rate=rate, p_iter=RATES.get(rate, 0.0), seed=seed, steps=args.steps, swap=swap,
@@ -115,7 +121,7 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
         families.append([spec("none", "-", False)] + [spec(s, r, False) for r in args.rates for s in ("average", "average_sq", "copy", "random")])
         families.append([spec("none", "swap", True)] + [spec("average", r, True) for r in args.rates])
         families += [[spec("reload", r, False)] for r in args.rates]
-        families += [[spec("auto", r, False)] for r in args.rates]  # checkpoints of its own, like reload
+        families += [[dataclasses.replace(spec("auto", r, False), **auto)] for r in args.rates]  # checkpoints of its own
         if not args.skip_real:
             families += [[spec("average", r, True, real=True)] for r in args.rates]
     if args.strategies:  # only these rows (a family keeps its run without failures, which the others fork from)
@@ -141,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES,
                    help="only these rows (default: all); a run without failures is kept for the others to fork from")
+    p.add_argument("--auto-steps-floor", type=float, help="auto: model a rebuild's steps as this floor + a slope x the "
+                   "bump (default: the ratio of the sums); see experiments.checkfree.calibrate")
+    p.add_argument("--auto-prior-steps-per-bump", type=float, help="auto: its prior steps per unit of bump (the slope "
+                   "with --auto-steps-floor; default: the sim's)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rates", nargs="+", default=list(RATES), choices=list(RATES))
     p.add_argument("--dim", type=int, default=64)

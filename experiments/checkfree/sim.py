@@ -52,6 +52,10 @@ class RunSpec:
     eval_every: int = 25
     eval_batches: int = 4
     final_eval_batches: int = 16
+    # policy auto's model of the steps a rebuild takes (recovery.checkfree.LossBumpTracker): None, the
+    # ratio of the sums; a number, a floor plus a slope fitted through it (with its prior slope)
+    auto_steps_floor: float | None = None
+    auto_prior_steps_per_bump: float = AUTO_PRIOR_STEPS_PER_BUMP
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -253,7 +257,8 @@ def run(
         sim.spec, res.spec = spec, asdict(spec)
     it = res.iterations
     saves = recoveries = 0
-    tracker = cf.LossBumpTracker(prior_steps=AUTO_PRIOR_STEPS, window=5, prior_steps_per_bump=AUTO_PRIOR_STEPS_PER_BUMP)
+    tracker = cf.LossBumpTracker(prior_steps=AUTO_PRIOR_STEPS, window=5, prior_steps_per_bump=spec.auto_prior_steps_per_bump,
+                                 steps_floor=spec.auto_steps_floor)
     last_save: int | None = None
     took: dict[str, list[float]] = {"reload": [], "average": []}  # auto's measured recovery times
     with tempfile.TemporaryDirectory(prefix="checkfree-") as tmp:

@@ -239,6 +239,12 @@ class LossBumpTracker:
     sums over the events measured (a large bump counts for more than a small one, whose ratio is
     mostly noise), the prior ``prior_steps_per_bump`` counting as one event of their mean bump.
 
+    With ``steps_floor`` set, the steps are modelled as ``steps_floor + slope x bump`` instead
+    (the floor: the steps any event is measured to take, the loss being noisy, whatever its bump;
+    it is spent after a reload as much) and ``steps_per_bump`` is the slope, fitted by least
+    squares through the floor (an event weighs its bump squared: a small bump's steps, mostly
+    the floor's noise, barely move it; the prior counts as one event of their mean squared bump).
+
     One step's loss is noisy (each step sees another batch); with ``window`` > 1 the level
     before the failure is the mean of the last ``window`` losses observed before :meth:`start`
     (``loss_before`` is then only used when none were), and the level after is the mean of the
@@ -246,10 +252,13 @@ class LossBumpTracker:
     """
 
     def __init__(self, *, prior_steps: float = 50.0, alpha: float = 0.5, horizon: int = 1000, window: int = 1,
-                 prior_steps_per_bump: float | None = None) -> None:
+                 prior_steps_per_bump: float | None = None, steps_floor: float | None = None) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+        if steps_floor is not None and not (steps_floor >= 0 and math.isfinite(steps_floor)):
+            raise ValueError(f"steps_floor must be None or a finite number >= 0, got {steps_floor!r}")
         self.prior_steps_per_bump = prior_steps_per_bump
+        self.steps_floor = steps_floor
         self.measured: list[tuple[float, int]] = []  # (bump measured at the rebuild, steps it took)
         self._bump: float | None = None
         self.recovery_steps = float(prior_steps)
@@ -268,6 +277,13 @@ class LossBumpTracker:
         prior = self.prior_steps_per_bump
         if not self.measured:
             return prior
+        if self.steps_floor is not None:
+            squares = sum(b * b for b, _ in self.measured)
+            weight = squares / len(self.measured) if prior is not None else 0.0
+            if squares + weight <= 0:
+                return prior
+            above = sum(b * (n - self.steps_floor) for b, n in self.measured)
+            return max(0.0, ((prior or 0.0) * weight + above) / (weight + squares))
         bumps, steps = sum(b for b, _ in self.measured), sum(n for _, n in self.measured)
         weight = bumps / len(self.measured) if prior is not None else 0.0
         if bumps + weight <= 0:

@@ -225,6 +225,31 @@ def test_the_tracker_learns_steps_per_unit_of_measured_bump():
     assert free.steps_per_bump == pytest.approx(3 / 0.5)
 
 
+def test_with_a_floor_the_tracker_fits_a_slope_a_small_bump_barely_moves():
+    t = cf.LossBumpTracker(prior_steps_per_bump=19.0, steps_floor=3.5)
+    assert t.steps_per_bump == 19.0
+    t.start(loss_before=2.0, bump=0.3)
+    for loss in (2.3, 2.2, 2.15, 2.1, 2.08, 2.05, 2.02, 2.01, 1.99):  # 9 steps: 3.5 + 0.3 x 18.3
+        t.observe(loss)
+    # least squares through the floor, the prior one event of the mean squared bump:
+    # (19 x 0.09 + 0.3 x (9 - 3.5)) / (0.09 + 0.09)
+    assert t.steps_per_bump == pytest.approx((19 * 0.09 + 0.3 * 5.5) / 0.18)
+    before = t.steps_per_bump
+    t.start(loss_before=2.0, bump=0.012)  # a tiny bump that took 10 steps (the loss's noise)
+    for loss in (2.01,) * 9 + (1.99,):
+        t.observe(loss)
+    assert t.measured[-1] == (0.012, 10)
+    assert abs(t.steps_per_bump - before) / before < 0.05  # the ratio of the sums: ~2.5x
+    ratio = cf.LossBumpTracker(prior_steps_per_bump=19.0)
+    ratio.measured = list(t.measured)
+    assert ratio.steps_per_bump > 2 * before
+    t.start(loss_before=2.0, bump=0.2)  # fewer steps than the floor: the slope may fall, never below 0
+    t.observe(1.9)
+    assert t.steps_per_bump >= 0
+    with pytest.raises(ValueError, match="steps_floor"):
+        cf.LossBumpTracker(steps_floor=-1.0)
+
+
 def test_auto_weighs_the_bump_measured_after_rebuilding():
     plans = cf.plan_recovery({2: 1}, num_stages=4)
     big = cf.AutoInputs(step_seconds=1.0, steps_since_snapshot=8, recovery_steps=2, measured_bump=0.3,
@@ -293,7 +318,7 @@ def test_stage_init_and_pipeline_config_are_validated():
     with pytest.raises(ValueError, match="how must be one of"):
         StageInit("clone", (1,))
     assert PipelineConfig(replicas=2, swap=True).replicas == 2
-    for bad in ({"replicas": 0}, {"auto_prior_steps": -1.0}, {"auto_prior_steps_per_bump": -1.0}):
+    for bad in ({"replicas": 0}, {"auto_prior_steps": -1.0}, {"auto_prior_steps_per_bump": -1.0}, {"auto_steps_floor": -1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             PipelineConfig(**bad)
 
