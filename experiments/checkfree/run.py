@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES,
                    help="only these rows (default: all); a run without failures is kept for the others to fork from")
     p.add_argument("--auto-steps-floor", type=float, help="auto: model a rebuild's steps as this floor + a slope x the "
-                   "bump (default: the ratio of the sums); see experiments.checkfree.calibrate")
+                   "bump (default: the ratio of the sums); see experiments.checkfree.calibrate. With --from-results: "
+                   "the auto runs of that model")
     p.add_argument("--auto-prior-steps-per-bump", type=float, help="auto: its prior steps per unit of bump (the slope "
                    "with --auto-steps-floor; default: the sim's)")
     p.add_argument("--steps", type=int, default=300)
@@ -179,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_results:
         runs = {_spec_id(r["spec"]): r for path in args.from_results
                 for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())}
-        results = list(runs.values())
+        # one auto model per table: the runs of --auto-steps-floor (none given: the ratio's)
+        results = [r for r in runs.values() if r["spec"]["strategy"] != "auto"
+                   or r["spec"].get("auto_steps_floor") == args.auto_steps_floor]
         args.steps = results[0]["spec"]["steps"]
         args.rates = [r for r in RATES if any(x["spec"]["rate"] == r for x in results)]
     else:

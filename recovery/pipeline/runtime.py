@@ -69,8 +69,7 @@ class RayPipeline(PipelineJob):
         self.history: list[dict[str, float]] = []
         self.last_checkpoint: int | None = None
         self.tracker = cf.LossBumpTracker(prior_steps=cfg.auto_prior_steps, window=5,
-                                          prior_steps_per_bump=cfg.auto_prior_steps_per_bump,
-                                          steps_floor=cfg.auto_steps_floor)
+                                          prior_steps_per_bump=cfg.auto_prior_steps_per_bump)
         self._step_seconds: list[float] = []
         self._recover_seconds: dict[str, float] = {}
         self._spares: list[Any] = []

@@ -28,9 +28,6 @@ class PipelineConfig:
     # policy auto: steps to win back a unit of the loss bump measured after a rebuild, until one is measured
     # (None: weigh auto_prior_steps instead); see recovery.checkfree.LossBumpTracker
     auto_prior_steps_per_bump: float | None = 44.0
-    # policy auto: model a rebuild's steps as this floor (the loss's noise, not a cost) + a slope
-    # (its prior: auto_prior_steps_per_bump) x the bump; None: their ratio (LossBumpTracker)
-    auto_steps_floor: float | None = None
     lr_scale: float = 1.1  # a rebuilt stage's learning rate, times its base
     norm: Literal["l2", "l2_squared"] = "l2"  # how neighbour averaging weighs the gradient norms
     actor_num_cpus: float = 0.25
@@ -52,9 +49,6 @@ class PipelineConfig:
         k = self.auto_prior_steps_per_bump
         if k is not None and not (isinstance(k, (int, float)) and k >= 0 and math.isfinite(k)):
             raise ValueError(f"PipelineConfig.auto_prior_steps_per_bump must be None or a finite number >= 0, got {k!r}")
-        f = self.auto_steps_floor
-        if f is not None and not (isinstance(f, (int, float)) and f >= 0 and math.isfinite(f)):
-            raise ValueError(f"PipelineConfig.auto_steps_floor must be None or a finite number >= 0, got {f!r}")
         if self.norm not in ("l2", "l2_squared"):
             raise ValueError(f"PipelineConfig.norm must be 'l2' or 'l2_squared', got {self.norm!r}")
         for name in ("lr_scale", "actor_num_cpus", "pg_timeout_s", "step_timeout_s"):

@@ -318,7 +318,7 @@ def test_stage_init_and_pipeline_config_are_validated():
     with pytest.raises(ValueError, match="how must be one of"):
         StageInit("clone", (1,))
     assert PipelineConfig(replicas=2, swap=True).replicas == 2
-    for bad in ({"replicas": 0}, {"auto_prior_steps": -1.0}, {"auto_prior_steps_per_bump": -1.0}, {"auto_steps_floor": -1.0}):
+    for bad in ({"replicas": 0}, {"auto_prior_steps": -1.0}, {"auto_prior_steps_per_bump": -1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             PipelineConfig(**bad)
 
@@ -407,3 +407,23 @@ def test_the_calibration_replays_the_tracker_over_the_averaging_runs():
     # the level before: the mean of the 5 losses before, 2.8; the means since: 3.1, 3.0, 2.87, 2.78
     assert got == [{"seed": 2, "rate": "16%/h", "iteration": 5, "bump": 0.4, "steps": 4}]
     assert pairs([run], range(3, 6)) == []
+
+
+def test_the_experiments_tables_redraw_from_the_runs_kept_one_auto_model_at_a_time(tmp_path, capsys, monkeypatch):
+    """docs/checkfree.md's tables on seeds 18-29 redraw from the runs kept in docs/, without
+    training: the ratio's auto by default, the floor's with --auto-steps-floor."""
+    from pathlib import Path
+
+    from experiments.checkfree import run
+
+    monkeypatch.setattr(run, "plot", lambda *a: None)  # (matplotlib: not a test dependency)
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    files = [str(docs / "checkfree_runs_fresh_18_29.jsonl"), str(docs / "checkfree_runs_auto_floor.jsonl")]
+    rows = {}
+    for floor in ([], ["--auto-steps-floor", "3.55"]):
+        assert run.main(["--from-results", *files, *floor, "--out", str(tmp_path / str(len(floor)))]) == 0
+        out = capsys.readouterr().out
+        table = out[out.index("| rate | auto, s to target"):]
+        rows[bool(floor)] = [line.split(" | ")[4] for line in table.splitlines()[2:5]]
+    assert rows[False] == ["-0.0% (neighbour average)", "-0.4% (neighbour average)", "-2.7% (neighbour average)"]
+    assert rows[True] == ["+0.2% (neighbour average)", "+0.6% (neighbour average)", "-0.3% (neighbour average)"]
