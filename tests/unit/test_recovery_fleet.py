@@ -1,7 +1,8 @@
 """The agent fleet's starts without Ray: ``start`` does not wait for an agent (the driver's loop
 goes on while it boots beside a hot spare), ``settle`` registers those up and drops one whose start
 failed, ``ensure`` waits for those it needs (one already starting too) and raises what a start
-raised; a lost node's starting agent is killed. (With Ray: tests/integration/test_recovery_spares.py.)
+raised; a lost node's starting agent is killed. (With Ray, a new node's agent beside a rank booted
+ahead: tests/integration/test_recovery_nodes.py.)
 """
 
 from __future__ import annotations
