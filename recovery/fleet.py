@@ -110,7 +110,7 @@ class AgentFleet:
 
     def settle(self) -> None:
         """Register the agents started (:meth:`start`) that are up now; one whose start failed, or
-        took over ``AGENT_START_TIMEOUT_S``, is killed and dropped with a warning (the next
+        took over ``AGENT_START_TIMEOUT_S``, is killed and dropped with an ``agent`` event (the next
         :meth:`ensure` for its node starts another and reports the error). Waits for none."""
         if not self._starting:
             return
@@ -123,7 +123,8 @@ class AgentFleet:
             try:
                 info = ray.get(ref, timeout=0)
             except (RayError, GetTimeoutError) as e:
-                log.warning("the node agent on node %s did not start: %s", node[:12], first_line(e))
+                self._log(ev.AGENT, f"the agent on node {node[:12]} did not start ({first_line(e)}): the next start "
+                          "of workers there starts another", node=node)
                 _kill(actor)
                 continue
             self._up(node, actor, info)

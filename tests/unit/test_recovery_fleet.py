@@ -89,6 +89,7 @@ def test_start_does_not_wait_and_settle_registers_the_agents_once_up(monkeypatch
     ray.actors[1].error = RayActorError()  # its start failed: dropped with a warning, its actor killed
     fleet.settle()
     assert set(fleet.agents) == {"n1"} and fleet.starting == set() and ray.actors[1].killed
+    assert events[-1].startswith("the agent on node n2 did not start")
 
 
 def test_ensure_waits_for_an_agent_already_starting_and_raises_what_its_start_raised(monkeypatch):
